@@ -1,0 +1,79 @@
+"""Application factory: settings in, Flask app out.
+
+Configuration flows one way: the environment (plus ``config`` overrides,
+which use the same variable names) is read once into
+:class:`relay.config.Settings`, the core services are built from it, and the
+blueprints reach them through ``current_app.extensions["realtime"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from flask import Flask
+
+from relay import eventlog
+from relay.config import Settings
+from relay.service import Realtime
+from relay.sqlite_directory import DEMO_USERS, SqliteDirectory
+
+log = logging.getLogger("relay.app")
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the app. ``config`` overrides environment variables by name (tests use it)."""
+    overrides = dict(config or {})
+    env = {**os.environ, **{key: str(value) for key, value in overrides.items()}}
+    app = Flask(__name__, instance_path=env.get("REALTIME_INSTANCE_PATH") or None)
+    settings = Settings.from_env(env, app.instance_path)
+
+    eventlog.configure(settings.log_level)
+    for notice in settings.notices:
+        log.info(notice)
+    for warning in settings.warnings:
+        log.warning(warning)
+
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.production,
+        SESSION_COOKIE_NAME="clinic_session",
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update({key: value for key, value in overrides.items() if key in ("TESTING", "DEBUG")})
+
+    realtime = Realtime(settings)
+    app.extensions["realtime"] = realtime
+    if not settings.production and env.get("REALTIME_SEED_DEMO", "1") != "0":
+        _seed_demo_users(realtime, settings.instance_path)
+
+    from blueprints import api, auth, errors, ops, pages, socket, users
+
+    for module in (errors, auth, socket, api, pages, users, ops):
+        app.register_blueprint(module.bp)
+    app.jinja_env.globals["csrf_token"] = auth.csrf_token
+    app.jinja_env.globals["current_user"] = auth.current_user
+    return app
+
+
+def _seed_demo_users(realtime: Realtime, instance_path: str) -> None:
+    """On a first development run, create a demo admin and two clinic staff and say how to sign in."""
+    directory = realtime.directory
+    if not isinstance(directory, SqliteDirectory):
+        return
+    created = directory.seed_demo(DEMO_USERS)
+    if not created:
+        return
+    path = os.path.join(instance_path, "demo-users.txt")
+    lines = [f"{u.email:<22} password {u.password:<18} role {u.role:<12} clinic {u.clinic_id or '-'}" for u in created]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    banner = "\n".join(
+        ["", "=" * 72, "Demo users created (development only). Sign in at /login with:", *lines,
+         f"(kept in {path}; shown once)", "=" * 72, ""]
+    )
+    print(banner, file=sys.stderr, flush=True)

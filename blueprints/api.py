@@ -1,0 +1,73 @@
+"""The internal HTTP API: ``GET /health``, ``POST /broadcast``, ``POST /api/admin/broadcast``."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, jsonify, request
+
+from relay.broadcast import MAX_BODY_BYTES, BroadcastError, parse_body
+from relay.broker import BrokerUnavailable
+from relay.codes import HttpError
+
+from .auth import admin_required, csrf_ok, current_user, realtime
+from .errors import error_response
+
+bp = Blueprint("api", __name__)
+
+
+@bp.get("/health")
+def health():
+    report = realtime().health()
+    response = jsonify(report)
+    response.status_code = 200 if report["ok"] else 503
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.post("/broadcast")
+def broadcast():
+    """For services: ``Authorization: Bearer <WS_ADMIN_SECRET>`` (or ``X-Admin-Secret``)."""
+    if not _admin_secret_ok():
+        return error_response(
+            401,
+            HttpError.UNAUTHORIZED,
+            "send the admin secret as 'Authorization: Bearer <WS_ADMIN_SECRET>'",
+            headers={"WWW-Authenticate": 'Bearer realm="broadcast"'},
+        )
+    return send_broadcast(source="api")
+
+
+@bp.post("/api/admin/broadcast")
+@admin_required
+def admin_broadcast():
+    """For signed-in admins (cookie session): needs the CSRF token in ``X-CSRF-Token``."""
+    if not csrf_ok():
+        return error_response(403, HttpError.CSRF_FAILED, "missing or wrong X-CSRF-Token header")
+    return send_broadcast(source=f"admin:{current_user().user_id}")
+
+
+def send_broadcast(*, source: str):
+    body = request.stream.read(MAX_BODY_BYTES + 1)
+    try:
+        parsed = parse_body(body)
+        envelope, delivery = realtime().broadcaster.send(parsed, source=source)
+    except BroadcastError as bad:
+        return error_response(400, bad.code, bad.message)
+    except BrokerUnavailable as down:
+        return error_response(503, HttpError.UNAVAILABLE, f"broadcast not sent: {down}")
+    return jsonify(ok=True, delivered=delivery.delivered, id=envelope.id,
+                   workers=delivery.workers, missingWorkers=delivery.missing)
+
+
+def _admin_secret_ok() -> bool:
+    """Constant-time check; an empty secret never authorizes, whatever is configured."""
+    configured = realtime().settings.admin_secret
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        given = header[7:].strip()
+    else:
+        given = request.headers.get("X-Admin-Secret", "").strip()
+    if not given or not configured:
+        return False
+    return hmac.compare_digest(given.encode(), configured.encode())

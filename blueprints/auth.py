@@ -1,0 +1,153 @@
+"""Sign-in, sign-out, and the connection-token endpoint ``GET /api/ws/auth``.
+
+Also the small session toolkit the other blueprints use: ``current_user()``,
+the ``login_required``/``admin_required`` decorators and CSRF tokens for
+cookie-authenticated writes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import secrets
+
+from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, session, url_for
+
+from relay.codes import HttpError
+from relay.directory import DirectoryUnavailable, Identity
+from relay.eventlog import event
+
+from .errors import error_response, wants_json
+
+bp = Blueprint("auth", __name__)
+
+
+def realtime():
+    return current_app.extensions["realtime"]
+
+
+# -- the session --------------------------------------------------------------------
+
+
+def current_user() -> Identity | None:
+    """The signed-in, still-active user of this request, looked up once per request."""
+    if "user" not in g:
+        user = None
+        user_id = session.get("user_id")
+        if user_id:
+            try:
+                user = realtime().directory.get(user_id)
+            except DirectoryUnavailable:
+                user = None
+            if user is None or not user.active:
+                session.clear()
+                user = None
+        g.user = user
+    return g.user
+
+
+def login_required(view):
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        if current_user() is None:
+            if wants_json():
+                return error_response(401, HttpError.UNAUTHORIZED, "sign in first")
+            return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def admin_required(view):
+    @functools.wraps(view)
+    @login_required
+    def wrapped(*args, **kwargs):
+        if not current_user().is_admin:
+            if wants_json():
+                return error_response(403, HttpError.FORBIDDEN, "admins only")
+            abort(403)
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def csrf_token() -> str:
+    token = session.get("csrf")
+    if not token:
+        token = session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def csrf_ok() -> bool:
+    """A cookie-authenticated write must carry the session's CSRF token (header or form field)."""
+    expected = session.get("csrf")
+    sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token") or ""
+    return bool(expected) and hmac.compare_digest(sent.encode(), expected.encode())
+
+
+# -- pages ----------------------------------------------------------------------------
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    error = None
+    status = 200
+    if request.method == "POST":
+        login_name = (request.form.get("login") or "").strip()
+        password = request.form.get("password") or ""
+        if not csrf_ok():
+            error, status = "Your session expired. Please try again.", 400
+        elif not login_name or not password:
+            error, status = "Enter your email and password.", 400
+        else:
+            try:
+                user = realtime().directory.authenticate(login_name, password)
+            except DirectoryUnavailable:
+                user, error, status = None, "Sign-in is unavailable right now. Try again shortly.", 503
+            if user is not None:
+                session.clear()
+                session["user_id"] = user.user_id
+                event("login", userId=user.user_id, role=user.role)
+                return redirect(_safe_next(request.args.get("next")))
+            if error is None:
+                event("login_failed", level="warning", login=login_name[:120], remote=request.remote_addr)
+                error, status = "Wrong email or password.", 401
+    return render_template("login.html", error=error), status
+
+
+@bp.post("/logout")
+def logout():
+    if csrf_ok():
+        session.clear()
+    return redirect(url_for("auth.login"))
+
+
+def _safe_next(target: str | None) -> str:
+    # Only same-site paths: "//evil.example" and "http://..." are open redirects.
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return url_for("pages.home")
+
+
+# -- connection tokens -------------------------------------------------------------------
+
+
+@bp.get("/api/ws/auth")
+def ws_auth():
+    """``{wsUrl, token, userId}`` for the signed-in user (or WS_TEST_USER_ID in development)."""
+    rt = realtime()
+    user = current_user()
+    user_id = user.user_id if user else rt.settings.test_user_id
+    if not user_id:
+        return error_response(401, HttpError.UNAUTHORIZED, "sign in first; connection tokens are per user")
+    response = jsonify(wsUrl=socket_url(), token=rt.tokens.mint(user_id), userId=user_id)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def socket_url() -> str:
+    configured = realtime().settings.public_url
+    if configured:
+        return configured
+    scheme = "wss" if request.scheme == "https" else "ws"
+    return f"{scheme}://{request.host}/ws"

@@ -1,0 +1,71 @@
+"""Errors: JSON for API callers, a page in the site's style for people.
+
+Every JSON endpoint answers ``{"ok": false, "error": {"code", "message"}}``
+with a stable code from :class:`relay.codes.HttpError`, never an HTML page.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from relay.codes import HttpError
+
+bp = Blueprint("errors", __name__)
+log = logging.getLogger("relay.http")
+
+JSON_PREFIXES = ("/api/", "/broadcast", "/health", "/ws")
+_CODES = {
+    400: HttpError.INVALID_BODY,
+    401: HttpError.UNAUTHORIZED,
+    403: HttpError.FORBIDDEN,
+    404: HttpError.NOT_FOUND,
+    405: HttpError.METHOD_NOT_ALLOWED,
+    503: HttpError.UNAVAILABLE,
+}
+_MESSAGES = {
+    401: "Sign in to see this page.",
+    403: "Your account is not allowed to open this page.",
+    404: "There is no page at this address.",
+}
+
+
+def wants_json() -> bool:
+    if request.path.startswith(JSON_PREFIXES):
+        return True
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json"
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None):
+    response = jsonify(ok=False, error={"code": code, "message": message})
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+@bp.app_errorhandler(HTTPException)
+def http_error(error: HTTPException):
+    status = error.code or 500
+    if wants_json():
+        message = error.description or error.name
+        if status == 400 and request.path == "/ws":
+            message = "/ws only accepts WebSocket upgrade requests"
+        return error_response(status, _CODES.get(status, HttpError.INTERNAL), message)
+    html = render_template(
+        "error.html", status=status, title=error.name, message=_MESSAGES.get(status, error.description)
+    )
+    return html, status
+
+
+@bp.app_errorhandler(Exception)
+def unexpected_error(error: Exception):
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    if wants_json():
+        return error_response(500, HttpError.INTERNAL, "internal error; the server log has the details")
+    return render_template("error.html", status=500, title="Something went wrong",
+                           message="The server hit an error. Try again in a moment."), 500

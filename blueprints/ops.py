@@ -1,0 +1,86 @@
+"""``flask ws ...``: operator tools that talk to a running server over HTTP and WebSocket.
+
+They read secrets and ``WS_TEST_USER_ID`` from the same environment (and
+development secrets file) as the server, so on a development machine
+``flask ws smoke`` needs no arguments.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+from flask import Blueprint
+
+from relay.client import OpsClient, ServiceError, now_iso, smoke
+
+from .auth import realtime
+
+bp = Blueprint("ws", __name__, cli_group="ws")
+
+
+def _client(url: str | None, timeout: float) -> OpsClient:
+    settings = realtime().settings
+    return OpsClient(url or f"http://127.0.0.1:{settings.port}", settings.admin_secret, timeout)
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+url_option = click.option("--url", help="Server base URL [default: http://127.0.0.1:$WS_PORT]")
+timeout_option = click.option("--timeout", default=5.0, show_default=True, help="Seconds per step.")
+
+
+@bp.cli.command("health")
+@url_option
+@timeout_option
+def health(url, timeout):
+    """Print /health; exit 1 unless the server says ok."""
+    try:
+        status, body = _client(url, timeout).health()
+    except ServiceError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(json.dumps(body, indent=2))
+    if status != 200 or body.get("ok") is not True:
+        raise SystemExit(1)
+
+
+@bp.cli.command("broadcast")
+@url_option
+@timeout_option
+@click.option("--message", required=True, help="Text for data.message.")
+@click.option("--type", "message_type", default="ANNOUNCEMENT", show_default=True)
+@click.option("--channels", multiple=True, help="Comma-separated; repeatable.")
+@click.option("--users", multiple=True, help="User ids, comma-separated; repeatable.")
+@click.option("--clinics", multiple=True, help="Clinic ids, comma-separated; repeatable.")
+@click.option("--roles", multiple=True, help="Roles, comma-separated; repeatable.")
+def broadcast(url, timeout, message, message_type, channels, users, clinics, roles):
+    """Send {type, data: {message, at}} through POST /broadcast."""
+    flt = {key: _split(values) for key, values in
+           (("channels", channels), ("userIds", users), ("clinicIds", clinics), ("roles", roles)) if values}
+    try:
+        status, body = _client(url, timeout).broadcast(message_type, {"message": message, "at": now_iso()}, flt)
+    except ServiceError as err:
+        raise click.ClickException(str(err)) from None
+    if status != 200:
+        error = body.get("error", {})
+        raise click.ClickException(f"HTTP {status}: {error.get('code')}: {error.get('message')}")
+    click.echo(f"delivered to {body['delivered']} connection(s), id {body['id']}")
+
+
+@bp.cli.command("smoke")
+@url_option
+@timeout_option
+@click.option("--user", "user_id", help="User to connect as when /api/ws/auth has no WS_TEST_USER_ID.")
+@click.option("--channel", default="system:announcements", show_default=True)
+def smoke_test(url, timeout, user_id, channel):
+    """Token, connect, subscribe, broadcast (to this user only), receive. Exit 1 on any failure."""
+    rt = realtime()
+    steps = smoke(_client(url, timeout), rt.tokens, user_id or rt.settings.test_user_id, channel)
+    for step in steps:
+        click.echo(f"{'ok  ' if step.ok else 'FAIL'} {step.name:<10} {step.detail}")
+    if len(steps) < 6 or not all(step.ok for step in steps):
+        click.echo("smoke test FAILED", err=True)
+        raise SystemExit(1)
+    click.echo("smoke test passed")

@@ -1,0 +1,93 @@
+"""``/ws``: Flask-Sock answers the upgrade, then the core owns the socket.
+
+Before the upgrade (``before_request``): refuse foreign browser origins with
+403, and drop the client's permessage-deflate offer, which would cost ~90 KB
+of zlib state per connection for messages of a few hundred bytes.
+
+After the upgrade, the view takes the TCP socket away from simple-websocket
+and gunicorn and hands it to :meth:`relay.service.Realtime.open_socket`,
+which checks the token and the user and closes with 4401/4403/1012/1013 when
+it must: a browser cannot read an HTTP status on a failed upgrade, but it can
+read a close code. The request then ends, and the connection lives on the
+event loop (see ``relay.connection``).
+"""
+
+from __future__ import annotations
+
+import _socket
+from urllib.parse import urlsplit
+
+from flask import Blueprint, current_app, request
+from flask_sock import Sock
+
+from relay.codes import HttpError
+from relay.eventlog import event
+
+from .errors import error_response
+
+bp = Blueprint("socket", __name__)
+sock = Sock()
+
+
+class _NoReaderThread:
+    """Stands in for the reader thread simple-websocket starts per socket.
+
+    The core reads every socket from the event loop, so the thread (and the
+    greenlet and Event it would cost per connection) is never started.
+    """
+
+    name = "unused"
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def start(self) -> None:
+        pass
+
+
+@bp.record_once
+def _configure(state) -> None:
+    state.app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": _NoReaderThread, "event_class": _NoReaderThread}
+
+
+@bp.before_request
+def guard_upgrade():
+    if request.path != "/ws" or request.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+        return None
+    origin = request.headers.get("Origin")
+    allowed = current_app.extensions["realtime"].settings.allowed_origins
+    if not origin_allowed(origin, request.host, allowed):
+        event("ws.origin_refused", level="warning", origin=origin[:200], remote=request.remote_addr)
+        return error_response(403, HttpError.FOREIGN_ORIGIN, f"origin {origin[:200]!r} may not open sockets here")
+    request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+    return None
+
+
+def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...]) -> bool:
+    """No Origin (servers, CLIs), this site's own origin, or one listed in WS_ALLOWED_ORIGINS."""
+    if not origin:
+        return True
+    origin = origin.strip().lower().rstrip("/")
+    if "*" in allowed or origin in allowed:
+        return True
+    return urlsplit(origin).netloc == host.lower()
+
+
+@sock.route("/ws", bp=bp)
+def socket(ws):
+    rt = current_app.extensions["realtime"]
+    rt.open_socket(_take_socket(ws), request.args.get("token"), remote=request.remote_addr)
+
+
+def _take_socket(ws) -> _socket.socket:
+    """Detach the TCP socket from simple-websocket and gunicorn, as a raw non-blocking socket.
+
+    Marking ``ws`` disconnected turns Flask-Sock's closing ``ws.close()`` into
+    a no-op; detaching gunicorn's socket object makes its ``close()`` after
+    the request a no-op too. The file descriptor is ours from here on.
+    """
+    ws.connected = False
+    fd = ws.sock.detach()
+    raw = _socket.socket(fileno=fd)
+    raw.setblocking(False)
+    return raw

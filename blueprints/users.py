@@ -1,0 +1,102 @@
+"""``flask users ...``: manage the embedded SQLite identity store."""
+
+from __future__ import annotations
+
+import click
+from flask import Blueprint
+
+from relay.sqlite_directory import SqliteDirectory, UserError
+
+from .auth import realtime
+
+bp = Blueprint("users", __name__, cli_group="users")
+
+
+def _store() -> SqliteDirectory:
+    directory = realtime().directory
+    if not isinstance(directory, SqliteDirectory):
+        raise click.ClickException(
+            f"users are managed in {directory.name}, not here: these commands edit the embedded SQLite store"
+        )
+    return directory
+
+
+def _apply(action, *args) -> None:
+    try:
+        action(*args)
+    except UserError as problem:
+        raise click.ClickException(str(problem)) from None
+
+
+@bp.cli.command("add")
+@click.argument("user_id")
+@click.option("--email", help="Sign-in email (unique).")
+@click.option("--password", help="Sign-in password; prompted for when omitted.")
+@click.option("--role", required=True, help="admin, sales_staff, ... (free text; 'admin' may open admin pages).")
+@click.option("--clinic", "clinic_id", help="Clinic id, for clinic staff.")
+@click.option("--name", "display_name", help="Display name.")
+@click.option("--no-password", is_flag=True, help="Create a user that cannot sign in (socket-only, e.g. a screen).")
+def add(user_id, email, password, role, clinic_id, display_name, no_password):
+    """Add a user."""
+    if password is None and not no_password:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        user = _store().add_user(user_id, email=email, password=password, role=role,
+                                 clinic_id=clinic_id, display_name=display_name)
+    except UserError as problem:
+        raise click.ClickException(str(problem)) from None
+    click.echo(f"added {user.user_id} ({user.email or 'no email'}), role {user.role}, clinic {user.clinic_id or '-'}")
+
+
+@bp.cli.command("list")
+def list_users():
+    """List users."""
+    users = _store().list_users()
+    click.echo(f"{'id':<24} {'email':<28} {'role':<14} {'clinic':<12} active")
+    for user in users:
+        click.echo(f"{user.user_id:<24} {user.email or '-':<28} {user.role:<14} {user.clinic_id or '-':<12} "
+                   f"{'yes' if user.active else 'no'}")
+    click.echo(f"{len(users)} user(s)")
+
+
+@bp.cli.command("set-role")
+@click.argument("user_id")
+@click.argument("role")
+def set_role(user_id, role):
+    """Change a user's role (takes effect on their next connection)."""
+    _apply(_store().set_role, user_id, role)
+    click.echo(f"{user_id} is now {role}")
+
+
+@bp.cli.command("set-clinic")
+@click.argument("user_id")
+@click.argument("clinic_id", required=False)
+def set_clinic(user_id, clinic_id):
+    """Change (or, without CLINIC_ID, clear) a user's clinic."""
+    _apply(_store().set_clinic, user_id, clinic_id)
+    click.echo(f"{user_id} clinic is now {clinic_id or '-'}")
+
+
+@bp.cli.command("set-password")
+@click.argument("user_id")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+def set_password(user_id, password):
+    """Set a user's sign-in password."""
+    _apply(_store().set_password, user_id, password)
+    click.echo(f"password of {user_id} changed")
+
+
+@bp.cli.command("disable")
+@click.argument("user_id")
+def disable(user_id):
+    """Stop a user from signing in and connecting (open sockets end at their next reconnect)."""
+    _apply(_store().set_active, user_id, False)
+    click.echo(f"{user_id} disabled")
+
+
+@bp.cli.command("enable")
+@click.argument("user_id")
+def enable(user_id):
+    """Re-enable a disabled user."""
+    _apply(_store().set_active, user_id, True)
+    click.echo(f"{user_id} enabled")

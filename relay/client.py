@@ -1,0 +1,158 @@
+"""A small blocking client for operators: health, broadcast, and an end-to-end smoke test.
+
+Used by ``flask ws health|broadcast|smoke``. Plain ``urllib`` for HTTP and the
+``websockets`` library's sync client for the socket, so it runs anywhere
+Python does, against a local or remote server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from urllib.parse import quote, urlsplit
+
+from websockets.sync.client import connect
+
+from .tokens import TokenService
+
+
+class ServiceError(Exception):
+    """The server could not be reached or answered with an error."""
+
+
+@dataclass
+class OpsClient:
+    base_url: str
+    admin_secret: str | None = field(default=None, repr=False)
+    timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.base_url = self.base_url.rstrip("/")
+        if urlsplit(self.base_url).scheme not in ("http", "https"):
+            raise ValueError(f"--url must start with http:// or https://, got {self.base_url!r}")
+
+    @property
+    def socket_url(self) -> str:
+        parts = urlsplit(self.base_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path}/ws"
+
+    def request(self, method: str, path: str, body: object = None, headers: dict | None = None) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=dict(headers or {}))
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.status, _json(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, _json(err.read())
+        except (urllib.error.URLError, OSError) as err:
+            raise ServiceError(f"cannot reach {self.base_url}: {getattr(err, 'reason', err)}") from None
+
+    def health(self) -> tuple[int, dict]:
+        return self.request("GET", "/health")
+
+    def broadcast(self, message_type: str, data: object, flt: dict | None = None) -> tuple[int, dict]:
+        if not self.admin_secret:
+            raise ServiceError("no admin secret: set WS_ADMIN_SECRET in the environment")
+        body = {"message": {"type": message_type, "data": data}, "filter": flt or {}}
+        return self.request("POST", "/broadcast", body, {"Authorization": f"Bearer {self.admin_secret}"})
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool
+    detail: str
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, channel: str) -> list[Step]:
+    """Token -> connect -> subscribe -> broadcast to this user only -> receive. Stops at the first failure."""
+    steps: list[Step] = []
+
+    def step(name: str, ok: bool, detail: str) -> bool:
+        steps.append(Step(name, ok, detail))
+        return ok
+
+    try:
+        status, body = client.health()
+    except ServiceError as err:
+        step("health", False, str(err))
+        return steps
+    if not step("health", status == 200 and body.get("ok") is True, f"HTTP {status}, {body.get('clients', '?')} clients"):
+        return steps
+
+    status, body = client.request("GET", "/api/ws/auth")
+    if status == 200 and body.get("token"):
+        token, user_id = body["token"], body["userId"]
+        step("token", True, f"from /api/ws/auth for {user_id}")
+    elif tokens is not None and user_id:
+        token = tokens.mint(user_id)
+        step("token", True, f"minted locally with WS_TOKEN_SECRET for {user_id} (/api/ws/auth said {status})")
+    else:
+        step("token", False, f"/api/ws/auth answered {status}; set WS_TEST_USER_ID or pass --user")
+        return steps
+
+    url = f"{client.socket_url}?token={quote(token, safe='')}"
+    try:
+        with connect(url, open_timeout=client.timeout, close_timeout=1, max_size=2**20) as ws:
+            first = json.loads(ws.recv(timeout=client.timeout))
+            if not step("connect", first.get("type") == "CONNECTED", f"first message {first.get('type')}"
+                        + (f" ({first.get('data', {}).get('code')})" if first.get("type") == "ERROR" else "")):
+                return steps
+            ws.send(json.dumps({"type": "SUBSCRIBE", "data": {"channels": [channel]}}))
+            reply = _next_of(ws, ("SUBSCRIBED",), client.timeout)
+            taken = reply.get("data", {}).get("channels", [])
+            if not step("subscribe", channel in taken, f"SUBSCRIBED {taken}"):
+                return steps
+            nonce = secrets.token_hex(8)
+            try:
+                status, body = client.broadcast(
+                    "SMOKE_TEST", {"nonce": nonce, "at": now_iso()}, {"userIds": [user_id], "channels": [channel]}
+                )
+            except ServiceError as err:
+                step("broadcast", False, str(err))
+                return steps
+            if not step("broadcast", status == 200 and body.get("delivered", 0) >= 1,
+                        f"HTTP {status}, delivered {body.get('delivered')}" + _error_text(body)):
+                return steps
+            got = _next_of(ws, ("SMOKE_TEST",), client.timeout, lambda m: m.get("data", {}).get("nonce") == nonce)
+            step("receive", bool(got), f"message {got.get('id')} arrived")
+    except TimeoutError:
+        step("receive" if len(steps) >= 4 else "connect", False, f"nothing arrived within {client.timeout} s")
+    except Exception as err:  # websockets raises several families; report, don't trace
+        code = getattr(getattr(err, "rcvd", None), "code", None)
+        step("connect" if len(steps) < 3 else "receive", False,
+             f"{type(err).__name__}: {err}" + (f" (close code {code})" if code else ""))
+    return steps
+
+
+def _next_of(ws, types: tuple[str, ...], timeout: float, accept=lambda m: True) -> dict:
+    """The next message of one of ``types`` (skipping broadcasts meant for others)."""
+    for _ in range(1000):
+        message = json.loads(ws.recv(timeout=timeout))
+        if message.get("type") in types and accept(message):
+            return message
+    raise TimeoutError
+
+
+def _json(raw: bytes) -> dict:
+    try:
+        value = json.loads(raw or b"{}")
+    except ValueError:
+        return {"raw": raw[:200].decode("utf-8", "replace")}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _error_text(body: dict) -> str:
+    error = body.get("error")
+    return f" — {error.get('code')}: {error.get('message')}" if isinstance(error, dict) else ""

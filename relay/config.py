@@ -1,0 +1,232 @@
+"""Settings: the environment, read once, validated, frozen.
+
+Everything configurable lives in :class:`Settings`. It is built by
+:meth:`Settings.from_env` at start-up (in ``create_app`` and, for early
+failure, in gunicorn's master) and handed to services as plain values; no
+code reads ``os.environ`` after that.
+
+Secrets fail closed. In production a missing or short secret stops start-up
+with a message naming the variable. In development a missing secret is
+generated once and kept in the instance folder (mode 0600), never defaulted
+to something guessable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Mapping
+from urllib.parse import urlsplit
+
+MIN_SECRET_BYTES = 32
+SECRET_NAMES = ("WS_TOKEN_SECRET", "WS_ADMIN_SECRET", "SECRET_KEY")
+DEV_SECRETS_FILE = "dev-secrets.json"
+SOCKET_PATH = "/ws"
+
+
+class ConfigError(Exception):
+    """The environment cannot start the service; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    app_env: str
+    host: str
+    port: int
+    token_secret: str = field(repr=False)
+    admin_secret: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    token_ttl_ms: int
+    public_url: str | None
+    test_user_id: str | None
+    ping_interval_ms: int
+    db_path: str
+    allowed_origins: tuple[str, ...]
+    max_clients: int
+    max_queue_bytes: int
+    close_timeout_ms: int
+    drain_timeout_ms: int
+    instance_path: str
+    log_level: str
+    # What start-up should tell the operator once it can log (secrets file
+    # location, ignored development settings).
+    notices: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def production(self) -> bool:
+        return self.app_env == "production"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], instance_path: str) -> "Settings":
+        """Build settings from an environment mapping (``os.environ`` plus overrides)."""
+        reader = _Reader(env)
+        app_env = reader.text("APP_ENV", "development").lower()
+        if app_env not in ("development", "production"):
+            raise ConfigError(
+                f"APP_ENV must be 'development' or 'production', got {app_env!r}."
+            )
+        production = app_env == "production"
+        notices: list[str] = []
+        warnings: list[str] = []
+
+        found = {name: reader.text(name, "") for name in SECRET_NAMES}
+        if production:
+            for name, value in found.items():
+                _require_strong(name, value)
+        else:
+            missing = [name for name, value in found.items() if not value]
+            if missing:
+                path = os.path.join(instance_path, DEV_SECRETS_FILE)
+                stored = _load_or_create_dev_secrets(path, missing)
+                found.update({name: stored[name] for name in missing})
+                notices.append(
+                    f"development secrets for {', '.join(missing)} are kept in {path} (mode 0600)"
+                )
+            for name, value in found.items():
+                if len(value.encode()) < MIN_SECRET_BYTES:
+                    warnings.append(
+                        f"{name} is {len(value.encode())} bytes; production will refuse "
+                        f"anything under {MIN_SECRET_BYTES}"
+                    )
+
+        test_user_id = reader.text("WS_TEST_USER_ID", "") or None
+        if test_user_id and production:
+            warnings.append("WS_TEST_USER_ID is ignored because APP_ENV=production")
+            test_user_id = None
+
+        return cls(
+            app_env=app_env,
+            host=reader.text("WS_HOST", "127.0.0.1"),
+            port=reader.integer("WS_PORT", 3001, low=1, high=65535),
+            token_secret=found["WS_TOKEN_SECRET"],
+            admin_secret=found["WS_ADMIN_SECRET"],
+            secret_key=found["SECRET_KEY"],
+            token_ttl_ms=reader.integer("WS_TOKEN_TTL_MS", 600_000, low=1000),
+            public_url=_public_url(reader),
+            test_user_id=test_user_id,
+            ping_interval_ms=reader.integer("WS_PING_INTERVAL_MS", 30_000, low=50),
+            db_path=reader.text("REALTIME_DB", "") or os.path.join(instance_path, "realtime.db"),
+            allowed_origins=_origins(reader.text("WS_ALLOWED_ORIGINS", "")),
+            max_clients=reader.integer("WS_MAX_CLIENTS", 11_000, low=1),
+            max_queue_bytes=reader.integer("WS_MAX_QUEUE_BYTES", 1 << 20, low=64 * 1024),
+            close_timeout_ms=reader.integer("WS_CLOSE_TIMEOUT_MS", 2000, low=10),
+            drain_timeout_ms=reader.integer("WS_DRAIN_TIMEOUT_MS", 5000, low=100),
+            instance_path=instance_path,
+            log_level=reader.text("LOG_LEVEL", "INFO").upper(),
+            notices=tuple(notices),
+            warnings=tuple(warnings),
+        )
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def text(self, name: str, default: str) -> str:
+        value = self.env.get(name)
+        return default if value is None else str(value).strip()
+
+    def integer(self, name: str, default: int, *, low: int, high: int | None = None) -> int:
+        raw = self.text(name, "")
+        if raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}.") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"{name} must be {bounds}, got {value}.")
+        return value
+
+
+def _require_strong(name: str, value: str) -> None:
+    if not value:
+        raise ConfigError(
+            f"{name} is not set; production needs a secret of at least {MIN_SECRET_BYTES} bytes "
+            f"(for example: python -c 'import secrets; print(secrets.token_urlsafe(48))')."
+        )
+    size = len(value.encode())
+    if size < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{name} is {size} bytes; production needs at least {MIN_SECRET_BYTES} — "
+            f"set a longer value in the environment."
+        )
+
+
+def _load_or_create_dev_secrets(path: str, names: list[str]) -> dict[str, str]:
+    """Return stored development secrets, generating any that are missing.
+
+    Several gunicorn workers may start at once: the file is created with
+    O_EXCL so exactly one of them writes it, and the others read what it wrote.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for _ in range(50):
+        stored = _read_secrets(path)
+        if stored is not None and all(stored.get(n) for n in names):
+            return stored
+        merged = dict(stored or {})
+        for name in names:
+            merged.setdefault(name, secrets.token_urlsafe(48))
+        if stored is None:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # another worker won the race; read what it wrote
+            with os.fdopen(fd, "w") as out:
+                json.dump(merged, out, indent=2)
+            return merged
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(merged, out, indent=2)
+        os.replace(tmp, path)
+        return merged
+    raise ConfigError(f"could not read or create development secrets at {path}")
+
+
+def _read_secrets(path: str) -> dict[str, str] | None:
+    try:
+        with open(path) as src:
+            text = src.read()
+    except FileNotFoundError:
+        return None
+    if not text.strip():
+        return None  # being written by another worker right now
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{path} is not valid JSON; delete it to generate new secrets") from None
+    return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
+def _public_url(reader: _Reader) -> str | None:
+    name = "WS_PUBLIC_URL" if reader.text("WS_PUBLIC_URL", "") else "NEXT_PUBLIC_WS_URL"
+    raw = reader.text(name, "")
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("ws", "wss") or not parts.netloc:
+        raise ConfigError(f"{name} must be a ws:// or wss:// URL, got {raw!r}.")
+    path = parts.path.rstrip("/")
+    if not path.endswith(SOCKET_PATH):
+        path += SOCKET_PATH
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        if item == "*":
+            origins.append("*")
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            raise ConfigError(
+                f"WS_ALLOWED_ORIGINS entries must look like https://app.example.com, got {item!r}."
+            )
+        origins.append(f"{parts.scheme}://{parts.netloc}".lower())
+    return tuple(origins)

@@ -1,0 +1,61 @@
+"""The identity directory seam: who is user X?
+
+Two implementations answer it: :class:`relay.sqlite_directory.SqliteDirectory`
+(the embedded default, managed with ``flask users ...``) and, when Supabase is
+configured, a Supabase-backed one. The socket handshake, the login page and
+``/api/ws/auth`` only ever see this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user_id: str
+    email: str | None
+    display_name: str | None
+    role: str
+    clinic_id: str | None
+    active: bool = True
+
+    @property
+    def is_admin(self) -> bool:
+        from .channels import ADMIN_ROLE
+
+        return self.role == ADMIN_ROLE
+
+    def public(self) -> dict:
+        """The identity as JSON for pages and APIs (no secrets in it to begin with)."""
+        return {
+            "userId": self.user_id,
+            "email": self.email,
+            "displayName": self.display_name,
+            "role": self.role,
+            "clinicId": self.clinic_id,
+        }
+
+
+class DirectoryUnavailable(Exception):
+    """The identity source cannot answer right now (network, timeout, 5xx).
+
+    Callers must not treat this as "unknown user": a socket gets close 1013
+    (try again later), not 4403.
+    """
+
+
+class Directory(Protocol):
+    """Looks users up. Implementations must be safe to call from many greenlets."""
+
+    name: str
+
+    def get(self, user_id: str) -> Identity | None:
+        """The user, or None if there is no such user. Raises DirectoryUnavailable."""
+
+    def authenticate(self, login: str, password: str) -> Identity | None:
+        """The active user with these credentials, or None. Raises DirectoryUnavailable."""
+
+    def status(self) -> dict:
+        """A small JSON-able description for ``/health`` (kind, state, last error)."""

@@ -1,0 +1,221 @@
+"""The hub: who is connected, what they subscribed to, and fan-out.
+
+Indexes by channel, user, role and clinic make a broadcast cost
+O(recipients), not O(clients x filter fields). Every change to the indexes
+happens under one lock and no I/O is ever done while holding it: fan-out
+snapshots its recipients under the lock, releases it, then queues the
+broadcast's one pre-encoded frame on each (a list append; the outbox writes).
+
+In-process only: with several workers, a broker delivers each broadcast to
+every worker's hub (see ``relay.broker``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+
+import gevent
+
+from .envelope import Envelope, Filter
+
+log = logging.getLogger("relay.hub")
+
+
+class Hub:
+    def __init__(self, *, max_clients: int, ping_interval: float):
+        self.max_clients = max_clients
+        self.ping_interval = ping_interval
+        self.draining = False
+        self.counters: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._clients: set = set()
+        self._by_channel: dict[str, set] = {}
+        self._by_user: dict[str, set] = {}
+        self._by_role: dict[str, set] = {}
+        self._by_clinic: dict[str, set] = {}
+        self._keepalive: gevent.Greenlet | None = None
+
+    # -- membership -----------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    @property
+    def full(self) -> bool:
+        return len(self._clients) >= self.max_clients
+
+    def add(self, conn) -> None:
+        with self._lock:
+            self._clients.add(conn)
+            _index(self._by_user, conn.user_id, conn)
+            _index(self._by_role, conn.role, conn)
+            if conn.clinic_id:
+                _index(self._by_clinic, conn.clinic_id, conn)
+        self.counters["connections"] += 1
+
+    def remove(self, conn) -> None:
+        """Forget ``conn`` everywhere. Safe to call twice."""
+        with self._lock:
+            if conn not in self._clients:
+                return
+            self._clients.discard(conn)
+            _unindex(self._by_user, conn.user_id, conn)
+            _unindex(self._by_role, conn.role, conn)
+            if conn.clinic_id:
+                _unindex(self._by_clinic, conn.clinic_id, conn)
+            for name in conn.channels:
+                _unindex(self._by_channel, name, conn)
+
+    def subscribe(self, conn, names: list[str], limit: int) -> tuple[list[str], list[str]]:
+        """Subscribe to already-authorized ``names``; returns (in effect, over the limit)."""
+        taken, refused = [], []
+        with self._lock:
+            if conn not in self._clients:
+                return taken, list(names)
+            for name in names:
+                if name in conn.channels:
+                    taken.append(name)
+                elif len(conn.channels) >= limit:
+                    refused.append(name)
+                else:
+                    conn.channels.add(name)
+                    _index(self._by_channel, name, conn)
+                    taken.append(name)
+        return taken, refused
+
+    def unsubscribe(self, conn, names: list[str]) -> list[str]:
+        removed = []
+        with self._lock:
+            for name in names:
+                if name in conn.channels:
+                    conn.channels.discard(name)
+                    _unindex(self._by_channel, name, conn)
+                    removed.append(name)
+        return removed
+
+    # -- fan-out ----------------------------------------------------------------
+
+    def recipients(self, flt: Filter) -> list:
+        """Snapshot of the connections a filter selects (see :class:`Filter`)."""
+        with self._lock:
+            if flt.everyone:
+                return list(self._clients)
+            # Start from the given field whose index yields the fewest candidates,
+            # then check the other given fields on each candidate.
+            fields = [
+                (index, keys)
+                for index, keys in (
+                    (self._by_channel, flt.channels),
+                    (self._by_user, flt.user_ids),
+                    (self._by_clinic, flt.clinic_ids),
+                    (self._by_role, flt.roles),
+                )
+                if keys
+            ]
+            index, keys = min(fields, key=lambda f: sum(len(f[0].get(k, ())) for k in f[1]))
+            sets = [index[k] for k in keys if k in index]
+            if not sets:
+                return []
+            candidates = sets[0] if len(sets) == 1 else set().union(*sets)
+            if len(fields) == 1:
+                return list(candidates)
+            return [conn for conn in candidates if _matches(conn, flt)]
+
+    def deliver(self, envelope: Envelope) -> int:
+        """Queue ``envelope`` on every matching open connection; returns how many took it."""
+        frame = envelope.frame()
+        delivered = 0
+        for conn in self.recipients(envelope.filter):
+            if conn.push(frame):
+                delivered += 1
+        self.counters["broadcasts"] += 1
+        self.counters["messages"] += delivered
+        return delivered
+
+    # -- observation ------------------------------------------------------------
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "clients": len(self._clients),
+                "byRole": {role: len(conns) for role, conns in self._by_role.items()},
+                "byClinic": {clinic: len(conns) for clinic, conns in self._by_clinic.items()},
+                "channels": len(self._by_channel),
+                "subscriptions": sum(len(conns) for conns in self._by_channel.values()),
+                "users": len(self._by_user),
+            }
+
+    # -- background work ------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the keep-alive greenlet (idempotent; call from the serving process)."""
+        if self._keepalive is None:
+            self._keepalive = gevent.spawn(self._keepalive_loop)
+
+    def _keepalive_loop(self) -> None:
+        while True:
+            gevent.sleep(self.ping_interval)
+            with self._lock:
+                conns = list(self._clients)
+            for count, conn in enumerate(conns, 1):
+                try:
+                    conn.keepalive()
+                except Exception:
+                    log.exception("keep-alive failed for %r", conn)
+                    conn.abort("keepalive_error")
+                if count % 1000 == 0:
+                    gevent.sleep(0)
+
+    def drain(self, code: int, reason: str, timeout: float) -> bool:
+        """Close every connection with ``code`` and wait until they are gone.
+
+        From the first call on, ``draining`` is true and new sockets are
+        refused with the same code. Returns True if every socket closed in time.
+        """
+        self.draining = True
+        with self._lock:
+            conns = list(self._clients)
+        for count, conn in enumerate(conns, 1):
+            conn.close(code, reason)
+            if count % 500 == 0:
+                gevent.sleep(0)
+        # Closing takes the connection out of the indexes at once; wait for the
+        # sockets themselves, so that every close frame is on the wire before exit.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            conns = [conn for conn in conns if conn.state != "closed"]
+            if not conns:
+                return True
+            gevent.sleep(0.05)
+        return False
+
+
+def _index(index: dict[str, set], key, conn) -> None:
+    members = index.get(key)
+    if members is None:
+        index[key] = {conn}
+    else:
+        members.add(conn)
+
+
+def _unindex(index: dict[str, set], key, conn) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(conn)
+        if not members:
+            del index[key]
+
+
+def _matches(conn, flt: Filter) -> bool:
+    if flt.user_ids and conn.user_id not in flt.user_ids:
+        return False
+    if flt.clinic_ids and conn.clinic_id not in flt.clinic_ids:
+        return False
+    if flt.roles and conn.role not in flt.roles:
+        return False
+    if flt.channels and conn.channels.isdisjoint(flt.channels):
+        return False
+    return True

@@ -1,0 +1,55 @@
+"""The outbox: one greenlet that writes what connections have queued.
+
+A broadcast only *queues* its frame on each recipient (a list append); this
+greenlet does the writing, one non-blocking ``send`` per connection, and
+yields between batches so that HTTP requests keep flowing during a large
+fan-out. When broadcasts come back to back, the next one is queued while the
+previous is still being written, so a connection that has not been flushed
+yet gets both frames in one ``send``: that coalescing is where a Python
+server catches up with a C event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+from gevent.event import Event
+
+log = logging.getLogger("relay.outbox")
+
+
+class Outbox:
+    def __init__(self, batch: int = 256):
+        self.batch = batch
+        self._dirty: list = []
+        self._wake = Event()
+        self._greenlet: gevent.Greenlet | None = None
+        self.stalls = 0  # times a socket's kernel buffer was full and a write had to wait
+
+    def status(self) -> dict:
+        return {"backlog": len(self._dirty), "stalls": self.stalls}
+
+    def schedule(self, conn) -> None:
+        """Flush ``conn`` soon. The connection guarantees it is scheduled at most once."""
+        self._dirty.append(conn)
+        self._wake.set()
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        batch_size = self.batch
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._dirty:
+                # Swap the list: connections scheduled while we write go to the next round.
+                batch, self._dirty = self._dirty, []
+                for index, conn in enumerate(batch, 1):
+                    try:
+                        conn.flush()
+                    except Exception:  # one broken socket must never stop the writer
+                        log.exception("flush failed; dropping the connection")
+                        conn.abort("flush_error")
+                    if index % batch_size == 0:
+                        gevent.sleep(0)

@@ -1,0 +1,171 @@
+"""The client protocol: what the server does with each frame a client sends.
+
+Client -> server (JSON text frames)::
+
+    {"type": "PING"}                                      -> PONG {timestamp}
+    {"type": "SUBSCRIBE",   "data": {"channels": [...]}}  -> ERROR per refused channel, then SUBSCRIBED {channels}
+    {"type": "UNSUBSCRIBE", "data": {"channels": [...]}}  -> UNSUBSCRIBED {channels}
+
+Server -> client: ``CONNECTED {clientId, userId}`` first, then replies,
+broadcasts ``{type, data, id}``, and ``ERROR {code, message[, channel]}``
+(codes in :class:`relay.codes.Error`). Nothing a client sends can crash the
+worker: every failure becomes an ERROR frame or, for abuse, a close code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from . import channels as channel_rules
+from . import frames
+from .codes import Close, Error
+from .eventlog import event
+
+MAX_CHANNELS_PER_REQUEST = 200
+
+
+def encode(message_type: str, data: object) -> bytes:
+    """A server message as a ready-to-send text frame."""
+    payload = json.dumps({"type": message_type, "data": data}, separators=(",", ":"), ensure_ascii=False)
+    return frames.text(payload.encode())
+
+
+def error_frame(code: str, message: str, **extra) -> bytes:
+    return encode("ERROR", {"code": code, "message": message, **extra})
+
+
+class ClientProtocol:
+    """The connection handler for admitted sockets (see ``relay.connection.Handler``)."""
+
+    def __init__(self, hub, *, max_subscriptions: int = 100, rate_burst: int = 40, rate_per_second: float = 20.0):
+        self.hub = hub
+        self.max_subscriptions = max_subscriptions
+        self.rate_burst = rate_burst
+        self.rate_per_second = rate_per_second
+        self._handlers = {
+            "PING": self._ping,
+            "SUBSCRIBE": self._subscribe,
+            "UNSUBSCRIBE": self._unsubscribe,
+        }
+
+    # -- Handler interface ------------------------------------------------------
+
+    def on_text(self, conn, text: str) -> None:
+        if not self._within_rate(conn):
+            return
+        try:
+            message = json.loads(text)
+        except ValueError:
+            conn.send_now(error_frame(Error.INVALID_JSON, "the message is not valid JSON"))
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            conn.send_now(error_frame(Error.INVALID_MESSAGE, 'a message is a JSON object with a string "type"'))
+            return
+        handler = self._handlers.get(message["type"])
+        if handler is None:
+            conn.send_now(
+                error_frame(
+                    Error.UNKNOWN_TYPE,
+                    f"unknown message type {message['type'][:64]!r}; expected PING, SUBSCRIBE or UNSUBSCRIBE",
+                )
+            )
+            return
+        handler(conn, message.get("data"))
+
+    def on_binary(self, conn, data: bytes) -> None:
+        if self._within_rate(conn):
+            conn.send_now(error_frame(Error.BINARY_NOT_SUPPORTED, "send JSON text frames, not binary"))
+
+    def on_closing(self, conn) -> None:
+        self.hub.remove(conn)
+
+    def on_closed(self, conn) -> None:
+        if conn.identity is None:
+            return  # never admitted; the refusal was logged already
+        event(
+            "ws.disconnect",
+            clientId=conn.id,
+            userId=conn.user_id,
+            durationMs=int((time.monotonic() - conn.opened_at) * 1000),
+            code=conn.close_code,
+            reason=conn.close_reason,
+        )
+
+    # -- messages ------------------------------------------------------------------
+
+    def _ping(self, conn, data) -> None:
+        conn.send_now(encode("PONG", {"timestamp": int(time.time() * 1000)}))
+
+    def _subscribe(self, conn, data) -> None:
+        names = _channel_list(conn, data)
+        if names is None:
+            return
+        allowed = []
+        for name in names:
+            refusal = channel_rules.refusal(conn, name)
+            if refusal is None:
+                allowed.append(name)
+                continue
+            text = (
+                f"no channel is named {name!r}"
+                if refusal == Error.UNKNOWN_CHANNEL
+                else f"you may not subscribe to {name!r}"
+            )
+            conn.push(error_frame(refusal, text, channel=name))
+            event("ws.subscribe_denied", level="warning", clientId=conn.id, userId=conn.user_id, channel=name, code=refusal)
+        taken, over = self.hub.subscribe(conn, allowed, self.max_subscriptions)
+        for name in over:
+            conn.push(
+                error_frame(
+                    Error.TOO_MANY_SUBSCRIPTIONS,
+                    f"a connection may hold at most {self.max_subscriptions} subscriptions",
+                    channel=name,
+                )
+            )
+        if taken:
+            event("ws.subscribe", clientId=conn.id, userId=conn.user_id, channels=taken)
+        conn.send_now(encode("SUBSCRIBED", {"channels": taken}))
+
+    def _unsubscribe(self, conn, data) -> None:
+        names = _channel_list(conn, data)
+        if names is None:
+            return
+        removed = self.hub.unsubscribe(conn, names)
+        conn.send_now(encode("UNSUBSCRIBED", {"channels": removed}))
+
+    # -- limits ----------------------------------------------------------------------
+
+    def _within_rate(self, conn) -> bool:
+        """Token bucket per connection: ``rate_burst`` at once, ``rate_per_second`` sustained."""
+        now = time.monotonic()
+        if conn.rate_at == 0.0:
+            conn.rate_tokens = float(self.rate_burst)
+        else:
+            conn.rate_tokens = min(self.rate_burst, conn.rate_tokens + (now - conn.rate_at) * self.rate_per_second)
+        conn.rate_at = now
+        if conn.rate_tokens >= 1.0:
+            conn.rate_tokens -= 1.0
+            return True
+        conn.push(error_frame(Error.RATE_LIMITED, "too many messages; slow down"))
+        conn.close(Close.POLICY_VIOLATION, "rate limit exceeded")
+        event("ws.rate_limited", level="warning", clientId=conn.id, userId=conn.user_id)
+        return False
+
+
+def _channel_list(conn, data) -> list[str] | None:
+    """``data.channels`` as a de-duplicated list, or None after answering ERROR."""
+    channels = data.get("channels") if isinstance(data, dict) else None
+    if (
+        not isinstance(channels, list)
+        or len(channels) > MAX_CHANNELS_PER_REQUEST
+        or not all(isinstance(name, str) for name in channels)
+    ):
+        conn.send_now(
+            error_frame(
+                Error.INVALID_DATA,
+                f'"data" must be {{"channels": [names]}} with at most {MAX_CHANNELS_PER_REQUEST} names',
+            )
+        )
+        return None
+    return list(dict.fromkeys(channels))

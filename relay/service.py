@@ -1,0 +1,140 @@
+"""The realtime service: the core's parts wired together from :class:`Settings`.
+
+One :class:`Realtime` per process. The Flask layer reaches it through
+``current_app.extensions["realtime"]`` and calls three things on it: mint a
+token, admit a socket, send a broadcast (through ``broadcaster``).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+from . import __version__
+from .broadcast import Broadcaster
+from .broker import Broker, MemoryBroker
+from .codes import Close
+from .config import Settings
+from .connection import Connection
+from .directory import Directory, DirectoryUnavailable
+from .eventlog import event
+from .hub import Hub
+from .outbox import Outbox
+from .protocol import ClientProtocol, encode
+from .sqlite_directory import SqliteDirectory
+from .tokens import TokenError, TokenService
+
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_SUBSCRIPTIONS = 100
+
+
+class Realtime:
+    def __init__(self, settings: Settings, *, directory: Directory | None = None, broker: Broker | None = None):
+        self.settings = settings
+        self.started_at = time.time()
+        self.tokens = TokenService(settings.token_secret, settings.token_ttl_ms)
+        self.directory = directory or SqliteDirectory(settings.db_path)
+        self.hub = Hub(max_clients=settings.max_clients, ping_interval=settings.ping_interval_ms / 1000)
+        self.outbox = Outbox()
+        self.protocol = ClientProtocol(self.hub, max_subscriptions=MAX_SUBSCRIPTIONS)
+        self.broker = broker or MemoryBroker()
+        self.broker.start(self.hub.deliver)
+        self.broadcaster = Broadcaster(self.broker)
+
+    # -- sockets ------------------------------------------------------------------
+
+    def open_socket(self, sock, token: str | None, remote: str | None = None) -> Connection:
+        """Admit (or refuse) a socket whose upgrade has been answered.
+
+        Returns at once either way: an admitted connection lives on the event
+        loop from here; a refused one is closed with a code the browser can
+        act on (4401 new token, 4403 give up, 1012/1013 retry).
+        """
+        self.hub.start()
+        conn = Connection(
+            sock,
+            outbox=self.outbox,
+            handler=self.protocol,
+            max_message=MAX_MESSAGE_BYTES,
+            max_queue=self.settings.max_queue_bytes,
+            close_timeout=self.settings.close_timeout_ms / 1000,
+            remote=remote,
+        )
+        if self.hub.draining:
+            conn.reject(Close.SERVICE_RESTART, "service restart")
+            return conn
+        try:
+            user_id = self.tokens.verify(token)
+        except TokenError as refused:
+            event("ws.auth_failed", level="warning", reason=refused.reason, detail=str(refused),
+                  userId=refused.user_id, remote=remote)
+            self.hub.counters["auth_failures"] += 1
+            conn.reject(Close.UNAUTHORIZED, f"token {refused.reason.replace('_', ' ')}")
+            return conn
+        try:
+            identity = self.directory.get(user_id)
+        except DirectoryUnavailable as down:
+            event("ws.auth_failed", level="error", reason="directory_unavailable", detail=str(down),
+                  userId=user_id, remote=remote)
+            conn.reject(Close.TRY_AGAIN_LATER, "identity service unavailable")
+            return conn
+        if identity is None or not identity.active:
+            reason = "unknown_user" if identity is None else "user_disabled"
+            event("ws.auth_failed", level="warning", reason=reason, userId=user_id, remote=remote)
+            self.hub.counters["auth_failures"] += 1
+            conn.reject(Close.FORBIDDEN, reason.replace("_", " "))
+            return conn
+        if self.hub.full:
+            event("ws.refused", level="warning", reason="server_full", userId=user_id, clients=len(self.hub))
+            conn.reject(Close.TRY_AGAIN_LATER, "server full")
+            return conn
+
+        conn.identify(identity)
+        # CONNECTED is queued before the hub can see the connection: it is always the first frame.
+        conn.push(encode("CONNECTED", {"clientId": conn.id, "userId": user_id}))
+        self.hub.add(conn)
+        conn.start()
+        event("ws.connect", clientId=conn.id, userId=user_id, role=identity.role,
+              clinicId=identity.clinic_id, remote=remote)
+        return conn
+
+    def drain(self, reason: str = "service restart") -> bool:
+        """Close every socket with 1012 and refuse new ones (worker shutdown)."""
+        event("drain.start", clients=len(self.hub))
+        done = self.hub.drain(Close.SERVICE_RESTART, reason, self.settings.drain_timeout_ms / 1000)
+        event("drain.done", complete=done, clients=len(self.hub))
+        return done
+
+    # -- health ---------------------------------------------------------------------
+
+    def health(self) -> dict:
+        stats = self.hub.stats()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "ok": not self.hub.draining,
+            "uptime": round(time.time() - self.started_at, 3),
+            "memory": {"rss": _rss_bytes(), "maxRss": usage.ru_maxrss * 1024},
+            "clients": stats["clients"],
+            "byRole": stats["byRole"],
+            "byClinic": stats["byClinic"],
+            "channels": stats["channels"],
+            "subscriptions": stats["subscriptions"],
+            "users": stats["users"],
+            "version": __version__,
+            "env": self.settings.app_env,
+            "pid": os.getpid(),
+            "draining": self.hub.draining,
+            "counters": dict(self.hub.counters),
+            "outbox": self.outbox.status(),
+            "broker": self.broker.status(),
+            "identity": self.directory.status(),
+        }
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,236 @@
+"""The embedded identity directory: one SQLite file in the instance folder.
+
+It is the default so that ``make run`` works on a fresh machine with nothing
+else installed. Users are managed with ``flask users ...``; passwords are
+stored as Werkzeug hashes (scrypt). Lookups are a primary-key read, tens of
+microseconds, so they run inline; password checks cost ~0.1 s of CPU and are
+moved off the event loop (see :func:`offload`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import secrets
+import sqlite3
+import threading
+from dataclasses import dataclass
+
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id
+from .directory import Identity
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id            TEXT PRIMARY KEY,
+    email         TEXT UNIQUE COLLATE NOCASE,
+    display_name  TEXT,
+    role          TEXT NOT NULL,
+    clinic_id     TEXT,
+    active        INTEGER NOT NULL DEFAULT 1,
+    password_hash TEXT,
+    created_at    TEXT NOT NULL
+);
+"""
+_COLUMNS = "id, email, display_name, role, clinic_id, active"
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked when a login names no known user, so that "no such user" and
+    "wrong password" take the same time."""
+    return generate_password_hash(secrets.token_hex(8))
+
+
+class UserError(ValueError):
+    """A user-management request that cannot be applied (message says why)."""
+
+
+@dataclass(frozen=True)
+class DemoUser:
+    user_id: str
+    email: str
+    password: str
+    role: str
+    clinic_id: str | None
+
+
+def offload(fn, *args):
+    """Run CPU-heavy ``fn`` in gevent's thread pool when the process is gevent-patched.
+
+    scrypt releases the GIL, so a login does not freeze every socket of the
+    worker for a tenth of a second. Outside gevent (CLI, unit tests) it just calls.
+    """
+    try:
+        from gevent import monkey, get_hub
+    except ImportError:  # pragma: no cover - gevent is a hard dependency
+        return fn(*args)
+    if monkey.is_module_patched("socket"):
+        return get_hub().threadpool.apply(fn, args)
+    return fn(*args)
+
+
+class SqliteDirectory:
+    """Users in SQLite. Safe to share between greenlets (one connection, one lock)."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    # -- the Directory interface ------------------------------------------
+
+    def get(self, user_id: str) -> Identity | None:
+        row = self._query_one(f"SELECT {_COLUMNS} FROM users WHERE id = ?", (user_id,))
+        return _identity(row) if row else None
+
+    def authenticate(self, login: str, password: str) -> Identity | None:
+        row = self._query_one(
+            f"SELECT {_COLUMNS}, password_hash FROM users WHERE email = ? OR id = ?",
+            (login, login),
+        )
+        stored = row[6] if row and row[6] else _dummy_hash()
+        ok = offload(check_password_hash, stored, password)
+        if not row or not ok or not row[5]:
+            return None
+        return _identity(row[:6])
+
+    def status(self) -> dict:
+        return {"kind": self.name, "state": "ok", "path": self.path}
+
+    # -- user management (flask users ...) --------------------------------
+
+    def add_user(
+        self,
+        user_id: str,
+        *,
+        email: str | None,
+        password: str | None,
+        role: str,
+        clinic_id: str | None = None,
+        display_name: str | None = None,
+    ) -> Identity:
+        _check_user_fields(user_id, role, clinic_id)
+        hashed = generate_password_hash(password) if password else None
+        try:
+            self._execute(
+                "INSERT INTO users (id, email, display_name, role, clinic_id, active, password_hash, created_at)"
+                " VALUES (?, ?, ?, ?, ?, 1, ?, ?)",
+                (user_id, email or None, display_name, role, clinic_id or None, hashed, _now()),
+            )
+        except sqlite3.IntegrityError:
+            raise UserError(f"a user with id {user_id!r} or email {email!r} already exists") from None
+        return self.get(user_id)  # type: ignore[return-value]
+
+    def list_users(self) -> list[Identity]:
+        with self._lock:
+            rows = self._conn().execute(f"SELECT {_COLUMNS} FROM users ORDER BY id").fetchall()
+        return [_identity(row) for row in rows]
+
+    def set_role(self, user_id: str, role: str) -> None:
+        _check_user_fields(user_id, role, None)
+        self._update(user_id, "role = ?", (role,))
+
+    def set_clinic(self, user_id: str, clinic_id: str | None) -> None:
+        if clinic_id and not is_valid_id(clinic_id):
+            raise UserError(f"clinic id {clinic_id!r} must match {ID_PATTERN}")
+        self._update(user_id, "clinic_id = ?", (clinic_id or None,))
+
+    def set_active(self, user_id: str, active: bool) -> None:
+        self._update(user_id, "active = ?", (1 if active else 0,))
+
+    def set_password(self, user_id: str, password: str) -> None:
+        self._update(user_id, "password_hash = ?", (generate_password_hash(password),))
+
+    def seed_demo(self, users: list[tuple[str, str, str, str | None]]) -> list[DemoUser]:
+        """Create demo users with fresh random passwords, only if there are no users yet.
+
+        ``users`` lists ``(user_id, email, role, clinic_id)``. Returns the users
+        created (empty when the table already had users), so that exactly one
+        process prints the credentials even when several workers start at once.
+        """
+        created: list[DemoUser] = []
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if db.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0:
+                    for user_id, email, role, clinic_id in users:
+                        password = secrets.token_urlsafe(12)
+                        db.execute(
+                            "INSERT INTO users (id, email, display_name, role, clinic_id, active, password_hash, created_at)"
+                            " VALUES (?, ?, ?, ?, ?, 1, ?, ?)",
+                            (user_id, email, user_id, role, clinic_id, generate_password_hash(password), _now()),
+                        )
+                        created.append(DemoUser(user_id, email, password, role, clinic_id))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return created
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(SCHEMA)
+            self._db = db
+        return self._db
+
+    def _query_one(self, sql: str, args: tuple):
+        with self._lock:
+            return self._conn().execute(sql, args).fetchone()
+
+    def _execute(self, sql: str, args: tuple) -> int:
+        with self._lock:
+            return self._conn().execute(sql, args).rowcount
+
+    def _update(self, user_id: str, assignment: str, args: tuple) -> None:
+        if self._execute(f"UPDATE users SET {assignment} WHERE id = ?", (*args, user_id)) == 0:
+            raise UserError(f"no user with id {user_id!r}")
+
+
+def _identity(row) -> Identity:
+    return Identity(
+        user_id=row[0],
+        email=row[1],
+        display_name=row[2],
+        role=row[3],
+        clinic_id=row[4],
+        active=bool(row[5]),
+    )
+
+
+def _check_user_fields(user_id: str, role: str, clinic_id: str | None) -> None:
+    if not is_valid_id(user_id):
+        raise UserError(f"user id {user_id!r} must match {ID_PATTERN}")
+    if not role or not role.strip() or len(role) > 64:
+        raise UserError("role must be a non-empty word, e.g. admin or sales_staff")
+    if clinic_id and not is_valid_id(clinic_id):
+        raise UserError(f"clinic id {clinic_id!r} must match {ID_PATTERN}")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+DEMO_USERS = [
+    ("demo-admin", "admin@demo.clinic", ADMIN_ROLE, None),
+    ("demo-staff-1", "staff1@demo.clinic", "sales_staff", "clinic-1"),
+    ("demo-staff-2", "staff2@demo.clinic", "sales_staff", "clinic-2"),
+]

@@ -1,0 +1,261 @@
+"""Test plumbing: a real gunicorn gevent server, real WebSocket clients.
+
+``Server`` starts ``python -m gunicorn -k gevent wsgi:app`` from the project
+root (so ``gunicorn.conf.py`` applies exactly as in production) on a free
+loopback port, waits for ``/health``, and stops it by PID. ``Client`` wraps
+the ``websockets`` sync client with the few verbs the protocol needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import requests
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from relay.sqlite_directory import SqliteDirectory  # noqa: E402
+from relay.tokens import TokenService  # noqa: E402
+
+TOKEN_SECRET = "test-token-secret-0123456789-abcdefghijklmnop"
+ADMIN_SECRET = "test-admin-secret-0123456789-abcdefghijklmnop"
+SESSION_SECRET = "test-session-secret-0123456789-abcdefghijklmn"
+PASSWORD = "correct horse battery staple"
+
+# id, role, clinic, active
+USERS = [
+    ("alice", "admin", None, True),
+    ("bob", "sales_staff", "clinic-1", True),
+    ("carol", "sales_staff", "clinic-2", True),
+    ("erin", "nurse", "clinic-1", True),
+    ("dave", "sales_staff", "clinic-1", False),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_users(db_path: Path, users=USERS, password: str = PASSWORD) -> None:
+    directory = SqliteDirectory(str(db_path))
+    for user_id, role, clinic, active in users:
+        directory.add_user(user_id, email=f"{user_id}@example.test", password=password, role=role, clinic_id=clinic)
+        if not active:
+            directory.set_active(user_id, False)
+    directory.close()
+
+
+@dataclass
+class Server:
+    """One gunicorn process (master + workers) on 127.0.0.1."""
+
+    workdir: Path
+    env_overrides: dict = field(default_factory=dict)
+    args: tuple = ()
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
+        self.log_path = self.workdir / f"gunicorn-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "APP_ENV": "development",
+            "WS_HOST": "127.0.0.1",
+            "WS_PORT": str(self.port),
+            "WS_TOKEN_SECRET": TOKEN_SECRET,
+            "WS_ADMIN_SECRET": ADMIN_SECRET,
+            "SECRET_KEY": SESSION_SECRET,
+            "REALTIME_DB": str(self.workdir / "realtime.db"),
+            "REALTIME_INSTANCE_PATH": str(self.workdir / "instance"),
+            "REALTIME_SEED_DEMO": "0",
+            "WEB_CONCURRENCY": "1",
+            "LOG_LEVEL": "INFO",
+            **{k: str(v) for k, v in self.env_overrides.items() if v is not None},
+        }
+        for name in [k for k, v in self.env_overrides.items() if v is None]:
+            self.env.pop(name, None)  # None means "unset"
+        if "WS_TEST_USER_ID" not in self.env_overrides:
+            self.env.pop("WS_TEST_USER_ID", None)  # a developer's shell must not leak into tests
+        secret = self.env.get("WS_TOKEN_SECRET") or "unused"
+        self.tokens = TokenService(secret, int(self.env.get("WS_TOKEN_TTL_MS", 600000)))
+
+    # -- process -----------------------------------------------------------------
+
+    def start(self, wait: bool = True) -> "Server":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-k", "gevent", *self.args, "wsgi:app"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gunicorn did not become healthy in {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+        finally:
+            self._log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self, name: str | None = None) -> list[dict]:
+        """Structured log lines (JSON), optionally only those with ``event == name``."""
+        events = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if name is None or record.get("event") == name:
+                    events.append(record)
+        return events
+
+    def wait_for_event(self, name: str, predicate=lambda e: True, timeout: float = 5) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.log_events(name):
+                if predicate(record):
+                    return record
+            time.sleep(0.05)
+        raise AssertionError(f"no {name!r} log event matched within {timeout}s")
+
+    # -- protocol ----------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def token(self, user_id: str, **kwargs) -> str:
+        return self.tokens.mint(user_id, **kwargs)
+
+    def open(self, token: str | None, **kwargs) -> "Client":
+        """Open a socket with a raw token (no CONNECTED expected)."""
+        url = self.ws_url if token is None else f"{self.ws_url}?token={quote(token, safe='')}"
+        return Client(connect(url, open_timeout=5, close_timeout=2, max_size=2**22, **kwargs))
+
+    def connect(self, user_id: str, channels: list[str] | None = None, **kwargs) -> "Client":
+        """Open a socket as ``user_id``, expect CONNECTED, optionally subscribe."""
+        client = self.open(self.token(user_id), **kwargs)
+        hello = client.expect("CONNECTED")
+        client.client_id = hello["data"]["clientId"]
+        if channels:
+            client.subscribe(channels)
+        return client
+
+    def broadcast(self, body, secret: str | None = ADMIN_SECRET, headers: dict | None = None) -> requests.Response:
+        sent = dict(headers or {})
+        if secret is not None and "Authorization" not in sent and "X-Admin-Secret" not in sent:
+            sent["Authorization"] = f"Bearer {secret}"
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return requests.post(self.url + "/broadcast", data=data, headers={"Content-Type": "application/json", **sent}, timeout=10)
+
+    def announce(self, text: str = "hello", type_: str = "ANNOUNCEMENT", **flt) -> dict:
+        response = self.broadcast({"message": {"type": type_, "data": {"message": text}}, "filter": flt})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def health(self) -> dict:
+        return requests.get(self.url + "/health", timeout=5).json()
+
+    def wait_clients(self, count: int, timeout: float = 10) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            health = self.health()
+            if health["clients"] == count or time.monotonic() > deadline:
+                return health
+            time.sleep(0.05)
+
+
+class Client:
+    def __init__(self, ws):
+        self.ws = ws
+        self.client_id = None
+
+    def send(self, message) -> None:
+        self.ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
+
+    def recv(self, timeout: float = 5) -> dict:
+        return json.loads(self.ws.recv(timeout=timeout))
+
+    def expect(self, type_: str, timeout: float = 5) -> dict:
+        message = self.recv(timeout)
+        assert message.get("type") == type_, f"expected {type_}, got {message}"
+        return message
+
+    def subscribe(self, channels: list[str]) -> dict:
+        self.send({"type": "SUBSCRIBE", "data": {"channels": channels}})
+        return self.expect("SUBSCRIBED")
+
+    def nothing_within(self, seconds: float) -> bool:
+        """True if no message arrives within ``seconds``."""
+        try:
+            message = self.ws.recv(timeout=seconds)
+        except TimeoutError:
+            return True
+        raise AssertionError(f"unexpected message {message}")
+
+    def closed_with(self, timeout: float = 5) -> tuple[int | None, str]:
+        """Read until the server closes; return its close code and reason."""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+        except ConnectionClosed as closed:
+            rcvd = closed.rcvd
+            return (rcvd.code, rcvd.reason) if rcvd else (None, "")
+        except TimeoutError:
+            pass
+        raise AssertionError(f"the server did not close the socket within {timeout}s")
+
+    def close(self) -> None:
+        self.ws.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,151 @@
+"""Sign-in, /api/ws/auth and the admin broadcast API for cookie sessions."""
+
+import re
+
+import pytest
+import requests
+
+from relay.codes import Close
+from support import PASSWORD, Server
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)
+
+
+def sign_in(server: Server, login: str, password: str = PASSWORD) -> requests.Session:
+    session = requests.Session()
+    page = session.get(server.url + "/login", timeout=5)
+    response = session.post(
+        server.url + "/login",
+        data={"login": login, "password": password, "csrf_token": csrf_of(page.text)},
+        timeout=10,
+        allow_redirects=False,
+    )
+    session.last = response
+    return session
+
+
+def test_sign_in_with_email_then_token_works_on_the_socket(server: Server):
+    session = sign_in(server, "bob@example.test")
+    assert session.last.status_code == 302 and session.last.headers["Location"] == "/"
+    auth = session.get(server.url + "/api/ws/auth", timeout=5)
+    assert auth.status_code == 200
+    assert auth.headers["Cache-Control"] == "no-store"
+    body = auth.json()
+    assert body["userId"] == "bob"
+    assert body["wsUrl"] == f"ws://127.0.0.1:{server.port}/ws"
+    with server.open(body["token"]) as client:
+        assert client.expect("CONNECTED")["data"]["userId"] == "bob"
+
+
+def test_home_page_says_who_you_are(server: Server):
+    session = sign_in(server, "carol")
+    page = session.get(server.url + "/", timeout=5)
+    assert page.status_code == 200
+    assert "carol" in page.text and "clinic-2" in page.text
+
+
+@pytest.mark.parametrize(
+    "login,password",
+    [("bob@example.test", "wrong"), ("nobody@example.test", PASSWORD), ("dave@example.test", PASSWORD)],
+    ids=["wrong-password", "unknown-user", "disabled-user"],
+)
+def test_bad_sign_in_is_refused_without_saying_which_part_was_wrong(server: Server, login, password):
+    session = sign_in(server, login, password)
+    assert session.last.status_code == 401
+    assert "Wrong email or password" in session.last.text
+    assert session.get(server.url + "/api/ws/auth", timeout=5).status_code == 401
+
+
+def test_sign_in_without_the_form_token_is_refused(server: Server):
+    response = requests.post(server.url + "/login", data={"login": "bob", "password": PASSWORD}, timeout=5)
+    assert response.status_code == 400
+
+
+def test_ws_auth_without_a_session_is_401_json(server: Server):
+    response = requests.get(server.url + "/api/ws/auth", timeout=5)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+
+
+def test_sign_out_ends_the_session(server: Server):
+    session = sign_in(server, "bob")
+    home = session.get(server.url + "/", timeout=5)
+    session.post(server.url + "/logout", data={"csrf_token": csrf_of(home.text)}, timeout=5)
+    assert session.get(server.url + "/api/ws/auth", timeout=5).status_code == 401
+
+
+def test_pages_redirect_to_sign_in(server: Server):
+    response = requests.get(server.url + "/", timeout=5, allow_redirects=False)
+    assert response.status_code == 302 and response.headers["Location"].startswith("/login")
+
+
+def test_open_redirect_after_sign_in_is_refused(server: Server):
+    session = requests.Session()
+    page = session.get(server.url + "/login", timeout=5)
+    response = session.post(
+        server.url + "/login?next=//evil.example/x",
+        data={"login": "bob", "password": PASSWORD, "csrf_token": csrf_of(page.text)},
+        timeout=10,
+        allow_redirects=False,
+    )
+    assert response.headers["Location"] == "/"
+
+
+def test_test_user_id_issues_tokens_without_a_session_in_development(start_server):
+    srv = start_server(WS_TEST_USER_ID="erin")
+    body = requests.get(srv.url + "/api/ws/auth", timeout=5).json()
+    assert body["userId"] == "erin"
+    with srv.open(body["token"]) as client:
+        client.expect("CONNECTED")
+
+
+def test_public_url_is_handed_to_browsers(start_server):
+    srv = start_server(WS_PUBLIC_URL="wss://realtime.example.com", WS_TEST_USER_ID="erin")
+    assert requests.get(srv.url + "/api/ws/auth", timeout=5).json()["wsUrl"] == "wss://realtime.example.com/ws"
+
+
+def test_legacy_public_url_name_is_accepted(start_server):
+    srv = start_server(NEXT_PUBLIC_WS_URL="ws://localhost:3001", WS_TEST_USER_ID="erin")
+    assert requests.get(srv.url + "/api/ws/auth", timeout=5).json()["wsUrl"] == "ws://localhost:3001/ws"
+
+
+# -- /api/admin/broadcast --------------------------------------------------------------
+
+BODY = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "from the admin API"}},
+        "filter": {"channels": ["system:announcements"]}}
+
+
+def test_admin_broadcast_api_needs_an_admin_session_and_csrf(server: Server):
+    url = server.url + "/api/admin/broadcast"
+    assert requests.post(url, json=BODY, timeout=5).status_code == 401
+    staff = sign_in(server, "bob")
+    home = staff.get(server.url + "/", timeout=5)
+    assert staff.post(url, json=BODY, headers={"X-CSRF-Token": csrf_of(home.text)}, timeout=5).status_code == 403
+    admin = sign_in(server, "alice")
+    assert admin.post(url, json=BODY, timeout=5).status_code == 403  # no CSRF token
+    assert admin.post(url, json=BODY, headers={"X-CSRF-Token": "forged"}, timeout=5).json()["error"]["code"] == "csrf_failed"
+
+
+def test_admin_broadcast_api_reaches_subscribers(server: Server):
+    admin = sign_in(server, "alice")
+    token = csrf_of(admin.get(server.url + "/", timeout=5).text)
+    with server.connect("carol", ["system:announcements"]) as carol:
+        response = admin.post(server.url + "/api/admin/broadcast", json=BODY, headers={"X-CSRF-Token": token}, timeout=5)
+        assert response.status_code == 200 and response.json()["delivered"] == 1
+        assert carol.expect("ANNOUNCEMENT")["data"]["message"] == "from the admin API"
+    server.wait_for_event("broadcast", lambda e: e["source"] == "admin:alice")
+
+
+def test_admin_broadcast_api_validates_like_the_service_endpoint(server: Server):
+    admin = sign_in(server, "alice")
+    token = csrf_of(admin.get(server.url + "/", timeout=5).text)
+    response = admin.post(server.url + "/api/admin/broadcast", json={"message": {"type": "bad type"}},
+                          headers={"X-CSRF-Token": token}, timeout=5)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_body"
+
+
+def test_disabled_user_socket_is_refused_even_with_a_valid_token(server: Server):
+    with server.open(server.token("dave")) as client:
+        assert client.closed_with()[0] == Close.FORBIDDEN

@@ -1,0 +1,124 @@
+"""Operator tools: ``flask ws ...`` against a running server, ``flask users ...`` on the store."""
+
+import subprocess
+import sys
+
+import pytest
+
+from app import create_app
+from relay.codes import Close
+from support import ROOT, Server
+
+
+def flask_cli(srv: Server, *args: str, **env) -> subprocess.CompletedProcess:
+    """Run ``flask --app wsgi ...`` in the server's environment, as an operator on that box would."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", *args],
+        cwd=ROOT,
+        env={**srv.env, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_smoke_passes_against_a_running_server(start_server):
+    srv = start_server(WS_TEST_USER_ID="bob")
+    done = flask_cli(srv, "ws", "smoke", "--url", srv.url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for step in ("health", "token", "connect", "subscribe", "broadcast", "receive"):
+        assert f"ok   {step}" in done.stdout
+    assert "smoke test passed" in done.stdout
+
+
+def test_smoke_can_mint_its_own_token_for_a_named_user(server: Server):
+    done = flask_cli(server, "ws", "smoke", "--url", server.url, "--user", "carol")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "minted locally" in done.stdout
+
+
+def test_smoke_fails_loudly_with_the_step_that_broke(server: Server):
+    done = flask_cli(server, "ws", "smoke", "--url", server.url, "--user", "carol", WS_ADMIN_SECRET="wrong-" * 6)
+    assert done.returncode == 1
+    assert "FAIL broadcast" in done.stdout and "unauthorized" in done.stdout
+    assert "smoke test FAILED" in done.stderr
+
+
+def test_smoke_against_nothing_fails_at_health(server: Server):
+    done = flask_cli(server, "ws", "smoke", "--url", "http://127.0.0.1:9", "--user", "carol")
+    assert done.returncode == 1 and "FAIL health" in done.stdout
+
+
+def test_health_and_broadcast_commands(server: Server):
+    done = flask_cli(server, "ws", "health", "--url", server.url)
+    assert done.returncode == 0 and '"ok": true' in done.stdout
+    with server.connect("erin", ["clinic:clinic-1:queue"]) as erin:
+        done = flask_cli(server, "ws", "broadcast", "--url", server.url, "--message", "Queue moved",
+                         "--type", "QUEUE_UPDATE", "--channels", "clinic:clinic-1:queue", "--roles", "nurse,admin")
+        assert done.returncode == 0, done.stderr
+        assert "delivered to 1 connection(s)" in done.stdout
+        message = erin.expect("QUEUE_UPDATE")
+        assert message["data"]["message"] == "Queue moved" and message["data"]["at"].endswith("Z")
+
+
+def test_broadcast_command_reports_validation_errors(server: Server):
+    done = flask_cli(server, "ws", "broadcast", "--url", server.url, "--message", "x", "--type", "lower")
+    assert done.returncode != 0 and "invalid_body" in done.stderr
+
+
+@pytest.fixture
+def cli(tmp_path):
+    app = create_app({
+        "REALTIME_DB": str(tmp_path / "users.db"),
+        "REALTIME_INSTANCE_PATH": str(tmp_path / "instance"),
+        "REALTIME_SEED_DEMO": "0",
+        "TESTING": True,
+    })
+    runner = app.test_cli_runner()
+    runner.directory = app.extensions["realtime"].directory
+    return runner
+
+
+def test_users_add_list_set_role_disable(cli):
+    result = cli.invoke(args=["users", "add", "u-1", "--email", "u1@example.test", "--password", "pw-123456",
+                              "--role", "sales_staff", "--clinic", "clinic-7"])
+    assert result.exit_code == 0, result.output
+    assert cli.directory.authenticate("u1@example.test", "pw-123456").clinic_id == "clinic-7"
+    assert cli.invoke(args=["users", "set-role", "u-1", "admin"]).exit_code == 0
+    assert cli.directory.get("u-1").role == "admin"
+    listing = cli.invoke(args=["users", "list"]).output
+    assert "u-1" in listing and "admin" in listing and "1 user(s)" in listing
+    assert cli.invoke(args=["users", "disable", "u-1"]).exit_code == 0
+    assert cli.directory.get("u-1").active is False
+    assert cli.directory.authenticate("u1@example.test", "pw-123456") is None
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["users", "add", "bad id", "--role", "x", "--no-password"], "must match"),
+        (["users", "add", "u-2", "--role", "x", "--clinic", "a:b", "--no-password"], "clinic id"),
+        (["users", "set-role", "ghost", "admin"], "no user with id 'ghost'"),
+        (["users", "disable", "ghost"], "no user with id 'ghost'"),
+    ],
+)
+def test_users_commands_explain_what_is_wrong(cli, args, message):
+    result = cli.invoke(args=args)
+    assert result.exit_code != 0 and message in result.output
+
+
+def test_duplicate_user_is_refused(cli):
+    args = ["users", "add", "u-3", "--email", "same@example.test", "--role", "x", "--no-password"]
+    assert cli.invoke(args=args).exit_code == 0
+    again = cli.invoke(args=["users", "add", "u-4", "--email", "same@example.test", "--role", "x", "--no-password"])
+    assert again.exit_code != 0 and "already exists" in again.output
+
+
+def test_user_added_while_running_can_connect_at_once(server: Server):
+    done = flask_cli(server, "users", "add", "newcomer", "--role", "sales_staff", "--no-password")
+    assert done.returncode == 0, done.stderr
+    with server.connect("newcomer"):
+        pass
+    flask_cli(server, "users", "disable", "newcomer")
+    with server.open(server.token("newcomer")) as client:
+        assert client.closed_with()[0] == Close.FORBIDDEN

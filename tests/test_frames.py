@@ -1,0 +1,123 @@
+"""RFC 6455 framing: server frames out, client frames in, and every violation's close code."""
+
+import os
+import struct
+
+import pytest
+
+from relay import frames
+from relay.codes import Close
+from relay.frames import FrameParser, ProtocolViolation
+
+
+def client_frame(opcode: int, payload: bytes, *, fin=True, masked=True, rsv=0, length_override=None) -> bytes:
+    """A frame as a browser would send it (masked)."""
+    first = (0x80 if fin else 0) | rsv | opcode
+    size = len(payload) if length_override is None else length_override
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        header = bytes((first, mask_bit | size))
+    elif size < 65536:
+        header = struct.pack("!BBH", first, mask_bit | 126, size)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | 127, size)
+    if not masked:
+        return header + payload
+    key = os.urandom(4)
+    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def parse(data: bytes, max_message=64 * 1024):
+    return FrameParser(max_message).feed(data)
+
+
+@pytest.mark.parametrize("size,header_len", [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)])
+def test_server_frames_use_the_shortest_length_encoding(size, header_len):
+    frame = frames.text(b"x" * size)
+    assert len(frame) == size + header_len
+    assert frame[0] == 0x81 and not frame[1] & 0x80  # FIN + text, unmasked
+
+
+def test_close_frame_carries_code_and_reason_truncated_to_123_bytes():
+    frame = frames.close(4401, "é" * 100)
+    assert frame[0] == 0x88
+    assert struct.unpack("!H", frame[2:4])[0] == 4401
+    assert len(frame) - 4 <= 123
+    frame[4:].decode("utf-8")  # never cut inside a character
+
+
+def test_text_message_is_unmasked_and_decoded():
+    assert parse(client_frame(frames.OP_TEXT, "héllo".encode())) == [(frames.OP_TEXT, "héllo")]
+
+
+def test_several_frames_in_one_read_and_one_frame_over_many_reads():
+    data = client_frame(frames.OP_TEXT, b'{"type":"PING"}') + client_frame(frames.OP_PING, b"p")
+    assert parse(data) == [(frames.OP_TEXT, '{"type":"PING"}'), (frames.OP_PING, b"p")]
+    parser = FrameParser(1 << 16)
+    big = client_frame(frames.OP_TEXT, b"y" * 5000)
+    got = []
+    for i in range(0, len(big), 1000):
+        got += parser.feed(big[i : i + 1000])
+    assert got == [(frames.OP_TEXT, "y" * 5000)]
+
+
+def test_byte_by_byte_delivery_reassembles():
+    parser = FrameParser(1 << 16)
+    frame = client_frame(frames.OP_TEXT, b"z" * 300)
+    got = []
+    for i in range(len(frame)):
+        got += parser.feed(frame[i : i + 1])
+    assert got == [(frames.OP_TEXT, "z" * 300)]
+
+
+def test_fragmented_message_is_joined_and_control_frames_may_interleave():
+    data = (
+        client_frame(frames.OP_TEXT, b"ab", fin=False)
+        + client_frame(frames.OP_PING, b"")
+        + client_frame(frames.OP_CONTINUATION, b"cd", fin=False)
+        + client_frame(frames.OP_CONTINUATION, b"ef")
+    )
+    assert parse(data) == [(frames.OP_PING, b""), (frames.OP_TEXT, "abcdef")]
+
+
+def test_close_frame_is_reported_with_code_and_reason():
+    assert parse(client_frame(frames.OP_CLOSE, struct.pack("!H", 1001) + b"bye")) == [(frames.OP_CLOSE, (1001, "bye"))]
+    assert parse(client_frame(frames.OP_CLOSE, b"")) == [(frames.OP_CLOSE, (1000, ""))]
+
+
+VIOLATIONS = [
+    ("unmasked", client_frame(frames.OP_TEXT, b"hi", masked=False), Close.PROTOCOL_ERROR),
+    ("reserved bit", client_frame(frames.OP_TEXT, b"hi", rsv=0x40), Close.PROTOCOL_ERROR),
+    ("unknown opcode", client_frame(0x3, b"hi"), Close.PROTOCOL_ERROR),
+    ("fragmented control", client_frame(frames.OP_PING, b"", fin=False), Close.PROTOCOL_ERROR),
+    ("long control", client_frame(frames.OP_PING, b"x" * 126), Close.PROTOCOL_ERROR),
+    ("orphan continuation", client_frame(frames.OP_CONTINUATION, b"x"), Close.PROTOCOL_ERROR),
+    (
+        "interleaved messages",
+        client_frame(frames.OP_TEXT, b"a", fin=False) + client_frame(frames.OP_TEXT, b"b"),
+        Close.PROTOCOL_ERROR,
+    ),
+    ("bad utf-8", client_frame(frames.OP_TEXT, b"\xff\xfe"), Close.INVALID_PAYLOAD),
+    ("one-byte close", client_frame(frames.OP_CLOSE, b"\x03"), Close.PROTOCOL_ERROR),
+    ("reserved close code", client_frame(frames.OP_CLOSE, struct.pack("!H", 1005)), Close.PROTOCOL_ERROR),
+    ("close reason not utf-8", client_frame(frames.OP_CLOSE, struct.pack("!H", 1000) + b"\xff"), Close.INVALID_PAYLOAD),
+    # Refused from the header alone: the 1 GiB payload is never waited for.
+    ("huge declared frame", client_frame(frames.OP_TEXT, b"", length_override=1 << 30)[:10], Close.MESSAGE_TOO_BIG),
+    (
+        "fragments over the limit",
+        client_frame(frames.OP_BINARY, b"x" * 40000, fin=False) + client_frame(frames.OP_CONTINUATION, b"x" * 30000),
+        Close.MESSAGE_TOO_BIG,
+    ),
+]
+
+
+@pytest.mark.parametrize("name,data,code", VIOLATIONS, ids=[v[0] for v in VIOLATIONS])
+def test_each_violation_names_its_close_code(name, data, code):
+    with pytest.raises(ProtocolViolation) as violation:
+        parse(data)
+    assert violation.value.code == code
+
+
+def test_message_exactly_at_the_limit_is_accepted():
+    payload = b"x" * 65536
+    assert parse(client_frame(frames.OP_BINARY, payload)) == [(frames.OP_BINARY, payload)]

@@ -1,0 +1,38 @@
+"""Deploys: SIGTERM closes every socket with 1012, and refuses new ones with 1012 while it drains."""
+
+import signal
+import time
+
+from websockets.exceptions import ConnectionClosed
+
+from relay.codes import Close
+from rawws import RawClient
+
+
+def test_sigterm_closes_every_socket_with_1012_and_refuses_arrivals(start_server):
+    srv = start_server(WS_CLOSE_TIMEOUT_MS=3000)
+    clients = [srv.connect(user, ["system:announcements"]) for user in ("alice", "bob", "carol", "erin") * 5]
+    # This one never answers the close frame, which keeps the worker draining for WS_CLOSE_TIMEOUT_MS.
+    stubborn = RawClient(srv.port, srv.token("bob"))
+    assert srv.wait_clients(21)["clients"] == 21
+
+    started = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    codes = [client.closed_with(timeout=5) for client in clients]
+    assert codes == [(Close.SERVICE_RESTART, "service restart")] * len(clients)
+    assert time.monotonic() - started < 2
+
+    # Still draining (the stubborn socket): a newcomer is told 1012 at once, never CONNECTED.
+    late = srv.open(srv.token("bob"))
+    try:
+        first = late.ws.recv(timeout=2)
+    except ConnectionClosed as closed:
+        assert closed.rcvd.code == Close.SERVICE_RESTART
+    else:
+        raise AssertionError(f"a socket arriving during the drain was admitted: {first}")
+
+    assert srv.proc.wait(timeout=15) == 0
+    stubborn.close()
+    log = srv.log_text()
+    assert '"event": "drain.done"' in log
+    assert "Worker graceful timeout" not in log  # gunicorn never had to kill anything

@@ -1,0 +1,101 @@
+"""Connection tokens: the wire format, and every way a token is refused."""
+
+import base64
+import hashlib
+import hmac
+import json
+
+import pytest
+
+from relay.tokens import MAX_FUTURE_MS, TokenError, TokenService
+
+SECRET = "s" * 40
+NOW = 1_750_000_000_000
+TTL = 600_000
+service = TokenService(SECRET, TTL)
+
+
+def raw_token(payload, *, encode=base64.b64encode) -> str:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return encode(body).decode()
+
+
+def signed(user_id="bob", timestamp=NOW, secret=SECRET) -> dict:
+    sig = hmac.new(secret.encode(), f"{user_id}:{timestamp}".encode(), hashlib.sha256).hexdigest()
+    return {"userId": user_id, "timestamp": timestamp, "signature": sig}
+
+
+def test_minted_token_is_base64_json_with_hmac_of_user_and_timestamp():
+    token = service.mint("bob", NOW)
+    payload = json.loads(base64.b64decode(token))
+    assert payload == signed("bob", NOW)
+    assert service.verify(token, now=NOW) == "bob"
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        base64.b64encode,
+        base64.urlsafe_b64encode,
+        lambda b: base64.b64encode(b).rstrip(b"="),
+        lambda b: base64.urlsafe_b64encode(b).rstrip(b"="),
+    ],
+    ids=["standard", "urlsafe", "standard-unpadded", "urlsafe-unpadded"],
+)
+def test_both_base64_alphabets_are_accepted_padded_or_not(encode):
+    # A user id chosen so that its base64 contains '+' or '/' in the standard alphabet.
+    payload = signed("user>>>???", NOW)
+    assert service.verify(raw_token(payload, encode=encode), now=NOW) == "user>>>???"
+
+
+def test_plus_sign_turned_into_space_by_an_unencoded_query_is_tolerated():
+    token = raw_token(signed("user>>>???", NOW))
+    assert "+" in token
+    assert service.verify(token.replace("+", " "), now=NOW) == "user>>>???"
+
+
+REJECTIONS = [
+    ("missing", None),
+    ("missing", ""),
+    ("too_long", "A" * 2049),
+    ("not_base64", "not base64!*"),
+    ("not_base64", "abcde"),  # impossible length
+    ("not_json", raw_token(b"\xff\xfe not json")),
+    ("not_object", raw_token([1, 2, 3])),
+    ("not_object", raw_token("a string")),
+    ("missing_field", raw_token({"userId": "bob", "timestamp": NOW})),
+    ("missing_field", raw_token({"timestamp": NOW, "signature": "00"})),
+    ("missing_field", raw_token({"userId": "bob", "signature": "00"})),
+    ("bad_field", raw_token({**signed(), "userId": 42})),
+    ("bad_field", raw_token({**signed(), "userId": ""})),
+    ("bad_field", raw_token({**signed(), "timestamp": str(NOW)})),
+    ("bad_field", raw_token({**signed(), "timestamp": True})),
+    ("bad_field", raw_token({**signed(), "timestamp": float(NOW)})),
+    ("bad_field", raw_token({**signed(), "signature": 1234})),
+    ("bad_signature", raw_token(signed(secret="another secret entirely, 40 bytes long!"))),
+    ("bad_signature", raw_token({**signed("bob"), "userId": "alice"})),
+    ("bad_signature", raw_token({**signed(), "signature": "é" * 64})),
+    ("expired", raw_token(signed(timestamp=NOW - TTL - 1))),
+    ("future", raw_token(signed(timestamp=NOW + MAX_FUTURE_MS + 1))),
+]
+
+
+@pytest.mark.parametrize("reason,token", REJECTIONS, ids=[f"{r}-{i}" for i, (r, _) in enumerate(REJECTIONS)])
+def test_each_rejection_has_its_own_reason(reason, token):
+    with pytest.raises(TokenError) as refused:
+        service.verify(token, now=NOW)
+    assert refused.value.reason == reason
+
+
+def test_token_at_the_edges_of_its_lifetime_is_accepted():
+    assert service.verify(raw_token(signed(timestamp=NOW - TTL)), now=NOW) == "bob"
+    assert service.verify(raw_token(signed(timestamp=NOW + MAX_FUTURE_MS)), now=NOW) == "bob"
+
+
+def test_expired_token_names_its_user_but_a_forged_one_does_not():
+    with pytest.raises(TokenError) as expired:
+        service.verify(raw_token(signed(timestamp=NOW - TTL - 1)), now=NOW)
+    assert expired.value.user_id == "bob"
+    with pytest.raises(TokenError) as forged:
+        service.verify(raw_token({**signed("bob"), "userId": "alice"}), now=NOW)
+    assert forged.value.user_id is None
