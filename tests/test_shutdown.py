@@ -36,3 +36,31 @@ def test_sigterm_closes_every_socket_with_1012_and_refuses_arrivals(start_server
     log = srv.log_text()
     assert '"event": "drain.done"' in log
     assert "Worker graceful timeout" not in log  # gunicorn never had to kill anything
+
+
+def test_sighup_reload_closes_sockets_with_1012_and_clients_can_reconnect(start_server):
+    srv = start_server()
+    clients = [srv.connect("bob") for _ in range(5)]
+    old_pid = srv.health()["pid"]
+    srv.proc.send_signal(signal.SIGHUP)
+    assert [client.closed_with(timeout=10)[0] for client in clients] == [Close.SERVICE_RESTART] * 5
+    # A browser retries until it lands on the new worker; the old one answers 1012 meanwhile.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            client = srv.connect("bob")
+        except (ConnectionClosed, AssertionError, OSError):
+            time.sleep(0.1)
+            continue
+        break
+    else:
+        raise AssertionError("no worker accepted a socket after the reload")
+    # The old worker answers 503 (draining) until it exits, at most about a second later.
+    deadline = time.monotonic() + 10
+    while srv.health()["pid"] == old_pid and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert srv.health()["pid"] != old_pid
+    client.send({"type": "PING"})
+    client.expect("PONG")
+    client.close()
+    assert srv.proc.poll() is None  # the master kept running
