@@ -8,6 +8,7 @@ blueprints reach them through ``current_app.extensions["realtime"]``.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ import sys
 from flask import Flask
 
 from relay import eventlog
+from relay.channels import channels
 from relay.config import Settings
 from relay.service import Realtime
 from relay.sqlite_directory import DEMO_USERS, SqliteDirectory
@@ -50,13 +52,27 @@ def create_app(config: dict | None = None) -> Flask:
     if not settings.production and env.get("REALTIME_SEED_DEMO", "1") != "0":
         _seed_demo_users(realtime, settings.instance_path)
 
-    from blueprints import api, auth, errors, ops, pages, socket, users
+    from blueprints import admin, api, auth, clinics, errors, ops, pages, socket, users
 
-    for module in (errors, auth, socket, api, pages, users, ops):
+    for module in (errors, auth, socket, api, pages, admin, clinics, users, ops):
         app.register_blueprint(module.bp)
-    app.jinja_env.globals["csrf_token"] = auth.csrf_token
-    app.jinja_env.globals["current_user"] = auth.current_user
+    app.jinja_env.globals.update(
+        csrf_token=auth.csrf_token,
+        current_user=auth.current_user,
+        channels=channels,
+        now_time=lambda: dt.datetime.now().astimezone().strftime("%H:%M:%S %Z"),
+    )
+    app.jinja_env.filters["when"] = _when
     return app
+
+
+def _when(value: str | None) -> str:
+    """An ISO timestamp from a message, shown as "2025-11-03 21:00:00 UTC" (or as given if unparseable)."""
+    try:
+        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return str(value)
+    return parsed.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
 
 
 def _seed_demo_users(realtime: Realtime, instance_path: str) -> None:

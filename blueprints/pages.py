@@ -1,15 +1,34 @@
-"""Site pages for signed-in people."""
+"""Site pages for signed-in people, and what fragment views share."""
 
 from __future__ import annotations
 
-from flask import Blueprint, render_template
+import json
+
+from flask import Blueprint, render_template, request
 
 from .auth import current_user, login_required
 
 bp = Blueprint("pages", __name__)
+MAX_MESSAGE_CHARS = 64 * 1024
 
 
 @bp.get("/")
 @login_required
 def home():
     return render_template("home.html", user=current_user())
+
+
+def triggering_message() -> dict:
+    """The realtime message that triggered an htmx fragment request (form field ``message``).
+
+    ``static/js/site.js`` adds it to every request a ``realtime:*`` event
+    triggers. Anything malformed reads as an empty message.
+    """
+    raw = request.form.get("message", "")
+    if len(raw) > MAX_MESSAGE_CHARS:
+        return {}
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return {}
+    return message if isinstance(message, dict) else {}

@@ -14,9 +14,11 @@ Validation is strict on purpose: an unknown filter key (``"channel"`` for
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from .broker import Broker, Delivery
@@ -109,11 +111,28 @@ def _invalid(message: str):
     raise BroadcastError(HttpError.INVALID_BODY, message)
 
 
-class Broadcaster:
-    """Turns a validated request into an envelope, publishes it, and logs what happened."""
+@dataclass(frozen=True)
+class SentBroadcast:
+    """One line of the admin page's "recent broadcasts" list."""
 
-    def __init__(self, broker: Broker):
+    at: dt.datetime
+    id: str
+    type: str
+    data: object
+    filter: Filter
+    delivered: int
+    source: str
+
+
+class Broadcaster:
+    """Turns a validated request into an envelope, publishes it, and logs what happened.
+
+    Keeps the last ``history`` broadcasts this process sent, for the admin page.
+    """
+
+    def __init__(self, broker: Broker, history: int = 20):
         self.broker = broker
+        self.recent: deque[SentBroadcast] = deque(maxlen=history)
 
     def send(self, request: BroadcastRequest, *, source: str) -> tuple[Envelope, Delivery]:
         envelope = Envelope(type=request.type, data=request.data, filter=request.filter)
@@ -129,5 +148,9 @@ class Broadcaster:
             missing=delivery.missing,
             durationMs=round((time.perf_counter() - started) * 1000, 3),
             source=source,
+        )
+        self.recent.appendleft(
+            SentBroadcast(dt.datetime.now(dt.timezone.utc), envelope.id, envelope.type, envelope.data,
+                          envelope.filter, delivery.delivered, source)
         )
         return envelope, delivery

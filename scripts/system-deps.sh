@@ -5,7 +5,7 @@
 set -eu
 
 # command:debian-package pairs the test suite needs.
-NEEDS=""
+NEEDS="chromium:chromium"
 
 missing=""
 for item in $NEEDS; do

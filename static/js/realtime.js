@@ -1,0 +1,321 @@
+// realtime.js — the browser side of the clinic realtime service.
+//
+// One WebSocket per tab, shared by every subscriber on the page (the
+// equivalent of the original useWebSocket + useWebSocketConnection hooks).
+// No dependencies, no build step: import it as an ES module.
+//
+//   import { getClient, channels } from "/static/js/realtime.js";
+//   const rt = getClient();
+//   rt.subscribe([channels.clinic.queue("clinic-1")]);
+//   rt.onMessage((msg) => console.log(msg.type, msg.data));
+//
+// Every message is also re-emitted on document.body as DOM events
+// `realtime:message` and `realtime:<TYPE>` (detail = the message), so HTMX can
+// react without custom JS: hx-trigger="realtime:QUEUE_UPDATE from:body".
+//
+// Status: connecting → open → reconnecting (lost, retrying) | offline (the
+// browser is offline) | unauthorized (signed out, or the server refuses us).
+
+export const channels = Object.freeze({
+  system: Object.freeze({
+    announcements: "system:announcements",
+    maintenance: "system:maintenance",
+  }),
+  clinic: Object.freeze({
+    queue: (clinicId) => `clinic:${checkId(clinicId)}:queue`,
+    alerts: (clinicId) => `clinic:${checkId(clinicId)}:alerts`,
+  }),
+  user: Object.freeze({
+    notifications: (userId) => `user:${checkId(userId)}:notifications`,
+  }),
+});
+
+const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$/;
+
+function checkId(id) {
+  if (typeof id !== "string" || !ID_PATTERN.test(id)) {
+    throw new Error(`invalid id ${JSON.stringify(id)}`);
+  }
+  return id;
+}
+
+// Close codes the server uses (relay/codes.py).
+const CLOSE = Object.freeze({ UNAUTHORIZED: 4401, FORBIDDEN: 4403 });
+
+export const DEFAULTS = Object.freeze({
+  authUrl: "/api/ws/auth",
+  minDelayMs: 500, // first backoff window
+  maxDelayMs: 20000, // backoff cap
+  minRetryMs: 250, // never more than 4 attempts a second, whatever happens
+  idleMs: 25000, // nothing heard for this long: send an application PING
+  pongTimeoutMs: 10000, // and if that gets no answer, the socket is dead
+  maxAuthFailures: 5, // rejected fresh tokens in a row before giving up
+  target: null, // element that receives the DOM events (document.body)
+});
+
+export class RealtimeClient {
+  constructor(options = {}) {
+    this.options = { ...DEFAULTS, ...options };
+    this.status = "idle";
+    this.ws = null;
+    this.refs = new Map(); // channel -> number of subscribers on the page
+    this.messageListeners = new Set();
+    this.statusListeners = new Set();
+    this.attempt = 0; // consecutive failed attempts, for backoff
+    this.authFailures = 0; // consecutive 4401 closes
+    this.everOpened = false;
+    this.stopped = true;
+    this.fetching = false; // a token request is in flight
+    this.retryTimer = null;
+    this.watchdog = null;
+    this.lastHeard = 0;
+    this.pingSentAt = 0;
+    this.stats = { authFetches: 0, sockets: 0 }; // for diagnostics and tests
+    this._onOnline = () => this._wake();
+    this._onOffline = () => this._goOffline();
+    this._onVisible = () => document.visibilityState === "visible" && this._wake();
+  }
+
+  // -- public API ----------------------------------------------------------
+
+  start() {
+    if (!this.stopped) return this;
+    this.stopped = false;
+    window.addEventListener("online", this._onOnline);
+    window.addEventListener("offline", this._onOffline);
+    document.addEventListener("visibilitychange", this._onVisible);
+    this._connect();
+    return this;
+  }
+
+  stop(status = "idle") {
+    this.stopped = true;
+    clearTimeout(this.retryTimer);
+    this._stopWatchdog();
+    window.removeEventListener("online", this._onOnline);
+    window.removeEventListener("offline", this._onOffline);
+    document.removeEventListener("visibilitychange", this._onVisible);
+    if (this.ws) {
+      const ws = this.ws;
+      this.ws = null;
+      ws.close(1000, "client stopped");
+    }
+    this._setStatus(status);
+  }
+
+  /** Subscribe to channels; each call must be matched by one unsubscribe. */
+  subscribe(names) {
+    const fresh = [];
+    for (const name of names) {
+      const count = this.refs.get(name) || 0;
+      this.refs.set(name, count + 1);
+      if (count === 0) fresh.push(name);
+    }
+    if (fresh.length) this.send({ type: "SUBSCRIBE", data: { channels: fresh } });
+  }
+
+  unsubscribe(names) {
+    const gone = [];
+    for (const name of names) {
+      const count = this.refs.get(name) || 0;
+      if (count <= 1) {
+        if (count === 1) gone.push(name);
+        this.refs.delete(name);
+      } else {
+        this.refs.set(name, count - 1);
+      }
+    }
+    if (gone.length) this.send({ type: "UNSUBSCRIBE", data: { channels: gone } });
+  }
+
+  /** Send a message now if the socket is open; returns whether it was sent. */
+  send(message) {
+    if (this.status !== "open" || !this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  /** Listen to every message; returns a function that stops listening. */
+  onMessage(listener) {
+    this.messageListeners.add(listener);
+    return () => this.messageListeners.delete(listener);
+  }
+
+  onStatus(listener) {
+    this.statusListeners.add(listener);
+    listener(this.status);
+    return () => this.statusListeners.delete(listener);
+  }
+
+  get channels() {
+    return [...this.refs.keys()];
+  }
+
+  // -- connecting ------------------------------------------------------------
+
+  async _connect() {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    if (this.stopped || this.ws || this.fetching) return;
+    if (!navigator.onLine) return this._goOffline();
+    this._setStatus(this.everOpened ? "reconnecting" : "connecting");
+
+    // A fresh token for every attempt: the last one may have expired meanwhile.
+    let auth;
+    this.fetching = true;
+    try {
+      this.stats.authFetches += 1;
+      const response = await fetch(this.options.authUrl, {
+        credentials: "same-origin",
+        cache: "no-store",
+        headers: { Accept: "application/json" },
+      });
+      if (response.status === 401 || response.status === 403) return this.stop("unauthorized");
+      if (!response.ok) throw new Error(`token endpoint answered ${response.status}`);
+      auth = await response.json();
+    } catch (error) {
+      return this._retry();
+    } finally {
+      this.fetching = false;
+    }
+    if (this.stopped || this.ws) return;
+
+    let ws;
+    try {
+      ws = new WebSocket(`${auth.wsUrl}?token=${encodeURIComponent(auth.token)}`);
+    } catch (error) {
+      return this._retry();
+    }
+    this.stats.sockets += 1;
+    this.ws = ws;
+    ws.onmessage = (event) => this._onSocketMessage(ws, event);
+    ws.onclose = (event) => this._onSocketClose(ws, event);
+  }
+
+  _onSocketMessage(ws, event) {
+    if (ws !== this.ws) return;
+    this.lastHeard = Date.now();
+    this.pingSentAt = 0;
+    let message;
+    try {
+      message = JSON.parse(event.data);
+    } catch (error) {
+      return;
+    }
+    if (!message || typeof message.type !== "string") return;
+    if (message.type === "CONNECTED") {
+      this.attempt = 0;
+      this.authFailures = 0;
+      this.everOpened = true;
+      this._setStatus("open");
+      if (this.refs.size) this.send({ type: "SUBSCRIBE", data: { channels: [...this.refs.keys()] } });
+      this._startWatchdog();
+    }
+    if (message.type === "PONG") return;
+    for (const listener of this.messageListeners) {
+      try {
+        listener(message);
+      } catch (error) {
+        console.error("realtime listener failed", error);
+      }
+    }
+    const target = this.options.target || document.body;
+    target.dispatchEvent(new CustomEvent("realtime:message", { detail: message }));
+    target.dispatchEvent(new CustomEvent(`realtime:${message.type}`, { detail: message }));
+  }
+
+  _onSocketClose(ws, event) {
+    if (ws !== this.ws) return;
+    this.ws = null;
+    this._stopWatchdog();
+    if (this.stopped) return;
+    if (event.code === CLOSE.FORBIDDEN) return this.stop("unauthorized");
+    if (event.code === CLOSE.UNAUTHORIZED) {
+      this.authFailures += 1;
+      if (this.authFailures >= this.options.maxAuthFailures) return this.stop("unauthorized");
+      // The usual cause is a token that aged out while offline: fetch a fresh one at once.
+      // If fresh tokens are refused too, back off like any other failure.
+      if (this.authFailures === 1) return this._schedule(0);
+    }
+    this._retry(); // 1012 restart, 1013 try later, network loss, ...
+  }
+
+  _retry() {
+    if (this.stopped) return;
+    if (!navigator.onLine) return this._goOffline();
+    this._setStatus(this.everOpened ? "reconnecting" : "connecting");
+    const { minDelayMs, maxDelayMs, minRetryMs } = this.options;
+    const window_ = Math.min(maxDelayMs, minDelayMs * 2 ** this.attempt);
+    this.attempt += 1;
+    // Full jitter: a restarted server sees its clients spread over the window, not all at once.
+    this._schedule(Math.max(minRetryMs, Math.random() * window_));
+  }
+
+  _schedule(delayMs) {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => this._connect(), delayMs);
+  }
+
+  _wake() {
+    // Back online, or the tab became visible: do not wait for the backoff timer.
+    if (this.stopped || this.ws || this.status === "unauthorized") return;
+    this._connect();
+  }
+
+  _goOffline() {
+    if (this.stopped) return;
+    this._setStatus("offline");
+    if (this.ws) {
+      const ws = this.ws;
+      this.ws = null;
+      this._stopWatchdog();
+      ws.close(4000, "browser offline");
+    }
+    clearTimeout(this.retryTimer); // the "online" event restarts us
+  }
+
+  // -- dead-connection detection ---------------------------------------------
+
+  _startWatchdog() {
+    this._stopWatchdog();
+    const tick = Math.max(250, Math.min(this.options.idleMs, this.options.pongTimeoutMs) / 4);
+    this.watchdog = setInterval(() => this._checkAlive(), tick);
+  }
+
+  _stopWatchdog() {
+    clearInterval(this.watchdog);
+    this.watchdog = null;
+    this.pingSentAt = 0;
+  }
+
+  _checkAlive() {
+    const ws = this.ws;
+    if (!ws || this.status !== "open") return;
+    const now = Date.now();
+    if (this.pingSentAt && now - this.pingSentAt > this.options.pongTimeoutMs) {
+      // Nothing came back: the network dropped the connection without telling us.
+      this.ws = null;
+      this._stopWatchdog();
+      ws.onclose = null;
+      ws.close(4000, "no answer to ping");
+      this._retry();
+    } else if (!this.pingSentAt && now - this.lastHeard > this.options.idleMs) {
+      this.pingSentAt = now;
+      ws.send(JSON.stringify({ type: "PING" }));
+    }
+  }
+
+  _setStatus(status) {
+    if (this.status === status) return;
+    this.status = status;
+    for (const listener of this.statusListeners) listener(status);
+  }
+}
+
+let shared = null;
+
+/** The tab's one shared client (created and started on first use). */
+export function getClient(options = {}) {
+  if (!shared) shared = new RealtimeClient(options).start();
+  return shared;
+}

@@ -1,0 +1,154 @@
+// site.js — what every signed-in page does with the realtime client:
+//   - shows the connection status in the top bar (#rt-status);
+//   - subscribes to system:announcements and shows a toast per ANNOUNCEMENT;
+//   - subscribes the channels of every [data-realtime-channels] element while
+//     it is on the page (the channel_subscriber macro), and unsubscribes when
+//     it is removed;
+//   - hands the message that triggered an htmx request to the server, so a
+//     fragment can be rendered from it (see templates/_realtime.html).
+// Message text is always inserted as text, never as HTML.
+
+import { getClient, channels } from "./realtime.js";
+
+const STATUS_TEXT = {
+  idle: "Not connected",
+  connecting: "Connecting…",
+  open: "Live",
+  reconnecting: "Reconnecting…",
+  offline: "Offline",
+  unauthorized: "Signed out",
+};
+const TOAST_MS = 10000;
+
+function clientOptions(body) {
+  // Timings can be tuned per deployment (and by tests) with data-realtime-* on <body>.
+  const options = {};
+  for (const [attr, key] of [
+    ["realtimeIdleMs", "idleMs"],
+    ["realtimePongTimeoutMs", "pongTimeoutMs"],
+    ["realtimeMaxDelayMs", "maxDelayMs"],
+  ]) {
+    if (body.dataset[attr]) options[key] = Number(body.dataset[attr]);
+  }
+  return options;
+}
+
+// -- status indicator ---------------------------------------------------------
+
+function showStatus(status) {
+  const indicator = document.getElementById("rt-status");
+  if (!indicator) return;
+  const text = STATUS_TEXT[status] || status;
+  indicator.dataset.status = status;
+  indicator.setAttribute("aria-label", `Live updates: ${text}`);
+  indicator.querySelector(".rt-status-text").textContent = text;
+}
+
+// -- announcement toasts --------------------------------------------------------
+
+function messageText(data) {
+  if (data && typeof data.message === "string") return data.message;
+  return JSON.stringify(data);
+}
+
+export function toast(title, text, at) {
+  const container = document.getElementById("toasts");
+  if (!container) return null;
+  const item = document.createElement("div");
+  item.className = "toast";
+  const heading = document.createElement("strong");
+  heading.textContent = title;
+  const body = document.createElement("p");
+  body.className = "toast-text";
+  body.textContent = text; // text, never HTML
+  item.append(heading, body);
+  const when = at ? new Date(at) : null;
+  if (when && !Number.isNaN(when.getTime())) {
+    const time = document.createElement("time");
+    time.dateTime = when.toISOString();
+    time.textContent = when.toLocaleTimeString();
+    item.append(time);
+  }
+  const close = document.createElement("button");
+  close.type = "button";
+  close.className = "toast-close";
+  close.setAttribute("aria-label", "Dismiss");
+  close.textContent = "×";
+  close.addEventListener("click", () => item.remove());
+  item.append(close);
+
+  // Auto-hide, but not while someone is reading it (hover or keyboard focus).
+  let timer = setTimeout(() => item.remove(), TOAST_MS);
+  const pause = () => clearTimeout(timer);
+  const resume = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => item.remove(), TOAST_MS);
+  };
+  item.addEventListener("mouseenter", pause);
+  item.addEventListener("focusin", pause);
+  item.addEventListener("mouseleave", resume);
+  item.addEventListener("focusout", resume);
+  container.append(item);
+  return item;
+}
+
+// -- channel subscribers -----------------------------------------------------------
+
+const subscribed = new Map(); // element -> channels it subscribed
+
+function channelsOf(element) {
+  return (element.dataset.realtimeChannels || "").split(/\s+/).filter(Boolean);
+}
+
+function subscribersIn(node) {
+  if (node.nodeType !== Node.ELEMENT_NODE) return [];
+  const found = node.matches("[data-realtime-channels]") ? [node] : [];
+  return found.concat([...node.querySelectorAll("[data-realtime-channels]")]);
+}
+
+function attach(rt, element) {
+  if (subscribed.has(element) || !element.isConnected) return;
+  const names = channelsOf(element);
+  subscribed.set(element, names);
+  rt.subscribe(names);
+}
+
+function detach(rt, element) {
+  const names = subscribed.get(element);
+  if (!names || element.isConnected) return;
+  subscribed.delete(element);
+  rt.unsubscribe(names);
+}
+
+function watchSubscribers(rt) {
+  for (const element of subscribersIn(document.body)) attach(rt, element);
+  new MutationObserver((records) => {
+    // Additions first: an htmx swap that replaces a subscriber with an equal one
+    // then nets out to no UNSUBSCRIBE/SUBSCRIBE traffic at all.
+    for (const record of records) for (const node of record.addedNodes) subscribersIn(node).forEach((e) => attach(rt, e));
+    for (const record of records) for (const node of record.removedNodes) subscribersIn(node).forEach((e) => detach(rt, e));
+  }).observe(document.body, { childList: true, subtree: true });
+}
+
+function passMessagesToHtmx() {
+  document.body.addEventListener("htmx:configRequest", (event) => {
+    const trigger = event.detail.triggeringEvent;
+    if (trigger && trigger.type && trigger.type.startsWith("realtime:") && event.detail.verb !== "get") {
+      event.detail.parameters.message = JSON.stringify(trigger.detail);
+    }
+  });
+}
+
+// -- start --------------------------------------------------------------------------
+
+const rt = getClient(clientOptions(document.body));
+window.realtime = rt; // handy in the console
+rt.onStatus(showStatus);
+rt.subscribe([channels.system.announcements]);
+rt.onMessage((message) => {
+  if (message.type === "ANNOUNCEMENT") {
+    toast("Announcement", messageText(message.data), message.data && message.data.at);
+  }
+});
+passMessagesToHtmx();
+watchSubscribers(rt);
