@@ -1,5 +1,6 @@
 """Deploys: SIGTERM closes every socket with 1012, and refuses new ones with 1012 while it drains."""
 
+import os
 import signal
 import time
 
@@ -55,12 +56,21 @@ def test_sighup_reload_closes_sockets_with_1012_and_clients_can_reconnect(start_
         break
     else:
         raise AssertionError("no worker accepted a socket after the reload")
-    # The old worker answers 503 (draining) until it exits, at most about a second later.
+    # The old worker answers 503 (draining) until it exits, about a second later.
     deadline = time.monotonic() + 10
-    while srv.health()["pid"] == old_pid and time.monotonic() < deadline:
+    while _alive(old_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert not _alive(old_pid)
     assert srv.health()["pid"] != old_pid
     client.send({"type": "PING"})
     client.expect("PONG")
     client.close()
     assert srv.proc.poll() is None  # the master kept running
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
