@@ -60,6 +60,7 @@ def create_app(config: dict | None = None) -> Flask:
         csrf_token=auth.csrf_token,
         current_user=auth.current_user,
         channels=channels,
+        client_timing={"idle_ms": settings.client_idle_ms, "pong_timeout_ms": settings.client_pong_timeout_ms},
         now_time=lambda: dt.datetime.now().astimezone().strftime("%H:%M:%S %Z"),
     )
     app.jinja_env.filters["when"] = _when

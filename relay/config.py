@@ -42,6 +42,8 @@ class Settings:
     public_url: str | None
     test_user_id: str | None
     ping_interval_ms: int
+    client_idle_ms: int
+    client_pong_timeout_ms: int
     db_path: str
     allowed_origins: tuple[str, ...]
     max_clients: int
@@ -108,6 +110,8 @@ class Settings:
             public_url=_public_url(reader),
             test_user_id=test_user_id,
             ping_interval_ms=reader.integer("WS_PING_INTERVAL_MS", 30_000, low=50),
+            client_idle_ms=reader.integer("WS_CLIENT_IDLE_MS", 25_000, low=100),
+            client_pong_timeout_ms=reader.integer("WS_CLIENT_PONG_TIMEOUT_MS", 10_000, low=100),
             db_path=reader.text("REALTIME_DB", "") or os.path.join(instance_path, "realtime.db"),
             allowed_origins=_origins(reader.text("WS_ALLOWED_ORIGINS", "")),
             max_clients=reader.integer("WS_MAX_CLIENTS", 11_000, low=1),

@@ -4,12 +4,14 @@ Each test drives Debian's headless Chromium against a real gunicorn gevent
 server. On failure, screenshots of every open page land in test-artifacts/.
 """
 
-import json
+import os
+import signal
 import time
 
 import pytest
 from playwright.sync_api import expect
 
+from relay.channels import channels
 from support import Server
 
 
@@ -151,6 +153,31 @@ def test_status_shows_reconnecting_during_a_restart_and_recovers_without_a_reloa
         assert page.evaluate("window.__same_page") is True
     finally:
         again.stop()
+
+
+def test_a_silent_dead_connection_is_noticed_by_ping_and_replaced(start_server, web):
+    srv = start_server(WS_CLIENT_IDLE_MS=500, WS_CLIENT_PONG_TIMEOUT_MS=700)
+    page = web(srv, "bob")
+    wait_live(page)
+    worker = srv.health()["pid"]
+    os.kill(worker, signal.SIGSTOP)  # TCP stays up, but nothing answers: a dead network path
+    try:
+        expect(page.locator("#rt-status")).to_have_attribute("data-status", "reconnecting", timeout=10_000)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "open", timeout=30_000)
+    assert page.evaluate("window.realtime.stats.sockets") >= 2
+
+
+def test_channel_builders_are_the_same_in_the_browser_and_in_python(site, web):
+    page = web(site, "bob")
+    names = page.evaluate("""async () => {
+        const { channels } = await import('/static/js/realtime.js');
+        return [channels.system.announcements, channels.system.maintenance, channels.clinic.queue('c-1'),
+                channels.clinic.alerts('c-1'), channels.user.notifications('u.1@x')];
+    }""")
+    assert names == [channels.system.announcements, channels.system.maintenance, channels.clinic.queue("c-1"),
+                     channels.clinic.alerts("c-1"), channels.user.notifications("u.1@x")]
 
 
 def test_an_expired_token_is_replaced_by_a_fresh_one(site, web):
