@@ -2,8 +2,9 @@
 
 - binds ``WS_HOST:WS_PORT`` (127.0.0.1:3001);
 - one gevent worker unless ``WEB_CONCURRENCY`` says otherwise;
-- checks the settings in the master first, so a bad environment stops with
-  one clear line instead of a worker boot loop;
+- checks the settings in the master first (and that Redis answers when
+  REDIS_URL is set, and that several workers have REDIS_URL), so a bad
+  environment stops with one clear line instead of a worker boot loop;
 - on SIGTERM/SIGHUP each worker closes its sockets with 1012 (and refuses new
   ones with 1012 while it does) before it stops accepting, instead of letting
   the master kill them with 1006 after the graceful timeout.
@@ -33,12 +34,22 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Fail fast in the master on a bad environment (weak production secrets, bad numbers)."""
+    """Fail fast in the master, with one clear line, on an environment that cannot work:
+    bad settings, several workers without a shared broker, or an unreachable Redis."""
     from relay.config import ConfigError, Settings
 
     try:
         instance = os.environ.get("REALTIME_INSTANCE_PATH") or os.path.join(_HERE, "instance")
-        Settings.from_env(os.environ, instance)
+        settings = Settings.from_env(os.environ, instance)
+        if server.cfg.workers > 1 and not settings.redis_url:
+            raise ConfigError(
+                f"{server.cfg.workers} workers need REDIS_URL: without a shared broker each worker "
+                "would reach only its own clients. Set REDIS_URL (README: Scaling out) or run one worker."
+            )
+        if settings.redis_url:
+            from relay.redis_broker import check_reachable
+
+            check_reachable(settings.redis_url)
     except ConfigError as problem:
         print(f"cannot start: {problem}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -20,7 +20,9 @@ bp = Blueprint("api", __name__)
 def health():
     report = realtime().health()
     response = jsonify(report)
-    response.status_code = 200 if report["ok"] else 503
+    # 503 only while draining: a degraded broker affects every worker alike, and taking them
+    # all out of the load balancer would cut the sockets that still work.
+    response.status_code = 503 if report["status"] == "draining" else 200
     response.headers["Cache-Control"] = "no-store"
     return response
 

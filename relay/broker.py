@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 from .envelope import Envelope
 
 Deliver = Callable[[Envelope], int]
+Stats = Callable[[], dict]
 
 
 @dataclass(frozen=True)
@@ -33,16 +34,21 @@ class BrokerUnavailable(Exception):
 class Broker(Protocol):
     name: str
 
-    def start(self, deliver: Deliver) -> None:
-        """Begin receiving; ``deliver(envelope)`` fans out locally and returns a count."""
+    def start(self, deliver: Deliver, stats: Stats) -> None:
+        """Begin receiving. ``deliver(envelope)`` fans out locally and returns a count;
+        ``stats()`` is this worker's hub statistics, for the cluster view."""
 
     def publish(self, envelope: Envelope) -> Delivery:
         """Deliver everywhere and report the total. Raises BrokerUnavailable."""
 
-    def status(self) -> dict:
-        """For ``/health``: ``{"kind", "state", ...}``."""
+    def members(self) -> list[dict] | None:
+        """The statistics of every live worker (this one included), or None if unknown right now."""
 
-    def close(self) -> None: ...
+    def status(self) -> dict:
+        """For ``/health``: ``{"kind", "state": "ok"|"degraded"|"stopped", ...}``."""
+
+    def close(self) -> None:
+        """Leave: stop receiving and withdraw from the cluster view."""
 
 
 class MemoryBroker:
@@ -54,19 +60,24 @@ class MemoryBroker:
 
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, worker_id: str = "local") -> None:
+        self.worker_id = worker_id
         self._deliver: Deliver | None = None
+        self._stats: Stats | None = None
 
-    def start(self, deliver: Deliver) -> None:
-        self._deliver = deliver
+    def start(self, deliver: Deliver, stats: Stats) -> None:
+        self._deliver, self._stats = deliver, stats
 
     def publish(self, envelope: Envelope) -> Delivery:
         if self._deliver is None:
-            raise BrokerUnavailable("the broker has not been started")
+            raise BrokerUnavailable("the broker is stopped")
         return Delivery(delivered=self._deliver(envelope))
 
+    def members(self) -> list[dict] | None:
+        return [{**self._stats(), "worker": self.worker_id}] if self._stats else []
+
     def status(self) -> dict:
-        return {"kind": self.name, "state": "ok" if self._deliver else "stopped"}
+        return {"kind": self.name, "state": "ok" if self._deliver else "stopped", "worker": self.worker_id}
 
     def close(self) -> None:
         self._deliver = None

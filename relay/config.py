@@ -45,6 +45,10 @@ class Settings:
     client_idle_ms: int
     client_pong_timeout_ms: int
     db_path: str
+    redis_url: str | None = field(repr=False)
+    redis_prefix: str
+    redis_heartbeat_ms: int
+    redis_reply_timeout_ms: int
     allowed_origins: tuple[str, ...]
     max_clients: int
     max_queue_bytes: int
@@ -113,6 +117,10 @@ class Settings:
             client_idle_ms=reader.integer("WS_CLIENT_IDLE_MS", 25_000, low=100),
             client_pong_timeout_ms=reader.integer("WS_CLIENT_PONG_TIMEOUT_MS", 10_000, low=100),
             db_path=reader.text("REALTIME_DB", "") or os.path.join(instance_path, "realtime.db"),
+            redis_url=_redis_url(reader.text("REDIS_URL", "")),
+            redis_prefix=reader.text("REDIS_PREFIX", "relay") or "relay",
+            redis_heartbeat_ms=reader.integer("REDIS_HEARTBEAT_MS", 1000, low=100),
+            redis_reply_timeout_ms=reader.integer("REDIS_REPLY_TIMEOUT_MS", 1000, low=10),
             allowed_origins=_origins(reader.text("WS_ALLOWED_ORIGINS", "")),
             max_clients=reader.integer("WS_MAX_CLIENTS", 11_000, low=1),
             max_queue_bytes=reader.integer("WS_MAX_QUEUE_BYTES", 1 << 20, low=64 * 1024),
@@ -219,6 +227,14 @@ def _public_url(reader: _Reader) -> str | None:
     if not path.endswith(SOCKET_PATH):
         path += SOCKET_PATH
     return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _redis_url(raw: str) -> str | None:
+    if not raw:
+        return None
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {raw.split('@')[-1]!r}.")
+    return raw
 
 
 def _origins(raw: str) -> tuple[str, ...]:

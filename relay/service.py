@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import resource
+import secrets
+import socket
 import time
 
 from . import __version__
@@ -33,14 +35,28 @@ class Realtime:
     def __init__(self, settings: Settings, *, directory: Directory | None = None, broker: Broker | None = None):
         self.settings = settings
         self.started_at = time.time()
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.tokens = TokenService(settings.token_secret, settings.token_ttl_ms)
         self.directory = directory or SqliteDirectory(settings.db_path)
         self.hub = Hub(max_clients=settings.max_clients, ping_interval=settings.ping_interval_ms / 1000)
         self.outbox = Outbox()
         self.protocol = ClientProtocol(self.hub, max_subscriptions=MAX_SUBSCRIPTIONS)
-        self.broker = broker or MemoryBroker()
-        self.broker.start(self.hub.deliver)
+        self.broker = broker or self._make_broker(settings)
+        self.broker.start(self.hub.deliver, self.hub.stats)
         self.broadcaster = Broadcaster(self.broker)
+
+    def _make_broker(self, settings: Settings) -> Broker:
+        if not settings.redis_url:
+            return MemoryBroker(self.worker_id)
+        from .redis_broker import RedisBroker  # needs the optional redis package
+
+        return RedisBroker(
+            settings.redis_url,
+            worker_id=self.worker_id,
+            prefix=settings.redis_prefix,
+            heartbeat=settings.redis_heartbeat_ms / 1000,
+            reply_timeout=settings.redis_reply_timeout_ms / 1000,
+        )
 
     # -- sockets ------------------------------------------------------------------
 
@@ -103,33 +119,65 @@ class Realtime:
         """Close every socket with 1012 and refuse new ones (worker shutdown)."""
         event("drain.start", clients=len(self.hub))
         done = self.hub.drain(Close.SERVICE_RESTART, reason, self.settings.drain_timeout_ms / 1000)
+        self.broker.close()  # leave the cluster view at once rather than when the heartbeat expires
         event("drain.done", complete=done, clients=len(self.hub))
         return done
 
     # -- health ---------------------------------------------------------------------
 
     def health(self) -> dict:
-        stats = self.hub.stats()
+        """This worker's health plus the cluster's totals (every live worker, every host)."""
+        local = self.hub.stats()
+        me = {**local, "worker": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
+              "at": int(time.time() * 1000)}
+        broker = self.broker.status()
+        members = self.broker.members()
+        if members is None:
+            members = [me]  # the cluster is unknown right now: say what we know
+        else:
+            # Our own figures are fresher than our last heartbeat.
+            members = [m for m in members if m.get("worker") != self.worker_id] + [me]
+        if self.hub.draining:
+            status = "draining"
+        elif broker["state"] != "ok":
+            status = "degraded"
+        else:
+            status = "ok"
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return {
-            "ok": not self.hub.draining,
+            "ok": status == "ok",
+            "status": status,
             "uptime": round(time.time() - self.started_at, 3),
             "memory": {"rss": _rss_bytes(), "maxRss": usage.ru_maxrss * 1024},
-            "clients": stats["clients"],
-            "byRole": stats["byRole"],
-            "byClinic": stats["byClinic"],
-            "channels": stats["channels"],
-            "subscriptions": stats["subscriptions"],
-            "users": stats["users"],
+            **_totals(members),
+            "workers": len(members),
             "version": __version__,
             "env": self.settings.app_env,
             "pid": os.getpid(),
             "draining": self.hub.draining,
+            "worker": {"id": self.worker_id, "pid": os.getpid(), **local},
+            "cluster": [
+                {key: m.get(key) for key in ("worker", "host", "pid", "clients", "subscriptions", "at")}
+                for m in sorted(members, key=lambda m: str(m.get("worker")))
+            ],
             "counters": dict(self.hub.counters),
             "outbox": self.outbox.status(),
-            "broker": self.broker.status(),
+            "broker": broker,
             "identity": self.directory.status(),
         }
+
+
+def _totals(members: list[dict]) -> dict:
+    """Sum the additive figures over workers. ``channels`` and ``users`` are per-worker
+    counts summed: a channel or user present on two workers counts twice."""
+    totals = {"clients": 0, "byRole": {}, "byClinic": {}, "channels": 0, "subscriptions": 0, "users": 0}
+    for member in members:
+        for key in ("clients", "channels", "subscriptions", "users"):
+            totals[key] += int(member.get(key) or 0)
+        for key in ("byRole", "byClinic"):
+            for name, count in (member.get(key) or {}).items():
+                totals[key][name] = totals[key].get(name, 0) + int(count)
+    return totals
 
 
 def _rss_bytes() -> int:

@@ -5,7 +5,7 @@
 set -eu
 
 # command:debian-package pairs the test suite needs.
-NEEDS="chromium:chromium"
+NEEDS="chromium:chromium redis-server:redis-server"
 
 missing=""
 for item in $NEEDS; do

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from support import PASSWORD, Server, make_users
+from crowd import Crowd
+from support import PASSWORD, RedisServer, Server, make_users
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +38,22 @@ def start_server(tmp_path):
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture
+def crowd():
+    """Many WebSocket clients at once (see tests/crowd.py)."""
+    group = Crowd()
+    yield group
+    group.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A private redis-server on a free loopback port, stopped by PID afterwards."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 # -- browsers ------------------------------------------------------------------------

@@ -1,0 +1,302 @@
+"""RedisBroker: every broadcast reaches every worker on every host through Redis.
+
+How one broadcast travels (the same on one host or ten):
+
+1. The worker that took ``POST /broadcast`` PUBLISHes the envelope once on
+   ``{prefix}:broadcast``. Redis answers with the number of subscribers that
+   received it: exactly the number of live workers.
+2. Every worker's listener greenlet (this one included) hands the envelope to
+   its own hub, the same ``deliver`` path as the in-process broker, and
+   PUBLISHes its count on the sender's reply channel.
+3. The sender waits (bounded by ``reply_timeout``) for as many replies as
+   Redis said there were receivers and answers ``delivered`` = their sum,
+   with ``workers`` that answered and ``missing`` ones that did not.
+
+Each worker also writes its hub statistics to ``{prefix}:worker:{id}`` every
+heartbeat, with an expiry, so any worker can answer ``/health`` for the whole
+cluster. Workers that Redis no longer sees connected are left out at once.
+
+Pub/sub is at-most-once: what is published while a worker's listener is
+reconnecting does not reach that worker's clients (it is reported as
+``missing``). Clients that need every message should re-read state after
+reconnecting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import gevent
+from gevent.event import Event
+
+from .broker import BrokerUnavailable, Deliver, Delivery, Stats
+from .config import ConfigError
+from .envelope import Envelope
+from .eventlog import event
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError:  # pragma: no cover - exercised only without the extra installed
+    redis = None
+
+log = logging.getLogger("relay.redis")
+
+
+def _require_redis() -> None:
+    if redis is None:
+        raise ConfigError("REDIS_URL is set but the redis package is missing: pip install '.[redis]'")
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, fit for logs and /health."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_reachable(url: str, timeout: float = 3.0) -> None:
+    """PING Redis once; raise ConfigError naming REDIS_URL if that fails (start-up check)."""
+    _require_redis()
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                      retry=Retry(NoBackoff(), 0))
+        client.ping()
+        client.close()
+    except (redis.RedisError, OSError, ValueError) as problem:
+        raise ConfigError(f"Redis at REDIS_URL={redacted(url)} is unreachable: {problem}") from None
+
+
+class _Waiter:
+    """Collects the per-worker counts of one broadcast."""
+
+    __slots__ = ("expected", "total", "replies", "done")
+
+    def __init__(self) -> None:
+        self.expected: int | None = None
+        self.total = 0
+        self.replies = 0
+        self.done = Event()
+
+    def add(self, delivered: int) -> None:
+        self.total += delivered
+        self.replies += 1
+        self._check()
+
+    def expect(self, count: int) -> None:
+        self.expected = count
+        self._check()
+
+    def _check(self) -> None:
+        if self.expected is not None and self.replies >= self.expected:
+            self.done.set()
+
+
+class RedisBroker:
+    """Delivers through Redis pub/sub; reports exact cluster-wide counts. See the module docstring."""
+
+    name = "redis"
+
+    def __init__(self, url: str, *, worker_id: str, prefix: str = "relay", heartbeat: float = 1.0,
+                 reply_timeout: float = 1.0):
+        _require_redis()
+        self.url = url
+        self.worker_id = worker_id
+        self.prefix = prefix
+        self.heartbeat = heartbeat
+        self.reply_timeout = reply_timeout
+        self.channel = f"{prefix}:broadcast"
+        self.reply_channel = f"{prefix}:reply:{worker_id}"
+        self.stats_key = f"{prefix}:worker:{worker_id}"
+        self.client_name = f"{prefix}-worker:{worker_id}"
+        # No hidden retries: an outage must surface at once as a 503, not as a slow request.
+        options = dict(socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
+        self._client = redis.Redis.from_url(url, socket_timeout=2.0, **options)
+        self._subscriber = redis.Redis.from_url(url, socket_timeout=None, client_name=self.client_name, **options)
+        self._deliver: Deliver | None = None
+        self._stats: Stats | None = None
+        self._waiters: dict[str, _Waiter] = {}
+        self._greenlets: list[gevent.Greenlet] = []
+        self._stopped = False
+        self._listening = False
+        self._heartbeat_ok = False
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+
+    # -- the Broker interface ---------------------------------------------------------
+
+    def start(self, deliver: Deliver, stats: Stats) -> None:
+        self._deliver, self._stats = deliver, stats
+        self._greenlets = [gevent.spawn(self._listen), gevent.spawn(self._beat)]
+
+    def publish(self, envelope: Envelope) -> Delivery:
+        payload = json.dumps({"envelope": envelope.to_json(), "replyTo": self.reply_channel, "from": self.worker_id},
+                             separators=(",", ":"), ensure_ascii=False)
+        waiter = self._waiters[envelope.id] = _Waiter()
+        try:
+            try:
+                receivers = self._client.publish(self.channel, payload)
+            except (redis.RedisError, OSError) as problem:
+                self._failed(problem)
+                raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
+            if receivers == 0:
+                raise BrokerUnavailable("no worker is listening on Redis (listeners reconnecting?)")
+            waiter.expect(receivers)
+            waiter.done.wait(self.reply_timeout)
+            return Delivery(delivered=waiter.total, workers=waiter.replies, missing=receivers - waiter.replies)
+        finally:
+            del self._waiters[envelope.id]
+
+    def status(self) -> dict:
+        return {
+            "kind": self.name,
+            "state": self.state,
+            "url": redacted(self.url),
+            "worker": self.worker_id,
+            "lastError": self.last_error,
+            "lastErrorAt": self.last_error_at,
+        }
+
+    @property
+    def state(self) -> str:
+        if self._stopped:
+            return "stopped"
+        return "ok" if self._listening and self._heartbeat_ok else "degraded"
+
+    def members(self) -> list[dict] | None:
+        """Every live worker's last heartbeat, or None when Redis cannot say."""
+        try:
+            keys = list(self._client.scan_iter(match=f"{self.prefix}:worker:*", count=500))
+            values = self._client.mget(keys) if keys else []
+            live = self._connected_names()
+        except (redis.RedisError, OSError) as problem:
+            self._failed(problem)
+            return None
+        members = []
+        for raw in values:
+            try:
+                member = json.loads(raw) if raw else None
+            except ValueError:
+                continue
+            # A worker killed by the OS drops its Redis connections at once; its key would linger.
+            if member and (live is None or f"{self.prefix}-worker:{member.get('worker')}" in live):
+                members.append(member)
+        return members
+
+    def close(self) -> None:
+        """Leave the cluster: stop listening and beating, and withdraw this worker's stats."""
+        self._stopped = True
+        gevent.killall(self._greenlets, block=False)
+        try:
+            self._client.delete(self.stats_key)
+        except (redis.RedisError, OSError):
+            pass
+
+    # -- background greenlets --------------------------------------------------------------
+
+    def _listen(self) -> None:
+        backoff = 0.1
+        while not self._stopped:
+            pubsub = self._subscriber.pubsub()
+            try:
+                pubsub.subscribe(self.channel, self.reply_channel)
+                self._await_subscribed(pubsub)
+                if not self._listening:
+                    event("redis.listening", channel=self.channel, worker=self.worker_id)
+                self._listening, backoff = True, 0.1
+                self._pump(pubsub)
+            except (redis.RedisError, OSError) as problem:
+                if self._listening:
+                    event("redis.listener_lost", level="error", error=str(problem), worker=self.worker_id)
+                self._listening = False
+                self._failed(problem)
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:  # the connection may already be gone
+                    pass
+
+    def _await_subscribed(self, pubsub) -> None:
+        confirmed = 0
+        deadline = time.monotonic() + 5
+        while confirmed < 2:
+            if time.monotonic() > deadline:
+                raise redis.TimeoutError("no subscribe confirmation from Redis")
+            message = pubsub.get_message(timeout=1.0)
+            if message and message["type"] == "subscribe":
+                confirmed += 1
+
+    def _pump(self, pubsub) -> None:
+        quiet_since = time.monotonic()
+        ping_sent = None
+        while not self._stopped:
+            message = pubsub.get_message(timeout=1.0)
+            now = time.monotonic()
+            if message is None:
+                # A silent socket may be a dead one: ask, and give up if nothing answers.
+                if ping_sent is not None and now - ping_sent > 5:
+                    raise redis.TimeoutError("Redis did not answer PING within 5 s")
+                if ping_sent is None and now - quiet_since > 5:
+                    pubsub.ping()
+                    ping_sent = now
+                continue
+            quiet_since, ping_sent = now, None
+            if message["type"] == "message":
+                self._on_message(message["channel"], message["data"])
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        try:
+            doc = json.loads(data)
+            if channel.decode() == self.reply_channel:
+                waiter = self._waiters.get(doc["id"])
+                if waiter is not None:
+                    waiter.add(int(doc["delivered"]))
+                return
+            envelope = Envelope.from_json(doc["envelope"])
+            reply_to = doc["replyTo"]
+        except (ValueError, KeyError, TypeError, AttributeError) as problem:
+            log.warning("ignored a malformed message on %s: %s", channel, problem)
+            return
+        delivered = self._deliver(envelope)
+        try:
+            self._client.publish(reply_to, json.dumps({"id": envelope.id, "worker": self.worker_id,
+                                                      "delivered": delivered}))
+        except (redis.RedisError, OSError) as problem:
+            self._failed(problem)  # the sender will count this worker as missing
+
+    def _beat(self) -> None:
+        host = socket.gethostname()
+        ttl_ms = int(self.heartbeat * 2500)
+        while not self._stopped:
+            record = {**self._stats(), "worker": self.worker_id, "host": host, "pid": os.getpid(),
+                      "at": int(time.time() * 1000)}
+            try:
+                self._client.set(self.stats_key, json.dumps(record), px=ttl_ms)
+                self._heartbeat_ok = True
+            except (redis.RedisError, OSError) as problem:
+                self._heartbeat_ok = False
+                self._failed(problem)
+            gevent.sleep(self.heartbeat)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _connected_names(self) -> set[str] | None:
+        try:
+            clients = self._client.client_list(_type="pubsub")
+        except redis.ResponseError:
+            return None  # CLIENT LIST is disabled on some managed Redis: fall back to key expiry
+        return {c.get("name") for c in clients}
+
+    def _failed(self, problem: Exception) -> None:
+        self.last_error = f"{type(problem).__name__}: {problem}"
+        self.last_error_at = time.time()

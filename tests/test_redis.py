@@ -1,0 +1,166 @@
+"""Scale-out through a real Redis: several workers and hosts behave as one service, and survive Redis faults."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from relay.codes import Close
+from support import Server, make_users
+
+USERS = ["alice", "bob", "carol", "erin"]
+
+
+def wait_for(predicate, timeout: float = 15, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def test_several_workers_without_redis_refuse_to_start(start_server):
+    srv = start_server("-w", "3", wait=False)
+    assert srv.proc.wait(timeout=30) != 0
+    assert "cannot start: 3 workers need REDIS_URL" in srv.log_text()
+
+
+def test_an_unreachable_redis_stops_start_up_naming_redis_url(start_server):
+    srv = start_server(wait=False, REDIS_URL="redis://:hunter2-secret@127.0.0.1:9/0")
+    assert srv.proc.wait(timeout=30) != 0
+    log = srv.log_text()
+    assert "cannot start: Redis at REDIS_URL=redis://:***@127.0.0.1:9/0 is unreachable" in log
+    assert "hunter2-secret" not in log
+
+
+def test_three_workers_300_clients_one_broadcast_exactly_once(start_server, redis_server, crowd):
+    srv = start_server("-w", "3", REDIS_URL=redis_server.url)
+    assert wait_for(lambda: srv.health()["workers"] == 3)
+    sockets = crowd.connect(srv, USERS * 75, ["system:announcements"])
+
+    health = wait_for(lambda: (h := srv.health())["clients"] == 300 and h)
+    assert health["clients"] == 300 and health["byRole"] == {"admin": 75, "sales_staff": 150, "nurse": 75}
+    assert health["byClinic"] == {"clinic-1": 150, "clinic-2": 75}
+    busy = [member for member in health["cluster"] if member["clients"]]
+    assert len(busy) >= 2, health["cluster"]  # the kernel spread the sockets over several workers
+    assert sum(member["clients"] for member in health["cluster"]) == 300
+
+    result = srv.announce("to every worker", channels=["system:announcements"])
+    assert (result["delivered"], result["workers"], result["missingWorkers"]) == (300, 3, 0)
+    received = crowd.drain(sockets)
+    assert all(len(messages) == 1 for messages in received), sorted({len(m) for m in received})
+    assert {messages[0]["id"] for messages in received} == {result["id"]}
+
+
+def test_filters_select_the_same_recipients_across_workers(start_server, redis_server, crowd):
+    srv = start_server("-w", "3", REDIS_URL=redis_server.url)
+    assert wait_for(lambda: srv.health()["workers"] == 3)
+    users = USERS * 25
+    sockets = crowd.connect(srv, users, ["system:announcements"])
+    cases = [
+        ({"clinicIds": ["clinic-1"]}, {"bob", "erin"}),
+        ({"roles": ["admin", "nurse"]}, {"alice", "erin"}),
+        ({"userIds": ["carol"], "channels": ["system:announcements"]}, {"carol"}),
+        ({"clinicIds": ["clinic-1"], "roles": ["nurse"]}, {"erin"}),
+    ]
+    for flt, expected in cases:
+        result = srv.announce("filtered", **flt)
+        assert result["delivered"] == 25 * len(expected), flt
+        received = crowd.drain(sockets, quiet=0.5)
+        got = {users[i] for i, messages in enumerate(received) if messages}
+        assert got == expected, flt
+        assert all(len(messages) <= 1 for messages in received)
+
+
+def test_two_instances_sharing_one_redis_behave_as_one(tmp_path, redis_server, crowd):
+    make_users(tmp_path / "realtime.db")
+    shared = {"REDIS_URL": redis_server.url, "REALTIME_DB": str(tmp_path / "realtime.db")}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    host_a = Server(tmp_path / "a", shared).start()
+    host_b = Server(tmp_path / "b", shared).start()
+    try:
+        on_a = crowd.connect(host_a, USERS * 5, ["system:announcements"])
+        on_b = crowd.connect(host_b, ["bob", "carol"] * 10, ["system:announcements"])
+        for srv in (host_a, host_b):
+            health = wait_for(lambda: (h := srv.health())["clients"] == 40 and h)
+            assert health["clients"] == 40 and health["workers"] == 2
+            assert health["worker"]["clients"] == (20 if srv is host_a else 20)
+        result = host_b.announce("from host b", channels=["system:announcements"])
+        assert (result["delivered"], result["workers"]) == (40, 2)
+        assert all(len(m) == 1 for m in crowd.drain(on_a + on_b))
+        result = host_a.announce("carol only", userIds=["carol"])
+        assert result["delivered"] == 5 + 10
+    finally:
+        host_a.stop()
+        host_b.stop()
+
+
+def test_redis_restart_degrades_then_recovers_without_restarting_gunicorn(start_server, redis_server):
+    srv = start_server(REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=200)
+    worker_pid = srv.health()["pid"]
+    clients = [srv.connect(user, ["system:announcements"]) for user in USERS]
+    assert srv.announce("before")["delivered"] == 4
+    for client in clients:
+        client.expect("ANNOUNCEMENT")
+
+    redis_server.kill()
+    response = srv.broadcast({"message": {"type": "ANNOUNCEMENT", "data": {"message": "lost"}}})
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "unavailable" and "Redis" in error["message"]
+    health = wait_for(lambda: (h := srv.health())["status"] == "degraded" and h)
+    assert health["ok"] is False and health["broker"]["state"] == "degraded" and health["broker"]["lastError"]
+    assert health["clients"] == 4  # sockets are unaffected; the figures are this worker's own
+
+    time.sleep(2)  # long enough for the listener's backoff to grow past a second
+    redis_server.start()  # same port
+    # Right after the restart the listener may not be subscribed yet: that is a 503, never a silent
+    # "ok, delivered 0".
+    early = srv.broadcast({"message": {"type": "ANNOUNCEMENT", "data": {"message": "early"}},
+                           "filter": {"userIds": ["nobody"]}})
+    assert early.status_code == 503 or early.json()["workers"] == 1, early.text
+    assert wait_for(lambda: srv.health()["status"] == "ok", timeout=20)
+    result = srv.announce("after")
+    assert result["delivered"] == 4
+    for client in clients:
+        assert client.expect("ANNOUNCEMENT")["data"]["message"] == "after"
+    assert srv.health()["pid"] == worker_pid  # no worker crashed or was replaced
+    srv.wait_for_event("redis.listener_lost")
+
+
+def test_a_killed_worker_leaves_the_cluster_view_and_its_clients_come_back(start_server, redis_server, crowd):
+    # A long heartbeat: leaving the view within one beat must not depend on the key expiring.
+    srv = start_server("-w", "2", REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=2000)
+    assert wait_for(lambda: srv.health()["workers"] == 2)
+    sockets = crowd.connect(srv, USERS * 20, ["system:announcements"])
+    health = wait_for(lambda: (h := srv.health())["clients"] == 80 and h)
+    victim = max(health["cluster"], key=lambda m: m["clients"])
+    assert victim["clients"] > 0
+
+    os.kill(victim["pid"], signal.SIGKILL)
+    codes = crowd.close_codes(sockets, timeout=0.5)
+    lost = [ws for ws, code in zip(sockets, codes) if code is not None]
+    assert len(lost) == victim["clients"]
+    # Redis saw the worker's connections drop: the cluster view excludes it at once.
+    health = wait_for(lambda: (h := srv.health())["clients"] == 80 - len(lost) and h, timeout=1.5)
+    assert victim["pid"] not in [m["pid"] for m in health["cluster"]]
+
+    # Its clients reconnect (to the survivor, or to the worker gunicorn starts in its place).
+    crowd.connect(srv, USERS * (len(lost) // 4) + USERS[: len(lost) % 4], ["system:announcements"])
+    assert wait_for(lambda: srv.health()["clients"] == 80)
+    assert srv.announce("all back", channels=["system:announcements"])["delivered"] == 80
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_health_reports_the_broker_and_this_worker(start_server, redis_server, broker):
+    env = {"REDIS_URL": redis_server.url} if broker == "redis" else {}
+    srv = start_server(**env)
+    with srv.connect("bob"):
+        health = wait_for(lambda: (h := srv.health())["clients"] == 1 and h)
+        assert health["broker"]["kind"] == broker and health["broker"]["state"] == "ok"
+        assert health["status"] == "ok" and health["worker"]["clients"] == 1
+        assert health["worker"]["pid"] == health["pid"]
+        assert [(m["clients"], m["pid"]) for m in health["cluster"]] == [(1, health["pid"])]
