@@ -41,6 +41,11 @@ def on_starting(server):
     try:
         instance = os.environ.get("REALTIME_INSTANCE_PATH") or os.path.join(_HERE, "instance")
         settings = Settings.from_env(os.environ, instance)
+        if server.cfg.preload_app:
+            raise ConfigError(
+                "preload_app is not supported: the app must load in each worker after gevent has patched it "
+                "(its listener and keep-alive greenlets belong to the worker)."
+            )
         if server.cfg.workers > 1 and not settings.redis_url:
             raise ConfigError(
                 f"{server.cfg.workers} workers need REDIS_URL: without a shared broker each worker "

@@ -80,3 +80,9 @@ def test_settings_repr_never_shows_secrets(tmp_path):
     settings = Settings.from_env(prod_env(), str(tmp_path))
     assert settings.token_secret == STRONG
     assert STRONG not in repr(settings)
+
+
+def test_preload_is_refused_because_greenlets_belong_to_workers(start_server):
+    srv = start_server("--preload", wait=False)
+    assert srv.proc.wait(timeout=30) != 0
+    assert "cannot start: preload_app is not supported" in srv.log_text()
