@@ -14,7 +14,7 @@ import secrets
 from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, session, url_for
 
 from relay.codes import HttpError
-from relay.directory import DirectoryUnavailable, Identity
+from relay.directory import AccessTokenInvalid, AccessTokensUnsupported, DirectoryUnavailable, Identity
 from relay.eventlog import event
 
 from .errors import error_response, wants_json
@@ -134,14 +134,48 @@ def _safe_next(target: str | None) -> str:
 
 @bp.get("/api/ws/auth")
 def ws_auth():
-    """``{wsUrl, token, userId}`` for the signed-in user (or WS_TEST_USER_ID in development)."""
+    """``{wsUrl, token, userId}`` for the signed-in user.
+
+    The user is the one named by ``Authorization: Bearer <Supabase access token>``
+    when that header is sent (a front end signed in with Supabase, no Flask
+    session), else the session's user, else ``WS_TEST_USER_ID`` in development.
+    """
     rt = realtime()
-    user = current_user()
-    user_id = user.user_id if user else rt.settings.test_user_id
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        try:
+            user_id = rt.directory.user_for_access_token(header[7:].strip())
+            user = rt.directory.get(user_id)
+        except (AccessTokenInvalid, AccessTokensUnsupported) as refused:
+            event("ws.token_refused", level="warning", reason=type(refused).__name__, detail=str(refused))
+            return error_response(401, HttpError.UNAUTHORIZED, str(refused))
+        except DirectoryUnavailable:
+            return error_response(503, HttpError.UNAVAILABLE, "the identity service is unavailable; try again shortly")
+        if user is None or not user.active:
+            return error_response(403, HttpError.FORBIDDEN, "this user may not connect")
+    else:
+        user = current_user()
+        user_id = user.user_id if user else rt.settings.test_user_id
     if not user_id:
         return error_response(401, HttpError.UNAUTHORIZED, "sign in first; connection tokens are per user")
     response = jsonify(wsUrl=socket_url(), token=rt.tokens.mint(user_id), userId=user_id)
     response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.after_app_request
+def allow_listed_origins(response):
+    """CORS for /api/ws/auth, so a front end on another origin (WS_ALLOWED_ORIGINS) can fetch tokens
+    with its bearer access token. No cookies cross origins: the session stays same-site."""
+    origin = request.headers.get("Origin")
+    if request.path == "/api/ws/auth" and origin:
+        allowed = realtime().settings.allowed_origins
+        if "*" in allowed or origin.lower().rstrip("/") in allowed:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Headers"] = "Authorization"
+            response.headers["Access-Control-Allow-Methods"] = "GET"
+            response.headers["Access-Control-Max-Age"] = "600"
+        response.headers.add("Vary", "Origin")
     return response
 
 

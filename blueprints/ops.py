@@ -8,11 +8,13 @@ development secrets file) as the server, so on a development machine
 from __future__ import annotations
 
 import json
+import time
 
 import click
 from flask import Blueprint
 
 from relay.client import OpsClient, ServiceError, now_iso, smoke
+from relay.directory import DirectoryUnavailable
 
 from .auth import realtime
 
@@ -84,3 +86,35 @@ def smoke_test(url, timeout, user_id, channel):
         click.echo("smoke test FAILED", err=True)
         raise SystemExit(1)
     click.echo("smoke test passed")
+
+
+@bp.cli.group("identity")
+def identity():
+    """The identity source (SQLite or Supabase)."""
+
+
+@identity.command("check")
+@click.argument("user_id")
+def identity_check(user_id):
+    """Look USER_ID up in the configured identity source, bypassing any cache.
+
+    Exit 0 when the user exists and is active, 1 when unknown or disabled,
+    2 when the source cannot be reached.
+    """
+    directory = realtime().directory
+    click.echo(f"identity source: {json.dumps(directory.status())}")
+    lookup = getattr(directory, "fetch", directory.get)
+    started = time.perf_counter()
+    try:
+        user = lookup(user_id)
+    except DirectoryUnavailable as down:
+        click.echo(f"UNAVAILABLE after {time.perf_counter() - started:.2f} s: {down}", err=True)
+        raise SystemExit(2)
+    elapsed = f"{(time.perf_counter() - started) * 1000:.0f} ms"
+    if user is None:
+        click.echo(f"no user {user_id!r} ({elapsed})")
+        raise SystemExit(1)
+    click.echo(json.dumps({**user.public(), "active": user.active}, indent=2))
+    click.echo(f"found in {elapsed}" + ("" if user.active else "; the user is DISABLED and cannot connect"))
+    if not user.active:
+        raise SystemExit(1)

@@ -49,6 +49,7 @@ class Settings:
     redis_prefix: str
     redis_heartbeat_ms: int
     redis_reply_timeout_ms: int
+    supabase: "SupabaseSettings | None"
     allowed_origins: tuple[str, ...]
     max_clients: int
     max_queue_bytes: int
@@ -121,6 +122,7 @@ class Settings:
             redis_prefix=reader.text("REDIS_PREFIX", "relay") or "relay",
             redis_heartbeat_ms=reader.integer("REDIS_HEARTBEAT_MS", 1000, low=100),
             redis_reply_timeout_ms=reader.integer("REDIS_REPLY_TIMEOUT_MS", 1000, low=10),
+            supabase=_supabase(reader),
             allowed_origins=_origins(reader.text("WS_ALLOWED_ORIGINS", "")),
             max_clients=reader.integer("WS_MAX_CLIENTS", 11_000, low=1),
             max_queue_bytes=reader.integer("WS_MAX_QUEUE_BYTES", 1 << 20, low=64 * 1024),
@@ -131,6 +133,22 @@ class Settings:
             notices=tuple(notices),
             warnings=tuple(warnings),
         )
+
+
+@dataclass(frozen=True)
+class SupabaseSettings:
+    """Where users live in production (set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY)."""
+
+    url: str
+    service_key: str = field(repr=False)
+    anon_key: str | None = field(repr=False)
+    jwt_secret: str | None = field(repr=False)
+    jwt_audience: str
+    profiles_table: str
+    columns: tuple[str, str, str]  # id, role, clinic id
+    timeout_ms: int
+    cache_ttl_ms: int
+    cache_size: int
 
 
 class _Reader:
@@ -227,6 +245,39 @@ def _public_url(reader: _Reader) -> str | None:
     if not path.endswith(SOCKET_PATH):
         path += SOCKET_PATH
     return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _supabase(reader: _Reader) -> SupabaseSettings | None:
+    url = reader.text("SUPABASE_URL", "")
+    key = reader.text("SUPABASE_SERVICE_ROLE_KEY", "")
+    if not url and not key:
+        return None
+    if not url or not key:
+        missing = "SUPABASE_URL" if not url else "SUPABASE_SERVICE_ROLE_KEY"
+        raise ConfigError(f"{missing} is not set; Supabase needs both SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY.")
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        raise ConfigError(f"SUPABASE_URL must look like https://<project>.supabase.co, got {url!r}.")
+    table = reader.text("SUPABASE_PROFILES_TABLE", "profiles")
+    columns = tuple(
+        reader.text(name, default)
+        for name, default in (("SUPABASE_PROFILE_ID_COLUMN", "id"), ("SUPABASE_PROFILE_ROLE_COLUMN", "role"),
+                              ("SUPABASE_PROFILE_CLINIC_COLUMN", "clinic_id"))
+    )
+    for name in (table, *columns):
+        if not name.replace("_", "").isalnum():
+            raise ConfigError(f"Supabase table and column names must be letters, digits and _, got {name!r}.")
+    return SupabaseSettings(
+        url=url.rstrip("/"),
+        service_key=key,
+        anon_key=reader.text("SUPABASE_ANON_KEY", "") or None,
+        jwt_secret=reader.text("SUPABASE_JWT_SECRET", "") or None,
+        jwt_audience=reader.text("SUPABASE_JWT_AUDIENCE", "authenticated"),
+        profiles_table=table,
+        columns=columns,  # type: ignore[arg-type]
+        timeout_ms=reader.integer("SUPABASE_TIMEOUT_MS", 3000, low=10),
+        cache_ttl_ms=reader.integer("SUPABASE_CACHE_TTL_MS", 60_000, low=0),
+        cache_size=reader.integer("SUPABASE_CACHE_SIZE", 10_000, low=1),
+    )
 
 
 def _redis_url(raw: str) -> str | None:

@@ -46,6 +46,14 @@ class DirectoryUnavailable(Exception):
     """
 
 
+class AccessTokenInvalid(Exception):
+    """A bearer access token was refused (expired, forged, unknown user)."""
+
+
+class AccessTokensUnsupported(Exception):
+    """This directory cannot vouch for bearer access tokens (only Supabase can)."""
+
+
 class Directory(Protocol):
     """Looks users up. Implementations must be safe to call from many greenlets."""
 
@@ -56,6 +64,12 @@ class Directory(Protocol):
 
     def authenticate(self, login: str, password: str) -> Identity | None:
         """The active user with these credentials, or None. Raises DirectoryUnavailable."""
+
+    def user_for_access_token(self, token: str) -> str:
+        """The user id a front end's access token belongs to.
+
+        Raises AccessTokenInvalid, AccessTokensUnsupported or DirectoryUnavailable.
+        """
 
     def status(self) -> dict:
         """A small JSON-able description for ``/health`` (kind, state, last error)."""

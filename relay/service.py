@@ -37,7 +37,7 @@ class Realtime:
         self.started_at = time.time()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.tokens = TokenService(settings.token_secret, settings.token_ttl_ms)
-        self.directory = directory or SqliteDirectory(settings.db_path)
+        self.directory = directory or _make_directory(settings)
         self.hub = Hub(max_clients=settings.max_clients, ping_interval=settings.ping_interval_ms / 1000)
         self.outbox = Outbox()
         self.protocol = ClientProtocol(self.hub, max_subscriptions=MAX_SUBSCRIPTIONS)
@@ -131,6 +131,7 @@ class Realtime:
         me = {**local, "worker": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
               "at": int(time.time() * 1000)}
         broker = self.broker.status()
+        identity = self.directory.status()
         members = self.broker.members()
         if members is None:
             members = [me]  # the cluster is unknown right now: say what we know
@@ -139,7 +140,7 @@ class Realtime:
             members = [m for m in members if m.get("worker") != self.worker_id] + [me]
         if self.hub.draining:
             status = "draining"
-        elif broker["state"] != "ok":
+        elif broker["state"] != "ok" or identity["state"] != "ok":
             status = "degraded"
         else:
             status = "ok"
@@ -163,8 +164,28 @@ class Realtime:
             "counters": dict(self.hub.counters),
             "outbox": self.outbox.status(),
             "broker": broker,
-            "identity": self.directory.status(),
+            "identity": identity,
         }
+
+
+def _make_directory(settings: Settings) -> Directory:
+    supabase = settings.supabase
+    if supabase is None:
+        return SqliteDirectory(settings.db_path)
+    from .supabase_directory import SupabaseDirectory  # needs the optional supabase package
+
+    return SupabaseDirectory(
+        supabase.url,
+        supabase.service_key,
+        timeout=supabase.timeout_ms / 1000,
+        cache_ttl=supabase.cache_ttl_ms / 1000,
+        cache_size=supabase.cache_size,
+        profiles_table=supabase.profiles_table,
+        columns=supabase.columns,
+        anon_key=supabase.anon_key,
+        jwt_secret=supabase.jwt_secret,
+        jwt_audience=supabase.jwt_audience,
+    )
 
 
 def _totals(members: list[dict]) -> dict:

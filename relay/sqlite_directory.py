@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id
-from .directory import Identity
+from .directory import AccessTokensUnsupported, Identity
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -98,6 +98,11 @@ class SqliteDirectory:
         if not row or not ok or not row[5]:
             return None
         return _identity(row[:6])
+
+    def user_for_access_token(self, token: str) -> str:
+        raise AccessTokensUnsupported(
+            "bearer access tokens are issued by Supabase; configure SUPABASE_URL to accept them"
+        )
 
     def status(self) -> dict:
         return {"kind": self.name, "state": "ok", "path": self.path}

@@ -1,0 +1,258 @@
+"""SupabaseDirectory: users from a Supabase project, through the official client.
+
+Who a user is comes from two places, as in the original system:
+
+- the auth user (admin API, service-role key): existence, email, ban state;
+- a profiles table (``SUPABASE_PROFILES_TABLE``, columns configurable) for
+  role and clinic, falling back to the auth user's ``app_metadata`` (``role``,
+  ``clinic_id``) where the table has no row or a null value.
+
+Every lookup is cached per user for ``cache_ttl`` (unknown users too), the
+cache is bounded, and concurrent lookups of one user share one request, so
+a reconnect storm does not become a Supabase storm. Every call is bounded by
+``timeout`` (httpx's own timeouts plus a hard ``gevent.Timeout``), and all I/O
+is gevent-cooperative. A Supabase that fails or does not answer raises
+:class:`DirectoryUnavailable` (sockets get 1013, not 4403); that is never cached.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from collections import OrderedDict
+
+import gevent
+from gevent.event import AsyncResult
+
+from .config import ConfigError
+from .directory import AccessTokenInvalid, DirectoryUnavailable, Identity
+from .eventlog import event
+
+try:
+    import httpx
+    import jwt
+    from postgrest.exceptions import APIError
+    from supabase import ClientOptions, create_client
+    from supabase_auth.errors import AuthApiError, AuthError
+except ImportError:  # pragma: no cover - exercised only without the extra installed
+    create_client = None
+
+log = logging.getLogger("relay.supabase")
+DEFAULT_ROLE = "user"  # least privilege when neither the profile nor app_metadata names a role
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except (ValueError, AttributeError, TypeError):
+        return False
+
+
+class SupabaseDirectory:
+    name = "supabase"
+
+    def __init__(
+        self,
+        url: str,
+        service_key: str,
+        *,
+        timeout: float = 3.0,
+        cache_ttl: float = 60.0,
+        cache_size: int = 10_000,
+        profiles_table: str = "profiles",
+        columns: tuple[str, str, str] = ("id", "role", "clinic_id"),
+        anon_key: str | None = None,
+        jwt_secret: str | None = None,
+        jwt_audience: str = "authenticated",
+    ):
+        if create_client is None:
+            raise ConfigError("SUPABASE_URL is set but the supabase package is missing: pip install '.[supabase]'")
+        self.url = url
+        self.timeout = timeout
+        self.cache_ttl = cache_ttl
+        self.cache_size = cache_size
+        self.profiles_table = profiles_table
+        self.id_column, self.role_column, self.clinic_column = columns
+        self._service_key = service_key
+        self._sign_in_key = anon_key or service_key
+        self._jwt_secret = jwt_secret
+        self._jwt_audience = jwt_audience
+        # One httpx client shared by auth and PostgREST: our timeout, no PostgREST retries
+        # (its defaults are 120 s and three retries with sleeps).
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)))
+        self._admin = create_client(url, service_key, options=self._options())
+        self._cache: OrderedDict[str, tuple[float, Identity | None]] = OrderedDict()
+        self._inflight: dict[str, AsyncResult] = {}
+        self.stats = {"hits": 0, "misses": 0, "upstream": 0, "errors": 0}
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self._failing = False
+
+    def _options(self) -> "ClientOptions":
+        return ClientOptions(httpx_client=self._http, postgrest_client_retry=False,
+                             auto_refresh_token=False, persist_session=False)
+
+    # -- the Directory interface ----------------------------------------------------------
+
+    def get(self, user_id: str) -> Identity | None:
+        if not is_uuid(user_id):
+            return None  # Supabase ids are UUIDs: anything else is nobody (and is never sent upstream)
+        cached = self._cache.get(user_id)
+        if cached is not None and cached[0] > time.monotonic():
+            self._cache.move_to_end(user_id)
+            self.stats["hits"] += 1
+            return cached[1]
+        pending = self._inflight.get(user_id)
+        if pending is not None:
+            self.stats["hits"] += 1
+            return pending.get(timeout=self.timeout + 1)  # someone is already asking: share the answer
+        self.stats["misses"] += 1
+        pending = self._inflight[user_id] = AsyncResult()
+        try:
+            identity = self.fetch(user_id)
+        except DirectoryUnavailable as down:
+            pending.set_exception(down)
+            raise
+        else:
+            self._remember(user_id, identity)
+            pending.set(identity)
+            return identity
+        finally:
+            del self._inflight[user_id]
+
+    def authenticate(self, login: str, password: str) -> Identity | None:
+        """Sign in with Supabase Auth (email and password)."""
+        # A client of its own: signing in rewrites a client's Authorization header,
+        # which must never happen to the service-role client.
+        client = create_client(self.url, self._sign_in_key, options=self._options())
+        try:
+            with gevent.Timeout(self.timeout, DirectoryUnavailable(f"Supabase did not answer within {self.timeout} s")):
+                result = client.auth.sign_in_with_password({"email": login, "password": password})
+        except AuthApiError as refused:
+            if refused.status and 400 <= refused.status < 500 and refused.status != 429:
+                return None
+            raise self._unavailable(refused) from None
+        except (AuthError, httpx.HTTPError, OSError) as problem:
+            raise self._unavailable(problem) from None
+        self._up()
+        if result.user is None:
+            return None
+        identity = self.get(result.user.id)
+        return identity if identity is not None and identity.active else None
+
+    def user_for_access_token(self, token: str) -> str:
+        """The user id of a Supabase access token (JWT), verified locally or by Supabase."""
+        if self._jwt_secret:
+            try:
+                claims = jwt.decode(token, self._jwt_secret, algorithms=["HS256"], audience=self._jwt_audience,
+                                    options={"require": ["exp", "sub"]})
+            except jwt.ExpiredSignatureError:
+                raise AccessTokenInvalid("the access token has expired") from None
+            except jwt.InvalidTokenError as bad:
+                raise AccessTokenInvalid(f"the access token is invalid: {bad}") from None
+            return str(claims["sub"])
+        try:
+            with gevent.Timeout(self.timeout, DirectoryUnavailable(f"Supabase did not answer within {self.timeout} s")):
+                response = self._admin.auth.get_user(token)
+        except AuthApiError as refused:
+            if refused.status in (401, 403, 404):
+                raise AccessTokenInvalid(f"Supabase refused the access token: {refused}") from None
+            raise self._unavailable(refused) from None
+        except (AuthError, httpx.HTTPError, OSError) as problem:
+            raise self._unavailable(problem) from None
+        self._up()
+        if response is None or response.user is None:
+            raise AccessTokenInvalid("Supabase knows no user for this access token")
+        return response.user.id
+
+    def status(self) -> dict:
+        return {
+            "kind": self.name,
+            "state": "degraded" if self._failing else "ok",
+            "url": self.url,
+            "lastError": self.last_error,
+            "lastErrorAt": self.last_error_at,
+            "cache": {"size": len(self._cache), "ttlMs": int(self.cache_ttl * 1000), **self.stats},
+        }
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def fetch(self, user_id: str) -> Identity | None:
+        """Ask Supabase (no cache): the auth user, then the profile row."""
+        self.stats["upstream"] += 1
+        try:
+            with gevent.Timeout(self.timeout, DirectoryUnavailable(f"Supabase did not answer within {self.timeout} s")):
+                try:
+                    user = self._admin.auth.admin.get_user_by_id(user_id).user
+                except AuthApiError as refused:
+                    if refused.status == 404:
+                        self._up()
+                        return None
+                    raise
+                rows = (
+                    self._admin.table(self.profiles_table)
+                    .select(f"{self.id_column},{self.role_column},{self.clinic_column}")
+                    .eq(self.id_column, user_id)
+                    .limit(1)
+                    .execute()
+                    .data
+                )
+        except DirectoryUnavailable as down:
+            raise self._unavailable(down) from None
+        except (AuthError, APIError, httpx.HTTPError, OSError, ValueError) as problem:
+            raise self._unavailable(problem) from None
+        self._up()
+        if user is None or getattr(user, "deleted_at", None):
+            return None
+        profile = rows[0] if rows else {}
+        meta = user.app_metadata or {}
+        names = user.user_metadata or {}
+        return Identity(
+            user_id=user.id,
+            email=user.email,
+            display_name=names.get("full_name") or names.get("name") or user.email,
+            role=str(profile.get(self.role_column) or meta.get("role") or DEFAULT_ROLE),
+            clinic_id=_text(profile.get(self.clinic_column)) or _text(meta.get("clinic_id")),
+            active=not _banned(user.banned_until),
+        )
+
+    def _remember(self, user_id: str, identity: Identity | None) -> None:
+        self._cache[user_id] = (time.monotonic() + self.cache_ttl, identity)
+        self._cache.move_to_end(user_id)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _unavailable(self, problem: Exception) -> DirectoryUnavailable:
+        self.stats["errors"] += 1
+        status = getattr(problem, "status", None) or getattr(problem, "code", None)
+        prefix = f"HTTP {status} " if isinstance(status, (int, str)) and str(status).isdigit() else ""
+        self.last_error = f"{type(problem).__name__}: {prefix}{problem}"[:300]
+        self.last_error_at = time.time()
+        if not self._failing:
+            event("identity.unavailable", level="error", source=self.name, error=self.last_error)
+        self._failing = True
+        return problem if isinstance(problem, DirectoryUnavailable) else DirectoryUnavailable(self.last_error)
+
+    def _up(self) -> None:
+        if self._failing:
+            event("identity.recovered", source=self.name)
+        self._failing = False
+
+
+def _text(value) -> str | None:
+    return str(value) if value not in (None, "") else None
+
+
+def _banned(until) -> bool:
+    if not until:
+        return False
+    if isinstance(until, str):
+        try:
+            until = dt.datetime.fromisoformat(until.replace("Z", "+00:00"))
+        except ValueError:
+            return True  # unreadable: fail closed
+    if until.tzinfo is None:
+        until = until.replace(tzinfo=dt.timezone.utc)
+    return until > dt.datetime.now(dt.timezone.utc)

@@ -1,0 +1,216 @@
+"""A local HTTP server that plays the few Supabase endpoints this service uses.
+
+Supabase cannot run here (its stack needs Docker), so the tests run the real
+``supabase`` client against this stand-in. It mirrors Supabase's paths,
+headers and response shapes:
+
+| call                                   | HTTP                                              |
+|----------------------------------------|---------------------------------------------------|
+| ``auth.admin.get_user_by_id(uid)``     | ``GET /auth/v1/admin/users/{uid}``                |
+| ``table(t).select(..).eq("id", uid)``  | ``GET /rest/v1/{t}?select=..&id=eq.{uid}``        |
+| ``auth.get_user(jwt)``                 | ``GET /auth/v1/user`` (``Authorization: Bearer``) |
+| ``auth.sign_in_with_password(..)``     | ``POST /auth/v1/token?grant_type=password``       |
+
+and it checks what real Supabase checks: the ``apikey`` header, the
+``Authorization: Bearer <service role key>`` on admin and PostgREST calls,
+and HS256 access tokens signed with the project's JWT secret. Every request is
+recorded so tests can assert on exactly what the client sent. ``mode`` makes
+it fail: ``"error"`` answers 500, ``"hang"`` holds the request for
+``hang_seconds`` (a Supabase that accepts and never answers).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import jwt
+
+SERVICE_KEY = "fake-service-role-key-" + "s" * 24
+ANON_KEY = "fake-anon-key-" + "a" * 24
+JWT_SECRET = "fake-project-jwt-secret-" + "j" * 24
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict
+    headers: dict
+
+
+@dataclass
+class FakeUser:
+    id: str
+    email: str
+    password: str = "pw-correct-horse"
+    app_metadata: dict = field(default_factory=dict)
+    user_metadata: dict = field(default_factory=dict)
+    banned_until: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "aud": "authenticated",
+            "role": "authenticated",
+            "email": self.email,
+            "app_metadata": {"provider": "email", "providers": ["email"], **self.app_metadata},
+            "user_metadata": self.user_metadata,
+            "created_at": "2025-01-01T00:00:00Z",
+            "updated_at": "2025-01-01T00:00:00Z",
+            "banned_until": self.banned_until,
+            "identities": [],
+            "is_anonymous": False,
+        }
+
+
+class FakeSupabase:
+    def __init__(self) -> None:
+        self.users: dict[str, FakeUser] = {}
+        self.profiles: dict[str, dict] = {}  # user id -> row (column names as stored)
+        self.requests: list[Recorded] = []
+        self.mode = "ok"
+        self.hang_seconds = 10.0
+        self.delay = 0.0  # answer correctly, but this much later (to make lookups overlap)
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> "FakeSupabase":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- test helpers ----------------------------------------------------------------
+
+    def add_user(self, email: str, *, user_id: str | None = None, profile: dict | None = None, **kwargs) -> FakeUser:
+        user = FakeUser(id=user_id or str(uuid.uuid4()), email=email, **kwargs)
+        self.users[user.id] = user
+        if profile is not None:
+            self.profiles[user.id] = {"id": user.id, **profile}
+        return user
+
+    def access_token(self, user: FakeUser, *, expires_in: int = 3600, secret: str = JWT_SECRET,
+                     audience: str = "authenticated") -> str:
+        now = int(time.time())
+        claims = {"sub": user.id, "aud": audience, "role": "authenticated", "email": user.email,
+                  "iat": now, "exp": now + expires_in}
+        return jwt.encode(claims, secret, algorithm="HS256")
+
+    def calls(self, prefix: str) -> list[Recorded]:
+        with self.lock:
+            return [r for r in self.requests if r.path.startswith(prefix)]
+
+    def reset_calls(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    # -- the server ------------------------------------------------------------------
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_GET(self):
+                self._serve("GET")
+
+            def do_POST(self):
+                self._serve("POST")
+
+            def _serve(self, method: str) -> None:
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with fake.lock:
+                    fake.requests.append(Recorded(method, parts.path, parse_qs(parts.query),
+                                                  {k.lower(): v for k, v in self.headers.items()}))
+                if fake.mode == "hang":
+                    time.sleep(fake.hang_seconds)
+                elif fake.delay:
+                    time.sleep(fake.delay)
+                if fake.mode in ("error", "hang"):
+                    return self._reply(500, {"code": 500, "msg": "Internal Server Error"})
+                if not self.headers.get("apikey"):
+                    return self._reply(401, {"message": "No API key found in request"})
+                try:
+                    status, payload = fake._route(method, parts.path, parse_qs(parts.query),
+                                                  self.headers.get("Authorization", ""), body)
+                except Exception as error:  # a bug in the fake must show up, not hang the client
+                    status, payload = 500, {"msg": f"fake error: {error}"}
+                self._reply(status, payload)
+
+            def _reply(self, status: int, payload) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+    def _route(self, method: str, path: str, query: dict, authorization: str, body: bytes):
+        bearer = authorization[7:] if authorization.lower().startswith("bearer ") else ""
+        if method == "GET" and path.startswith("/auth/v1/admin/users/"):
+            if bearer != SERVICE_KEY:
+                return 403, {"code": 403, "error_code": "not_admin", "msg": "User not allowed"}
+            user = self.users.get(path.rsplit("/", 1)[1])
+            if user is None:
+                return 404, {"code": 404, "error_code": "user_not_found", "msg": "User not found"}
+            return 200, user.to_json()
+        if method == "GET" and path.startswith("/rest/v1/"):
+            if bearer != SERVICE_KEY:
+                return 401, {"code": "PGRST301", "message": "JWSError"}
+            table = path[len("/rest/v1/"):]
+            rows = [row for row in self.profiles.values()] if table == "profiles" else None
+            if rows is None:
+                return 404, {"code": "PGRST205", "message": f"Could not find the table 'public.{table}'"}
+            for key, values in query.items():
+                if key in ("select", "limit"):
+                    continue
+                op, _, wanted = values[0].partition(".")
+                rows = [row for row in rows if op == "eq" and str(row.get(key)) == wanted]
+            if "select" in query:
+                columns = query["select"][0].split(",")
+                rows = [{c: row.get(c) for c in columns} for row in rows]
+            if "limit" in query:
+                rows = rows[: int(query["limit"][0])]
+            return 200, rows
+        if method == "GET" and path == "/auth/v1/user":
+            try:
+                claims = jwt.decode(bearer, JWT_SECRET, algorithms=["HS256"], audience="authenticated")
+            except jwt.ExpiredSignatureError:
+                return 403, {"code": 403, "error_code": "bad_jwt", "msg": "invalid JWT: token is expired"}
+            except jwt.InvalidTokenError:
+                return 403, {"code": 403, "error_code": "bad_jwt", "msg": "invalid JWT: signature is invalid"}
+            user = self.users.get(claims.get("sub"))
+            if user is None:
+                return 404, {"code": 404, "error_code": "user_not_found", "msg": "User not found"}
+            return 200, user.to_json()
+        if method == "POST" and path == "/auth/v1/token" and query.get("grant_type") == ["password"]:
+            doc = json.loads(body or b"{}")
+            user = next((u for u in self.users.values() if u.email == doc.get("email")), None)
+            if user is None or user.password != doc.get("password"):
+                return 400, {"code": 400, "error_code": "invalid_credentials", "msg": "Invalid login credentials"}
+            return 200, {"access_token": self.access_token(user), "token_type": "bearer", "expires_in": 3600,
+                         "expires_at": int(time.time()) + 3600, "refresh_token": "fake-refresh",
+                         "user": user.to_json()}
+        return 404, {"msg": f"no fake for {method} {path}"}

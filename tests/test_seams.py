@@ -1,0 +1,107 @@
+"""The two seams, one contract each: every implementation must behave the same on the wire.
+
+Broker: MemoryBroker and RedisBroker. Directory: SqliteDirectory and SupabaseDirectory.
+"""
+
+import re
+import uuid
+
+import pytest
+import requests
+
+from fake_supabase import ANON_KEY, SERVICE_KEY, FakeSupabase
+from relay.codes import Close
+from relay.sqlite_directory import SqliteDirectory
+
+PASSWORD = "pw-correct-horse"
+
+
+# -- the broker contract ----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def broker_server(request, start_server):
+    env = {}
+    if request.param == "redis":
+        env["REDIS_URL"] = request.getfixturevalue("redis_server").url
+    srv = start_server(**env)
+    srv.kind = request.param
+    return srv
+
+
+def test_broker_delivers_once_to_exactly_the_filtered_clients(broker_server):
+    srv = broker_server
+    bob = srv.connect("bob", ["clinic:clinic-1:queue"])
+    carol = srv.connect("carol", ["clinic:clinic-2:queue"])
+    erin = srv.connect("erin", ["clinic:clinic-1:queue"])
+    result = srv.broadcast({"message": {"type": "QUEUE_UPDATE", "data": {"n": 1}},
+                            "filter": {"channels": ["clinic:clinic-1:queue"], "roles": ["sales_staff"]}}).json()
+    assert (result["delivered"], result["workers"], result["missingWorkers"]) == (1, 1, 0)
+    assert bob.expect("QUEUE_UPDATE") == {"type": "QUEUE_UPDATE", "data": {"n": 1}, "id": result["id"]}
+    assert carol.nothing_within(0.2) and erin.nothing_within(0.05) and bob.nothing_within(0.05)
+    health = srv.health()
+    assert health["broker"]["kind"] == srv.kind and health["broker"]["state"] == "ok"
+    assert (health["clients"], health["workers"]) == (3, 1)
+    for client in (bob, carol, erin):
+        client.close()
+
+
+# -- the directory contract -----------------------------------------------------------------------
+
+ADMIN, STAFF, DISABLED = (str(uuid.uuid4()) for _ in range(3))
+
+
+@pytest.fixture(params=["sqlite", "supabase"])
+def directory_server(request, start_server, tmp_path):
+    if request.param == "sqlite":
+        store = SqliteDirectory(str(tmp_path / "people.db"))
+        store.add_user(ADMIN, email="boss@clinic.test", password=PASSWORD, role="admin")
+        store.add_user(STAFF, email="nurse@clinic.test", password=PASSWORD, role="nurse", clinic_id="c-7")
+        store.add_user(DISABLED, email="gone@clinic.test", password=PASSWORD, role="nurse", clinic_id="c-7")
+        store.set_active(DISABLED, False)
+        store.close()
+        srv = start_server(users=False, REALTIME_DB=str(tmp_path / "people.db"))
+    else:
+        fake = FakeSupabase().start()
+        request.addfinalizer(fake.stop)
+        for user_id, email, profile, banned in (
+            (ADMIN, "boss@clinic.test", {"role": "admin", "clinic_id": None}, None),
+            (STAFF, "nurse@clinic.test", {"role": "nurse", "clinic_id": "c-7"}, None),
+            (DISABLED, "gone@clinic.test", {"role": "nurse", "clinic_id": "c-7"}, "2999-01-01T00:00:00Z"),
+        ):
+            fake.add_user(email, user_id=user_id, profile=profile, banned_until=banned, password=PASSWORD)
+        srv = start_server(users=False, SUPABASE_URL=fake.url, SUPABASE_SERVICE_ROLE_KEY=SERVICE_KEY,
+                           SUPABASE_ANON_KEY=ANON_KEY)
+    srv.kind = request.param
+    return srv
+
+
+def sign_in(srv, login, password=PASSWORD):
+    session = requests.Session()
+    page = session.get(srv.url + "/login", timeout=5)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text).group(1)
+    response = session.post(srv.url + "/login", data={"login": login, "password": password, "csrf_token": csrf},
+                            timeout=10, allow_redirects=False)
+    return session, response.status_code
+
+
+def test_directory_knows_role_clinic_and_state(directory_server):
+    srv = directory_server
+    with srv.connect(STAFF) as staff, srv.connect(ADMIN):
+        assert staff.subscribe(["clinic:c-7:alerts"])["data"]["channels"] == ["clinic:c-7:alerts"]
+        health = srv.health()
+        assert health["byRole"] == {"nurse": 1, "admin": 1} and health["byClinic"] == {"c-7": 1}
+        assert health["identity"]["kind"] == srv.kind and health["identity"]["state"] == "ok"
+    for user_id in (DISABLED, str(uuid.uuid4()), "not-a-known-id"):
+        with srv.open(srv.token(user_id)) as client:
+            assert client.closed_with()[0] == Close.FORBIDDEN
+
+
+def test_directory_signs_people_in_by_email(directory_server):
+    srv = directory_server
+    session, status = sign_in(srv, "nurse@clinic.test")
+    assert status == 302
+    assert session.get(srv.url + "/api/ws/auth", timeout=5).json()["userId"] == STAFF
+    assert sign_in(srv, "nurse@clinic.test", "wrong")[1] == 401
+    assert sign_in(srv, "gone@clinic.test")[1] == 401
+    assert sign_in(srv, "nobody@clinic.test")[1] == 401

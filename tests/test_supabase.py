@@ -1,0 +1,268 @@
+"""Supabase as the identity source: the real supabase client over HTTP, against a local stand-in.
+
+The stand-in (tests/fake_supabase.py) serves the Auth admin, Auth user,
+password sign-in and PostgREST endpoints with Supabase's paths, headers and
+shapes; each test asserts on what the client actually sent.
+"""
+
+import re
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+
+from fake_supabase import ANON_KEY, JWT_SECRET, SERVICE_KEY, FakeSupabase
+from relay.codes import Close
+from support import ROOT, Server
+
+
+@pytest.fixture
+def supabase():
+    fake = FakeSupabase().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def people(supabase):
+    """Users as a clinic chain would have them in Supabase."""
+    return {
+        "admin": supabase.add_user("boss@clinic.test", profile={"role": "admin", "clinic_id": None}),
+        "staff": supabase.add_user("nurse@clinic.test", profile={"role": "nurse", "clinic_id": "c-7"},
+                                   user_metadata={"full_name": "Nok"}),
+        "meta_only": supabase.add_user("meta@clinic.test", app_metadata={"role": "sales_staff", "clinic_id": "c-9"}),
+        "null_clinic": supabase.add_user("mixed@clinic.test", profile={"role": "doctor", "clinic_id": None},
+                                         app_metadata={"clinic_id": "c-3"}),
+        "banned": supabase.add_user("gone@clinic.test", profile={"role": "nurse", "clinic_id": "c-7"},
+                                    banned_until="2999-01-01T00:00:00Z"),
+    }
+
+
+@pytest.fixture
+def site(start_server, supabase):
+    def start(**env):
+        return start_server(users=False, SUPABASE_URL=supabase.url, SUPABASE_SERVICE_ROLE_KEY=SERVICE_KEY,
+                            SUPABASE_ANON_KEY=ANON_KEY, **env)
+
+    return start
+
+
+def test_a_user_with_a_profile_row_connects_with_that_role_and_clinic(site, supabase, people):
+    srv = site()
+    user = people["staff"]
+    with srv.connect(user.id) as client:
+        assert client.subscribe(["clinic:c-7:queue"])["data"]["channels"] == ["clinic:c-7:queue"]
+        health = srv.health()
+        assert health["byRole"] == {"nurse": 1} and health["byClinic"] == {"c-7": 1}
+    admin_call = supabase.calls("/auth/v1/admin/users/")[0]
+    assert admin_call.path == f"/auth/v1/admin/users/{user.id}"
+    assert admin_call.headers["apikey"] == SERVICE_KEY
+    assert admin_call.headers["authorization"] == f"Bearer {SERVICE_KEY}"
+    profile_call = supabase.calls("/rest/v1/profiles")[0]
+    assert profile_call.query == {"select": ["id,role,clinic_id"], "id": [f"eq.{user.id}"], "limit": ["1"]}
+    assert profile_call.headers["authorization"] == f"Bearer {SERVICE_KEY}"
+    assert profile_call.headers["accept-profile"] == "public"
+
+
+def test_app_metadata_fills_in_where_the_profile_has_no_row_or_a_null(site, people):
+    srv = site()
+    with srv.connect(people["meta_only"].id) as client:
+        client.send({"type": "SUBSCRIBE", "data": {"channels": ["clinic:c-9:queue", "clinic:c-7:queue"]}})
+        assert client.expect("ERROR")["data"]["channel"] == "clinic:c-7:queue"
+        assert client.expect("SUBSCRIBED")["data"]["channels"] == ["clinic:c-9:queue"]
+        with srv.connect(people["null_clinic"].id):
+            health = srv.health()
+    assert health["byRole"] == {"sales_staff": 1, "doctor": 1}
+    assert health["byClinic"] == {"c-9": 1, "c-3": 1}
+
+
+def test_configurable_profile_table_and_columns(site, supabase):
+    user = supabase.add_user("cols@clinic.test")
+    supabase.profiles[user.id] = {"id": user.id, "job": "pharmacist", "branch": "c-5"}
+    srv = site(SUPABASE_PROFILE_ROLE_COLUMN="job", SUPABASE_PROFILE_CLINIC_COLUMN="branch")
+    with srv.connect(user.id):
+        assert srv.health()["byRole"] == {"pharmacist": 1}
+    assert supabase.calls("/rest/v1/profiles")[0].query["select"] == ["id,job,branch"]
+
+
+def test_unknown_and_non_uuid_users_are_closed_4403(site, supabase):
+    srv = site()
+    with srv.open(srv.token(str(uuid.uuid4()))) as client:
+        assert client.closed_with()[0] == Close.FORBIDDEN
+    assert len(supabase.calls("/auth/v1/admin/users/")) == 1
+    supabase.reset_calls()
+    with srv.open(srv.token("bob")) as client:  # not a UUID: never sent upstream
+        assert client.closed_with()[0] == Close.FORBIDDEN
+    assert supabase.calls("/auth/v1/") == []
+
+
+def test_a_banned_user_is_closed_4403(site, people):
+    srv = site()
+    with srv.open(srv.token(people["banned"].id)) as client:
+        assert client.closed_with()[0] == Close.FORBIDDEN
+    srv.wait_for_event("ws.auth_failed", lambda e: e["reason"] == "user_disabled")
+
+
+def test_supabase_errors_give_1013_open_sockets_keep_working_and_it_recovers(site, supabase, people):
+    srv = site(SUPABASE_CACHE_TTL_MS=0)
+    with srv.connect(people["admin"].id, ["system:announcements"]) as already_open:
+        supabase.mode = "error"
+        with srv.open(srv.token(people["staff"].id)) as refused:
+            code, reason = refused.closed_with()
+        assert code == Close.TRY_AGAIN_LATER and "identity" in reason
+        record = srv.wait_for_event("ws.auth_failed", lambda e: e["reason"] == "directory_unavailable")
+        assert "500" in record["detail"]
+        health = srv.health()
+        assert health["status"] == "degraded" and health["identity"]["state"] == "degraded"
+        assert "500" in health["identity"]["lastError"]
+        assert srv.announce("still delivered", channels=["system:announcements"])["delivered"] == 1
+        assert already_open.expect("ANNOUNCEMENT")["data"]["message"] == "still delivered"
+
+        supabase.mode = "ok"
+        with srv.connect(people["staff"].id):
+            pass
+        assert srv.health()["identity"]["state"] == "ok"
+
+
+def test_a_hanging_supabase_times_out_with_1013_without_freezing_anyone(site, supabase, people):
+    srv = site(SUPABASE_TIMEOUT_MS=800, SUPABASE_CACHE_TTL_MS=0)
+    with srv.connect(people["admin"].id, ["system:announcements"]) as already_open:
+        supabase.mode, supabase.hang_seconds = "hang", 5
+        started = time.monotonic()
+        waiting = srv.open(srv.token(people["staff"].id))
+        # While that handshake waits on Supabase, the worker serves everyone else at once.
+        time.sleep(0.2)
+        quick = time.monotonic()
+        already_open.send({"type": "PING"})
+        already_open.expect("PONG", timeout=1)
+        assert srv.announce("meanwhile", channels=["system:announcements"])["delivered"] == 1
+        already_open.expect("ANNOUNCEMENT", timeout=1)
+        assert time.monotonic() - quick < 0.5
+        code, _ = waiting.closed_with(timeout=5)
+        assert code == Close.TRY_AGAIN_LATER
+        assert time.monotonic() - started < 3  # the 800 ms timeout, not Supabase's 5 s
+        waiting.close()
+        supabase.mode = "ok"
+
+
+def test_the_cache_serves_repeated_connects_and_unknown_users_with_one_upstream_call(site, supabase, people):
+    srv = site()
+    for _ in range(5):
+        with srv.connect(people["staff"].id):
+            pass
+    assert len(supabase.calls("/auth/v1/admin/users/")) == 1
+    assert len(supabase.calls("/rest/v1/profiles")) == 1
+    nobody = str(uuid.uuid4())
+    for _ in range(3):
+        with srv.open(srv.token(nobody)) as client:
+            assert client.closed_with()[0] == Close.FORBIDDEN
+    assert len(supabase.calls(f"/auth/v1/admin/users/{nobody}")) == 1
+    cache = srv.health()["identity"]["cache"]
+    assert cache["upstream"] == 2 and cache["hits"] >= 6
+
+
+def test_concurrent_lookups_of_one_user_share_one_request(site, supabase, people, crowd):
+    srv = site()
+    supabase.delay = 0.5  # every answer takes half a second: the 30 handshakes overlap
+    crowd.connect(srv, [people["staff"].id] * 30)
+    assert len(supabase.calls("/auth/v1/admin/users/")) == 1
+
+
+def test_the_cache_expires(site, supabase, people):
+    srv = site(SUPABASE_CACHE_TTL_MS=300)
+    with srv.connect(people["staff"].id):
+        pass
+    time.sleep(0.5)
+    with srv.connect(people["staff"].id):
+        pass
+    assert len(supabase.calls("/auth/v1/admin/users/")) == 2
+
+
+@pytest.mark.parametrize("verify", ["by-supabase", "locally"])
+def test_bearer_access_tokens_valid_expired_and_forged(site, supabase, people, verify):
+    env = {"SUPABASE_JWT_SECRET": JWT_SECRET} if verify == "locally" else {}
+    srv = site(**env)
+    user = people["staff"]
+
+    def ws_auth(token):
+        return requests.get(srv.url + "/api/ws/auth", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    ok = ws_auth(supabase.access_token(user))
+    assert ok.status_code == 200 and ok.json()["userId"] == user.id
+    with srv.open(ok.json()["token"]) as client:
+        client.expect("CONNECTED")
+    assert ws_auth(supabase.access_token(user, expires_in=-60)).status_code == 401
+    forged = ws_auth(supabase.access_token(user, secret="not-the-project-secret-" + "x" * 20))
+    assert forged.status_code == 401 and forged.json()["error"]["code"] == "unauthorized"
+    assert ws_auth(supabase.access_token(user, audience="someone-else")).status_code == 401
+    assert ws_auth(supabase.access_token(people["banned"])).status_code in (401, 403)
+    asked_supabase = len(supabase.calls("/auth/v1/user"))
+    assert asked_supabase == (0 if verify == "locally" else 5)
+
+
+def test_bearer_tokens_from_another_origin_get_cors_headers(site, supabase, people):
+    srv = site(WS_ALLOWED_ORIGINS="https://app.example.com")
+    token = supabase.access_token(people["staff"])
+    preflight = requests.options(srv.url + "/api/ws/auth", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization"}, timeout=5)
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    response = requests.get(srv.url + "/api/ws/auth", headers={"Origin": "https://app.example.com",
+                                                               "Authorization": f"Bearer {token}"}, timeout=5)
+    assert response.status_code == 200 and response.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    other = requests.get(srv.url + "/api/ws/auth", headers={"Origin": "https://evil.example",
+                                                            "Authorization": f"Bearer {token}"}, timeout=5)
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_site_sign_in_with_supabase_email_and_password(site, supabase, people):
+    srv = site()
+    session = requests.Session()
+    page = session.get(srv.url + "/login", timeout=5)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text).group(1)
+    bad = session.post(srv.url + "/login", data={"login": "nurse@clinic.test", "password": "wrong",
+                                                 "csrf_token": csrf}, timeout=10, allow_redirects=False)
+    assert bad.status_code == 401
+    good = session.post(srv.url + "/login", data={"login": "nurse@clinic.test", "password": "pw-correct-horse",
+                                                  "csrf_token": csrf}, timeout=10, allow_redirects=False)
+    assert good.status_code == 302
+    body = session.get(srv.url + "/api/ws/auth", timeout=5).json()
+    assert body["userId"] == people["staff"].id
+    assert "Nok" in session.get(srv.url + "/", timeout=5).text
+    sign_in = supabase.calls("/auth/v1/token")
+    assert len(sign_in) == 2 and sign_in[0].query == {"grant_type": ["password"]}
+    assert sign_in[0].headers["apikey"] == ANON_KEY
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', session.get(srv.url + "/login", timeout=5).text).group(1)
+    banned = session.post(srv.url + "/login", data={"login": "gone@clinic.test", "password": "pw-correct-horse",
+                                                    "csrf_token": csrf}, timeout=10, allow_redirects=False)
+    assert banned.status_code == 401
+
+
+def test_identity_check_command(supabase, people, tmp_path):
+    env = {"SUPABASE_URL": supabase.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY, "APP_ENV": "development",
+           "REALTIME_INSTANCE_PATH": str(tmp_path), "REALTIME_SEED_DEMO": "0"}
+
+    def check(user_id):
+        import os
+
+        return subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "ws", "identity", "check", user_id],
+                              cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+    found = check(people["staff"].id)
+    assert found.returncode == 0, found.stderr
+    assert '"role": "nurse"' in found.stdout and '"clinicId": "c-7"' in found.stdout
+    assert check(str(uuid.uuid4())).returncode == 1
+    assert check(people["banned"].id).returncode == 1
+    supabase.mode = "error"
+    down = check(people["staff"].id)
+    assert down.returncode == 2 and "UNAVAILABLE" in down.stderr
+
+
+def test_half_configured_supabase_stops_start_up(start_server):
+    srv = start_server(wait=False, SUPABASE_URL="https://project.supabase.co")
+    assert srv.proc.wait(timeout=30) != 0
+    assert "SUPABASE_SERVICE_ROLE_KEY is not set" in srv.log_text()
