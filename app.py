@@ -14,6 +14,7 @@ import os
 import sys
 
 from flask import Flask
+from flask.sessions import SecureCookieSessionInterface
 
 from relay import eventlog
 from relay.channels import channels
@@ -47,6 +48,7 @@ def create_app(config: dict | None = None) -> Flask:
     )
     app.config.update({key: value for key, value in overrides.items() if key in ("TESTING", "DEBUG")})
 
+    app.session_interface = CachedSerializerSessionInterface()
     realtime = Realtime(settings)
     app.extensions["realtime"] = realtime
     if not settings.production and env.get("REALTIME_SEED_DEMO", "1") != "0":
@@ -74,6 +76,21 @@ def _when(value: str | None) -> str:
     except ValueError:
         return str(value)
     return parsed.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+class CachedSerializerSessionInterface(SecureCookieSessionInterface):
+    """Flask's cookie sessions, building the signing serializer once instead of per request.
+
+    Flask opens the session for every request, WebSocket upgrades included, and
+    builds a new itsdangerous serializer each time; the secret key never changes
+    after start-up, so one is enough.
+    """
+
+    def get_signing_serializer(self, app: Flask):
+        cached = getattr(self, "_serializer", None)
+        if cached is None:
+            cached = self._serializer = super().get_signing_serializer(app)
+        return cached
 
 
 def _seed_demo_users(realtime: Realtime, instance_path: str) -> None:

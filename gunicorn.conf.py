@@ -68,10 +68,15 @@ def post_worker_init(worker):
     by WS_DRAIN_TIMEOUT_MS); only then does the worker stop accepting, so a
     browser that reconnects meanwhile is told 1012 at once as well.
     """
+    import gc
+
     import gevent
 
     realtime = worker.wsgi.extensions["realtime"]
     realtime.hub.start()
+    # Everything loaded so far lives as long as the worker: keep it out of the
+    # cyclic collector's way (full collections then scan only per-connection objects).
+    gc.freeze()
     state = {"draining": False}
 
     def drain_then_stop():
