@@ -20,7 +20,7 @@ log = logging.getLogger("relay.outbox")
 
 
 class Outbox:
-    def __init__(self, batch: int = 256):
+    def __init__(self, batch: int = 64):
         self.batch = batch
         self._dirty: list = []
         self._wake = Event()
@@ -32,10 +32,12 @@ class Outbox:
 
     def schedule(self, conn) -> None:
         """Flush ``conn`` soon. The connection guarantees it is scheduled at most once."""
+        if not self._dirty:
+            # Empty -> not empty is the only transition the writer can be asleep for.
+            self._wake.set()
+            if self._greenlet is None:
+                self._greenlet = gevent.spawn(self._run)
         self._dirty.append(conn)
-        self._wake.set()
-        if self._greenlet is None:
-            self._greenlet = gevent.spawn(self._run)
 
     def _run(self) -> None:
         batch_size = self.batch

@@ -3,14 +3,16 @@
 How one broadcast travels (the same on one host or ten):
 
 1. The worker that took ``POST /broadcast`` PUBLISHes the envelope once on
-   ``{prefix}:broadcast``. Redis answers with the number of subscribers that
-   received it: exactly the number of live workers.
-2. Every worker's listener greenlet (this one included) hands the envelope to
-   its own hub, the same ``deliver`` path as the in-process broker, and
-   PUBLISHes its count on the sender's reply channel.
-3. The sender waits (bounded by ``reply_timeout``) for as many replies as
-   Redis said there were receivers and answers ``delivered`` = their sum,
-   with ``workers`` that answered and ``missing`` ones that did not.
+   ``{prefix}:broadcast``, tagged with its worker id. Redis answers with the
+   number of subscribers that received it: exactly the number of live workers.
+   If that fails, nothing was delivered anywhere and the caller gets a 503.
+2. The sender then delivers to its own clients at once, through its hub. Every
+   other worker's listener greenlet hands the envelope to its own hub (the same
+   ``deliver`` path) and PUBLISHes its count on the sender's reply channel; a
+   listener ignores what its own worker sent.
+3. The sender waits (bounded by ``reply_timeout``) for as many replies as there
+   were other receivers and answers ``delivered`` = its own count plus theirs,
+   with ``workers`` that reported and ``missing`` ones that did not.
 
 Each worker also writes its hub statistics to ``{prefix}:worker:{id}`` every
 heartbeat, with an expiry, so any worker can answer ``/health`` for the whole
@@ -142,16 +144,18 @@ class RedisBroker:
                              separators=(",", ":"), ensure_ascii=False)
         waiter = self._waiters[envelope.id] = _Waiter()
         try:
+            listening = self._listening  # is our own listener among the receivers Redis will count?
             try:
                 receivers = self._client.publish(self.channel, payload)
             except (redis.RedisError, OSError) as problem:
                 self._failed(problem)
                 raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
-            if receivers == 0:
-                raise BrokerUnavailable("no worker is listening on Redis (listeners reconnecting?)")
-            waiter.expect(receivers)
-            waiter.done.wait(self.reply_timeout)
-            return Delivery(delivered=waiter.total, workers=waiter.replies, missing=receivers - waiter.replies)
+            local = self._deliver(envelope)
+            others = max(0, receivers - (1 if listening else 0))
+            waiter.expect(others)
+            if others:
+                waiter.done.wait(self.reply_timeout)
+            return Delivery(delivered=local + waiter.total, workers=1 + waiter.replies, missing=others - waiter.replies)
         finally:
             del self._waiters[envelope.id]
 
@@ -262,6 +266,8 @@ class RedisBroker:
                 if waiter is not None:
                     waiter.add(int(doc["delivered"]))
                 return
+            if doc.get("from") == self.worker_id:
+                return  # our own broadcast: the sender already delivered it here
             envelope = Envelope.from_json(doc["envelope"])
             reply_to = doc["replyTo"]
         except (ValueError, KeyError, TypeError, AttributeError) as problem:

@@ -167,3 +167,26 @@ def test_channel_builders_match_the_original_names():
     assert channels.user.notifications("u-1") == "user:u-1:notifications"
     with pytest.raises(ValueError):
         channels.clinic.queue("bad:id")
+
+
+def test_a_paused_fan_out_is_never_overtaken(hub, monkeypatch):
+    """deliver() yields every YIELD_EVERY recipients; the next broadcast must wait for it to finish,
+    even when it walks its recipients in a different order."""
+    import gevent
+
+    import relay.hub
+
+    monkeypatch.setattr(relay.hub, "YIELD_EVERY", 2)
+    snapshot = hub.recipients
+    calls = []
+
+    def recipients(flt):
+        calls.append(flt)
+        conns = sorted(snapshot(flt), key=lambda c: c.name)
+        return conns if len(calls) == 1 else conns[::-1]  # the second walk goes the other way round
+
+    monkeypatch.setattr(hub, "recipients", recipients)
+    first, second = Envelope("FIRST", {}), Envelope("SECOND", {})
+    gevent.joinall([gevent.spawn(hub.deliver, first), gevent.spawn(hub.deliver, second)])
+    for conn in hub.people.values():
+        assert [json.loads(f[2:])["type"] for f in conn.frames] == ["FIRST", "SECOND"], conn

@@ -4,6 +4,7 @@ Timing thresholds live in the benchmark suite; the timeouts here only stop a han
 """
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from rawws import RawClient
 from relay.codes import Close
@@ -61,3 +62,15 @@ def test_large_messages_reach_a_slow_reader_whole(start_server):
         assert message["id"] == message_id
         assert message["data"]["message"] == f"{n}-" + chr(0x41 + n % 26) * 60_000
     slow.close()
+
+
+def test_concurrent_broadcasts_reach_every_client_in_the_same_order(start_server, crowd):
+    """A fan-out pauses every few hundred recipients; broadcasts must still never overtake each other."""
+    srv = start_server()
+    sockets = crowd.connect(srv, ["alice", "bob", "carol", "erin"] * 300, ["system:announcements"])
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda n: srv.announce(f"burst {n}", channels=["system:announcements"]), range(16)))
+    assert all(result["delivered"] == 1200 for result in results)
+    orders = {tuple(message["id"] for message in messages) for messages in crowd.drain(sockets)}
+    assert len(orders) == 1, "clients saw the broadcasts in different orders"
+    assert sorted(orders.pop()) == sorted(result["id"] for result in results)

@@ -1,0 +1,571 @@
+/*
+ * loadgen.c -- the load generator of `make bench`.
+ *
+ * One thread, one level-triggered epoll, no dependencies. It opens N
+ * WebSocket clients to the service (tokens come from a file written by
+ * bench/run.py, so there is no crypto here), subscribes each to one channel,
+ * then sends broadcasts through POST /broadcast and measures, per delivery,
+ * the latency from the POST to the frame arriving. While the fan-out runs it
+ * also times GET /health on its own connection, to show the worker stays
+ * responsive. It prints one JSON object on stdout.
+ *
+ *   loadgen --port 3001 --tokens tokens.txt --clients 1000 --broadcasts 100
+ *           --interval-ms 0 --admin-secret S --pids "123 124" [options]
+ *
+ * interval 0 is a closed loop (each POST awaited before the next);
+ * interval > 0 an open loop (POST k sent at start + k*interval, up to 64 in
+ * flight), so a slow server shows up as latency, not as a slower sender.
+ *
+ * Loopback only: it connects to --host, which must be 127.0.0.1.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------ options -- */
+static const char *opt_host = "127.0.0.1", *opt_path = "/ws", *opt_tokens = NULL;
+static const char *opt_channel = "system:announcements", *opt_secret = "", *opt_pids = "", *opt_extra_pids = "";
+static int opt_port = 3001, opt_clients = 1000, opt_concurrency = 200, opt_broadcasts = 100;
+static int opt_interval_ms = 0, opt_warmup = 5, opt_payload = 0, opt_drain_ms = 30000, opt_max_run_s = 280;
+static int opt_health_ms = 50;
+
+/* ------------------------------------------------------------ helpers -- */
+static double now_mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+static double now_wall_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "loadgen: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(2);
+}
+static void set_nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+static uint32_t rand32(void) {
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+    return (uint32_t)rng;
+}
+
+/* Sum RSS (kB) and CPU (s) of a space-separated pid list from /proc. */
+static void proc_usage(const char *pids, double *rss_mb, double *cpu_s) {
+    *rss_mb = 0; *cpu_s = 0;
+    char list[4096];
+    snprintf(list, sizeof list, "%s", pids);
+    long tick = sysconf(_SC_CLK_TCK);
+    for (char *tok = strtok(list, " ,"); tok; tok = strtok(NULL, " ,")) {
+        char path[64], buf[4096];
+        snprintf(path, sizeof path, "/proc/%s/status", tok);
+        FILE *f = fopen(path, "r");
+        if (f) {
+            while (fgets(buf, sizeof buf, f))
+                if (!strncmp(buf, "VmRSS:", 6)) *rss_mb += atof(buf + 6) / 1024.0;
+            fclose(f);
+        }
+        snprintf(path, sizeof path, "/proc/%s/stat", tok);
+        f = fopen(path, "r");
+        if (f) {
+            if (fgets(buf, sizeof buf, f)) {
+                char *p = strrchr(buf, ')');
+                unsigned long ut = 0, st = 0;
+                /* fields after ')': state(3) ... utime(14) stime(15) */
+                if (p && sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) == 2)
+                    *cpu_s += (double)(ut + st) / tick;
+            }
+            fclose(f);
+        }
+    }
+}
+static double self_cpu(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+}
+
+/* ------------------------------------------------------------ state -- */
+enum { C_CONNECTING, C_HANDSHAKE, C_WAIT_CONNECTED, C_WAIT_SUBSCRIBED, C_READY, C_DEAD };
+enum { K_CLIENT = 1, K_POST = 2, K_HEALTH = 3 };
+
+typedef struct {
+    int kind, fd, state, index;
+    char *buf;
+    size_t len, cap;
+} Conn;
+
+typedef struct { /* an HTTP keep-alive connection for POST /broadcast or GET /health */
+    Conn c;
+    int busy;
+    double sent_at;
+    char *out;
+    size_t out_len, out_off;
+} Http;
+
+static Conn *clients;
+static char **tokens;
+static uint8_t *seen;        /* clients x total seqs */
+static int total_seqs;
+static double *latencies;
+static long n_lat, delivered, duplicates, warm_delivered, unexpected;
+static int n_connected, n_subscribed, n_dead, connecting_now, next_to_open;
+static double t_first_connect, t_all_connected, t_first_sub, t_all_subscribed;
+static double t_first_send, t_last_recv;
+static int ep;
+static char rbuf[1 << 16];
+
+static void conn_add(Conn *c, uint32_t events) {
+    struct epoll_event ev = {.events = events, .data.ptr = c};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl: %s", strerror(errno));
+}
+static void conn_mod(Conn *c, uint32_t events) {
+    struct epoll_event ev = {.events = events, .data.ptr = c};
+    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+}
+static int tcp_connect(void) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) die("socket: %s (raise ulimit -n)", strerror(errno));
+    set_nonblock(fd);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(opt_port)};
+    inet_pton(AF_INET, opt_host, &sa.sin_addr);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) die("connect: %s", strerror(errno));
+    return fd;
+}
+static void buf_append(Conn *c, const char *data, size_t n) {
+    if (c->len + n > c->cap) {
+        c->cap = (c->len + n) * 2 + 256;
+        c->buf = realloc(c->buf, c->cap);
+    }
+    memcpy(c->buf + c->len, data, n);
+    c->len += n;
+}
+static void send_all(int fd, const char *data, size_t n) { /* small writes on fresh sockets */
+    while (n) {
+        ssize_t w = write(fd, data, n);
+        if (w < 0) { if (errno == EAGAIN || errno == EINTR) continue; return; }
+        data += w; n -= w;
+    }
+}
+static void send_masked_text(int fd, const char *payload, size_t n) {
+    char frame[512];
+    if (n > 400) die("client frame too long");
+    uint32_t mask = rand32();
+    frame[0] = (char)0x81;
+    frame[1] = (char)(0x80 | n);
+    memcpy(frame + 2, &mask, 4);
+    for (size_t i = 0; i < n; i++) frame[6 + i] = payload[i] ^ ((char *)&mask)[i % 4];
+    send_all(fd, frame, n + 6);
+}
+
+/* -------------------------------------------------------- WebSocket -- */
+static void client_dead(Conn *c) {
+    if (c->state == C_DEAD) return;
+    if (c->state <= C_WAIT_CONNECTED) connecting_now--;
+    c->state = C_DEAD;
+    n_dead++;
+    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+}
+static long find_number(const char *p, size_t n, const char *key) {
+    void *hit = memmem(p, n, key, strlen(key));
+    if (!hit) return -1000000000L;
+    const char *q = (const char *)hit + strlen(key);
+    while (*q == ' ') q++;
+    return strtol(q, NULL, 10);
+}
+static double find_double(const char *p, size_t n, const char *key) {
+    void *hit = memmem(p, n, key, strlen(key));
+    if (!hit) return -1;
+    const char *q = (const char *)hit + strlen(key);
+    while (*q == ' ') q++;
+    return strtod(q, NULL);
+}
+static void on_text(Conn *c, const char *p, size_t n, double recv_ms) {
+    if (c->state == C_WAIT_CONNECTED) {
+        if (!memmem(p, n, "\"CONNECTED\"", 11)) { unexpected++; return; }
+        c->state = C_WAIT_SUBSCRIBED;
+        connecting_now--;
+        n_connected++;
+        t_all_connected = now_mono();
+        char sub[256];
+        int len = snprintf(sub, sizeof sub, "{\"type\":\"SUBSCRIBE\",\"data\":{\"channels\":[\"%s\"]}}", opt_channel);
+        if (!t_first_sub) t_first_sub = now_mono();
+        send_masked_text(c->fd, sub, len);
+        return;
+    }
+    if (c->state == C_WAIT_SUBSCRIBED) {
+        if (memmem(p, n, "\"SUBSCRIBED\"", 12)) {
+            c->state = C_READY;
+            n_subscribed++;
+            t_all_subscribed = now_mono();
+        } else unexpected++;
+        return;
+    }
+    long seq = find_number(p, n, "\"seq\":");
+    if (seq < 0 || seq >= total_seqs) { unexpected++; return; }
+    uint8_t *slot = &seen[(size_t)c->index * total_seqs + seq];
+    if (*slot) { duplicates++; return; }
+    *slot = 1;
+    if (seq < opt_warmup) { warm_delivered++; return; }
+    delivered++;
+    t_last_recv = now_mono();
+    double t = find_double(p, n, "\"t\":");
+    if (t > 0) latencies[n_lat++] = recv_ms - t;
+}
+static void on_client_data(Conn *c) {
+    for (int reads = 0; reads < 4; reads++) {
+        ssize_t r = read(c->fd, rbuf, sizeof rbuf);
+        if (r < 0) { if (errno == EAGAIN) break; client_dead(c); return; }
+        if (r == 0) { client_dead(c); return; }
+        buf_append(c, rbuf, r);
+        if (r < (ssize_t)sizeof rbuf) break;
+    }
+    double recv_ms = now_wall_ms();
+    size_t off = 0;
+    if (c->state == C_HANDSHAKE) {
+        char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
+        if (!end) return;
+        if (strncmp(c->buf, "HTTP/1.1 101", 12)) { client_dead(c); return; }
+        off = end + 4 - c->buf;
+        c->state = C_WAIT_CONNECTED;
+    }
+    while (c->len - off >= 2) {
+        unsigned char *h = (unsigned char *)c->buf + off;
+        int op = h[0] & 0x0F;
+        uint64_t n = h[1] & 0x7F;
+        size_t head = 2;
+        if (n == 126) { if (c->len - off < 4) break; n = ((uint64_t)h[2] << 8) | h[3]; head = 4; }
+        else if (n == 127) {
+            if (c->len - off < 10) break;
+            n = 0;
+            for (int i = 0; i < 8; i++) n = (n << 8) | h[2 + i];
+            head = 10;
+        }
+        if (c->len - off < head + n) break;
+        const char *payload = c->buf + off + head;
+        if (op == 0x1) on_text(c, payload, n, recv_ms);
+        else if (op == 0x9) { /* ping: answer with a masked pong */
+            char pong[6] = {(char)0x8A, (char)0x80, 0, 0, 0, 0};
+            if (n == 0) send_all(c->fd, pong, 6);
+        } else if (op == 0x8) { client_dead(c); return; }
+        off += head + n;
+    }
+    if (off) {
+        memmove(c->buf, c->buf + off, c->len - off);
+        c->len -= off;
+    }
+}
+static void open_clients(void) {
+    while (next_to_open < opt_clients && connecting_now < opt_concurrency) {
+        Conn *c = &clients[next_to_open];
+        c->kind = K_CLIENT;
+        c->index = next_to_open++;
+        c->fd = tcp_connect();
+        c->state = C_CONNECTING;
+        connecting_now++;
+        if (!t_first_connect) t_first_connect = now_mono();
+        conn_add(c, EPOLLOUT);
+    }
+}
+static void on_client_writable(Conn *c) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err) { client_dead(c); return; }
+    char req[4096];
+    int n = snprintf(req, sizeof req,
+                     "GET %s?token=%s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                     opt_path, tokens[c->index], opt_host, opt_port);
+    send_all(c->fd, req, n);
+    c->state = C_HANDSHAKE;
+    conn_mod(c, EPOLLIN);
+}
+
+/* ------------------------------------------------------------- HTTP -- */
+static Http *posts;
+static int n_posts, next_seq, posts_done, post_errors;
+static double *post_ms;
+static Http health;
+static double *health_ms;
+static int n_health, health_cap;
+
+static void http_open(Http *h, int kind) {
+    memset(h, 0, sizeof *h);
+    h->c.kind = kind;
+    h->c.fd = tcp_connect();
+    conn_add(&h->c, EPOLLIN);
+}
+static void http_send(Http *h, char *request, size_t n) {
+    h->busy = 1;
+    h->sent_at = now_mono();
+    h->out = request;
+    h->out_len = n;
+    h->out_off = 0;
+    while (h->out_off < h->out_len) {
+        ssize_t w = write(h->c.fd, h->out + h->out_off, h->out_len - h->out_off);
+        if (w < 0) {
+            if (errno == EAGAIN) { conn_mod(&h->c, EPOLLIN | EPOLLOUT); return; }
+            die("http write: %s", strerror(errno));
+        }
+        h->out_off += w;
+    }
+}
+/* One complete response in h->c.buf? Returns its status (0 = not yet). */
+static int http_take_response(Http *h) {
+    char *end = memmem(h->c.buf, h->c.len, "\r\n\r\n", 4);
+    if (!end) return 0;
+    size_t head = end + 4 - h->c.buf;
+    long clen = 0;
+    char *cl = memmem(h->c.buf, head, "Content-Length:", 15);
+    if (!cl) cl = memmem(h->c.buf, head, "content-length:", 15);
+    if (cl) clen = strtol(cl + 15, NULL, 10);
+    if (h->c.len < head + clen) return 0;
+    int status = atoi(h->c.buf + 9);
+    memmove(h->c.buf, h->c.buf + head + clen, h->c.len - head - clen);
+    h->c.len -= head + clen;
+    return status;
+}
+static char *broadcast_request(int seq, size_t *len) {
+    static char *pad = NULL;
+    if (!pad) {
+        pad = malloc(opt_payload + 1);
+        memset(pad, 'x', opt_payload);
+        pad[opt_payload] = 0;
+    }
+    char *body = malloc(opt_payload + 512);
+    int bn = snprintf(body, opt_payload + 512,
+                      "{\"message\":{\"type\":\"ANNOUNCEMENT\",\"data\":{\"message\":\"bench\",\"seq\":%d,\"t\":%.3f,\"pad\":\"%s\"}},"
+                      "\"filter\":{\"channels\":[\"%s\"]}}",
+                      seq, now_wall_ms(), pad, opt_channel);
+    char *req = malloc(bn + 512);
+    int n = snprintf(req, bn + 512,
+                     "POST /broadcast HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: Bearer %s\r\n"
+                     "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+                     opt_host, opt_port, opt_secret, bn, body);
+    free(body);
+    *len = n;
+    return req;
+}
+static void post_next(Http *h) {
+    if (next_seq == opt_warmup && !t_first_send) t_first_send = now_mono();
+    size_t n;
+    char *req = broadcast_request(next_seq++, &n);
+    http_send(h, req, n);
+}
+static void on_http(Http *h, uint32_t events) {
+    if (events & EPOLLOUT) {
+        while (h->out_off < h->out_len) {
+            ssize_t w = write(h->c.fd, h->out + h->out_off, h->out_len - h->out_off);
+            if (w < 0) { if (errno == EAGAIN) return; die("http write: %s", strerror(errno)); }
+            h->out_off += w;
+        }
+        conn_mod(&h->c, EPOLLIN);
+    }
+    if (!(events & EPOLLIN)) return;
+    ssize_t r = read(h->c.fd, rbuf, sizeof rbuf);
+    if (r <= 0) { if (r < 0 && errno == EAGAIN) return; die("the server closed an HTTP connection"); }
+    buf_append(&h->c, rbuf, r);
+    int status;
+    while ((status = http_take_response(h))) {
+        double took = (now_mono() - h->sent_at) * 1e3;
+        h->busy = 0;
+        free(h->out);
+        h->out = NULL;
+        if (h->c.kind == K_HEALTH) {
+            if (n_health < health_cap) health_ms[n_health++] = took;
+            if (status != 200) post_errors++;
+        } else {
+            if (status != 200) post_errors++;
+            if (posts_done < opt_warmup + opt_broadcasts) post_ms[posts_done] = took;
+            posts_done++;
+        }
+    }
+}
+
+/* ------------------------------------------------------------ report -- */
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+static double pct(double *v, long n, double p) {
+    if (n == 0) return 0;
+    long i = (long)(p / 100.0 * (n - 1) + 0.5);
+    return v[i];
+}
+
+static void wait_events(double timeout_s) {
+    struct epoll_event evs[512];
+    int n = epoll_wait(ep, evs, 512, (int)(timeout_s * 1000));
+    for (int i = 0; i < n; i++) {
+        Conn *c = evs[i].data.ptr;
+        if (c->kind == K_CLIENT) {
+            if (c->state == C_DEAD) continue;
+            if (c->state == C_CONNECTING) on_client_writable(c);
+            else on_client_data(c);
+        } else on_http((Http *)c, evs[i].events);
+    }
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define OPT_S(name, var) if (!strcmp(a, name) && v) { var = v; i++; continue; }
+#define OPT_I(name, var) if (!strcmp(a, name) && v) { var = atoi(v); i++; continue; }
+        OPT_S("--host", opt_host) OPT_S("--path", opt_path) OPT_S("--tokens", opt_tokens)
+        OPT_S("--channel", opt_channel) OPT_S("--admin-secret", opt_secret) OPT_S("--pids", opt_pids)
+        OPT_S("--extra-pids", opt_extra_pids)
+        OPT_I("--port", opt_port) OPT_I("--clients", opt_clients) OPT_I("--concurrency", opt_concurrency)
+        OPT_I("--broadcasts", opt_broadcasts) OPT_I("--interval-ms", opt_interval_ms) OPT_I("--warmup", opt_warmup)
+        OPT_I("--payload-bytes", opt_payload) OPT_I("--drain-timeout-ms", opt_drain_ms)
+        OPT_I("--max-run-s", opt_max_run_s) OPT_I("--health-every-ms", opt_health_ms)
+        die("unknown or incomplete option %s (see the comment at the top of bench/loadgen.c)", a);
+    }
+    if (strcmp(opt_host, "127.0.0.1")) die("--host must be 127.0.0.1 (benchmarks stay on loopback)");
+    if (!opt_tokens) die("--tokens FILE is required");
+    rng ^= (uint64_t)getpid() << 17 ^ (uint64_t)now_wall_ms();
+
+    tokens = calloc(opt_clients, sizeof *tokens);
+    FILE *tf = fopen(opt_tokens, "r");
+    if (!tf) die("cannot read %s", opt_tokens);
+    char line[4096];
+    for (int i = 0; i < opt_clients; i++) {
+        if (!fgets(line, sizeof line, tf)) die("%s has fewer than %d tokens", opt_tokens, opt_clients);
+        line[strcspn(line, "\r\n")] = 0;
+        tokens[i] = strdup(line);
+    }
+    fclose(tf);
+
+    total_seqs = opt_warmup + opt_broadcasts;
+    clients = calloc(opt_clients, sizeof *clients);
+    seen = calloc((size_t)opt_clients * total_seqs, 1);
+    latencies = malloc(sizeof(double) * (size_t)opt_clients * opt_broadcasts + 1);
+    post_ms = calloc(total_seqs + 1, sizeof(double));
+    health_cap = 100000;
+    health_ms = malloc(sizeof(double) * health_cap);
+    ep = epoll_create1(0);
+    double deadline = now_mono() + opt_max_run_s;
+    const char *error = NULL;
+
+    /* 1. connect and subscribe */
+    double rss0, cpu0, x0;
+    proc_usage(opt_pids, &rss0, &cpu0);
+    (void)x0;
+    double lg0 = self_cpu();
+    while (n_subscribed + n_dead < opt_clients && now_mono() < deadline) {
+        open_clients();
+        wait_events(0.05);
+    }
+    double connect_s = t_all_connected - t_first_connect;
+    double subscribe_s = t_all_subscribed - t_first_sub;
+    double rss1, cpu1;
+    proc_usage(opt_pids, &rss1, &cpu1);
+    double lg1 = self_cpu();
+    if (n_subscribed < opt_clients) error = "not every client connected and subscribed";
+
+    /* 2. warm-up, then the measured broadcasts */
+    n_posts = opt_interval_ms > 0 ? 64 : 1;
+    posts = calloc(n_posts, sizeof *posts);
+    for (int i = 0; i < n_posts; i++) http_open(&posts[i], K_POST);
+    http_open(&health, K_HEALTH);
+    while (next_seq < opt_warmup && now_mono() < deadline) {
+        if (!posts[0].busy) post_next(&posts[0]);
+        wait_events(0.01);
+    }
+    double warm_deadline = now_mono() + 10;
+    while ((posts[0].busy || warm_delivered < (long)n_subscribed * opt_warmup) && now_mono() < warm_deadline)
+        wait_events(0.01);
+
+    double rss2, cpu2, xr2 = 0, xc2 = 0;
+    proc_usage(opt_pids, &rss2, &cpu2);
+    if (*opt_extra_pids) proc_usage(opt_extra_pids, &xr2, &xc2);
+    double lg2 = self_cpu();
+    long expected = (long)n_subscribed * opt_broadcasts;
+    double start = now_mono(), last_progress = start, next_health = start;
+    long last_delivered = 0;
+    t_first_send = 0;
+    while (now_mono() < deadline) {
+        double t = now_mono();
+        if (next_seq < total_seqs) {
+            if (opt_interval_ms == 0) {
+                if (!posts[0].busy) post_next(&posts[0]);
+            } else {
+                while (next_seq < total_seqs && t >= start + (next_seq - opt_warmup) * opt_interval_ms / 1e3) {
+                    Http *idle = NULL;
+                    for (int i = 0; i < n_posts; i++) if (!posts[i].busy) { idle = &posts[i]; break; }
+                    if (!idle) break;
+                    post_next(idle);
+                }
+            }
+        }
+        if (opt_health_ms > 0 && !health.busy && t >= next_health) {
+            static char get[256];
+            int n = snprintf(get, sizeof get, "GET /health HTTP/1.1\r\nHost: %s:%d\r\n\r\n", opt_host, opt_port);
+            http_send(&health, strdup(get), n);
+            next_health = t + opt_health_ms / 1e3;
+        }
+        if (delivered != last_delivered) { last_delivered = delivered; last_progress = t; }
+        if (delivered >= expected && posts_done >= total_seqs) break;
+        if (t - last_progress > opt_drain_ms / 1e3 && next_seq >= total_seqs) { error = "drain timeout"; break; }
+        wait_events(opt_interval_ms > 0 ? 0.001 : 0.005);
+    }
+    while (health.busy && now_mono() < deadline) wait_events(0.01);
+    double fanout_s = t_last_recv - t_first_send;
+    double rss3, cpu3, xr3 = 0, xc3 = 0;
+    proc_usage(opt_pids, &rss3, &cpu3);
+    if (*opt_extra_pids) proc_usage(opt_extra_pids, &xr3, &xc3);
+    double lg3 = self_cpu();
+    double wall = now_mono() - start;
+
+    qsort(latencies, n_lat, sizeof(double), cmp_double);
+    qsort(health_ms, n_health, sizeof(double), cmp_double);
+    qsort(post_ms + opt_warmup, opt_broadcasts, sizeof(double), cmp_double);
+    double mean = 0;
+    for (long i = 0; i < n_lat; i++) mean += latencies[i];
+    mean = n_lat ? mean / n_lat : 0;
+
+    printf("{\"clients\":%d,\"broadcasts\":%d,\"interval_ms\":%d,\"payload_bytes\":%d,\"connected\":%d,"
+           "\"subscribed\":%d,\"dead\":%d,\"expected\":%ld,\"delivered\":%ld,\"loss\":%ld,\"duplicates\":%ld,"
+           "\"unexpected_frames\":%ld,\"post_errors\":%d,"
+           "\"connect_s\":%.3f,\"subscribe_s\":%.3f,\"fanout_s\":%.4f,\"deliveries_per_s\":%.0f,"
+           "\"p50_ms\":%.3f,\"p90_ms\":%.3f,\"p99_ms\":%.3f,\"max_ms\":%.3f,\"mean_ms\":%.3f,"
+           "\"post_p50_ms\":%.3f,\"post_max_ms\":%.3f,"
+           "\"health_samples\":%d,\"health_p50_ms\":%.3f,\"health_p99_ms\":%.3f,\"health_max_ms\":%.3f,"
+           "\"server_rss_before_mb\":%.2f,\"server_rss_connected_mb\":%.2f,\"server_rss_after_mb\":%.2f,"
+           "\"server_kb_per_conn\":%.2f,\"server_cpu_connect_s\":%.3f,\"server_cpu_fanout_pct\":%.1f,"
+           "\"extra_cpu_fanout_pct\":%.1f,\"loadgen_cpu_connect_pct\":%.1f,\"loadgen_cpu_fanout_pct\":%.1f,"
+           "\"error\":%s%s%s}\n",
+           opt_clients, opt_broadcasts, opt_interval_ms, opt_payload, n_connected, n_subscribed, n_dead, expected,
+           delivered, expected - delivered, duplicates, unexpected, post_errors, connect_s, subscribe_s, fanout_s,
+           fanout_s > 0 ? delivered / fanout_s : 0, pct(latencies, n_lat, 50), pct(latencies, n_lat, 90),
+           pct(latencies, n_lat, 99), n_lat ? latencies[n_lat - 1] : 0, mean, pct(post_ms + opt_warmup, opt_broadcasts, 50),
+           post_ms[opt_warmup + opt_broadcasts - 1], n_health, pct(health_ms, n_health, 50),
+           pct(health_ms, n_health, 99), n_health ? health_ms[n_health - 1] : 0, rss0, rss1, rss3,
+           n_subscribed ? (rss1 - rss0) * 1024.0 / n_subscribed : 0, cpu1 - cpu0,
+           wall > 0 ? (cpu3 - cpu2) / wall * 100 : 0, wall > 0 ? (xc3 - xc2) / wall * 100 : 0,
+           connect_s > 0 ? (lg1 - lg0) / (t_all_subscribed - t_first_connect) * 100 : 0,
+           wall > 0 ? (lg3 - lg2) / wall * 100 : 0, error ? "\"" : "", error ? error : "null", error ? "\"" : "");
+    return error ? 1 : 0;
+}

@@ -1,0 +1,289 @@
+"""`make bench`: fan-out, latency, connect rate, memory and CPU, for both brokers.
+
+For every (repetition, configuration, broker) it starts a fresh
+``gunicorn -k gevent wsgi:app`` (one worker, pinned to CPU 0; Redis pinned
+there too when the broker is Redis), runs ``bench/loadgen`` pinned to CPU 1,
+and stops everything by PID. It prints a table of medians and writes every
+run plus the medians to ``bench/results/bench-<stamp>.json`` (and the table
+to ``bench/results/latest.md``).
+
+Configurations are ``clients:broadcasts:interval_ms``; interval 0 means
+back-to-back (each POST awaited), > 0 an open loop at that period.
+
+    python bench/run.py                       # the full suite (~10 min)
+    python bench/run.py --quick               # one rep of two small configs
+    python bench/run.py --configs 10000:10:0 --brokers memory --reps 1
+
+Loopback only; every process is bounded in time and stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.prepare_users import prepare  # noqa: E402
+from relay.tokens import TokenService  # noqa: E402
+
+BENCH = ROOT / "bench"
+LOADGEN = BENCH / ".build" / "loadgen"
+RESULTS = BENCH / "results"
+DEFAULT_CONFIGS = "1000:100:0 1000:100:20 5000:20:0 10000:10:0"
+TOKEN_SECRET = "bench-token-secret-0123456789abcdefghijkl"
+ADMIN_SECRET = "bench-admin-secret-0123456789abcdefghijkl"
+COLUMNS = [
+    ("deliveries_per_s", "deliveries/s", "{:,.0f}"),
+    ("loss", "loss", "{:.0f}"),
+    ("p50_ms", "p50 ms", "{:.1f}"),
+    ("p99_ms", "p99 ms", "{:.1f}"),
+    ("server_cpu_fanout_pct", "srv CPU%", "{:.0f}"),
+    ("extra_cpu_fanout_pct", "redis CPU%", "{:.0f}"),
+    ("loadgen_cpu_fanout_pct", "lg CPU%", "{:.0f}"),
+    ("server_kb_per_conn", "KB/conn", "{:.1f}"),
+    ("connect_s", "connect s", "{:.2f}"),
+    ("health_max_ms", "/health max ms", "{:.1f}"),
+]
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", str(cpu), *argv]
+    return argv
+
+
+def build_loadgen() -> None:
+    source = BENCH / "loadgen.c"
+    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= source.stat().st_mtime:
+        return
+    LOADGEN.parent.mkdir(exist_ok=True)
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        sys.exit("bench needs a C compiler (apt-get install gcc) to build bench/loadgen.c")
+    subprocess.run([compiler, "-O2", "-Wall", "-o", str(LOADGEN), str(source)], check=True)
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 15) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return [int(p) for p in listing.read().split()]
+    except OSError:
+        return []
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the server did not become healthy")
+
+
+def warm_up(port: int, token: str) -> None:
+    """One socket through every code path, so that first-use costs stay out of the per-connection memory."""
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{port}/ws?token={quote(token, safe='')}", open_timeout=10) as ws:
+        ws.recv(timeout=5)
+        ws.send(json.dumps({"type": "SUBSCRIBE", "data": {"channels": ["system:announcements"]}}))
+        ws.recv(timeout=5)
+
+
+def run_one(clients: int, broadcasts: int, interval: int, broker: str, args, workdir: Path) -> dict:
+    port = free_port()
+    db = workdir / "bench.db"
+    if not db.exists():
+        prepare(str(db), 10_000)
+    env = {
+        **os.environ,
+        "APP_ENV": "development",
+        "WS_HOST": "127.0.0.1",
+        "WS_PORT": str(port),
+        "WS_TOKEN_SECRET": TOKEN_SECRET,
+        "WS_ADMIN_SECRET": ADMIN_SECRET,
+        "SECRET_KEY": "bench-session-key-0123456789abcdefghijklmn",
+        "REALTIME_DB": str(db),
+        "REALTIME_INSTANCE_PATH": str(workdir / "instance"),
+        "REALTIME_SEED_DEMO": "0",
+        "LOG_LEVEL": args.log_level,
+        "WEB_CONCURRENCY": "1",
+    }
+    env.pop("REDIS_URL", None)
+    redis = server = None
+    log_file = open(workdir / f"server-{port}.log", "ab")
+    try:
+        if broker == "redis":
+            redis_port = free_port()
+            redis = subprocess.Popen(
+                pinned(0, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no", "--dir", str(workdir)]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            time.sleep(0.3)
+        server = subprocess.Popen(pinned(0, [str(ROOT / ".venv" / "bin" / "gunicorn"), "-k", "gevent", "wsgi:app"]),
+                                  cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        wait_healthy(port, server)
+        tokens = TokenService(TOKEN_SECRET, 600_000)
+        warm_up(port, tokens.mint("bench-user-0"))
+        token_file = workdir / "tokens.txt"
+        token_file.write_text("".join(quote(tokens.mint(f"bench-user-{i}"), safe="") + "\n" for i in range(clients)))
+        pids = [server.pid, *children(server.pid)]
+        command = pinned(1, [
+            str(LOADGEN), "--port", str(port), "--tokens", str(token_file), "--clients", str(clients),
+            "--broadcasts", str(broadcasts), "--interval-ms", str(interval), "--warmup", "5",
+            "--admin-secret", ADMIN_SECRET, "--pids", " ".join(map(str, pids)),
+            "--extra-pids", str(redis.pid) if redis else "", "--payload-bytes", str(args.payload_bytes),
+        ])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"the load generator printed no result: {done.stderr[-500:]}")
+        result = json.loads(lines[-1])
+    except Exception as problem:  # one failed run is reported, the suite goes on
+        result = {"clients": clients, "broadcasts": broadcasts, "interval_ms": interval, "error": str(problem)}
+    finally:
+        stop(server)
+        stop(redis)
+        log_file.close()
+    return {"broker": broker, **result}
+
+
+def median_of(runs: list[dict], key: str):
+    values = [run[key] for run in runs if isinstance(run.get(key), (int, float))]
+    return statistics.median(values) if values else None
+
+
+def table(rows: list[dict]) -> str:
+    head = "| broker | clients × broadcasts @ interval | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|" + "---|" * (len(COLUMNS) + 2)
+    lines = [head, rule]
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = row.get(key)
+            cells.append("–" if value is None or (key == "extra_cpu_fanout_pct" and row["broker"] == "memory")
+                         else fmt.format(value))
+        config = f"{row['clients']:,} × {row['broadcasts']} @ {row['interval_ms']} ms"
+        lines.append(f"| {row['broker']} | {config} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} vCPU {cpu}, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS)
+    parser.add_argument("--brokers", default="memory,redis")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--payload-bytes", type=int, default=0)
+    parser.add_argument("--log-level", default="INFO", help="the service's LOG_LEVEL (INFO, as shipped)")
+    parser.add_argument("--quick", action="store_true", help="one rep of 1000:100:0 and 1000:100:20")
+    args = parser.parse_args()
+    if args.quick:
+        args.configs, args.reps = "1000:100:0 1000:100:20", 1
+    brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    if "redis" in brokers and not shutil.which("redis-server"):
+        sys.exit("the Redis runs need redis-server (apt-get install redis-server), or pass --brokers memory")
+    configs = [tuple(map(int, c.split(":"))) for c in args.configs.split()]
+
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < 12_000:
+        log(f"warning: the open-file limit is {hard}; 10,000-client runs need more than 10,000")
+    build_loadgen()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
+        workdir = Path(scratch)
+        for rep in range(1, args.reps + 1):
+            for clients, broadcasts, interval in configs:
+                for broker in brokers:
+                    log(f"rep {rep}  {broker:<6} {clients}x{broadcasts}@{interval}ms")
+                    run = run_one(clients, broadcasts, interval, broker, args, workdir)
+                    run["rep"] = rep
+                    runs.append(run)
+                    summary = {k: run.get(k) for k in ("deliveries_per_s", "loss", "p99_ms", "connect_s", "error")}
+                    log(f"   -> {summary}")
+                    time.sleep(1)
+    medians = []
+    for clients, broadcasts, interval in configs:
+        for broker in brokers:
+            group = [r for r in runs if r["broker"] == broker and r.get("clients") == clients
+                     and r.get("broadcasts") == broadcasts and r.get("interval_ms") == interval]
+            row = {"broker": broker, "clients": clients, "broadcasts": broadcasts, "interval_ms": interval,
+                   "runs": len(group), "errors": sum(1 for r in group if r.get("error"))}
+            for key, _, _ in COLUMNS:
+                row[key] = median_of(group, key)
+            medians.append(row)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(exist_ok=True)
+    report = {"machine": machine(), "stamp": stamp, "reps": args.reps, "log_level": args.log_level,
+              "medians": medians, "runs": runs}
+    (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2))
+    text = (f"Medians of {args.reps} run(s), {stamp}, {machine()}; server (and Redis) pinned to CPU 0, "
+            f"load generator to CPU 1, LOG_LEVEL={args.log_level}.\n\n{table(medians)}\n")
+    (RESULTS / "latest.md").write_text(text)
+    print(text)
+    failed = [r for r in runs if r.get("error")]
+    if failed:
+        log(f"{len(failed)} run(s) reported errors: see bench/results/bench-{stamp}.json")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
