@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench system-deps clean
+.PHONY: run test bench bench-quick bench-peers system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ run: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Our suite: both brokers x 1k/5k/10k clients, 3 reps (~10 min). Needs gcc and redis-server.
+bench: $(STAMP) system-deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP) system-deps
+	$(BIN)/python bench/run.py --quick
+
+# Side by side with node-ws, flask-sock-naive and c-limit in the shared harness (~15 min).
+bench-peers: $(STAMP)
+	bench/peers.sh $(PEERS_ARGS)
 
 system-deps:
 	@sh scripts/system-deps.sh

@@ -9,38 +9,56 @@ field whose name looks like one is replaced by ``"[redacted]"``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import sys
+import time
 
 logger = logging.getLogger("relay.events")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _SECRET_WORDS = ("token", "secret", "password", "authorization", "cookie")
 
 
+_direct = None  # the stream our own handler writes to, when it is the only one
+
+
 def event(name: str, level: str = "info", **fields) -> None:
     numeric = _LEVELS[level]
-    if logger.isEnabledFor(numeric):
+    if not logger.isEnabledFor(numeric):
+        return
+    if _direct is not None:
+        # The usual case (our JSON handler alone): write the line without building a
+        # LogRecord and walking handlers, a third of the cost, on every connect.
+        _direct.write(_line(time.time(), level, fields, name) + "\n")
+    else:
         logger.log(numeric, name, extra={"fields": fields})
+
+
+@functools.lru_cache(maxsize=256)
+def _secret_name(key: str) -> bool:
+    return any(word in key.lower() for word in _SECRET_WORDS)
+
+
+def _line(created: float, level: str, fields: dict, name: str | None = None, **extra) -> str:
+    out = {"ts": dt.datetime.fromtimestamp(created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+           "level": level}
+    if name is not None:
+        out["event"] = name
+    for key, value in fields.items():
+        out[key] = "[redacted]" if _secret_name(key) else value
+    out.update(extra)
+    return json.dumps(out, default=str, ensure_ascii=False)
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-        }
+        level = record.levelname.lower()
+        extra = {"exception": self.formatException(record.exc_info)} if record.exc_info else {}
         fields = getattr(record, "fields", None)
         if fields is not None:
-            out["event"] = record.msg
-            for key, value in fields.items():
-                out[key] = "[redacted]" if any(word in key.lower() for word in _SECRET_WORDS) else value
-        else:
-            out["logger"] = record.name
-            out["message"] = record.getMessage()
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+            return _line(record.created, level, fields, record.msg, **extra)
+        return _line(record.created, level, {}, logger=record.name, message=record.getMessage(), **extra)
 
 
 def configure(level: str = "INFO") -> None:
@@ -58,3 +76,7 @@ def configure(level: str = "INFO") -> None:
         root.addHandler(handler)
         root.propagate = False
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    global _direct
+    ours = [h for h in root.handlers if getattr(h, "_relay_json", False)]
+    only_ours = len(root.handlers) == 1 and ours and not logger.handlers and logger.propagate
+    _direct = ours[0].stream if only_ours else None

@@ -1,0 +1,64 @@
+"""The project against the peers of one shared-harness run: medians and ratios.
+
+    python bench/ratios.py bench/results/peers-YYYYMMDD-HHMM.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+PEERS = ("node-ws", "c-limit", "flask-sock-naive")
+
+
+def medians(path: str) -> dict:
+    groups = defaultdict(list)
+    for line in open(path):
+        run = json.loads(line)
+        if run.get("error") and not run.get("delivered"):
+            continue
+        groups[(run["target"], f"{run['clients']}:{run['broadcasts']}:{run['interval_ms']}")].append(run)
+
+    def med(runs, key):
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        return statistics.median(values) if values else None
+
+    keys = ("deliveries_per_s", "loss", "p99_ms", "server_cpu_fanout_pct", "server_rss_per_conn_kb", "connect_s")
+    return {group: {key: med(runs, key) for key in keys} | {"n": len(runs)} for group, runs in groups.items()}
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}×" if a and b else "–"
+
+
+def main(path: str) -> None:
+    m = medians(path)
+    configs = sorted({cfg for _, cfg in m}, key=lambda c: tuple(map(int, c.split(":"))))
+    print(f"Ratios from {path.rsplit('/', 1)[-1]} (medians; project / peer).\n")
+    print("| config | project deliveries/s | vs node-ws | vs c-limit | vs flask-sock-naive | project p99 ms | node-ws p99 ms "
+          "| project srv CPU% | project loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for cfg in configs:
+        p = m.get(("project", cfg))
+        if not p:
+            continue
+        peer = {name: m.get((name, cfg), {}) for name in PEERS}
+        print(f"| {cfg} | {p['deliveries_per_s']:,.0f} | {ratio(p['deliveries_per_s'], peer['node-ws'].get('deliveries_per_s'))} "
+              f"| {ratio(p['deliveries_per_s'], peer['c-limit'].get('deliveries_per_s'))} "
+              f"| {ratio(p['deliveries_per_s'], peer['flask-sock-naive'].get('deliveries_per_s'))} "
+              f"| {p['p99_ms']:.1f} | {peer['node-ws'].get('p99_ms') or 0:.1f} | {p['server_cpu_fanout_pct']:.0f} "
+              f"| {p['loss']:.0f} |")
+    print("\n| target | KB per connection (1k) | connect 10k (s) |")
+    print("|---|---|---|")
+    for name in ("project", *PEERS):
+        small = m.get((name, "1000:100:0"), {})
+        big = m.get((name, "10000:10:0"), {})
+        kb = small.get("server_rss_per_conn_kb")
+        connect = big.get("connect_s")
+        print(f"| {name} | {kb if kb is not None else '–'} | {connect if connect is not None else '–'} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
