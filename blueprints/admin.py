@@ -17,8 +17,7 @@ from relay.broker import BrokerUnavailable
 from relay.client import now_iso
 from relay.envelope import Filter
 
-from .auth import admin_required, csrf_ok, current_user, realtime
-from .errors import error_response
+from .auth import admin_required, csrf_ok, csrf_required, current_user, realtime
 from .pages import triggering_message
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -94,10 +93,9 @@ def _send(form: dict) -> tuple[int | None, str | None, int]:
 
 @bp.post("/maintenance/render")
 @admin_required
+@csrf_required
 def maintenance_banner():
     """Render the dashboard's maintenance banner from the MAINTENANCE message that triggered it."""
-    if not csrf_ok():
-        return error_response(403, "csrf_failed", "missing or wrong X-CSRF-Token header")
     message = triggering_message()
     data = message.get("data") if isinstance(message.get("data"), dict) else {}
     text = data.get("message") if isinstance(data.get("message"), str) else json.dumps(message.get("data"))

@@ -10,7 +10,7 @@ from relay.broadcast import MAX_BODY_BYTES, BroadcastError, parse_body
 from relay.broker import BrokerUnavailable
 from relay.codes import HttpError
 
-from .auth import admin_required, csrf_ok, current_user, realtime
+from .auth import admin_required, csrf_required, current_user, realtime
 from .errors import error_response
 
 bp = Blueprint("api", __name__)
@@ -42,10 +42,9 @@ def broadcast():
 
 @bp.post("/api/admin/broadcast")
 @admin_required
+@csrf_required
 def admin_broadcast():
     """For signed-in admins (cookie session): needs the CSRF token in ``X-CSRF-Token``."""
-    if not csrf_ok():
-        return error_response(403, HttpError.CSRF_FAILED, "missing or wrong X-CSRF-Token header")
     return send_broadcast(source=f"admin:{current_user().user_id}")
 
 

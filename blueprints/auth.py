@@ -85,6 +85,18 @@ def csrf_ok() -> bool:
     return bool(expected) and hmac.compare_digest(sent.encode(), expected.encode())
 
 
+def csrf_required(view):
+    """For htmx and API writes: 403 ``csrf_failed`` unless the request carries the session's token."""
+
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        if not csrf_ok():
+            return error_response(403, HttpError.CSRF_FAILED, "missing or wrong X-CSRF-Token header")
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
 # -- pages ----------------------------------------------------------------------------
 
 

@@ -8,8 +8,7 @@ from flask import Blueprint, abort, redirect, render_template, request, url_for
 
 from relay.channels import is_valid_id
 
-from .auth import csrf_ok, current_user, login_required
-from .errors import error_response
+from .auth import csrf_required, current_user, login_required
 from .pages import triggering_message
 
 bp = Blueprint("clinics", __name__, url_prefix="/clinics")
@@ -42,21 +41,19 @@ def queue(clinic_id):
 
 @bp.post("/<clinic_id>/queue/render")
 @login_required
+@csrf_required
 def render_queue(clinic_id):
     """Render the queue fragment from the QUEUE_UPDATE message that triggered the request."""
     _check_access(clinic_id)
-    if not csrf_ok():
-        return error_response(403, "csrf_failed", "missing or wrong X-CSRF-Token header")
     return render_template("clinics/_queue.html", view=queue_view(triggering_message()))
 
 
 @bp.post("/<clinic_id>/alerts/render")
 @login_required
+@csrf_required
 def render_alert(clinic_id):
     """Render the latest CLINIC_ALERT (the README's channel_subscriber example)."""
     _check_access(clinic_id)
-    if not csrf_ok():
-        return error_response(403, "csrf_failed", "missing or wrong X-CSRF-Token header")
     return render_template("clinics/_alert.html", message=triggering_message())
 
 

@@ -149,3 +149,22 @@ def test_admin_broadcast_api_validates_like_the_service_endpoint(server: Server)
 def test_disabled_user_socket_is_refused_even_with_a_valid_token(server: Server):
     with server.open(server.token("dave")) as client:
         assert client.closed_with()[0] == Close.FORBIDDEN
+
+
+@pytest.mark.parametrize("path", ["/clinics/clinic-1/queue/render", "/clinics/clinic-1/alerts/render",
+                                  "/admin/maintenance/render"])
+def test_fragment_endpoints_need_the_csrf_token(server: Server, path):
+    session = sign_in(server, "alice")
+    message = {"message": '{"type": "QUEUE_UPDATE", "data": {}}'}
+    refused = session.post(server.url + path, data=message, timeout=5)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "csrf_failed"
+    token = csrf_of(session.get(server.url + "/", timeout=5).text)
+    assert session.post(server.url + path, data=message, headers={"X-CSRF-Token": token}, timeout=5).status_code == 200
+
+
+def test_staff_cannot_render_another_clinics_fragments(server: Server):
+    session = sign_in(server, "bob")
+    token = csrf_of(session.get(server.url + "/", timeout=5).text)
+    response = session.post(server.url + "/clinics/clinic-2/queue/render", data={"message": "{}"},
+                            headers={"X-CSRF-Token": token}, timeout=5)
+    assert response.status_code == 403
