@@ -7,6 +7,7 @@ token, admit a socket, send a broadcast (through ``broadcaster``).
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import secrets
@@ -26,6 +27,8 @@ from .outbox import Outbox
 from .protocol import ClientProtocol, encode
 from .sqlite_directory import SqliteDirectory
 from .tokens import TokenError, TokenService
+
+log = logging.getLogger("relay.service")
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_SUBSCRIPTIONS = 100
@@ -65,7 +68,7 @@ class Realtime:
 
         Returns at once either way: an admitted connection lives on the event
         loop from here; a refused one is closed with a code the browser can
-        act on (4401 new token, 4403 give up, 1012/1013 retry).
+        act on (4401 new token, 4403 give up, 1012/1013 retry, 1011 our bug).
         """
         self.hub.start()
         conn = Connection(
@@ -77,9 +80,19 @@ class Realtime:
             close_timeout=self.settings.close_timeout_ms / 1000,
             remote=remote,
         )
+        try:
+            self._admit(conn, token, remote)
+        except Exception:
+            # The 101 is already on the wire: a bug here must still end in a close code, not a hang.
+            log.exception("admitting a socket failed")
+            self.hub.remove(conn)
+            conn.reject(Close.INTERNAL_ERROR, "internal error")
+        return conn
+
+    def _admit(self, conn: Connection, token: str | None, remote: str | None) -> None:
         if self.hub.draining:
             conn.reject(Close.SERVICE_RESTART, "service restart")
-            return conn
+            return
         try:
             user_id = self.tokens.verify(token)
         except TokenError as refused:
@@ -87,24 +100,24 @@ class Realtime:
                   userId=refused.user_id, remote=remote)
             self.hub.counters["auth_failures"] += 1
             conn.reject(Close.UNAUTHORIZED, f"token {refused.reason.replace('_', ' ')}")
-            return conn
+            return
         try:
             identity = self.directory.get(user_id)
         except DirectoryUnavailable as down:
             event("ws.auth_failed", level="error", reason="directory_unavailable", detail=str(down),
                   userId=user_id, remote=remote)
             conn.reject(Close.TRY_AGAIN_LATER, "identity service unavailable")
-            return conn
+            return
         if identity is None or not identity.active:
             reason = "unknown_user" if identity is None else "user_disabled"
             event("ws.auth_failed", level="warning", reason=reason, userId=user_id, remote=remote)
             self.hub.counters["auth_failures"] += 1
             conn.reject(Close.FORBIDDEN, reason.replace("_", " "))
-            return conn
+            return
         if self.hub.full:
             event("ws.refused", level="warning", reason="server_full", userId=user_id, clients=len(self.hub))
             conn.reject(Close.TRY_AGAIN_LATER, "server full")
-            return conn
+            return
 
         conn.identify(identity)
         # CONNECTED is queued before the hub can see the connection: it is always the first frame.
@@ -113,7 +126,6 @@ class Realtime:
         conn.start()
         event("ws.connect", clientId=conn.id, userId=user_id, role=identity.role,
               clinicId=identity.clinic_id, remote=remote)
-        return conn
 
     def drain(self, reason: str = "service restart") -> bool:
         """Close every socket with 1012 and refuse new ones (worker shutdown)."""

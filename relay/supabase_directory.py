@@ -107,7 +107,10 @@ class SupabaseDirectory:
         pending = self._inflight.get(user_id)
         if pending is not None:
             self.stats["hits"] += 1
-            return pending.get(timeout=self.timeout + 1)  # someone is already asking: share the answer
+            try:
+                return pending.get(timeout=self.timeout + 1)  # someone is already asking: share the answer
+            except gevent.Timeout:
+                raise DirectoryUnavailable(f"Supabase did not answer within {self.timeout} s") from None
         self.stats["misses"] += 1
         pending = self._inflight[user_id] = AsyncResult()
         try:
