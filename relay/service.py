@@ -44,22 +44,9 @@ class Realtime:
         self.hub = Hub(max_clients=settings.max_clients, ping_interval=settings.ping_interval_ms / 1000)
         self.outbox = Outbox()
         self.protocol = ClientProtocol(self.hub, max_subscriptions=MAX_SUBSCRIPTIONS)
-        self.broker = broker or self._make_broker(settings)
+        self.broker = broker or _make_broker(settings, self.worker_id)
         self.broker.start(self.hub.deliver, self.hub.stats)
         self.broadcaster = Broadcaster(self.broker)
-
-    def _make_broker(self, settings: Settings) -> Broker:
-        if not settings.redis_url:
-            return MemoryBroker(self.worker_id)
-        from .redis_broker import RedisBroker  # needs the optional redis package
-
-        return RedisBroker(
-            settings.redis_url,
-            worker_id=self.worker_id,
-            prefix=settings.redis_prefix,
-            heartbeat=settings.redis_heartbeat_ms / 1000,
-            reply_timeout=settings.redis_reply_timeout_ms / 1000,
-        )
 
     # -- sockets ------------------------------------------------------------------
 
@@ -178,6 +165,20 @@ class Realtime:
             "broker": broker,
             "identity": identity,
         }
+
+
+def _make_broker(settings: Settings, worker_id: str) -> Broker:
+    if not settings.redis_url:
+        return MemoryBroker(worker_id)
+    from .redis_broker import RedisBroker  # needs the optional redis package
+
+    return RedisBroker(
+        settings.redis_url,
+        worker_id=worker_id,
+        prefix=settings.redis_prefix,
+        heartbeat=settings.redis_heartbeat_ms / 1000,
+        reply_timeout=settings.redis_reply_timeout_ms / 1000,
+    )
 
 
 def _make_directory(settings: Settings) -> Directory:
