@@ -211,10 +211,6 @@ class Connection:
         if self._pending and not self._blocked and self.state is not CLOSED:
             self._write()
 
-    @property
-    def queued_bytes(self) -> int:
-        return self._pending_bytes
-
     def _enqueue(self, frame: bytes) -> None:
         pending = self._pending
         if pending is None:
