@@ -155,6 +155,24 @@ def test_status_shows_reconnecting_during_a_restart_and_recovers_without_a_reloa
         again.stop()
 
 
+def test_offline_is_shown_and_coming_back_online_reconnects_at_once(site, web):
+    page = web(site, "bob")
+    wait_live(page)
+    before = page.evaluate("window.realtime.stats.sockets")
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    expect(page.locator("#rt-status")).to_have_attribute("aria-label", "Live updates: Offline")
+    started = time.monotonic()
+    page.context.set_offline(False)
+    wait_live(page)
+    assert time.monotonic() - started < 3  # at once, not after a backoff
+    assert page.evaluate("window.realtime.stats.sockets") == before + 1
+    body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "welcome back"}},
+            "filter": {"channels": ["system:announcements"]}}
+    assert broadcast_until_delivered(site, body)["delivered"] == 1
+    expect(page.locator("#toasts .toast-text")).to_have_text("welcome back")
+
+
 def test_a_silent_dead_connection_is_noticed_by_ping_and_replaced(start_server, web):
     srv = start_server(WS_CLIENT_IDLE_MS=500, WS_CLIENT_PONG_TIMEOUT_MS=700)
     page = web(srv, "bob")
