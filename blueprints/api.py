@@ -10,7 +10,7 @@ from relay.broadcast import MAX_BODY_BYTES, BroadcastError, parse_body
 from relay.broker import BrokerUnavailable
 from relay.codes import HttpError
 
-from .auth import admin_required, csrf_required, current_user, realtime
+from .auth import admin_required, bearer_token, csrf_required, current_user, realtime
 from .errors import error_response
 
 bp = Blueprint("api", __name__)
@@ -64,10 +64,8 @@ def send_broadcast(*, source: str):
 def _admin_secret_ok() -> bool:
     """Constant-time check; an empty secret never authorizes, whatever is configured."""
     configured = realtime().settings.admin_secret
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        given = header[7:].strip()
-    else:
+    given = bearer_token()
+    if given is None:
         given = request.headers.get("X-Admin-Secret", "").strip()
     if not given or not configured:
         return False

@@ -71,6 +71,12 @@ def admin_required(view):
     return wrapped
 
 
+def bearer_token() -> str | None:
+    """The credential of an ``Authorization: Bearer ...`` header, if the request has one."""
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+
 def csrf_token() -> str:
     token = session.get("csrf")
     if not token:
@@ -153,10 +159,10 @@ def ws_auth():
     session), else the session's user, else ``WS_TEST_USER_ID`` in development.
     """
     rt = realtime()
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
+    access_token = bearer_token()
+    if access_token is not None:
         try:
-            user_id = rt.directory.user_for_access_token(header[7:].strip())
+            user_id = rt.directory.user_for_access_token(access_token)
             user = rt.directory.get(user_id)
         except (AccessTokenInvalid, AccessTokensUnsupported) as refused:
             event("ws.token_refused", level="warning", reason=type(refused).__name__, detail=str(refused))

@@ -147,18 +147,22 @@ class Connection:
             self._read_watch = self._loop.io(self._sock.fileno(), _READ)
             self._read_watch.start(self._on_readable)
 
-    def close(self, code: int, reason: str = "") -> None:
+    def close(self, code: int, reason: str = "", *, drop_when_sent: bool = False) -> None:
         """Start the closing handshake.
 
         The close frame goes after what is already queued; the socket is
         dropped when the client answers, or after ``close_timeout`` if it
-        does not.
+        does not. ``drop_when_sent`` drops it as soon as the frame is written
+        instead (the client already said goodbye, or broke the protocol).
         """
         if self.state is not OPEN:
             return
         self.close_code, self.close_reason = code, reason
         self._leave_open()
+        self._close_when_flushed = drop_when_sent
         self._enqueue(frames.close(code, reason))
+        if drop_when_sent and not self._blocked:
+            self._write()
         self._arm_close_timer()
 
     def reject(self, code: int, reason: str) -> None:
@@ -310,11 +314,7 @@ class Connection:
             # "Fail the WebSocket connection" (RFC 6455 7.1.7): the stream cannot be
             # parsed any further, so send the close frame and drop the socket once it is out.
             self._parser = None
-            if self.state is OPEN:
-                self.close(violation.code, violation.reason)
-                self._close_when_flushed = True
-                if not self._blocked:
-                    self._write()
+            self.close(violation.code, violation.reason, drop_when_sent=True)
             return
         for opcode, payload in messages:
             if self.state is CLOSED:
@@ -341,13 +341,8 @@ class Connection:
     def _on_close_frame(self, code: int, reason: str) -> None:
         if self.state is OPEN:
             # The client is leaving: echo its code, drop the socket once that is written.
-            self.close_code, self.close_reason = code, reason
-            self._leave_open()
-            self._close_when_flushed = True
-            self._enqueue(frames.close(code))
-            if not self._blocked:
-                self._write()
-            self._arm_close_timer()
+            self.close(code, drop_when_sent=True)
+            self.close_reason = reason  # what the client said, for the disconnect log
         else:
             self._finish()  # the answer to our own close frame
 

@@ -20,6 +20,7 @@ from collections import Counter
 import gevent
 import gevent.lock
 
+from .connection import CLOSED
 from .envelope import Envelope, Filter
 
 log = logging.getLogger("relay.hub")
@@ -200,7 +201,7 @@ class Hub:
         # sockets themselves, so that every close frame is on the wire before exit.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            conns = [conn for conn in conns if conn.state != "closed"]
+            conns = [conn for conn in conns if conn.state is not CLOSED]
             if not conns:
                 return True
             gevent.sleep(0.05)

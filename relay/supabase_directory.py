@@ -110,7 +110,7 @@ class SupabaseDirectory:
             try:
                 return pending.get(timeout=self.timeout + 1)  # someone is already asking: share the answer
             except gevent.Timeout:
-                raise DirectoryUnavailable(f"Supabase did not answer within {self.timeout} s") from None
+                raise self._late() from None
         self.stats["misses"] += 1
         pending = self._inflight[user_id] = AsyncResult()
         try:
@@ -131,7 +131,7 @@ class SupabaseDirectory:
         # which must never happen to the service-role client.
         client = create_client(self.url, self._sign_in_key, options=self._options())
         try:
-            with gevent.Timeout(self.timeout, DirectoryUnavailable(f"Supabase did not answer within {self.timeout} s")):
+            with self._deadline():
                 result = client.auth.sign_in_with_password({"email": login, "password": password})
         except AuthApiError as refused:
             if refused.status and 400 <= refused.status < 500 and refused.status != 429:
@@ -157,7 +157,7 @@ class SupabaseDirectory:
                 raise AccessTokenInvalid(f"the access token is invalid: {bad}") from None
             return str(claims["sub"])
         try:
-            with gevent.Timeout(self.timeout, DirectoryUnavailable(f"Supabase did not answer within {self.timeout} s")):
+            with self._deadline():
                 response = self._admin.auth.get_user(token)
         except AuthApiError as refused:
             if refused.status in (401, 403, 404):
@@ -186,7 +186,7 @@ class SupabaseDirectory:
         """Ask Supabase (no cache): the auth user, then the profile row."""
         self.stats["upstream"] += 1
         try:
-            with gevent.Timeout(self.timeout, DirectoryUnavailable(f"Supabase did not answer within {self.timeout} s")):
+            with self._deadline():
                 try:
                     user = self._admin.auth.admin.get_user_by_id(user_id).user
                 except AuthApiError as refused:
@@ -220,6 +220,13 @@ class SupabaseDirectory:
             clinic_id=_text(profile.get(self.clinic_column)) or _text(meta.get("clinic_id")),
             active=not _banned(user.banned_until),
         )
+
+    def _late(self) -> DirectoryUnavailable:
+        return DirectoryUnavailable(f"Supabase did not answer within {self.timeout} s")
+
+    def _deadline(self) -> gevent.Timeout:
+        """A hard bound on one call, on top of httpx's per-read timeouts (a slow drip passes those)."""
+        return gevent.Timeout(self.timeout, self._late())
 
     def _remember(self, user_id: str, identity: Identity | None) -> None:
         self._cache[user_id] = (time.monotonic() + self.cache_ttl, identity)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -208,6 +209,25 @@ class Server:
             if health["clients"] == count or time.monotonic() > deadline:
                 return health
             time.sleep(0.05)
+
+
+def csrf_of(html: str) -> str:
+    """The CSRF token a page carries in <meta name="csrf-token">."""
+    return re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)
+
+
+def sign_in(srv: "Server", login: str, password: str = PASSWORD,
+            session: requests.Session | None = None) -> requests.Session:
+    """Post the sign-in form as a browser would; the answer is kept as ``session.last``."""
+    session = session or requests.Session()
+    page = session.get(srv.url + "/login", timeout=5)
+    session.last = session.post(
+        srv.url + "/login",
+        data={"login": login, "password": password, "csrf_token": csrf_of(page.text)},
+        timeout=10,
+        allow_redirects=False,
+    )
+    return session
 
 
 class RedisServer:

@@ -1,29 +1,11 @@
 """Sign-in, /api/ws/auth and the admin broadcast API for cookie sessions."""
 
-import re
 
 import pytest
 import requests
 
 from relay.codes import Close
-from support import PASSWORD, Server
-
-
-def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)
-
-
-def sign_in(server: Server, login: str, password: str = PASSWORD) -> requests.Session:
-    session = requests.Session()
-    page = session.get(server.url + "/login", timeout=5)
-    response = session.post(
-        server.url + "/login",
-        data={"login": login, "password": password, "csrf_token": csrf_of(page.text)},
-        timeout=10,
-        allow_redirects=False,
-    )
-    session.last = response
-    return session
+from support import PASSWORD, Server, csrf_of, sign_in
 
 
 def test_sign_in_with_email_then_token_works_on_the_socket(server: Server):

@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-from relay.codes import Close
 from support import Server, make_users
 
 USERS = ["alice", "bob", "carol", "erin"]

@@ -3,15 +3,14 @@
 Broker: MemoryBroker and RedisBroker. Directory: SqliteDirectory and SupabaseDirectory.
 """
 
-import re
 import uuid
 
 import pytest
-import requests
 
 from fake_supabase import ANON_KEY, SERVICE_KEY, FakeSupabase
 from relay.codes import Close
 from relay.sqlite_directory import SqliteDirectory
+from support import sign_in
 
 PASSWORD = "pw-correct-horse"
 
@@ -76,15 +75,6 @@ def directory_server(request, start_server, tmp_path):
     return srv
 
 
-def sign_in(srv, login, password=PASSWORD):
-    session = requests.Session()
-    page = session.get(srv.url + "/login", timeout=5)
-    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text).group(1)
-    response = session.post(srv.url + "/login", data={"login": login, "password": password, "csrf_token": csrf},
-                            timeout=10, allow_redirects=False)
-    return session, response.status_code
-
-
 def test_directory_knows_role_clinic_and_state(directory_server):
     srv = directory_server
     with srv.connect(STAFF) as staff, srv.connect(ADMIN):
@@ -99,9 +89,9 @@ def test_directory_knows_role_clinic_and_state(directory_server):
 
 def test_directory_signs_people_in_by_email(directory_server):
     srv = directory_server
-    session, status = sign_in(srv, "nurse@clinic.test")
-    assert status == 302
+    session = sign_in(srv, "nurse@clinic.test", PASSWORD)
+    assert session.last.status_code == 302
     assert session.get(srv.url + "/api/ws/auth", timeout=5).json()["userId"] == STAFF
-    assert sign_in(srv, "nurse@clinic.test", "wrong")[1] == 401
-    assert sign_in(srv, "gone@clinic.test")[1] == 401
-    assert sign_in(srv, "nobody@clinic.test")[1] == 401
+    assert sign_in(srv, "nurse@clinic.test", "wrong").last.status_code == 401
+    assert sign_in(srv, "gone@clinic.test", PASSWORD).last.status_code == 401
+    assert sign_in(srv, "nobody@clinic.test", PASSWORD).last.status_code == 401

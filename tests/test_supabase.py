@@ -5,7 +5,6 @@ password sign-in and PostgREST endpoints with Supabase's paths, headers and
 shapes; each test asserts on what the client actually sent.
 """
 
-import re
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import requests
 
 from fake_supabase import ANON_KEY, JWT_SECRET, SERVICE_KEY, FakeSupabase
 from relay.codes import Close
-from support import ROOT, Server
+from support import ROOT, sign_in
 
 
 @pytest.fixture
@@ -221,24 +220,17 @@ def test_bearer_tokens_from_another_origin_get_cors_headers(site, supabase, peop
 
 def test_site_sign_in_with_supabase_email_and_password(site, supabase, people):
     srv = site()
-    session = requests.Session()
-    page = session.get(srv.url + "/login", timeout=5)
-    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text).group(1)
-    bad = session.post(srv.url + "/login", data={"login": "nurse@clinic.test", "password": "wrong",
-                                                 "csrf_token": csrf}, timeout=10, allow_redirects=False)
-    assert bad.status_code == 401
-    good = session.post(srv.url + "/login", data={"login": "nurse@clinic.test", "password": "pw-correct-horse",
-                                                  "csrf_token": csrf}, timeout=10, allow_redirects=False)
-    assert good.status_code == 302
+    session = sign_in(srv, "nurse@clinic.test", "wrong")
+    assert session.last.status_code == 401
+    sign_in(srv, "nurse@clinic.test", "pw-correct-horse", session=session)
+    assert session.last.status_code == 302
     body = session.get(srv.url + "/api/ws/auth", timeout=5).json()
     assert body["userId"] == people["staff"].id
     assert "Nok" in session.get(srv.url + "/", timeout=5).text
-    sign_in = supabase.calls("/auth/v1/token")
-    assert len(sign_in) == 2 and sign_in[0].query == {"grant_type": ["password"]}
-    assert sign_in[0].headers["apikey"] == ANON_KEY
-    csrf = re.search(r'name="csrf-token" content="([^"]+)"', session.get(srv.url + "/login", timeout=5).text).group(1)
-    banned = session.post(srv.url + "/login", data={"login": "gone@clinic.test", "password": "pw-correct-horse",
-                                                    "csrf_token": csrf}, timeout=10, allow_redirects=False)
+    token_calls = supabase.calls("/auth/v1/token")
+    assert len(token_calls) == 2 and token_calls[0].query == {"grant_type": ["password"]}
+    assert token_calls[0].headers["apikey"] == ANON_KEY
+    banned = sign_in(srv, "gone@clinic.test", "pw-correct-horse", session=session).last
     assert banned.status_code == 401
 
 
