@@ -107,7 +107,14 @@ def _seed_demo_users(realtime: Realtime, instance_path: str) -> None:
     with os.fdopen(fd, "w") as out:
         out.write("\n".join(lines) + "\n")
     banner = "\n".join(
-        ["", "=" * 72, "Demo users created (development only). Sign in at /login with:", *lines,
-         f"(kept in {path}; shown once)", "=" * 72, ""]
+        [
+            "",
+            "=" * 72,
+            "Demo users created (development only). Sign in at /login with:",
+            *lines,
+            f"(kept in {path}; shown once)",
+            "=" * 72,
+            "",
+        ]
     )
     print(banner, file=sys.stderr, flush=True)

@@ -27,8 +27,16 @@ def prepare(db_path: str, count: int) -> None:
     db.executescript(SCHEMA)
     now = _now()
     rows = [
-        (f"bench-user-{i}", None, f"Bench {i}", ROLES[i % len(ROLES)],
-         None if ROLES[i % len(ROLES)] == "admin" else f"clinic-{i % 100}", 1, None, now)
+        (
+            f"bench-user-{i}",
+            None,
+            f"Bench {i}",
+            ROLES[i % len(ROLES)],
+            None if ROLES[i % len(ROLES)] == "admin" else f"clinic-{i % 100}",
+            1,
+            None,
+            now,
+        )
         for i in range(count)
     ]
     db.executemany("INSERT OR IGNORE INTO users VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)

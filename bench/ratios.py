@@ -1,6 +1,6 @@
 """The project against the peers of one shared-harness run: medians and ratios.
 
-    python bench/ratios.py bench/results/peers-YYYYMMDD-HHMM.jsonl
+python bench/ratios.py bench/results/peers-YYYYMMDD-HHMM.jsonl
 """
 
 from __future__ import annotations
@@ -37,19 +37,24 @@ def main(path: str) -> None:
     m = medians(path)
     configs = sorted({cfg for _, cfg in m}, key=lambda c: tuple(map(int, c.split(":"))))
     print(f"Ratios from {path.rsplit('/', 1)[-1]} (medians; project / peer).\n")
-    print("| config | project deliveries/s | vs node-ws | vs c-limit | vs flask-sock-naive | project p99 ms | node-ws p99 ms "
-          "| project srv CPU% | project loss |")
+    print(
+        "| config | project deliveries/s | vs node-ws | vs c-limit | vs flask-sock-naive "
+        "| project p99 ms | node-ws p99 ms | project srv CPU% | project loss |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for cfg in configs:
         p = m.get(("project", cfg))
         if not p:
             continue
         peer = {name: m.get((name, cfg), {}) for name in PEERS}
-        print(f"| {cfg} | {p['deliveries_per_s']:,.0f} | {ratio(p['deliveries_per_s'], peer['node-ws'].get('deliveries_per_s'))} "
-              f"| {ratio(p['deliveries_per_s'], peer['c-limit'].get('deliveries_per_s'))} "
-              f"| {ratio(p['deliveries_per_s'], peer['flask-sock-naive'].get('deliveries_per_s'))} "
-              f"| {p['p99_ms']:.1f} | {peer['node-ws'].get('p99_ms') or 0:.1f} | {p['server_cpu_fanout_pct']:.0f} "
-              f"| {p['loss']:.0f} |")
+        rate = p["deliveries_per_s"]
+        print(
+            f"| {cfg} | {rate:,.0f} | {ratio(rate, peer['node-ws'].get('deliveries_per_s'))} "
+            f"| {ratio(rate, peer['c-limit'].get('deliveries_per_s'))} "
+            f"| {ratio(rate, peer['flask-sock-naive'].get('deliveries_per_s'))} "
+            f"| {p['p99_ms']:.1f} | {peer['node-ws'].get('p99_ms') or 0:.1f} | {p['server_cpu_fanout_pct']:.0f} "
+            f"| {p['loss']:.0f} |"
+        )
     print("\n| target | KB per connection (1k) | connect 10k (s) |")
     print("|---|---|---|")
     for name in ("project", *PEERS):

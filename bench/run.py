@@ -159,25 +159,66 @@ def run_one(clients: int, broadcasts: int, interval: int, broker: str, args, wor
         if broker == "redis":
             redis_port = free_port()
             redis = subprocess.Popen(
-                pinned(0, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                           "--appendonly", "no", "--dir", str(workdir)]),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                pinned(
+                    0,
+                    [
+                        "redis-server",
+                        "--port",
+                        str(redis_port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(workdir),
+                    ],
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             time.sleep(0.3)
-        server = subprocess.Popen(pinned(0, [str(ROOT / ".venv" / "bin" / "gunicorn"), "-k", "gevent", "wsgi:app"]),
-                                  cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            pinned(0, [str(ROOT / ".venv" / "bin" / "gunicorn"), "-k", "gevent", "wsgi:app"]),
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
         wait_healthy(port, server)
         tokens = TokenService(TOKEN_SECRET, 600_000)
         warm_up(port, tokens.mint("bench-user-0"))
         token_file = workdir / "tokens.txt"
         token_file.write_text("".join(quote(tokens.mint(f"bench-user-{i}"), safe="") + "\n" for i in range(clients)))
         pids = [server.pid, *children(server.pid)]
-        command = pinned(1, [
-            str(LOADGEN), "--port", str(port), "--tokens", str(token_file), "--clients", str(clients),
-            "--broadcasts", str(broadcasts), "--interval-ms", str(interval), "--warmup", "5",
-            "--admin-secret", ADMIN_SECRET, "--pids", " ".join(map(str, pids)),
-            "--extra-pids", str(redis.pid) if redis else "", "--payload-bytes", str(args.payload_bytes),
-        ])
+        command = pinned(
+            1,
+            [
+                str(LOADGEN),
+                "--port",
+                str(port),
+                "--tokens",
+                str(token_file),
+                "--clients",
+                str(clients),
+                "--broadcasts",
+                str(broadcasts),
+                "--interval-ms",
+                str(interval),
+                "--warmup",
+                "5",
+                "--admin-secret",
+                ADMIN_SECRET,
+                "--pids",
+                " ".join(map(str, pids)),
+                "--extra-pids",
+                str(redis.pid) if redis else "",
+                "--payload-bytes",
+                str(args.payload_bytes),
+            ],
+        )
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if not lines:
@@ -205,8 +246,11 @@ def table(rows: list[dict]) -> str:
         cells = []
         for key, _, fmt in COLUMNS:
             value = row.get(key)
-            cells.append("–" if value is None or (key == "extra_cpu_fanout_pct" and row["broker"] == "memory")
-                         else fmt.format(value))
+            cells.append(
+                "–"
+                if value is None or (key == "extra_cpu_fanout_pct" and row["broker"] == "memory")
+                else fmt.format(value)
+            )
         config = f"{row['clients']:,} × {row['broadcasts']} @ {row['interval_ms']} ms"
         lines.append(f"| {row['broker']} | {config} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -263,20 +307,40 @@ def main() -> None:
     medians = []
     for clients, broadcasts, interval in configs:
         for broker in brokers:
-            group = [r for r in runs if r["broker"] == broker and r.get("clients") == clients
-                     and r.get("broadcasts") == broadcasts and r.get("interval_ms") == interval]
-            row = {"broker": broker, "clients": clients, "broadcasts": broadcasts, "interval_ms": interval,
-                   "runs": len(group), "errors": sum(1 for r in group if r.get("error"))}
+            group = [
+                r
+                for r in runs
+                if r["broker"] == broker
+                and r.get("clients") == clients
+                and r.get("broadcasts") == broadcasts
+                and r.get("interval_ms") == interval
+            ]
+            row = {
+                "broker": broker,
+                "clients": clients,
+                "broadcasts": broadcasts,
+                "interval_ms": interval,
+                "runs": len(group),
+                "errors": sum(1 for r in group if r.get("error")),
+            }
             for key, _, _ in COLUMNS:
                 row[key] = median_of(group, key)
             medians.append(row)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(exist_ok=True)
-    report = {"machine": machine(), "stamp": stamp, "reps": args.reps, "log_level": args.log_level,
-              "medians": medians, "runs": runs}
+    report = {
+        "machine": machine(),
+        "stamp": stamp,
+        "reps": args.reps,
+        "log_level": args.log_level,
+        "medians": medians,
+        "runs": runs,
+    }
     (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2))
-    text = (f"Medians of {args.reps} run(s), {stamp}, {machine()}; server (and Redis) pinned to CPU 0, "
-            f"load generator to CPU 1, LOG_LEVEL={args.log_level}.\n\n{table(medians)}\n")
+    text = (
+        f"Medians of {args.reps} run(s), {stamp}, {machine()}; server (and Redis) pinned to CPU 0, "
+        f"load generator to CPU 1, LOG_LEVEL={args.log_level}.\n\n{table(medians)}\n"
+    )
     (RESULTS / "latest.md").write_text(text)
     print(text)
     failed = [r for r in runs if r.get("error")]

@@ -59,8 +59,15 @@ def broadcast():
             form["message"] = ""
     template = "admin/_broadcast_response.html" if is_htmx() else "admin/broadcast.html"
     response = make_response(
-        render_template(template, form=form, delivered=delivered, error=error,
-                        channels=CHANNEL_TYPES, recent=list(realtime().broadcaster.recent), max_text=MAX_TEXT),
+        render_template(
+            template,
+            form=form,
+            delivered=delivered,
+            error=error,
+            channels=CHANNEL_TYPES,
+            recent=list(realtime().broadcaster.recent),
+            max_text=MAX_TEXT,
+        ),
         status,
     )
     response.headers["Vary"] = "HX-Request"
@@ -100,4 +107,3 @@ def maintenance_banner():
     data = message.get("data") if isinstance(message.get("data"), dict) else {}
     text = data.get("message") if isinstance(data.get("message"), str) else json.dumps(message.get("data"))
     return render_template("admin/_maintenance_banner.html", text=text, at=data.get("at"))
-

@@ -57,8 +57,9 @@ def send_broadcast(*, source: str):
         return error_response(400, bad.code, bad.message)
     except BrokerUnavailable as down:
         return error_response(503, HttpError.UNAVAILABLE, f"broadcast not sent: {down}")
-    return jsonify(ok=True, delivered=delivery.delivered, id=envelope.id,
-                   workers=delivery.workers, missingWorkers=delivery.missing)
+    return jsonify(
+        ok=True, delivered=delivery.delivered, id=envelope.id, workers=delivery.workers, missingWorkers=delivery.missing
+    )
 
 
 def _admin_secret_ok() -> bool:

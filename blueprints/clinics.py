@@ -71,8 +71,11 @@ def queue_view(message: dict) -> dict:
             "kind": "queue",
             "at": at,
             "entries": [
-                {"number": e["number"], "name": e["name"],
-                 "extra": {k: v for k, v in e.items() if k not in ("number", "name")}}
+                {
+                    "number": e["number"],
+                    "name": e["name"],
+                    "extra": {k: v for k, v in e.items() if k not in ("number", "name")},
+                }
                 for e in entries
             ],
         }

@@ -67,5 +67,9 @@ def unexpected_error(error: Exception):
     log.exception("unhandled error on %s %s", request.method, request.path)
     if wants_json():
         return error_response(500, HttpError.INTERNAL, "internal error; the server log has the details")
-    return render_template("error.html", status=500, title="Something went wrong",
-                           message="The server hit an error. Try again in a moment."), 500
+    return render_template(
+        "error.html",
+        status=500,
+        title="Something went wrong",
+        message="The server hit an error. Try again in a moment.",
+    ), 500

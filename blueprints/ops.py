@@ -59,8 +59,11 @@ def health(url, timeout):
 @click.option("--roles", multiple=True, help="Roles, comma-separated; repeatable.")
 def broadcast(url, timeout, message, message_type, channels, users, clinics, roles):
     """Send {type, data: {message, at}} through POST /broadcast."""
-    flt = {key: _split(values) for key, values in
-           (("channels", channels), ("userIds", users), ("clinicIds", clinics), ("roles", roles)) if values}
+    flt = {
+        key: _split(values)
+        for key, values in (("channels", channels), ("userIds", users), ("clinicIds", clinics), ("roles", roles))
+        if values
+    }
     try:
         status, body = _client(url, timeout).broadcast(message_type, {"message": message, "at": now_iso()}, flt)
     except ServiceError as err:
@@ -109,7 +112,7 @@ def identity_check(user_id):
         user = lookup(user_id)
     except DirectoryUnavailable as down:
         click.echo(f"UNAVAILABLE after {time.perf_counter() - started:.2f} s: {down}", err=True)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     elapsed = f"{(time.perf_counter() - started) * 1000:.0f} ms"
     if user is None:
         click.echo(f"no user {user_id!r} ({elapsed})")

@@ -41,8 +41,9 @@ def add(user_id, email, password, role, clinic_id, display_name, no_password):
     if password is None and not no_password:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     try:
-        user = _store().add_user(user_id, email=email, password=password, role=role,
-                                 clinic_id=clinic_id, display_name=display_name)
+        user = _store().add_user(
+            user_id, email=email, password=password, role=role, clinic_id=clinic_id, display_name=display_name
+        )
     except UserError as problem:
         raise click.ClickException(str(problem)) from None
     click.echo(f"added {user.user_id} ({user.email or 'no email'}), role {user.role}, clinic {user.clinic_id or '-'}")
@@ -54,8 +55,10 @@ def list_users():
     users = _store().list_users()
     click.echo(f"{'id':<24} {'email':<28} {'role':<14} {'clinic':<12} active")
     for user in users:
-        click.echo(f"{user.user_id:<24} {user.email or '-':<28} {user.role:<14} {user.clinic_id or '-':<12} "
-                   f"{'yes' if user.active else 'no'}")
+        click.echo(
+            f"{user.user_id:<24} {user.email or '-':<28} {user.role:<14} {user.clinic_id or '-':<12} "
+            f"{'yes' if user.active else 'no'}"
+        )
     click.echo(f"{len(users)} user(s)")
 
 

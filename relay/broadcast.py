@@ -150,7 +150,14 @@ class Broadcaster:
             source=source,
         )
         self.recent.appendleft(
-            SentBroadcast(dt.datetime.now(dt.timezone.utc), envelope.id, envelope.type, envelope.data,
-                          envelope.filter, delivery.delivered, source)
+            SentBroadcast(
+                dt.datetime.now(dt.UTC),
+                envelope.id,
+                envelope.type,
+                envelope.data,
+                envelope.filter,
+                delivery.delivered,
+                source,
+            )
         )
         return envelope, delivery

@@ -9,8 +9,9 @@ and ``RedisBroker`` (several workers or hosts).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from .envelope import Envelope
 

@@ -72,7 +72,7 @@ class Step:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, channel: str) -> list[Step]:
@@ -88,7 +88,9 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
     except ServiceError as err:
         step("health", False, str(err))
         return steps
-    if not step("health", status == 200 and body.get("ok") is True, f"HTTP {status}, {body.get('clients', '?')} clients"):
+    if not step(
+        "health", status == 200 and body.get("ok") is True, f"HTTP {status}, {body.get('clients', '?')} clients"
+    ):
         return steps
 
     status, body = client.request("GET", "/api/ws/auth")
@@ -106,8 +108,12 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
     try:
         with connect(url, open_timeout=client.timeout, close_timeout=1, max_size=2**20) as ws:
             first = json.loads(ws.recv(timeout=client.timeout))
-            if not step("connect", first.get("type") == "CONNECTED", f"first message {first.get('type')}"
-                        + (f" ({first.get('data', {}).get('code')})" if first.get("type") == "ERROR" else "")):
+            if not step(
+                "connect",
+                first.get("type") == "CONNECTED",
+                f"first message {first.get('type')}"
+                + (f" ({first.get('data', {}).get('code')})" if first.get("type") == "ERROR" else ""),
+            ):
                 return steps
             ws.send(json.dumps({"type": "SUBSCRIBE", "data": {"channels": [channel]}}))
             reply = _next_of(ws, ("SUBSCRIBED",), client.timeout)
@@ -122,8 +128,11 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
             except ServiceError as err:
                 step("broadcast", False, str(err))
                 return steps
-            if not step("broadcast", status == 200 and body.get("delivered", 0) >= 1,
-                        f"HTTP {status}, delivered {body.get('delivered')}" + _error_text(body)):
+            if not step(
+                "broadcast",
+                status == 200 and body.get("delivered", 0) >= 1,
+                f"HTTP {status}, delivered {body.get('delivered')}" + _error_text(body),
+            ):
                 return steps
             got = _next_of(ws, ("SMOKE_TEST",), client.timeout, lambda m: m.get("data", {}).get("nonce") == nonce)
             step("receive", bool(got), f"message {got.get('id')} arrived")
@@ -131,8 +140,11 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
         step("receive" if len(steps) >= 4 else "connect", False, f"nothing arrived within {client.timeout} s")
     except Exception as err:  # websockets raises several families; report, don't trace
         code = getattr(getattr(err, "rcvd", None), "code", None)
-        step("connect" if len(steps) < 3 else "receive", False,
-             f"{type(err).__name__}: {err}" + (f" (close code {code})" if code else ""))
+        step(
+            "connect" if len(steps) < 3 else "receive",
+            False,
+            f"{type(err).__name__}: {err}" + (f" (close code {code})" if code else ""),
+        )
     return steps
 
 

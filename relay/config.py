@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 from urllib.parse import urlsplit
 
 MIN_SECRET_BYTES = 32
@@ -49,7 +49,7 @@ class Settings:
     redis_prefix: str
     redis_heartbeat_ms: int
     redis_reply_timeout_ms: int
-    supabase: "SupabaseSettings | None"
+    supabase: SupabaseSettings | None
     allowed_origins: tuple[str, ...]
     max_clients: int
     max_queue_bytes: int
@@ -67,14 +67,12 @@ class Settings:
         return self.app_env == "production"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], instance_path: str) -> "Settings":
+    def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
         """Build settings from an environment mapping (``os.environ`` plus overrides)."""
         reader = _Reader(env)
         app_env = reader.text("APP_ENV", "development").lower()
         if app_env not in ("development", "production"):
-            raise ConfigError(
-                f"APP_ENV must be 'development' or 'production', got {app_env!r}."
-            )
+            raise ConfigError(f"APP_ENV must be 'development' or 'production', got {app_env!r}.")
         production = app_env == "production"
         notices: list[str] = []
         warnings: list[str] = []
@@ -89,9 +87,7 @@ class Settings:
                 path = os.path.join(instance_path, DEV_SECRETS_FILE)
                 stored = _load_or_create_dev_secrets(path, missing)
                 found.update({name: stored[name] for name in missing})
-                notices.append(
-                    f"development secrets for {', '.join(missing)} are kept in {path} (mode 0600)"
-                )
+                notices.append(f"development secrets for {', '.join(missing)} are kept in {path} (mode 0600)")
             for name, value in found.items():
                 if len(value.encode()) < MIN_SECRET_BYTES:
                     warnings.append(
@@ -260,8 +256,11 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
     table = reader.text("SUPABASE_PROFILES_TABLE", "profiles")
     columns = tuple(
         reader.text(name, default)
-        for name, default in (("SUPABASE_PROFILE_ID_COLUMN", "id"), ("SUPABASE_PROFILE_ROLE_COLUMN", "role"),
-                              ("SUPABASE_PROFILE_CLINIC_COLUMN", "clinic_id"))
+        for name, default in (
+            ("SUPABASE_PROFILE_ID_COLUMN", "id"),
+            ("SUPABASE_PROFILE_ROLE_COLUMN", "role"),
+            ("SUPABASE_PROFILE_CLINIC_COLUMN", "clinic_id"),
+        )
     )
     for name in (table, *columns):
         if not name.replace("_", "").isalnum():
@@ -296,8 +295,6 @@ def _origins(raw: str) -> tuple[str, ...]:
             continue
         parts = urlsplit(item)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-            raise ConfigError(
-                f"WS_ALLOWED_ORIGINS entries must look like https://app.example.com, got {item!r}."
-            )
+            raise ConfigError(f"WS_ALLOWED_ORIGINS entries must look like https://app.example.com, got {item!r}.")
         origins.append(f"{parts.scheme}://{parts.netloc}".lower())
     return tuple(origins)

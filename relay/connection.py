@@ -43,14 +43,14 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class Handler(Protocol):
-    def on_text(self, conn: "Connection", text: str) -> None: ...
+    def on_text(self, conn: Connection, text: str) -> None: ...
 
-    def on_binary(self, conn: "Connection", data: bytes) -> None: ...
+    def on_binary(self, conn: Connection, data: bytes) -> None: ...
 
-    def on_closing(self, conn: "Connection") -> None:
+    def on_closing(self, conn: Connection) -> None:
         """The connection stopped being OPEN: take it out of every index."""
 
-    def on_closed(self, conn: "Connection") -> None:
+    def on_closed(self, conn: Connection) -> None:
         """The socket is gone; ``conn.close_code``/``close_reason`` say why."""
 
 

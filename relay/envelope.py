@@ -37,13 +37,13 @@ class Filter:
 
     def to_json(self) -> dict:
         out = {}
-        for key, values in zip(FILTER_FIELDS, (self.user_ids, self.clinic_ids, self.roles, self.channels)):
+        for key, values in zip(FILTER_FIELDS, (self.user_ids, self.clinic_ids, self.roles, self.channels), strict=True):
             if values:
                 out[key] = sorted(values)
         return out
 
     @classmethod
-    def from_json(cls, data: dict | None) -> "Filter":
+    def from_json(cls, data: dict | None) -> Filter:
         data = data or {}
         return cls(*(frozenset(data.get(key) or ()) for key in FILTER_FIELDS))
 
@@ -72,5 +72,5 @@ class Envelope:
         return {"id": self.id, "type": self.type, "data": self.data, "filter": self.filter.to_json()}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Envelope":
+    def from_json(cls, data: dict) -> Envelope:
         return cls(type=data["type"], data=data.get("data"), filter=Filter.from_json(data.get("filter")), id=data["id"])

@@ -41,8 +41,7 @@ def _secret_name(key: str) -> bool:
 
 
 def _line(created: float, level: str, fields: dict, name: str | None = None, **extra) -> str:
-    out = {"ts": dt.datetime.fromtimestamp(created, dt.timezone.utc).isoformat(timespec="milliseconds"),
-           "level": level}
+    out = {"ts": dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="milliseconds"), "level": level}
     if name is not None:
         out["event"] = name
     for key, value in fields.items():

@@ -131,9 +131,7 @@ class FrameParser:
         elif opcode in _DATA or opcode == OP_CONTINUATION:
             total = size + (self._fragment_size if opcode == OP_CONTINUATION else 0)
             if total > self.max_message:
-                raise ProtocolViolation(
-                    Close.MESSAGE_TOO_BIG, f"message over {self.max_message} bytes"
-                )
+                raise ProtocolViolation(Close.MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
         else:
             raise ProtocolViolation(Close.PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
 

@@ -113,7 +113,14 @@ class ClientProtocol:
                 else f"you may not subscribe to {name!r}"
             )
             conn.push(error_frame(refusal, text, channel=name))
-            event("ws.subscribe_denied", level="warning", clientId=conn.id, userId=conn.user_id, channel=name, code=refusal)
+            event(
+                "ws.subscribe_denied",
+                level="warning",
+                clientId=conn.id,
+                userId=conn.user_id,
+                channel=name,
+                code=refusal,
+            )
         taken, over = self.hub.subscribe(conn, allowed, self.max_subscriptions)
         for name in over:
             conn.push(

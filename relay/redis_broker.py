@@ -69,8 +69,9 @@ def check_reachable(url: str, timeout: float = 3.0) -> None:
     """PING Redis once; raise ConfigError naming REDIS_URL if that fails (start-up check)."""
     _require_redis()
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                      retry=Retry(NoBackoff(), 0))
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        )
         client.ping()
         client.close()
     except (redis.RedisError, OSError, ValueError) as problem:
@@ -107,8 +108,9 @@ class RedisBroker:
 
     name = "redis"
 
-    def __init__(self, url: str, *, worker_id: str, prefix: str = "relay", heartbeat: float = 1.0,
-                 reply_timeout: float = 1.0):
+    def __init__(
+        self, url: str, *, worker_id: str, prefix: str = "relay", heartbeat: float = 1.0, reply_timeout: float = 1.0
+    ):
         _require_redis()
         self.url = url
         self.worker_id = worker_id
@@ -140,8 +142,11 @@ class RedisBroker:
         self._greenlets = [gevent.spawn(self._listen), gevent.spawn(self._beat)]
 
     def publish(self, envelope: Envelope) -> Delivery:
-        payload = json.dumps({"envelope": envelope.to_json(), "replyTo": self.reply_channel, "from": self.worker_id},
-                             separators=(",", ":"), ensure_ascii=False)
+        payload = json.dumps(
+            {"envelope": envelope.to_json(), "replyTo": self.reply_channel, "from": self.worker_id},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
         waiter = self._waiters[envelope.id] = _Waiter()
         try:
             listening = self._listening  # is our own listener among the receivers Redis will count?
@@ -275,8 +280,9 @@ class RedisBroker:
             return
         delivered = self._deliver(envelope)
         try:
-            self._client.publish(reply_to, json.dumps({"id": envelope.id, "worker": self.worker_id,
-                                                      "delivered": delivered}))
+            self._client.publish(
+                reply_to, json.dumps({"id": envelope.id, "worker": self.worker_id, "delivered": delivered})
+            )
         except (redis.RedisError, OSError) as problem:
             self._failed(problem)  # the sender will count this worker as missing
 
@@ -284,8 +290,13 @@ class RedisBroker:
         host = socket.gethostname()
         ttl_ms = int(self.heartbeat * 2500)
         while not self._stopped:
-            record = {**self._stats(), "worker": self.worker_id, "host": host, "pid": os.getpid(),
-                      "at": int(time.time() * 1000)}
+            record = {
+                **self._stats(),
+                "worker": self.worker_id,
+                "host": host,
+                "pid": os.getpid(),
+                "at": int(time.time() * 1000),
+            }
             try:
                 self._client.set(self.stats_key, json.dumps(record), px=ttl_ms)
                 self._heartbeat_ok = True

@@ -83,16 +83,28 @@ class Realtime:
         try:
             user_id = self.tokens.verify(token)
         except TokenError as refused:
-            event("ws.auth_failed", level="warning", reason=refused.reason, detail=str(refused),
-                  userId=refused.user_id, remote=remote)
+            event(
+                "ws.auth_failed",
+                level="warning",
+                reason=refused.reason,
+                detail=str(refused),
+                userId=refused.user_id,
+                remote=remote,
+            )
             self.hub.counters["auth_failures"] += 1
             conn.reject(Close.UNAUTHORIZED, f"token {refused.reason.replace('_', ' ')}")
             return
         try:
             identity = self.directory.get(user_id)
         except DirectoryUnavailable as down:
-            event("ws.auth_failed", level="error", reason="directory_unavailable", detail=str(down),
-                  userId=user_id, remote=remote)
+            event(
+                "ws.auth_failed",
+                level="error",
+                reason="directory_unavailable",
+                detail=str(down),
+                userId=user_id,
+                remote=remote,
+            )
             conn.reject(Close.TRY_AGAIN_LATER, "identity service unavailable")
             return
         if identity is None or not identity.active:
@@ -111,8 +123,14 @@ class Realtime:
         conn.push(encode("CONNECTED", {"clientId": conn.id, "userId": user_id}))
         self.hub.add(conn)
         conn.start()
-        event("ws.connect", clientId=conn.id, userId=user_id, role=identity.role,
-              clinicId=identity.clinic_id, remote=remote)
+        event(
+            "ws.connect",
+            clientId=conn.id,
+            userId=user_id,
+            role=identity.role,
+            clinicId=identity.clinic_id,
+            remote=remote,
+        )
 
     def drain(self, reason: str = "service restart") -> bool:
         """Close every socket with 1012 and refuse new ones (worker shutdown)."""
@@ -127,8 +145,13 @@ class Realtime:
     def health(self) -> dict:
         """This worker's health plus the cluster's totals (every live worker, every host)."""
         local = self.hub.stats()
-        me = {**local, "worker": self.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
-              "at": int(time.time() * 1000)}
+        me = {
+            **local,
+            "worker": self.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "at": int(time.time() * 1000),
+        }
         broker = self.broker.status()
         identity = self.directory.status()
         members = self.broker.members()

@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS users (
 );
 """
 _COLUMNS = "id, email, display_name, role, clinic_id, active"
+_INSERT = (
+    "INSERT INTO users (id, email, display_name, role, clinic_id, active, password_hash, created_at)"
+    " VALUES (?, ?, ?, ?, ?, 1, ?, ?)"
+)
 
 
 @functools.cache
@@ -64,7 +68,7 @@ def offload(fn, *args):
     worker for a tenth of a second. Outside gevent (CLI, unit tests) it just calls.
     """
     try:
-        from gevent import monkey, get_hub
+        from gevent import get_hub, monkey
     except ImportError:  # pragma: no cover - gevent is a hard dependency
         return fn(*args)
     if monkey.is_module_patched("socket"):
@@ -122,11 +126,7 @@ class SqliteDirectory:
         _check_user_fields(user_id, role, clinic_id)
         hashed = generate_password_hash(password) if password else None
         try:
-            self._execute(
-                "INSERT INTO users (id, email, display_name, role, clinic_id, active, password_hash, created_at)"
-                " VALUES (?, ?, ?, ?, ?, 1, ?, ?)",
-                (user_id, email or None, display_name, role, clinic_id or None, hashed, _now()),
-            )
+            self._execute(_INSERT, (user_id, email or None, display_name, role, clinic_id or None, hashed, _now()))
         except sqlite3.IntegrityError:
             raise UserError(f"a user with id {user_id!r} or email {email!r} already exists") from None
         return self.get(user_id)  # type: ignore[return-value]
@@ -166,11 +166,8 @@ class SqliteDirectory:
                 if db.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0:
                     for user_id, email, role, clinic_id in users:
                         password = secrets.token_urlsafe(12)
-                        db.execute(
-                            "INSERT INTO users (id, email, display_name, role, clinic_id, active, password_hash, created_at)"
-                            " VALUES (?, ?, ?, ?, ?, 1, ?, ?)",
-                            (user_id, email, user_id, role, clinic_id, generate_password_hash(password), _now()),
-                        )
+                        hashed = generate_password_hash(password)
+                        db.execute(_INSERT, (user_id, email, user_id, role, clinic_id, hashed, _now()))
                         created.append(DemoUser(user_id, email, password, role, clinic_id))
                 db.execute("COMMIT")
             except BaseException:
@@ -231,7 +228,7 @@ def _check_user_fields(user_id: str, role: str, clinic_id: str | None) -> None:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 DEMO_USERS = [

@@ -90,9 +90,10 @@ class SupabaseDirectory:
         self.last_error_at: float | None = None
         self._failing = False
 
-    def _options(self) -> "ClientOptions":
-        return ClientOptions(httpx_client=self._http, postgrest_client_retry=False,
-                             auto_refresh_token=False, persist_session=False)
+    def _options(self) -> ClientOptions:
+        return ClientOptions(
+            httpx_client=self._http, postgrest_client_retry=False, auto_refresh_token=False, persist_session=False
+        )
 
     # -- the Directory interface ----------------------------------------------------------
 
@@ -149,8 +150,13 @@ class SupabaseDirectory:
         """The user id of a Supabase access token (JWT), verified locally or by Supabase."""
         if self._jwt_secret:
             try:
-                claims = jwt.decode(token, self._jwt_secret, algorithms=["HS256"], audience=self._jwt_audience,
-                                    options={"require": ["exp", "sub"]})
+                claims = jwt.decode(
+                    token,
+                    self._jwt_secret,
+                    algorithms=["HS256"],
+                    audience=self._jwt_audience,
+                    options={"require": ["exp", "sub"]},
+                )
             except jwt.ExpiredSignatureError:
                 raise AccessTokenInvalid("the access token has expired") from None
             except jwt.InvalidTokenError as bad:
@@ -264,5 +270,5 @@ def _banned(until) -> bool:
         except ValueError:
             return True  # unreadable: fail closed
     if until.tzinfo is None:
-        until = until.replace(tzinfo=dt.timezone.utc)
-    return until > dt.datetime.now(dt.timezone.utc)
+        until = until.replace(tzinfo=dt.UTC)
+    return until > dt.datetime.now(dt.UTC)

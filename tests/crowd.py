@@ -53,7 +53,7 @@ class Crowd:
             try:
                 while True:
                     got.append(json.loads(await asyncio.wait_for(ws.recv(), timeout=quiet)))
-            except (asyncio.TimeoutError, websockets.ConnectionClosed):
+            except (TimeoutError, websockets.ConnectionClosed):
                 return got
 
         async def all_():
@@ -65,7 +65,7 @@ class Crowd:
         async def one(ws):
             try:
                 await asyncio.wait_for(ws.wait_closed(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return None
             return ws.close_code
 

@@ -86,7 +86,7 @@ class FakeSupabase:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def start(self) -> "FakeSupabase":
+    def start(self) -> FakeSupabase:
         self.thread.start()
         return self
 
@@ -103,11 +103,18 @@ class FakeSupabase:
             self.profiles[user.id] = {"id": user.id, **profile}
         return user
 
-    def access_token(self, user: FakeUser, *, expires_in: int = 3600, secret: str = JWT_SECRET,
-                     audience: str = "authenticated") -> str:
+    def access_token(
+        self, user: FakeUser, *, expires_in: int = 3600, secret: str = JWT_SECRET, audience: str = "authenticated"
+    ) -> str:
         now = int(time.time())
-        claims = {"sub": user.id, "aud": audience, "role": "authenticated", "email": user.email,
-                  "iat": now, "exp": now + expires_in}
+        claims = {
+            "sub": user.id,
+            "aud": audience,
+            "role": "authenticated",
+            "email": user.email,
+            "iat": now,
+            "exp": now + expires_in,
+        }
         return jwt.encode(claims, secret, algorithm="HS256")
 
     def calls(self, prefix: str) -> list[Recorded]:
@@ -140,8 +147,11 @@ class FakeSupabase:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 with fake.lock:
-                    fake.requests.append(Recorded(method, parts.path, parse_qs(parts.query),
-                                                  {k.lower(): v for k, v in self.headers.items()}))
+                    fake.requests.append(
+                        Recorded(
+                            method, parts.path, parse_qs(parts.query), {k.lower(): v for k, v in self.headers.items()}
+                        )
+                    )
                 if fake.mode == "hang":
                     time.sleep(fake.hang_seconds)
                 elif fake.delay:
@@ -151,8 +161,9 @@ class FakeSupabase:
                 if not self.headers.get("apikey"):
                     return self._reply(401, {"message": "No API key found in request"})
                 try:
-                    status, payload = fake._route(method, parts.path, parse_qs(parts.query),
-                                                  self.headers.get("Authorization", ""), body)
+                    status, payload = fake._route(
+                        method, parts.path, parse_qs(parts.query), self.headers.get("Authorization", ""), body
+                    )
                 except Exception as error:  # a bug in the fake must show up, not hang the client
                     status, payload = 500, {"msg": f"fake error: {error}"}
                 self._reply(status, payload)
@@ -179,7 +190,7 @@ class FakeSupabase:
         if method == "GET" and path.startswith("/rest/v1/"):
             if bearer != SERVICE_KEY:
                 return 401, {"code": "PGRST301", "message": "JWSError"}
-            table = path[len("/rest/v1/"):]
+            table = path[len("/rest/v1/") :]
             rows = [row for row in self.profiles.values()] if table == "profiles" else None
             if rows is None:
                 return 404, {"code": "PGRST205", "message": f"Could not find the table 'public.{table}'"}
@@ -210,7 +221,12 @@ class FakeSupabase:
             user = next((u for u in self.users.values() if u.email == doc.get("email")), None)
             if user is None or user.password != doc.get("password"):
                 return 400, {"code": 400, "error_code": "invalid_credentials", "msg": "Invalid login credentials"}
-            return 200, {"access_token": self.access_token(user), "token_type": "bearer", "expires_in": 3600,
-                         "expires_at": int(time.time()) + 3600, "refresh_token": "fake-refresh",
-                         "user": user.to_json()}
+            return 200, {
+                "access_token": self.access_token(user),
+                "token_type": "bearer",
+                "expires_in": 3600,
+                "expires_at": int(time.time()) + 3600,
+                "refresh_token": "fake-refresh",
+                "user": user.to_json(),
+            }
         return 404, {"msg": f"no fake for {method} {path}"}

@@ -97,7 +97,7 @@ class Server:
 
     # -- process -----------------------------------------------------------------
 
-    def start(self, wait: bool = True) -> "Server":
+    def start(self, wait: bool = True) -> Server:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-k", "gevent", *self.args, "wsgi:app"],
@@ -173,12 +173,12 @@ class Server:
     def token(self, user_id: str, **kwargs) -> str:
         return self.tokens.mint(user_id, **kwargs)
 
-    def open(self, token: str | None, **kwargs) -> "Client":
+    def open(self, token: str | None, **kwargs) -> Client:
         """Open a socket with a raw token (no CONNECTED expected)."""
         url = self.ws_url if token is None else f"{self.ws_url}?token={quote(token, safe='')}"
         return Client(connect(url, open_timeout=5, close_timeout=2, max_size=2**22, **kwargs))
 
-    def connect(self, user_id: str, channels: list[str] | None = None, **kwargs) -> "Client":
+    def connect(self, user_id: str, channels: list[str] | None = None, **kwargs) -> Client:
         """Open a socket as ``user_id``, expect CONNECTED, optionally subscribe."""
         client = self.open(self.token(user_id), **kwargs)
         hello = client.expect("CONNECTED")
@@ -192,7 +192,9 @@ class Server:
         if secret is not None and "Authorization" not in sent and "X-Admin-Secret" not in sent:
             sent["Authorization"] = f"Bearer {secret}"
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return requests.post(self.url + "/broadcast", data=data, headers={"Content-Type": "application/json", **sent}, timeout=10)
+        return requests.post(
+            self.url + "/broadcast", data=data, headers={"Content-Type": "application/json", **sent}, timeout=10
+        )
 
     def announce(self, text: str = "hello", type_: str = "ANNOUNCEMENT", **flt) -> dict:
         response = self.broadcast({"message": {"type": type_, "data": {"message": text}}, "filter": flt})
@@ -216,8 +218,9 @@ def csrf_of(html: str) -> str:
     return re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)
 
 
-def sign_in(srv: "Server", login: str, password: str = PASSWORD,
-            session: requests.Session | None = None) -> requests.Session:
+def sign_in(
+    srv: Server, login: str, password: str = PASSWORD, session: requests.Session | None = None
+) -> requests.Session:
     """Post the sign-in form as a browser would; the answer is kept as ``session.last``."""
     session = session or requests.Session()
     page = session.get(srv.url + "/login", timeout=5)
@@ -243,16 +246,32 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         import shutil
 
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed: run `make test` as root, or apt-get install redis-server")
+            raise RuntimeError(
+                "redis-server is not installed: run `make test` as root, or apt-get install redis-server"
+            )
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--logfile",
+                str(self.workdir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -1,11 +1,10 @@
 """Sign-in, /api/ws/auth and the admin broadcast API for cookie sessions."""
 
-
 import pytest
 import requests
+from support import PASSWORD, Server, csrf_of, sign_in
 
 from relay.codes import Close
-from support import PASSWORD, Server, csrf_of, sign_in
 
 
 def test_sign_in_with_email_then_token_works_on_the_socket(server: Server):
@@ -95,8 +94,10 @@ def test_legacy_public_url_name_is_accepted(start_server):
 
 # -- /api/admin/broadcast --------------------------------------------------------------
 
-BODY = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "from the admin API"}},
-        "filter": {"channels": ["system:announcements"]}}
+BODY = {
+    "message": {"type": "ANNOUNCEMENT", "data": {"message": "from the admin API"}},
+    "filter": {"channels": ["system:announcements"]},
+}
 
 
 def test_admin_broadcast_api_needs_an_admin_session_and_csrf(server: Server):
@@ -107,14 +108,19 @@ def test_admin_broadcast_api_needs_an_admin_session_and_csrf(server: Server):
     assert staff.post(url, json=BODY, headers={"X-CSRF-Token": csrf_of(home.text)}, timeout=5).status_code == 403
     admin = sign_in(server, "alice")
     assert admin.post(url, json=BODY, timeout=5).status_code == 403  # no CSRF token
-    assert admin.post(url, json=BODY, headers={"X-CSRF-Token": "forged"}, timeout=5).json()["error"]["code"] == "csrf_failed"
+    assert (
+        admin.post(url, json=BODY, headers={"X-CSRF-Token": "forged"}, timeout=5).json()["error"]["code"]
+        == "csrf_failed"
+    )
 
 
 def test_admin_broadcast_api_reaches_subscribers(server: Server):
     admin = sign_in(server, "alice")
     token = csrf_of(admin.get(server.url + "/", timeout=5).text)
     with server.connect("carol", ["system:announcements"]) as carol:
-        response = admin.post(server.url + "/api/admin/broadcast", json=BODY, headers={"X-CSRF-Token": token}, timeout=5)
+        response = admin.post(
+            server.url + "/api/admin/broadcast", json=BODY, headers={"X-CSRF-Token": token}, timeout=5
+        )
         assert response.status_code == 200 and response.json()["delivered"] == 1
         assert carol.expect("ANNOUNCEMENT")["data"]["message"] == "from the admin API"
     server.wait_for_event("broadcast", lambda e: e["source"] == "admin:alice")
@@ -123,8 +129,12 @@ def test_admin_broadcast_api_reaches_subscribers(server: Server):
 def test_admin_broadcast_api_validates_like_the_service_endpoint(server: Server):
     admin = sign_in(server, "alice")
     token = csrf_of(admin.get(server.url + "/", timeout=5).text)
-    response = admin.post(server.url + "/api/admin/broadcast", json={"message": {"type": "bad type"}},
-                          headers={"X-CSRF-Token": token}, timeout=5)
+    response = admin.post(
+        server.url + "/api/admin/broadcast",
+        json={"message": {"type": "bad type"}},
+        headers={"X-CSRF-Token": token},
+        timeout=5,
+    )
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_body"
 
 
@@ -133,8 +143,9 @@ def test_disabled_user_socket_is_refused_even_with_a_valid_token(server: Server)
         assert client.closed_with()[0] == Close.FORBIDDEN
 
 
-@pytest.mark.parametrize("path", ["/clinics/clinic-1/queue/render", "/clinics/clinic-1/alerts/render",
-                                  "/admin/maintenance/render"])
+@pytest.mark.parametrize(
+    "path", ["/clinics/clinic-1/queue/render", "/clinics/clinic-1/alerts/render", "/admin/maintenance/render"]
+)
 def test_fragment_endpoints_need_the_csrf_token(server: Server, path):
     session = sign_in(server, "alice")
     message = {"message": '{"type": "QUEUE_UPDATE", "data": {}}'}
@@ -147,6 +158,10 @@ def test_fragment_endpoints_need_the_csrf_token(server: Server, path):
 def test_staff_cannot_render_another_clinics_fragments(server: Server):
     session = sign_in(server, "bob")
     token = csrf_of(session.get(server.url + "/", timeout=5).text)
-    response = session.post(server.url + "/clinics/clinic-2/queue/render", data={"message": "{}"},
-                            headers={"X-CSRF-Token": token}, timeout=5)
+    response = session.post(
+        server.url + "/clinics/clinic-2/queue/render",
+        data={"message": "{}"},
+        headers={"X-CSRF-Token": token},
+        timeout=5,
+    )
     assert response.status_code == 403

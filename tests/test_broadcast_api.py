@@ -4,7 +4,6 @@ import json
 
 import pytest
 import requests
-
 from support import ADMIN_SECRET, Server, make_users
 
 GOOD = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "hi"}}}

@@ -10,9 +10,9 @@ import time
 
 import pytest
 from playwright.sync_api import expect
+from support import Server
 
 from relay.channels import channels
-from support import Server
 
 
 def wait_live(page) -> None:
@@ -84,8 +84,10 @@ def test_the_queue_page_updates_for_its_own_clinic_only(site, web):
     page.evaluate("window.__same_page = true")
 
     queue = [{"number": 41, "name": "Somchai"}, {"number": 42, "name": "<Malee>", "room": "B"}]
-    body = {"message": {"type": "QUEUE_UPDATE", "data": {"queue": queue, "at": "2025-11-03T09:15:00Z"}},
-            "filter": {"channels": ["clinic:clinic-1:queue"]}}
+    body = {
+        "message": {"type": "QUEUE_UPDATE", "data": {"queue": queue, "at": "2025-11-03T09:15:00Z"}},
+        "filter": {"channels": ["clinic:clinic-1:queue"]},
+    }
     assert broadcast_until_delivered(site, body)["delivered"] == 1
     items = page.locator("#queue ol.queue li")
     expect(items).to_have_count(2)
@@ -96,15 +98,19 @@ def test_the_queue_page_updates_for_its_own_clinic_only(site, web):
     expect(page.locator("#queue [data-updated]")).to_have_attribute("datetime", "2025-11-03T09:15:00Z")
     expect(page.locator("#queue [data-updated]")).to_have_text("2025-11-03 09:15:00 UTC")
 
-    other = {"message": {"type": "QUEUE_UPDATE", "data": {"queue": [{"number": 7, "name": "Other clinic"}]}},
-             "filter": {"channels": ["clinic:clinic-2:queue"]}}
+    other = {
+        "message": {"type": "QUEUE_UPDATE", "data": {"queue": [{"number": 7, "name": "Other clinic"}]}},
+        "filter": {"channels": ["clinic:clinic-2:queue"]},
+    }
     assert site.broadcast(other).json()["delivered"] == 0
     time.sleep(0.5)
     expect(items).to_have_count(2)
     expect(page.locator("#queue")).not_to_contain_text("Other clinic")
 
-    odd = {"message": {"type": "QUEUE_UPDATE", "data": {"paused": True, "reason": "lunch"}},
-           "filter": {"channels": ["clinic:clinic-1:queue"]}}
+    odd = {
+        "message": {"type": "QUEUE_UPDATE", "data": {"paused": True, "reason": "lunch"}},
+        "filter": {"channels": ["clinic:clinic-1:queue"]},
+    }
     site.broadcast(odd)
     expect(page.locator("#queue pre.raw")).to_contain_text('"reason": "lunch"')
     assert page.evaluate("window.__same_page") is True  # live updates, never a reload
@@ -114,8 +120,10 @@ def test_clinic_alerts_appear_on_the_queue_page(site, web):
     page = web(site, "erin", "/clinics/clinic-1/queue")
     wait_live(page)
     expect(page.locator("#alerts")).to_contain_text("No alerts yet.")
-    body = {"message": {"type": "CLINIC_ALERT", "data": {"message": "Fridge B is warm", "level": "urgent"}},
-            "filter": {"channels": ["clinic:clinic-1:alerts"]}}
+    body = {
+        "message": {"type": "CLINIC_ALERT", "data": {"message": "Fridge B is warm", "level": "urgent"}},
+        "filter": {"channels": ["clinic:clinic-1:alerts"]},
+    }
     assert broadcast_until_delivered(site, body)["delivered"] == 1
     expect(page.locator("#alerts .alert-text")).to_have_text("Fridge B is warm")
     expect(page.locator("#alerts strong")).to_have_text("Urgent:")
@@ -146,8 +154,10 @@ def test_status_shows_reconnecting_during_a_restart_and_recovers_without_a_reloa
     again = Server(site.workdir, site.env_overrides, port=site.port).start()
     try:
         expect(page.locator("#rt-status")).to_have_attribute("data-status", "open", timeout=30_000)
-        body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "back again"}},
-                "filter": {"channels": ["system:announcements"]}}
+        body = {
+            "message": {"type": "ANNOUNCEMENT", "data": {"message": "back again"}},
+            "filter": {"channels": ["system:announcements"]},
+        }
         assert broadcast_until_delivered(again, body)["delivered"] == 1
         expect(page.locator("#toasts .toast-text")).to_have_text("back again")
         assert page.evaluate("window.__same_page") is True
@@ -167,8 +177,10 @@ def test_offline_is_shown_and_coming_back_online_reconnects_at_once(site, web):
     wait_live(page)
     assert time.monotonic() - started < 3  # at once, not after a backoff
     assert page.evaluate("window.realtime.stats.sockets") == before + 1
-    body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "welcome back"}},
-            "filter": {"channels": ["system:announcements"]}}
+    body = {
+        "message": {"type": "ANNOUNCEMENT", "data": {"message": "welcome back"}},
+        "filter": {"channels": ["system:announcements"]},
+    }
     assert broadcast_until_delivered(site, body)["delivered"] == 1
     expect(page.locator("#toasts .toast-text")).to_have_text("welcome back")
 
@@ -194,8 +206,13 @@ def test_channel_builders_are_the_same_in_the_browser_and_in_python(site, web):
         return [channels.system.announcements, channels.system.maintenance, channels.clinic.queue('c-1'),
                 channels.clinic.alerts('c-1'), channels.user.notifications('u.1@x')];
     }""")
-    assert names == [channels.system.announcements, channels.system.maintenance, channels.clinic.queue("c-1"),
-                     channels.clinic.alerts("c-1"), channels.user.notifications("u.1@x")]
+    assert names == [
+        channels.system.announcements,
+        channels.system.maintenance,
+        channels.clinic.queue("c-1"),
+        channels.clinic.alerts("c-1"),
+        channels.user.notifications("u.1@x"),
+    ]
 
 
 def test_an_expired_token_is_replaced_by_a_fresh_one(site, web):
@@ -260,9 +277,13 @@ def test_admin_dashboard_shows_live_figures_and_a_maintenance_banner(site, web):
         expect(admin.locator("[data-figure=clients]")).to_have_text("3", timeout=10_000)
         expect(admin.locator("table").nth(1)).to_contain_text("clinic-2")
     expect(admin.locator("#maintenance-banner .banner")).to_have_count(0)
-    body = {"message": {"type": "MAINTENANCE", "data": {"message": "Down at 22:00 <for 10 min>",
-                                                          "at": "2025-11-03T21:00:00Z"}},
-            "filter": {"channels": ["system:maintenance"]}}
+    body = {
+        "message": {
+            "type": "MAINTENANCE",
+            "data": {"message": "Down at 22:00 <for 10 min>", "at": "2025-11-03T21:00:00Z"},
+        },
+        "filter": {"channels": ["system:maintenance"]},
+    }
     assert broadcast_until_delivered(site, body)["delivered"] == 1
     expect(admin.locator("#maintenance-banner .banner-text")).to_have_text("Down at 22:00 <for 10 min>")
 

@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from support import ROOT, Server
 
 from app import create_app
 from relay.codes import Close
-from support import ROOT, Server
 
 
 def flask_cli(srv: Server, *args: str, **env) -> subprocess.CompletedProcess:
@@ -53,8 +53,21 @@ def test_health_and_broadcast_commands(server: Server):
     done = flask_cli(server, "ws", "health", "--url", server.url)
     assert done.returncode == 0 and '"ok": true' in done.stdout
     with server.connect("erin", ["clinic:clinic-1:queue"]) as erin:
-        done = flask_cli(server, "ws", "broadcast", "--url", server.url, "--message", "Queue moved",
-                         "--type", "QUEUE_UPDATE", "--channels", "clinic:clinic-1:queue", "--roles", "nurse,admin")
+        done = flask_cli(
+            server,
+            "ws",
+            "broadcast",
+            "--url",
+            server.url,
+            "--message",
+            "Queue moved",
+            "--type",
+            "QUEUE_UPDATE",
+            "--channels",
+            "clinic:clinic-1:queue",
+            "--roles",
+            "nurse,admin",
+        )
         assert done.returncode == 0, done.stderr
         assert "delivered to 1 connection(s)" in done.stdout
         message = erin.expect("QUEUE_UPDATE")
@@ -68,20 +81,35 @@ def test_broadcast_command_reports_validation_errors(server: Server):
 
 @pytest.fixture
 def cli(tmp_path):
-    app = create_app({
-        "REALTIME_DB": str(tmp_path / "users.db"),
-        "REALTIME_INSTANCE_PATH": str(tmp_path / "instance"),
-        "REALTIME_SEED_DEMO": "0",
-        "TESTING": True,
-    })
+    app = create_app(
+        {
+            "REALTIME_DB": str(tmp_path / "users.db"),
+            "REALTIME_INSTANCE_PATH": str(tmp_path / "instance"),
+            "REALTIME_SEED_DEMO": "0",
+            "TESTING": True,
+        }
+    )
     runner = app.test_cli_runner()
     runner.directory = app.extensions["realtime"].directory
     return runner
 
 
 def test_users_add_list_set_role_disable(cli):
-    result = cli.invoke(args=["users", "add", "u-1", "--email", "u1@example.test", "--password", "pw-123456",
-                              "--role", "sales_staff", "--clinic", "clinic-7"])
+    result = cli.invoke(
+        args=[
+            "users",
+            "add",
+            "u-1",
+            "--email",
+            "u1@example.test",
+            "--password",
+            "pw-123456",
+            "--role",
+            "sales_staff",
+            "--clinic",
+            "clinic-7",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert cli.directory.authenticate("u1@example.test", "pw-123456").clinic_id == "clinic-7"
     assert cli.invoke(args=["users", "set-role", "u-1", "admin"]).exit_code == 0

@@ -13,7 +13,12 @@ STRONG = "x" * 32
 
 
 def prod_env(**changes):
-    env = {"APP_ENV": "production", "WS_TOKEN_SECRET": STRONG, "WS_ADMIN_SECRET": STRONG + "a", "SECRET_KEY": STRONG + "b"}
+    env = {
+        "APP_ENV": "production",
+        "WS_TOKEN_SECRET": STRONG,
+        "WS_ADMIN_SECRET": STRONG + "a",
+        "SECRET_KEY": STRONG + "b",
+    }
     env.update(changes)
     return env
 
@@ -49,7 +54,10 @@ def test_development_generates_secrets_once_with_mode_0600(tmp_path):
     assert len({first.token_secret, first.admin_secret, first.secret_key}) == 3
     again = Settings.from_env(env, str(tmp_path))
     assert (again.token_secret, again.admin_secret, again.secret_key) == (
-        first.token_secret, first.admin_secret, first.secret_key)
+        first.token_secret,
+        first.admin_secret,
+        first.secret_key,
+    )
     assert any(str(path) in notice for notice in first.notices)
 
 

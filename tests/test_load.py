@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from rawws import RawClient
+
 from relay.codes import Close
 
 

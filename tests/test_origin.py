@@ -1,9 +1,8 @@
 """Browser origins: same site and WS_ALLOWED_ORIGINS may open sockets; others get 403 before the upgrade."""
 
 import pytest
-from websockets.exceptions import InvalidStatus
-
 from support import Server
+from websockets.exceptions import InvalidStatus
 
 
 def test_foreign_origin_is_refused_with_403(server: Server):

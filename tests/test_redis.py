@@ -5,7 +5,6 @@ import signal
 import time
 
 import pytest
-
 from support import Server, make_users
 
 USERS = ["alice", "bob", "carol", "erin"]
@@ -84,9 +83,9 @@ def test_two_instances_sharing_one_redis_behave_as_one(tmp_path, redis_server, c
         on_a = crowd.connect(host_a, USERS * 5, ["system:announcements"])
         on_b = crowd.connect(host_b, ["bob", "carol"] * 10, ["system:announcements"])
         for srv in (host_a, host_b):
-            health = wait_for(lambda: (h := srv.health())["clients"] == 40 and h)
+            health = wait_for(lambda srv=srv: (h := srv.health())["clients"] == 40 and h)
             assert health["clients"] == 40 and health["workers"] == 2
-            assert health["worker"]["clients"] == (20 if srv is host_a else 20)
+            assert health["worker"]["clients"] == 20
         result = host_b.announce("from host b", channels=["system:announcements"])
         assert (result["delivered"], result["workers"]) == (40, 2)
         assert all(len(m) == 1 for m in crowd.drain(on_a + on_b))
@@ -118,8 +117,9 @@ def test_redis_restart_degrades_then_recovers_without_restarting_gunicorn(start_
     redis_server.start()  # same port
     # Right after the restart: either Redis is not taking publishes yet (503), or this worker has
     # delivered to its own clients and says so; never an "ok" that reached nobody it could count.
-    early = srv.broadcast({"message": {"type": "ANNOUNCEMENT", "data": {"message": "early"}},
-                           "filter": {"userIds": ["nobody"]}})
+    early = srv.broadcast(
+        {"message": {"type": "ANNOUNCEMENT", "data": {"message": "early"}}, "filter": {"userIds": ["nobody"]}}
+    )
     assert early.status_code == 503 or early.json()["workers"] == 1, early.text
     assert wait_for(lambda: srv.health()["status"] == "ok", timeout=20)
     result = srv.announce("after")
@@ -141,7 +141,7 @@ def test_a_killed_worker_leaves_the_cluster_view_and_its_clients_come_back(start
 
     os.kill(victim["pid"], signal.SIGKILL)
     codes = crowd.close_codes(sockets, timeout=0.5)
-    lost = [ws for ws, code in zip(sockets, codes) if code is not None]
+    lost = [ws for ws, code in zip(sockets, codes, strict=True) if code is not None]
     assert len(lost) == victim["clients"]
     # Redis saw the worker's connections drop: the cluster view excludes it at once.
     health = wait_for(lambda: (h := srv.health())["clients"] == 80 - len(lost) and h, timeout=1.5)

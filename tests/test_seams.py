@@ -6,11 +6,11 @@ Broker: MemoryBroker and RedisBroker. Directory: SqliteDirectory and SupabaseDir
 import uuid
 
 import pytest
-
 from fake_supabase import ANON_KEY, SERVICE_KEY, FakeSupabase
+from support import sign_in
+
 from relay.codes import Close
 from relay.sqlite_directory import SqliteDirectory
-from support import sign_in
 
 PASSWORD = "pw-correct-horse"
 
@@ -33,8 +33,12 @@ def test_broker_delivers_once_to_exactly_the_filtered_clients(broker_server):
     bob = srv.connect("bob", ["clinic:clinic-1:queue"])
     carol = srv.connect("carol", ["clinic:clinic-2:queue"])
     erin = srv.connect("erin", ["clinic:clinic-1:queue"])
-    result = srv.broadcast({"message": {"type": "QUEUE_UPDATE", "data": {"n": 1}},
-                            "filter": {"channels": ["clinic:clinic-1:queue"], "roles": ["sales_staff"]}}).json()
+    result = srv.broadcast(
+        {
+            "message": {"type": "QUEUE_UPDATE", "data": {"n": 1}},
+            "filter": {"channels": ["clinic:clinic-1:queue"], "roles": ["sales_staff"]},
+        }
+    ).json()
     assert (result["delivered"], result["workers"], result["missingWorkers"]) == (1, 1, 0)
     assert bob.expect("QUEUE_UPDATE") == {"type": "QUEUE_UPDATE", "data": {"n": 1}, "id": result["id"]}
     assert carol.nothing_within(0.2) and erin.nothing_within(0.05) and bob.nothing_within(0.05)
@@ -69,8 +73,9 @@ def directory_server(request, start_server, tmp_path):
             (DISABLED, "gone@clinic.test", {"role": "nurse", "clinic_id": "c-7"}, "2999-01-01T00:00:00Z"),
         ):
             fake.add_user(email, user_id=user_id, profile=profile, banned_until=banned, password=PASSWORD)
-        srv = start_server(users=False, SUPABASE_URL=fake.url, SUPABASE_SERVICE_ROLE_KEY=SERVICE_KEY,
-                           SUPABASE_ANON_KEY=ANON_KEY)
+        srv = start_server(
+            users=False, SUPABASE_URL=fake.url, SUPABASE_SERVICE_ROLE_KEY=SERVICE_KEY, SUPABASE_ANON_KEY=ANON_KEY
+        )
     srv.kind = request.param
     return srv
 

@@ -27,8 +27,9 @@ class Directory:
 
 @pytest.fixture
 def settings(tmp_path):
-    return Settings.from_env({"WS_TOKEN_SECRET": "t" * 40, "WS_ADMIN_SECRET": "a" * 40, "SECRET_KEY": "s" * 40},
-                             str(tmp_path))
+    return Settings.from_env(
+        {"WS_TOKEN_SECRET": "t" * 40, "WS_ADMIN_SECRET": "a" * 40, "SECRET_KEY": "s" * 40}, str(tmp_path)
+    )
 
 
 def admit(settings, get):

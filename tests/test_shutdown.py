@@ -4,10 +4,10 @@ import os
 import signal
 import time
 
+from rawws import RawClient
 from websockets.exceptions import ConnectionClosed
 
 from relay.codes import Close
-from rawws import RawClient
 
 
 def test_sigterm_closes_every_socket_with_1012_and_refuses_arrivals(start_server):

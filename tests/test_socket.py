@@ -5,11 +5,11 @@ import json
 import time
 
 import pytest
+from rawws import RawClient
+from support import Server
 from websockets.exceptions import ConnectionClosed
 
 from relay.codes import Close, Error
-from rawws import RawClient
-from support import Server
 
 # -- handshake ---------------------------------------------------------------------
 

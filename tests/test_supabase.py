@@ -12,10 +12,10 @@ import uuid
 
 import pytest
 import requests
-
 from fake_supabase import ANON_KEY, JWT_SECRET, SERVICE_KEY, FakeSupabase
-from relay.codes import Close
 from support import ROOT, sign_in
+
+from relay.codes import Close
 
 
 @pytest.fixture
@@ -30,21 +30,29 @@ def people(supabase):
     """Users as a clinic chain would have them in Supabase."""
     return {
         "admin": supabase.add_user("boss@clinic.test", profile={"role": "admin", "clinic_id": None}),
-        "staff": supabase.add_user("nurse@clinic.test", profile={"role": "nurse", "clinic_id": "c-7"},
-                                   user_metadata={"full_name": "Nok"}),
+        "staff": supabase.add_user(
+            "nurse@clinic.test", profile={"role": "nurse", "clinic_id": "c-7"}, user_metadata={"full_name": "Nok"}
+        ),
         "meta_only": supabase.add_user("meta@clinic.test", app_metadata={"role": "sales_staff", "clinic_id": "c-9"}),
-        "null_clinic": supabase.add_user("mixed@clinic.test", profile={"role": "doctor", "clinic_id": None},
-                                         app_metadata={"clinic_id": "c-3"}),
-        "banned": supabase.add_user("gone@clinic.test", profile={"role": "nurse", "clinic_id": "c-7"},
-                                    banned_until="2999-01-01T00:00:00Z"),
+        "null_clinic": supabase.add_user(
+            "mixed@clinic.test", profile={"role": "doctor", "clinic_id": None}, app_metadata={"clinic_id": "c-3"}
+        ),
+        "banned": supabase.add_user(
+            "gone@clinic.test", profile={"role": "nurse", "clinic_id": "c-7"}, banned_until="2999-01-01T00:00:00Z"
+        ),
     }
 
 
 @pytest.fixture
 def site(start_server, supabase):
     def start(**env):
-        return start_server(users=False, SUPABASE_URL=supabase.url, SUPABASE_SERVICE_ROLE_KEY=SERVICE_KEY,
-                            SUPABASE_ANON_KEY=ANON_KEY, **env)
+        return start_server(
+            users=False,
+            SUPABASE_URL=supabase.url,
+            SUPABASE_SERVICE_ROLE_KEY=SERVICE_KEY,
+            SUPABASE_ANON_KEY=ANON_KEY,
+            **env,
+        )
 
     return start
 
@@ -205,16 +213,28 @@ def test_bearer_access_tokens_valid_expired_and_forged(site, supabase, people, v
 def test_bearer_tokens_from_another_origin_get_cors_headers(site, supabase, people):
     srv = site(WS_ALLOWED_ORIGINS="https://app.example.com")
     token = supabase.access_token(people["staff"])
-    preflight = requests.options(srv.url + "/api/ws/auth", headers={
-        "Origin": "https://app.example.com", "Access-Control-Request-Method": "GET",
-        "Access-Control-Request-Headers": "authorization"}, timeout=5)
+    preflight = requests.options(
+        srv.url + "/api/ws/auth",
+        headers={
+            "Origin": "https://app.example.com",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+        timeout=5,
+    )
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
     assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
-    response = requests.get(srv.url + "/api/ws/auth", headers={"Origin": "https://app.example.com",
-                                                               "Authorization": f"Bearer {token}"}, timeout=5)
+    response = requests.get(
+        srv.url + "/api/ws/auth",
+        headers={"Origin": "https://app.example.com", "Authorization": f"Bearer {token}"},
+        timeout=5,
+    )
     assert response.status_code == 200 and response.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
-    other = requests.get(srv.url + "/api/ws/auth", headers={"Origin": "https://evil.example",
-                                                            "Authorization": f"Bearer {token}"}, timeout=5)
+    other = requests.get(
+        srv.url + "/api/ws/auth",
+        headers={"Origin": "https://evil.example", "Authorization": f"Bearer {token}"},
+        timeout=5,
+    )
     assert "Access-Control-Allow-Origin" not in other.headers
 
 
@@ -235,14 +255,25 @@ def test_site_sign_in_with_supabase_email_and_password(site, supabase, people):
 
 
 def test_identity_check_command(supabase, people, tmp_path):
-    env = {"SUPABASE_URL": supabase.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY, "APP_ENV": "development",
-           "REALTIME_INSTANCE_PATH": str(tmp_path), "REALTIME_SEED_DEMO": "0"}
+    env = {
+        "SUPABASE_URL": supabase.url,
+        "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+        "APP_ENV": "development",
+        "REALTIME_INSTANCE_PATH": str(tmp_path),
+        "REALTIME_SEED_DEMO": "0",
+    }
 
     def check(user_id):
         import os
 
-        return subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "ws", "identity", "check", user_id],
-                              cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "wsgi", "ws", "identity", "check", user_id],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     found = check(people["staff"].id)
     assert found.returncode == 0, found.stderr
