@@ -1,4 +1,4 @@
-# Two commands: `make run` (start the service) and `make test` (every test).
+# Two commands: `make run` (start the service) and `make test` (every check).
 # Both create what they need: the virtualenv, the Python packages and, on
 # Debian as root, the system packages the tests use.
 
@@ -6,20 +6,33 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Branch coverage of the service's code, gunicorn's workers included (see [tool.coverage] in pyproject.toml).
+COVERAGE := --cov --cov-branch --cov-report=term:skip-covered
 
-.PHONY: run test bench bench-quick bench-peers system-deps clean
+.PHONY: run test test-fast lint bench bench-quick bench-peers system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
+# Development: demo users on the first run (and how to sign in, every run), then the server.
 run: $(STAMP)
-	@echo "Starting on http://$${WS_HOST:-127.0.0.1}:$${WS_PORT:-3001}/ (sign in at /login; Ctrl-C to stop)"
+	@$(BIN)/flask --app app users seed-demo
 	$(BIN)/gunicorn -k gevent wsgi:app
 
-test: $(STAMP) system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# Everything CI checks: lint and types first, then every test tier with coverage.
+test: lint system-deps
+	$(BIN)/python -m pytest $(COVERAGE) $(PYTEST_ARGS)
+
+# The unit tier alone: the core over socketpairs and plain values, no server (a few seconds).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Our suite: both brokers x 1k/5k/10k clients, 3 reps (~10 min). Needs gcc and redis-server.
 bench: $(STAMP) system-deps
@@ -36,4 +49,4 @@ system-deps:
 	@sh scripts/system-deps.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache test-artifacts .coverage .coverage.*

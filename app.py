@@ -4,6 +4,12 @@ Configuration flows one way: the environment (plus ``config`` overrides,
 which use the same variable names) is read once into
 :class:`relay.config.Settings`, the core services are built from it, and the
 blueprints reach them through ``current_app.extensions["realtime"]``.
+
+The factory does nothing else: it writes no file, opens no connection and
+starts no greenlet. The serving process starts the service
+(``Realtime.start`` in ``gunicorn.conf.py``); development conveniences are
+commands a person runs (``flask --app app users seed-demo``, which ``make run``
+calls).
 """
 
 from __future__ import annotations
@@ -11,26 +17,26 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import sys
+from typing import Any
 
 from flask import Flask
 from flask.sessions import SecureCookieSessionInterface
+from itsdangerous import URLSafeTimedSerializer
 
 from relay import eventlog
 from relay.channels import channels
 from relay.config import Settings
 from relay.service import Realtime
-from relay.sqlite_directory import DEMO_USERS, SqliteDirectory
 
 log = logging.getLogger("relay.app")
 
 
-def create_app(config: dict | None = None) -> Flask:
+def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app. ``config`` overrides environment variables by name (tests use it)."""
     overrides = dict(config or {})
     env = {**os.environ, **{key: str(value) for key, value in overrides.items()}}
-    app = Flask(__name__, instance_path=env.get("REALTIME_INSTANCE_PATH") or None)
-    settings = Settings.from_env(env, app.instance_path)
+    settings = Settings.from_env(env)
+    app = Flask(__name__, instance_path=settings.instance_path)
 
     eventlog.configure(settings.log_level)
     for notice in settings.notices:
@@ -49,18 +55,15 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.update({key: value for key, value in overrides.items() if key in ("TESTING", "DEBUG")})
 
     app.session_interface = CachedSerializerSessionInterface()
-    realtime = Realtime(settings)
-    app.extensions["realtime"] = realtime
-    if not settings.production and env.get("REALTIME_SEED_DEMO", "1") != "0":
-        _seed_demo_users(realtime, settings.instance_path)
+    app.extensions["realtime"] = Realtime(settings)
 
-    from blueprints import admin, api, auth, clinics, errors, ops, pages, socket, users
+    from blueprints import admin, api, auth, clinics, errors, pages, socket, user_commands, ws_commands
 
-    for module in (errors, auth, socket, api, pages, admin, clinics, users, ops):
+    for module in (errors, auth, socket, api, pages, admin, clinics, user_commands, ws_commands):
         app.register_blueprint(module.bp)
     app.jinja_env.globals.update(
         csrf_token=auth.csrf_token,
-        current_user=auth.current_user,
+        current_user=auth.current_user_if_known,
         channels=channels,
         client_timing={"idle_ms": settings.client_idle_ms, "pong_timeout_ms": settings.client_pong_timeout_ms},
         now_time=lambda: dt.datetime.now().astimezone().strftime("%H:%M:%S %Z"),
@@ -86,35 +89,9 @@ class CachedSerializerSessionInterface(SecureCookieSessionInterface):
     after start-up, so one is enough.
     """
 
-    def get_signing_serializer(self, app: Flask):
-        cached = getattr(self, "_serializer", None)
-        if cached is None:
-            cached = self._serializer = super().get_signing_serializer(app)
-        return cached
+    _serializer: URLSafeTimedSerializer | None = None
 
-
-def _seed_demo_users(realtime: Realtime, instance_path: str) -> None:
-    """On a first development run, create a demo admin and two clinic staff and say how to sign in."""
-    directory = realtime.directory
-    if not isinstance(directory, SqliteDirectory):
-        return
-    created = directory.seed_demo(DEMO_USERS)
-    if not created:
-        return
-    path = os.path.join(instance_path, "demo-users.txt")
-    lines = [f"{u.email:<22} password {u.password:<18} role {u.role:<12} clinic {u.clinic_id or '-'}" for u in created]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write("\n".join(lines) + "\n")
-    banner = "\n".join(
-        [
-            "",
-            "=" * 72,
-            "Demo users created (development only). Sign in at /login with:",
-            *lines,
-            f"(kept in {path}; shown once)",
-            "=" * 72,
-            "",
-        ]
-    )
-    print(banner, file=sys.stderr, flush=True)
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        if self._serializer is None:
+            self._serializer = super().get_signing_serializer(app)
+        return self._serializer

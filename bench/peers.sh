@@ -14,7 +14,7 @@ trap 'rm -rf "$work" "$scratch"' EXIT
 cp -r "$shared" "$work/bench"           # the shared folder may be read-only
 rm -f "$work"/bench/results/peers-*     # keep only this run's results
 LOADGEN=c TARGET_DIR="$here" TARGET_PATH=/ws TARGET_CMD="bench/serve.sh {PORT}" \
-  TARGET_ENV="REALTIME_DB=$scratch/bench.db REALTIME_INSTANCE_PATH=$scratch/instance REALTIME_SEED_DEMO=0 LOG_LEVEL=INFO" \
+  TARGET_ENV="REALTIME_DB=$scratch/bench.db REALTIME_INSTANCE_PATH=$scratch/instance LOG_LEVEL=INFO" \
   "$work/bench/run_peers.sh" --targets "node-ws flask-sock-naive c-limit project" "$@"
 mkdir -p "$here/bench/results"
 for f in "$work"/bench/results/peers-*.jsonl; do

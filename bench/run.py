@@ -148,7 +148,6 @@ def run_one(clients: int, broadcasts: int, interval: int, broker: str, args, wor
         "SECRET_KEY": "bench-session-key-0123456789abcdefghijklmn",
         "REALTIME_DB": str(db),
         "REALTIME_INSTANCE_PATH": str(workdir / "instance"),
-        "REALTIME_SEED_DEMO": "0",
         "LOG_LEVEL": args.log_level,
         "WEB_CONCURRENCY": "1",
     }

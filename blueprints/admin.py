@@ -14,10 +14,10 @@ from flask import Blueprint, make_response, render_template, request
 
 from relay.broadcast import BroadcastRequest
 from relay.broker import BrokerUnavailable
-from relay.client import now_iso
+from relay.clock import now_iso
 from relay.envelope import Filter
 
-from .auth import admin_required, csrf_ok, csrf_required, current_user, realtime
+from .auth import admin_required, csrf_ok, csrf_required, realtime, signed_in
 from .pages import triggering_message
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -92,7 +92,7 @@ def _send(form: dict) -> tuple[int | None, str | None, int]:
         Filter(channels=frozenset({form["channel"]})),
     )
     try:
-        _, delivery = realtime().broadcaster.send(outgoing, source=f"admin-page:{current_user().user_id}")
+        _, delivery = realtime().broadcast(outgoing, source=f"admin-page:{signed_in().user_id}")
     except BrokerUnavailable as down:
         return None, f"Not sent: {down}. Try again in a moment.", 503
     return delivery.delivered, None, 200
@@ -104,6 +104,7 @@ def _send(form: dict) -> tuple[int | None, str | None, int]:
 def maintenance_banner():
     """Render the dashboard's maintenance banner from the MAINTENANCE message that triggered it."""
     message = triggering_message()
-    data = message.get("data") if isinstance(message.get("data"), dict) else {}
-    text = data.get("message") if isinstance(data.get("message"), str) else json.dumps(message.get("data"))
+    raw = message.get("data")
+    data = raw if isinstance(raw, dict) else {}
+    text = data.get("message") if isinstance(data.get("message"), str) else json.dumps(raw)
     return render_template("admin/_maintenance_banner.html", text=text, at=data.get("at"))

@@ -10,7 +10,7 @@ from relay.broadcast import MAX_BODY_BYTES, BroadcastError, parse_body
 from relay.broker import BrokerUnavailable
 from relay.codes import HttpError
 
-from .auth import admin_required, bearer_token, csrf_required, current_user, realtime
+from .auth import admin_required, bearer_token, csrf_required, realtime, signed_in
 from .errors import error_response
 
 bp = Blueprint("api", __name__)
@@ -45,18 +45,18 @@ def broadcast():
 @csrf_required
 def admin_broadcast():
     """For signed-in admins (cookie session): needs the CSRF token in ``X-CSRF-Token``."""
-    return send_broadcast(source=f"admin:{current_user().user_id}")
+    return send_broadcast(source=f"admin:{signed_in().user_id}")
 
 
 def send_broadcast(*, source: str):
     body = request.stream.read(MAX_BODY_BYTES + 1)
     try:
         parsed = parse_body(body)
-        envelope, delivery = realtime().broadcaster.send(parsed, source=source)
+        envelope, delivery = realtime().broadcast(parsed, source=source)
     except BroadcastError as bad:
         return error_response(400, bad.code, bad.message)
     except BrokerUnavailable as down:
-        return error_response(503, HttpError.UNAVAILABLE, f"broadcast not sent: {down}")
+        return error_response(503, HttpError.UNAVAILABLE, f"broadcast not sent: {down}", headers={"Retry-After": "1"})
     return jsonify(
         ok=True, delivered=delivery.delivered, id=envelope.id, workers=delivery.workers, missingWorkers=delivery.missing
     )

@@ -30,7 +30,14 @@ def realtime():
 
 
 def current_user() -> Identity | None:
-    """The signed-in, still-active user of this request, looked up once per request."""
+    """The signed-in, still-active user of this request, looked up once per request.
+
+    Raises :class:`DirectoryUnavailable` when the identity source cannot answer.
+    The session is kept: an outage must never sign anyone out. The app answers
+    503 (``errors.identity_unavailable``) and the user is still signed in once
+    the source is back. Only a user the source says is gone or disabled loses
+    the session.
+    """
     if "user" not in g:
         user = None
         user_id = session.get("user_id")
@@ -38,12 +45,31 @@ def current_user() -> Identity | None:
             try:
                 user = realtime().directory.get(user_id)
             except DirectoryUnavailable:
-                user = None
+                g.identity_down = True
+                raise
             if user is None or not user.active:
                 session.clear()
                 user = None
         g.user = user
     return g.user
+
+
+def current_user_if_known() -> Identity | None:
+    """For templates: the user, or None while the identity source is down (an error page must still render)."""
+    if g.get("identity_down"):
+        return None
+    try:
+        return current_user()
+    except DirectoryUnavailable:
+        return None
+
+
+def signed_in() -> Identity:
+    """The user of a view behind ``login_required`` (never None there)."""
+    user = current_user()
+    if user is None:
+        raise RuntimeError("signed_in() outside a login_required view")
+    return user
 
 
 def login_required(view):
@@ -62,7 +88,7 @@ def admin_required(view):
     @functools.wraps(view)
     @login_required
     def wrapped(*args, **kwargs):
-        if not current_user().is_admin:
+        if not signed_in().is_admin:
             if wants_json():
                 return error_response(403, HttpError.FORBIDDEN, "admins only")
             abort(403)
@@ -88,7 +114,7 @@ def csrf_ok() -> bool:
     """A cookie-authenticated write must carry the session's CSRF token (header or form field)."""
     expected = session.get("csrf")
     sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token") or ""
-    return bool(expected) and hmac.compare_digest(sent.encode(), expected.encode())
+    return isinstance(expected, str) and bool(expected) and hmac.compare_digest(sent.encode(), expected.encode())
 
 
 def csrf_required(view):

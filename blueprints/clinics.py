@@ -8,7 +8,7 @@ from flask import Blueprint, abort, redirect, render_template, request, url_for
 
 from relay.channels import is_valid_id
 
-from .auth import csrf_required, current_user, login_required
+from .auth import csrf_required, login_required, signed_in
 from .pages import triggering_message
 
 bp = Blueprint("clinics", __name__, url_prefix="/clinics")
@@ -17,7 +17,7 @@ bp = Blueprint("clinics", __name__, url_prefix="/clinics")
 def _check_access(clinic_id: str) -> None:
     if not is_valid_id(clinic_id):
         abort(404)
-    user = current_user()
+    user = signed_in()
     if not (user.is_admin or user.clinic_id == clinic_id):
         abort(403)
 

@@ -12,6 +12,7 @@ from flask import Blueprint, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from relay.codes import HttpError
+from relay.directory import DirectoryUnavailable
 
 bp = Blueprint("errors", __name__)
 log = logging.getLogger("relay.http")
@@ -60,6 +61,23 @@ def http_error(error: HTTPException):
         "error.html", status=status, title=error.name, message=_MESSAGES.get(status, error.description)
     )
     return html, status
+
+
+@bp.app_errorhandler(DirectoryUnavailable)
+def identity_unavailable(error: DirectoryUnavailable):
+    """The identity source is down: 503, and the session is left alone (see ``auth.current_user``)."""
+    log.warning("identity source unavailable on %s %s: %s", request.method, request.path, error)
+    headers = {"Retry-After": "5"}
+    if wants_json():
+        message = "the identity service is unavailable; try again shortly (you are still signed in)"
+        return error_response(503, HttpError.UNAVAILABLE, message, headers=headers)
+    html = render_template(
+        "error.html",
+        status=503,
+        title="Sign-in service unavailable",
+        message="We cannot check your account right now. You are still signed in: try again in a moment.",
+    )
+    return html, 503, headers
 
 
 @bp.app_errorhandler(Exception)

@@ -6,7 +6,7 @@ import json
 
 from flask import Blueprint, render_template, request
 
-from .auth import current_user, login_required
+from .auth import login_required, signed_in
 
 bp = Blueprint("pages", __name__)
 MAX_MESSAGE_CHARS = 64 * 1024
@@ -15,7 +15,7 @@ MAX_MESSAGE_CHARS = 64 * 1024
 @bp.get("/")
 @login_required
 def home():
-    return render_template("home.html", user=current_user())
+    return render_template("home.html", user=signed_in())
 
 
 def triggering_message() -> dict:

@@ -56,7 +56,7 @@ def guard_upgrade():
         return None
     origin = request.headers.get("Origin")
     allowed = current_app.extensions["realtime"].settings.allowed_origins
-    if not origin_allowed(origin, request.host, allowed):
+    if origin and not origin_allowed(origin, request.host, allowed):
         event("ws.origin_refused", level="warning", origin=origin[:200], remote=request.remote_addr)
         return error_response(403, HttpError.FOREIGN_ORIGIN, f"origin {origin[:200]!r} may not open sockets here")
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
@@ -76,18 +76,35 @@ def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...]) -> b
 @sock.route("/ws", bp=bp)
 def socket(ws):
     rt = current_app.extensions["realtime"]
-    rt.open_socket(_take_socket(ws), request.args.get("token"), remote=request.remote_addr)
+    raw = _take_socket(ws)
+    rt.open_socket(raw, request.args.get("token"), remote=request.remote_addr, pending=_read_ahead(request.environ))
 
 
 def _take_socket(ws) -> _socket.socket:
-    """Detach the TCP socket from simple-websocket and gunicorn, as a raw non-blocking socket.
+    """Detach the TCP socket from simple-websocket and gunicorn, as a plain non-blocking socket.
 
-    Marking ``ws`` disconnected turns Flask-Sock's closing ``ws.close()`` into
-    a no-op; detaching gunicorn's socket object makes its ``close()`` after
-    the request a no-op too. The file descriptor is ours from here on.
+    Why ``_socket.socket``: under gevent, ``socket.socket`` is gevent's
+    cooperative class, whose every call may wait on the hub; the connection
+    needs the C socket itself, driven by its own libev watchers and never
+    waiting (see ``relay.connection``). Marking ``ws`` disconnected turns
+    Flask-Sock's closing ``ws.close()`` into a no-op; detaching gunicorn's
+    socket object makes its ``close()`` after the request a no-op too. The
+    file descriptor is ours from here on.
     """
     ws.connected = False
     fd = ws.sock.detach()
     raw = _socket.socket(fileno=fd)
     raw.setblocking(False)
     return raw
+
+
+def _read_ahead(environ: dict) -> bytes:
+    """Bytes the client sent behind its upgrade request, which gunicorn's parser had already read.
+
+    RFC 6455 says a client waits for the 101 before it sends frames, and
+    browsers do; a client that does not would otherwise lose them. gunicorn
+    (27) keeps them in the request's reader; anything else holds none.
+    """
+    unreader = getattr(getattr(environ.get("wsgi.input"), "reader", None), "unreader", None)
+    take = getattr(unreader, "take_buffered", None)
+    return take() if callable(take) else b""

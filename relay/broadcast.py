@@ -20,6 +20,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import NoReturn
 
 from .broker import Broker, Delivery
 from .codes import HttpError
@@ -82,7 +83,7 @@ def _parse_filter(raw: object) -> Filter:
     if not isinstance(raw, dict):
         _invalid(f'"filter" must be an object with any of {", ".join(FILTER_FIELDS)}')
     _only_keys(raw, FILTER_FIELDS, '"filter"')
-    values = []
+    values: list[frozenset[str]] = []
     for key in FILTER_FIELDS:
         items = raw.get(key)
         if items is None:
@@ -107,7 +108,7 @@ def _only_keys(doc: dict, allowed: tuple[str, ...], what: str) -> None:
         _invalid(f"{what} has unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
 
 
-def _invalid(message: str):
+def _invalid(message: str) -> NoReturn:
     raise BroadcastError(HttpError.INVALID_BODY, message)
 
 

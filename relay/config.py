@@ -1,21 +1,26 @@
 """Settings: the environment, read once, validated, frozen.
 
 Everything configurable lives in :class:`Settings`. It is built by
-:meth:`Settings.from_env` at start-up (in ``create_app`` and, for early
-failure, in gunicorn's master) and handed to services as plain values; no
-code reads ``os.environ`` after that.
+:meth:`Settings.from_env` (in ``create_app``, and in ``gunicorn.conf.py`` for
+the server's own values) and handed to services as plain values; no code
+reads ``os.environ`` after that.
 
-Secrets fail closed. In production a missing or short secret stops start-up
-with a message naming the variable. In development a missing secret is
-generated once and kept in the instance folder (mode 0600), never defaulted
-to something guessable.
+Reading settings never writes anything. Secrets fail closed: in production a
+missing or short secret stops start-up with a message naming the variable. In
+development a missing secret is taken from the instance folder's
+``dev-secrets.json``, which only the serving process creates
+(:func:`prepare_instance`, called by ``gunicorn.conf.py`` and ``wsgi.py``), so
+a command run before the first start simply has no secret, and any step that
+needs one says so.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -24,6 +29,10 @@ MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("WS_TOKEN_SECRET", "WS_ADMIN_SECRET", "SECRET_KEY")
 DEV_SECRETS_FILE = "dev-secrets.json"
 SOCKET_PATH = "/ws"
+# The project's own instance folder: where Flask would put it for app.py.
+DEFAULT_INSTANCE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "instance")
+# What gunicorn gets on top of the drain and the closing handshakes before it may kill a worker.
+GRACEFUL_MARGIN_S = 5
 
 
 class ConfigError(Exception):
@@ -35,9 +44,10 @@ class Settings:
     app_env: str
     host: str
     port: int
-    token_secret: str = field(repr=False)
-    admin_secret: str = field(repr=False)
-    secret_key: str = field(repr=False)
+    # None only in development before the server's first start (see prepare_instance).
+    token_secret: str | None = field(repr=False)
+    admin_secret: str | None = field(repr=False)
+    secret_key: str | None = field(repr=False)
     token_ttl_ms: int
     public_url: str | None
     test_user_id: str | None
@@ -57,8 +67,9 @@ class Settings:
     drain_timeout_ms: int
     instance_path: str
     log_level: str
-    # What start-up should tell the operator once it can log (secrets file
-    # location, ignored development settings).
+    web_concurrency: int
+    worker_connections: int
+    # What start-up should tell the operator once it can log.
     notices: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -66,18 +77,29 @@ class Settings:
     def production(self) -> bool:
         return self.app_env == "production"
 
+    @property
+    def shutdown_budget_s(self) -> float:
+        """The longest a stopping worker may need: the drain, then the last closing handshakes."""
+        return (self.drain_timeout_ms + self.close_timeout_ms) / 1000
+
+    @property
+    def graceful_timeout_s(self) -> int:
+        """gunicorn's ``graceful_timeout``: the shutdown budget plus a margin, whole seconds."""
+        return math.ceil(self.shutdown_budget_s) + GRACEFUL_MARGIN_S
+
     @classmethod
-    def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
-        """Build settings from an environment mapping (``os.environ`` plus overrides)."""
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from an environment mapping (``os.environ`` plus overrides). Writes nothing."""
         reader = _Reader(env)
         app_env = reader.text("APP_ENV", "development").lower()
         if app_env not in ("development", "production"):
             raise ConfigError(f"APP_ENV must be 'development' or 'production', got {app_env!r}.")
         production = app_env == "production"
+        instance_path = instance_path_of(env)
         notices: list[str] = []
         warnings: list[str] = []
 
-        found = {name: reader.text(name, "") for name in SECRET_NAMES}
+        found: dict[str, str | None] = {name: reader.text(name, "") or None for name in SECRET_NAMES}
         if production:
             for name, value in found.items():
                 _require_strong(name, value)
@@ -85,13 +107,20 @@ class Settings:
             missing = [name for name, value in found.items() if not value]
             if missing:
                 path = os.path.join(instance_path, DEV_SECRETS_FILE)
-                stored = _load_or_create_dev_secrets(path, missing)
-                found.update({name: stored[name] for name in missing})
-                notices.append(f"development secrets for {', '.join(missing)} are kept in {path} (mode 0600)")
-            for name, value in found.items():
-                if len(value.encode()) < MIN_SECRET_BYTES:
+                stored = _read_secrets(path) or {}
+                found.update({name: stored.get(name) or None for name in missing})
+                if all(found[name] for name in missing):
+                    notices.append(f"development secrets for {', '.join(missing)} are read from {path}")
+                else:
+                    absent = [name for name in missing if not found[name]]
+                    notices.append(
+                        f"{', '.join(absent)} not set and not in {path} yet: the server creates them on its "
+                        "first start (make run); commands that need them will say so"
+                    )
+            for name, secret in found.items():
+                if secret and len(secret.encode()) < MIN_SECRET_BYTES:
                     warnings.append(
-                        f"{name} is {len(value.encode())} bytes; production will refuse "
+                        f"{name} is {len(secret.encode())} bytes; production will refuse "
                         f"anything under {MIN_SECRET_BYTES}"
                     )
 
@@ -126,9 +155,35 @@ class Settings:
             drain_timeout_ms=reader.integer("WS_DRAIN_TIMEOUT_MS", 5000, low=100),
             instance_path=instance_path,
             log_level=reader.text("LOG_LEVEL", "INFO").upper(),
+            web_concurrency=reader.integer("WEB_CONCURRENCY", 1, low=1, high=256),
+            worker_connections=reader.integer("WS_WORKER_CONNECTIONS", 12_000, low=10),
             notices=tuple(notices),
             warnings=tuple(warnings),
         )
+
+
+def instance_path_of(env: Mapping[str, str]) -> str:
+    """The instance folder: ``REALTIME_INSTANCE_PATH``, or ``instance/`` in the project (absolute)."""
+    return os.path.abspath(str(env.get("REALTIME_INSTANCE_PATH") or "").strip() or DEFAULT_INSTANCE_PATH)
+
+
+def prepare_instance(env: Mapping[str, str]) -> list[str]:
+    """What the serving process does once before it reads its settings, in development only:
+    create the instance folder and generate the secrets the environment does not give.
+
+    Idempotent and safe when several processes start at once. Returns notices for the log.
+    In production it does nothing: secrets come from the environment, or start-up stops.
+    """
+    if str(env.get("APP_ENV") or "development").strip().lower() == "production":
+        return []
+    instance_path = instance_path_of(env)
+    os.makedirs(instance_path, exist_ok=True)
+    missing = [name for name in SECRET_NAMES if not str(env.get(name) or "").strip()]
+    if not missing:
+        return []
+    path = os.path.join(instance_path, DEV_SECRETS_FILE)
+    created = _create_dev_secrets(path, missing)
+    return [f"generated development secrets for {', '.join(created)} in {path} (mode 0600)"] if created else []
 
 
 @dataclass(frozen=True)
@@ -169,7 +224,7 @@ class _Reader:
         return value
 
 
-def _require_strong(name: str, value: str) -> None:
+def _require_strong(name: str, value: str | None) -> None:
     if not value:
         raise ConfigError(
             f"{name} is not set; production needs a secret of at least {MIN_SECRET_BYTES} bytes "
@@ -183,34 +238,31 @@ def _require_strong(name: str, value: str) -> None:
         )
 
 
-def _load_or_create_dev_secrets(path: str, names: list[str]) -> dict[str, str]:
-    """Return stored development secrets, generating any that are missing.
+def _create_dev_secrets(path: str, names: list[str]) -> list[str]:
+    """Add any of ``names`` missing from the secrets file at ``path``; returns the names it generated.
 
     Several gunicorn workers may start at once: the file is created with
     O_EXCL so exactly one of them writes it, and the others read what it wrote.
     """
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     for _ in range(50):
         stored = _read_secrets(path)
-        if stored is not None and all(stored.get(n) for n in names):
-            return stored
-        merged = dict(stored or {})
-        for name in names:
-            merged.setdefault(name, secrets.token_urlsafe(48))
+        absent = [name for name in names if not (stored or {}).get(name)]
+        if not absent:
+            return []
+        merged = {**(stored or {}), **{name: secrets.token_urlsafe(48) for name in absent}}
         if stored is None:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
-                continue  # another worker won the race; read what it wrote
-            with os.fdopen(fd, "w") as out:
-                json.dump(merged, out, indent=2)
-            return merged
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                time.sleep(0.01)  # another worker won the race; read what it wrote once it has
+                continue
+        else:
+            fd = os.open(f"{path}.{os.getpid()}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(merged, out, indent=2)
-        os.replace(tmp, path)
-        return merged
+        if stored is not None:
+            os.replace(f"{path}.{os.getpid()}.tmp", path)
+        return absent
     raise ConfigError(f"could not read or create development secrets at {path}")
 
 
@@ -225,7 +277,9 @@ def _read_secrets(path: str) -> dict[str, str] | None:
     try:
         data = json.loads(text)
     except ValueError:
-        raise ConfigError(f"{path} is not valid JSON; delete it to generate new secrets") from None
+        data = None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object; delete it to generate new secrets")
     return {k: v for k, v in data.items() if isinstance(v, str)}
 
 

@@ -6,30 +6,48 @@ HTTP request ends. From then on the connection lives on two libev watchers
 client costs a few hundred bytes of Python objects instead of a parked
 greenlet with its stack. This is also why gunicorn's ``worker_connections``
 does not cap the number of open sockets: they no longer hold a pool slot.
+``docs/architecture.md`` draws the whole life of a socket.
 
 Writing never blocks and never tears a frame: a ``send`` that takes only part
 of the data keeps the rest (and everything queued after it) until the socket
 is writable again. What a client has not taken is bounded by ``max_queue``;
 past it the client is closed with 1013 instead of slowing anyone else.
 
-Callbacks from here to the protocol layer go through a small handler
-interface (``on_text``, ``on_binary``, ``on_closing``, ``on_closed``) so that
-this module knows sockets and frames, and nothing about channels or users.
+A connection is the transport plus the per-client state the protocol layer
+keeps on it (``identity`` and its ``user_id``/``role``/``clinic_id``,
+``channels``, the rate bucket), stored here so the hub can index and match
+connections without another lookup. This module reads none of that state:
+what a frame means is the :class:`Handler`'s business.
+
+**The rule of this design: code called from an event-loop callback never
+blocks.** Reads and write completions run inside gevent's hub, as libev
+callbacks. There, anything that would wait (``gevent.sleep``, a contended
+gevent lock, a socket or HTTP call such as a Supabase lookup, a Redis round
+trip, a database query that waits on a lock) raises gevent's
+``BlockingSwitchOutError``. Such a handler is reported (``ws.handler_blocked``
+in the log, naming the fix) and its connection is closed with 1011; other
+connections are not disturbed. Blocking work goes through :meth:`Connection.defer`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import time
+import traceback
 import uuid
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import gevent
+from gevent.exceptions import BlockingSwitchOutError
 
 from . import frames
 from .codes import Close
+from .directory import Identity
+from .eventlog import event
 
 log = logging.getLogger("relay.connection")
 
@@ -43,15 +61,42 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class Handler(Protocol):
-    def on_text(self, conn: Connection, text: str) -> None: ...
+    """What the connection calls back; the protocol layer implements it.
 
-    def on_binary(self, conn: Connection, data: bytes) -> None: ...
+    Every method runs **inside an event-loop callback** (gevent's hub): it must
+    not block. No sleep, no contended lock, no network or disk I/O that waits.
+    Queue replies with ``conn.push``/``conn.send_now``; hand blocking work to
+    ``conn.defer(fn, ...)``, which runs it in a greenlet of its own from where
+    it comes back through the same connection methods.
+    """
+
+    def on_text(self, conn: Connection, text: str) -> None:
+        """A whole text message (UTF-8 already checked)."""
+
+    def on_binary(self, conn: Connection, data: bytes) -> None:
+        """A whole binary message."""
 
     def on_closing(self, conn: Connection) -> None:
         """The connection stopped being OPEN: take it out of every index."""
 
     def on_closed(self, conn: Connection) -> None:
         """The socket is gone; ``conn.close_code``/``close_reason`` say why."""
+
+
+class Watcher(Protocol):
+    """The part of a libev watcher (``loop.io``/``loop.timer``) used here; gevent ships no types."""
+
+    def start(self, callback: Callable[[], None]) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Outbox(Protocol):
+    stalls: int
+
+    def schedule(self, conn: Connection) -> None: ...
 
 
 class Connection:
@@ -62,7 +107,6 @@ class Connection:
         "role",
         "clinic_id",
         "channels",
-        "remote",
         "opened_at",
         "heard",
         "rate_tokens",
@@ -91,26 +135,26 @@ class Connection:
         self,
         sock: socket.socket,
         *,
-        outbox,
+        outbox: Outbox,
         handler: Handler,
         max_message: int,
         max_queue: int,
         close_timeout: float,
-        remote: str | None = None,
-        loop=None,
+        loop: Any = None,  # gevent's libev loop (untyped); the current hub's by default
     ):
         sock.setblocking(False)
         self.id = str(uuid.uuid4())
-        self.identity = None
+        # Client state kept for the protocol layer and the hub (see the module docstring).
+        self.identity: Identity | None = None
         self.user_id: str | None = None
         self.role: str | None = None
         self.clinic_id: str | None = None
         self.channels: set[str] = set()
-        self.remote = remote
-        self.opened_at = time.monotonic()
-        self.heard = True  # something arrived since the last keep-alive ping
         self.rate_tokens = 0.0
         self.rate_at = 0.0
+        # Transport state.
+        self.opened_at = time.monotonic()
+        self.heard = True  # something arrived since the last keep-alive ping
         self.state = OPEN
         self.close_code: int | None = None
         self.close_reason = ""
@@ -119,10 +163,10 @@ class Connection:
         self._outbox = outbox
         self._handler = handler
         self._parser: frames.FrameParser | None = frames.FrameParser(max_message)
-        self._read_watch = None
-        self._write_watch = None
-        self._timer = None
-        self._pending: list | None = None
+        self._read_watch: Watcher | None = None
+        self._write_watch: Watcher | None = None
+        self._timer: Watcher | None = None
+        self._pending: list[bytes | memoryview] | None = None
         self._pending_bytes = 0
         self._scheduled = False
         self._blocked = False
@@ -135,29 +179,40 @@ class Connection:
 
     # -- lifecycle ----------------------------------------------------------
 
-    def identify(self, identity) -> None:
+    def identify(self, identity: Identity) -> None:
+        """Attach who this is; the hub indexes these fields."""
         self.identity = identity
         self.user_id = identity.user_id
         self.role = identity.role
         self.clinic_id = identity.clinic_id
 
-    def start(self) -> None:
-        """Begin reading from the client."""
-        if self._read_watch is None and self.state is not CLOSED:
-            self._read_watch = self._loop.io(self._sock.fileno(), _READ)
-            self._read_watch.start(self._on_readable)
+    def start(self, pending: bytes = b"") -> None:
+        """Begin reading from the client.
 
-    def close(self, code: int, reason: str = "", *, drop_when_sent: bool = False) -> None:
+        ``pending`` is what the client sent right behind its upgrade request,
+        which the HTTP server had already read off the socket: it is parsed
+        first, as if it had just arrived.
+        """
+        if self._read_watch is None and self.state is not CLOSED:
+            watch = self._read_watch = self._loop.io(self._sock.fileno(), _READ)
+            watch.start(self._on_readable)
+            if pending:
+                self._received(pending)
+
+    def close(self, code: int, reason: str = "", *, drop_when_sent: bool = False, logged: str | None = None) -> None:
         """Start the closing handshake.
 
         The close frame goes after what is already queued; the socket is
         dropped when the client answers, or after ``close_timeout`` if it
-        does not. ``drop_when_sent`` drops it as soon as the frame is written
-        instead (the client already said goodbye, or broke the protocol).
+        does not. ``drop_when_sent`` ends it as soon as the frame is written
+        instead: at once when the client already said goodbye; after a
+        protocol violation by half-closing and discarding whatever still
+        arrives (see ``_linger``). ``logged`` is the reason kept for the
+        disconnect log when it differs from the one sent.
         """
         if self.state is not OPEN:
             return
-        self.close_code, self.close_reason = code, reason
+        self.close_code, self.close_reason = code, reason if logged is None else logged
         self._leave_open()
         self._close_when_flushed = drop_when_sent
         self._enqueue(frames.close(code, reason))
@@ -191,6 +246,26 @@ class Connection:
             return
         self.heard = False
         self._enqueue(frames.PING)
+
+    def defer(self, work: Callable[..., object], *args: object) -> gevent.Greenlet:
+        """Run ``work(*args)`` in a greenlet of its own, where it may block.
+
+        The way out of the event-loop rule: a handler that must wait for
+        something (a lookup, a round trip) defers it and returns at once.
+        ``work`` talks back through this connection (``push``, ``send_now``,
+        ``close``), all safe from any greenlet; it should check ``state`` first,
+        since the client may have left meanwhile. An exception in ``work`` is
+        logged and closes this connection with 1011.
+        """
+
+        def run() -> None:
+            try:
+                work(*args)
+            except Exception:
+                log.exception("deferred work failed for %s", self.id)
+                self.close(Close.INTERNAL_ERROR, "internal error")
+
+        return gevent.spawn(run)
 
     # -- writing ------------------------------------------------------------
 
@@ -249,11 +324,15 @@ class Connection:
         if sent == len(data):
             self._pending = None
             self._pending_bytes = 0
-            if self._blocked:
+            if self._blocked and self._write_watch is not None:
                 self._write_watch.stop()
                 self._blocked = False
             if self._close_when_flushed:
-                self._finish()
+                self._close_when_flushed = False
+                if self._parser is None:
+                    self._linger()
+                else:
+                    self._finish()
             return
         # Keep the unsent tail; it must go out before anything else or the stream is torn.
         self._pending = [memoryview(data)[sent:]]
@@ -261,7 +340,7 @@ class Connection:
         if not self._blocked:
             if self._write_watch is None:
                 self._write_watch = self._loop.io(self._sock.fileno(), _WRITE)
-            self._write_watch.start(self._on_writable)
+            cast(Watcher, self._write_watch).start(self._on_writable)
             self._blocked = True
             self._outbox.stalls += 1
 
@@ -305,9 +384,12 @@ class Connection:
                 self.close_code, self.close_reason = ABNORMAL, "connection lost"
             self._finish()
             return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
         self.heard = True
         if self._parser is None:
-            return  # after a protocol error the stream cannot be trusted; wait for the timer
+            return  # after a protocol error the stream cannot be trusted: discard until EOF or the timer
         try:
             messages = self._parser.feed(data)
         except frames.ProtocolViolation as violation:
@@ -316,6 +398,7 @@ class Connection:
             self._parser = None
             self.close(violation.code, violation.reason, drop_when_sent=True)
             return
+        # The opcode says what the payload is (see FrameParser.feed).
         for opcode, payload in messages:
             if self.state is CLOSED:
                 return
@@ -327,22 +410,35 @@ class Connection:
                     self._dispatch(self._handler.on_binary, payload)
             elif opcode == frames.OP_PING:
                 if self.state is OPEN:
-                    self._enqueue(frames.encode(frames.OP_PONG, payload))
+                    self._enqueue(frames.encode(frames.OP_PONG, cast(bytes, payload)))
             elif opcode == frames.OP_CLOSE:
-                self._on_close_frame(*payload)
+                self._on_close_frame(*cast(tuple[int, str], payload))
 
-    def _dispatch(self, callback, payload) -> None:
+    # Any: the payload is str for on_text and bytes for on_binary; the opcode decided which.
+    def _dispatch(self, callback: Callable[[Connection, Any], None], payload: object) -> None:
         try:
             callback(self, payload)
+        except BlockingSwitchOutError as blocked:
+            # The one rule of this design was broken (see the module docstring): say so, loudly.
+            event(
+                "ws.handler_blocked",
+                level="error",
+                clientId=self.id,
+                handler=getattr(callback, "__qualname__", repr(callback)),
+                at=_blocking_call_site(blocked),
+                message="a frame handler tried to block inside an event-loop callback; "
+                "move the waiting work into conn.defer(...)",
+            )
+            self.close(Close.INTERNAL_ERROR, "internal error")
         except Exception:
             log.exception("handler failed for %s", self.id)
             self.close(Close.INTERNAL_ERROR, "internal error")
 
     def _on_close_frame(self, code: int, reason: str) -> None:
         if self.state is OPEN:
-            # The client is leaving: echo its code, drop the socket once that is written.
-            self.close(code, drop_when_sent=True)
-            self.close_reason = reason  # what the client said, for the disconnect log
+            # The client is leaving: echo its code, drop the socket once that is written,
+            # and log what the client said.
+            self.close(code, drop_when_sent=True, logged=reason)
         else:
             self._finish()  # the answer to our own close frame
 
@@ -354,8 +450,22 @@ class Connection:
 
     def _arm_close_timer(self) -> None:
         if self._timer is None and self.state is not CLOSED:
-            self._timer = self._loop.timer(self._close_timeout)
-            self._timer.start(self._on_close_timeout)
+            timer = self._timer = self._loop.timer(self._close_timeout)
+            timer.start(self._on_close_timeout)
+
+    def _linger(self) -> None:
+        """After a protocol violation: the close frame is out, but the client may still be sending.
+
+        Closing now, with its bytes unread, would make the kernel answer with a
+        reset, and a reset can destroy the close frame before the client reads
+        it (Chrome then reports 1006, not 1009). So send FIN instead and keep
+        reading, discarding everything, until the client closes its side or
+        the close timer ends it.
+        """
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish()
 
     def _on_close_timeout(self) -> None:
         self.abort("close_timeout")
@@ -377,3 +487,13 @@ class Connection:
         except OSError:
             pass
         self._handler.on_closed(self)
+
+
+def _blocking_call_site(error: BaseException) -> str:
+    """Where our code made the blocking call: the innermost traceback frame outside gevent."""
+    site = "unknown"
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        path = frame.f_code.co_filename
+        if f"{os.sep}gevent{os.sep}" not in path:
+            site = f"{frame.f_code.co_qualname} ({os.path.basename(path)}:{line})"
+    return site

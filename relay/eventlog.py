@@ -60,20 +60,25 @@ class JsonFormatter(logging.Formatter):
         return _line(record.created, level, {}, logger=record.name, message=record.getMessage(), **extra)
 
 
+class JsonHandler(logging.StreamHandler):
+    """Our stderr handler (a class of its own, so ``configure`` can tell it from anyone else's)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(JsonFormatter())
+
+
 def configure(level: str = "INFO") -> None:
     """Send every ``relay.*`` logger to stderr as JSON lines (idempotent)."""
     # No record shows a thread name; asking for one costs a gevent _DummyThread per
     # greenlet that logs (measured: ~3% of a connect). (gunicorn's format needs the pid.)
     logging.logThreads = False
     root = logging.getLogger("relay")
-    if not any(getattr(h, "_relay_json", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        handler._relay_json = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
+    if not any(isinstance(h, JsonHandler) for h in root.handlers):
+        root.addHandler(JsonHandler())
         root.propagate = False
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     global _direct
-    ours = [h for h in root.handlers if getattr(h, "_relay_json", False)]
+    ours = [h for h in root.handlers if isinstance(h, JsonHandler)]
     only_ours = len(root.handlers) == 1 and ours and not logger.handlers and logger.propagate
     _direct = ours[0].stream if only_ours else None

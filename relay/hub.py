@@ -78,7 +78,8 @@ class Hub:
 
     def subscribe(self, conn, names: list[str], limit: int) -> tuple[list[str], list[str]]:
         """Subscribe to already-authorized ``names``; returns (in effect, over the limit)."""
-        taken, refused = [], []
+        taken: list[str] = []
+        refused: list[str] = []
         with self._lock:
             if conn not in self._clients:
                 return taken, list(names)

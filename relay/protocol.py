@@ -10,17 +10,24 @@ Server -> client: ``CONNECTED {clientId, userId}`` first, then replies,
 broadcasts ``{type, data, id}``, and ``ERROR {code, message[, channel]}``
 (codes in :class:`relay.codes.Error`). Nothing a client sends can crash the
 worker: every failure becomes an ERROR frame or, for abuse, a close code.
+
+Everything here runs inside an event-loop callback (the connection's read
+watcher), so nothing here may block: no sleep, no lock that waits, no network
+or disk I/O. Work that must wait is handed to ``conn.defer`` and answers
+through the connection (see ``relay.connection`` and ``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 from . import channels as channel_rules
 from . import frames
 from .codes import Close, Error
 from .eventlog import event
+from .hub import Hub
 
 MAX_CHANNELS_PER_REQUEST = 200
 
@@ -36,13 +43,28 @@ def error_frame(code: str, message: str, **extra) -> bytes:
 
 
 class ClientProtocol:
-    """The connection handler for admitted sockets (see ``relay.connection.Handler``)."""
+    """The connection handler for admitted sockets (see ``relay.connection.Handler``).
 
-    def __init__(self, hub, *, max_subscriptions: int = 100, rate_burst: int = 40, rate_per_second: float = 20.0):
+    Every method here runs inside an event-loop callback and must never block
+    (``relay.connection`` says why); work that has to wait goes through
+    ``conn.defer``. All of it is in-memory: the hub's indexes and the
+    connection's own queue.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        max_subscriptions: int = 100,
+        rate_burst: int = 40,
+        rate_per_second: float = 20.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.hub = hub
         self.max_subscriptions = max_subscriptions
         self.rate_burst = rate_burst
         self.rate_per_second = rate_per_second
+        self.clock = clock
         self._handlers = {
             "PING": self._ping,
             "SUBSCRIBE": self._subscribe,
@@ -145,7 +167,7 @@ class ClientProtocol:
 
     def _within_rate(self, conn) -> bool:
         """Token bucket per connection: ``rate_burst`` at once, ``rate_per_second`` sustained."""
-        now = time.monotonic()
+        now = self.clock()
         if conn.rate_at == 0.0:
             conn.rate_tokens = float(self.rate_burst)
         else:

@@ -45,14 +45,16 @@ try:
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
+
+    HAVE_REDIS = True
 except ImportError:  # pragma: no cover - exercised only without the extra installed
-    redis = None
+    HAVE_REDIS = False
 
 log = logging.getLogger("relay.redis")
 
 
 def _require_redis() -> None:
-    if redis is None:
+    if not HAVE_REDIS:
         raise ConfigError("REDIS_URL is set but the redis package is missing: pip install '.[redis]'")
 
 
@@ -76,6 +78,10 @@ def check_reachable(url: str, timeout: float = 3.0) -> None:
         client.close()
     except (redis.RedisError, OSError, ValueError) as problem:
         raise ConfigError(f"Redis at REDIS_URL={redacted(url)} is unreachable: {problem}") from None
+
+
+def _not_started(envelope: Envelope) -> int:
+    raise BrokerUnavailable("the broker has not been started")
 
 
 class _Waiter:
@@ -125,8 +131,8 @@ class RedisBroker:
         options = dict(socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
         self._client = redis.Redis.from_url(url, socket_timeout=2.0, **options)
         self._subscriber = redis.Redis.from_url(url, socket_timeout=None, client_name=self.client_name, **options)
-        self._deliver: Deliver | None = None
-        self._stats: Stats | None = None
+        self._deliver: Deliver = _not_started
+        self._stats: Stats = dict
         self._waiters: dict[str, _Waiter] = {}
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = False
@@ -312,7 +318,7 @@ class RedisBroker:
             clients = self._client.client_list(_type="pubsub")
         except redis.ResponseError:
             return None  # CLIENT LIST is disabled on some managed Redis: fall back to key expiry
-        return {c.get("name") for c in clients}
+        return {str(c.get("name")) for c in clients}
 
     def _failed(self, problem: Exception) -> None:
         self.last_error = f"{type(problem).__name__}: {problem}"

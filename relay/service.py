@@ -2,7 +2,11 @@
 
 One :class:`Realtime` per process. The Flask layer reaches it through
 ``current_app.extensions["realtime"]`` and calls three things on it: mint a
-token, admit a socket, send a broadcast (through ``broadcaster``).
+token, admit a socket, send a broadcast.
+
+Building one has no side effects (no greenlet, no connection): the serving
+process calls :meth:`Realtime.start` once, after gevent has patched it
+(``post_worker_init`` in ``gunicorn.conf.py``). Commands never start it.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import socket
 import time
 
 from . import __version__
-from .broadcast import Broadcaster
-from .broker import Broker, MemoryBroker
+from .broadcast import Broadcaster, BroadcastRequest
+from .broker import Broker, BrokerUnavailable, Delivery, MemoryBroker
 from .codes import Close
 from .config import Settings
 from .connection import Connection
 from .directory import Directory, DirectoryUnavailable
+from .envelope import Envelope
 from .eventlog import event
 from .hub import Hub
 from .outbox import Outbox
@@ -39,25 +44,33 @@ class Realtime:
         self.settings = settings
         self.started_at = time.time()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.tokens = TokenService(settings.token_secret, settings.token_ttl_ms)
+        # None only in a development command run before the server ever started (no secret yet).
+        self.tokens = TokenService(settings.token_secret, settings.token_ttl_ms) if settings.token_secret else None
         self.directory = directory or _make_directory(settings)
         self.hub = Hub(max_clients=settings.max_clients, ping_interval=settings.ping_interval_ms / 1000)
         self.outbox = Outbox()
         self.protocol = ClientProtocol(self.hub, max_subscriptions=MAX_SUBSCRIPTIONS)
         self.broker = broker or _make_broker(settings, self.worker_id)
-        self.broker.start(self.hub.deliver, self.hub.stats)
         self.broadcaster = Broadcaster(self.broker)
+        self.started = False
+
+    def start(self) -> None:
+        """Begin serving: the broker's listener and the keep-alive greenlet. Idempotent."""
+        if self.started:
+            return
+        self.started = True
+        self.broker.start(self.hub.deliver, self.hub.stats)
+        self.hub.start()
 
     # -- sockets ------------------------------------------------------------------
 
-    def open_socket(self, sock, token: str | None, remote: str | None = None) -> Connection:
+    def open_socket(self, sock, token: str | None, remote: str | None = None, pending: bytes = b"") -> Connection:
         """Admit (or refuse) a socket whose upgrade has been answered.
 
         Returns at once either way: an admitted connection lives on the event
         loop from here; a refused one is closed with a code the browser can
         act on (4401 new token, 4403 give up, 1012/1013 retry, 1011 our bug).
         """
-        self.hub.start()
         conn = Connection(
             sock,
             outbox=self.outbox,
@@ -65,10 +78,9 @@ class Realtime:
             max_message=MAX_MESSAGE_BYTES,
             max_queue=self.settings.max_queue_bytes,
             close_timeout=self.settings.close_timeout_ms / 1000,
-            remote=remote,
         )
         try:
-            self._admit(conn, token, remote)
+            self._admit(conn, token, remote, pending)
         except Exception:
             # The 101 is already on the wire: a bug here must still end in a close code, not a hang.
             log.exception("admitting a socket failed")
@@ -76,10 +88,12 @@ class Realtime:
             conn.reject(Close.INTERNAL_ERROR, "internal error")
         return conn
 
-    def _admit(self, conn: Connection, token: str | None, remote: str | None) -> None:
+    def _admit(self, conn: Connection, token: str | None, remote: str | None, pending: bytes) -> None:
         if self.hub.draining:
             conn.reject(Close.SERVICE_RESTART, "service restart")
             return
+        if self.tokens is None:
+            raise RuntimeError("no WS_TOKEN_SECRET: this process cannot verify tokens")
         try:
             user_id = self.tokens.verify(token)
         except TokenError as refused:
@@ -122,7 +136,7 @@ class Realtime:
         # CONNECTED is queued before the hub can see the connection: it is always the first frame.
         conn.push(encode("CONNECTED", {"clientId": conn.id, "userId": user_id}))
         self.hub.add(conn)
-        conn.start()
+        conn.start(pending)
         event(
             "ws.connect",
             clientId=conn.id,
@@ -131,6 +145,13 @@ class Realtime:
             clinicId=identity.clinic_id,
             remote=remote,
         )
+
+    def broadcast(self, request: BroadcastRequest, *, source: str) -> tuple[Envelope, Delivery]:
+        """Publish a validated broadcast. Raises BrokerUnavailable, also while this worker drains
+        (its sockets are closing: the caller should retry, and a load balancer will pick another worker)."""
+        if self.hub.draining:
+            raise BrokerUnavailable("this worker is restarting; retry in a moment")
+        return self.broadcaster.send(request, source=source)
 
     def drain(self, reason: str = "service restart") -> bool:
         """Close every socket with 1012 and refuse new ones (worker shutdown)."""
@@ -227,14 +248,15 @@ def _make_directory(settings: Settings) -> Directory:
 def _totals(members: list[dict]) -> dict:
     """Sum the additive figures over workers. ``channels`` and ``users`` are per-worker
     counts summed: a channel or user present on two workers counts twice."""
-    totals = {"clients": 0, "byRole": {}, "byClinic": {}, "channels": 0, "subscriptions": 0, "users": 0}
+    counts = dict.fromkeys(("clients", "channels", "subscriptions", "users"), 0)
+    groups: dict[str, dict[str, int]] = {"byRole": {}, "byClinic": {}}
     for member in members:
-        for key in ("clients", "channels", "subscriptions", "users"):
-            totals[key] += int(member.get(key) or 0)
-        for key in ("byRole", "byClinic"):
+        for key in counts:
+            counts[key] += int(member.get(key) or 0)
+        for key, group in groups.items():
             for name, count in (member.get(key) or {}).items():
-                totals[key][name] = totals[key].get(name, 0) + int(count)
-    return totals
+                group[name] = group.get(name, 0) + int(count)
+    return {**counts, **groups}
 
 
 def _rss_bytes() -> int:

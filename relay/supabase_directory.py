@@ -36,8 +36,10 @@ try:
     from postgrest.exceptions import APIError
     from supabase import ClientOptions, create_client
     from supabase_auth.errors import AuthApiError, AuthError
+
+    HAVE_SUPABASE = True
 except ImportError:  # pragma: no cover - exercised only without the extra installed
-    create_client = None
+    HAVE_SUPABASE = False
 
 log = logging.getLogger("relay.supabase")
 DEFAULT_ROLE = "user"  # least privilege when neither the profile nor app_metadata names a role
@@ -67,7 +69,7 @@ class SupabaseDirectory:
         jwt_secret: str | None = None,
         jwt_audience: str = "authenticated",
     ):
-        if create_client is None:
+        if not HAVE_SUPABASE:
             raise ConfigError("SUPABASE_URL is set but the supabase package is missing: pip install '.[supabase]'")
         self.url = url
         self.timeout = timeout
@@ -215,7 +217,7 @@ class SupabaseDirectory:
         self._up()
         if user is None or getattr(user, "deleted_at", None):
             return None
-        profile = rows[0] if rows else {}
+        profile = rows[0] if rows and isinstance(rows[0], dict) else {}
         meta = user.app_metadata or {}
         names = user.user_metadata or {}
         return Identity(

@@ -19,7 +19,8 @@ import binascii
 import hashlib
 import hmac
 import json
-import time
+
+from .clock import now_ms
 
 MAX_TOKEN_CHARS = 2048
 MAX_FUTURE_MS = 30_000
@@ -33,10 +34,6 @@ class TokenError(Exception):
         super().__init__(detail)
         self.reason = reason
         self.user_id = user_id  # set only once the signature has been verified
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class TokenService:

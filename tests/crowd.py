@@ -83,3 +83,4 @@ class Crowd:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
+            self.loop.close()

@@ -73,6 +73,7 @@ class FakeSupabase:
     def __init__(self) -> None:
         self.users: dict[str, FakeUser] = {}
         self.profiles: dict[str, dict] = {}  # user id -> row (column names as stored)
+        self.profiles_table = "profiles"  # the table name PostgREST serves them under
         self.requests: list[Recorded] = []
         self.mode = "ok"
         self.hang_seconds = 10.0
@@ -160,6 +161,8 @@ class FakeSupabase:
                     return self._reply(500, {"code": 500, "msg": "Internal Server Error"})
                 if not self.headers.get("apikey"):
                     return self._reply(401, {"message": "No API key found in request"})
+                if self.headers.get("apikey") not in (SERVICE_KEY, ANON_KEY):
+                    return self._reply(401, {"message": "Invalid API key", "hint": "Double check your Supabase key."})
                 try:
                     status, payload = fake._route(
                         method, parts.path, parse_qs(parts.query), self.headers.get("Authorization", ""), body
@@ -191,7 +194,7 @@ class FakeSupabase:
             if bearer != SERVICE_KEY:
                 return 401, {"code": "PGRST301", "message": "JWSError"}
             table = path[len("/rest/v1/") :]
-            rows = [row for row in self.profiles.values()] if table == "profiles" else None
+            rows = list(self.profiles.values()) if table == self.profiles_table else None
             if rows is None:
                 return 404, {"code": "PGRST205", "message": f"Could not find the table 'public.{table}'"}
             for key, values in query.items():

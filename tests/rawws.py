@@ -11,17 +11,19 @@ import struct
 
 
 class RawClient:
-    def __init__(self, port: int, token: str, *, rcvbuf: int | None = None):
+    def __init__(self, port: int, token: str, *, rcvbuf: int | None = None, pipelined: list[dict] = ()):
         self.sock = socket.socket()
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(10)
         self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
+        request = (
             f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        # ``pipelined`` messages go in the same write as the request, before the 101 (an impatient client).
+        self.sock.sendall(request + b"".join(self._frame(message) for message in pipelined))
         self.buffer = b""
         while b"\r\n\r\n" not in self.buffer:
             chunk = self.sock.recv(4096)
@@ -33,11 +35,22 @@ class RawClient:
             raise ConnectionError(head.decode(errors="replace"))
 
     def send_json(self, message: dict) -> None:
+        self.sock.sendall(self._frame(message))
+
+    @staticmethod
+    def _frame(message: dict) -> bytes:
         payload = json.dumps(message).encode()
         mask = os.urandom(4)
         size = len(payload)
         header = bytes((0x81, 0x80 | size)) if size < 126 else struct.pack("!BBH", 0x81, 0x80 | 126, size)
-        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    def close_code(self) -> int:
+        """Read until the server's close frame; its code."""
+        while True:
+            opcode, payload = self.read_frame()
+            if opcode == 0x8:
+                return struct.unpack("!H", payload[:2])[0]
 
     def read_frame(self, chunk: int = 65536) -> tuple[int, bytes]:
         """The next whole server frame as (opcode, payload), reading ``chunk`` bytes at a time."""

@@ -45,6 +45,16 @@ USERS = [
 ]
 
 
+def wait_for(predicate, timeout: float = 15, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` passes (its last value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,7 +93,6 @@ class Server:
             "SECRET_KEY": SESSION_SECRET,
             "REALTIME_DB": str(self.workdir / "realtime.db"),
             "REALTIME_INSTANCE_PATH": str(self.workdir / "instance"),
-            "REALTIME_SEED_DEMO": "0",
             "WEB_CONCURRENCY": "1",
             "LOG_LEVEL": "INFO",
             **{k: str(v) for k, v in self.env_overrides.items() if v is not None},
@@ -124,14 +133,18 @@ class Server:
         raise RuntimeError(f"gunicorn did not become healthy in {timeout}s:\n{self.log_text()[-3000:]}")
 
     def stop(self, timeout: float = 15) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM by PID, then SIGKILL if it will not go; the exit code (None if never started)."""
+        if self.proc is None:
+            return None
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+            if self.proc.poll() is not None:
+                return self.proc.returncode
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait(5)
         finally:
             self._log.close()
 
@@ -181,10 +194,14 @@ class Server:
     def connect(self, user_id: str, channels: list[str] | None = None, **kwargs) -> Client:
         """Open a socket as ``user_id``, expect CONNECTED, optionally subscribe."""
         client = self.open(self.token(user_id), **kwargs)
-        hello = client.expect("CONNECTED")
-        client.client_id = hello["data"]["clientId"]
-        if channels:
-            client.subscribe(channels)
+        try:
+            hello = client.expect("CONNECTED")
+            client.client_id = hello["data"]["clientId"]
+            if channels:
+                client.subscribe(channels)
+        except BaseException:
+            client.close()
+            raise
         return client
 
     def broadcast(self, body, secret: str | None = ADMIN_SECRET, headers: dict | None = None) -> requests.Response:

@@ -13,8 +13,9 @@ import time
 import click
 from flask import Blueprint
 
-from relay.client import OpsClient, ServiceError, now_iso, smoke
+from relay.clock import now_iso
 from relay.directory import DirectoryUnavailable
+from relay.opsclient import OpsClient, ServiceError, smoke
 
 from .auth import realtime
 

@@ -4,7 +4,9 @@ import os
 import signal
 import time
 
+import requests
 from rawws import RawClient
+from support import wait_for
 from websockets.exceptions import ConnectionClosed
 
 from relay.codes import Close
@@ -75,3 +77,23 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_while_draining_health_and_broadcast_answer_503_and_the_drain_is_bounded(start_server):
+    srv = start_server(WS_CLOSE_TIMEOUT_MS=20_000, WS_DRAIN_TIMEOUT_MS=1500)
+    stubborn = RawClient(srv.port, srv.token("bob"))  # never answers the close frame: the drain waits for it
+    assert srv.wait_clients(1)["clients"] == 1
+    started = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: requests.get(srv.url + "/health", timeout=5).status_code == 503, timeout=5)
+    health = requests.get(srv.url + "/health", timeout=5).json()
+    assert health["status"] == "draining" and health["draining"] is True
+    refused = srv.broadcast({"message": {"type": "ANNOUNCEMENT", "data": {"message": "too late"}}})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+    assert refused.headers["Retry-After"] == "1"
+    assert srv.proc.wait(timeout=15) == 0
+    # WS_DRAIN_TIMEOUT_MS, not the 20 s close timeout, bounded the wait for the stubborn socket.
+    assert time.monotonic() - started < 10
+    done = srv.wait_for_event("drain.done")
+    assert done["complete"] is False and done["clients"] == 0
+    stubborn.close()

@@ -5,18 +5,9 @@ import signal
 import time
 
 import pytest
-from support import Server, make_users
+from support import Server, make_users, wait_for
 
 USERS = ["alice", "bob", "carol", "erin"]
-
-
-def wait_for(predicate, timeout: float = 15, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def test_several_workers_without_redis_refuse_to_start(start_server):
@@ -163,3 +154,45 @@ def test_health_reports_the_broker_and_this_worker(start_server, redis_server, b
         assert health["status"] == "ok" and health["worker"]["clients"] == 1
         assert health["worker"]["pid"] == health["pid"]
         assert [(m["clients"], m["pid"]) for m in health["cluster"]] == [(1, health["pid"])]
+
+
+def test_a_stopped_worker_is_reported_missing_within_the_reply_timeout(start_server, redis_server):
+    srv = start_server("-w", "2", REDIS_URL=redis_server.url, REDIS_REPLY_TIMEOUT_MS=500)
+    assert wait_for(lambda: srv.health()["workers"] == 2)
+    victim = srv.health()["cluster"][0]["pid"]
+    os.kill(victim, signal.SIGSTOP)  # still subscribed on Redis, so it is counted, but it never answers
+    try:
+        started = time.monotonic()
+        result = srv.announce("is anyone there?")  # the stopped worker cannot accept: the other one answers
+        assert (result["workers"], result["missingWorkers"]) == (1, 1)
+        assert time.monotonic() - started < 5  # bounded by REDIS_REPLY_TIMEOUT_MS: a hang guard, not a benchmark
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert wait_for(lambda: srv.announce("all here")["missingWorkers"] == 0)
+
+
+def test_two_services_with_their_own_prefix_share_one_redis_without_seeing_each_other(tmp_path, redis_server):
+    make_users(tmp_path / "realtime.db")
+    services = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        env = {
+            "REDIS_URL": redis_server.url,
+            "REDIS_PREFIX": f"svc-{name}",
+            "REALTIME_DB": str(tmp_path / "realtime.db"),
+        }
+        services.append(Server(tmp_path / name, env).start())
+    svc_a, svc_b = services
+    try:
+        with (
+            svc_a.connect("bob", ["system:announcements"]) as on_a,
+            svc_b.connect("bob", ["system:announcements"]) as on_b,
+        ):
+            result = svc_a.announce("for service a", channels=["system:announcements"])
+            assert (result["delivered"], result["workers"], result["missingWorkers"]) == (1, 1, 0)
+            assert on_a.expect("ANNOUNCEMENT")["id"] == result["id"]
+            assert on_b.nothing_within(0.5)
+            assert svc_a.health()["workers"] == 1 and svc_b.health()["workers"] == 1
+    finally:
+        for srv in services:
+            srv.stop()

@@ -19,6 +19,7 @@ def test_1000_concurrent_clients_each_receive_one_broadcast_exactly_once(start_s
     assert result["delivered"] == 1000
     assert all(len(messages) == 1 for messages in received), sorted({len(m) for m in received})
     assert {messages[0]["id"] for messages in received} == {result["id"]}
+    assert {messages[0]["data"]["message"] for messages in received} == {"to everyone"}
 
 
 def test_a_client_that_never_reads_does_not_delay_the_others(start_server):
@@ -72,6 +73,9 @@ def test_concurrent_broadcasts_reach_every_client_in_the_same_order(start_server
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda n: srv.announce(f"burst {n}", channels=["system:announcements"]), range(16)))
     assert all(result["delivered"] == 1200 for result in results)
+    sent = [result["id"] for result in results]
+    assert len(set(sent)) == 16  # every broadcast is told apart, or the checks below prove nothing
     orders = {tuple(message["id"] for message in messages) for messages in crowd.drain(sockets)}
     assert len(orders) == 1, "clients saw the broadcasts in different orders"
-    assert sorted(orders.pop()) == sorted(result["id"] for result in results)
+    order = orders.pop()
+    assert len(order) == 16 and sorted(order) == sorted(sent)  # each exactly once

@@ -1,4 +1,4 @@
-"""A small blocking client for operators: health, broadcast, and an end-to-end smoke test.
+"""The operator client: a small blocking client: health, broadcast, and an end-to-end smoke test.
 
 Used by ``flask ws health|broadcast|smoke``. Plain ``urllib`` for HTTP and the
 ``websockets`` library's sync client for the socket, so it runs anywhere
@@ -7,7 +7,6 @@ Python does, against a local or remote server.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import secrets
 import urllib.error
@@ -17,6 +16,7 @@ from urllib.parse import quote, urlsplit
 
 from websockets.sync.client import connect
 
+from .clock import now_iso
 from .tokens import TokenService
 
 
@@ -59,7 +59,10 @@ class OpsClient:
 
     def broadcast(self, message_type: str, data: object, flt: dict | None = None) -> tuple[int, dict]:
         if not self.admin_secret:
-            raise ServiceError("no admin secret: set WS_ADMIN_SECRET in the environment")
+            raise ServiceError(
+                "no admin secret: set WS_ADMIN_SECRET (in development the server writes it to the instance "
+                "folder's dev-secrets.json on its first start)"
+            )
         body = {"message": {"type": message_type, "data": data}, "filter": flt or {}}
         return self.request("POST", "/broadcast", body, {"Authorization": f"Bearer {self.admin_secret}"})
 
@@ -69,10 +72,6 @@ class Step:
     name: str
     ok: bool
     detail: str
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, channel: str) -> list[Step]:

@@ -165,3 +165,18 @@ def test_staff_cannot_render_another_clinics_fragments(server: Server):
         timeout=5,
     )
     assert response.status_code == 403
+
+
+def test_the_session_cookie_is_httponly_and_samesite_lax_and_not_secure_over_http_in_development(server: Server):
+    cookie = sign_in(server, "bob").last.headers["Set-Cookie"]
+    assert cookie.startswith("clinic_session=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert "Secure" not in cookie
+
+
+def test_in_production_the_session_cookie_is_secure(start_server):
+    strong = "x" * 40
+    srv = start_server(
+        APP_ENV="production", WS_TOKEN_SECRET=strong, WS_ADMIN_SECRET=strong + "a", SECRET_KEY=strong + "b"
+    )
+    cookie = sign_in(srv, "bob").last.headers["Set-Cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie

@@ -1,5 +1,7 @@
 """Operator tools: ``flask ws ...`` against a running server, ``flask users ...`` on the store."""
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -11,11 +13,15 @@ from relay.codes import Close
 
 
 def flask_cli(srv: Server, *args: str, **env) -> subprocess.CompletedProcess:
-    """Run ``flask --app wsgi ...`` in the server's environment, as an operator on that box would."""
+    """Run ``flask --app app ...`` in the server's environment, as an operator on that box would."""
+    return run_flask({**srv.env, **env}, *args)
+
+
+def run_flask(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "wsgi", *args],
+        [sys.executable, "-m", "flask", "--app", "app", *args],
         cwd=ROOT,
-        env={**srv.env, **env},
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -85,7 +91,6 @@ def cli(tmp_path):
         {
             "REALTIME_DB": str(tmp_path / "users.db"),
             "REALTIME_INSTANCE_PATH": str(tmp_path / "instance"),
-            "REALTIME_SEED_DEMO": "0",
             "TESTING": True,
         }
     )
@@ -150,3 +155,64 @@ def test_user_added_while_running_can_connect_at_once(server: Server):
     flask_cli(server, "users", "disable", "newcomer")
     with server.open(server.token("newcomer")) as client:
         assert client.closed_with()[0] == Close.FORBIDDEN
+
+
+# -- a fresh checkout: every command works whatever the environment gives -------------------
+
+SECRETS = {"WS_TOKEN_SECRET": "t" * 40, "WS_ADMIN_SECRET": "a" * 40, "SECRET_KEY": "s" * 40}
+
+
+def fresh_env(tmp_path, *, secrets: bool, db_outside: bool) -> dict:
+    """The environment of a fresh clone: an instance folder that does not exist yet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WS_", "REALTIME_", "SUPABASE_", "REDIS_"))}
+    env["REALTIME_INSTANCE_PATH"] = str(tmp_path / "no" / "instance" / "yet")
+    if db_outside:
+        env["REALTIME_DB"] = str(tmp_path / "elsewhere" / "users.db")
+    if secrets:
+        env.update(SECRETS)
+    return env
+
+
+@pytest.mark.parametrize("secrets", [True, False], ids=["env-secrets", "no-secrets"])
+@pytest.mark.parametrize("db_outside", [True, False], ids=["db-outside-instance", "db-in-instance"])
+def test_users_add_works_on_a_fresh_checkout_and_creates_only_that_user(tmp_path, secrets, db_outside):
+    env = fresh_env(tmp_path, secrets=secrets, db_outside=db_outside)
+    added = run_flask(
+        env, "users", "add", "u1", "--email", "u1@example.com", "--password", "pw-123456", "--role", "admin"
+    )
+    assert added.returncode == 0, added.stdout + added.stderr
+    listing = run_flask(env, "users", "list")
+    assert listing.returncode == 0 and "1 user(s)" in listing.stdout and "demo" not in listing.stdout
+    assert not (tmp_path / "no" / "instance" / "yet" / "dev-secrets.json").exists()  # commands write no secrets
+
+
+def test_seed_demo_creates_three_users_once_and_prints_how_to_sign_in(tmp_path):
+    env = fresh_env(tmp_path, secrets=False, db_outside=False)
+    first = run_flask(env, "users", "seed-demo")
+    assert first.returncode == 0, first.stderr
+    assert "Demo users created" in first.stdout and "/login" in first.stdout
+    kept = tmp_path / "no" / "instance" / "yet" / "demo-users.txt"
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o600
+    for email in ("admin@demo.clinic", "staff1@demo.clinic", "staff2@demo.clinic"):
+        line = next(line for line in first.stdout.splitlines() if line.startswith(email))
+        password = line.split("password")[1].split()[0]
+        assert line in kept.read_text()
+        app = create_app({**env, "TESTING": True})
+        assert app.extensions["realtime"].directory.authenticate(email, password) is not None
+    again = run_flask(env, "users", "seed-demo")
+    assert again.returncode == 0 and "Demo users created" not in again.stdout
+    assert f"demo passwords are in {kept}" in again.stdout
+    assert "3 user(s)" in run_flask(env, "users", "list").stdout
+
+
+def test_seed_demo_never_creates_users_in_production(tmp_path):
+    env = {**fresh_env(tmp_path, secrets=True, db_outside=True), "APP_ENV": "production"}
+    done = run_flask(env, "users", "seed-demo")
+    assert done.returncode == 0 and "never created" in done.stdout
+    assert "0 user(s)" in run_flask(env, "users", "list").stdout
+
+
+def test_commands_that_need_a_secret_say_so_before_the_first_start(tmp_path):
+    env = fresh_env(tmp_path, secrets=False, db_outside=False)
+    done = run_flask(env, "ws", "broadcast", "--url", "http://127.0.0.1:9", "--message", "x")
+    assert done.returncode != 0 and "WS_ADMIN_SECRET" in done.stderr

@@ -1,11 +1,13 @@
-"""``flask users ...``: manage the embedded SQLite identity store."""
+"""``flask users ...``: manage the embedded SQLite identity store (the CLI group, not a URL area)."""
 
 from __future__ import annotations
+
+import os
 
 import click
 from flask import Blueprint
 
-from relay.sqlite_directory import SqliteDirectory, UserError
+from relay.sqlite_directory import DEMO_USERS, SqliteDirectory, UserError
 
 from .auth import realtime
 
@@ -103,3 +105,44 @@ def enable(user_id):
     """Re-enable a disabled user."""
     _apply(_store().set_active, user_id, True)
     click.echo(f"{user_id} enabled")
+
+
+@bp.cli.command("seed-demo")
+def seed_demo():
+    """Development: create a demo admin and two clinic staff if there are no users yet, and say how to sign in.
+
+    ``make run`` calls this before it starts the server. The passwords are random, printed once and kept
+    in the instance folder (``demo-users.txt``, mode 0600). Never in production; nothing to do with Supabase.
+    """
+    settings = realtime().settings
+    login_url = f"http://{settings.host}:{settings.port}/login"
+    if settings.production:
+        click.echo("APP_ENV=production: demo users are never created.")
+        return
+    directory = realtime().directory
+    if not isinstance(directory, SqliteDirectory):
+        click.echo(f"Users come from {directory.name}; sign in at {login_url} with an account there.")
+        return
+    path = os.path.join(settings.instance_path, "demo-users.txt")
+    created = directory.seed_demo(DEMO_USERS)
+    if not created:
+        kept = f" (demo passwords are in {path})" if os.path.exists(path) else ""
+        click.echo(f"Sign in at {login_url}{kept}.")
+        return
+    lines = [f"{u.email:<22} password {u.password:<18} role {u.role:<12} clinic {u.clinic_id or '-'}" for u in created]
+    os.makedirs(settings.instance_path, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    rule = "=" * 72
+    click.echo(
+        "\n".join(
+            [
+                rule,
+                f"Demo users created (development only). Sign in at {login_url} with:",
+                *lines,
+                f"(kept in {path}; shown once)",
+                rule,
+            ]
+        )
+    )

@@ -1,30 +1,13 @@
 """RFC 6455 framing: server frames out, client frames in, and every violation's close code."""
 
-import os
 import struct
 
 import pytest
+from wsframes import client_frame
 
 from relay import frames
 from relay.codes import Close
 from relay.frames import FrameParser, ProtocolViolation
-
-
-def client_frame(opcode: int, payload: bytes, *, fin=True, masked=True, rsv=0, length_override=None) -> bytes:
-    """A frame as a browser would send it (masked)."""
-    first = (0x80 if fin else 0) | rsv | opcode
-    size = len(payload) if length_override is None else length_override
-    mask_bit = 0x80 if masked else 0
-    if size < 126:
-        header = bytes((first, mask_bit | size))
-    elif size < 65536:
-        header = struct.pack("!BBH", first, mask_bit | 126, size)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, size)
-    if not masked:
-        return header + payload
-    key = os.urandom(4)
-    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def parse(data: bytes, max_message=64 * 1024):

@@ -260,14 +260,13 @@ def test_identity_check_command(supabase, people, tmp_path):
         "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
         "APP_ENV": "development",
         "REALTIME_INSTANCE_PATH": str(tmp_path),
-        "REALTIME_SEED_DEMO": "0",
     }
 
     def check(user_id):
         import os
 
         return subprocess.run(
-            [sys.executable, "-m", "flask", "--app", "wsgi", "ws", "identity", "check", user_id],
+            [sys.executable, "-m", "flask", "--app", "app", "ws", "identity", "check", user_id],
             cwd=ROOT,
             env={**os.environ, **env},
             capture_output=True,
@@ -289,3 +288,59 @@ def test_half_configured_supabase_stops_start_up(start_server):
     srv = start_server(wait=False, SUPABASE_URL="https://project.supabase.co")
     assert srv.proc.wait(timeout=30) != 0
     assert "SUPABASE_SERVICE_ROLE_KEY is not set" in srv.log_text()
+
+
+def test_a_user_with_no_role_anywhere_gets_the_least_privileged_role(site, supabase):
+    user = supabase.add_user("plain@clinic.test")  # no profile row, nothing in app_metadata
+    srv = site()
+    with srv.connect(user.id) as client:
+        own = [f"user:{user.id}:notifications", "system:maintenance"]
+        client.send({"type": "SUBSCRIBE", "data": {"channels": [*own, "clinic:c-7:queue"]}})
+        assert client.expect("ERROR")["data"]["code"] == "forbidden_channel"  # no clinic: no clinic channels
+        assert client.expect("SUBSCRIBED")["data"]["channels"] == own
+        assert srv.health()["byRole"] == {"user": 1}
+
+
+def test_a_ban_that_has_ended_does_not_stop_anyone(site, supabase):
+    user = supabase.add_user(
+        "back@clinic.test", profile={"role": "nurse", "clinic_id": "c-7"}, banned_until="2001-01-01T00:00:00Z"
+    )
+    srv = site()
+    with srv.connect(user.id):
+        assert srv.health()["byRole"] == {"nurse": 1}
+
+
+def test_a_custom_profiles_table(site, supabase):
+    supabase.profiles_table = "staff_directory"
+    user = supabase.add_user("custom@clinic.test", profile={"role": "pharmacist", "clinic_id": "c-5"})
+    srv = site(SUPABASE_PROFILES_TABLE="staff_directory")
+    with srv.connect(user.id):
+        assert srv.health()["byClinic"] == {"c-5": 1}
+    assert supabase.calls("/rest/v1/staff_directory") and not supabase.calls("/rest/v1/profiles")
+
+
+def test_sign_in_and_tokens_answer_503_while_supabase_is_down(site, supabase, people):
+    srv = site(SUPABASE_CACHE_TTL_MS=0)
+    supabase.mode = "error"
+    refused = sign_in(srv, "nurse@clinic.test", "pw-correct-horse")
+    assert refused.last.status_code == 503 and "unavailable" in refused.last.text
+    token = supabase.access_token(people["staff"])
+    response = requests.get(srv.url + "/api/ws/auth", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
+
+
+def test_an_outage_never_signs_anyone_out(site, supabase, people):
+    """Pages answer 503 while Supabase is down; the same session works again once it is back."""
+    srv = site(SUPABASE_CACHE_TTL_MS=0)
+    session = sign_in(srv, "nurse@clinic.test", "pw-correct-horse")
+    assert session.last.status_code == 302
+    supabase.mode = "error"
+    page = session.get(srv.url + "/", timeout=10, allow_redirects=False)
+    assert page.status_code == 503 and "still signed in" in page.text
+    assert page.headers["Retry-After"]
+    auth = session.get(srv.url + "/api/ws/auth", timeout=10)
+    assert auth.status_code == 503 and auth.json()["error"]["code"] == "unavailable"
+    supabase.mode = "ok"
+    page = session.get(srv.url + "/", timeout=10, allow_redirects=False)
+    assert page.status_code == 200 and "Nok" in page.text
+    assert session.get(srv.url + "/api/ws/auth", timeout=10).json()["userId"] == people["staff"].id

@@ -68,10 +68,22 @@ def test_bad_body_is_400_with_a_code_and_a_readable_message(server: Server, name
     assert len(error["message"]) > 10
 
 
-def test_type_at_the_limit_and_data_of_any_json_shape_are_accepted(server: Server):
-    for data in ({"message": "x"}, [1, 2], "text", 3, None):
-        response = server.broadcast({"message": {"type": "A" * 64, "data": data}})
-        assert response.status_code == 200, response.text
+def test_data_of_any_json_shape_arrives_exactly_and_missing_data_means_an_empty_object(server: Server):
+    with server.connect("bob") as bob:
+        for data in ({"message": "x"}, [1, 2], "text", 3, 2.5, True, None):
+            response = server.broadcast({"message": {"type": "A" * 64, "data": data}, "filter": {"userIds": ["bob"]}})
+            assert response.status_code == 200, response.text
+            assert bob.expect("A" * 64)["data"] == data
+        server.broadcast({"message": {"type": "NO_DATA"}, "filter": {"userIds": ["bob"]}})
+        assert bob.expect("NO_DATA")["data"] == {}
+
+
+def test_a_body_of_exactly_64_kib_is_accepted_and_one_byte_more_is_refused(server: Server):
+    empty = json.dumps({"message": {"type": "A", "data": ""}})
+    exact = json.dumps({"message": {"type": "A", "data": "x" * (65536 - len(empty))}})
+    assert len(exact) == 65536 and server.broadcast(exact).status_code == 200
+    over = server.broadcast(exact[:-2] + 'x"}}')
+    assert over.status_code == 400 and over.json()["error"]["code"] == "body_too_large"
 
 
 def test_delivered_message_is_type_and_data_exactly_plus_an_id(server: Server):

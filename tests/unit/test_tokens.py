@@ -99,3 +99,17 @@ def test_expired_token_names_its_user_but_a_forged_one_does_not():
     with pytest.raises(TokenError) as forged:
         service.verify(raw_token({**signed("bob"), "userId": "alice"}), now=NOW)
     assert forged.value.user_id is None
+
+
+def token_of_2048_chars() -> str:
+    """A valid, signed token of exactly 2048 characters: 1536 bytes of JSON (padded with spaces) in base64."""
+    payload = json.dumps(signed())
+    return base64.b64encode((payload + " " * (1536 - len(payload))).encode()).decode()
+
+
+def test_the_2_kib_token_limit_is_exact():
+    token = token_of_2048_chars()
+    assert len(token) == 2048 and service.verify(token, now=NOW) == "bob"
+    with pytest.raises(TokenError) as refused:
+        service.verify(token + "=", now=NOW)  # one character more
+    assert refused.value.reason == "too_long"

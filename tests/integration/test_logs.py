@@ -1,0 +1,54 @@
+"""The structured log: one JSON object per line, and every event the README lists, with its fields."""
+
+import json
+import signal
+
+from support import Server
+
+from relay.codes import Close
+
+
+def test_every_documented_event_is_logged_as_one_json_line_with_its_fields(start_server):
+    srv: Server = start_server()
+    with srv.connect("bob") as bob:
+        bob.send({"type": "SUBSCRIBE", "data": {"channels": ["clinic:clinic-1:queue", "clinic:clinic-2:queue"]}})
+        bob.expect("ERROR")
+        bob.expect("SUBSCRIBED")
+        result = srv.announce("logged", channels=["clinic:clinic-1:queue"])
+        bob.expect("ANNOUNCEMENT")
+    with srv.open(srv.token("nobody")) as unknown:
+        unknown.closed_with()
+    with srv.connect("carol") as flooder:
+        for _ in range(60):
+            flooder.send({"type": "PING"})
+        flooder.closed_with()
+
+    checks = {
+        "ws.connect": lambda e: (
+            e["userId"] == "bob" and e["clientId"] and e["role"] == "sales_staff" and e["clinicId"] == "clinic-1"
+        ),
+        "ws.subscribe": lambda e: e["userId"] == "bob" and e["channels"] == ["clinic:clinic-1:queue"],
+        "ws.subscribe_denied": lambda e: e["channel"] == "clinic:clinic-2:queue" and e["code"] == "forbidden_channel",
+        "broadcast": lambda e: (
+            e["id"] == result["id"]
+            and e["filter"] == {"channels": ["clinic:clinic-1:queue"]}
+            and e["delivered"] == 1
+            and e["durationMs"] >= 0
+            and e["source"] == "api"
+        ),
+        "ws.disconnect": lambda e: e["userId"] == "bob" and e["durationMs"] >= 0 and e["code"] == Close.NORMAL,
+        "ws.auth_failed": lambda e: e["reason"] == "unknown_user" and e["userId"] == "nobody",
+        "ws.rate_limited": lambda e: e["userId"] == "carol",
+    }
+    for name, check in checks.items():
+        srv.wait_for_event(name, check)
+
+    srv.proc.send_signal(signal.SIGTERM)
+    srv.proc.wait(timeout=15)
+    srv.wait_for_event("drain.start", lambda e: "clients" in e)
+    srv.wait_for_event("drain.done", lambda e: e["complete"] is True)
+    ours = [line for line in srv.log_text().splitlines() if line.startswith("{")]
+    assert ours
+    for line in ours:
+        record = json.loads(line)
+        assert {"ts", "level"} <= record.keys() and record["level"] in ("debug", "info", "warning", "error")

@@ -1,0 +1,65 @@
+"""Start-up: the real gunicorn master refuses an environment that cannot work, with one clear line."""
+
+import pytest
+import requests
+from support import wait_for
+
+from relay.config import SECRET_NAMES
+
+STRONG = "x" * 32
+
+
+def prod_env(**changes):
+    env = {
+        "APP_ENV": "production",
+        "WS_TOKEN_SECRET": STRONG,
+        "WS_ADMIN_SECRET": STRONG + "a",
+        "SECRET_KEY": STRONG + "b",
+    }
+    env.update(changes)
+    return env
+
+
+@pytest.mark.parametrize("name", SECRET_NAMES)
+@pytest.mark.parametrize("value", [None, "short-31-bytes-xxxxxxxxxxxxxxxx"], ids=["unset", "31-bytes"])
+def test_production_refuses_missing_or_weak_secrets_and_logs_none_of_them(start_server, name, value):
+    overrides = prod_env(**{name: value})
+    srv = start_server(wait=False, **overrides)
+    assert srv.proc.wait(timeout=30) != 0
+    log = srv.log_text()
+    assert f"cannot start: {name}" in log
+    for secret in overrides.values():
+        if secret and secret != "production":
+            assert secret not in log  # the good ones and the rejected one alike
+
+
+def test_production_starts_with_strong_secrets_and_ignores_the_test_user(start_server):
+    srv = start_server(WS_TEST_USER_ID="bob", **prod_env())
+    assert requests.get(srv.url + "/api/ws/auth", timeout=5).status_code == 401
+    assert "WS_TEST_USER_ID is ignored because APP_ENV=production" in srv.log_text()
+    assert srv.health()["env"] == "production"
+
+
+def test_preload_is_refused_because_greenlets_belong_to_workers(start_server):
+    srv = start_server("--preload", wait=False)
+    assert srv.proc.wait(timeout=30) != 0
+    assert "cannot start: preload_app is not supported" in srv.log_text()
+
+
+def test_a_graceful_timeout_shorter_than_the_drain_is_refused(start_server):
+    srv = start_server("--graceful-timeout", "3", wait=False, WS_DRAIN_TIMEOUT_MS=5000, WS_CLOSE_TIMEOUT_MS=2000)
+    assert srv.proc.wait(timeout=30) != 0
+    assert "cannot start: graceful_timeout is 3 s, shorter than the 7 s" in srv.log_text()
+
+
+def test_gunicorn_takes_bind_and_workers_from_the_settings(start_server, redis_server):
+    srv = start_server(WEB_CONCURRENCY=2, REDIS_URL=redis_server.url)  # WS_PORT: a free port, not 3001
+    assert wait_for(lambda: srv.health()["workers"] == 2)
+    log = srv.log_text()
+    assert f"Listening at: http://127.0.0.1:{srv.port}" in log and log.count("Booting worker") == 2
+
+
+def test_web_concurrency_without_redis_is_refused(start_server):
+    srv = start_server(wait=False, WEB_CONCURRENCY=2)
+    assert srv.proc.wait(timeout=30) != 0
+    assert "cannot start: 2 workers need REDIS_URL" in srv.log_text()

@@ -1,0 +1,133 @@
+"""Admission of a socket by the core, without a web server: the token, the user, the limits; over a socketpair."""
+
+from __future__ import annotations
+
+import socket
+
+import gevent
+import pytest
+from wsframes import ServerFrames
+
+from relay.codes import Close
+from relay.config import Settings
+from relay.directory import DirectoryUnavailable, Identity
+from relay.service import Realtime
+
+SECRETS = {"WS_TOKEN_SECRET": "t" * 40, "WS_ADMIN_SECRET": "a" * 40, "SECRET_KEY": "s" * 40}
+
+
+class Directory:
+    name = "stub"
+
+    def __init__(self, get):
+        self._get = get
+
+    def get(self, user_id):
+        return self._get(user_id)
+
+    def status(self):
+        return {"kind": self.name, "state": "ok"}
+
+
+def nurse(user_id):
+    return Identity(user_id, None, None, "nurse", "c-1")
+
+
+@pytest.fixture
+def service(tmp_path):
+    """``service(get, **env)``: a started Realtime whose directory answers with ``get``."""
+    made = []
+
+    def make(get=nurse, **env):
+        settings = Settings.from_env({**SECRETS, "REALTIME_INSTANCE_PATH": str(tmp_path), **env})
+        rt = Realtime(settings, directory=Directory(get))
+        rt.start()
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.drain()
+
+
+@pytest.fixture
+def sockets():
+    """``open_with(rt, token)``: the client's end of a socket admitted (or refused) by ``rt``."""
+    peers = []
+
+    def open_with(rt, token):
+        ours, theirs = socket.socketpair()
+        peers.append(theirs)
+        rt.open_socket(ours, token, remote="test")
+        gevent.sleep(0.02)  # let the outbox write
+        return ServerFrames(theirs)
+
+    yield open_with
+    for peer in peers:
+        peer.close()
+
+
+def test_an_admitted_socket_first_receives_connected(service, sockets):
+    rt = service()
+    first = sockets(rt, rt.tokens.mint("u-1")).json()
+    assert first["type"] == "CONNECTED" and first["data"]["userId"] == "u-1" and len(first["data"]["clientId"]) == 36
+    assert rt.hub.stats()["byClinic"] == {"c-1": 1}
+
+
+@pytest.mark.parametrize(
+    "get,code",
+    [
+        (lambda uid: None, Close.FORBIDDEN),
+        (lambda uid: Identity(uid, None, None, "nurse", "c-1", active=False), Close.FORBIDDEN),
+    ],
+    ids=["unknown", "disabled"],
+)
+def test_unknown_or_disabled_users_are_closed_4403(service, sockets, get, code):
+    rt = service(get)
+    assert sockets(rt, rt.tokens.mint("u-1")).close_code()[0] == code
+    assert len(rt.hub) == 0
+
+
+def test_a_bad_token_is_closed_4401_before_the_directory_is_asked(service, sockets):
+    asked = []
+    rt = service(lambda uid: asked.append(uid))
+    assert sockets(rt, "***").close_code() == (Close.UNAUTHORIZED, "token not base64")
+    assert asked == []
+
+
+def test_an_identity_outage_is_1013_not_4403(service, sockets):
+    def down(uid):
+        raise DirectoryUnavailable("Supabase did not answer")
+
+    rt = service(down)
+    assert sockets(rt, rt.tokens.mint("u-1")).close_code() == (Close.TRY_AGAIN_LATER, "identity service unavailable")
+
+
+def test_a_bug_while_admitting_ends_in_close_1011_not_a_hang(service, sockets):
+    def broken(uid):
+        raise RuntimeError("a bug in a directory")
+
+    rt = service(broken)
+    assert sockets(rt, rt.tokens.mint("u-1")).close_code()[0] == Close.INTERNAL_ERROR
+    assert len(rt.hub) == 0
+
+
+def test_ws_max_clients_is_enforced_with_1013(service, sockets):
+    rt = service(WS_MAX_CLIENTS=2)
+    for _ in range(2):
+        assert sockets(rt, rt.tokens.mint("u-1")).json()["type"] == "CONNECTED"
+    assert sockets(rt, rt.tokens.mint("u-1")).close_code() == (Close.TRY_AGAIN_LATER, "server full")
+    assert len(rt.hub) == 2
+
+
+def test_a_draining_worker_refuses_newcomers_with_1012(service, sockets):
+    rt = service()
+    rt.hub.draining = True
+    assert sockets(rt, rt.tokens.mint("u-1")).close_code() == (Close.SERVICE_RESTART, "service restart")
+
+
+def test_a_process_without_a_token_secret_refuses_with_1011(tmp_path, sockets):
+    settings = Settings.from_env({"REALTIME_INSTANCE_PATH": str(tmp_path / "empty")})  # a command before any start
+    rt = Realtime(settings, directory=Directory(nurse))
+    assert rt.tokens is None
+    assert sockets(rt, "anything").close_code()[0] == Close.INTERNAL_ERROR

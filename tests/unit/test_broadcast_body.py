@@ -1,0 +1,101 @@
+"""parse_body: the /broadcast contract, every refusal, and the documented limits at their exact edges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relay.broadcast import (
+    MAX_BODY_BYTES,
+    MAX_FILTER_VALUE_CHARS,
+    MAX_FILTER_VALUES,
+    BroadcastError,
+    parse_body,
+)
+from relay.codes import HttpError
+from relay.envelope import Filter
+
+GOOD = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "hi"}}}
+
+
+def body(doc) -> bytes:
+    return doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+
+
+def sized(total: int) -> bytes:
+    """A valid body of exactly ``total`` bytes."""
+    empty = body({"message": {"type": "A", "data": ""}})
+    return body({"message": {"type": "A", "data": "x" * (total - len(empty))}})
+
+
+REFUSALS = [
+    ("not json", b"{nope", HttpError.INVALID_JSON),
+    ("not utf-8", b"\xff\xfe", HttpError.INVALID_JSON),
+    ("empty", b"", HttpError.INVALID_JSON),
+    ("array", [1], HttpError.INVALID_BODY),
+    ("no message", {"filter": {}}, HttpError.INVALID_BODY),
+    ("message not object", {"message": "hi"}, HttpError.INVALID_BODY),
+    ("no type", {"message": {"data": {}}}, HttpError.INVALID_BODY),
+    ("lower-case type", {"message": {"type": "announcement"}}, HttpError.INVALID_BODY),
+    ("type with dash", {"message": {"type": "QUEUE-UPDATE"}}, HttpError.INVALID_BODY),
+    ("type starts with a digit", {"message": {"type": "1A"}}, HttpError.INVALID_BODY),
+    ("type of 65", {"message": {"type": "A" * 65}}, HttpError.INVALID_BODY),
+    ("extra message field", {"message": {"type": "A", "id": "x"}}, HttpError.INVALID_BODY),
+    ("extra body field", {**GOOD, "channels": ["system:announcements"]}, HttpError.INVALID_BODY),
+    ("misspelled filter key", {**GOOD, "filter": {"channel": ["system:announcements"]}}, HttpError.INVALID_BODY),
+    ("filter not object", {**GOOD, "filter": ["x"]}, HttpError.INVALID_BODY),
+    ("filter value not list", {**GOOD, "filter": {"roles": "admin"}}, HttpError.INVALID_BODY),
+    ("filter value not strings", {**GOOD, "filter": {"userIds": [1]}}, HttpError.INVALID_BODY),
+    ("filter empty string", {**GOOD, "filter": {"userIds": [""]}}, HttpError.INVALID_BODY),
+    (
+        "filter value too long",
+        {**GOOD, "filter": {"userIds": ["u" * (MAX_FILTER_VALUE_CHARS + 1)]}},
+        HttpError.INVALID_BODY,
+    ),
+    (
+        "too many filter values",
+        {**GOOD, "filter": {"clinicIds": ["c"] * (MAX_FILTER_VALUES + 1)}},
+        HttpError.INVALID_BODY,
+    ),
+    ("one byte over 64 KiB", sized(MAX_BODY_BYTES + 1), HttpError.BODY_TOO_LARGE),
+]
+
+
+@pytest.mark.parametrize("name,doc,code", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_each_refusal_has_a_code_and_a_readable_message(name, doc, code):
+    with pytest.raises(BroadcastError) as refused:
+        parse_body(body(doc))
+    assert refused.value.code == code and len(refused.value.message) > 10
+
+
+def test_a_body_of_exactly_64_kib_is_accepted():
+    assert len(sized(MAX_BODY_BYTES)) == MAX_BODY_BYTES
+    assert parse_body(sized(MAX_BODY_BYTES)).type == "A"
+
+
+def test_the_limits_themselves_are_accepted():
+    request = parse_body(
+        body(
+            {
+                "message": {"type": "A" * 64},
+                "filter": {"userIds": ["u" * MAX_FILTER_VALUE_CHARS], "clinicIds": ["c"] * MAX_FILTER_VALUES},
+            }
+        )
+    )
+    assert request.type == "A" * 64 and request.filter.clinic_ids == frozenset({"c"})
+
+
+@pytest.mark.parametrize("data", [{"message": "x"}, [1, 2], "text", 3, 2.5, True, None])
+def test_data_may_be_any_json_and_is_kept_exactly(data):
+    assert parse_body(body({"message": {"type": "A", "data": data}})).data == data
+
+
+def test_missing_data_means_an_empty_object():
+    assert parse_body(body({"message": {"type": "A"}})).data == {}
+
+
+def test_the_filter_is_read_into_sets_and_empty_lists_count_as_not_given():
+    request = parse_body(body({**GOOD, "filter": {"userIds": ["b", "a", "b"], "roles": [], "channels": []}}))
+    assert request.filter == Filter(user_ids=frozenset({"a", "b"}))
+    assert parse_body(body(GOOD)).filter.everyone and parse_body(body({**GOOD, "filter": None})).filter.everyone

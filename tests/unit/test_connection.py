@@ -1,0 +1,279 @@
+"""Connection: one WebSocket on the event loop, driven over a real socketpair (no server).
+
+The test plays the client on the other end of the pair; the event loop runs
+whenever the test yields (``gevent.sleep``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import gevent
+import pytest
+from wsframes import ServerFrames, client_frame, close_frame, text
+
+from relay import frames
+from relay.codes import Close
+from relay.connection import ABNORMAL, CLOSED, CLOSING, OPEN, Connection
+from relay.outbox import Outbox
+
+
+class Recorder:
+    """A Handler that records what the connection told it."""
+
+    def __init__(self, on_text=None):
+        self.texts: list[str] = []
+        self.binaries: list[bytes] = []
+        self.closing = 0
+        self.closed = 0
+        self._on_text = on_text
+
+    def on_text(self, conn, message):
+        self.texts.append(message)
+        if self._on_text:
+            self._on_text(conn, message)
+
+    def on_binary(self, conn, data):
+        self.binaries.append(data)
+
+    def on_closing(self, conn):
+        self.closing += 1
+
+    def on_closed(self, conn):
+        self.closed += 1
+        self.closed_with = (conn.close_code, conn.close_reason)  # what the disconnect log would say
+
+
+@pytest.fixture
+def pair():
+    """(make, peers): ``make(**options)`` builds a Connection on one end of a socketpair; the test holds the other."""
+    made = []
+
+    def make(handler=None, *, max_message=64 * 1024, max_queue=1 << 20, close_timeout=0.3, sndbuf=None, rcvbuf=None):
+        ours, theirs = socket.socketpair()
+        if sndbuf:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        if rcvbuf:
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        handler = handler or Recorder()
+        outbox = Outbox()
+        conn = Connection(
+            ours,
+            outbox=outbox,
+            handler=handler,
+            max_message=max_message,
+            max_queue=max_queue,
+            close_timeout=close_timeout,
+        )
+        conn.start()
+        made.append((conn, theirs))
+        return conn, handler, ServerFrames(theirs), theirs
+
+    yield make
+    for conn, theirs in made:
+        conn.abort("test over")
+        theirs.close()
+
+
+def run_loop(seconds: float = 0.02) -> None:
+    gevent.sleep(seconds)
+
+
+def test_a_text_message_reaches_the_handler_whole(pair):
+    conn, handler, _, peer = pair()
+    data = client_frame(frames.OP_TEXT, b'{"type":"PING"}')
+    for i in range(len(data)):  # one byte at a time
+        peer.send(data[i : i + 1])
+        run_loop(0.001)
+    run_loop()
+    assert handler.texts == ['{"type":"PING"}']
+
+
+def test_bytes_sent_behind_the_upgrade_are_parsed_first(pair):
+    ours, theirs = socket.socketpair()
+    handler = Recorder()
+    conn = Connection(ours, outbox=Outbox(), handler=handler, max_message=1024, max_queue=1 << 20, close_timeout=1)
+    second = text("also early")
+    conn.start(pending=text("early") + second[:3])
+    theirs.send(second[3:])
+    run_loop()
+    assert handler.texts == ["early", "also early"]
+    conn.abort("test over")
+    theirs.close()
+
+
+def test_a_ping_frame_is_answered_with_its_payload(pair):
+    conn, _, server, peer = pair()
+    peer.send(client_frame(frames.OP_PING, b"are you there"))
+    run_loop()
+    assert server.next() == (frames.OP_PONG, b"are you there")
+
+
+def test_partial_writes_keep_the_unsent_tail_and_the_frame_order(pair):
+    conn, _, server, peer = pair(max_queue=8 << 20, sndbuf=4096, rcvbuf=4096)
+    sent = [frames.text(f"{n:04d}".encode() + bytes([65 + n % 26]) * 50_000) for n in range(40)]  # 2 MB
+    for frame in sent:
+        assert conn.push(frame)
+    run_loop()
+    assert conn._outbox.stalls >= 1 and conn._blocked  # the kernel took only part: the rest waits
+    got = []
+    while len(got) < len(sent):
+        opcode, payload = server.next()  # reading lets the writability watcher finish the job
+        got.append(frames.encode(opcode, payload))
+        run_loop(0)
+    assert got == sent  # every frame whole, none torn, in order
+    assert conn.state is OPEN
+
+
+def test_a_client_owing_more_than_max_queue_is_closed_1013_without_tearing_a_frame(pair):
+    conn, handler, server, peer = pair(max_queue=64 * 1024, sndbuf=4096, rcvbuf=4096)
+    frame = frames.text(b"x" * 30_000)
+    pushed = 0
+    while conn.push(frame) and pushed < 1000:
+        pushed += 1
+        run_loop(0)
+    assert conn.state is CLOSING and conn.close_code == Close.TRY_AGAIN_LATER
+    assert handler.closing == 1
+    assert not conn.push(frame)  # nothing more is queued on a closing connection
+    seen = []
+    while True:
+        opcode, payload = server.next()
+        if opcode == frames.OP_CLOSE:
+            break
+        assert payload == b"x" * 30_000  # what was started went out whole
+        seen.append(payload)
+        run_loop(0)
+    assert int.from_bytes(payload[:2], "big") == Close.TRY_AGAIN_LATER
+    assert len(seen) < pushed  # the frames behind the overflow were dropped
+
+
+def test_close_waits_for_the_answer_then_the_timer_drops_a_silent_client(pair):
+    conn, handler, server, peer = pair(close_timeout=0.2)
+    conn.close(Close.NORMAL, "bye")
+    run_loop()
+    assert server.close_code() == (Close.NORMAL, "bye")
+    assert conn.state is CLOSING and handler.closed == 0  # still waiting for the client's answer
+    run_loop(0.3)
+    assert conn.state is CLOSED and handler.closed == 1 and conn.close_reason == "bye"
+    assert peer.recv(10) == b""  # the TCP connection is gone
+
+
+def test_the_clients_close_answer_ends_the_connection_at_once(pair):
+    conn, handler, server, peer = pair(close_timeout=5)
+    conn.close(Close.SERVICE_RESTART, "service restart")
+    run_loop()
+    assert server.close_code() == (Close.SERVICE_RESTART, "service restart")
+    peer.send(close_frame(Close.SERVICE_RESTART))
+    run_loop()
+    assert conn.state is CLOSED and handler.closed == 1
+
+
+def test_a_client_close_is_echoed_with_its_code_and_its_reason_kept(pair):
+    conn, handler, server, peer = pair()
+    peer.send(close_frame(4000, "leaving"))
+    run_loop()
+    assert server.close_code() == (4000, "")
+    assert conn.state is CLOSED and handler.closed_with == (4000, "leaving")
+    assert peer.recv(10) == b""  # dropped once the echo was written, no timer needed
+
+
+def test_a_protocol_violation_closes_1002_half_closes_and_discards_until_the_client_leaves(pair):
+    conn, handler, server, peer = pair(close_timeout=5)
+    peer.send(b"\x81\x05hello")  # unmasked: clients must mask
+    run_loop()
+    peer.send(text("more, still in flight") * 50)  # a client still sending must not reset the close frame away
+    run_loop()
+    assert server.close_code()[0] == Close.PROTOCOL_ERROR
+    with pytest.raises(ConnectionError):
+        server.next()  # then FIN: nothing more from the server
+    assert conn.state is CLOSING and handler.texts == []  # what came after the violation was discarded
+    peer.close()
+    run_loop()
+    assert conn.state is CLOSED and handler.closed == 1
+
+
+def test_a_lost_connection_is_reported_as_1006(pair):
+    conn, handler, _, peer = pair()
+    peer.close()
+    run_loop()
+    assert conn.state is CLOSED and conn.close_code == ABNORMAL and handler.closed == 1
+
+
+def test_a_handler_exception_closes_1011_and_is_logged(pair, caplog):
+    def broken(conn, message):
+        raise RuntimeError("a bug in a handler")
+
+    conn, _, server, peer = pair(Recorder(on_text=broken))
+    with caplog.at_level(logging.ERROR, logger="relay.connection"):
+        peer.send(text("x"))
+        run_loop()
+    assert server.close_code() == (Close.INTERNAL_ERROR, "internal error")
+    assert "handler failed" in caplog.text and "a bug in a handler" in caplog.text
+
+
+def test_a_handler_that_blocks_is_reported_by_name_and_only_its_connection_closes(pair, caplog):
+    """The event-loop rule, enforced: a sleep inside a frame handler is named in the log, never silent."""
+
+    def sleepy(conn, message):
+        gevent.sleep(0.01)  # blocking inside a libev callback: not allowed
+
+    conn, _, server, peer = pair(Recorder(on_text=sleepy))
+    bystander, bystander_handler, _, bystander_peer = pair()
+    with caplog.at_level(logging.ERROR, logger="relay.events"):
+        peer.send(text("x"))
+        run_loop()
+    assert server.close_code() == (Close.INTERNAL_ERROR, "internal error")
+    [record] = [r for r in caplog.records if r.msg == "ws.handler_blocked"]
+    assert "sleepy" in record.fields["at"] and "test_connection.py" in record.fields["at"]
+    assert record.fields["handler"] == "Recorder.on_text" and "conn.defer" in record.fields["message"]
+    bystander_peer.send(text("still fine"))
+    run_loop()
+    assert bystander.state is OPEN and bystander_handler.texts == ["still fine"]
+
+
+def test_defer_runs_blocking_work_and_comes_back_through_the_connection(pair):
+    def slow_lookup(conn, message):
+        def work():
+            gevent.sleep(0.05)  # stands for a Supabase call
+            conn.send_now(frames.text(b"looked up " + message.encode()))
+
+        conn.defer(work)
+
+    conn, _, server, peer = pair(Recorder(on_text=slow_lookup))
+    peer.send(text("u-1"))
+    run_loop(0.1)
+    assert server.next() == (frames.OP_TEXT, b"looked up u-1")
+    assert conn.state is OPEN
+
+
+def test_deferred_work_that_fails_closes_1011(pair):
+    def fails(conn, message):
+        conn.defer(lambda: 1 / 0)
+
+    conn, _, server, peer = pair(Recorder(on_text=fails))
+    peer.send(text("x"))
+    run_loop(0.05)
+    assert server.close_code()[0] == Close.INTERNAL_ERROR
+
+
+def test_keepalive_pings_then_closes_4408_when_nothing_came_back(pair):
+    conn, _, server, peer = pair()
+    conn.keepalive()
+    run_loop()
+    assert server.next() == (frames.OP_PING, b"")
+    conn.keepalive()  # nothing arrived since: the client is gone
+    run_loop()
+    assert server.close_code() == (Close.KEEPALIVE_TIMEOUT, "no answer to ping")
+
+
+def test_anything_from_the_client_counts_as_an_answer_to_keepalive(pair):
+    conn, _, server, peer = pair()
+    conn.keepalive()
+    run_loop()
+    server.next()
+    peer.send(client_frame(frames.OP_PONG, b""))
+    run_loop()
+    conn.keepalive()
+    run_loop()
+    assert server.next() == (frames.OP_PING, b"") and conn.state is OPEN

@@ -1,0 +1,184 @@
+"""ClientProtocol: every client message, every ERROR code, and the rate limit, on plain objects."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relay.codes import Close, Error
+from relay.hub import Hub
+from relay.protocol import MAX_CHANNELS_PER_REQUEST, ClientProtocol
+
+
+class FakeConn:
+    """What the protocol touches on a connection; frames it was given are decoded for the test."""
+
+    def __init__(self, user_id="bob", role="sales_staff", clinic_id="clinic-1"):
+        self.id = f"conn-{user_id}"
+        self.identity = object()
+        self.user_id, self.role, self.clinic_id = user_id, role, clinic_id
+        self.channels: set[str] = set()
+        self.rate_tokens = 0.0
+        self.rate_at = 0.0
+        self.state = "open"
+        self.sent: list[dict] = []
+        self.closed: tuple[int, str] | None = None
+
+    def push(self, frame: bytes) -> bool:
+        self.sent.append(json.loads(frame[2:] if frame[1] < 126 else frame[4:]))
+        return True
+
+    send_now = push
+
+    def close(self, code: int, reason: str = "") -> None:
+        self.closed = (code, reason)
+        self.state = "closing"
+
+    def take(self) -> list[dict]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def protocol(clock):
+    return ClientProtocol(Hub(max_clients=10, ping_interval=30), max_subscriptions=3, clock=clock)
+
+
+@pytest.fixture
+def bob(protocol):
+    conn = FakeConn()
+    protocol.hub.add(conn)
+    return conn
+
+
+def say(protocol, conn, message) -> list[dict]:
+    protocol.on_text(conn, message if isinstance(message, str) else json.dumps(message))
+    return conn.take()
+
+
+def test_ping_answers_pong_with_the_time(protocol, bob):
+    [pong] = say(protocol, bob, {"type": "PING"})
+    assert pong["type"] == "PONG" and isinstance(pong["data"]["timestamp"], int)
+
+
+def test_subscribe_answers_what_took_effect_and_unsubscribe_what_was_removed(protocol, bob):
+    names = ["system:announcements", "clinic:clinic-1:queue", "system:announcements"]
+    assert say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": names}}) == [
+        {"type": "SUBSCRIBED", "data": {"channels": ["system:announcements", "clinic:clinic-1:queue"]}}
+    ]
+    assert bob.channels == {"system:announcements", "clinic:clinic-1:queue"}
+    reply = say(protocol, bob, {"type": "UNSUBSCRIBE", "data": {"channels": ["clinic:clinic-1:queue", "system:x"]}})
+    assert reply == [{"type": "UNSUBSCRIBED", "data": {"channels": ["clinic:clinic-1:queue"]}}]
+
+
+ERRORS = [
+    ("not json", "{nope", Error.INVALID_JSON),
+    ("array", "[1, 2]", Error.INVALID_MESSAGE),
+    ("no type", {"data": {}}, Error.INVALID_MESSAGE),
+    ("numeric type", {"type": 7}, Error.INVALID_MESSAGE),
+    ("unknown type", {"type": "DANCE"}, Error.UNKNOWN_TYPE),
+    ("data not an object", {"type": "SUBSCRIBE", "data": "system:announcements"}, Error.INVALID_DATA),
+    ("no data", {"type": "SUBSCRIBE"}, Error.INVALID_DATA),
+    ("channels not a list", {"type": "SUBSCRIBE", "data": {"channels": "system:announcements"}}, Error.INVALID_DATA),
+    ("a channel not a string", {"type": "UNSUBSCRIBE", "data": {"channels": [1]}}, Error.INVALID_DATA),
+    (
+        "too many channels in one request",
+        {"type": "SUBSCRIBE", "data": {"channels": ["system:announcements"] * (MAX_CHANNELS_PER_REQUEST + 1)}},
+        Error.INVALID_DATA,
+    ),
+]
+
+
+@pytest.mark.parametrize("name,message,code", ERRORS, ids=[e[0] for e in ERRORS])
+def test_a_bad_message_gets_one_error_with_a_stable_code_and_the_socket_stays_open(protocol, bob, name, message, code):
+    [error] = say(protocol, bob, message)
+    assert error["type"] == "ERROR" and error["data"]["code"] == code and len(error["data"]["message"]) > 10
+    assert bob.closed is None and bob.channels == set()
+
+
+def test_exactly_200_channels_in_one_request_is_accepted(protocol, bob):
+    names = ["system:announcements"] * MAX_CHANNELS_PER_REQUEST
+    assert say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": names}})[-1]["type"] == "SUBSCRIBED"
+
+
+def test_binary_frames_are_refused_with_an_error(protocol, bob):
+    protocol.on_binary(bob, b"\x00\x01")
+    [error] = bob.take()
+    assert error["data"]["code"] == Error.BINARY_NOT_SUPPORTED and bob.closed is None
+
+
+@pytest.mark.parametrize(
+    "channel,code",
+    [
+        ("clinic:clinic-2:queue", Error.FORBIDDEN_CHANNEL),
+        ("user:carol:notifications", Error.FORBIDDEN_CHANNEL),
+        ("system:secrets", Error.UNKNOWN_CHANNEL),
+        ("clinic:" + "c" * 129 + ":queue", Error.UNKNOWN_CHANNEL),  # ids are at most 128 characters
+    ],
+)
+def test_each_refused_channel_gets_an_error_before_subscribed(protocol, bob, channel, code):
+    reply = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [channel, "system:announcements"]}})
+    assert reply[0] == {
+        "type": "ERROR",
+        "data": {"code": code, "message": reply[0]["data"]["message"], "channel": channel},
+    }
+    assert reply[1] == {"type": "SUBSCRIBED", "data": {"channels": ["system:announcements"]}}
+
+
+def test_a_128_character_id_is_a_real_channel(protocol):
+    admin = FakeConn("alice", "admin", None)
+    protocol.hub.add(admin)
+    name = "clinic:" + "c" * 128 + ":queue"
+    assert say(protocol, admin, {"type": "SUBSCRIBE", "data": {"channels": [name]}})[-1]["data"]["channels"] == [name]
+
+
+def test_subscriptions_over_the_limit_are_refused_one_error_each(protocol, bob):
+    names = ["system:announcements", "system:maintenance", "clinic:clinic-1:queue", "clinic:clinic-1:alerts"]
+    reply = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": names}})
+    assert [m["data"].get("code") for m in reply[:-1]] == [Error.TOO_MANY_SUBSCRIPTIONS]
+    assert reply[0]["data"]["channel"] == "clinic:clinic-1:alerts"
+    assert reply[-1]["data"]["channels"] == names[:3]
+
+
+def test_a_burst_of_40_passes_the_41st_is_rate_limited_and_closed_1008(protocol, bob):
+    for _ in range(40):
+        assert say(protocol, bob, {"type": "PING"})[0]["type"] == "PONG"
+    reply = say(protocol, bob, {"type": "PING"})
+    assert reply == [{"type": "ERROR", "data": {"code": Error.RATE_LIMITED, "message": "too many messages; slow down"}}]
+    assert bob.closed == (Close.POLICY_VIOLATION, "rate limit exceeded")
+
+
+def test_the_bucket_refills_at_20_per_second(protocol, bob, clock):
+    for _ in range(40):
+        say(protocol, bob, {"type": "PING"})
+    clock.now += 0.5  # half a second: ten more
+    for _ in range(10):
+        assert say(protocol, bob, {"type": "PING"})[0]["type"] == "PONG"
+    assert say(protocol, bob, {"type": "PING"})[0]["data"]["code"] == Error.RATE_LIMITED
+
+
+def test_sustained_20_per_second_is_never_limited(protocol, bob, clock):
+    for _ in range(200):  # ten seconds at exactly the sustained rate, after the burst is spent
+        clock.now += 0.05
+        assert say(protocol, bob, {"type": "PING"})[0]["type"] == "PONG"
+
+
+def test_binary_frames_count_against_the_rate_limit_too(protocol, bob):
+    for _ in range(40):
+        protocol.on_binary(bob, b"x")
+    protocol.on_binary(bob, b"x")
+    assert bob.take()[-1]["data"]["code"] == Error.RATE_LIMITED and bob.closed[0] == Close.POLICY_VIOLATION

@@ -1,0 +1,105 @@
+"""Settings: read once, validated, never written; development secrets only where the serving process made them."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from relay.config import DEV_SECRETS_FILE, SECRET_NAMES, ConfigError, Settings, prepare_instance
+
+STRONG = "x" * 32
+
+
+def prod_env(**changes):
+    env = {
+        "APP_ENV": "production",
+        "WS_TOKEN_SECRET": STRONG,
+        "WS_ADMIN_SECRET": STRONG + "a",
+        "SECRET_KEY": STRONG + "b",
+    }
+    env.update(changes)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+@pytest.mark.parametrize("name", SECRET_NAMES)
+@pytest.mark.parametrize("value", [None, "", "short-31-bytes-xxxxxxxxxxxxxxxx"], ids=["unset", "empty", "31-bytes"])
+def test_production_refuses_missing_or_weak_secrets_naming_the_variable(tmp_path, name, value):
+    env = prod_env(**{name: value}, REALTIME_INSTANCE_PATH=str(tmp_path))
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    assert str(refused.value).startswith(name)
+    if value:
+        assert value not in str(refused.value)  # the rejected secret itself is never echoed
+
+
+def test_reading_settings_writes_nothing_and_a_missing_dev_secret_is_none(tmp_path):
+    instance = tmp_path / "not-yet"
+    settings = Settings.from_env({"REALTIME_INSTANCE_PATH": str(instance)})
+    assert not instance.exists()
+    assert (settings.token_secret, settings.admin_secret, settings.secret_key) == (None, None, None)
+    assert any("first start" in notice for notice in settings.notices)
+
+
+def test_the_serving_process_generates_dev_secrets_once_with_mode_0600(tmp_path):
+    env = {"APP_ENV": "development", "REALTIME_INSTANCE_PATH": str(tmp_path / "instance")}
+    notices = prepare_instance(env)
+    path = tmp_path / "instance" / DEV_SECRETS_FILE
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and str(path) in notices[0]
+    first = Settings.from_env(env)
+    stored = json.loads(path.read_text())
+    assert stored["WS_TOKEN_SECRET"] == first.token_secret and len(first.token_secret) >= 32
+    assert len({first.token_secret, first.admin_secret, first.secret_key}) == 3
+    assert prepare_instance(env) == []  # idempotent
+    again = Settings.from_env(env)
+    assert (again.token_secret, again.admin_secret, again.secret_key) == (
+        first.token_secret,
+        first.admin_secret,
+        first.secret_key,
+    )
+
+
+def test_secrets_given_in_the_environment_are_kept_and_not_written(tmp_path):
+    env = {"WS_TOKEN_SECRET": STRONG, "REALTIME_INSTANCE_PATH": str(tmp_path)}
+    prepare_instance(env)
+    assert Settings.from_env(env).token_secret == STRONG
+    assert "WS_TOKEN_SECRET" not in json.loads((tmp_path / DEV_SECRETS_FILE).read_text())
+
+
+def test_production_never_writes_an_instance_folder(tmp_path):
+    env = prod_env(REALTIME_INSTANCE_PATH=str(tmp_path / "instance"))
+    assert prepare_instance(env) == []
+    assert not (tmp_path / "instance").exists()
+
+
+@pytest.mark.parametrize(
+    "env,fragment",
+    [
+        ({"APP_ENV": "staging"}, "APP_ENV"),
+        ({"WS_PORT": "eighty"}, "WS_PORT must be a whole number"),
+        ({"WS_PORT": "70000"}, "WS_PORT must be between"),
+        ({"WS_TOKEN_TTL_MS": "-5"}, "WS_TOKEN_TTL_MS"),
+        ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
+        ({"WS_PUBLIC_URL": "http://example.com"}, "WS_PUBLIC_URL must be a ws:// or wss:// URL"),
+        ({"WS_ALLOWED_ORIGINS": "example.com"}, "WS_ALLOWED_ORIGINS"),
+        ({"REDIS_URL": "http://redis:6379"}, "REDIS_URL must start with"),
+    ],
+)
+def test_bad_values_stop_start_up_with_a_message_naming_the_variable(tmp_path, env, fragment):
+    with pytest.raises(ConfigError) as problem:
+        Settings.from_env({**env, "REALTIME_INSTANCE_PATH": str(tmp_path)})
+    assert fragment in str(problem.value)
+
+
+def test_settings_repr_never_shows_secrets(tmp_path):
+    settings = Settings.from_env(prod_env(REALTIME_INSTANCE_PATH=str(tmp_path)))
+    assert settings.token_secret == STRONG
+    assert STRONG not in repr(settings)
+
+
+def test_the_graceful_timeout_covers_the_drain_and_the_close(tmp_path):
+    settings = Settings.from_env(
+        {"WS_DRAIN_TIMEOUT_MS": "7500", "WS_CLOSE_TIMEOUT_MS": "2000", "REALTIME_INSTANCE_PATH": str(tmp_path)}
+    )
+    assert settings.shutdown_budget_s == 9.5
+    assert settings.graceful_timeout_s >= 10
