@@ -12,9 +12,12 @@
 // Every message is also re-emitted on document.body as DOM events
 // `realtime:message` and `realtime:<TYPE>` (detail = the message), so HTMX can
 // react without custom JS: hx-trigger="realtime:QUEUE_UPDATE from:body".
+
 //
 // Status: connecting → open → reconnecting (lost, retrying) | offline (the
-// browser is offline) | unauthorized (signed out, or the server refuses us).
+// browser is offline) | unauthorized (signed out, or the server refuses us) |
+// error (this client broke the protocol: a bug to report, so it stops; the
+// console says why and `realtime:error` is dispatched with {code, reason}).
 
 export const channels = Object.freeze({
   system: Object.freeze({
@@ -39,14 +42,35 @@ function checkId(id) {
   return id;
 }
 
-// Close codes the server uses (relay/codes.py).
-const CLOSE = Object.freeze({ UNAUTHORIZED: 4401, FORBIDDEN: 4403 });
+// What to do on each close code: the table in relay/codes.py, code by code.
+//   token     fetch a fresh token and reconnect at once (then back off if fresh ones fail too)
+//   restart   the server is restarting: reconnect now, with a little jitter
+//   backoff   reconnect after an exponentially growing, fully jittered wait
+//   forbidden the user may not connect: stop ("unauthorized")
+//   fatal     this client broke the protocol: stop ("error") and report it
+const CLOSE_ACTIONS = Object.freeze({
+  1000: "backoff", // the server is done with this socket; we still need one
+  1002: "fatal", // protocol error: RFC 6455 framing broken by this client
+  1007: "fatal", // a text frame that was not UTF-8
+  1008: "backoff", // too many messages too fast
+  1009: "backoff", // a message over the size limit: reported, never resent
+  1011: "backoff", // a server error
+  1012: "restart", // service restart (deploy)
+  1013: "backoff", // try again later: overloaded, slow consumer, identity source down
+  4401: "token", // token missing, malformed, forged or expired
+  4403: "forbidden", // unknown or disabled user
+  4408: "backoff", // no answer to the server's pings
+});
+const MESSAGE_TOO_BIG = 1009;
+export const MAX_MESSAGE_BYTES = 64 * 1024; // the server closes with 1009 beyond this
 
 export const DEFAULTS = Object.freeze({
   authUrl: "/api/ws/auth",
   minDelayMs: 500, // first backoff window
   maxDelayMs: 20000, // backoff cap
   minRetryMs: 250, // never more than 4 attempts a second, whatever happens
+  restartJitterMs: 1000, // after 1012: reconnect within this, spread so a deploy is not a stampede
+  maxQuickRestarts: 3, // 1012s in a row without getting in: then back off like any failure
   idleMs: 25000, // nothing heard for this long: send an application PING
   pongTimeoutMs: 10000, // and if that gets no answer, the socket is dead
   maxAuthFailures: 5, // rejected fresh tokens in a row before giving up
@@ -63,6 +87,8 @@ export class RealtimeClient {
     this.statusListeners = new Set();
     this.attempt = 0; // consecutive failed attempts, for backoff
     this.authFailures = 0; // consecutive 4401 closes
+    this.restarts = 0; // consecutive 1012 closes
+    this.retries = []; // the last 20 decisions {code, action, delayMs, windowMs}, for diagnostics and tests
     this.everOpened = false;
     this.stopped = true;
     this.fetching = false; // a token request is in flight
@@ -131,7 +157,13 @@ export class RealtimeClient {
   /** Send a message now if the socket is open; returns whether it was sent. */
   send(message) {
     if (this.status !== "open" || !this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
-    this.ws.send(JSON.stringify(message));
+    const text = JSON.stringify(message);
+    if (new TextEncoder().encode(text).length > MAX_MESSAGE_BYTES) {
+      // The server would close the socket with 1009: refuse here, and say so.
+      console.error(`realtime: not sending a ${message && message.type} message over ${MAX_MESSAGE_BYTES} bytes`);
+      return false;
+    }
+    this.ws.send(text);
     return true;
   }
 
@@ -174,7 +206,7 @@ export class RealtimeClient {
       if (!response.ok) throw new Error(`token endpoint answered ${response.status}`);
       auth = await response.json();
     } catch (error) {
-      return this._retry();
+      return this._retry(); // the token endpoint is unreachable or failing
     } finally {
       this.fetching = false;
     }
@@ -206,6 +238,7 @@ export class RealtimeClient {
     if (message.type === "CONNECTED") {
       this.attempt = 0;
       this.authFailures = 0;
+      this.restarts = 0;
       this.everOpened = true;
       this._setStatus("open");
       if (this.refs.size) this.send({ type: "SUBSCRIBE", data: { channels: [...this.refs.keys()] } });
@@ -229,26 +262,54 @@ export class RealtimeClient {
     this.ws = null;
     this._stopWatchdog();
     if (this.stopped) return;
-    if (event.code === CLOSE.FORBIDDEN) return this.stop("unauthorized");
-    if (event.code === CLOSE.UNAUTHORIZED) {
+    const code = event.code;
+    const action = CLOSE_ACTIONS[code] || "backoff"; // 1006 (network lost), 1001, anything new
+    if (code === MESSAGE_TOO_BIG) {
+      console.error("realtime: the server refused a message over its size limit (1009); it will not be resent");
+    }
+    if (action === "fatal") return this._fail(code, event.reason);
+    if (action === "forbidden") return this.stop("unauthorized");
+    if (action === "token") {
       this.authFailures += 1;
       if (this.authFailures >= this.options.maxAuthFailures) return this.stop("unauthorized");
       // The usual cause is a token that aged out while offline: fetch a fresh one at once.
       // If fresh tokens are refused too, back off like any other failure.
-      if (this.authFailures === 1) return this._schedule(0);
+      if (this.authFailures === 1) return this._retryIn(code, "token", 0, 0);
     }
-    this._retry(); // 1012 restart, 1013 try later, network loss, ...
+    if (action === "restart" && this.restarts < this.options.maxQuickRestarts) {
+      this.restarts += 1;
+      const { restartJitterMs, minRetryMs } = this.options;
+      return this._retryIn(code, "restart", minRetryMs + Math.random() * (restartJitterMs - minRetryMs), restartJitterMs);
+    }
+    this._retry(code);
   }
 
-  _retry() {
+  _fail(code, reason) {
+    // Retrying unchanged would fail the same way: stop, and make it visible to whoever runs the page.
+    console.error(
+      `realtime: the server closed the connection with ${code} (${reason || "no reason"}): ` +
+        "this client broke the WebSocket protocol. Not reconnecting; please report this as a bug.",
+    );
+    this.stop("error");
+    const target = this.options.target || document.body;
+    target.dispatchEvent(new CustomEvent("realtime:error", { detail: { code, reason } }));
+  }
+
+  _retry(code = null) {
     if (this.stopped) return;
     if (!navigator.onLine) return this._goOffline();
-    this._setStatus(this.everOpened ? "reconnecting" : "connecting");
     const { minDelayMs, maxDelayMs, minRetryMs } = this.options;
     const window_ = Math.min(maxDelayMs, minDelayMs * 2 ** this.attempt);
     this.attempt += 1;
     // Full jitter: a restarted server sees its clients spread over the window, not all at once.
-    this._schedule(Math.max(minRetryMs, Math.random() * window_));
+    this._retryIn(code, "backoff", Math.max(minRetryMs, Math.random() * window_), window_);
+  }
+
+  _retryIn(code, action, delayMs, windowMs) {
+    this._setStatus(this.everOpened ? "reconnecting" : "connecting");
+    this.retries.push({ code, action, delayMs, windowMs });
+    if (this.retries.length > 20) this.retries.shift();
+    this._schedule(delayMs);
   }
 
   _schedule(delayMs) {
@@ -298,7 +359,7 @@ export class RealtimeClient {
       this._stopWatchdog();
       ws.onclose = null;
       ws.close(4000, "no answer to ping");
-      this._retry();
+      this._retry(4000);
     } else if (!this.pingSentAt && now - this.lastHeard > this.options.idleMs) {
       this.pingSentAt = now;
       ws.send(JSON.stringify({ type: "PING" }));

@@ -17,6 +17,7 @@ const STATUS_TEXT = {
   reconnecting: "Reconnecting…",
   offline: "Offline",
   unauthorized: "Signed out",
+  error: "Connection error (see the console)",
 };
 const TOAST_MS = 10000;
 

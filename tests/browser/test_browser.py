@@ -1,0 +1,271 @@
+"""The site in a real browser: toasts, the queue page, the admin pages, and reconnection.
+
+Each test drives Debian's headless Chromium against a real gunicorn gevent
+server. On failure, screenshots of every open page land in test-artifacts/.
+"""
+
+import os
+import signal
+import time
+
+import pytest
+from playwright.sync_api import expect
+from support import Server
+
+from relay.channels import channels
+
+
+def wait_live(page) -> None:
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "open")
+
+
+def broadcast_until_delivered(srv: Server, body: dict, at_least: int = 1, timeout: float = 10) -> dict:
+    """Send until someone got it: a page subscribes right after it connects, so retry briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = srv.broadcast(body).json()
+        if result["delivered"] >= at_least or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def site(start_server):
+    return start_server()
+
+
+def test_an_admin_announcement_pops_up_as_a_toast_for_staff(site, web):
+    staff = web(site, "bob@example.test")
+    wait_live(staff)
+    admin = web(site, "alice@example.test", "/admin/broadcast")
+    wait_live(admin)
+    admin.select_option("select[name=channel]", "system:announcements")
+    admin.fill("textarea[name=message]", "Flu clinic opens at 9:00 ✓")
+    admin.click("#broadcast-panel button[type=submit]")
+    expect(admin.locator("#broadcast-result")).to_have_text("Delivered to 2 clients.")
+    toast = staff.locator("#toasts .toast")
+    expect(toast).to_have_count(1)
+    expect(toast.locator(".toast-text")).to_have_text("Flu clinic opens at 9:00 ✓")
+    expect(staff.locator("#toasts")).to_have_attribute("aria-live", "polite")
+    # the form was swapped in place (htmx), cleared, and the sent broadcast is listed below it
+    expect(admin.locator("textarea[name=message]")).to_have_value("")
+    expect(admin.locator("#recent-broadcasts tbody tr").first).to_contain_text("Flu clinic opens at 9:00 ✓")
+    # dismissable
+    staff.click("#toasts .toast-close")
+    expect(toast).to_have_count(0)
+
+
+def test_html_in_an_announcement_is_shown_as_text_and_runs_nothing(site, web):
+    evil = '<img src=x onerror="window.__owned = 1"><b>bold?</b>'
+    staff = web(site, "bob")
+    wait_live(staff)
+    admin = web(site, "alice", "/admin/broadcast")
+    wait_live(admin)
+    admin.fill("textarea[name=message]", evil)
+    admin.click("#broadcast-panel button[type=submit]")
+    expect(admin.locator("#broadcast-result")).to_contain_text("Delivered to")
+    expect(staff.locator("#toasts .toast-text")).to_have_text(evil)
+    assert staff.locator("#toasts img, #toasts b").count() == 0
+    expect(admin.locator("#recent-broadcasts .message-cell").first).to_have_text(evil)
+    assert admin.locator("#recent-broadcasts img").count() == 0
+    time.sleep(0.3)
+    assert staff.evaluate("window.__owned") is None and admin.evaluate("window.__owned") is None
+    # and it went out exactly as typed, not pre-escaped
+    with site.connect("carol", ["system:announcements"]) as carol:
+        admin.fill("textarea[name=message]", evil)
+        admin.click("#broadcast-panel button[type=submit]")
+        assert carol.expect("ANNOUNCEMENT")["data"]["message"] == evil
+
+
+def test_the_queue_page_updates_for_its_own_clinic_only(site, web):
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    expect(page.locator("#queue [data-queue-state=waiting]")).to_be_visible()
+    page.evaluate("window.__same_page = true")
+
+    queue = [{"number": 41, "name": "Somchai"}, {"number": 42, "name": "<Malee>", "room": "B"}]
+    body = {
+        "message": {"type": "QUEUE_UPDATE", "data": {"queue": queue, "at": "2025-11-03T09:15:00Z"}},
+        "filter": {"channels": ["clinic:clinic-1:queue"]},
+    }
+    assert broadcast_until_delivered(site, body)["delivered"] == 1
+    items = page.locator("#queue ol.queue li")
+    expect(items).to_have_count(2)
+    expect(items.nth(0)).to_contain_text("41")
+    expect(items.nth(0)).to_contain_text("Somchai")
+    expect(items.nth(1)).to_contain_text("<Malee>")
+    expect(items.nth(1)).to_contain_text("room: B")
+    expect(page.locator("#queue [data-updated]")).to_have_attribute("datetime", "2025-11-03T09:15:00Z")
+    expect(page.locator("#queue [data-updated]")).to_have_text("2025-11-03 09:15:00 UTC")
+
+    other = {
+        "message": {"type": "QUEUE_UPDATE", "data": {"queue": [{"number": 7, "name": "Other clinic"}]}},
+        "filter": {"channels": ["clinic:clinic-2:queue"]},
+    }
+    assert site.broadcast(other).json()["delivered"] == 0
+    time.sleep(0.5)
+    expect(items).to_have_count(2)
+    expect(page.locator("#queue")).not_to_contain_text("Other clinic")
+
+    odd = {
+        "message": {"type": "QUEUE_UPDATE", "data": {"paused": True, "reason": "lunch"}},
+        "filter": {"channels": ["clinic:clinic-1:queue"]},
+    }
+    site.broadcast(odd)
+    expect(page.locator("#queue pre.raw")).to_contain_text('"reason": "lunch"')
+    assert page.evaluate("window.__same_page") is True  # live updates, never a reload
+
+
+def test_clinic_alerts_appear_on_the_queue_page(site, web):
+    page = web(site, "erin", "/clinics/clinic-1/queue")
+    wait_live(page)
+    expect(page.locator("#alerts")).to_contain_text("No alerts yet.")
+    body = {
+        "message": {"type": "CLINIC_ALERT", "data": {"message": "Fridge B is warm", "level": "urgent"}},
+        "filter": {"channels": ["clinic:clinic-1:alerts"]},
+    }
+    assert broadcast_until_delivered(site, body)["delivered"] == 1
+    expect(page.locator("#alerts .alert-text")).to_have_text("Fridge B is warm")
+    expect(page.locator("#alerts strong")).to_have_text("Urgent:")
+
+
+def test_a_removed_channel_subscriber_unsubscribes(site, web):
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    deadline = time.monotonic() + 10
+    while site.health()["subscriptions"] != 3 and time.monotonic() < deadline:  # announcements, alerts, queue
+        time.sleep(0.1)
+    assert site.health()["subscriptions"] == 3
+    page.evaluate("document.getElementById('queue').remove()")
+    while site.health()["subscriptions"] != 2 and time.monotonic() < deadline + 10:
+        time.sleep(0.1)
+    assert site.health()["subscriptions"] == 2
+    assert sorted(page.evaluate("window.realtime.channels")) == ["clinic:clinic-1:alerts", "system:announcements"]
+
+
+def test_status_shows_reconnecting_during_a_restart_and_recovers_without_a_reload(site, web, tmp_path):
+    page = web(site, "bob")
+    wait_live(page)
+    page.evaluate("window.__same_page = true")
+    site.stop()
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "reconnecting")
+    expect(page.locator("#rt-status")).to_have_attribute("aria-label", "Live updates: Reconnecting…")
+
+    again = Server(site.workdir, site.env_overrides, port=site.port).start()
+    try:
+        expect(page.locator("#rt-status")).to_have_attribute("data-status", "open", timeout=30_000)
+        body = {
+            "message": {"type": "ANNOUNCEMENT", "data": {"message": "back again"}},
+            "filter": {"channels": ["system:announcements"]},
+        }
+        assert broadcast_until_delivered(again, body)["delivered"] == 1
+        expect(page.locator("#toasts .toast-text")).to_have_text("back again")
+        assert page.evaluate("window.__same_page") is True
+    finally:
+        again.stop()
+
+
+def test_offline_is_shown_and_coming_back_online_reconnects_at_once(site, web):
+    page = web(site, "bob")
+    wait_live(page)
+    before = page.evaluate("window.realtime.stats.sockets")
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    expect(page.locator("#rt-status")).to_have_attribute("aria-label", "Live updates: Offline")
+    started = time.monotonic()
+    page.context.set_offline(False)
+    wait_live(page)
+    assert time.monotonic() - started < 3  # at once, not after a backoff
+    assert page.evaluate("window.realtime.stats.sockets") == before + 1
+    body = {
+        "message": {"type": "ANNOUNCEMENT", "data": {"message": "welcome back"}},
+        "filter": {"channels": ["system:announcements"]},
+    }
+    assert broadcast_until_delivered(site, body)["delivered"] == 1
+    expect(page.locator("#toasts .toast-text")).to_have_text("welcome back")
+
+
+def test_a_silent_dead_connection_is_noticed_by_ping_and_replaced(start_server, web):
+    srv = start_server(WS_CLIENT_IDLE_MS=500, WS_CLIENT_PONG_TIMEOUT_MS=700)
+    page = web(srv, "bob")
+    wait_live(page)
+    worker = srv.health()["pid"]
+    os.kill(worker, signal.SIGSTOP)  # TCP stays up, but nothing answers: a dead network path
+    try:
+        expect(page.locator("#rt-status")).to_have_attribute("data-status", "reconnecting", timeout=10_000)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "open", timeout=30_000)
+    assert page.evaluate("window.realtime.stats.sockets") >= 2
+
+
+def test_channel_builders_are_the_same_in_the_browser_and_in_python(site, web):
+    page = web(site, "bob")
+    names = page.evaluate("""async () => {
+        const { channels } = await import('/static/js/realtime.js');
+        return [channels.system.announcements, channels.system.maintenance, channels.clinic.queue('c-1'),
+                channels.clinic.alerts('c-1'), channels.user.notifications('u.1@x')];
+    }""")
+    assert names == [
+        channels.system.announcements,
+        channels.system.maintenance,
+        channels.clinic.queue("c-1"),
+        channels.clinic.alerts("c-1"),
+        channels.user.notifications("u.1@x"),
+    ]
+
+
+def test_staff_get_a_403_page_on_admin_pages(site, web):
+    page = web(site, "bob")
+    for path in ("/admin", "/admin/broadcast"):
+        response = page.goto(site.url + path)
+        assert response.status == 403
+        expect(page.locator("h1")).to_have_text("Forbidden")
+        expect(page.locator(".error-page")).to_contain_text("not allowed")
+    response = page.goto(site.url + "/clinics/clinic-2/queue")
+    assert response.status == 403
+    response = page.goto(site.url + "/no/such/page")
+    assert response.status == 404
+    expect(page.locator(".error-page .status")).to_have_text("404")
+
+
+def test_admin_dashboard_shows_live_figures_and_a_maintenance_banner(site, web):
+    admin = web(site, "alice", "/admin")
+    wait_live(admin)
+    with site.connect("carol"), site.connect("erin"):
+        expect(admin.locator("[data-figure=clients]")).to_have_text("3", timeout=10_000)
+        expect(admin.locator("table").nth(1)).to_contain_text("clinic-2")
+    expect(admin.locator("#maintenance-banner .banner")).to_have_count(0)
+    body = {
+        "message": {
+            "type": "MAINTENANCE",
+            "data": {"message": "Down at 22:00 <for 10 min>", "at": "2025-11-03T21:00:00Z"},
+        },
+        "filter": {"channels": ["system:maintenance"]},
+    }
+    assert broadcast_until_delivered(site, body)["delivered"] == 1
+    expect(admin.locator("#maintenance-banner .banner-text")).to_have_text("Down at 22:00 <for 10 min>")
+
+
+def test_the_broadcast_form_works_without_javascript(site, web):
+    page = web(site, "alice", "/admin/broadcast", javascript=False)
+    with site.connect("carol", ["system:maintenance"]) as carol:
+        page.select_option("select[name=channel]", "system:maintenance")
+        page.fill("textarea[name=message]", "Planned downtime")
+        page.click("#broadcast-panel button[type=submit]")
+        expect(page.locator("#broadcast-result")).to_have_text("Delivered to 1 client.")
+        message = carol.expect("MAINTENANCE")
+        assert message["data"]["message"] == "Planned downtime" and message["data"]["at"]
+    page.fill("textarea[name=message]", "   ")
+    page.click("#broadcast-panel button[type=submit]")
+    expect(page.locator("#broadcast-result .error")).to_have_text("Write a message.")
+
+
+def test_home_page_says_who_you_are_and_links_by_role(site, web):
+    staff = web(site, "bob")
+    expect(staff.locator("h1")).to_contain_text("bob")
+    expect(staff.locator("a[href='/clinics/clinic-1/queue']").first).to_be_visible()
+    assert staff.locator("a[href='/admin']").count() == 0
+    admin = web(site, "alice")
+    expect(admin.locator("main a[href='/admin']")).to_be_visible()
+    expect(admin.locator("main a[href='/admin/broadcast']")).to_be_visible()

@@ -1,0 +1,206 @@
+"""realtime.js follows relay/codes.py for every close code, in real Chromium.
+
+The page talks to the real server; Playwright sits on the socket (``route_web_socket``
+with ``connect_to_server``: every frame passes through unchanged) so that a test
+can end the page's socket with any close code, including those a correct
+browser can never provoke from the real server (1002, 1007). Where the real
+server can produce a code, a test makes it do so (1009 from an oversized frame,
+1013 from a full server).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from playwright.sync_api import expect
+
+from relay.codes import Close
+
+SOCKET = re.compile(r"/ws\?token=")
+
+
+class Sockets:
+    """The page's sockets, each proxied to the real server; ``close(code)`` ends the newest from the server's side."""
+
+    def __init__(self, page):
+        self.routes = []
+        self.created: list[float] = []
+        self.refuse_with: int | None = None  # set: new sockets are closed with this code before they get in
+        page.route_web_socket(SOCKET, self._route)
+
+    def _route(self, ws) -> None:
+        self.created.append(time.monotonic())
+        self.routes.append(ws)
+        if self.refuse_with is not None:
+            ws.close(code=self.refuse_with, reason="refused by the test")
+        else:
+            ws.connect_to_server()
+
+    def close(self, code: int, reason: str = "from the test") -> None:
+        self.routes[-1].close(code=code, reason=reason)
+
+
+def wait_live(page) -> None:
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "open", timeout=15_000)
+
+
+def retries(page) -> list[dict]:
+    return page.evaluate("window.realtime.retries")
+
+
+def wait_retry(page, count: int, timeout: float = 10) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while len(got := retries(page)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(got) >= count, got
+    return got
+
+
+@pytest.fixture
+def site(start_server):
+    return start_server()
+
+
+@pytest.fixture
+def live(site, web):
+    """A signed-in page whose sockets pass through the test, and the console errors it printed."""
+    page = web(site, "bob", "/login")
+    sockets = Sockets(page)
+    errors: list[str] = []
+    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+    page.goto(site.url + "/")
+    wait_live(page)
+    return page, sockets, errors
+
+
+BACKOFF = [Close.NORMAL, Close.POLICY_VIOLATION, Close.INTERNAL_ERROR, Close.TRY_AGAIN_LATER, Close.KEEPALIVE_TIMEOUT]
+
+
+@pytest.mark.parametrize("code", BACKOFF, ids=[str(int(c)) for c in BACKOFF])
+def test_codes_that_say_back_off_reconnect_after_a_growing_jittered_wait(live, code):
+    page, sockets, errors = live
+    sockets.refuse_with = code  # the next two attempts are refused the same way before they get in
+    sockets.close(code)
+    decisions = wait_retry(page, 3)[:3]
+    assert [(d["code"], d["action"]) for d in decisions] == [(code, "backoff")] * 3
+    assert [d["windowMs"] for d in decisions] == [500, 1000, 2000]  # the window doubles
+    assert all(250 <= d["delayMs"] <= d["windowMs"] for d in decisions)  # fully jittered, never below 250 ms
+    sockets.refuse_with = None
+    wait_live(page)  # and it is back on a new socket to the real server
+    assert errors == []
+
+
+def test_1012_reconnects_at_once_with_a_little_jitter_and_no_backoff(live):
+    page, sockets, errors = live
+    closed = time.monotonic()
+    sockets.close(Close.SERVICE_RESTART, "service restart")
+    [decision] = wait_retry(page, 1)
+    assert decision["action"] == "restart" and 250 <= decision["delayMs"] <= 1000
+    wait_live(page)
+    assert sockets.created[-1] - closed < 2.5 and page.evaluate("window.realtime.attempt") == 0
+    assert errors == []
+
+
+def test_repeated_1012_without_getting_in_falls_back_to_backoff(live):
+    page, sockets, _ = live
+    page.evaluate("window.realtime.options.maxQuickRestarts = 1; window.realtime.restarts = 1")
+    sockets.close(Close.SERVICE_RESTART)
+    assert wait_retry(page, 1)[0]["action"] == "backoff"
+
+
+@pytest.mark.parametrize("code", [Close.PROTOCOL_ERROR, Close.INVALID_PAYLOAD], ids=["1002", "1007"])
+def test_protocol_errors_stop_show_an_error_status_and_tell_the_developer(live, code):
+    page, sockets, errors = live
+    page.evaluate(
+        "window.__error = null; document.body.addEventListener('realtime:error', e => window.__error = e.detail)"
+    )
+    sockets.close(code, "bad frame")
+    status = page.locator("#rt-status")
+    expect(status).to_have_attribute("data-status", "error")
+    expect(status).to_have_attribute("aria-label", "Live updates: Connection error (see the console)")
+    assert page.evaluate("window.__error") == {"code": code, "reason": "bad frame"}
+    assert any(str(int(code)) in e and "broke the WebSocket protocol" in e for e in errors), errors
+    time.sleep(1.5)
+    assert len(sockets.routes) == 1 and retries(page) == []  # it did not loop
+
+
+def test_4403_stops_as_unauthorized(live):
+    page, sockets, _ = live
+    sockets.close(Close.FORBIDDEN, "user disabled")
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "unauthorized")
+    time.sleep(1)
+    assert len(sockets.routes) == 1
+
+
+def test_the_server_closing_1009_is_reported_and_the_client_reconnects(site, web):
+    """A real 1009, straight from the server (no proxy): a frame over 64 KiB, written past the client's own guard."""
+    page = web(site, "bob")
+    errors: list[str] = []
+    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+    wait_live(page)
+    page.evaluate("window.realtime.ws.send('x'.repeat(70000))")
+    [decision] = wait_retry(page, 1)
+    assert decision["code"] == Close.MESSAGE_TOO_BIG and decision["action"] == "backoff"
+    assert any("1009" in e and "will not be resent" in e for e in errors), errors
+    wait_live(page)
+
+
+def test_the_client_refuses_to_send_an_oversized_message(live):
+    page, sockets, errors = live
+    assert page.evaluate("window.realtime.send({type: 'PING', pad: 'x'.repeat(70000)})") is False
+    assert any("over 65536 bytes" in e for e in errors)
+    assert page.evaluate("window.realtime.status") == "open"  # nothing was sent, nothing was closed
+
+
+def test_a_full_server_answers_1013_and_the_client_backs_off(start_server, web):
+    srv = start_server(WS_MAX_CLIENTS=1)
+    with srv.connect("carol"):  # takes the one place
+        page = web(srv, "bob")
+        decision = wait_retry(page, 1)[0]
+        assert decision["code"] == Close.TRY_AGAIN_LATER and decision["action"] == "backoff"
+    wait_live(page)  # a place came free: the backoff got it in
+
+
+def test_an_expired_token_is_replaced_at_once_and_without_backoff(site, web):
+    calls = []
+
+    def first_token_expired(route):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            stale = site.token("bob", timestamp=int(time.time() * 1000) - 3_600_000)
+            route.fulfill(json={"wsUrl": site.ws_url, "token": stale, "userId": "bob"})
+        else:
+            route.continue_()
+
+    page = web(site, "bob", "/login")  # sign in first, then watch the token endpoint
+    page.route("**/api/ws/auth", first_token_expired)
+    page.goto(site.url + "/")
+    wait_live(page)
+    assert page.evaluate("window.realtime.stats") == {"authFetches": 2, "sockets": 2}
+    assert retries(page) == [{"code": Close.UNAUTHORIZED, "action": "token", "delayMs": 0, "windowMs": 0}]
+    assert len(calls) == 2 and calls[1] - calls[0] < 2  # the second fetch followed the 4401 at once
+    site.wait_for_event("ws.auth_failed", lambda e: e["reason"] == "expired" and e["userId"] == "bob")
+
+
+def test_tokens_that_keep_failing_back_off_then_end_in_unauthorized(site, web):
+    def always_expired(route):
+        stale = site.token("bob", timestamp=int(time.time() * 1000) - 3_600_000)
+        route.fulfill(json={"wsUrl": site.ws_url, "token": stale, "userId": "bob"})
+
+    page = web(site, "bob", "/login")
+    page.route("**/api/ws/auth", always_expired)
+    opened: list[float] = []
+    page.on("websocket", lambda ws: opened.append(time.monotonic()))
+    page.goto(site.url + "/")
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "unauthorized", timeout=30_000)
+    decisions = retries(page)
+    assert [d["action"] for d in decisions] == ["token", "backoff", "backoff", "backoff"]
+    assert [d["windowMs"] for d in decisions[1:]] == [500, 1000, 2000]  # the window doubles
+    assert all(250 <= d["delayMs"] <= d["windowMs"] for d in decisions[1:])
+    gaps = [later - earlier for earlier, later in zip(opened, opened[1:], strict=False)]
+    assert len(opened) == 5 and all(gap >= 0.2 for gap in gaps[1:]), gaps  # measured between sockets
+    time.sleep(2)
+    assert page.evaluate("window.realtime.stats")["sockets"] == 5  # and then it stopped
+    expect(page.locator("#rt-status .rt-status-text")).to_have_text("Signed out")
