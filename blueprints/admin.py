@@ -92,10 +92,12 @@ def _send(form: dict) -> tuple[int | None, str | None, int]:
         Filter(channels=frozenset({form["channel"]})),
     )
     try:
-        _, delivery = realtime().broadcast(outgoing, source=f"admin-page:{signed_in().user_id}")
+        receipt = realtime().broadcast(
+            outgoing, source=f"admin-page:{signed_in().user_id}", scope=f"admin:{signed_in().user_id}"
+        )
     except BrokerUnavailable as down:
         return None, f"Not sent: {down}. Try again in a moment.", 503
-    return delivery.delivered, None, 200
+    return receipt.delivered, None, 200
 
 
 @bp.post("/maintenance/render")

@@ -6,9 +6,10 @@ import hmac
 
 from flask import Blueprint, jsonify, request
 
-from relay.broadcast import MAX_BODY_BYTES, BroadcastError, parse_body
+from relay.broadcast import MAX_BODY_BYTES, BroadcastError, idempotency_key, parse_body
 from relay.broker import BrokerUnavailable
 from relay.codes import HttpError
+from relay.history import IdempotencyConflict
 
 from .auth import admin_required, bearer_token, csrf_required, realtime, signed_in
 from .errors import error_response
@@ -37,7 +38,7 @@ def broadcast():
             "send the admin secret as 'Authorization: Bearer <WS_ADMIN_SECRET>'",
             headers={"WWW-Authenticate": 'Bearer realm="broadcast"'},
         )
-    return send_broadcast(source="api")
+    return send_broadcast(source="api", scope="api")
 
 
 @bp.post("/api/admin/broadcast")
@@ -45,21 +46,27 @@ def broadcast():
 @csrf_required
 def admin_broadcast():
     """For signed-in admins (cookie session): needs the CSRF token in ``X-CSRF-Token``."""
-    return send_broadcast(source=f"admin:{signed_in().user_id}")
+    source = f"admin:{signed_in().user_id}"
+    return send_broadcast(source=source, scope=source)
 
 
-def send_broadcast(*, source: str):
+def send_broadcast(*, source: str, scope: str):
+    """Parse, publish, answer. ``scope``: whose ``Idempotency-Key`` this is (a service, or one admin)."""
     body = request.stream.read(MAX_BODY_BYTES + 1)
     try:
+        key = idempotency_key(request.headers.get("Idempotency-Key"))
         parsed = parse_body(body)
-        envelope, delivery = realtime().broadcast(parsed, source=source)
+        receipt = realtime().broadcast(parsed, source=source, scope=scope, key=key)
     except BroadcastError as bad:
         return error_response(400, bad.code, bad.message)
+    except IdempotencyConflict as reused:
+        return error_response(422, HttpError.IDEMPOTENCY_CONFLICT, f"{reused}; send it with a new key")
     except BrokerUnavailable as down:
         return error_response(503, HttpError.UNAVAILABLE, f"broadcast not sent: {down}", headers={"Retry-After": "1"})
-    return jsonify(
-        ok=True, delivered=delivery.delivered, id=envelope.id, workers=delivery.workers, missingWorkers=delivery.missing
-    )
+    response = jsonify(receipt.answer())
+    if receipt.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 def _admin_secret_ok() -> bool:

@@ -6,9 +6,9 @@ import json
 
 from flask import Blueprint, abort, redirect, render_template, request, url_for
 
-from relay.channels import is_valid_id
+from relay.channels import channels, is_valid_id
 
-from .auth import csrf_required, login_required, signed_in
+from .auth import csrf_required, login_required, realtime, signed_in
 from .pages import triggering_message
 
 bp = Blueprint("clinics", __name__, url_prefix="/clinics")
@@ -35,8 +35,12 @@ def open_clinic():
 @bp.get("/<clinic_id>/queue")
 @login_required
 def queue(clinic_id):
+    """The queue as it is now: the channel's last QUEUE_UPDATE is rendered at once (no JavaScript needed),
+    and the page's subscription asks for it again (``last``), so nothing is missed in between."""
     _check_access(clinic_id)
-    return render_template("clinics/queue.html", clinic_id=clinic_id, view=None)
+    last = realtime().last_value(channels.clinic.queue(clinic_id), signed_in())
+    view = queue_view(last.message()) if last is not None and last.type == "QUEUE_UPDATE" else None
+    return render_template("clinics/queue.html", clinic_id=clinic_id, view=view)
 
 
 @bp.post("/<clinic_id>/queue/render")

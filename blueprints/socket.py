@@ -22,6 +22,7 @@ from flask_sock import Sock
 
 from relay.codes import HttpError
 from relay.eventlog import event
+from relay.recovery import resume_request
 
 from .errors import error_response
 
@@ -77,7 +78,13 @@ def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...]) -> b
 def socket(ws):
     rt = current_app.extensions["realtime"]
     raw = _take_socket(ws)
-    rt.open_socket(raw, request.args.get("token"), remote=request.remote_addr, pending=_read_ahead(request.environ))
+    rt.open_socket(
+        raw,
+        request.args.get("token"),
+        remote=request.remote_addr,
+        pending=_read_ahead(request.environ),
+        resume=resume_request(request.args),
+    )
 
 
 def _take_socket(ws) -> _socket.socket:

@@ -22,10 +22,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NoReturn
 
-from .broker import Broker, Delivery
+import gevent
+
+from .broker import Broker, BrokerUnavailable
 from .codes import HttpError
 from .envelope import FILTER_FIELDS, Envelope, Filter
 from .eventlog import event
+from .history import History, HistoryUnavailable, Idempotency, Previous
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_FILTER_VALUES = 1000
@@ -53,10 +56,15 @@ def parse_body(body: bytes) -> BroadcastRequest:
     if len(body) > MAX_BODY_BYTES:
         raise BroadcastError(HttpError.BODY_TOO_LARGE, f"the body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError):
         raise BroadcastError(HttpError.INVALID_JSON, "the body is not valid JSON") from None
     return parse_request(doc)
+
+
+def _no_constants(name: str) -> object:
+    # Python reads NaN and Infinity; JSON (and every browser) does not: a frame carrying one would not parse.
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_request(doc: object) -> BroadcastRequest:
@@ -112,6 +120,54 @@ def _invalid(message: str) -> NoReturn:
     raise BroadcastError(HttpError.INVALID_BODY, message)
 
 
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+_IDEMPOTENCY_KEY = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_CHARS}}}")
+
+
+def idempotency_key(raw: str | None) -> str | None:
+    """The ``Idempotency-Key`` header checked: printable ASCII, 1 to 200 characters (None if absent)."""
+    if raw is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(raw):
+        raise BroadcastError(
+            HttpError.INVALID_IDEMPOTENCY_KEY,
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters without spaces",
+        )
+    return raw
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a broadcast got: the ``/broadcast`` answer (``replayed`` when it is a repeat's first answer)."""
+
+    id: str
+    offset: int | None
+    epoch: str | None
+    delivered: int
+    workers: int
+    missing: int
+    replayed: bool = False
+
+    def answer(self) -> dict:
+        out: dict = {"ok": True, "delivered": self.delivered, "id": self.id}
+        if self.offset is not None:
+            out.update(offset=self.offset, epoch=self.epoch)
+        out.update(workers=self.workers, missingWorkers=self.missing)
+        return out
+
+    @classmethod
+    def of(cls, answer: dict, *, replayed: bool) -> Receipt:
+        return cls(
+            answer["id"],
+            answer.get("offset"),
+            answer.get("epoch"),
+            int(answer["delivered"]),
+            int(answer.get("workers", 0)),
+            int(answer.get("missingWorkers", 0)),
+            replayed,
+        )
+
+
 @dataclass(frozen=True)
 class SentBroadcast:
     """One line of the admin page's "recent broadcasts" list."""
@@ -126,22 +182,54 @@ class SentBroadcast:
 
 
 class Broadcaster:
-    """Turns a validated request into an envelope, publishes it, and logs what happened.
+    """Turns a validated request into an envelope, places it in the history, publishes it, logs it.
 
-    Keeps the last ``history`` broadcasts this process sent, for the admin page.
+    With a history (recovery on) every broadcast is appended before it is
+    published, so one answered 200 is in the history even if this worker dies
+    the next instant. An idempotency key makes a retry safe: a repeat within
+    the window publishes nothing and gets the first answer.
+
+    Keeps the last ``recent`` broadcasts this process sent, for the admin page.
     """
 
-    def __init__(self, broker: Broker, history: int = 20):
+    def __init__(self, broker: Broker, history: History | None = None, recent: int = 20, repeat_wait: float = 5.0):
         self.broker = broker
-        self.recent: deque[SentBroadcast] = deque(maxlen=history)
+        self.history = history
+        self.repeat_wait = repeat_wait
+        self.recent: deque[SentBroadcast] = deque(maxlen=recent)
 
-    def send(self, request: BroadcastRequest, *, source: str) -> tuple[Envelope, Delivery]:
+    def send(self, request: BroadcastRequest, *, source: str, scope: str, key: str | None = None) -> Receipt:
+        """Publish ``request``. ``scope`` names who may reuse ``key`` (a service, one admin).
+
+        Raises BrokerUnavailable (nothing was published) and IdempotencyConflict.
+        """
         envelope = Envelope(type=request.type, data=request.data, filter=request.filter)
         started = time.perf_counter()
+        idempotency = None
+        if self.history is not None:
+            if key is not None:
+                idempotency = Idempotency.of(scope, key, request.type, request.data, request.filter.to_json())
+            try:
+                placed = self.history.append(envelope, idempotency=idempotency)
+            except HistoryUnavailable as down:
+                raise BrokerUnavailable(str(down)) from None
+            if isinstance(placed, Previous):
+                assert idempotency is not None
+                return self._first_answer(placed, idempotency)
+            envelope = envelope.placed(placed.epoch, placed.offset)
         delivery = self.broker.publish(envelope)
+        receipt = Receipt(
+            envelope.id, envelope.offset, envelope.epoch, delivery.delivered, delivery.workers, delivery.missing
+        )
+        if idempotency is not None and self.history is not None:
+            try:
+                self.history.complete(idempotency, receipt.answer())
+            except HistoryUnavailable:
+                pass  # a repeat will get the place without the counts
         event(
             "broadcast",
             id=envelope.id,
+            offset=envelope.offset,
             type=envelope.type,
             filter=envelope.filter.to_json(),
             delivered=delivery.delivered,
@@ -161,4 +249,20 @@ class Broadcaster:
                 source,
             )
         )
-        return envelope, delivery
+        return receipt
+
+    def _first_answer(self, previous: Previous, idempotency: Idempotency) -> Receipt:
+        """The answer of the key's first request: wait for it if that request is still being delivered."""
+        assert self.history is not None
+        deadline = time.monotonic() + self.repeat_wait
+        while previous.answer is None and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+            try:
+                previous = self.history.previous(idempotency) or previous
+            except HistoryUnavailable:
+                break
+        event("broadcast.repeat", id=previous.envelope_id, offset=previous.offset, complete=previous.answer is not None)
+        if previous.answer is not None:
+            return Receipt.of(previous.answer, replayed=True)
+        # The first request's worker died before it could answer: its place is known, its count is not.
+        return Receipt(previous.envelope_id, previous.offset, previous.epoch, 0, 0, 0, replayed=True)

@@ -5,6 +5,11 @@ request and gets it to the hub of every process that holds sockets. It talks
 back only through the ``deliver`` callback given to :meth:`Broker.start`, so
 it never sees the hub. Implementations: :class:`MemoryBroker` (one process)
 and ``RedisBroker`` (several workers or hosts).
+
+``deliver(envelope)`` never waits for other broadcasts (the sequencer may
+hold an envelope until the ones before it arrived, and a listener that waited
+would never receive them): it returns a :class:`Pending` whose value is how
+many local connections took the envelope, once it was delivered.
 """
 
 from __future__ import annotations
@@ -15,8 +20,18 @@ from typing import Protocol
 
 from .envelope import Envelope
 
-Deliver = Callable[[Envelope], int]
+
+class Pending(Protocol):
+    """A delivery in progress (a gevent AsyncResult): its value is the local count."""
+
+    def ready(self) -> bool: ...
+
+    def get(self, block: bool = True, timeout: float | None = None) -> int: ...
+
+
+Deliver = Callable[[Envelope], Pending]
 Stats = Callable[[], dict]
+Resync = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -35,9 +50,10 @@ class BrokerUnavailable(Exception):
 class Broker(Protocol):
     name: str
 
-    def start(self, deliver: Deliver, stats: Stats) -> None:
-        """Begin receiving. ``deliver(envelope)`` fans out locally and returns a count;
-        ``stats()`` is this worker's hub statistics, for the cluster view."""
+    def start(self, deliver: Deliver, stats: Stats, resync: Resync | None = None) -> None:
+        """Begin receiving. ``deliver(envelope)`` fans out locally (see the module docstring);
+        ``stats()`` is this worker's hub statistics, for the cluster view; ``resync()`` is
+        called (in a greenlet of its own) after a listener that was away is back."""
 
     def publish(self, envelope: Envelope) -> Delivery:
         """Deliver everywhere and report the total. Raises BrokerUnavailable."""
@@ -61,18 +77,19 @@ class MemoryBroker:
 
     name = "memory"
 
-    def __init__(self, worker_id: str = "local") -> None:
+    def __init__(self, worker_id: str = "local", *, wait: float = 5.0) -> None:
         self.worker_id = worker_id
+        self.wait = wait
         self._deliver: Deliver | None = None
         self._stats: Stats | None = None
 
-    def start(self, deliver: Deliver, stats: Stats) -> None:
+    def start(self, deliver: Deliver, stats: Stats, resync: Resync | None = None) -> None:
         self._deliver, self._stats = deliver, stats
 
     def publish(self, envelope: Envelope) -> Delivery:
         if self._deliver is None:
             raise BrokerUnavailable("the broker is stopped")
-        return Delivery(delivered=self._deliver(envelope))
+        return Delivery(delivered=self._deliver(envelope).get(timeout=self.wait))
 
     def members(self) -> list[dict] | None:
         return [{**self._stats(), "worker": self.worker_id}] if self._stats else []

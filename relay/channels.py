@@ -59,11 +59,16 @@ def is_valid_id(value: str) -> bool:
 
 
 class Reader(Protocol):
-    """What channel rules need to know about a subscriber."""
+    """What channel rules need to know about a subscriber (an Identity, or a connection that has one)."""
 
-    user_id: str
-    role: str
-    clinic_id: str | None
+    @property
+    def user_id(self) -> str | None: ...
+
+    @property
+    def role(self) -> str | None: ...
+
+    @property
+    def clinic_id(self) -> str | None: ...
 
 
 def refusal(reader: Reader, name: str) -> str | None:

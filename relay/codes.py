@@ -57,6 +57,8 @@ class HttpError:
     INVALID_JSON = "invalid_json"  # body is not JSON (400)
     INVALID_BODY = "invalid_body"  # JSON of the wrong shape (400)
     BODY_TOO_LARGE = "body_too_large"  # body over the broadcast limit (400)
+    INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"  # Idempotency-Key not 1-200 printable ASCII (400)
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"  # the key was first used with another broadcast: new key (422)
     FOREIGN_ORIGIN = "foreign_origin"  # WebSocket from an origin not allowed (403)
     UNAVAILABLE = "unavailable"  # broker or draining worker (503)
     INTERNAL = "internal_error"  # a server bug (500)

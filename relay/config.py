@@ -69,6 +69,11 @@ class Settings:
     log_level: str
     web_concurrency: int
     worker_connections: int
+    # The delivery guarantee (relay.history); a window of 0 turns it off.
+    history_db_path: str
+    recovery_window_ms: int
+    recovery_max_messages: int
+    last_value_ttl_ms: int
     # What start-up should tell the operator once it can log.
     notices: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -76,6 +81,11 @@ class Settings:
     @property
     def production(self) -> bool:
         return self.app_env == "production"
+
+    @property
+    def recovery(self) -> bool:
+        """Whether broadcasts get offsets and clients can resume (WS_RECOVERY_WINDOW_MS > 0)."""
+        return self.recovery_window_ms > 0
 
     @property
     def shutdown_budget_s(self) -> float:
@@ -157,6 +167,10 @@ class Settings:
             log_level=reader.text("LOG_LEVEL", "INFO").upper(),
             web_concurrency=reader.integer("WEB_CONCURRENCY", 1, low=1, high=256),
             worker_connections=reader.integer("WS_WORKER_CONNECTIONS", 12_000, low=10),
+            history_db_path=reader.text("REALTIME_HISTORY_DB", "") or os.path.join(instance_path, "history.db"),
+            recovery_window_ms=reader.integer("WS_RECOVERY_WINDOW_MS", 120_000, low=0, high=86_400_000),
+            recovery_max_messages=reader.integer("WS_RECOVERY_MAX_MESSAGES", 1000, low=1, high=100_000),
+            last_value_ttl_ms=reader.integer("WS_LAST_VALUE_TTL_MS", 86_400_000, low=1000),
             notices=tuple(notices),
             warnings=tuple(warnings),
         )

@@ -111,6 +111,7 @@ class Connection:
         "heard",
         "rate_tokens",
         "rate_at",
+        "backlog",
         "state",
         "close_code",
         "close_reason",
@@ -128,6 +129,7 @@ class Connection:
         "_blocked",
         "_close_when_flushed",
         "_max_queue",
+        "_queue_limit",
         "_close_timeout",
     )
 
@@ -152,6 +154,7 @@ class Connection:
         self.channels: set[str] = set()
         self.rate_tokens = 0.0
         self.rate_at = 0.0
+        self.backlog: list[str] | None = None  # messages waiting behind one that is being answered
         # Transport state.
         self.opened_at = time.monotonic()
         self.heard = True  # something arrived since the last keep-alive ping
@@ -172,6 +175,7 @@ class Connection:
         self._blocked = False
         self._close_when_flushed = False
         self._max_queue = max_queue
+        self._queue_limit = max_queue  # stretched while a replay is being written (push_owed)
         self._close_timeout = close_timeout
 
     def __repr__(self) -> str:
@@ -276,6 +280,18 @@ class Connection:
         self._enqueue(frame)
         return True
 
+    def push_owed(self, frames: list[bytes]) -> None:
+        """Queue what the client is owed at once (a resume's replay, bounded by WS_RECOVERY_MAX_MESSAGES).
+
+        The queue limit stretches to hold it until it has been written: a
+        client is not a slow consumer for being sent what it missed.
+        """
+        if self.state is not OPEN or not frames:
+            return
+        self._queue_limit = self._pending_bytes + sum(map(len, frames)) + self._max_queue
+        for frame in frames:
+            self._enqueue(frame)
+
     def send_now(self, frame: bytes) -> bool:
         """Queue a reply and try to write it at once (replies should not wait for a batch)."""
         if not self.push(frame):
@@ -298,10 +314,10 @@ class Connection:
         else:
             pending.append(frame)
             self._pending_bytes += len(frame)
-            if self._pending_bytes > self._max_queue and self.state is OPEN:
+            if self._pending_bytes > self._queue_limit and self.state is OPEN:
                 if not self._blocked:
                     self._write()  # maybe the outbox just has not got here yet
-                if self._pending_bytes > self._max_queue:
+                if self._pending_bytes > self._queue_limit:
                     self._overflow()
                 return
         if not self._scheduled and not self._blocked:
@@ -324,6 +340,7 @@ class Connection:
         if sent == len(data):
             self._pending = None
             self._pending_bytes = 0
+            self._queue_limit = self._max_queue
             if self._blocked and self._write_watch is not None:
                 self._write_watch.stop()
                 self._blocked = False

@@ -1,18 +1,23 @@
 """What travels from "a broadcast was requested" to "the hub fans it out".
 
 An :class:`Envelope` is one broadcast: the message (type, data), the audience
-(:class:`Filter`) and a unique id. It is JSON-able so a broker can carry it
-between processes, and it encodes its WebSocket frame once, however many
-clients receive it.
+(:class:`Filter`), a unique id, when it was accepted, and, once the history
+has placed it, its ``offset`` in the stream and the stream's ``epoch``. It is
+JSON-able so a broker can carry it between processes and the history can keep
+it, and it encodes its WebSocket frame once, however many clients receive it.
+A frame rebuilt from the history is byte for byte the frame sent live.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from . import frames
+from .clock import now_ms
 
 FILTER_FIELDS = ("userIds", "clinicIds", "roles", "channels")
 
@@ -35,6 +40,16 @@ class Filter:
     def everyone(self) -> bool:
         return not (self.user_ids or self.clinic_ids or self.roles or self.channels)
 
+    def admits(self, user_id: str | None, role: str | None, clinic_id: str | None, channels: Collection[str]) -> bool:
+        """Whether a connection of this identity, subscribed to ``channels``, is a recipient."""
+        if self.user_ids and user_id not in self.user_ids:
+            return False
+        if self.clinic_ids and clinic_id not in self.clinic_ids:
+            return False
+        if self.roles and role not in self.roles:
+            return False
+        return not (self.channels and self.channels.isdisjoint(channels))
+
     def to_json(self) -> dict:
         out = {}
         for key, values in zip(FILTER_FIELDS, (self.user_ids, self.clinic_ids, self.roles, self.channels), strict=True):
@@ -54,23 +69,51 @@ class Envelope:
     data: object
     filter: Filter = Filter()
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    at: int = field(default_factory=now_ms)  # when it was accepted, ms since the epoch
+    offset: int | None = None  # its place in the stream; None when recovery is off
+    epoch: str | None = None
+
+    def placed(self, epoch: str, offset: int) -> Envelope:
+        """This envelope at its place in the stream."""
+        return dataclasses.replace(self, epoch=epoch, offset=offset)
 
     def message(self) -> dict:
-        """The message exactly as clients receive it: ``{type, data, id}``."""
-        return {"type": self.type, "data": self.data, "id": self.id}
+        """The message exactly as clients receive it: ``{type, data, id, offset}``."""
+        out = {"type": self.type, "data": self.data, "id": self.id}
+        if self.offset is not None:
+            out["offset"] = self.offset
+        return out
 
     def frame(self) -> bytes:
         """The WebSocket text frame, encoded on first use and kept."""
         cached = self.__dict__.get("_frame")
         if cached is None:
-            payload = json.dumps(self.message(), separators=(",", ":"), ensure_ascii=False)
-            cached = frames.text(payload.encode())
+            cached = _text_frame(self.message())
             object.__setattr__(self, "_frame", cached)
         return cached
 
+    def last_frame(self) -> bytes:
+        """The frame sent as a channel's last value: the original message plus ``"last": true``."""
+        return _text_frame({**self.message(), "last": True})
+
     def to_json(self) -> dict:
-        return {"id": self.id, "type": self.type, "data": self.data, "filter": self.filter.to_json()}
+        out = {"id": self.id, "type": self.type, "data": self.data, "filter": self.filter.to_json(), "at": self.at}
+        if self.offset is not None:
+            out.update(offset=self.offset, epoch=self.epoch)
+        return out
 
     @classmethod
-    def from_json(cls, data: dict) -> Envelope:
-        return cls(type=data["type"], data=data.get("data"), filter=Filter.from_json(data.get("filter")), id=data["id"])
+    def from_json(cls, data: dict, *, offset: int | None = None, epoch: str | None = None) -> Envelope:
+        return cls(
+            type=data["type"],
+            data=data.get("data"),
+            filter=Filter.from_json(data.get("filter")),
+            id=data["id"],
+            at=int(data.get("at") or 0),
+            offset=offset if offset is not None else data.get("offset"),
+            epoch=epoch if epoch is not None else data.get("epoch"),
+        )
+
+
+def _text_frame(message: dict) -> bytes:
+    return frames.text(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode())

@@ -23,7 +23,7 @@ _SECRET_WORDS = ("token", "secret", "password", "authorization", "cookie")
 _direct = None  # the stream our own handler writes to, when it is the only one
 
 
-def event(name: str, level: str = "info", **fields) -> None:
+def event(name: str, *, level: str = "info", **fields: object) -> None:
     numeric = _LEVELS[level]
     if not logger.isEnabledFor(numeric):
         return

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import gevent
 import gevent.lock
@@ -135,6 +136,10 @@ class Hub:
     def deliver(self, envelope: Envelope) -> int:
         """Queue ``envelope`` on every matching open connection; returns how many took it.
 
+        The recipients are snapshotted before the first pause, so a connection
+        added while this fan-out pauses does not get it (the sequencer relies on
+        that: see ``relay.sequencer``).
+
         A fan-out to 10,000 clients takes milliseconds of CPU: it pauses every
         YIELD_EVERY recipients so that /health and other requests are served
         meanwhile (measured: /health max 63 ms -> see README bench table).
@@ -185,19 +190,27 @@ class Hub:
                 if count % 1000 == 0:
                     gevent.sleep(0)
 
-    def drain(self, code: int, reason: str, timeout: float) -> bool:
-        """Close every connection with ``code`` and wait until they are gone.
-
-        From the first call on, ``draining`` is true and new sockets are
-        refused with the same code. Returns True if every socket closed in time.
-        """
-        self.draining = True
+    def close_all(self, code: int, reason: str) -> list:
+        """Close every connection with ``code`` (without draining: newcomers are still welcome)."""
         with self._lock:
             conns = list(self._clients)
         for count, conn in enumerate(conns, 1):
             conn.close(code, reason)
             if count % 500 == 0:
                 gevent.sleep(0)
+        return conns
+
+    def drain(self, code: int, reason: str, timeout: float, closing: Callable[[], None] | None = None) -> bool:
+        """Close every connection with ``code`` and wait until they are gone.
+
+        From the first call on, ``draining`` is true and new sockets are
+        refused with the same code. ``closing()`` runs once every close frame
+        is queued, before the wait. Returns True if every socket closed in time.
+        """
+        self.draining = True
+        conns = self.close_all(code, reason)
+        if closing is not None:
+            closing()
         # Closing takes the connection out of the indexes at once; wait for the
         # sockets themselves, so that every close frame is on the wire before exit.
         deadline = time.monotonic() + timeout
@@ -226,12 +239,4 @@ def _unindex(index: dict[str, set], key, conn) -> None:
 
 
 def _matches(conn, flt: Filter) -> bool:
-    if flt.user_ids and conn.user_id not in flt.user_ids:
-        return False
-    if flt.clinic_ids and conn.clinic_id not in flt.clinic_ids:
-        return False
-    if flt.roles and conn.role not in flt.roles:
-        return False
-    if flt.channels and conn.channels.isdisjoint(flt.channels):
-        return False
-    return True
+    return flt.admits(conn.user_id, conn.role, conn.clinic_id, conn.channels)

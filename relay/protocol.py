@@ -4,10 +4,15 @@ Client -> server (JSON text frames)::
 
     {"type": "PING"}                                      -> PONG {timestamp}
     {"type": "SUBSCRIBE",   "data": {"channels": [...]}}  -> ERROR per refused channel, then SUBSCRIBED {channels}
+    {"type": "SUBSCRIBE",   "data": {"channels": [...], "last": true}}
+                                                          -> ... and each new channel's last value, before SUBSCRIBED
     {"type": "UNSUBSCRIBE", "data": {"channels": [...]}}  -> UNSUBSCRIBED {channels}
 
-Server -> client: ``CONNECTED {clientId, userId}`` first, then replies,
-broadcasts ``{type, data, id}``, and ``ERROR {code, message[, channel]}``
+A connection's messages are answered in the order they came: while one waits
+for the store (``last``), the ones behind it wait too.
+
+Server -> client: ``CONNECTED {clientId, userId, epoch, offset}`` first, then
+replies, broadcasts ``{type, data, id, offset}``, and ``ERROR {code, message[, channel]}``
 (codes in :class:`relay.codes.Error`). Nothing a client sends can crash the
 worker: every failure becomes an ERROR frame or, for abuse, a close code.
 
@@ -28,6 +33,8 @@ from . import frames
 from .codes import Close, Error
 from .eventlog import event
 from .hub import Hub
+from .lastvalues import LastValues
+from .sessions import SessionKeeper
 
 MAX_CHANNELS_PER_REQUEST = 200
 
@@ -59,12 +66,16 @@ class ClientProtocol:
         rate_burst: int = 40,
         rate_per_second: float = 20.0,
         clock: Callable[[], float] = time.monotonic,
+        sessions: SessionKeeper | None = None,
+        last_values: LastValues | None = None,
     ):
         self.hub = hub
         self.max_subscriptions = max_subscriptions
         self.rate_burst = rate_burst
         self.rate_per_second = rate_per_second
         self.clock = clock
+        self.sessions = sessions
+        self.last_values = last_values
         self._handlers = {
             "PING": self._ping,
             "SUBSCRIBE": self._subscribe,
@@ -76,6 +87,12 @@ class ClientProtocol:
     def on_text(self, conn, text: str) -> None:
         if not self._within_rate(conn):
             return
+        if conn.backlog is not None:  # an earlier message of this connection is still being answered
+            conn.backlog.append(text)
+            return
+        self._handle(conn, text)
+
+    def _handle(self, conn, text: str) -> None:
         try:
             message = json.loads(text)
         except ValueError:
@@ -101,6 +118,8 @@ class ClientProtocol:
 
     def on_closing(self, conn) -> None:
         self.hub.remove(conn)
+        if self.sessions is not None and conn.identity is not None:
+            self.sessions.closed(conn)  # its channels are final: nothing is subscribed once it is not open
 
     def on_closed(self, conn) -> None:
         if conn.identity is None:
@@ -123,6 +142,10 @@ class ClientProtocol:
         names = _channel_list(conn, data)
         if names is None:
             return
+        last = data.get("last", False)
+        if not isinstance(last, bool):
+            conn.send_now(error_frame(Error.INVALID_DATA, '"last" must be true or false'))
+            return
         allowed = []
         for name in names:
             refusal = channel_rules.refusal(conn, name)
@@ -143,6 +166,37 @@ class ClientProtocol:
                 channel=name,
                 code=refusal,
             )
+        if last and self.last_values is not None:
+            # The last values are in the store: fetch them in a greenlet, and hold this
+            # connection's later messages until this one is answered.
+            conn.backlog = []
+            conn.defer(self._subscribe_with_last, conn, allowed)
+            return
+        self._take(conn, allowed, {})
+
+    def _subscribe_with_last(self, conn, names: list[str]) -> None:
+        """Deferred (may wait): fetch each channel's last value, then subscribe and answer."""
+        assert self.last_values is not None
+        found = self.last_values.fetch(names)  # waits on the store
+        if conn.state == "open":
+            # No pause from here until SUBSCRIBED: the newest value is chosen and sent before any
+            # live frame of these channels can be, so a last value never follows a newer one.
+            self._take(conn, names, self.last_values.settle(found))
+        self._answer_backlog(conn)
+
+    def _answer_backlog(self, conn) -> None:
+        waiting, conn.backlog = conn.backlog or [], None
+        for index, text in enumerate(waiting):
+            if conn.state != "open":
+                return
+            self._handle(conn, text)
+            if conn.backlog is not None:  # that one waits on the store too: the rest wait behind it
+                conn.backlog.extend(waiting[index + 1 :])
+                return
+
+    def _take(self, conn, allowed: list[str], last: dict) -> None:
+        """Subscribe to already-authorized channels, send the last values of the new ones, answer SUBSCRIBED."""
+        before = set(conn.channels)
         taken, over = self.hub.subscribe(conn, allowed, self.max_subscriptions)
         for name in over:
             conn.push(
@@ -152,15 +206,27 @@ class ClientProtocol:
                     channel=name,
                 )
             )
+        for name in taken:
+            envelope = last.get(name)
+            if name not in before and envelope is not None and self._admits(conn, envelope):
+                conn.push(envelope.last_frame())
         if taken:
             event("ws.subscribe", clientId=conn.id, userId=conn.user_id, channels=taken)
+            if self.sessions is not None:
+                self.sessions.changed(conn)
         conn.send_now(encode("SUBSCRIBED", {"channels": taken}))
+
+    @staticmethod
+    def _admits(conn, envelope) -> bool:
+        return envelope.filter.admits(conn.user_id, conn.role, conn.clinic_id, conn.channels)
 
     def _unsubscribe(self, conn, data) -> None:
         names = _channel_list(conn, data)
         if names is None:
             return
         removed = self.hub.unsubscribe(conn, names)
+        if removed and self.sessions is not None:
+            self.sessions.changed(conn)
         conn.send_now(encode("UNSUBSCRIBED", {"channels": removed}))
 
     # -- limits ----------------------------------------------------------------------

@@ -19,9 +19,11 @@ heartbeat, with an expiry, so any worker can answer ``/health`` for the whole
 cluster. Workers that Redis no longer sees connected are left out at once.
 
 Pub/sub is at-most-once: what is published while a worker's listener is
-reconnecting does not reach that worker's clients (it is reported as
-``missing``). Clients that need every message should re-read state after
-reconnecting.
+reconnecting does not reach that worker's listener (the sender reports it as
+``missing``). With recovery on (the default), every broadcast is in the history
+before it is published, and each worker's sequencer fills what its listener
+missed from there, in order (``relay.sequencer``): the worker's clients still
+get it, a little late. Only with recovery off is that gap a loss.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 import gevent
 from gevent.event import Event
 
-from .broker import BrokerUnavailable, Deliver, Delivery, Stats
+from .broker import BrokerUnavailable, Deliver, Delivery, Resync, Stats
 from .config import ConfigError
 from .envelope import Envelope
 from .eventlog import event
@@ -80,7 +82,7 @@ def check_reachable(url: str, timeout: float = 3.0) -> None:
         raise ConfigError(f"Redis at REDIS_URL={redacted(url)} is unreachable: {problem}") from None
 
 
-def _not_started(envelope: Envelope) -> int:
+def _not_started(envelope: Envelope):
     raise BrokerUnavailable("the broker has not been started")
 
 
@@ -133,6 +135,7 @@ class RedisBroker:
         self._subscriber = redis.Redis.from_url(url, socket_timeout=None, client_name=self.client_name, **options)
         self._deliver: Deliver = _not_started
         self._stats: Stats = dict
+        self._resync: Resync | None = None
         self._waiters: dict[str, _Waiter] = {}
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = False
@@ -143,8 +146,8 @@ class RedisBroker:
 
     # -- the Broker interface ---------------------------------------------------------
 
-    def start(self, deliver: Deliver, stats: Stats) -> None:
-        self._deliver, self._stats = deliver, stats
+    def start(self, deliver: Deliver, stats: Stats, resync: Resync | None = None) -> None:
+        self._deliver, self._stats, self._resync = deliver, stats, resync
         self._greenlets = [gevent.spawn(self._listen), gevent.spawn(self._beat)]
 
     def publish(self, envelope: Envelope) -> Delivery:
@@ -161,11 +164,15 @@ class RedisBroker:
             except (redis.RedisError, OSError) as problem:
                 self._failed(problem)
                 raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
-            local = self._deliver(envelope)
+            pending = self._deliver(envelope)
             others = max(0, receivers - (1 if listening else 0))
             waiter.expect(others)
             if others:
                 waiter.done.wait(self.reply_timeout)
+            try:  # usually done already; else it waits (bounded) for the broadcasts before it to arrive
+                local = pending.get(timeout=self.reply_timeout)
+            except gevent.Timeout:
+                local = 0
             return Delivery(delivered=local + waiter.total, workers=1 + waiter.replies, missing=others - waiter.replies)
         finally:
             del self._waiters[envelope.id]
@@ -226,6 +233,8 @@ class RedisBroker:
                 self._await_subscribed(pubsub)
                 if not self._listening:
                     event("redis.listening", channel=self.channel, worker=self.worker_id)
+                    if self._resync is not None:
+                        gevent.spawn(self._resync)  # what was published while we were away
                 self._listening, backoff = True, 0.1
                 self._pump(pubsub)
             except (redis.RedisError, OSError) as problem:
@@ -284,11 +293,23 @@ class RedisBroker:
         except (ValueError, KeyError, TypeError, AttributeError) as problem:
             log.warning("ignored a malformed message on %s: %s", channel, problem)
             return
-        delivered = self._deliver(envelope)
+        pending = self._deliver(envelope)
+        if pending.ready():
+            self._reply(reply_to, envelope.id, pending.get())
+        else:  # waiting for the broadcasts before it: answer when it is out, without holding up the listener
+            gevent.spawn(self._reply_when_delivered, reply_to, envelope.id, pending)
+
+    def _reply_when_delivered(self, reply_to: str, envelope_id: str, pending) -> None:
         try:
-            self._client.publish(
-                reply_to, json.dumps({"id": envelope.id, "worker": self.worker_id, "delivered": delivered})
-            )
+            delivered = pending.get(timeout=self.reply_timeout)
+        except gevent.Timeout:
+            return  # the sender has stopped waiting: it counts this worker as missing
+        self._reply(reply_to, envelope_id, delivered)
+
+    def _reply(self, reply_to: str, envelope_id: str, delivered: int) -> None:
+        doc = json.dumps({"id": envelope_id, "worker": self.worker_id, "delivered": delivered})
+        try:
+            self._client.publish(reply_to, doc)
         except (redis.RedisError, OSError) as problem:
             self._failed(problem)  # the sender will count this worker as missing
 

@@ -2,7 +2,13 @@
 
 One :class:`Realtime` per process. The Flask layer reaches it through
 ``current_app.extensions["realtime"]`` and calls three things on it: mint a
-token, admit a socket, send a broadcast.
+token, admit (or resume) a socket, send a broadcast.
+
+With recovery on (``WS_RECOVERY_WINDOW_MS`` > 0, the default) a broadcast
+goes: Broadcaster → History (its offset) → Broker → Sequencer (offset order)
+→ Hub; a resume goes through Recovery (``relay.recovery``); sessions are kept
+by the SessionKeeper. With it off, the Broker hands envelopes to the Hub
+directly, as before offsets existed.
 
 Building one has no side effects (no greenlet, no connection): the serving
 process calls :meth:`Realtime.start` once, after gevent has patched it
@@ -17,30 +23,49 @@ import resource
 import secrets
 import socket
 import time
+from typing import Any, cast
+
+import gevent
+from gevent.event import AsyncResult
 
 from . import __version__
-from .broadcast import Broadcaster, BroadcastRequest
-from .broker import Broker, BrokerUnavailable, Delivery, MemoryBroker
+from . import channels as channel_rules
+from .broadcast import Broadcaster, BroadcastRequest, Receipt
+from .broker import Broker, BrokerUnavailable, MemoryBroker, Pending
 from .codes import Close
 from .config import Settings
 from .connection import Connection
-from .directory import Directory, DirectoryUnavailable
+from .directory import Directory, DirectoryUnavailable, Identity
 from .envelope import Envelope
 from .eventlog import event
+from .history import History, HistoryUnavailable
 from .hub import Hub
+from .lastvalues import LastValues
 from .outbox import Outbox
-from .protocol import ClientProtocol, encode
+from .protocol import ClientProtocol, encode, error_frame
+from .recovery import Prepared, Recovery, ResumeRequest
+from .sequencer import Sequencer
+from .sessions import SessionKeeper
 from .sqlite_directory import SqliteDirectory
+from .sqlite_history import SqliteHistory
 from .tokens import TokenError, TokenService
 
 log = logging.getLogger("relay.service")
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_SUBSCRIPTIONS = 100
+TRIM_INTERVAL = 5.0  # seconds between history trims
 
 
 class Realtime:
-    def __init__(self, settings: Settings, *, directory: Directory | None = None, broker: Broker | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        directory: Directory | None = None,
+        broker: Broker | None = None,
+        history: History | None = None,
+    ):
         self.settings = settings
         self.started_at = time.time()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -49,27 +74,104 @@ class Realtime:
         self.directory = directory or _make_directory(settings)
         self.hub = Hub(max_clients=settings.max_clients, ping_interval=settings.ping_interval_ms / 1000)
         self.outbox = Outbox()
-        self.protocol = ClientProtocol(self.hub, max_subscriptions=MAX_SUBSCRIPTIONS)
+        self.history = history or (_make_history(settings) if settings.recovery else None)
+        self.sequencer = Sequencer(self.hub.deliver, self._fetch, on_reset=self._stream_reset)
+        self.sessions: SessionKeeper | None = None
+        last_values: LastValues | None = None
+        if self.history is not None:
+            self.sessions = SessionKeeper(self.history, window_ms=settings.recovery_window_ms)
+            last_values = LastValues(self.history, self.sequencer, ttl_ms=settings.last_value_ttl_ms)
+        self.recovery = Recovery(
+            self.history, self.sequencer, self.sessions, max_messages=settings.recovery_max_messages
+        )
+        self.protocol = ClientProtocol(
+            self.hub, max_subscriptions=MAX_SUBSCRIPTIONS, sessions=self.sessions, last_values=last_values
+        )
         self.broker = broker or _make_broker(settings, self.worker_id)
-        self.broadcaster = Broadcaster(self.broker)
+        self.broadcaster = Broadcaster(self.broker, self.history)
         self.started = False
+        self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> None:
-        """Begin serving: the broker's listener and the keep-alive greenlet. Idempotent."""
+        """Begin serving: the broker's listener, the keep-alive, the session keeper, the trimmer. Idempotent."""
         if self.started:
             return
         self.started = True
-        self.broker.start(self.hub.deliver, self.hub.stats)
+        self._prime()
+        self.broker.start(self._deliver, self.hub.stats, self._resync)
         self.hub.start()
+        if self.sessions is not None:
+            self.sessions.start()
+            self._greenlets.append(gevent.spawn(self._trim_forever))
+
+    # -- the stream ---------------------------------------------------------------------
+
+    def _prime(self) -> bool:
+        """Start the sequencer at the stream's head (once; retried at the next admission if the store is down)."""
+        if self.history is None or self.sequencer.primed:
+            return True
+        try:
+            epoch, head = self.history.head()
+        except HistoryUnavailable as down:
+            log.warning("the history is unavailable at start: %s", down)
+            return False
+        self.sequencer.prime(epoch, head)
+        return True
+
+    def _deliver(self, envelope: Envelope) -> Pending:
+        """The broker's way in: through the sequencer when the envelope has a place in the stream."""
+        if envelope.offset is not None:
+            return self.sequencer.offer(envelope)
+        done = AsyncResult()
+        done.set(self.hub.deliver(envelope))
+        return done
+
+    def _fetch(self, after: int, limit: int) -> list[Envelope]:
+        return self.history.read(after, limit) if self.history is not None else []
+
+    def _resync(self) -> None:
+        """A listener is back after an outage: deliver what it missed, from the history."""
+        if self.history is None:
+            return
+        try:
+            epoch, head = self.history.head()
+            if epoch != self.sequencer.epoch:
+                self.sequencer.restart(epoch, head)
+            self.sequencer.catch_up()
+        except HistoryUnavailable as down:
+            log.warning("catch-up after a listener outage failed: %s", down)
+
+    def _stream_reset(self, epoch: str) -> None:
+        """The stream's history was lost: no position a client holds is valid any more; let them all resync."""
+        closed = self.hub.close_all(Close.SERVICE_RESTART, "stream reset")
+        event("stream.reset", level="error", epoch=epoch, clients=len(closed))
+
+    def _trim_forever(self) -> None:
+        while True:
+            gevent.sleep(TRIM_INTERVAL)
+            try:
+                assert self.history is not None
+                self.history.trim(int(time.time() * 1000))
+            except Exception as problem:
+                log.warning("trimming the history failed: %s", problem)
 
     # -- sockets ------------------------------------------------------------------
 
-    def open_socket(self, sock, token: str | None, remote: str | None = None, pending: bytes = b"") -> Connection:
-        """Admit (or refuse) a socket whose upgrade has been answered.
+    def open_socket(
+        self,
+        sock,
+        token: str | None,
+        remote: str | None = None,
+        pending: bytes = b"",
+        resume: ResumeRequest | str | None = None,
+    ) -> Connection:
+        """Admit (or refuse) a socket whose upgrade has been answered; ``resume`` restores a session.
 
-        Returns at once either way: an admitted connection lives on the event
-        loop from here; a refused one is closed with a code the browser can
-        act on (4401 new token, 4403 give up, 1012/1013 retry, 1011 our bug).
+        Runs in the upgrade request's greenlet, so it may wait (the identity
+        lookup, the session and the missed broadcasts). An admitted connection
+        lives on the event loop from here; a refused one is closed with a code
+        the browser can act on (4401 new token, 4403 give up, 1012/1013 retry,
+        1011 our bug).
         """
         conn = Connection(
             sock,
@@ -80,7 +182,7 @@ class Realtime:
             close_timeout=self.settings.close_timeout_ms / 1000,
         )
         try:
-            self._admit(conn, token, remote, pending)
+            self._admit(conn, token, remote, pending, resume)
         except Exception:
             # The 101 is already on the wire: a bug here must still end in a close code, not a hang.
             log.exception("admitting a socket failed")
@@ -88,7 +190,14 @@ class Realtime:
             conn.reject(Close.INTERNAL_ERROR, "internal error")
         return conn
 
-    def _admit(self, conn: Connection, token: str | None, remote: str | None, pending: bytes) -> None:
+    def _admit(
+        self,
+        conn: Connection,
+        token: str | None,
+        remote: str | None,
+        pending: bytes,
+        resume: ResumeRequest | str | None,
+    ) -> None:
         if self.hub.draining:
             conn.reject(Close.SERVICE_RESTART, "service restart")
             return
@@ -133,10 +242,48 @@ class Realtime:
             return
 
         conn.identify(identity)
+        if self.history is not None and not self._prime():
+            conn.reject(Close.TRY_AGAIN_LATER, "history unavailable")
+            return
+        outcome = self._prepare_resume(conn, resume) if resume is not None else None
+
+        # From here to conn.start(): no pause, so the replay ends exactly where live delivery begins.
+        replay: list[Envelope] = []
+        if isinstance(outcome, Prepared):
+            settled = outcome.replay(
+                self.sequencer,
+                lambda flt: flt.admits(conn.user_id, conn.role, conn.clinic_id, outcome.channels),
+                self.settings.recovery_max_messages,
+            )
+            if isinstance(settled, str):
+                outcome = settled
+            else:
+                replay = settled
+        hello: dict = {"clientId": conn.id, "userId": user_id}
+        if self.history is not None:
+            hello.update(epoch=self.sequencer.epoch, offset=self.sequencer.position)
+        if isinstance(outcome, Prepared):
+            hello.update(recovered=True, channels=outcome.channels)
+        elif outcome is not None:
+            hello.update(recovered=False, reason=outcome)
         # CONNECTED is queued before the hub can see the connection: it is always the first frame.
-        conn.push(encode("CONNECTED", {"clientId": conn.id, "userId": user_id}))
+        conn.push(encode("CONNECTED", hello))
         self.hub.add(conn)
+        if isinstance(outcome, Prepared):
+            for name, code in outcome.refused:
+                conn.push(error_frame(code, f"you may no longer subscribe to {name!r}", channel=name))
+            self.hub.subscribe(conn, outcome.channels, MAX_SUBSCRIPTIONS)
+            conn.push_owed([envelope.frame() for envelope in replay])
+        if self.sessions is not None:
+            self.sessions.opened(conn)
+            if isinstance(outcome, Prepared):
+                self.sessions.resumed(outcome.session.client_id)
         conn.start(pending)
+        resumed: dict[str, object] = {}
+        if resume is not None:
+            resumed.update(recovered=isinstance(outcome, Prepared), replayed=len(replay))
+        if resume is not None and not isinstance(outcome, Prepared):
+            resumed["reason"] = outcome
         event(
             "ws.connect",
             clientId=conn.id,
@@ -144,22 +291,60 @@ class Realtime:
             role=identity.role,
             clinicId=identity.clinic_id,
             remote=remote,
+            **cast(dict[str, Any], resumed),  # cast: mypy cannot tell these keys from event()'s "level"
+        )
+        if resume is not None:
+            self.recovery.count(outcome)
+
+    def _prepare_resume(self, conn: Connection, resume: ResumeRequest | str) -> Prepared | str:
+        if isinstance(resume, str):
+            return resume
+        return self.recovery.prepare(
+            resume,
+            str(conn.user_id),
+            refusal=lambda name: channel_rules.refusal(conn, name),
+            admits=lambda flt, names: flt.admits(conn.user_id, conn.role, conn.clinic_id, names),
         )
 
-    def broadcast(self, request: BroadcastRequest, *, source: str) -> tuple[Envelope, Delivery]:
+    def broadcast(self, request: BroadcastRequest, *, source: str, scope: str, key: str | None = None) -> Receipt:
         """Publish a validated broadcast. Raises BrokerUnavailable, also while this worker drains
-        (its sockets are closing: the caller should retry, and a load balancer will pick another worker)."""
+        (its sockets are closing: the caller should retry, and a load balancer will pick another worker),
+        and IdempotencyConflict."""
         if self.hub.draining:
             raise BrokerUnavailable("this worker is restarting; retry in a moment")
-        return self.broadcaster.send(request, source=source)
+        return self.broadcaster.send(request, source=source, scope=scope, key=key)
+
+    def last_value(self, channel: str, identity: Identity) -> Envelope | None:
+        """The latest broadcast to ``channel`` meant for ``identity`` (for pages that render it at once)."""
+        if self.history is None:
+            return None
+        try:
+            found = self.history.last_values([channel], self.settings.last_value_ttl_ms).get(channel)
+        except HistoryUnavailable:
+            return None
+        admitted = found is not None and found.filter.admits(
+            identity.user_id, identity.role, identity.clinic_id, [channel]
+        )
+        return found if admitted else None
 
     def drain(self, reason: str = "service restart") -> bool:
-        """Close every socket with 1012 and refuse new ones (worker shutdown)."""
+        """Close every socket with 1012 and refuse new ones (worker shutdown); sessions are saved first."""
         event("drain.start", clients=len(self.hub))
-        done = self.hub.drain(Close.SERVICE_RESTART, reason, self.settings.drain_timeout_ms / 1000)
+        done = self.hub.drain(
+            Close.SERVICE_RESTART, reason, self.settings.drain_timeout_ms / 1000, closing=self._save_sessions
+        )
         self.broker.close()  # leave the cluster view at once rather than when the heartbeat expires
         event("drain.done", complete=done, clients=len(self.hub))
         return done
+
+    def _save_sessions(self) -> None:
+        """Write every session now, so that a client reconnecting to the next worker can resume."""
+        if self.sessions is None:
+            return
+        try:
+            self.sessions.flush()
+        except Exception as problem:
+            log.error("sessions could not be saved before exit: %s", problem)
 
     # -- health ---------------------------------------------------------------------
 
@@ -208,6 +393,26 @@ class Realtime:
             "outbox": self.outbox.status(),
             "broker": broker,
             "identity": identity,
+            "stream": self._stream_status(),
+            "recoveries": self.recovery.status(),
+        }
+
+    def _stream_status(self) -> dict:
+        """The stream as /health shows it: the store's view, and how far this worker has delivered."""
+        if self.history is None:
+            return {"enabled": False}
+        try:
+            stored = self.history.status()
+        except HistoryUnavailable as down:
+            stored = {"kind": self.history.name, "state": "degraded", "lastError": str(down)}
+        keeper = self.sessions.status() if self.sessions is not None else {}
+        return {
+            "enabled": True,
+            **stored,
+            "delivered": self.sequencer.position,
+            "skipped": self.sequencer.skipped,
+            "windowMs": self.settings.recovery_window_ms,
+            "sessions": {"stored": stored.get("sessions"), **keeper},
         }
 
 
@@ -265,3 +470,20 @@ def _rss_bytes() -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _make_history(settings: Settings) -> History:
+    if not settings.redis_url:
+        return SqliteHistory(
+            settings.history_db_path,
+            window_ms=settings.recovery_window_ms,
+            last_value_ttl_ms=settings.last_value_ttl_ms,
+        )
+    from .redis_history import RedisHistory  # needs the optional redis package
+
+    return RedisHistory(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        window_ms=settings.recovery_window_ms,
+        last_value_ttl_ms=settings.last_value_ttl_ms,
+    )

@@ -110,7 +110,7 @@ def web(browser, request):
             page.click("button[type=submit]")
             page.wait_for_url(srv.url + "/")
         if path != "/" or login is None:
-            page.goto(srv.url + path)
+            page.goto(path if path.startswith("about:") else srv.url + path)
         return page
 
     yield open_as

@@ -365,3 +365,82 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Resumer:
+    """A client that remembers where it was and resumes there, as realtime.js does.
+
+    ``received`` keeps every broadcast in arrival order (duplicates included,
+    so that a test can see them); ``offset`` is the last one processed.
+    """
+
+    def __init__(self, srv: Server, user_id: str, channels: list[str] | None = None):
+        self.srv, self.user_id, self.channels = srv, user_id, channels or []
+        self.client_id: str | None = None
+        self.epoch: str | None = None
+        self.offset: int | None = None
+        self.received: list[dict] = []
+        self.ws = None
+
+    def connect(self, *, resuming: bool = True, **params) -> dict:
+        """Open a socket (resuming where it was, if it has been connected before); returns CONNECTED's data.
+
+        ``params`` are added to (or replace) the query: ``offset="-1"`` sends a bad one.
+        """
+        url = f"{self.srv.ws_url}?token={quote(self.srv.token(self.user_id), safe='')}"
+        if resuming and self.client_id is not None:
+            params = {"resume": self.client_id, "epoch": self.epoch, "offset": self.offset, **params}
+        url += "".join(f"&{key}={quote(str(value), safe='')}" for key, value in params.items())
+        self.ws = connect(url, open_timeout=10, close_timeout=2, max_size=2**22)
+        hello = json.loads(self.ws.recv(timeout=10))
+        assert hello["type"] == "CONNECTED", hello
+        data = hello["data"]
+        self.client_id, self.epoch = data["clientId"], data.get("epoch")
+        if not data.get("recovered"):
+            self.offset = data.get("offset")
+            if self.channels:
+                self.ws.send(json.dumps({"type": "SUBSCRIBE", "data": {"channels": self.channels}}))
+                self._until("SUBSCRIBED")
+        return data
+
+    def _until(self, type_: str, timeout: float = 5) -> dict:
+        while True:
+            message = json.loads(self.ws.recv(timeout=timeout))
+            if message["type"] == type_:
+                return message
+            self._take(message)
+
+    def _take(self, message: dict) -> None:
+        if "offset" in message and not message.get("last"):
+            self.received.append(message)
+            self.offset = message["offset"]
+
+    def read(self, quiet: float = 0.5, limit: int = 100_000) -> list[dict]:
+        """Broadcasts until nothing arrives for ``quiet`` seconds; returns the ones read now."""
+        start = len(self.received)
+        try:
+            for _ in range(limit):
+                self._take(json.loads(self.ws.recv(timeout=quiet)))
+        except (TimeoutError, ConnectionClosed):
+            pass
+        return self.received[start:]
+
+    def drop(self) -> None:
+        """Lose the connection without a goodbye (a Wi-Fi drop): the TCP connection just ends."""
+        try:
+            self.ws.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the server closed it already
+        self.ws.recv_events_thread.join(5)  # the client library sees the end by itself, and cleans up
+
+    @property
+    def closed(self) -> bool:
+        return self.ws is None or self.ws.protocol.state.name == "CLOSED"
+
+    def close(self) -> None:
+        if self.ws is not None:
+            self.ws.close()
+
+    @property
+    def ids(self) -> list[str]:
+        return [message["id"] for message in self.received]

@@ -12,7 +12,14 @@
 // Every message is also re-emitted on document.body as DOM events
 // `realtime:message` and `realtime:<TYPE>` (detail = the message), so HTMX can
 // react without custom JS: hx-trigger="realtime:QUEUE_UPDATE from:body".
-
+//
+// Nothing is lost across a reconnect: the client remembers its clientId, the
+// stream's epoch and the offset of the last broadcast it processed, and
+// resumes with them; the server replays what it missed, in order. When the
+// server cannot (`recovered: false`: the window passed, the store was lost),
+// the client subscribes again and dispatches `realtime:resync`, so a page
+// refetches what it shows. `subscribe(names, {last: true})` asks for the latest
+// message of each channel on every (re)subscription.
 //
 // Status: connecting → open → reconnecting (lost, retrying) | offline (the
 // browser is offline) | unauthorized (signed out, or the server refuses us) |
@@ -83,6 +90,9 @@ export class RealtimeClient {
     this.status = "idle";
     this.ws = null;
     this.refs = new Map(); // channel -> number of subscribers on the page
+    this.wantsLast = new Set(); // channels subscribed with {last: true}
+    this.position = null; // {clientId, epoch, offset}: where to resume from, once connected
+    this.resyncListeners = new Set();
     this.messageListeners = new Set();
     this.statusListeners = new Set();
     this.attempt = 0; // consecutive failed attempts, for backoff
@@ -129,15 +139,21 @@ export class RealtimeClient {
     this._setStatus(status);
   }
 
-  /** Subscribe to channels; each call must be matched by one unsubscribe. */
-  subscribe(names) {
+  /**
+   * Subscribe to channels; each call must be matched by one unsubscribe.
+   * `{last: true}`: the server first sends the latest message of each channel
+   * (within its last-value TTL), marked `last: true`, and does so again after
+   * every resync.
+   */
+  subscribe(names, { last = false } = {}) {
     const fresh = [];
     for (const name of names) {
       const count = this.refs.get(name) || 0;
       this.refs.set(name, count + 1);
+      if (last) this.wantsLast.add(name);
       if (count === 0) fresh.push(name);
     }
-    if (fresh.length) this.send({ type: "SUBSCRIBE", data: { channels: fresh } });
+    this._sendSubscribe(fresh);
   }
 
   unsubscribe(names) {
@@ -147,6 +163,7 @@ export class RealtimeClient {
       if (count <= 1) {
         if (count === 1) gone.push(name);
         this.refs.delete(name);
+        this.wantsLast.delete(name);
       } else {
         this.refs.set(name, count - 1);
       }
@@ -171,6 +188,12 @@ export class RealtimeClient {
   onMessage(listener) {
     this.messageListeners.add(listener);
     return () => this.messageListeners.delete(listener);
+  }
+
+  /** Called after the server could not replay what was missed: refetch what the page shows. */
+  onResync(listener) {
+    this.resyncListeners.add(listener);
+    return () => this.resyncListeners.delete(listener);
   }
 
   onStatus(listener) {
@@ -214,7 +237,10 @@ export class RealtimeClient {
 
     let ws;
     try {
-      ws = new WebSocket(`${auth.wsUrl}?token=${encodeURIComponent(auth.token)}`);
+      let url = `${auth.wsUrl}?token=${encodeURIComponent(auth.token)}`;
+      const at = this.position;
+      if (at) url += `&resume=${encodeURIComponent(at.clientId)}&epoch=${encodeURIComponent(at.epoch)}&offset=${at.offset}`;
+      ws = new WebSocket(url);
     } catch (error) {
       return this._retry();
     }
@@ -241,8 +267,12 @@ export class RealtimeClient {
       this.restarts = 0;
       this.everOpened = true;
       this._setStatus("open");
-      if (this.refs.size) this.send({ type: "SUBSCRIBE", data: { channels: [...this.refs.keys()] } });
       this._startWatchdog();
+      this._connected(message.data || {});
+    } else if (typeof message.offset === "number" && this.position && !message.last) {
+      // A broadcast: each is processed once, in offset order (a last value is an old one, resent on purpose).
+      if (message.offset <= this.position.offset) return;
+      this.position.offset = message.offset;
     }
     if (message.type === "PONG") return;
     for (const listener of this.messageListeners) {
@@ -255,6 +285,38 @@ export class RealtimeClient {
     const target = this.options.target || document.body;
     target.dispatchEvent(new CustomEvent("realtime:message", { detail: message }));
     target.dispatchEvent(new CustomEvent(`realtime:${message.type}`, { detail: message }));
+  }
+
+  _connected(data) {
+    const asked = this.position !== null;
+    if (typeof data.epoch !== "string" || typeof data.offset !== "number") {
+      this.position = null; // this server keeps no history: nothing to resume
+    } else if (data.recovered === true) {
+      // Restored: the missed broadcasts follow, then live ones. Keep our offset until they arrive.
+      this.position = { clientId: data.clientId, epoch: data.epoch, offset: this.position.offset };
+      const restored = new Set(data.channels || []);
+      this._sendSubscribe([...this.refs.keys()].filter((name) => !restored.has(name)));
+      const extra = [...restored].filter((name) => !this.refs.has(name)); // dropped while we were away
+      if (extra.length) this.send({ type: "UNSUBSCRIBE", data: { channels: extra } });
+      return;
+    } else {
+      this.position = { clientId: data.clientId, epoch: data.epoch, offset: data.offset };
+    }
+    this._sendSubscribe([...this.refs.keys()]);
+    if (asked) {
+      // What happened while we were away could not be replayed: every page must refetch its state.
+      if (data.reason) console.info(`realtime: not recovered (${data.reason}); resynchronising`);
+      for (const listener of this.resyncListeners) listener(data);
+      const target = this.options.target || document.body;
+      target.dispatchEvent(new CustomEvent("realtime:resync", { detail: data }));
+    }
+  }
+
+  _sendSubscribe(names) {
+    const last = names.filter((name) => this.wantsLast.has(name));
+    const plain = names.filter((name) => !this.wantsLast.has(name));
+    if (plain.length) this.send({ type: "SUBSCRIBE", data: { channels: plain } });
+    if (last.length) this.send({ type: "SUBSCRIBE", data: { channels: last, last: true } });
   }
 
   _onSocketClose(ws, event) {

@@ -111,7 +111,7 @@ function attach(rt, element) {
   if (subscribed.has(element) || !element.isConnected) return;
   const names = channelsOf(element);
   subscribed.set(element, names);
-  rt.subscribe(names);
+  rt.subscribe(names, { last: element.dataset.realtimeLast === "true" });
 }
 
 function detach(rt, element) {
@@ -146,10 +146,28 @@ const rt = getClient(clientOptions(document.body));
 window.realtime = rt; // handy in the console
 rt.onStatus(showStatus);
 rt.subscribe([channels.system.announcements]);
+// Announcements come one at a time, or many at once when missed ones are replayed after a
+// reconnect: more than a few within a moment collapse into one summary toast.
+const TOAST_BURST = 3;
+const TOAST_GATHER_MS = 300;
+let arriving = [];
+function announce(message) {
+  arriving.push(message);
+  if (arriving.length > 1) return;
+  setTimeout(() => {
+    const batch = arriving;
+    arriving = [];
+    if (batch.length <= TOAST_BURST) {
+      for (const m of batch) toast("Announcement", messageText(m.data), m.data && m.data.at);
+      return;
+    }
+    const latest = batch[batch.length - 1];
+    const item = toast(`${batch.length} announcements`, `Latest: ${messageText(latest.data)}`, latest.data && latest.data.at);
+    if (item) item.classList.add("toast-summary");
+  }, TOAST_GATHER_MS);
+}
 rt.onMessage((message) => {
-  if (message.type === "ANNOUNCEMENT") {
-    toast("Announcement", messageText(message.data), message.data && message.data.at);
-  }
+  if (message.type === "ANNOUNCEMENT") announce(message);
 });
 passMessagesToHtmx();
 watchSubscribers(rt);

@@ -189,7 +189,7 @@ def test_tokens_that_keep_failing_back_off_then_end_in_unauthorized(site, web):
         stale = site.token("bob", timestamp=int(time.time() * 1000) - 3_600_000)
         route.fulfill(json={"wsUrl": site.ws_url, "token": stale, "userId": "bob"})
 
-    page = web(site, "bob", "/login")
+    page = web(site, "bob", "about:blank")  # signed in, on a page with no socket of its own
     page.route("**/api/ws/auth", always_expired)
     opened: list[float] = []
     page.on("websocket", lambda ws: opened.append(time.monotonic()))

@@ -86,14 +86,14 @@ def test_a_body_of_exactly_64_kib_is_accepted_and_one_byte_more_is_refused(serve
     assert over.status_code == 400 and over.json()["error"]["code"] == "body_too_large"
 
 
-def test_delivered_message_is_type_and_data_exactly_plus_an_id(server: Server):
+def test_delivered_message_is_type_and_data_exactly_plus_an_id_and_an_offset(server: Server):
     data = {"message": "<b>hello</b> ✓", "nested": {"list": [1, 2.5, None, True]}, "at": "2025-11-03T10:00:00Z"}
     with server.connect("bob", ["clinic:clinic-1:queue"]) as bob:
         result = server.broadcast(
             {"message": {"type": "QUEUE_UPDATE", "data": data}, "filter": {"channels": ["clinic:clinic-1:queue"]}}
         ).json()
         got = bob.expect("QUEUE_UPDATE")
-    assert got == {"type": "QUEUE_UPDATE", "data": data, "id": result["id"]}
+    assert got == {"type": "QUEUE_UPDATE", "data": data, "id": result["id"], "offset": result["offset"]}
     assert result["ok"] is True and result["delivered"] == 1
 
 

@@ -87,7 +87,9 @@ def test_two_instances_sharing_one_redis_behave_as_one(tmp_path, redis_server, c
         host_b.stop()
 
 
-def test_redis_restart_degrades_then_recovers_without_restarting_gunicorn(start_server, redis_server):
+def test_redis_restart_degrades_then_recovers_without_restarting_gunicorn_and_a_lost_stream_resyncs(
+    start_server, redis_server
+):
     srv = start_server(REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=200)
     worker_pid = srv.health()["pid"]
     clients = [srv.connect(user, ["system:announcements"]) for user in USERS]
@@ -113,6 +115,14 @@ def test_redis_restart_degrades_then_recovers_without_restarting_gunicorn(start_
     )
     assert early.status_code == 503 or early.json()["workers"] == 1, early.text
     assert wait_for(lambda: srv.health()["status"] == "ok", timeout=20)
+    probe = {"message": {"type": "PROBE", "data": {}}, "filter": {"userIds": ["nobody"]}}
+    assert wait_for(lambda: srv.broadcast(probe).status_code == 200, timeout=20)
+    # This Redis came back without its data: a new stream. Positions in the old one mean nothing, so every
+    # socket is told to come back (and its client to refetch) rather than left receiving unknown offsets.
+    for client in clients:
+        assert client.closed_with() == (1012, "stream reset")
+    srv.wait_for_event("stream.reset")
+    clients = [srv.connect(user, ["system:announcements"]) for user in USERS]
     result = srv.announce("after")
     assert result["delivered"] == 4
     for client in clients:

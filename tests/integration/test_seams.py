@@ -40,7 +40,8 @@ def test_broker_delivers_once_to_exactly_the_filtered_clients(broker_server):
         }
     ).json()
     assert (result["delivered"], result["workers"], result["missingWorkers"]) == (1, 1, 0)
-    assert bob.expect("QUEUE_UPDATE") == {"type": "QUEUE_UPDATE", "data": {"n": 1}, "id": result["id"]}
+    expected = {"type": "QUEUE_UPDATE", "data": {"n": 1}, "id": result["id"], "offset": result["offset"]}
+    assert bob.expect("QUEUE_UPDATE") == expected
     assert carol.nothing_within(0.2) and erin.nothing_within(0.05) and bob.nothing_within(0.05)
     health = srv.health()
     assert health["broker"]["kind"] == srv.kind and health["broker"]["state"] == "ok"

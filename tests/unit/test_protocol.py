@@ -21,6 +21,7 @@ class FakeConn:
         self.channels: set[str] = set()
         self.rate_tokens = 0.0
         self.rate_at = 0.0
+        self.backlog = None
         self.state = "open"
         self.sent: list[dict] = []
         self.closed: tuple[int, str] | None = None

@@ -1,0 +1,243 @@
+"""RedisHistory: the delivery guarantee's memory in Redis, shared by every worker and host.
+
+Keys (all under ``{prefix}:``):
+
+- ``stream:meta``: a hash, ``epoch`` and ``head`` (the last offset);
+- ``stream``: a Redis Stream, one entry per broadcast, ID ``<offset>-0``,
+  fields ``at`` and ``e`` (the envelope); trimmed to the window by time, and
+  to ``max_entries`` whatever the rate;
+- ``last:<channel>``: ``<offset> <at> <envelope>`` of the latest broadcast to
+  that channel, expiring after the last-value TTL;
+- ``idem:<key>``: the first request's place (and, once known, its answer),
+  expiring after the window;
+- ``session:<client id>``: ``{"user", "channels"}``, expiring the window after
+  the client left.
+
+An append is one Lua script, so the offset is assigned, the entry written,
+the last values and the idempotency key set atomically: a broadcast answered
+200 is in the stream even if its worker dies the next instant. When the meta
+hash is gone (Redis flushed, restarted without persistence), the script
+starts a new epoch, and every offset of the old one is refused on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+from .envelope import Envelope
+from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError:  # pragma: no cover - RedisBroker says which package to install first
+    pass
+
+# KEYS: meta, stream, idem ('' for none)   ARGV: new_epoch, at, envelope, maxlen, last_prefix, last_ttl_ms,
+#       idem_ttl_ms, digest, envelope_id, channel...
+_APPEND = """
+local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'epoch', epoch, 'head', 0)
+end
+if idem ~= '' then
+  local previous = redis.call('GET', idem)
+  if previous then return {'previous', epoch, previous} end
+end
+local offset = redis.call('HINCRBY', meta, 'head', 1)
+redis.call('XADD', stream, 'MAXLEN', '~', ARGV[4], offset .. '-0', 'at', ARGV[2], 'e', ARGV[3])
+for i = 10, #ARGV do
+  redis.call('SET', ARGV[5] .. ARGV[i], offset .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[6])
+end
+if idem ~= '' then
+  redis.call('SET', idem, '{"digest":"' .. ARGV[8] .. '","id":"' .. ARGV[9] .. '","offset":' .. offset .. '}',
+             'PX', ARGV[7])
+end
+return {'appended', epoch, tostring(offset)}
+"""
+
+# KEYS: idem   ARGV: digest, answer json, ttl_ms
+_COMPLETE = """
+local previous = redis.call('GET', KEYS[1])
+if not previous then return 0 end
+local record = cjson.decode(previous)
+if record['digest'] ~= ARGV[1] then return 0 end
+record['answer'] = cjson.decode(ARGV[2])
+redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
+return 1
+"""
+
+
+class RedisHistory:
+    """History in Redis (see the module docstring). Every call is one or a few round trips."""
+
+    name = "redis"
+
+    def __init__(self, url: str, *, prefix: str, window_ms: int, last_value_ttl_ms: int, max_entries: int = 200_000):
+        self.window_ms = window_ms
+        self.last_value_ttl_ms = last_value_ttl_ms
+        self.max_entries = max_entries
+        self.meta = f"{prefix}:stream:meta"
+        self.stream = f"{prefix}:stream"
+        self.last_prefix = f"{prefix}:last:"
+        self.idem_prefix = f"{prefix}:idem:"
+        self.session_prefix = f"{prefix}:session:"
+        # No hidden retries: an outage must surface as a 503 at once, not as a slow request.
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+        )
+        self._append = self._client.register_script(_APPEND)
+        self._complete = self._client.register_script(_COMPLETE)
+
+    # -- the stream ---------------------------------------------------------------------
+
+    def head(self) -> tuple[str, int]:
+        epoch, head = self._call(self._client.hmget, self.meta, "epoch", "head")
+        if epoch is None:
+            # Nothing appended yet in this Redis: claim the epoch now so that CONNECTED can name it.
+            self._call(self._client.hsetnx, self.meta, "epoch", secrets.token_hex(8))
+            self._call(self._client.hsetnx, self.meta, "head", 0)
+            epoch, head = self._call(self._client.hmget, self.meta, "epoch", "head")
+        return epoch.decode(), int(head or 0)
+
+    def append(self, envelope: Envelope, *, idempotency: Idempotency | None = None) -> Appended | Previous:
+        stored = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=False)
+        keys = [self.meta, self.stream, self.idem_prefix + idempotency.key if idempotency else ""]
+        args = [
+            secrets.token_hex(8),
+            envelope.at,
+            stored,
+            self.max_entries,
+            self.last_prefix,
+            self.last_value_ttl_ms,
+            self.window_ms,
+            idempotency.digest if idempotency else "",
+            envelope.id,
+            *sorted(envelope.filter.channels),
+        ]
+        kind, epoch, value = self._call(self._append, keys=keys, args=args)
+        if kind == b"previous":
+            assert idempotency is not None
+            return self._previous_of(epoch.decode(), value, idempotency)
+        return Appended(epoch.decode(), int(value))
+
+    def complete(self, idempotency: Idempotency, answer: dict) -> None:
+        self._call(
+            self._complete, keys=[self.idem_prefix + idempotency.key], args=[idempotency.digest, json.dumps(answer)]
+        )
+
+    def previous(self, idempotency: Idempotency) -> Previous | None:
+        raw = self._call(self._client.get, self.idem_prefix + idempotency.key)
+        if raw is None:
+            return None
+        epoch, _ = self.head()
+        return self._previous_of(epoch, raw, idempotency)
+
+    def read(self, after: int, limit: int) -> list[Envelope]:
+        epoch, _ = self.head()
+        entries = self._call(self._client.xrange, self.stream, f"{after + 1}-0", "+", count=limit)
+        return [
+            Envelope.from_json(json.loads(fields[b"e"]), offset=int(entry_id.split(b"-")[0]), epoch=epoch)
+            for entry_id, fields in entries
+        ]
+
+    def oldest(self) -> int | None:
+        first = self._call(self._client.xrange, self.stream, "-", "+", count=1)
+        return int(first[0][0].split(b"-")[0]) if first else None
+
+    def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, Envelope]:
+        if not channels:
+            return {}
+        epoch, _ = self.head()
+        raws = self._call(self._client.mget, [self.last_prefix + channel for channel in channels])
+        oldest = int(time.time() * 1000) - max_age_ms
+        found = {}
+        for channel, raw in zip(channels, raws, strict=True):
+            if raw is None:
+                continue
+            offset, at, text = raw.split(b" ", 2)
+            if int(at) >= oldest:
+                found[channel] = Envelope.from_json(json.loads(text), offset=int(offset), epoch=epoch)
+        return found
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def save_sessions(self, sessions: list[Session], expires_at_ms: int) -> None:
+        if not sessions:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for session in sessions:
+            doc = json.dumps({"user": session.user_id, "channels": list(session.channels)})
+            pipe.set(self.session_prefix + session.client_id, doc, pxat=expires_at_ms)
+        self._call(pipe.execute)
+
+    def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:
+        if not client_ids:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for client_id in client_ids:
+            pipe.pexpireat(self.session_prefix + client_id, expires_at_ms)
+        self._call(pipe.execute)
+
+    def load_session(self, client_id: str) -> Session | None:
+        raw = self._call(self._client.get, self.session_prefix + client_id)
+        if raw is None:
+            return None
+        doc = json.loads(raw)
+        return Session(client_id, doc["user"], tuple(doc["channels"]))
+
+    def delete_sessions(self, client_ids: list[str]) -> None:
+        if client_ids:
+            self._call(self._client.delete, *(self.session_prefix + c for c in client_ids))
+
+    # -- upkeep -----------------------------------------------------------------------------
+
+    def trim(self, now_ms: int) -> int:
+        """Drop stream entries older than the window, a few hundred at a time (keys expire on their own)."""
+        cutoff = now_ms - self.window_ms
+        dropped = 0
+        for _ in range(20):  # bounded: at most 20 x 500 entries per call; the next call goes on
+            entries = self._call(self._client.xrange, self.stream, "-", "+", count=500)
+            expired = [entry_id for entry_id, fields in entries if int(fields[b"at"]) < cutoff]
+            if not expired:
+                break
+            if len(expired) < len(entries):
+                self._call(self._client.xtrim, self.stream, minid=entries[len(expired)][0], approximate=False)
+            else:
+                last = int(expired[-1].split(b"-")[0])
+                self._call(self._client.xtrim, self.stream, minid=f"{last + 1}-0", approximate=False)
+            dropped += len(expired)
+            if len(expired) < len(entries):
+                break
+        return dropped
+
+    def status(self) -> dict:
+        epoch, head = self.head()
+        retained = self._call(self._client.xlen, self.stream)
+        first = self._call(self._client.xrange, self.stream, "-", "+", count=1)
+        oldest = {"offset": int(first[0][0].split(b"-")[0]), "at": int(first[0][1][b"at"])} if first else None
+        return {"kind": self.name, "state": "ok", "epoch": epoch, "head": head, "retained": retained, "oldest": oldest}
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (redis.RedisError, OSError) as problem:
+            raise HistoryUnavailable(f"Redis is unreachable ({problem})") from None
+
+    @staticmethod
+    def _previous_of(epoch: str, raw: bytes, idempotency: Idempotency) -> Previous:
+        record = json.loads(raw)
+        if record["digest"] != idempotency.digest:
+            raise IdempotencyConflict("this Idempotency-Key was first used with a different broadcast")
+        return Previous(epoch, int(record["offset"]), record["id"], record.get("answer"))

@@ -1,0 +1,133 @@
+"""This worker's client sessions, kept in the history store so that a client can resume them.
+
+A session is what a resume restores: whose it is and what it was subscribed
+to. The protocol only marks a session as changed (an in-memory set: frame
+handlers run in event-loop callbacks and must not wait); the keeper's
+greenlet writes the changes in batches every ``flush_interval``, and keeps
+the live ones from expiring. So:
+
+- a session lives ``window`` after its client left, whatever the reason: a
+  network drop, a keep-alive timeout, a drain on SIGHUP or SIGTERM (the drain
+  flushes before the worker exits);
+- a session of a worker that was killed outright lives at least ``window``
+  after the kill, because live sessions are always written to expire
+  ``window + refresh`` ahead and refreshed every ``refresh``; only the
+  subscription changes of its last ``flush_interval`` are lost, and the
+  browser client re-subscribes whatever the restored session lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+
+from .history import History, Session
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+log = logging.getLogger("relay.sessions")
+BATCH = 1000  # rows per write, with a pause between batches so other greenlets run
+
+
+class SessionKeeper:
+    def __init__(self, store: History, *, window_ms: int, flush_interval: float = 0.25, refresh_ms: int | None = None):
+        self.store = store
+        self.window_ms = window_ms
+        self.refresh_ms = refresh_ms if refresh_ms is not None else max(1000, min(30_000, window_ms // 4))
+        self.flush_interval = flush_interval
+        self._live: dict[str, Connection] = {}
+        self._changed: set[str] = set()
+        self._ended: dict[str, Session] = {}
+        self._forget: list[str] = []
+        self._greenlet: gevent.Greenlet | None = None
+        self.errors = 0
+
+    # -- what the protocol tells us (in-memory only: safe from event-loop callbacks) -------------
+
+    def opened(self, conn: Connection) -> None:
+        self._live[conn.id] = conn
+        self._changed.add(conn.id)
+
+    def changed(self, conn: Connection) -> None:
+        if conn.id in self._live:
+            self._changed.add(conn.id)
+
+    def closed(self, conn: Connection) -> None:
+        if self._live.pop(conn.id, None) is not None:
+            self._changed.discard(conn.id)
+            self._ended[conn.id] = self._session_of(conn)
+
+    def pending(self, client_id: str) -> Session | None:
+        """What this worker knows of a session that may not be in the store yet (ended here, or still open)."""
+        ended = self._ended.get(client_id)
+        if ended is not None:
+            return ended
+        conn = self._live.get(client_id)
+        return self._session_of(conn) if conn is not None else None
+
+    def resumed(self, client_id: str) -> None:
+        """A session was restored into a new connection: it may not be restored twice."""
+        self._forget.append(client_id)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def flush(self) -> None:
+        """Write every pending change now (the drain calls this before the worker exits).
+
+        If the store fails, what was pending stays pending for the next try.
+        """
+        now = int(time.time() * 1000)
+        changed, self._changed = self._changed, set()
+        ended, self._ended = self._ended, {}
+        forget, self._forget = self._forget, []
+        live = [self._session_of(self._live[c]) for c in changed if c in self._live]
+        try:
+            for start in range(0, len(live), BATCH):
+                self.store.save_sessions(live[start : start + BATCH], now + self.window_ms + 2 * self.refresh_ms)
+                gevent.sleep(0)
+            rows = list(ended.values())
+            for start in range(0, len(rows), BATCH):
+                self.store.save_sessions(rows[start : start + BATCH], now + self.window_ms)
+                gevent.sleep(0)
+            self.store.delete_sessions(forget)
+        except Exception:
+            self._changed |= {c for c in changed if c in self._live}
+            self._ended = {**ended, **self._ended}
+            self._forget = forget + self._forget
+            raise
+
+    @staticmethod
+    def _session_of(conn: Connection) -> Session:
+        return Session(conn.id, str(conn.user_id), tuple(sorted(conn.channels)))
+
+    def refresh(self) -> None:
+        """Push every live session's expiry ahead (their connections are still open)."""
+        expires = int(time.time() * 1000) + self.window_ms + 2 * self.refresh_ms
+        ids = list(self._live)
+        for start in range(0, len(ids), BATCH):
+            self.store.touch_sessions(ids[start : start + BATCH], expires)
+            gevent.sleep(0)
+
+    def _run(self) -> None:
+        next_refresh = time.monotonic() + self.refresh_ms / 1000
+        while True:
+            gevent.sleep(self.flush_interval)
+            try:
+                self.flush()
+                if time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + self.refresh_ms / 1000
+                    self.refresh()
+            except Exception as problem:  # the store is down: keep what is pending, try again
+                self.errors += 1
+                log.warning("sessions not saved yet: %s", problem)
+
+    def status(self) -> dict:
+        return {"live": len(self._live), "pending": len(self._changed) + len(self._ended), "errors": self.errors}

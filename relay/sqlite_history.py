@@ -1,0 +1,271 @@
+"""SqliteHistory: the delivery guarantee's memory in one SQLite file (the embedded default).
+
+WAL mode with ``synchronous=NORMAL``: a commit survives the process being
+killed the next instant (it is in the WAL file), which is the promise for a
+broadcast answered 200; only a power cut can lose the last commits. One
+process serves at a time in the embedded mode, plus, during a reload, the
+draining one; SQLite's own locking orders their writes.
+
+The epoch is made when the file is: a deleted or replaced file is a new
+epoch, so offsets from the old one are never trusted. Offsets come from an
+``AUTOINCREMENT`` key, so they are never reused, even after trimming.
+
+Calls are short (tens of microseconds) and run inline in the calling
+greenlet: never from an event-loop callback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+
+from .envelope import Envelope
+from .history import Appended, Idempotency, IdempotencyConflict, Previous, Session
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS history (
+    offset   INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       INTEGER NOT NULL,
+    envelope TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS last_values (
+    channel  TEXT PRIMARY KEY,
+    offset   INTEGER NOT NULL,
+    at       INTEGER NOT NULL,
+    envelope TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key         TEXT PRIMARY KEY,
+    digest      TEXT NOT NULL,
+    envelope_id TEXT NOT NULL,
+    offset      INTEGER NOT NULL,
+    answer      TEXT,
+    expires_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    client_id  TEXT PRIMARY KEY,
+    user_id    TEXT NOT NULL,
+    channels   TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_at ON history (at);
+CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at);
+"""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class SqliteHistory:
+    """History in SQLite (see the module docstring). Safe to share between greenlets (one connection, one lock)."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str, *, window_ms: int, last_value_ttl_ms: int, max_entries: int = 200_000):
+        self.path = path
+        self.window_ms = window_ms
+        self.last_value_ttl_ms = last_value_ttl_ms
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._epoch: str | None = None
+
+    # -- the stream ---------------------------------------------------------------------
+
+    def head(self) -> tuple[str, int]:
+        with self._lock:
+            db = self._conn()
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
+            return self._epoch_of(db), int(row[0]) if row else 0
+
+    def append(self, envelope: Envelope, *, idempotency: Idempotency | None = None) -> Appended | Previous:
+        now = _now_ms()
+        stored = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=False)
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                epoch = self._epoch_of(db)
+                if idempotency is not None:
+                    previous = self._previous(db, idempotency, now)
+                    if previous is not None:
+                        db.execute("COMMIT")
+                        return previous
+                offset = db.execute("INSERT INTO history (at, envelope) VALUES (?, ?)", (envelope.at, stored)).lastrowid
+                assert offset is not None
+                db.executemany(
+                    "INSERT INTO last_values (channel, offset, at, envelope) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (channel) DO UPDATE SET offset = excluded.offset, at = excluded.at,"
+                    " envelope = excluded.envelope WHERE excluded.offset > last_values.offset",
+                    [(channel, offset, envelope.at, stored) for channel in envelope.filter.channels],
+                )
+                if idempotency is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO idempotency (key, digest, envelope_id, offset, answer, expires_at)"
+                        " VALUES (?, ?, ?, ?, NULL, ?)",
+                        (idempotency.key, idempotency.digest, envelope.id, offset, now + self.window_ms),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return Appended(epoch, offset)
+
+    def complete(self, idempotency: Idempotency, answer: dict) -> None:
+        with self._lock:
+            self._conn().execute(
+                "UPDATE idempotency SET answer = ? WHERE key = ? AND digest = ?",
+                (json.dumps(answer), idempotency.key, idempotency.digest),
+            )
+
+    def previous(self, idempotency: Idempotency) -> Previous | None:
+        with self._lock:
+            return self._previous(self._conn(), idempotency, _now_ms())
+
+    def read(self, after: int, limit: int) -> list[Envelope]:
+        with self._lock:
+            db = self._conn()
+            epoch = self._epoch_of(db)
+            rows = db.execute(
+                "SELECT offset, envelope FROM history WHERE offset > ? ORDER BY offset LIMIT ?", (after, limit)
+            ).fetchall()
+        return [Envelope.from_json(json.loads(text), offset=offset, epoch=epoch) for offset, text in rows]
+
+    def oldest(self) -> int | None:
+        with self._lock:
+            row = self._conn().execute("SELECT MIN(offset) FROM history").fetchone()
+        return row[0] if row and row[0] is not None else None
+
+    def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, Envelope]:
+        if not channels:
+            return {}
+        marks = ",".join("?" * len(channels))
+        with self._lock:
+            db = self._conn()
+            epoch = self._epoch_of(db)
+            rows = db.execute(
+                f"SELECT channel, offset, envelope FROM last_values WHERE channel IN ({marks}) AND at >= ?",
+                (*channels, _now_ms() - max_age_ms),
+            ).fetchall()
+        return {ch: Envelope.from_json(json.loads(text), offset=offset, epoch=epoch) for ch, offset, text in rows}
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def save_sessions(self, sessions: list[Session], expires_at_ms: int) -> None:
+        if not sessions:
+            return
+        rows = [(s.client_id, s.user_id, json.dumps(list(s.channels)), expires_at_ms) for s in sessions]
+        with self._lock:
+            db = self._conn()
+            with db:
+                db.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)", rows)
+
+    def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:
+        if not client_ids:
+            return
+        with self._lock:
+            db = self._conn()
+            with db:
+                db.executemany(
+                    "UPDATE sessions SET expires_at = ? WHERE client_id = ?", [(expires_at_ms, c) for c in client_ids]
+                )
+
+    def load_session(self, client_id: str) -> Session | None:
+        with self._lock:
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT user_id, channels FROM sessions WHERE client_id = ? AND expires_at > ?",
+                    (client_id, _now_ms()),
+                )
+                .fetchone()
+            )
+        return Session(client_id, row[0], tuple(json.loads(row[1]))) if row else None
+
+    def delete_sessions(self, client_ids: list[str]) -> None:
+        if not client_ids:
+            return
+        with self._lock:
+            db = self._conn()
+            with db:
+                db.executemany("DELETE FROM sessions WHERE client_id = ?", [(c,) for c in client_ids])
+
+    # -- upkeep -----------------------------------------------------------------------------
+
+    def trim(self, now_ms: int) -> int:
+        with self._lock:
+            db = self._conn()
+            with db:
+                dropped = db.execute("DELETE FROM history WHERE at < ?", (now_ms - self.window_ms,)).rowcount
+                head = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
+                if head:  # the count bound, whatever the rate
+                    dropped += db.execute(
+                        "DELETE FROM history WHERE offset <= ?", (head[0] - self.max_entries,)
+                    ).rowcount
+                db.execute("DELETE FROM last_values WHERE at < ?", (now_ms - self.last_value_ttl_ms,))
+                db.execute("DELETE FROM idempotency WHERE expires_at < ?", (now_ms,))
+                db.execute("DELETE FROM sessions WHERE expires_at < ?", (now_ms,))
+        return dropped
+
+    def status(self) -> dict:
+        with self._lock:
+            db = self._conn()
+            epoch = self._epoch_of(db)
+            count, first, first_at = db.execute(
+                "SELECT COUNT(*), MIN(offset), (SELECT at FROM history ORDER BY offset LIMIT 1) FROM history"
+            ).fetchone()
+            head = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
+            sessions = db.execute("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (_now_ms(),)).fetchone()[0]
+        return {
+            "kind": self.name,
+            "state": "ok",
+            "path": self.path,
+            "epoch": epoch,
+            "head": int(head[0]) if head else 0,
+            "retained": count,
+            "oldest": {"offset": first, "at": first_at} if first is not None else None,
+            "sessions": sessions,
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(SCHEMA)
+            # The epoch is born with the file: the first process to get here writes it.
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
+            self._db = db
+        return self._db
+
+    def _epoch_of(self, db: sqlite3.Connection) -> str:
+        if self._epoch is None:
+            self._epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+        return self._epoch
+
+    def _previous(self, db: sqlite3.Connection, idempotency: Idempotency, now: int) -> Previous | None:
+        row = db.execute(
+            "SELECT digest, envelope_id, offset, answer FROM idempotency WHERE key = ? AND expires_at > ?",
+            (idempotency.key, now),
+        ).fetchone()
+        if row is None:
+            return None
+        if row[0] != idempotency.digest:
+            raise IdempotencyConflict("this Idempotency-Key was first used with a different broadcast")
+        return Previous(self._epoch_of(db), row[2], row[1], json.loads(row[3]) if row[3] else None)

@@ -1,0 +1,115 @@
+"""The delivery guarantee in the browser: nothing missed across a Wi-Fi drop or a deploy, and the queue at once."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from playwright.sync_api import expect
+from support import Server, wait_for
+
+QUEUE = "clinic:clinic-1:queue"
+
+
+def wait_live(page, timeout: int = 20_000) -> None:
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "open", timeout=timeout)
+
+
+def queue_update(srv: Server, *names: str) -> dict:
+    entries = [{"number": n, "name": name} for n, name in enumerate(names, 1)]
+    response = srv.broadcast(
+        {"message": {"type": "QUEUE_UPDATE", "data": {"queue": entries}}, "filter": {"channels": [QUEUE]}}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def announce(srv: Server, text: str) -> dict:
+    body = {
+        "message": {"type": "ANNOUNCEMENT", "data": {"message": text}},
+        "filter": {"channels": ["system:announcements"]},
+    }
+    for _ in range(200):  # through a reload: 503 while the old worker drains, refused while the new one boots
+        try:
+            response = srv.broadcast(body, headers={"Idempotency-Key": "toast-" + text.replace(" ", "-")})
+        except Exception:
+            response = None
+        if response is not None and response.status_code == 200:
+            return response.json()
+        time.sleep(0.05)
+    raise AssertionError("the announcement was never accepted")
+
+
+@pytest.fixture
+def site(start_server):
+    return start_server(WS_CLOSE_TIMEOUT_MS=500)
+
+
+def test_a_queue_page_shows_the_current_queue_at_once_when_opened_or_reloaded(site, web):
+    queue_update(site, "Somchai", "Malee")  # nobody is looking yet
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    items = page.locator("#queue ol.queue li")
+    expect(items).to_have_count(2)  # rendered by the server: there before the socket is open
+    expect(items.nth(1)).to_contain_text("Malee")
+    wait_live(page)
+    queue_update(site, "Somchai", "Malee", "Niran")
+    expect(items).to_have_count(3)
+    page.reload()
+    expect(items).to_have_count(3)
+    expect(items.nth(2)).to_contain_text("Niran")
+    without_js = web(site, "bob", "/clinics/clinic-1/queue", javascript=False)
+    expect(without_js.locator("#queue ol.queue li")).to_have_count(3)
+
+
+def test_announcements_missed_offline_and_through_a_deploy_appear_as_toasts(site, web):
+    page = web(site, "bob")
+    wait_live(page)
+    page.evaluate("window.__same_page = true")
+    page.context.set_offline(True)  # the clinic's Wi-Fi drops...
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    old = site.health()["pid"]
+    site.proc.send_signal(signal.SIGHUP)  # ...while a deploy happens
+    assert wait_for(lambda: site.health()["pid"] != old, timeout=30)
+    missed = announce(site, "Flu vaccines have arrived")
+    assert missed["delivered"] == 0  # nobody was connected: it can only arrive by replay
+    page.context.set_offline(False)
+    wait_live(page)
+    toast = page.locator("#toasts .toast-text")
+    expect(toast).to_have_text("Flu vaccines have arrived")
+    assert page.evaluate("window.__same_page") is True  # no reload: the socket resumed
+
+
+def test_many_missed_announcements_collapse_into_one_summary_toast(site, web):
+    page = web(site, "bob")
+    wait_live(page)
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    for n in range(5):
+        announce(site, f"notice {n}")
+    page.context.set_offline(False)
+    summary = page.locator("#toasts .toast")
+    expect(summary).to_have_count(1)
+    expect(summary.locator("strong")).to_have_text("5 announcements")
+    expect(summary.locator(".toast-text")).to_have_text("Latest: notice 4")
+
+
+def test_when_nothing_can_be_replayed_the_page_resyncs_and_shows_the_current_queue(site, web):
+    queue_update(site, "Before")
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    page.evaluate("window.__resyncs = 0; document.body.addEventListener('realtime:resync', () => window.__resyncs++)")
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    site.stop()
+    for suffix in ("", "-wal", "-shm"):  # the history is lost: a new epoch
+        (site.workdir / "instance" / f"history.db{suffix}").unlink(missing_ok=True)
+    again = Server(site.workdir, site.env_overrides, port=site.port).start()
+    try:
+        queue_update(again, "After", "the", "loss")  # sent while the page was away
+        page.context.set_offline(False)
+        wait_live(page)
+        expect(page.locator("#queue ol.queue li")).to_have_count(3)  # the page asked for the last value again
+        assert page.evaluate("window.__resyncs") == 1
+    finally:
+        again.stop()

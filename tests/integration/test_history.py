@@ -1,0 +1,174 @@
+"""The history seam, one contract: SqliteHistory and RedisHistory (a real redis-server) behave the same."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from relay.envelope import Envelope, Filter
+from relay.history import Appended, Idempotency, IdempotencyConflict, Previous, Session
+from relay.redis_history import RedisHistory
+from relay.sqlite_history import SqliteHistory
+
+WINDOW = 60_000
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make(request, tmp_path):
+    """``make(**options)``: a fresh store of the kind under test (a second call: the same store, reopened)."""
+    made = []
+
+    def build(window_ms: int = WINDOW, last_value_ttl_ms: int = 3_600_000, max_entries: int = 200_000):
+        if request.param == "sqlite":
+            store = SqliteHistory(
+                str(tmp_path / "history.db"),
+                window_ms=window_ms,
+                last_value_ttl_ms=last_value_ttl_ms,
+                max_entries=max_entries,
+            )
+        else:
+            server = getattr(request, "_redis", None) or request.getfixturevalue("redis_server")
+            request._redis = server
+            store = RedisHistory(
+                server.url,
+                prefix="t",
+                window_ms=window_ms,
+                last_value_ttl_ms=last_value_ttl_ms,
+                max_entries=max_entries,
+            )
+        made.append(store)
+        return store
+
+    build.kind = request.param
+    yield build
+    for store in made:
+        store.close()
+
+
+def envelope(n: int, *, channels=("system:announcements",), at: int | None = None, **flt) -> Envelope:
+    return Envelope(
+        "ANNOUNCEMENT",
+        {"n": n},
+        Filter(channels=frozenset(channels), **{k: frozenset(v) for k, v in flt.items()}),
+        **({"at": at} if at is not None else {}),
+    )
+
+
+def test_offsets_are_strictly_increasing_in_one_epoch_and_the_head_follows(make):
+    store = make()
+    epoch, head = store.head()
+    assert head == 0 and epoch
+    placed = [store.append(envelope(n)) for n in range(5)]
+    assert all(isinstance(p, Appended) and p.epoch == epoch for p in placed)
+    assert [p.offset for p in placed] == [1, 2, 3, 4, 5]
+    assert store.head() == (epoch, 5)
+
+
+def test_read_returns_whole_envelopes_after_an_offset_in_order(make):
+    store = make()
+    sent = [envelope(n, user_ids=["bob"]) for n in range(4)]
+    for e in sent:
+        store.append(e)
+    got = store.read(1, 10)
+    assert [e.offset for e in got] == [2, 3, 4]
+    assert [(e.id, e.data, e.filter) for e in got] == [(e.id, e.data, e.filter) for e in sent[1:]]
+    assert got[0].frame() == sent[1].placed(got[0].epoch, 2).frame()  # byte for byte the live frame
+    assert [e.offset for e in store.read(0, 2)] == [1, 2] and store.read(4, 10) == []
+    assert store.oldest() == 1
+
+
+def test_last_values_keep_the_newest_per_channel_and_respect_their_age(make):
+    store = make()
+    store.append(envelope(1, channels=["clinic:c-1:queue", "clinic:c-2:queue"]))
+    store.append(envelope(2, channels=["clinic:c-1:queue"]))
+    store.append(envelope(3, channels=["system:announcements"]))
+    last = store.last_values(["clinic:c-1:queue", "clinic:c-2:queue", "clinic:c-9:queue"], 60_000)
+    assert {name: e.data["n"] for name, e in last.items()} == {"clinic:c-1:queue": 2, "clinic:c-2:queue": 1}
+    assert last["clinic:c-1:queue"].offset == 2
+    store.append(envelope(4, channels=["clinic:c-3:queue"], at=int(time.time() * 1000) - 120_000))
+    assert store.last_values(["clinic:c-3:queue"], 60_000) == {}  # older than asked for
+
+
+def test_an_idempotency_key_appends_once_and_gives_the_first_answer(make):
+    store = make()
+    key = Idempotency.of("api", "k-1", "ANNOUNCEMENT", {"n": 1}, {})
+    first = store.append(envelope(1), idempotency=key)
+    assert isinstance(first, Appended)
+    again = store.append(envelope(1), idempotency=key)
+    assert isinstance(again, Previous) and again.offset == first.offset and again.answer is None
+    store.complete(key, {"ok": True, "delivered": 3, "id": again.envelope_id, "offset": first.offset})
+    assert store.previous(key).answer["delivered"] == 3
+    assert store.append(envelope(1), idempotency=key).answer["delivered"] == 3
+    assert store.head()[1] == first.offset  # nothing more was appended
+    other = Idempotency.of("api", "k-1", "ANNOUNCEMENT", {"n": 2}, {})  # same key, another broadcast
+    with pytest.raises(IdempotencyConflict):
+        store.append(envelope(2), idempotency=other)
+    scoped = Idempotency.of("admin:alice", "k-1", "ANNOUNCEMENT", {"n": 1}, {})  # same key, someone else
+    assert isinstance(store.append(envelope(1), idempotency=scoped), Appended)
+
+
+def test_sessions_are_saved_loaded_extended_and_forgotten(make):
+    store = make()
+    now = int(time.time() * 1000)
+    store.save_sessions([Session("c-1", "bob", ("a", "b")), Session("c-2", "carol", ())], now + 60_000)
+    assert store.load_session("c-1") == Session("c-1", "bob", ("a", "b"))
+    store.save_sessions([Session("c-3", "erin", ("x",))], now + 300)
+    store.touch_sessions(["c-2"], now + 300)
+    time.sleep(0.5)
+    assert store.load_session("c-3") is None and store.load_session("c-2") is None  # expired
+    assert store.load_session("c-1") is not None
+    store.delete_sessions(["c-1"])
+    assert store.load_session("c-1") is None and store.load_session("nobody") is None
+
+
+def test_trim_drops_broadcasts_older_than_the_window_and_keeps_the_rest(make):
+    store = make(window_ms=1000)
+    old = int(time.time() * 1000) - 5000
+    for n in range(3):
+        store.append(envelope(n, at=old))
+    store.append(envelope(9))
+    assert store.trim(int(time.time() * 1000)) == 3
+    assert [e.offset for e in store.read(0, 10)] == [4] and store.oldest() == 4
+    assert store.head()[1] == 4  # offsets are never reused after a trim
+    assert isinstance(store.append(envelope(10)), Appended) and store.head()[1] == 5
+
+
+def test_the_count_bound_holds_whatever_the_rate(make):
+    store = make(max_entries=5)
+    for n in range(30):
+        store.append(envelope(n))
+    store.trim(int(time.time() * 1000))
+    assert len(store.read(0, 100)) <= 10  # Redis trims approximately (MAXLEN ~); both stay bounded
+
+
+def test_status_reports_the_stream(make):
+    store = make()
+    store.append(envelope(1))
+    status = store.status()
+    assert status["kind"] == make.kind and status["head"] == 1 and status["retained"] == 1
+    assert status["oldest"]["offset"] == 1 and status["epoch"] == store.head()[0]
+
+
+def test_a_lost_store_is_a_new_epoch(make, tmp_path):
+    store = make()
+    store.append(envelope(1))
+    epoch, _ = store.head()
+    store.close()
+    if make.kind == "sqlite":
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"history.db{suffix}").unlink(missing_ok=True)
+    else:
+        import redis
+
+        redis.Redis.from_url(_url_of(store)).flushall()
+    again = make()
+    new_epoch, head = again.head()
+    assert new_epoch != epoch and head == 0
+    placed = again.append(envelope(2))
+    assert placed.epoch == new_epoch and placed.offset == 1
+
+
+def _url_of(store) -> str:
+    kwargs = store._client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"

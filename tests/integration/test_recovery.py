@@ -1,0 +1,392 @@
+"""The delivery guarantee over a real gunicorn: offsets, resume, refusals, restarts, idempotency, last values."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import requests
+from support import Resumer, Server, make_users, wait_for
+
+from relay.recovery import Reason
+
+ANN = "system:announcements"
+Q1 = "clinic:clinic-1:queue"
+
+
+def publish(srv: Server, text: str, key: str | None = None, **flt) -> requests.Response:
+    headers = {"Idempotency-Key": key} if key else None
+    return srv.broadcast(
+        {"message": {"type": "ANNOUNCEMENT", "data": {"message": text}}, "filter": flt}, headers=headers
+    )
+
+
+def sent(srv: Server, text: str, **flt) -> dict:
+    response = publish(srv, text, **flt)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# -- positions on the wire ----------------------------------------------------------------
+
+
+def test_offsets_are_on_every_frame_on_connected_and_in_the_answer(server: Server):
+    bob = Resumer(server, "bob", [ANN])
+    hello = bob.connect()
+    assert isinstance(hello["epoch"], str) and isinstance(hello["offset"], int) and "recovered" not in hello
+    first, second = sent(server, "one", channels=[ANN]), sent(server, "two", channels=[ANN])
+    assert first["epoch"] == hello["epoch"] and second["offset"] > first["offset"] > hello["offset"]
+    got = bob.read()
+    assert [(m["id"], m["offset"]) for m in got] == [(first["id"], first["offset"]), (second["id"], second["offset"])]
+    assert set(got[0]) == {"type", "data", "id", "offset"}
+    bob.close()
+
+
+# -- resume -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def site(start_server):
+    return start_server(WS_CLOSE_TIMEOUT_MS=500)
+
+
+def test_a_dropped_connection_gets_exactly_what_it_missed_of_every_filter_kind_then_live_ones(site):
+    bob = Resumer(site, "bob", [ANN, Q1])
+    bob.connect()
+    before = sent(site, "before", channels=[ANN])
+    bob.read()
+    bob.drop()
+    missed = [
+        sent(site, "to everyone"),
+        sent(site, "by channel", channels=[Q1]),
+        sent(site, "by user", userIds=["bob"]),
+        sent(site, "by clinic", clinicIds=["clinic-1"]),
+        sent(site, "by role", roles=["sales_staff"]),
+        sent(site, "by channel and clinic", channels=[ANN], clinicIds=["clinic-1"]),
+    ]
+    not_for_bob = [
+        sent(site, "other user", userIds=["carol"]),
+        sent(site, "other clinic", clinicIds=["clinic-2"]),
+        sent(site, "other role", roles=["admin"]),
+        sent(site, "a channel bob does not hold", channels=["system:maintenance"]),
+    ]
+    hello = bob.connect()
+    assert hello["recovered"] is True and sorted(hello["channels"]) == sorted([ANN, Q1])
+    live = sent(site, "live after the resume", channels=[ANN])
+    got = bob.read()
+    assert [m["id"] for m in got] == [m["id"] for m in missed] + [live["id"]]  # all, in order, nothing else
+    assert [m["offset"] for m in got] == sorted(m["offset"] for m in got)
+    assert not {m["id"] for m in not_for_bob} & set(bob.ids)
+    assert bob.ids.count(before["id"]) == 1  # nothing from before the drop came twice
+    assert site.health()["recoveries"]["recovered"] == 1
+    bob.close()
+
+
+def test_the_restored_channels_are_subscribed_again_without_asking(site):
+    bob = Resumer(site, "bob", [Q1])
+    bob.connect()
+    bob.drop()
+    bob.connect()
+    bob.ws.send('{"type": "PING"}')
+    result = sent(site, "queue moved", channels=[Q1])
+    assert result["delivered"] == 1 and bob.read()[-1]["id"] == result["id"]
+    bob.close()
+
+
+def test_another_users_session_is_never_restored(site):
+    bob = Resumer(site, "bob", [Q1])
+    bob.connect()
+    bob.drop()
+    thief = Resumer(site, "carol")  # carol, holding bob's client id, epoch and offset
+    thief.client_id, thief.epoch, thief.offset = bob.client_id, bob.epoch, bob.offset
+    sent(site, "for clinic 1", channels=[Q1])
+    hello = thief.connect()
+    assert (hello["recovered"], hello["reason"]) == (False, Reason.NO_SESSION)
+    assert thief.read(quiet=0.3) == []
+    assert bob.connect()["recovered"] is True  # still bob's to resume
+    thief.close()
+    bob.close()
+
+
+@pytest.mark.parametrize(
+    "params,reason",
+    [
+        ({"epoch": "not-this-epoch"}, Reason.EPOCH),
+        ({"offset": "-1"}, Reason.INVALID),
+        ({"offset": "99999999"}, Reason.INVALID),
+        ({"resume": "00000000-0000-4000-8000-000000000000"}, Reason.NO_SESSION),
+        ({"resume": "not a client id"}, Reason.INVALID),
+    ],
+    ids=["wrong-epoch", "bad-offset", "future-offset", "unknown-session", "bad-session"],
+)
+def test_a_resume_that_cannot_be_honoured_says_why_and_restores_nothing(site, params, reason):
+    bob = Resumer(site, "bob", [ANN])
+    bob.connect()
+    bob.drop()
+    site.wait_clients(0)
+    bob.channels = []  # this time, do not subscribe again: see that the server restored nothing
+    hello = bob.connect(**params)
+    assert hello["recovered"] is False and hello["reason"] == reason and "channels" not in hello
+    assert sent(site, "nobody subscribed", channels=[ANN])["delivered"] == 0  # nothing was restored
+    assert site.health()["recoveries"]["notRecovered"][reason] == 1
+    bob.close()
+
+
+def test_too_many_missed_is_not_recovered(start_server):
+    srv = start_server(WS_RECOVERY_MAX_MESSAGES=3)
+    bob = Resumer(srv, "bob", [ANN])
+    bob.connect()
+    bob.drop()
+    for n in range(4):
+        sent(srv, f"missed {n}", channels=[ANN])
+    assert bob.connect()["reason"] == Reason.TOO_MANY
+    bob.drop()
+    for n in range(3):
+        sent(srv, f"missed again {n}", channels=[ANN])
+    assert bob.connect()["recovered"] is True and len(bob.read()) == 3  # three is still fine
+    bob.close()
+
+
+def test_after_the_window_the_session_is_gone(start_server):
+    srv = start_server(WS_RECOVERY_WINDOW_MS=1500)
+    bob = Resumer(srv, "bob", [ANN])
+    bob.connect()
+    bob.drop()
+    sent(srv, "missed", channels=[ANN])
+    time.sleep(2.5)
+    assert bob.connect()["reason"] == Reason.NO_SESSION
+
+
+def test_a_resumed_session_cannot_be_resumed_twice(site):
+    bob = Resumer(site, "bob", [ANN])
+    bob.connect()
+    old = (bob.client_id, bob.epoch, bob.offset)
+    bob.drop()
+    assert bob.connect()["recovered"] is True
+    twin = Resumer(site, "bob")
+    twin.client_id, twin.epoch, twin.offset = old
+    time.sleep(0.5)  # the keeper forgets the resumed session
+    assert twin.connect()["reason"] == Reason.NO_SESSION
+    twin.close()
+    bob.close()
+
+
+def test_resume_across_a_sighup_reload(site):
+    bob = Resumer(site, "bob", [ANN])
+    bob.connect()
+    old_pid = site.health()["pid"]
+    site.proc.send_signal(signal.SIGHUP)
+    sent_during = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        response = publish(site, f"during the reload {len(sent_during)}", channels=[ANN])
+        if response.status_code == 200:
+            sent_during.append(response.json()["id"])
+        if site.health()["pid"] != old_pid and len(sent_during) >= 3:
+            break
+        time.sleep(0.05)
+    bob.read(quiet=0.2)  # whatever the old worker delivered before it closed with 1012
+    hello = wait_for(lambda: _resumed(bob), timeout=20)
+    assert hello["recovered"] is True
+    bob.read()
+    assert [i for i in bob.ids if i in sent_during] == sent_during  # every one, once, in order
+    bob.close()
+
+
+def _resumed(client: Resumer):
+    try:
+        hello = client.connect()
+    except Exception:
+        return None
+    if hello.get("recovered") is False:
+        raise AssertionError(f"not recovered: {hello}")
+    return hello
+
+
+def test_resume_across_sigterm_and_a_new_start_on_the_same_data(site):
+    bob = Resumer(site, "bob", [ANN, Q1])
+    bob.connect()
+    sent(site, "before the stop", channels=[ANN])
+    bob.read()
+    assert site.stop() == 0
+    bob.ws.close()
+    again = Server(site.workdir, site.env_overrides, port=site.port).start()
+    try:
+        missed = [sent(again, "after the restart", channels=[Q1]), sent(again, "and another", userIds=["bob"])]
+        hello = bob.connect()
+        assert hello["recovered"] is True and sorted(hello["channels"]) == sorted([ANN, Q1])
+        assert [m["id"] for m in bob.read()] == [m["id"] for m in missed]
+    finally:
+        bob.close()
+        again.stop()
+
+
+# -- with Redis: another instance, a killed worker, a Redis that lost its data -----------------
+
+
+@pytest.fixture
+def pair(tmp_path, redis_server):
+    """Two instances (hosts) sharing one Redis and one identity store."""
+    make_users(tmp_path / "realtime.db")
+    shared = {"REDIS_URL": redis_server.url, "REALTIME_DB": str(tmp_path / "realtime.db"), "WS_CLOSE_TIMEOUT_MS": 500}
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        servers.append(Server(tmp_path / name, shared).start())
+    yield servers
+    for srv in servers:
+        srv.stop()
+
+
+def test_resume_on_another_instance_after_the_first_was_killed(pair):
+    host_a, host_b = pair
+    bob = Resumer(host_a, "bob", [ANN])
+    bob.connect()
+    time.sleep(0.6)  # the session keeper has written the session (it writes every 0.25 s)
+    first = sent(host_b, "before the kill", channels=[ANN])
+    assert bob.read()[-1]["id"] == first["id"]
+    os.kill(host_a.health()["pid"], signal.SIGKILL)
+    missed = [sent(host_b, f"while bob was away {n}", channels=[ANN]) for n in range(3)]
+    bob.srv = host_b  # the load balancer sends it elsewhere
+    hello = bob.connect()
+    assert hello["recovered"] is True and hello["channels"] == [ANN]
+    assert [m["id"] for m in bob.read()] == [m["id"] for m in missed]
+    bob.close()
+
+
+def test_a_redis_that_lost_its_data_starts_a_new_epoch_and_nobody_is_replayed_wrongly(start_server, redis_server):
+    srv = start_server(REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=200)
+    bob = Resumer(srv, "bob", [ANN])
+    old = bob.connect()
+    sent(srv, "before", channels=[ANN])
+    bob.read()
+    redis_server.kill()
+    redis_server.start()  # empty: no persistence
+    assert wait_for(lambda: publish(srv, "first of the new stream", channels=[ANN]).status_code == 200, timeout=20)
+    # The worker saw a new epoch: its clients are told to reconnect, and cannot resume the old stream.
+    hello = wait_for(lambda: _reconnect(bob), timeout=20)
+    assert hello["recovered"] is False and hello["reason"] in (Reason.EPOCH, Reason.NO_SESSION)
+    assert hello["epoch"] != old["epoch"]
+    bob.close()
+
+
+def _reconnect(client: Resumer):
+    try:
+        client.read(quiet=0.2)
+        return client.connect()
+    except Exception:
+        return None
+
+
+# -- retry-safe publishing ------------------------------------------------------------------------
+
+
+def test_a_repeat_with_the_same_key_publishes_nothing_and_gets_the_first_answer(server: Server):
+    bob = Resumer(server, "bob", [ANN])
+    bob.connect()
+    first = publish(server, "once", key="order-42", channels=[ANN])
+    again = publish(server, "once", key="order-42", channels=[ANN])
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert [m["data"]["message"] for m in bob.read()] == ["once"]
+    bob.close()
+
+
+def test_a_key_reused_for_another_broadcast_is_refused(server: Server):
+    assert publish(server, "one thing", key="reused-1").status_code == 200
+    conflict = publish(server, "another thing", key="reused-1")
+    assert conflict.status_code == 422 and conflict.json()["error"]["code"] == "idempotency_conflict"
+
+
+@pytest.mark.parametrize("key", ["has space", "x" * 201, "ünïcode"])
+def test_a_malformed_key_is_refused(server: Server, key):
+    response = publish(server, "x", key=key)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_idempotency_key"
+
+
+def test_a_key_holds_across_instances(pair):
+    host_a, host_b = pair
+    with host_a.connect("bob", [ANN]) as bob:
+        first = publish(host_a, "exactly once", key="k-across", channels=[ANN]).json()
+        again = publish(host_b, "exactly once", key="k-across", channels=[ANN]).json()
+        assert again == first and first["delivered"] == 1
+        bob.expect("ANNOUNCEMENT")
+        assert bob.nothing_within(0.5)
+
+
+# -- the last value of a channel ----------------------------------------------------------------
+
+
+def test_last_values_asked_for_not_asked_for_and_filtered_out(site):
+    sent(site, "old queue", channels=[Q1])
+    newest = sent(site, "current queue", channels=[Q1])
+    sent(site, "for carol only", channels=["clinic:clinic-2:queue"])
+    with site.connect("bob") as bob:
+        bob.send({"type": "SUBSCRIBE", "data": {"channels": [Q1, ANN], "last": True}})
+        last = bob.expect("ANNOUNCEMENT")
+        assert last == {
+            "type": "ANNOUNCEMENT",
+            "data": {"message": "current queue"},
+            "id": newest["id"],
+            "offset": newest["offset"],
+            "last": True,
+        }
+        assert bob.expect("SUBSCRIBED")["data"]["channels"] == [Q1, ANN]
+        bob.send({"type": "SUBSCRIBE", "data": {"channels": [Q1], "last": True}})  # already held: no repeat
+        assert bob.expect("SUBSCRIBED") and bob.nothing_within(0.3)
+    with site.connect("erin") as erin:
+        erin.send({"type": "SUBSCRIBE", "data": {"channels": [Q1]}})  # not asked for
+        assert erin.expect("SUBSCRIBED") and erin.nothing_within(0.3)
+    sent(site, "admins only", channels=[Q1], roles=["admin"])
+    with site.connect("bob") as bob:  # the newest one is not meant for bob: he gets none, not an older one
+        bob.send({"type": "SUBSCRIBE", "data": {"channels": [Q1], "last": True}})
+        assert bob.expect("SUBSCRIBED") and bob.nothing_within(0.3)
+
+
+def test_last_values_survive_a_restart(site):
+    newest = sent(site, "queue before the restart", channels=[Q1])
+    site.stop()
+    again = Server(site.workdir, site.env_overrides, port=site.port).start()
+    try:
+        with again.connect("bob") as bob:
+            bob.send({"type": "SUBSCRIBE", "data": {"channels": [Q1], "last": True}})
+            assert bob.expect("ANNOUNCEMENT")["id"] == newest["id"]
+    finally:
+        again.stop()
+
+
+def test_messages_behind_a_last_value_request_are_answered_in_order(site):
+    sent(site, "queue", channels=[Q1])
+    with site.connect("bob") as bob:
+        bob.send({"type": "SUBSCRIBE", "data": {"channels": [Q1], "last": True}})
+        bob.send({"type": "UNSUBSCRIBE", "data": {"channels": [Q1]}})
+        assert [bob.recv()["type"] for _ in range(3)] == ["ANNOUNCEMENT", "SUBSCRIBED", "UNSUBSCRIBED"]
+        assert sent(site, "after", channels=[Q1])["delivered"] == 0  # the unsubscribe came last, and won
+
+
+# -- off ----------------------------------------------------------------------------------------
+
+
+def test_with_recovery_off_there_are_no_offsets_and_resume_says_so(start_server):
+    srv = start_server(WS_RECOVERY_WINDOW_MS=0)
+    bob = Resumer(srv, "bob", [ANN])
+    hello = bob.connect()
+    assert "epoch" not in hello and "offset" not in hello
+    answer = sent(srv, "plain", channels=[ANN])
+    assert "offset" not in answer
+    assert "offset" not in bob.ws.recv(timeout=5)
+    bob.drop()
+    assert bob.connect(resuming=False, resume=bob.client_id, epoch="x", offset=0)["reason"] == Reason.DISABLED
+    assert srv.health()["stream"] == {"enabled": False}
+    bob.close()
+
+
+def test_health_reports_the_stream(server: Server):
+    sent(server, "counted")
+    stream = server.health()["stream"]
+    assert stream["enabled"] is True and stream["kind"] == "sqlite" and stream["head"] >= 1
+    assert stream["retained"] >= 1 and stream["oldest"]["offset"] >= 1 and stream["delivered"] == stream["head"]
+    assert stream["windowMs"] == 120_000

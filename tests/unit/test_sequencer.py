@@ -1,0 +1,128 @@
+"""The sequencer: offset order and exactly once, whatever order broadcasts arrive in; gaps filled or skipped."""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+
+from relay.envelope import Envelope, Filter
+from relay.sequencer import Sequencer
+
+EPOCH = "e1"
+
+
+def env(offset: int, epoch: str = EPOCH, channels=("system:announcements",)) -> Envelope:
+    return Envelope("ANNOUNCEMENT", {"n": offset}, Filter(channels=frozenset(channels)), id=f"id-{offset}").placed(
+        epoch, offset
+    )
+
+
+class World:
+    """The sequencer's surroundings: what it delivered, what the history holds, what it reset."""
+
+    def __init__(self, head: int = 0):
+        self.delivered: list[int] = []
+        self.history: dict[int, Envelope] = {}
+        self.resets: list[str] = []
+        self.fetches: list[tuple[int, int]] = []
+        self.sequencer = Sequencer(self.deliver, self.fetch, on_reset=self.resets.append, gap_timeout=0.05)
+        self.sequencer.prime(EPOCH, head)
+
+    def deliver(self, envelope: Envelope) -> int:
+        self.delivered.append(envelope.offset)
+        return 10 + envelope.offset  # a recognisable count
+
+    def fetch(self, after: int, limit: int) -> list[Envelope]:
+        self.fetches.append((after, limit))
+        return [self.history[o] for o in sorted(self.history) if o > after][:limit]
+
+
+@pytest.fixture
+def world():
+    return World()
+
+
+def test_in_order_envelopes_are_delivered_at_once_with_their_count(world):
+    results = [world.sequencer.offer(env(n)) for n in (1, 2, 3)]
+    assert world.delivered == [1, 2, 3] and [r.get(timeout=1) for r in results] == [11, 12, 13]
+    assert world.sequencer.position == 3
+
+
+def test_an_envelope_from_further_ahead_waits_for_the_ones_before_it(world):
+    third = world.sequencer.offer(env(3))
+    second = world.sequencer.offer(env(2))
+    assert world.delivered == [] and not third.ready() and not second.ready()
+    world.sequencer.offer(env(1))
+    assert world.delivered == [1, 2, 3] and third.get(timeout=1) == 13
+
+
+def test_duplicates_are_never_delivered_twice_and_report_the_first_count(world):
+    world.sequencer.offer(env(1))
+    again = world.sequencer.offer(env(1))  # e.g. our own broadcast coming back from the broker
+    assert world.delivered == [1] and again.get(timeout=1) == 11
+    world.sequencer.offer(env(3))
+    assert world.sequencer.offer(env(3)).get(timeout=1) == 0  # parked twice: once is enough
+    world.sequencer.offer(env(2))
+    assert world.delivered == [1, 2, 3]
+
+
+def test_a_gap_that_stays_open_is_filled_from_the_history_in_order(world):
+    world.history = {2: env(2), 3: env(3)}  # published, but never reached this worker's listener
+    world.sequencer.offer(env(1))
+    late = world.sequencer.offer(env(4))
+    assert late.get(timeout=2) == 14
+    assert world.delivered == [1, 2, 3, 4] and world.fetches[0][0] == 1
+
+
+def test_an_offset_the_history_no_longer_has_is_skipped_loudly(world):
+    world.sequencer.offer(env(1))
+    late = world.sequencer.offer(env(3))
+    assert late.get(timeout=2) == 13
+    assert world.delivered == [1, 3] and world.sequencer.skipped == 1
+
+
+def test_catch_up_delivers_what_a_listener_missed(world):
+    world.history = {n: env(n) for n in range(1, 1201)}
+    world.sequencer.catch_up()
+    assert world.delivered == list(range(1, 1201))
+
+
+def test_a_new_epoch_resets_the_position_and_tells_the_service(world):
+    world.sequencer.offer(env(1))
+    world.sequencer.offer(env(5))  # parked, waiting for 2..4 of the old stream
+    fresh = world.sequencer.offer(env(1, epoch="e2"))  # the store was lost: a new stream starts at 1
+    assert fresh.get(timeout=1) == 11 and world.resets == ["e2"]
+    assert world.sequencer.epoch == "e2" and world.sequencer.position == 1 and world.delivered == [1, 1]
+
+
+def test_recent_after_returns_what_was_delivered_since_an_offset(world):
+    for n in range(1, 6):
+        world.sequencer.offer(env(n))
+    assert [e.offset for e in world.sequencer.recent_after(2)] == [3, 4, 5]
+    assert world.sequencer.recent_after(5) == []
+
+
+def test_recent_after_says_when_it_no_longer_reaches_back():
+    world = World(head=100)
+    small = Sequencer(world.deliver, world.fetch, on_reset=world.resets.append, recent=3)
+    small.prime(EPOCH, 0)
+    for n in range(1, 11):
+        small.offer(env(n))
+    assert [e.offset for e in small.recent_after(7)] == [8, 9, 10]
+    assert small.recent_after(6) is None  # 7 was forgotten: the caller must read the history
+
+
+def test_the_position_moves_before_the_fan_out_so_a_connection_joining_mid_fan_out_starts_after_it():
+    seen: list[tuple[str, int]] = []
+
+    def slow_deliver(envelope):
+        gevent.sleep(0.01)  # a fan-out that pauses
+        return 1
+
+    sequencer = Sequencer(slow_deliver, lambda a, n: [], on_reset=lambda e: None)
+    sequencer.prime(EPOCH, 0)
+    job = gevent.spawn(sequencer.offer, env(1))
+    gevent.sleep(0.001)  # the fan-out of 1 has started and paused
+    seen.append(("joiner sees", sequencer.position))
+    job.join()
+    assert seen == [("joiner sees", 1)]  # it is told 1 as its start, and (snapshot taken) does not get 1 live
