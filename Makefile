@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # Branch coverage of the service's code, gunicorn's workers included (see [tool.coverage] in pyproject.toml).
 COVERAGE := --cov --cov-branch --cov-report=term:skip-covered
 
-.PHONY: run test test-fast lint bench bench-quick bench-peers system-deps clean
+.PHONY: run test test-fast lint bench bench-quick bench-storm bench-peers system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,12 +34,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Our suite: both brokers x 1k/5k/10k clients, 3 reps (~10 min). Needs gcc and redis-server.
+# Our suite: both brokers x history on/off x 1k/5k/10k clients, 3 reps (~25 min). Needs gcc and redis-server.
 bench: $(STAMP) system-deps
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 bench-quick: $(STAMP) system-deps
 	$(BIN)/python bench/run.py --quick
+
+# The reconnect storm: 10,000 clients, 50 broadcasts/s, a SIGHUP; both brokers (~2 min).
+bench-storm: $(STAMP) system-deps
+	$(BIN)/python bench/run.py --storm --reps 1 $(BENCH_ARGS)
 
 # Side by side with node-ws, flask-sock-naive and c-limit in the shared harness (~15 min).
 bench-peers: $(STAMP)

@@ -16,6 +16,15 @@
  * interval > 0 an open loop (POST k sent at start + k*interval, up to 64 in
  * flight), so a slow server shows up as latency, not as a slower sender.
  *
+ * Storm mode (--storm-hup-pid P): once every client is subscribed, broadcasts
+ * flow at --storm-rate per second for --storm-seconds, and after
+ * --storm-after-ms the master P gets a SIGHUP (a deploy). Every client closed
+ * with 1012 reconnects after a random 0.25-1 s (as realtime.js does) and
+ * resumes with its clientId, epoch and last offset; every POST carries an
+ * Idempotency-Key and is retried until it is accepted. It reports how long
+ * until every client was back and recovered, how many broadcasts each
+ * replayed, and any loss or duplicate.
+ *
  * Loopback only: it connects to --host, which must be 127.0.0.1.
  */
 #define _GNU_SOURCE
@@ -31,6 +40,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -41,6 +51,7 @@ static const char *opt_channel = "system:announcements", *opt_secret = "", *opt_
 static int opt_port = 3001, opt_clients = 1000, opt_concurrency = 200, opt_broadcasts = 100;
 static int opt_interval_ms = 0, opt_warmup = 5, opt_payload = 0, opt_drain_ms = 30000, opt_max_run_s = 280;
 static int opt_health_ms = 50;
+static int opt_storm_pid = 0, opt_storm_rate = 50, opt_storm_seconds = 8, opt_storm_after_ms = 1000;
 
 /* ------------------------------------------------------------ helpers -- */
 static double now_mono(void) {
@@ -105,7 +116,7 @@ static double self_cpu(void) {
 }
 
 /* ------------------------------------------------------------ state -- */
-enum { C_CONNECTING, C_HANDSHAKE, C_WAIT_CONNECTED, C_WAIT_SUBSCRIBED, C_READY, C_DEAD };
+enum { C_CONNECTING, C_HANDSHAKE, C_WAIT_CONNECTED, C_WAIT_SUBSCRIBED, C_READY, C_AWAY, C_DEAD };
 enum { K_CLIENT = 1, K_POST = 2, K_HEALTH = 3 };
 
 typedef struct {
@@ -116,13 +127,23 @@ typedef struct {
 
 typedef struct { /* an HTTP keep-alive connection for POST /broadcast or GET /health */
     Conn c;
-    int busy;
+    int busy, seq;
     double sent_at;
     char *out;
     size_t out_len, out_off;
 } Http;
 
 static Conn *clients;
+typedef struct { /* where a client is in the stream, to resume from (storm mode) */
+    char client_id[48], epoch[48];
+    long offset, connected_at_offset;
+    double reopen_at;
+    int replayed, away;
+} Position;
+static Position *positions;
+static long storm_recovered, storm_not_recovered, storm_replayed, storm_away;
+static double t_hup, t_last_back;
+static char run_id[32];
 static char **tokens;
 static uint8_t *seen;        /* clients x total seqs */
 static int total_seqs;
@@ -181,12 +202,28 @@ static void send_masked_text(int fd, const char *payload, size_t n) {
 
 /* -------------------------------------------------------- WebSocket -- */
 static void client_dead(Conn *c) {
-    if (c->state == C_DEAD) return;
+    if (c->state == C_DEAD || c->state == C_AWAY) return;
     if (c->state <= C_WAIT_CONNECTED) connecting_now--;
-    c->state = C_DEAD;
-    n_dead++;
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
+    c->len = 0;
+    if (opt_storm_pid && positions[c->index].client_id[0]) { /* storm: come back later and resume */
+        c->state = C_AWAY;
+        if (!positions[c->index].away) { positions[c->index].away = 1; storm_away++; }
+        positions[c->index].reopen_at = now_mono() + 0.25 + (rand32() % 750) / 1000.0;
+        return;
+    }
+    c->state = C_DEAD;
+    n_dead++;
+}
+static void copy_string(const char *p, size_t n, const char *key, char *out, size_t cap) {
+    char *hit = memmem(p, n, key, strlen(key));
+    out[0] = 0;
+    if (!hit) return;
+    const char *q = hit + strlen(key), *end = p + n;
+    size_t i = 0;
+    while (q < end && *q != '"' && i + 1 < cap) out[i++] = *q++;
+    out[i] = 0;
 }
 static long find_number(const char *p, size_t n, const char *key) {
     void *hit = memmem(p, n, key, strlen(key));
@@ -202,26 +239,55 @@ static double find_double(const char *p, size_t n, const char *key) {
     while (*q == ' ') q++;
     return strtod(q, NULL);
 }
+static void send_subscribe(Conn *c) {
+    char sub[256];
+    int len = snprintf(sub, sizeof sub, "{\"type\":\"SUBSCRIBE\",\"data\":{\"channels\":[\"%s\"]}}", opt_channel);
+    if (!t_first_sub) t_first_sub = now_mono();
+    send_masked_text(c->fd, sub, len);
+}
 static void on_text(Conn *c, const char *p, size_t n, double recv_ms) {
+    Position *at = positions ? &positions[c->index] : NULL;
     if (c->state == C_WAIT_CONNECTED) {
         if (!memmem(p, n, "\"CONNECTED\"", 11)) { unexpected++; return; }
-        c->state = C_WAIT_SUBSCRIBED;
         connecting_now--;
+        c->state = C_WAIT_SUBSCRIBED;
+        int resuming = at && at->client_id[0];
+        if (at) {
+            copy_string(p, n, "\"clientId\":\"", at->client_id, sizeof at->client_id);
+            copy_string(p, n, "\"epoch\":\"", at->epoch, sizeof at->epoch);
+            at->connected_at_offset = find_number(p, n, "\"offset\":");
+        }
+        if (resuming) { /* storm: back after the 1012 */
+            t_last_back = now_mono();
+            if (at->away) { at->away = 0; storm_away--; }
+            if (memmem(p, n, "\"recovered\":true", 16)) {
+                storm_recovered++;
+                c->state = C_READY; /* its subscription was restored: nothing to send */
+                return;
+            }
+            storm_not_recovered++; /* refused: subscribe again, as a browser would (what it missed is lost) */
+            at->offset = at->connected_at_offset;
+            send_subscribe(c);
+            return;
+        }
+        if (at) at->offset = at->connected_at_offset;
         n_connected++;
         t_all_connected = now_mono();
-        char sub[256];
-        int len = snprintf(sub, sizeof sub, "{\"type\":\"SUBSCRIBE\",\"data\":{\"channels\":[\"%s\"]}}", opt_channel);
-        if (!t_first_sub) t_first_sub = now_mono();
-        send_masked_text(c->fd, sub, len);
+        send_subscribe(c);
         return;
     }
     if (c->state == C_WAIT_SUBSCRIBED) {
-        if (memmem(p, n, "\"SUBSCRIBED\"", 12)) {
-            c->state = C_READY;
-            n_subscribed++;
-            t_all_subscribed = now_mono();
-        } else unexpected++;
+        if (!memmem(p, n, "\"SUBSCRIBED\"", 12)) { unexpected++; return; }
+        c->state = C_READY;
+        if (storm_recovered + storm_not_recovered == 0) { n_subscribed++; t_all_subscribed = now_mono(); }
         return;
+    }
+    if (at) {
+        long offset = find_number(p, n, "\"offset\":");
+        if (offset > 0) {
+            if (offset <= at->connected_at_offset && t_hup) { at->replayed++; storm_replayed++; }
+            at->offset = offset;
+        }
     }
     long seq = find_number(p, n, "\"seq\":");
     if (seq < 0 || seq >= total_seqs) { unexpected++; return; }
@@ -269,7 +335,7 @@ static void on_client_data(Conn *c) {
         else if (op == 0x9) { /* ping: answer with a masked pong */
             char pong[6] = {(char)0x8A, (char)0x80, 0, 0, 0, 0};
             if (n == 0) send_all(c->fd, pong, 6);
-        } else if (op == 0x8) { client_dead(c); return; }
+        } else if (op == 0x8) { client_dead(c); return; } /* 1012 in a storm: come back and resume */
         off += head + n;
     }
     if (off) {
@@ -277,28 +343,38 @@ static void on_client_data(Conn *c) {
         c->len -= off;
     }
 }
+static void open_one(Conn *c) {
+    c->fd = tcp_connect();
+    c->state = C_CONNECTING;
+    connecting_now++;
+    if (!t_first_connect) t_first_connect = now_mono();
+    conn_add(c, EPOLLOUT);
+}
 static void open_clients(void) {
     while (next_to_open < opt_clients && connecting_now < opt_concurrency) {
         Conn *c = &clients[next_to_open];
         c->kind = K_CLIENT;
         c->index = next_to_open++;
-        c->fd = tcp_connect();
-        c->state = C_CONNECTING;
-        connecting_now++;
-        if (!t_first_connect) t_first_connect = now_mono();
-        conn_add(c, EPOLLOUT);
+        open_one(c);
     }
+    if (!storm_away) return;
+    double t = now_mono();
+    for (int i = 0; i < opt_clients && connecting_now < opt_concurrency; i++)
+        if (clients[i].state == C_AWAY && positions[i].reopen_at <= t) open_one(&clients[i]);
 }
 static void on_client_writable(Conn *c) {
     int err = 0;
     socklen_t len = sizeof err;
     getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
     if (err) { client_dead(c); return; }
-    char req[4096];
+    char req[4096], resume[160] = "";
+    Position *at = positions ? &positions[c->index] : NULL;
+    if (at && at->client_id[0])
+        snprintf(resume, sizeof resume, "&resume=%s&epoch=%s&offset=%ld", at->client_id, at->epoch, at->offset);
     int n = snprintf(req, sizeof req,
-                     "GET %s?token=%s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "GET %s?token=%s%s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                     opt_path, tokens[c->index], opt_host, opt_port);
+                     opt_path, tokens[c->index], resume, opt_host, opt_port);
     send_all(c->fd, req, n);
     c->state = C_HANDSHAKE;
     conn_mod(c, EPOLLIN);
@@ -307,6 +383,13 @@ static void on_client_writable(Conn *c) {
 /* ------------------------------------------------------------- HTTP -- */
 static Http *posts;
 static int n_posts, next_seq, posts_done, post_errors;
+static int *retry_q, retry_len, storm_accepted, storm_retries; /* storm: seqs to send again */
+static double retry_after;
+static void retry_later(int seq) {
+    retry_q[retry_len++] = seq;
+    storm_retries++;
+    retry_after = now_mono() + 0.05;
+}
 static double *post_ms;
 static Http health;
 static double *health_ms;
@@ -318,6 +401,16 @@ static void http_open(Http *h, int kind) {
     h->c.fd = tcp_connect();
     conn_add(&h->c, EPOLLIN);
 }
+static void http_reopen(Http *h) {
+    /* storm: the old worker went away with this keep-alive connection; what was in flight is sent again */
+    int kind = h->c.kind, busy = h->busy, seq = h->seq;
+    epoll_ctl(ep, EPOLL_CTL_DEL, h->c.fd, NULL);
+    close(h->c.fd);
+    free(h->out);
+    free(h->c.buf);
+    http_open(h, kind);
+    if (busy && kind == K_POST) retry_later(seq);
+}
 static void http_send(Http *h, char *request, size_t n) {
     h->busy = 1;
     h->sent_at = now_mono();
@@ -328,6 +421,7 @@ static void http_send(Http *h, char *request, size_t n) {
         ssize_t w = write(h->c.fd, h->out + h->out_off, h->out_len - h->out_off);
         if (w < 0) {
             if (errno == EAGAIN) { conn_mod(&h->c, EPOLLIN | EPOLLOUT); return; }
+            if (opt_storm_pid) { http_reopen(h); return; }
             die("http write: %s", strerror(errno));
         }
         h->out_off += w;
@@ -361,32 +455,46 @@ static char *broadcast_request(int seq, size_t *len) {
                       "\"filter\":{\"channels\":[\"%s\"]}}",
                       seq, now_wall_ms(), pad, opt_channel);
     char *req = malloc(bn + 512);
+    char key[96] = "";
+    if (opt_storm_pid) snprintf(key, sizeof key, "Idempotency-Key: %s-%d\r\n", run_id, seq); /* retry-safe */
     int n = snprintf(req, bn + 512,
-                     "POST /broadcast HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: Bearer %s\r\n"
+                     "POST /broadcast HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: Bearer %s\r\n%s"
                      "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
-                     opt_host, opt_port, opt_secret, bn, body);
+                     opt_host, opt_port, opt_secret, key, bn, body);
     free(body);
     *len = n;
     return req;
 }
+static void post_seq(Http *h, int seq) {
+    size_t n;
+    char *req = broadcast_request(seq, &n);
+    h->seq = seq;
+    http_send(h, req, n);
+}
 static void post_next(Http *h) {
     if (next_seq == opt_warmup && !t_first_send) t_first_send = now_mono();
-    size_t n;
-    char *req = broadcast_request(next_seq++, &n);
-    http_send(h, req, n);
+    post_seq(h, next_seq++);
 }
 static void on_http(Http *h, uint32_t events) {
     if (events & EPOLLOUT) {
         while (h->out_off < h->out_len) {
             ssize_t w = write(h->c.fd, h->out + h->out_off, h->out_len - h->out_off);
-            if (w < 0) { if (errno == EAGAIN) return; die("http write: %s", strerror(errno)); }
+            if (w < 0) {
+                if (errno == EAGAIN) return;
+                if (opt_storm_pid) { http_reopen(h); return; }
+                die("http write: %s", strerror(errno));
+            }
             h->out_off += w;
         }
         conn_mod(&h->c, EPOLLIN);
     }
     if (!(events & EPOLLIN)) return;
     ssize_t r = read(h->c.fd, rbuf, sizeof rbuf);
-    if (r <= 0) { if (r < 0 && errno == EAGAIN) return; die("the server closed an HTTP connection"); }
+    if (r <= 0) {
+        if (r < 0 && errno == EAGAIN) return;
+        if (opt_storm_pid) { http_reopen(h); return; }
+        die("the server closed an HTTP connection");
+    }
     buf_append(&h->c, rbuf, r);
     int status;
     while ((status = http_take_response(h))) {
@@ -397,6 +505,9 @@ static void on_http(Http *h, uint32_t events) {
         if (h->c.kind == K_HEALTH) {
             if (n_health < health_cap) health_ms[n_health++] = took;
             if (status != 200) post_errors++;
+        } else if (opt_storm_pid) {
+            if (status == 200) storm_accepted++;
+            else retry_later(h->seq); /* 503 while the old worker drains: the same key again */
         } else {
             if (status != 200) post_errors++;
             if (posts_done < opt_warmup + opt_broadcasts) post_ms[posts_done] = took;
@@ -429,6 +540,114 @@ static void wait_events(double timeout_s) {
     }
 }
 
+/* CPU seconds of a gunicorn master and its workers, the ones it has already reaped included. */
+static double tree_cpu(int master) {
+    char path[64], buf[4096];
+    long tick = sysconf(_SC_CLK_TCK);
+    double total = 0;
+    snprintf(path, sizeof path, "/proc/%d/stat", master);
+    FILE *f = fopen(path, "r");
+    if (f) {
+        if (fgets(buf, sizeof buf, f)) {
+            char *q = strrchr(buf, ')');
+            unsigned long ut = 0, st = 0;
+            long cut = 0, cst = 0;
+            if (q && sscanf(q + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu %ld %ld", &ut, &st, &cut, &cst) == 4)
+                total += (double)(ut + st + cut + cst) / tick;
+        }
+        fclose(f);
+    }
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", master, master);
+    f = fopen(path, "r");
+    if (f) {
+        int child;
+        while (fscanf(f, "%d", &child) == 1) {
+            char cpath[64], cbuf[4096];
+            snprintf(cpath, sizeof cpath, "/proc/%d/stat", child);
+            FILE *cf = fopen(cpath, "r");
+            if (!cf) continue;
+            if (fgets(cbuf, sizeof cbuf, cf)) {
+                char *q = strrchr(cbuf, ')');
+                unsigned long ut = 0, st = 0;
+                if (q && sscanf(q + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) == 2)
+                    total += (double)(ut + st) / tick;
+            }
+            fclose(cf);
+        }
+        fclose(f);
+    }
+    return total;
+}
+
+/* The reconnect storm: broadcasts flow, a SIGHUP closes every socket with 1012, everyone resumes. */
+static int storm(double deadline, double connect_s, double rss1, double rss0, const char *error) {
+    n_posts = 16;
+    posts = calloc(n_posts, sizeof *posts);
+    for (int i = 0; i < n_posts; i++) http_open(&posts[i], K_POST);
+    long expected = (long)n_subscribed * total_seqs;
+    double start = now_mono(), cpu_start = tree_cpu(opt_storm_pid), cpu_hup = 0, cpu_back = 0;
+    double last_progress = start;
+    long last_delivered = 0;
+    while (now_mono() < deadline) {
+        double t = now_mono();
+        open_clients();
+        if (!t_hup && t >= start + opt_storm_after_ms / 1e3) {
+            cpu_hup = tree_cpu(opt_storm_pid);
+            kill(opt_storm_pid, SIGHUP);
+            t_hup = t;
+        }
+        if (t_hup && !cpu_back && storm_away == 0 && t_last_back > t_hup) cpu_back = tree_cpu(opt_storm_pid);
+        for (int i = 0; i < n_posts; i++) {
+            Http *h = &posts[i];
+            if (h->busy) continue;
+            if (retry_len && t >= retry_after) post_seq(h, retry_q[--retry_len]);
+            else if (next_seq < total_seqs && t >= start + next_seq / (double)opt_storm_rate) post_next(h);
+        }
+        if (delivered != last_delivered) { last_delivered = delivered; last_progress = t; }
+        if (storm_accepted >= total_seqs && storm_away == 0 && t_hup && delivered >= expected) break;
+        if (t - last_progress > opt_drain_ms / 1e3 && next_seq >= total_seqs && !retry_len) {
+            error = "drain timeout";
+            break;
+        }
+        wait_events(0.002);
+    }
+    double end = now_mono(), cpu_end = tree_cpu(opt_storm_pid);
+    if (getenv("LOADGEN_SHOW_LOSS")) { /* which (client, seq) never arrived: for debugging */
+        int shown = 0;
+        for (int i = 0; i < opt_clients && shown < 40; i++)
+            for (int s = 0; s < total_seqs && shown < 40; s++)
+                if (!seen[(size_t)i * total_seqs + s]) {
+                    fprintf(stderr, "lost: client %d seq %d (client offset %ld, connected at %ld)\n", i, s,
+                            positions[i].offset, positions[i].connected_at_offset);
+                    shown++;
+                }
+    }
+    if (!cpu_back) cpu_back = cpu_end;
+    int replayed_max = 0, reconnected = 0;
+    for (int i = 0; i < opt_clients; i++) {
+        if (positions[i].replayed > replayed_max) replayed_max = positions[i].replayed;
+    }
+    reconnected = (int)(storm_recovered + storm_not_recovered);
+    if (!error && storm_away) error = "not every client came back";
+    double back_s = t_last_back > t_hup ? t_last_back - t_hup : 0;
+    printf("{\"mode\":\"storm\",\"clients\":%d,\"connected\":%d,\"connect_s\":%.3f,\"server_kb_per_conn\":%.2f,"
+           "\"storm_rate\":%d,\"broadcasts\":%d,\"accepted\":%d,\"post_retries\":%d,"
+           "\"reconnected\":%d,\"recovered\":%ld,\"not_recovered\":%ld,\"still_away\":%ld,"
+           "\"back_s\":%.3f,\"replayed_total\":%ld,\"replayed_mean\":%.2f,\"replayed_max\":%d,"
+           "\"expected\":%ld,\"delivered\":%ld,\"loss\":%ld,\"duplicates\":%ld,\"unexpected_frames\":%ld,"
+           "\"server_cpu_storm_pct\":%.1f,\"server_cpu_before_pct\":%.1f,\"run_s\":%.2f,"
+           "\"error\":%s%s%s}\n",
+           opt_clients, n_connected, connect_s, n_subscribed ? (rss1 - rss0) * 1024.0 / n_subscribed : 0,
+           opt_storm_rate, total_seqs, storm_accepted, storm_retries, reconnected, storm_recovered,
+           storm_not_recovered, storm_away, back_s, storm_replayed,
+           reconnected ? (double)storm_replayed / reconnected : 0, replayed_max, expected, delivered,
+           expected - delivered, duplicates, unexpected,
+           back_s > 0 ? (cpu_back - cpu_hup) / back_s * 100 : 0,
+           t_hup > start ? (cpu_hup - cpu_start) / (t_hup - start) * 100 : 0, end - start,
+           error ? "\"" : "", error ? error : "null", error ? "\"" : "");
+    return error ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -441,11 +660,18 @@ int main(int argc, char **argv) {
         OPT_I("--broadcasts", opt_broadcasts) OPT_I("--interval-ms", opt_interval_ms) OPT_I("--warmup", opt_warmup)
         OPT_I("--payload-bytes", opt_payload) OPT_I("--drain-timeout-ms", opt_drain_ms)
         OPT_I("--max-run-s", opt_max_run_s) OPT_I("--health-every-ms", opt_health_ms)
+        OPT_I("--storm-hup-pid", opt_storm_pid) OPT_I("--storm-rate", opt_storm_rate)
+        OPT_I("--storm-seconds", opt_storm_seconds) OPT_I("--storm-after-ms", opt_storm_after_ms)
         die("unknown or incomplete option %s (see the comment at the top of bench/loadgen.c)", a);
     }
     if (strcmp(opt_host, "127.0.0.1")) die("--host must be 127.0.0.1 (benchmarks stay on loopback)");
     if (!opt_tokens) die("--tokens FILE is required");
     rng ^= (uint64_t)getpid() << 17 ^ (uint64_t)now_wall_ms();
+    if (opt_storm_pid) {
+        opt_warmup = 0;
+        opt_broadcasts = opt_storm_rate * opt_storm_seconds;
+        snprintf(run_id, sizeof run_id, "storm-%d-%ld", getpid(), (long)now_wall_ms());
+    }
 
     tokens = calloc(opt_clients, sizeof *tokens);
     FILE *tf = fopen(opt_tokens, "r");
@@ -466,6 +692,10 @@ int main(int argc, char **argv) {
     health_cap = 100000;
     health_ms = malloc(sizeof(double) * health_cap);
     ep = epoll_create1(0);
+    if (opt_storm_pid) {
+        positions = calloc(opt_clients, sizeof *positions);
+        retry_q = malloc(sizeof(int) * 1000000);
+    }
     double deadline = now_mono() + opt_max_run_s;
     const char *error = NULL;
 
@@ -484,6 +714,7 @@ int main(int argc, char **argv) {
     proc_usage(opt_pids, &rss1, &cpu1);
     double lg1 = self_cpu();
     if (n_subscribed < opt_clients) error = "not every client connected and subscribed";
+    if (opt_storm_pid) return storm(deadline, connect_s, rss1, rss0, error);
 
     /* 2. warm-up, then the measured broadcasts */
     n_posts = opt_interval_ms > 0 ? 64 : 1;
@@ -551,7 +782,7 @@ int main(int argc, char **argv) {
            "\"unexpected_frames\":%ld,\"post_errors\":%d,"
            "\"connect_s\":%.3f,\"subscribe_s\":%.3f,\"fanout_s\":%.4f,\"deliveries_per_s\":%.0f,"
            "\"p50_ms\":%.3f,\"p90_ms\":%.3f,\"p99_ms\":%.3f,\"max_ms\":%.3f,\"mean_ms\":%.3f,"
-           "\"post_p50_ms\":%.3f,\"post_max_ms\":%.3f,"
+           "\"post_p50_ms\":%.3f,\"post_p99_ms\":%.3f,\"post_max_ms\":%.3f,"
            "\"health_samples\":%d,\"health_p50_ms\":%.3f,\"health_p99_ms\":%.3f,\"health_max_ms\":%.3f,"
            "\"server_rss_before_mb\":%.2f,\"server_rss_connected_mb\":%.2f,\"server_rss_after_mb\":%.2f,"
            "\"server_kb_per_conn\":%.2f,\"server_cpu_connect_s\":%.3f,\"server_cpu_fanout_pct\":%.1f,"
@@ -561,6 +792,7 @@ int main(int argc, char **argv) {
            delivered, expected - delivered, duplicates, unexpected, post_errors, connect_s, subscribe_s, fanout_s,
            fanout_s > 0 ? delivered / fanout_s : 0, pct(latencies, n_lat, 50), pct(latencies, n_lat, 90),
            pct(latencies, n_lat, 99), n_lat ? latencies[n_lat - 1] : 0, mean, pct(post_ms + opt_warmup, opt_broadcasts, 50),
+           pct(post_ms + opt_warmup, opt_broadcasts, 99),
            post_ms[opt_warmup + opt_broadcasts - 1], n_health, pct(health_ms, n_health, 50),
            pct(health_ms, n_health, 99), n_health ? health_ms[n_health - 1] : 0, rss0, rss1, rss3,
            n_subscribed ? (rss1 - rss0) * 1024.0 / n_subscribed : 0, cpu1 - cpu0,

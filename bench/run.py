@@ -1,18 +1,27 @@
-"""`make bench`: fan-out, latency, connect rate, memory and CPU, for both brokers.
+"""`make bench`: fan-out, latency, connect rate, memory and CPU, for both brokers, history on and off;
+and the reconnect storm.
 
-For every (repetition, configuration, broker) it starts a fresh
+For every (repetition, configuration, broker, history) it starts a fresh
 ``gunicorn -k gevent wsgi:app`` (one worker, pinned to CPU 0; Redis pinned
 there too when the broker is Redis), runs ``bench/loadgen`` pinned to CPU 1,
-and stops everything by PID. It prints a table of medians and writes every
-run plus the medians to ``bench/results/bench-<stamp>.json`` (and the table
-to ``bench/results/latest.md``).
+and stops everything by PID. "history off" is ``WS_RECOVERY_WINDOW_MS=0``
+(no offsets, nothing stored): the cost of the delivery guarantee is the
+ratio of the two. It prints tables of medians and writes every run plus the
+medians to ``bench/results/bench-<stamp>.json`` (and the tables to
+``bench/results/latest.md``).
 
 Configurations are ``clients:broadcasts:interval_ms``; interval 0 means
 back-to-back (each POST awaited), > 0 an open loop at that period.
 
-    python bench/run.py                       # the full suite (~10 min)
+The storm (``--storm``): 10,000 subscribed clients, broadcasts at 50/s, a
+SIGHUP after 1 s; every client is closed with 1012, comes back after
+0.25-1 s and resumes; it reports the time until every client was back and
+recovered, what each replayed, loss and duplicates, and the server's CPU.
+
+    python bench/run.py                       # the full suite (~25 min)
     python bench/run.py --quick               # one rep of two small configs
-    python bench/run.py --configs 10000:10:0 --brokers memory --reps 1
+    python bench/run.py --configs 10000:10:0 --brokers memory --history on --reps 1
+    python bench/run.py --storm --brokers memory,redis --reps 1
 
 Loopback only; every process is bounded in time and stopped by its PID.
 """
@@ -45,6 +54,7 @@ BENCH = ROOT / "bench"
 LOADGEN = BENCH / ".build" / "loadgen"
 RESULTS = BENCH / "results"
 DEFAULT_CONFIGS = "1000:100:0 1000:100:20 5000:20:0 10000:10:0"
+STORM = {"clients": 10_000, "rate": 50, "seconds": 8, "after_ms": 1000}
 TOKEN_SECRET = "bench-token-secret-0123456789abcdefghijkl"
 ADMIN_SECRET = "bench-admin-secret-0123456789abcdefghijkl"
 COLUMNS = [
@@ -58,6 +68,21 @@ COLUMNS = [
     ("server_kb_per_conn", "KB/conn", "{:.1f}"),
     ("connect_s", "connect s", "{:.2f}"),
     ("health_max_ms", "/health max ms", "{:.1f}"),
+    ("post_p50_ms", "POST p50 ms", "{:.2f}"),
+    ("post_p99_ms", "POST p99 ms", "{:.2f}"),
+]
+STORM_COLUMNS = [
+    ("back_s", "back and recovered s", "{:.1f}"),
+    ("recovered", "recovered", "{:,.0f}"),
+    ("not_recovered", "not recovered", "{:,.0f}"),
+    ("replayed_mean", "replayed per client (mean)", "{:.0f}"),
+    ("replayed_max", "max", "{:.0f}"),
+    ("loss", "lost", "{:,.0f}"),
+    ("duplicates", "duplicates", "{:,.0f}"),
+    ("post_retries", "POST retries", "{:,.0f}"),
+    ("server_cpu_storm_pct", "srv CPU% in the storm", "{:.0f}"),
+    ("server_cpu_before_pct", "srv CPU% before", "{:.0f}"),
+    ("connect_s", "first connect s", "{:.1f}"),
 ]
 
 
@@ -133,7 +158,9 @@ def warm_up(port: int, token: str) -> None:
         ws.recv(timeout=5)
 
 
-def run_one(clients: int, broadcasts: int, interval: int, broker: str, args, workdir: Path) -> dict:
+def run_one(
+    clients: int, broadcasts: int, interval: int, broker: str, args, workdir: Path, history: str = "on", storm=None
+) -> dict:
     port = free_port()
     db = workdir / "bench.db"
     if not db.exists():
@@ -150,6 +177,8 @@ def run_one(clients: int, broadcasts: int, interval: int, broker: str, args, wor
         "REALTIME_INSTANCE_PATH": str(workdir / "instance"),
         "LOG_LEVEL": args.log_level,
         "WEB_CONCURRENCY": "1",
+        "WS_RECOVERY_WINDOW_MS": "120000" if history == "on" else "0",
+        "REALTIME_HISTORY_DB": str(workdir / f"history-{port}.db"),  # a fresh stream each run
     }
     env.pop("REDIS_URL", None)
     redis = server = None
@@ -192,32 +221,29 @@ def run_one(clients: int, broadcasts: int, interval: int, broker: str, args, wor
         token_file = workdir / "tokens.txt"
         token_file.write_text("".join(quote(tokens.mint(f"bench-user-{i}"), safe="") + "\n" for i in range(clients)))
         pids = [server.pid, *children(server.pid)]
-        command = pinned(
-            1,
-            [
-                str(LOADGEN),
-                "--port",
-                str(port),
-                "--tokens",
-                str(token_file),
-                "--clients",
-                str(clients),
-                "--broadcasts",
-                str(broadcasts),
-                "--interval-ms",
-                str(interval),
-                "--warmup",
-                "5",
-                "--admin-secret",
-                ADMIN_SECRET,
-                "--pids",
-                " ".join(map(str, pids)),
-                "--extra-pids",
-                str(redis.pid) if redis else "",
-                "--payload-bytes",
-                str(args.payload_bytes),
-            ],
-        )
+        argv = [
+            str(LOADGEN),
+            "--port",
+            str(port),
+            "--tokens",
+            str(token_file),
+            "--clients",
+            str(clients),
+            "--admin-secret",
+            ADMIN_SECRET,
+            "--pids",
+            " ".join(map(str, pids)),
+            "--extra-pids",
+            str(redis.pid) if redis else "",
+            "--payload-bytes",
+            str(args.payload_bytes),
+        ]
+        if storm is None:
+            argv += ["--broadcasts", str(broadcasts), "--interval-ms", str(interval), "--warmup", "5"]
+        else:
+            argv += ["--storm-hup-pid", str(server.pid), "--storm-rate", str(storm["rate"])]
+            argv += ["--storm-seconds", str(storm["seconds"]), "--storm-after-ms", str(storm["after_ms"])]
+        command = pinned(1, argv)
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if not lines:
@@ -229,7 +255,7 @@ def run_one(clients: int, broadcasts: int, interval: int, broker: str, args, wor
         stop(server)
         stop(redis)
         log_file.close()
-    return {"broker": broker, **result}
+    return {"broker": broker, "history": history, **result}
 
 
 def median_of(runs: list[dict], key: str):
@@ -237,21 +263,53 @@ def median_of(runs: list[dict], key: str):
     return statistics.median(values) if values else None
 
 
-def table(rows: list[dict]) -> str:
-    head = "| broker | clients × broadcasts @ interval | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "---|" * (len(COLUMNS) + 2)
+def table(rows: list[dict], columns=COLUMNS, storm: bool = False) -> str:
+    head = "| broker | history | " + ("" if storm else "clients × broadcasts @ interval | ")
+    head += " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "---|" * (len(columns) + (2 if storm else 3))
     lines = [head, rule]
     for row in rows:
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             value = row.get(key)
             cells.append(
                 "–"
                 if value is None or (key == "extra_cpu_fanout_pct" and row["broker"] == "memory")
                 else fmt.format(value)
             )
-        config = f"{row['clients']:,} × {row['broadcasts']} @ {row['interval_ms']} ms"
-        lines.append(f"| {row['broker']} | {config} | " + " | ".join(cells) + " |")
+        config = "" if storm else f"{row['clients']:,} × {row['broadcasts']} @ {row['interval_ms']} ms | "
+        lines.append(f"| {row['broker']} | {row['history']} | {config}" + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def history_cost(rows: list[dict]) -> str:
+    """History on / off, per broker and configuration: what the delivery guarantee costs."""
+    lines = [
+        "| broker | clients × broadcasts @ interval | deliveries/s on / off | POST p50 ms on / off | "
+        "POST p99 ms on / off |",
+        "|---|---|---|---|---|",
+    ]
+    for on in (r for r in rows if r["history"] == "on"):
+        off = next(
+            (
+                r
+                for r in rows
+                if r["history"] == "off"
+                and all(r[k] == on[k] for k in ("broker", "clients", "broadcasts", "interval_ms"))
+            ),
+            None,
+        )
+        if off is None or not on.get("deliveries_per_s") or not off.get("deliveries_per_s"):
+            continue
+        ratio = on["deliveries_per_s"] / off["deliveries_per_s"]
+
+        def pair(key: str, on=on, off=off) -> str:
+            return f"{on.get(key) or 0:.2f} / {off.get(key) or 0:.2f}"
+
+        lines.append(
+            f"| {on['broker']} | {on['clients']:,} × {on['broadcasts']} @ {on['interval_ms']} ms | "
+            f"{ratio:.2f}× | {pair('post_p50_ms')} | {pair('post_p99_ms')} |"
+        )
     return "\n".join(lines)
 
 
@@ -271,17 +329,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
     parser.add_argument("--brokers", default="memory,redis")
+    parser.add_argument("--history", default="on,off", help="on, off or both: the delivery guarantee")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--payload-bytes", type=int, default=0)
     parser.add_argument("--log-level", default="INFO", help="the service's LOG_LEVEL (INFO, as shipped)")
     parser.add_argument("--quick", action="store_true", help="one rep of 1000:100:0 and 1000:100:20")
+    parser.add_argument("--storm", action="store_true", help="the reconnect storm instead of the fan-out suite")
     args = parser.parse_args()
     if args.quick:
         args.configs, args.reps = "1000:100:0 1000:100:20", 1
     brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    histories = [h.strip() for h in args.history.split(",") if h.strip() in ("on", "off")]
+    if args.storm:
+        histories = ["on"]  # without history there is nothing to resume
     if "redis" in brokers and not shutil.which("redis-server"):
         sys.exit("the Redis runs need redis-server (apt-get install redis-server), or pass --brokers memory")
     configs = [tuple(map(int, c.split(":"))) for c in args.configs.split()]
+    if args.storm:
+        configs = [(STORM["clients"], STORM["rate"] * STORM["seconds"], 0)]
 
     import resource
 
@@ -296,55 +361,70 @@ def main() -> None:
         for rep in range(1, args.reps + 1):
             for clients, broadcasts, interval in configs:
                 for broker in brokers:
-                    log(f"rep {rep}  {broker:<6} {clients}x{broadcasts}@{interval}ms")
-                    run = run_one(clients, broadcasts, interval, broker, args, workdir)
-                    run["rep"] = rep
-                    runs.append(run)
-                    summary = {k: run.get(k) for k in ("deliveries_per_s", "loss", "p99_ms", "connect_s", "error")}
-                    log(f"   -> {summary}")
-                    time.sleep(1)
+                    for history in histories:
+                        name = "storm" if args.storm else f"{clients}x{broadcasts}@{interval}ms"
+                        log(f"rep {rep}  {broker:<6} history {history:<3} {name}")
+                        storm = STORM if args.storm else None
+                        run = run_one(clients, broadcasts, interval, broker, args, workdir, history, storm)
+                        run["rep"] = rep
+                        runs.append(run)
+                        keys = ("back_s", "recovered", "loss") if storm else ("deliveries_per_s", "loss", "p99_ms")
+                        log(f"   -> { ({k: run.get(k) for k in (*keys, 'connect_s', 'error')}) }")
+                        time.sleep(1)
+    columns = STORM_COLUMNS if args.storm else COLUMNS
     medians = []
     for clients, broadcasts, interval in configs:
         for broker in brokers:
-            group = [
-                r
-                for r in runs
-                if r["broker"] == broker
-                and r.get("clients") == clients
-                and r.get("broadcasts") == broadcasts
-                and r.get("interval_ms") == interval
-            ]
-            row = {
-                "broker": broker,
-                "clients": clients,
-                "broadcasts": broadcasts,
-                "interval_ms": interval,
-                "runs": len(group),
-                "errors": sum(1 for r in group if r.get("error")),
-            }
-            for key, _, _ in COLUMNS:
-                row[key] = median_of(group, key)
-            medians.append(row)
+            for history in histories:
+                group = [
+                    r
+                    for r in runs
+                    if r["broker"] == broker
+                    and r["history"] == history
+                    and r.get("clients") == clients
+                    and (args.storm or (r.get("broadcasts") == broadcasts and r.get("interval_ms") == interval))
+                ]
+                row = {
+                    "broker": broker,
+                    "history": history,
+                    "clients": clients,
+                    "broadcasts": broadcasts,
+                    "interval_ms": interval,
+                    "runs": len(group),
+                    "errors": sum(1 for r in group if r.get("error")),
+                }
+                for key, _, _ in columns:
+                    row[key] = median_of(group, key)
+                medians.append(row)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(exist_ok=True)
+    kind = "storm" if args.storm else "bench"
     report = {
         "machine": machine(),
         "stamp": stamp,
         "reps": args.reps,
         "log_level": args.log_level,
+        "storm": STORM if args.storm else None,
         "medians": medians,
         "runs": runs,
     }
-    (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{kind}-{stamp}.json").write_text(json.dumps(report, indent=2))
     text = (
         f"Medians of {args.reps} run(s), {stamp}, {machine()}; server (and Redis) pinned to CPU 0, "
-        f"load generator to CPU 1, LOG_LEVEL={args.log_level}.\n\n{table(medians)}\n"
+        f"load generator to CPU 1, LOG_LEVEL={args.log_level}.\n\n{table(medians, columns, args.storm)}\n"
     )
-    (RESULTS / "latest.md").write_text(text)
+    if args.storm:
+        text += (
+            f"\n{STORM['clients']:,} clients subscribed, broadcasts at {STORM['rate']}/s for {STORM['seconds']} s, "
+            f"SIGHUP after {STORM['after_ms']} ms; clients come back after 0.25-1 s and resume.\n"
+        )
+    elif "on" in histories and "off" in histories:
+        text += f"\nThe delivery guarantee's cost (history on / off):\n\n{history_cost(medians)}\n"
+    (RESULTS / f"latest-{kind}.md").write_text(text)
     print(text)
     failed = [r for r in runs if r.get("error")]
     if failed:
-        log(f"{len(failed)} run(s) reported errors: see bench/results/bench-{stamp}.json")
+        log(f"{len(failed)} run(s) reported errors: see bench/results/{kind}-{stamp}.json")
         sys.exit(1)
 
 

@@ -144,6 +144,13 @@ class Recovery:
                 refused.append((name, why))
         prepared = Prepared(session, channels, refused, read_upto=self.sequencer.position)
         recent = self.sequencer.recent_after(request.offset)
+        if recent is None:  # from before this worker began (a restart): read it once for everyone
+            try:
+                self.sequencer.backfill(request.offset)
+            except Exception:
+                return Reason.UNAVAILABLE
+            prepared.read_upto = self.sequencer.position
+            recent = self.sequencer.recent_after(request.offset)
         if recent is not None:
             prepared.missed = [e for e in recent if e.offset <= prepared.read_upto]  # type: ignore[operator]
         else:

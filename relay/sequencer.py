@@ -29,10 +29,11 @@ any greenlet, never from an event-loop callback (a fan-out yields).
 from __future__ import annotations
 
 import logging
-from collections import deque
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 
 import gevent
+import gevent.lock
 from gevent.event import AsyncResult
 
 from .envelope import Envelope
@@ -64,10 +65,8 @@ class Sequencer:
         self._parked: dict[int, tuple[Envelope, AsyncResult]] = {}
         self._draining = False
         self._gap: gevent.Greenlet | None = None
-        self._recent: deque[tuple[Envelope, int]] = deque()
-        self._recent_max = recent
-        self._recent_bytes_max = recent_bytes
-        self._recent_bytes = 0
+        self._recent = RecentWindow(recent, recent_bytes)
+        self._backfilling = gevent.lock.Semaphore()
 
     # -- positions ----------------------------------------------------------------------------
 
@@ -83,13 +82,38 @@ class Sequencer:
     def primed(self) -> bool:
         return self.epoch is not None
 
+    def backfill(self, offset: int) -> None:
+        """Extend the recent window back to ``offset`` from the history, once for many resumes.
+
+        After a restart every client resumes from before this worker began:
+        without this each would read (and parse, and encode) the same
+        broadcasts from the store. The first one reads them into the window;
+        the others, waiting on the same lock, find them there. A gap wider
+        than the window is left to the caller. May wait: never from an
+        event-loop callback.
+        """
+        with self._backfilling:
+            upto = self._recent.first - 1 if self._recent.first is not None else self.position
+            if offset >= upto or upto - offset > self._recent.max_count:
+                return
+            older: list[Envelope] = []
+            cursor = offset
+            for _ in range(100):  # bounded: pages of 500, at most the window's size in all
+                page = [e for e in self._fetch(cursor, min(500, upto - cursor)) if _offset(e) <= upto]
+                if not page:
+                    break
+                older.extend(page)
+                cursor = _offset(page[-1])
+                if cursor >= upto:
+                    break
+            if older and _offset(older[0]) == offset + 1 and self._recent.first in (None, upto + 1):
+                self._recent.prepend(older)
+
     def recent_after(self, offset: int) -> list[Envelope] | None:
         """Delivered envelopes with offsets above ``offset``, or None if they are not all still kept here."""
         if offset >= self.position:
             return []
-        if not self._recent or self._recent[0][0].offset > offset + 1:  # type: ignore[operator]
-            return None
-        return [envelope for envelope, _ in self._recent if envelope.offset > offset]  # type: ignore[operator]
+        return self._recent.after(offset)
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -102,7 +126,7 @@ class Sequencer:
         if envelope.epoch != self.epoch:
             self._reset(envelope.epoch, offset - 1)
         if offset <= self.position or offset in self._parked:
-            result.set(self._count_of(offset))
+            result.set(self._recent.count_of(offset))
             return result
         self._parked[offset] = (envelope, result)
         if not self._draining:
@@ -130,13 +154,16 @@ class Sequencer:
                 if item is None:
                     return
                 envelope, result = item
-                self.position = envelope.offset  # type: ignore[assignment]  # placed: offer checked
+                # Both before the fan-out's first pause: a connection admitted meanwhile starts after this
+                # offset, and a resume finishing meanwhile finds this envelope in the recent window.
+                self.position = _offset(envelope)
+                kept = self._recent.add(envelope)
                 try:
                     count = self._deliver(envelope)
                 except Exception:
                     log.exception("delivering offset %s failed", envelope.offset)
                     count = 0
-                self._remember(envelope, count)
+                kept[1] = count
                 result.set(count)
         finally:
             self._draining = False
@@ -156,8 +183,8 @@ class Sequencer:
             self._gap = gevent.spawn_later(self.gap_timeout * 5, self._fill)
             return
         for envelope in missing:
-            if envelope.epoch == self.epoch and self.position < envelope.offset < first:  # type: ignore[operator]
-                self._parked.setdefault(envelope.offset, (envelope, AsyncResult()))  # type: ignore[arg-type]
+            if envelope.epoch == self.epoch and self.position < _offset(envelope) < first:
+                self._parked.setdefault(_offset(envelope), (envelope, AsyncResult()))
         if self.position + 1 not in self._parked:
             lost = first - self.position - 1
             event("sequencer.gap_skipped", level="error", after=self.position, upto=first - 1, count=lost)
@@ -175,26 +202,72 @@ class Sequencer:
             result.set(0)
         self._parked.clear()
         self._recent.clear()
-        self._recent_bytes = 0
         old = self.epoch
         self.epoch, self.position = epoch, position
         if old is not None:
             self._on_reset(epoch)
 
-    # -- the recent window ----------------------------------------------------------------------
 
-    def _remember(self, envelope: Envelope, count: int) -> None:
-        self._recent.append((envelope, count))
-        self._recent_bytes += len(envelope.frame())
-        while len(self._recent) > self._recent_max or self._recent_bytes > self._recent_bytes_max:
-            old, _ = self._recent.popleft()
-            self._recent_bytes -= len(old.frame())
+def _offset(envelope: Envelope) -> int:
+    """The offset of an envelope the history placed (only such envelopes are sequenced)."""
+    assert envelope.offset is not None
+    return envelope.offset
 
-    def _count_of(self, offset: int) -> int:
-        """How many took an offset already delivered here (0 if it is no longer remembered)."""
-        for envelope, count in reversed(self._recent):
-            if envelope.offset == offset:
-                return count
-            if envelope.offset < offset:  # type: ignore[operator]
-                break
-        return 0
+
+class RecentWindow:
+    """The last envelopes delivered here, in offset order, with how many connections took each.
+
+    Bounded by count and by bytes (their frames); searched by offset in
+    O(log n), because a reconnect storm asks once per resuming client.
+    """
+
+    def __init__(self, count: int, nbytes: int):
+        self.max_count, self.max_bytes = count, nbytes
+        self._offsets: list[int] = []
+        self._kept: list[list] = []  # [envelope, count], parallel to _offsets
+        self._bytes = 0
+
+    def add(self, envelope: Envelope) -> list:
+        kept = [envelope, 0]
+        self._offsets.append(_offset(envelope))
+        self._kept.append(kept)
+        self._bytes += len(envelope.frame())
+        if len(self._kept) > self.max_count + 256 or self._bytes > self.max_bytes:
+            self._trim()
+        return kept
+
+    @property
+    def first(self) -> int | None:
+        return self._offsets[0] if self._offsets else None
+
+    def prepend(self, envelopes: list[Envelope]) -> None:
+        """Put older envelopes (read back from the history) in front."""
+        self._offsets[:0] = [_offset(e) for e in envelopes]
+        self._kept[:0] = [[e, 0] for e in envelopes]
+        self._bytes += sum(len(e.frame()) for e in envelopes)
+
+    def after(self, offset: int) -> list[Envelope] | None:
+        """Envelopes with offsets above ``offset``, or None if the window no longer reaches back that far."""
+        if not self._offsets or self._offsets[0] > offset + 1:
+            return None
+        return [kept[0] for kept in self._kept[bisect_right(self._offsets, offset) :]]
+
+    def count_of(self, offset: int) -> int:
+        index = bisect_left(self._offsets, offset)
+        found = index < len(self._offsets) and self._offsets[index] == offset
+        return self._kept[index][1] if found else 0
+
+    def clear(self) -> None:
+        self._offsets.clear()
+        self._kept.clear()
+        self._bytes = 0
+
+    def _trim(self) -> None:
+        # One slice delete for many entries: the lists move once per trim, not once per broadcast.
+        drop = max(0, len(self._kept) - self.max_count)
+        freed = sum(len(kept[0].frame()) for kept in self._kept[:drop])
+        while self._bytes - freed > self.max_bytes and drop < len(self._kept) - 1:
+            freed += len(self._kept[drop][0].frame())
+            drop += 1
+        self._bytes -= freed
+        del self._offsets[:drop], self._kept[:drop]

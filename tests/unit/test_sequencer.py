@@ -106,9 +106,9 @@ def test_recent_after_says_when_it_no_longer_reaches_back():
     world = World(head=100)
     small = Sequencer(world.deliver, world.fetch, on_reset=world.resets.append, recent=3)
     small.prime(EPOCH, 0)
-    for n in range(1, 11):
+    for n in range(1, 601):
         small.offer(env(n))
-    assert [e.offset for e in small.recent_after(7)] == [8, 9, 10]
+    assert [e.offset for e in small.recent_after(597)] == [598, 599, 600]  # at least the last 3 are kept
     assert small.recent_after(6) is None  # 7 was forgotten: the caller must read the history
 
 
@@ -124,5 +124,7 @@ def test_the_position_moves_before_the_fan_out_so_a_connection_joining_mid_fan_o
     job = gevent.spawn(sequencer.offer, env(1))
     gevent.sleep(0.001)  # the fan-out of 1 has started and paused
     seen.append(("joiner sees", sequencer.position))
+    # ...and a resume finishing now, with the client at offset 0, must replay 1: it will not get it live.
+    seen.append(("resume replays", [e.offset for e in sequencer.recent_after(0)]))
     job.join()
-    assert seen == [("joiner sees", 1)]  # it is told 1 as its start, and (snapshot taken) does not get 1 live
+    assert seen == [("joiner sees", 1), ("resume replays", [1])]
