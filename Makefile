@@ -45,7 +45,7 @@ bench-quick: $(STAMP) system-deps
 bench-storm: $(STAMP) system-deps
 	$(BIN)/python bench/run.py --storm --reps 1 $(BENCH_ARGS)
 
-# Side by side with node-ws, flask-sock-naive and c-limit in the shared harness (~15 min).
+# Side by side with node-ws, flask-sock-naive, c-limit and c-limit-coalesce in the shared harness (~20 min).
 bench-peers: $(STAMP)
 	bench/peers.sh $(PEERS_ARGS)
 

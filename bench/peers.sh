@@ -1,6 +1,6 @@
 #!/bin/bash
 # Side by side with the reference peers, in one run of the shared harness:
-#   node-ws, flask-sock-naive, c-limit (the machine's limit) and this project,
+#   node-ws, flask-sock-naive, c-limit and c-limit-coalesce (the machine's limits) and this project,
 # C load generator, medians of 3, server pinned to CPU 0 and load generator to CPU 1.
 # Extra arguments go to run_peers.sh (e.g. --reps 1 --configs "1000:100:0").
 # Results: bench/results/peers-<stamp>.{jsonl,md} and the ratios in peers-<stamp>-ratios.md.
@@ -15,7 +15,7 @@ cp -r "$shared" "$work/bench"           # the shared folder may be read-only
 rm -f "$work"/bench/results/peers-*     # keep only this run's results
 LOADGEN=c TARGET_DIR="$here" TARGET_PATH=/ws TARGET_CMD="bench/serve.sh {PORT}" \
   TARGET_ENV="REALTIME_DB=$scratch/bench.db REALTIME_INSTANCE_PATH=$scratch/instance LOG_LEVEL=INFO" \
-  "$work/bench/run_peers.sh" --targets "node-ws flask-sock-naive c-limit project" "$@"
+  "$work/bench/run_peers.sh" --targets "node-ws flask-sock-naive c-limit c-limit-coalesce project" "$@"
 mkdir -p "$here/bench/results"
 for f in "$work"/bench/results/peers-*.jsonl; do
   stamp="$(basename "$f" .jsonl)"

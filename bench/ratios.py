@@ -10,7 +10,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-PEERS = ("node-ws", "c-limit", "flask-sock-naive")
+PEERS = ("node-ws", "c-limit", "c-limit-coalesce", "flask-sock-naive")
 
 
 def medians(path: str) -> dict:
@@ -38,10 +38,10 @@ def main(path: str) -> None:
     configs = sorted({cfg for _, cfg in m}, key=lambda c: tuple(map(int, c.split(":"))))
     print(f"Ratios from {path.rsplit('/', 1)[-1]} (medians; project / peer).\n")
     print(
-        "| config | project deliveries/s | vs node-ws | vs c-limit | vs flask-sock-naive "
+        "| config | project deliveries/s | vs node-ws | vs c-limit | vs c-limit-coalesce | vs flask-sock-naive "
         "| project p99 ms | node-ws p99 ms | project srv CPU% | project loss |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for cfg in configs:
         p = m.get(("project", cfg))
         if not p:
@@ -51,6 +51,7 @@ def main(path: str) -> None:
         print(
             f"| {cfg} | {rate:,.0f} | {ratio(rate, peer['node-ws'].get('deliveries_per_s'))} "
             f"| {ratio(rate, peer['c-limit'].get('deliveries_per_s'))} "
+            f"| {ratio(rate, peer['c-limit-coalesce'].get('deliveries_per_s'))} "
             f"| {ratio(rate, peer['flask-sock-naive'].get('deliveries_per_s'))} "
             f"| {p['p99_ms']:.1f} | {peer['node-ws'].get('p99_ms') or 0:.1f} | {p['server_cpu_fanout_pct']:.0f} "
             f"| {p['loss']:.0f} |"
