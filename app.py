@@ -57,10 +57,23 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.session_interface = CachedSerializerSessionInterface()
     app.extensions["realtime"] = Realtime(settings)
 
-    from blueprints import admin, api, auth, clinics, errors, pages, socket, user_commands, ws_commands
+    from blueprints import (
+        admin,
+        api,
+        auth,
+        clinics,
+        errors,
+        pages,
+        request_limits,
+        security_headers,
+        socket,
+        user_commands,
+        ws_commands,
+    )
 
-    for module in (errors, auth, socket, api, pages, admin, clinics, user_commands, ws_commands):
+    for module in (errors, security_headers, auth, socket, api, pages, admin, clinics, user_commands, ws_commands):
         app.register_blueprint(module.bp)
+    app.wsgi_app = request_limits.RequestLimits(app.wsgi_app, timeout=settings.http_request_timeout_ms / 1000)
     app.jinja_env.globals.update(
         csrf_token=auth.csrf_token,
         current_user=auth.current_user_if_known,

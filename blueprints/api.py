@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 
 from flask import Blueprint, jsonify, request
 
 from relay.broadcast import MAX_BODY_BYTES, BroadcastError, idempotency_key, parse_body
 from relay.broker import BrokerUnavailable
+from relay.channels import is_valid_id
 from relay.codes import HttpError
+from relay.eventlog import event
 from relay.history import IdempotencyConflict
 
 from .auth import admin_required, bearer_token, csrf_required, realtime, signed_in
@@ -28,17 +31,44 @@ def health():
     return response
 
 
+def admin_secret_required(view):
+    """For services: ``Authorization: Bearer <WS_ADMIN_SECRET>`` (or the original ``X-Admin-Secret``)."""
+
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        if not _admin_secret_ok():
+            return error_response(
+                401,
+                HttpError.UNAUTHORIZED,
+                "send the admin secret as 'Authorization: Bearer <WS_ADMIN_SECRET>'",
+                headers={"WWW-Authenticate": 'Bearer realm="broadcast"'},
+            )
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
 @bp.post("/broadcast")
+@admin_secret_required
 def broadcast():
-    """For services: ``Authorization: Bearer <WS_ADMIN_SECRET>`` (or ``X-Admin-Secret``)."""
-    if not _admin_secret_ok():
-        return error_response(
-            401,
-            HttpError.UNAUTHORIZED,
-            "send the admin secret as 'Authorization: Bearer <WS_ADMIN_SECRET>'",
-            headers={"WWW-Authenticate": 'Bearer realm="broadcast"'},
-        )
     return send_broadcast(source="api", scope="api")
+
+
+@bp.post("/api/users/<user_id>/disconnect")
+@admin_secret_required
+def disconnect_user(user_id: str):
+    """An incident: close every socket of this user, on every worker and host (4403: the browser stops).
+
+    Disable the user as well, or a new sign-in opens new sockets.
+    """
+    if not is_valid_id(user_id):
+        return error_response(400, HttpError.INVALID_BODY, f"user id {user_id[:80]!r} is not a valid id")
+    try:
+        done = realtime().disconnect_user(user_id)
+    except BrokerUnavailable as down:
+        return error_response(503, HttpError.UNAVAILABLE, f"not disconnected: {down}", headers={"Retry-After": "1"})
+    event("ws.user_disconnected", level="warning", userId=user_id, sockets=done.delivered, workers=done.workers)
+    return jsonify(ok=True, disconnected=done.delivered, workers=done.workers, missingWorkers=done.missing)
 
 
 @bp.post("/api/admin/broadcast")

@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import hmac
 import secrets
+from math import ceil
 
 from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, session, url_for
 
 from relay.codes import HttpError
 from relay.directory import AccessTokenInvalid, AccessTokensUnsupported, DirectoryUnavailable, Identity
 from relay.eventlog import event
+from relay.throttle import ThrottleUnavailable
 
 from .errors import error_response, wants_json
 
@@ -134,29 +136,43 @@ def csrf_required(view):
 
 @bp.route("/login", methods=["GET", "POST"])
 def login():
-    error = None
-    status = 200
-    if request.method == "POST":
-        login_name = (request.form.get("login") or "").strip()
-        password = request.form.get("password") or ""
-        if not csrf_ok():
-            error, status = "Your session expired. Please try again.", 400
-        elif not login_name or not password:
-            error, status = "Enter your email and password.", 400
-        else:
-            try:
-                user = realtime().directory.authenticate(login_name, password)
-            except DirectoryUnavailable:
-                user, error, status = None, "Sign-in is unavailable right now. Try again shortly.", 503
-            if user is not None:
-                session.clear()
-                session["user_id"] = user.user_id
-                event("login", userId=user.user_id, role=user.role)
-                return redirect(_safe_next(request.args.get("next")))
-            if error is None:
-                event("login_failed", level="warning", login=login_name[:120], remote=request.remote_addr)
-                error, status = "Wrong email or password.", 401
-    return render_template("login.html", error=error), status
+    if request.method == "GET":
+        return render_template("login.html", error=None)
+    login_name = (request.form.get("login") or "").strip()
+    password = request.form.get("password") or ""
+    if not csrf_ok():
+        return _login_page("Your session expired. Please try again.", 400)
+    if not login_name or not password:
+        return _login_page("Enter your email and password.", 400)
+    throttle, address = realtime().throttle, request.remote_addr
+    try:
+        wait = throttle.wait(login_name, address)
+        if wait > 0:  # refused before the password is even looked at: the right one too
+            event("login.throttled", level="warning", login=login_name[:120], remote=address, retryAfter=ceil(wait))
+            return _too_many(wait)
+        user = realtime().directory.authenticate(login_name, password)
+        if user is None:
+            earned = throttle.failed(login_name, address)
+            event("login_failed", level="warning", login=login_name[:120], remote=address, waitS=ceil(earned))
+            return _login_page("Wrong email or password.", 401)
+        throttle.succeeded(login_name)
+    except (DirectoryUnavailable, ThrottleUnavailable):
+        return _login_page("Sign-in is unavailable right now. Try again shortly.", 503)
+    session.clear()  # a new session (new CSRF token): nothing from before the sign-in carries over
+    session["user_id"] = user.user_id
+    event("login", userId=user.user_id, role=user.role)
+    return redirect(_safe_next(request.args.get("next")))
+
+
+def _login_page(error: str, status: int, headers: dict | None = None):
+    return render_template("login.html", error=error), status, headers or {}
+
+
+def _too_many(wait: float):
+    seconds = ceil(wait)
+    when = f"{seconds} seconds" if seconds < 120 else f"{ceil(seconds / 60)} minutes"
+    text = f"Too many failed sign-ins. For your account's safety, try again in {when}."
+    return _login_page(text, 429, {"Retry-After": str(seconds)})
 
 
 @bp.post("/logout")

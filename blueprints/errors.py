@@ -54,8 +54,6 @@ def http_error(error: HTTPException):
     status = error.code or 500
     if wants_json():
         message = error.description or error.name
-        if status == 400 and request.path == "/ws":
-            message = "/ws only accepts WebSocket upgrade requests"
         return error_response(status, _CODES.get(status, HttpError.INTERNAL), message)
     html = render_template(
         "error.html", status=status, title=error.name, message=_MESSAGES.get(status, error.description)

@@ -1,7 +1,8 @@
 """``/ws``: Flask-Sock answers the upgrade, then the core owns the socket.
 
-Before the upgrade (``before_request``): refuse foreign browser origins with
-403, and drop the client's permessage-deflate offer, which would cost ~90 KB
+Before the upgrade (``before_request``): refuse a malformed upgrade with 400
+``bad_upgrade`` (426 for another WebSocket version), foreign browser origins
+with 403, and drop the client's permessage-deflate offer, which would cost ~90 KB
 of zlib state per connection for messages of a few hundred bytes.
 
 After the upgrade, the view takes the TCP socket away from simple-websocket
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
+from werkzeug.routing.exceptions import WebsocketMismatch
 
 from relay.codes import HttpError
 from relay.eventlog import event
@@ -53,14 +55,49 @@ def _configure(state) -> None:
 
 @bp.before_request
 def guard_upgrade():
-    if request.path != "/ws" or request.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+    if request.path != "/ws":
         return None
+    problem = upgrade_problem(request.environ)
+    if problem:
+        return _bad_upgrade(*problem)
     origin = request.headers.get("Origin")
     allowed = current_app.extensions["realtime"].settings.allowed_origins
     if origin and not origin_allowed(origin, request.host, allowed):
         event("ws.origin_refused", level="warning", origin=origin[:200], remote=request.remote_addr)
         return error_response(403, HttpError.FOREIGN_ORIGIN, f"origin {origin[:200]!r} may not open sockets here")
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+    return None
+
+
+@bp.app_errorhandler(WebsocketMismatch)
+def not_an_upgrade(error: WebsocketMismatch):
+    """Routing refuses a request that is not a complete upgrade before any view or hook runs."""
+    if request.path != "/ws":
+        return error_response(400, HttpError.BAD_UPGRADE, f"{request.path[:200]} does not accept WebSocket upgrades")
+    status, message = upgrade_problem(request.environ) or (400, "/ws only accepts WebSocket upgrade requests")
+    return _bad_upgrade(status, message)
+
+
+def _bad_upgrade(status: int, message: str):
+    headers = {"Sec-WebSocket-Version": "13"} if status == 426 else None
+    return error_response(status, HttpError.BAD_UPGRADE, message, headers=headers)
+
+
+def upgrade_problem(environ: dict) -> tuple[int, str] | None:
+    """What RFC 6455 (4.2.1) requires of an upgrade, checked before simple-websocket sees it.
+
+    simple-websocket raises on a malformed upgrade, which would be a 500 and a
+    traceback; a client deserves a 400 naming the missing header instead.
+    """
+    if environ.get("HTTP_UPGRADE", "").strip().lower() != "websocket":
+        return 400, "/ws only accepts WebSocket upgrade requests ('Upgrade: websocket')"
+    tokens = [t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")]
+    if "upgrade" not in tokens:
+        return 400, "a WebSocket upgrade needs 'Connection: Upgrade'"
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+        return 426, "this server speaks WebSocket version 13 (Sec-WebSocket-Version: 13)"
+    if not environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip():
+        return 400, "a WebSocket upgrade needs a Sec-WebSocket-Key header"
     return None
 
 

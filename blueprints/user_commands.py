@@ -68,7 +68,7 @@ def list_users():
 @click.argument("user_id")
 @click.argument("role")
 def set_role(user_id, role):
-    """Change a user's role (takes effect on their next connection)."""
+    """Change a user's role (open sockets follow within about a second: subscriptions it no longer allows end)."""
     _apply(_store().set_role, user_id, role)
     click.echo(f"{user_id} is now {role}")
 
@@ -77,7 +77,7 @@ def set_role(user_id, role):
 @click.argument("user_id")
 @click.argument("clinic_id", required=False)
 def set_clinic(user_id, clinic_id):
-    """Change (or, without CLINIC_ID, clear) a user's clinic."""
+    """Change (or, without CLINIC_ID, clear) a user's clinic (open sockets follow within about a second)."""
     _apply(_store().set_clinic, user_id, clinic_id)
     click.echo(f"{user_id} clinic is now {clinic_id or '-'}")
 
@@ -94,7 +94,7 @@ def set_password(user_id, password):
 @bp.cli.command("disable")
 @click.argument("user_id")
 def disable(user_id):
-    """Stop a user from signing in and connecting (open sockets end at their next reconnect)."""
+    """Stop a user from signing in and connecting (open sockets are closed with 4403 within about a second)."""
     _apply(_store().set_active, user_id, False)
     click.echo(f"{user_id} disabled")
 

@@ -32,6 +32,7 @@ class Pending(Protocol):
 Deliver = Callable[[Envelope], Pending]
 Stats = Callable[[], dict]
 Resync = Callable[[], None]
+Control = Callable[[dict], int]  # runs a control message (disconnect a user, ...) here; returns a count
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,22 @@ class BrokerUnavailable(Exception):
 class Broker(Protocol):
     name: str
 
-    def start(self, deliver: Deliver, stats: Stats, resync: Resync | None = None) -> None:
+    def start(
+        self, deliver: Deliver, stats: Stats, resync: Resync | None = None, control: Control | None = None
+    ) -> None:
         """Begin receiving. ``deliver(envelope)`` fans out locally (see the module docstring);
         ``stats()`` is this worker's hub statistics, for the cluster view; ``resync()`` is
-        called (in a greenlet of its own) after a listener that was away is back."""
+        called (in a greenlet of its own) after a listener that was away is back;
+        ``control(message)`` runs a control message here."""
 
     def publish(self, envelope: Envelope) -> Delivery:
         """Deliver everywhere and report the total. Raises BrokerUnavailable."""
+
+    def control(self, message: dict) -> Delivery:
+        """Run a control message on every worker; ``delivered`` is the sum of what they returned."""
+
+    def connections_elsewhere(self, user_id: str) -> int:
+        """The user's connections on the other workers (as far as this worker knows; 0 for one process)."""
 
     def members(self) -> list[dict] | None:
         """The statistics of every live worker (this one included), or None if unknown right now."""
@@ -82,14 +92,25 @@ class MemoryBroker:
         self.wait = wait
         self._deliver: Deliver | None = None
         self._stats: Stats | None = None
+        self._control: Control | None = None
 
-    def start(self, deliver: Deliver, stats: Stats, resync: Resync | None = None) -> None:
-        self._deliver, self._stats = deliver, stats
+    def start(
+        self, deliver: Deliver, stats: Stats, resync: Resync | None = None, control: Control | None = None
+    ) -> None:
+        self._deliver, self._stats, self._control = deliver, stats, control
 
     def publish(self, envelope: Envelope) -> Delivery:
         if self._deliver is None:
             raise BrokerUnavailable("the broker is stopped")
         return Delivery(delivered=self._deliver(envelope).get(timeout=self.wait))
+
+    def control(self, message: dict) -> Delivery:
+        if self._deliver is None:
+            raise BrokerUnavailable("the broker is stopped")
+        return Delivery(delivered=self._control(message) if self._control is not None else 0)
+
+    def connections_elsewhere(self, user_id: str) -> int:
+        return 0  # there is no elsewhere
 
     def members(self) -> list[dict] | None:
         return [{**self._stats(), "worker": self.worker_id}] if self._stats else []

@@ -26,6 +26,7 @@ class Close(IntEnum):
     UNAUTHORIZED = 4401  # token missing, malformed, forged or expired; fetch a new token, then reconnect
     FORBIDDEN = 4403  # the user is unknown or disabled; do not reconnect
     KEEPALIVE_TIMEOUT = 4408  # no answer to the server's pings; reconnect with backoff
+    TOO_MANY_CONNECTIONS = 4429  # this user has WS_MAX_CONNECTIONS_PER_USER sockets already; back off, retry later
 
 
 class Error:
@@ -56,9 +57,11 @@ class HttpError:
     METHOD_NOT_ALLOWED = "method_not_allowed"  # (405)
     INVALID_JSON = "invalid_json"  # body is not JSON (400)
     INVALID_BODY = "invalid_body"  # JSON of the wrong shape (400)
-    BODY_TOO_LARGE = "body_too_large"  # body over the broadcast limit (400)
+    BODY_TOO_LARGE = "body_too_large"  # body over its route's limit (400 on /broadcast, 413 elsewhere)
     INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"  # Idempotency-Key not 1-200 printable ASCII (400)
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"  # the key was first used with another broadcast: new key (422)
     FOREIGN_ORIGIN = "foreign_origin"  # WebSocket from an origin not allowed (403)
+    BAD_UPGRADE = "bad_upgrade"  # a WebSocket upgrade missing what RFC 6455 requires (400, or 426 for the version)
+    REQUEST_TIMEOUT = "request_timeout"  # the request body did not arrive within HTTP_REQUEST_TIMEOUT_MS (408)
     UNAVAILABLE = "unavailable"  # broker or draining worker (503)
     INTERNAL = "internal_error"  # a server bug (500)

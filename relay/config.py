@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("WS_TOKEN_SECRET", "WS_ADMIN_SECRET", "SECRET_KEY")
+OPTIONAL_SECRET_NAMES = ("WS_TOKEN_SECRET_PREVIOUS",)  # checked like the others when given
 DEV_SECRETS_FILE = "dev-secrets.json"
 SOCKET_PATH = "/ws"
 # The project's own instance folder: where Flask would put it for app.py.
@@ -46,6 +47,7 @@ class Settings:
     port: int
     # None only in development before the server's first start (see prepare_instance).
     token_secret: str | None = field(repr=False)
+    token_secret_previous: str | None = field(repr=False)
     admin_secret: str | None = field(repr=False)
     secret_key: str | None = field(repr=False)
     token_ttl_ms: int
@@ -69,6 +71,9 @@ class Settings:
     log_level: str
     web_concurrency: int
     worker_connections: int
+    http_request_timeout_ms: int
+    identity_recheck_ms: int
+    max_connections_per_user: int
     # The delivery guarantee (relay.history); a window of 0 turns it off.
     history_db_path: str
     recovery_window_ms: int
@@ -134,6 +139,13 @@ class Settings:
                         f"anything under {MIN_SECRET_BYTES}"
                     )
 
+        previous = reader.text("WS_TOKEN_SECRET_PREVIOUS", "") or None
+        if previous is not None:
+            if production:
+                _require_strong("WS_TOKEN_SECRET_PREVIOUS", previous)
+            if previous == found["WS_TOKEN_SECRET"]:
+                raise ConfigError("WS_TOKEN_SECRET_PREVIOUS is the same as WS_TOKEN_SECRET: set a new WS_TOKEN_SECRET.")
+
         test_user_id = reader.text("WS_TEST_USER_ID", "") or None
         if test_user_id and production:
             warnings.append("WS_TEST_USER_ID is ignored because APP_ENV=production")
@@ -144,6 +156,7 @@ class Settings:
             host=reader.text("WS_HOST", "127.0.0.1"),
             port=reader.integer("WS_PORT", 3001, low=1, high=65535),
             token_secret=found["WS_TOKEN_SECRET"],
+            token_secret_previous=previous,
             admin_secret=found["WS_ADMIN_SECRET"],
             secret_key=found["SECRET_KEY"],
             token_ttl_ms=reader.integer("WS_TOKEN_TTL_MS", 600_000, low=1000),
@@ -158,7 +171,7 @@ class Settings:
             redis_heartbeat_ms=reader.integer("REDIS_HEARTBEAT_MS", 1000, low=100),
             redis_reply_timeout_ms=reader.integer("REDIS_REPLY_TIMEOUT_MS", 1000, low=10),
             supabase=_supabase(reader),
-            allowed_origins=_origins(reader.text("WS_ALLOWED_ORIGINS", "")),
+            allowed_origins=_origins(reader.text("WS_ALLOWED_ORIGINS", ""), production, warnings),
             max_clients=reader.integer("WS_MAX_CLIENTS", 11_000, low=1),
             max_queue_bytes=reader.integer("WS_MAX_QUEUE_BYTES", 1 << 20, low=64 * 1024),
             close_timeout_ms=reader.integer("WS_CLOSE_TIMEOUT_MS", 2000, low=10),
@@ -167,6 +180,9 @@ class Settings:
             log_level=reader.text("LOG_LEVEL", "INFO").upper(),
             web_concurrency=reader.integer("WEB_CONCURRENCY", 1, low=1, high=256),
             worker_connections=reader.integer("WS_WORKER_CONNECTIONS", 12_000, low=10),
+            http_request_timeout_ms=reader.integer("HTTP_REQUEST_TIMEOUT_MS", 10_000, low=100),
+            identity_recheck_ms=reader.integer("WS_IDENTITY_RECHECK_MS", 30_000, low=100),
+            max_connections_per_user=reader.integer("WS_MAX_CONNECTIONS_PER_USER", 20, low=1),
             history_db_path=reader.text("REALTIME_HISTORY_DB", "") or os.path.join(instance_path, "history.db"),
             recovery_window_ms=reader.integer("WS_RECOVERY_WINDOW_MS", 120_000, low=0, high=86_400_000),
             recovery_max_messages=reader.integer("WS_RECOVERY_MAX_MESSAGES", 1000, low=1, high=100_000),
@@ -355,10 +371,16 @@ def _redis_url(raw: str) -> str | None:
     return raw
 
 
-def _origins(raw: str) -> tuple[str, ...]:
+def _origins(raw: str, production: bool, warnings: list[str]) -> tuple[str, ...]:
     origins = []
     for item in filter(None, (part.strip() for part in raw.split(","))):
         if item == "*":
+            if production:
+                raise ConfigError(
+                    "WS_ALLOWED_ORIGINS=* would let every web site open sockets here and fetch tokens from "
+                    "/api/ws/auth; production refuses it. List the origins: https://app.example.com,https://..."
+                )
+            warnings.append("WS_ALLOWED_ORIGINS=* lets pages of any origin open sockets (development only)")
             origins.append("*")
             continue
         parts = urlsplit(item)

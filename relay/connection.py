@@ -410,11 +410,16 @@ class Connection:
         try:
             messages = self._parser.feed(data)
         except frames.ProtocolViolation as violation:
-            # "Fail the WebSocket connection" (RFC 6455 7.1.7): the stream cannot be
-            # parsed any further, so send the close frame and drop the socket once it is out.
+            # "Fail the WebSocket connection" (RFC 6455 7.1.7): the stream cannot be parsed any
+            # further. What came whole before it is handled; then the close frame, and the socket
+            # is dropped once it is out.
             self._parser = None
+            self._handle_messages(violation.messages)
             self.close(violation.code, violation.reason, drop_when_sent=True)
             return
+        self._handle_messages(messages)
+
+    def _handle_messages(self, messages: list[tuple[int, object]]) -> None:
         # The opcode says what the payload is (see FrameParser.feed).
         for opcode, payload in messages:
             if self.state is CLOSED:

@@ -71,5 +71,18 @@ class Directory(Protocol):
         Raises AccessTokenInvalid, AccessTokensUnsupported or DirectoryUnavailable.
         """
 
+    def get_many(self, user_ids: list[str]) -> dict[str, Identity | None]:
+        """Each user as the source has it *now* (no cache), for re-checking open sockets in batches.
+
+        Raises DirectoryUnavailable.
+        """
+
+    def changes_since(self, cursor: int | None) -> tuple[int, list[str]]:
+        """Users whose access changed through this directory after ``cursor``: ``(new cursor, user ids)``.
+
+        ``None`` starts from now. A source changed elsewhere (Supabase) reports
+        none; the periodic re-check finds those changes.
+        """
+
     def status(self) -> dict:
         """A small JSON-able description for ``/health`` (kind, state, last error)."""

@@ -54,12 +54,18 @@ PING = encode(OP_PING, b"")
 
 
 class ProtocolViolation(Exception):
-    """The client broke the protocol; answer with close ``code``."""
+    """The client broke the protocol; answer with close ``code``.
+
+    ``messages`` are the whole messages that came before the violation in the
+    same :meth:`FrameParser.feed`: they were valid, and are handled like any
+    others (so the outcome does not depend on how the bytes were split).
+    """
 
     def __init__(self, code: int, reason: str):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.messages: list[tuple[int, object]] = []
 
 
 class FrameParser:
@@ -82,8 +88,15 @@ class FrameParser:
         self._fragment_size = 0
 
     def feed(self, data: bytes) -> list[tuple[int, object]]:
-        buf = self._buffer + data if self._buffer else data
         out: list[tuple[int, object]] = []
+        try:
+            return self._feed(data, out)
+        except ProtocolViolation as violation:
+            violation.messages = out
+            raise
+
+    def _feed(self, data: bytes, out: list[tuple[int, object]]) -> list[tuple[int, object]]:
+        buf = self._buffer + data if self._buffer else data
         pos = 0
         end = len(buf)
         while end - pos >= 2:

@@ -77,6 +77,45 @@ class Hub:
             for name in conn.channels:
                 _unindex(self._by_channel, name, conn)
 
+    def reidentify(self, conn, identity) -> None:
+        """The user's role or clinic changed: move the connection in the indexes at once."""
+        with self._lock:
+            present = conn in self._clients
+            if present:
+                _unindex(self._by_role, conn.role, conn)
+                if conn.clinic_id:
+                    _unindex(self._by_clinic, conn.clinic_id, conn)
+            conn.identify(identity)
+            if present:
+                _index(self._by_role, conn.role, conn)
+                if conn.clinic_id:
+                    _index(self._by_clinic, conn.clinic_id, conn)
+
+    def connections_of(self, user_id: str) -> list:
+        with self._lock:
+            return list(self._by_user.get(user_id, ()))
+
+    def user_ids(self) -> list[str]:
+        """Every user with an open connection here."""
+        with self._lock:
+            return list(self._by_user)
+
+    def connection_count(self, user_id: str) -> int:
+        with self._lock:
+            return len(self._by_user.get(user_id, ()))
+
+    def busy_users(self, limit: int = 2000) -> dict[str, int]:
+        """The ``limit`` users with most connections here, and how many (for the cluster-wide per-user cap).
+
+        Every connected user counts, one socket too: a cap of 4 split 3 + 1
+        across two workers must be seen as 4 by both. Past ``limit`` users the
+        ones left out hold the fewest sockets, so the cap errs by little.
+        """
+        with self._lock:
+            busy = [(len(conns), user) for user, conns in self._by_user.items()]
+        busy.sort(reverse=True)
+        return {user: count for count, user in busy[:limit]}
+
     def subscribe(self, conn, names: list[str], limit: int) -> tuple[list[str], list[str]]:
         """Subscribe to already-authorized ``names``; returns (in effect, over the limit)."""
         taken: list[str] = []

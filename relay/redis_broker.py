@@ -33,12 +33,13 @@ import logging
 import os
 import socket
 import time
+import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 from gevent.event import Event
 
-from .broker import BrokerUnavailable, Deliver, Delivery, Resync, Stats
+from .broker import BrokerUnavailable, Control, Deliver, Delivery, Resync, Stats
 from .config import ConfigError
 from .envelope import Envelope
 from .eventlog import event
@@ -126,6 +127,7 @@ class RedisBroker:
         self.heartbeat = heartbeat
         self.reply_timeout = reply_timeout
         self.channel = f"{prefix}:broadcast"
+        self.control_channel = f"{prefix}:control"
         self.reply_channel = f"{prefix}:reply:{worker_id}"
         self.stats_key = f"{prefix}:worker:{worker_id}"
         self.client_name = f"{prefix}-worker:{worker_id}"
@@ -136,6 +138,8 @@ class RedisBroker:
         self._deliver: Deliver = _not_started
         self._stats: Stats = dict
         self._resync: Resync | None = None
+        self._control: Control | None = None
+        self._elsewhere: dict[str, int] = {}  # user -> connections on the other workers, as of the last beat
         self._waiters: dict[str, _Waiter] = {}
         self._greenlets: list[gevent.Greenlet] = []
         self._stopped = False
@@ -146,8 +150,10 @@ class RedisBroker:
 
     # -- the Broker interface ---------------------------------------------------------
 
-    def start(self, deliver: Deliver, stats: Stats, resync: Resync | None = None) -> None:
-        self._deliver, self._stats, self._resync = deliver, stats, resync
+    def start(
+        self, deliver: Deliver, stats: Stats, resync: Resync | None = None, control: Control | None = None
+    ) -> None:
+        self._deliver, self._stats, self._resync, self._control = deliver, stats, resync, control
         self._greenlets = [gevent.spawn(self._listen), gevent.spawn(self._beat)]
 
     def publish(self, envelope: Envelope) -> Delivery:
@@ -176,6 +182,33 @@ class RedisBroker:
             return Delivery(delivered=local + waiter.total, workers=1 + waiter.replies, missing=others - waiter.replies)
         finally:
             del self._waiters[envelope.id]
+
+    def control(self, message: dict) -> Delivery:
+        """Run ``message`` on every worker (this one included); the total of what each handler returned."""
+        message_id = uuid.uuid4().hex
+        payload = json.dumps(
+            {"control": message, "id": message_id, "replyTo": self.reply_channel, "from": self.worker_id}
+        )
+        waiter = self._waiters[message_id] = _Waiter()
+        try:
+            listening = self._listening
+            try:
+                receivers = self._client.publish(self.control_channel, payload)
+            except (redis.RedisError, OSError) as problem:
+                self._failed(problem)
+                raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
+            local = self._control(message) if self._control is not None else 0
+            others = max(0, receivers - (1 if listening else 0))
+            waiter.expect(others)
+            if others:
+                waiter.done.wait(self.reply_timeout)
+            return Delivery(delivered=local + waiter.total, workers=1 + waiter.replies, missing=others - waiter.replies)
+        finally:
+            del self._waiters[message_id]
+
+    def connections_elsewhere(self, user_id: str) -> int:
+        """This user's connections on the other workers, as their last heartbeats said (best effort)."""
+        return self._elsewhere.get(user_id, 0)
 
     def status(self) -> dict:
         return {
@@ -229,7 +262,7 @@ class RedisBroker:
         while not self._stopped:
             pubsub = self._subscriber.pubsub()
             try:
-                pubsub.subscribe(self.channel, self.reply_channel)
+                pubsub.subscribe(self.channel, self.reply_channel, self.control_channel)
                 self._await_subscribed(pubsub)
                 if not self._listening:
                     event("redis.listening", channel=self.channel, worker=self.worker_id)
@@ -253,7 +286,7 @@ class RedisBroker:
     def _await_subscribed(self, pubsub) -> None:
         confirmed = 0
         deadline = time.monotonic() + 5
-        while confirmed < 2:
+        while confirmed < 3:
             if time.monotonic() > deadline:
                 raise redis.TimeoutError("no subscribe confirmation from Redis")
             message = pubsub.get_message(timeout=1.0)
@@ -287,9 +320,13 @@ class RedisBroker:
                     waiter.add(int(doc["delivered"]))
                 return
             if doc.get("from") == self.worker_id:
-                return  # our own broadcast: the sender already delivered it here
-            envelope = Envelope.from_json(doc["envelope"])
+                return  # our own: the sender already handled it here
             reply_to = doc["replyTo"]
+            if "control" in doc:
+                if self._control is not None:
+                    self._reply(reply_to, doc["id"], self._control(doc["control"]))
+                return
+            envelope = Envelope.from_json(doc["envelope"])
         except (ValueError, KeyError, TypeError, AttributeError) as problem:
             log.warning("ignored a malformed message on %s: %s", channel, problem)
             return
@@ -330,7 +367,21 @@ class RedisBroker:
             except (redis.RedisError, OSError) as problem:
                 self._heartbeat_ok = False
                 self._failed(problem)
+            self._count_elsewhere()
             gevent.sleep(self.heartbeat)
+
+    def _count_elsewhere(self) -> None:
+        """Sum the other workers' busy users (for WS_MAX_CONNECTIONS_PER_USER across the cluster)."""
+        members = self.members()
+        if members is None:
+            return  # keep the last view rather than forget it during a blip
+        elsewhere: dict[str, int] = {}
+        for member in members:
+            if member.get("worker") == self.worker_id:
+                continue
+            for user, count in (member.get("busyUsers") or {}).items():
+                elsewhere[user] = elsewhere.get(user, 0) + int(count)
+        self._elsewhere = elsewhere
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -31,8 +31,8 @@ from gevent.event import AsyncResult
 from . import __version__
 from . import channels as channel_rules
 from .broadcast import Broadcaster, BroadcastRequest, Receipt
-from .broker import Broker, BrokerUnavailable, MemoryBroker, Pending
-from .codes import Close
+from .broker import Broker, BrokerUnavailable, Delivery, MemoryBroker, Pending
+from .codes import Close, Error
 from .config import Settings
 from .connection import Connection
 from .directory import Directory, DirectoryUnavailable, Identity
@@ -44,10 +44,12 @@ from .lastvalues import LastValues
 from .outbox import Outbox
 from .protocol import ClientProtocol, encode, error_frame
 from .recovery import Prepared, Recovery, ResumeRequest
+from .revocation import IdentityWatcher
 from .sequencer import Sequencer
 from .sessions import SessionKeeper
 from .sqlite_directory import SqliteDirectory
 from .sqlite_history import SqliteHistory
+from .throttle import LoginThrottle, MemoryThrottleStore, ThrottleStore
 from .tokens import TokenError, TokenService
 
 log = logging.getLogger("relay.service")
@@ -70,7 +72,11 @@ class Realtime:
         self.started_at = time.time()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         # None only in a development command run before the server ever started (no secret yet).
-        self.tokens = TokenService(settings.token_secret, settings.token_ttl_ms) if settings.token_secret else None
+        self.tokens = (
+            TokenService(settings.token_secret, settings.token_ttl_ms, settings.token_secret_previous)
+            if settings.token_secret
+            else None
+        )
         self.directory = directory or _make_directory(settings)
         self.hub = Hub(max_clients=settings.max_clients, ping_interval=settings.ping_interval_ms / 1000)
         self.outbox = Outbox()
@@ -89,6 +95,13 @@ class Realtime:
         )
         self.broker = broker or _make_broker(settings, self.worker_id)
         self.broadcaster = Broadcaster(self.broker, self.history)
+        self.throttle = LoginThrottle(_make_throttle_store(settings))
+        self.identities = IdentityWatcher(
+            self.directory,
+            self.hub.user_ids,
+            self.apply_identity,
+            recheck_interval=settings.identity_recheck_ms / 1000,
+        )
         self.started = False
         self._greenlets: list[gevent.Greenlet] = []
 
@@ -98,11 +111,79 @@ class Realtime:
             return
         self.started = True
         self._prime()
-        self.broker.start(self._deliver, self.hub.stats, self._resync)
+        self.broker.start(self._deliver, self._heartbeat, self._resync, self._on_control)
         self.hub.start()
+        self.identities.start()
         if self.sessions is not None:
             self.sessions.start()
             self._greenlets.append(gevent.spawn(self._trim_forever))
+
+    # -- access that follows the user --------------------------------------------------------
+
+    def apply_identity(self, user_id: str, identity: Identity | None) -> int:
+        """Make this worker's sockets of ``user_id`` match who the user is now; returns how many it touched.
+
+        Disabled or gone: closed with 4403. Role or clinic changed: re-indexed at once, and every
+        subscription the user may no longer hold is dropped, with ERROR forbidden_channel and
+        UNSUBSCRIBED. Called by the IdentityWatcher (its own greenlet).
+        """
+        conns = self.hub.connections_of(user_id)
+        for conn in conns:
+            if identity is None or not identity.active:
+                event("ws.revoked", level="warning", clientId=conn.id, userId=user_id, reason="user_disabled")
+                conn.close(Close.FORBIDDEN, "user disabled")
+                continue
+            if (conn.role, conn.clinic_id) == (identity.role, identity.clinic_id):
+                conn.identify(identity)  # e.g. a new display name: nothing to re-index
+                continue
+            self.hub.reidentify(conn, identity)
+            lost = [name for name in sorted(conn.channels) if channel_rules.refusal(conn, name) is not None]
+            removed = self.hub.unsubscribe(conn, lost)
+            for name in removed:
+                conn.push(
+                    error_frame(Error.FORBIDDEN_CHANNEL, f"you may no longer subscribe to {name!r}", channel=name)
+                )
+            if removed:
+                conn.send_now(encode("UNSUBSCRIBED", {"channels": removed}))
+                if self.sessions is not None:
+                    self.sessions.changed(conn)
+            event(
+                "ws.identity_changed",
+                clientId=conn.id,
+                userId=user_id,
+                role=identity.role,
+                clinicId=identity.clinic_id,
+                dropped=removed,
+            )
+        return len(conns)
+
+    def disconnect_user(self, user_id: str) -> Delivery:
+        """Close the user's sockets on every worker and host (an incident); ``delivered`` counts them."""
+        return self.broker.control({"kind": "disconnect", "userId": user_id})
+
+    def identity_changed(self, user_id: str) -> Delivery:
+        """Tell every worker to read the user again now (a change made outside the change log)."""
+        return self.broker.control({"kind": "identity", "userId": user_id})
+
+    def _on_control(self, message: dict) -> int:
+        """A control message from any worker (see Broker.control); runs in the listener's greenlet."""
+        kind, user_id = message.get("kind"), message.get("userId")
+        if not isinstance(user_id, str):
+            return 0
+        if kind == "disconnect":
+            conns = self.hub.connections_of(user_id)
+            for conn in conns:
+                event("ws.revoked", level="warning", clientId=conn.id, userId=user_id, reason="disconnected")
+                conn.close(Close.FORBIDDEN, "disconnected by an administrator")
+            return len(conns)
+        if kind == "identity":
+            gevent.spawn(self.identities.refresh, [user_id])  # may wait on the directory: not here
+            return len(self.hub.connections_of(user_id))
+        return 0
+
+    def _heartbeat(self) -> dict:
+        """What this worker publishes for the cluster: the hub's figures, and who holds several sockets here."""
+        return {**self.hub.stats(), "busyUsers": self.hub.busy_users()}
 
     # -- the stream ---------------------------------------------------------------------
 
@@ -239,6 +320,11 @@ class Realtime:
         if self.hub.full:
             event("ws.refused", level="warning", reason="server_full", userId=user_id, clients=len(self.hub))
             conn.reject(Close.TRY_AGAIN_LATER, "server full")
+            return
+        held = self.hub.connection_count(user_id) + self.broker.connections_elsewhere(user_id)
+        if held >= self.settings.max_connections_per_user:
+            event("ws.refused", level="warning", reason="too_many_connections", userId=user_id, held=held)
+            conn.reject(Close.TOO_MANY_CONNECTIONS, "too many connections for this user")
             return
 
         conn.identify(identity)
@@ -394,6 +480,7 @@ class Realtime:
             "broker": broker,
             "identity": identity,
             "stream": self._stream_status(),
+            "identityWatch": self.identities.status(),
             "recoveries": self.recovery.status(),
         }
 
@@ -487,3 +574,11 @@ def _make_history(settings: Settings) -> History:
         window_ms=settings.recovery_window_ms,
         last_value_ttl_ms=settings.last_value_ttl_ms,
     )
+
+
+def _make_throttle_store(settings: Settings) -> ThrottleStore:
+    if not settings.redis_url:
+        return MemoryThrottleStore()
+    from .throttle import RedisThrottleStore
+
+    return RedisThrottleStore(settings.redis_url, prefix=settings.redis_prefix)

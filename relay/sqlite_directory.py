@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import os
 import secrets
 import sqlite3
 import threading
@@ -21,6 +20,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id
 from .directory import AccessTokensUnsupported, Identity
+from .sqlite import open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -32,6 +32,12 @@ CREATE TABLE IF NOT EXISTS users (
     active        INTEGER NOT NULL DEFAULT 1,
     password_hash TEXT,
     created_at    TEXT NOT NULL
+);
+-- Who changed (role, clinic, state), in order: every worker polls it, so open sockets follow at once.
+CREATE TABLE IF NOT EXISTS identity_changes (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    at      TEXT NOT NULL
 );
 """
 _COLUMNS = "id, email, display_name, role, clinic_id, active"
@@ -138,15 +144,43 @@ class SqliteDirectory:
 
     def set_role(self, user_id: str, role: str) -> None:
         _check_user_fields(user_id, role, None)
-        self._update(user_id, "role = ?", (role,))
+        self._update(user_id, "role = ?", (role,), changes_access=True)
 
     def set_clinic(self, user_id: str, clinic_id: str | None) -> None:
         if clinic_id and not is_valid_id(clinic_id):
             raise UserError(f"clinic id {clinic_id!r} must match {ID_PATTERN}")
-        self._update(user_id, "clinic_id = ?", (clinic_id or None,))
+        self._update(user_id, "clinic_id = ?", (clinic_id or None,), changes_access=True)
 
     def set_active(self, user_id: str, active: bool) -> None:
-        self._update(user_id, "active = ?", (1 if active else 0,))
+        self._update(user_id, "active = ?", (1 if active else 0,), changes_access=True)
+
+    # -- live revocation ------------------------------------------------------
+
+    def get_many(self, user_ids: list[str]) -> dict[str, Identity | None]:
+        """Every one of ``user_ids`` as the store has it now (None: no such user)."""
+        found: dict[str, Identity | None] = dict.fromkeys(user_ids)
+        for start in range(0, len(user_ids), 500):
+            batch = user_ids[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            with self._lock:
+                rows = self._conn().execute(f"SELECT {_COLUMNS} FROM users WHERE id IN ({marks})", batch).fetchall()
+            for row in rows:
+                found[row[0]] = _identity(row)
+        return found
+
+    def changes_since(self, cursor: int | None) -> tuple[int, list[str]]:
+        """Users whose access changed through this store after ``cursor`` (None: start from now)."""
+        with self._lock:
+            db = self._conn()
+            if cursor is None:
+                last = db.execute("SELECT COALESCE(MAX(seq), 0) FROM identity_changes").fetchone()[0]
+                return int(last), []
+            rows = db.execute(
+                "SELECT seq, user_id FROM identity_changes WHERE seq > ? ORDER BY seq LIMIT 1000", (cursor,)
+            ).fetchall()
+        if not rows:
+            return cursor, []
+        return int(rows[-1][0]), list(dict.fromkeys(row[1] for row in rows))
 
     def set_password(self, user_id: str, password: str) -> None:
         self._update(user_id, "password_hash = ?", (generate_password_hash(password),))
@@ -161,18 +195,13 @@ class SqliteDirectory:
         created: list[DemoUser] = []
         with self._lock:
             db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 if db.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0:
                     for user_id, email, role, clinic_id in users:
                         password = secrets.token_urlsafe(12)
                         hashed = generate_password_hash(password)
                         db.execute(_INSERT, (user_id, email, user_id, role, clinic_id, hashed, _now()))
                         created.append(DemoUser(user_id, email, password, role, clinic_id))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return created
 
     def close(self) -> None:
@@ -185,13 +214,7 @@ class SqliteDirectory:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            directory = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(directory, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=5000")
-            db.executescript(SCHEMA)
-            self._db = db
+            self._db = open_db(self.path, SCHEMA)
         return self._db
 
     def _query_one(self, sql: str, args: tuple):
@@ -202,9 +225,17 @@ class SqliteDirectory:
         with self._lock:
             return self._conn().execute(sql, args).rowcount
 
-    def _update(self, user_id: str, assignment: str, args: tuple) -> None:
-        if self._execute(f"UPDATE users SET {assignment} WHERE id = ?", (*args, user_id)) == 0:
-            raise UserError(f"no user with id {user_id!r}")
+    def _update(self, user_id: str, assignment: str, args: tuple, *, changes_access: bool = False) -> None:
+        with self._lock:
+            db = self._conn()
+            with transaction(db):  # the change and its notice, or neither
+                if db.execute(f"UPDATE users SET {assignment} WHERE id = ?", (*args, user_id)).rowcount == 0:
+                    raise UserError(f"no user with id {user_id!r}")
+                if changes_access:
+                    db.execute("INSERT INTO identity_changes (user_id, at) VALUES (?, ?)", (user_id, _now()))
+                    db.execute(
+                        "DELETE FROM identity_changes WHERE seq <= (SELECT MAX(seq) - 10000 FROM identity_changes)"
+                    )
 
 
 def _identity(row) -> Identity:

@@ -17,7 +17,6 @@ greenlet: never from an event-loop callback.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sqlite3
 import threading
@@ -25,6 +24,7 @@ import time
 
 from .envelope import Envelope
 from .history import Appended, Idempotency, IdempotencyConflict, Previous, Session
+from .sqlite import open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -88,13 +88,11 @@ class SqliteHistory:
         stored = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=False)
         with self._lock:
             db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 epoch = self._epoch_of(db)
                 if idempotency is not None:
                     previous = self._previous(db, idempotency, now)
                     if previous is not None:
-                        db.execute("COMMIT")
                         return previous
                 offset = db.execute("INSERT INTO history (at, envelope) VALUES (?, ?)", (envelope.at, stored)).lastrowid
                 assert offset is not None
@@ -110,10 +108,6 @@ class SqliteHistory:
                         " VALUES (?, ?, ?, ?, NULL, ?)",
                         (idempotency.key, idempotency.digest, envelope.id, offset, now + self.window_ms),
                     )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return Appended(epoch, offset)
 
     def complete(self, idempotency: Idempotency, answer: dict) -> None:
@@ -162,7 +156,7 @@ class SqliteHistory:
         rows = [(s.client_id, s.user_id, json.dumps(list(s.channels)), expires_at_ms) for s in sessions]
         with self._lock:
             db = self._conn()
-            with db:
+            with transaction(db):
                 db.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)", rows)
 
     def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:
@@ -170,7 +164,7 @@ class SqliteHistory:
             return
         with self._lock:
             db = self._conn()
-            with db:
+            with transaction(db):
                 db.executemany(
                     "UPDATE sessions SET expires_at = ? WHERE client_id = ?", [(expires_at_ms, c) for c in client_ids]
                 )
@@ -192,7 +186,7 @@ class SqliteHistory:
             return
         with self._lock:
             db = self._conn()
-            with db:
+            with transaction(db):
                 db.executemany("DELETE FROM sessions WHERE client_id = ?", [(c,) for c in client_ids])
 
     # -- upkeep -----------------------------------------------------------------------------
@@ -200,7 +194,7 @@ class SqliteHistory:
     def trim(self, now_ms: int) -> int:
         with self._lock:
             db = self._conn()
-            with db:
+            with transaction(db):
                 dropped = db.execute("DELETE FROM history WHERE at < ?", (now_ms - self.window_ms,)).rowcount
                 head = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
                 if head:  # the count bound, whatever the rate
@@ -242,12 +236,7 @@ class SqliteHistory:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=5000")
-            db.executescript(SCHEMA)
+            db = open_db(self.path, SCHEMA)
             # The epoch is born with the file: the first process to get here writes it.
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
             self._db = db

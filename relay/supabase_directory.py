@@ -43,6 +43,9 @@ except ImportError:  # pragma: no cover - exercised only without the extra insta
 
 log = logging.getLogger("relay.supabase")
 DEFAULT_ROLE = "user"  # least privilege when neither the profile nor app_metadata names a role
+LIST_PAGE = 1000  # auth users per admin-API page when re-checking many at once
+MAX_LIST_PAGES = 200  # at most 200,000 users listed per re-check
+PROFILE_BATCH = 100  # ids per PostgREST "in" query (kept well under URL limits)
 
 
 def is_uuid(value: str) -> bool:
@@ -215,9 +218,68 @@ class SupabaseDirectory:
         except (AuthError, APIError, httpx.HTTPError, OSError, ValueError) as problem:
             raise self._unavailable(problem) from None
         self._up()
+        return self._identity(user, rows[0] if rows and isinstance(rows[0], dict) else {})
+
+    def get_many(self, user_ids: list[str]) -> dict[str, Identity | None]:
+        """Many users at once, fresh (the cache is refreshed with them): what the periodic re-check asks.
+
+        Supabase's admin API has no lookup by a list of ids, so the auth users
+        are listed a page of ``LIST_PAGE`` at a time (stopping once every id was
+        seen), and the profiles read ``PROFILE_BATCH`` ids per request: a few
+        calls for thousands of users, not one each. A user is reported gone
+        only when the whole list was read without it.
+        """
+        wanted = {user_id for user_id in user_ids if is_uuid(user_id)}
+        found: dict[str, Identity | None] = {user_id: None for user_id in user_ids if user_id not in wanted}
+        if not wanted:
+            return found
+        self.stats["upstream"] += 1
+        users: dict = {}
+        complete = False
+        try:
+            for page in range(1, MAX_LIST_PAGES + 1):
+                with self._deadline():
+                    batch = self._admin.auth.admin.list_users(page=page, per_page=LIST_PAGE)
+                users.update((user.id, user) for user in batch if user.id in wanted)
+                if len(batch) < LIST_PAGE:
+                    complete = True
+                    break
+                if len(users) == len(wanted):
+                    break
+            ids = list(users)
+            profiles: dict[str, dict] = {}
+            for start in range(0, len(ids), PROFILE_BATCH):
+                with self._deadline():
+                    rows = (
+                        self._admin.table(self.profiles_table)
+                        .select(f"{self.id_column},{self.role_column},{self.clinic_column}")
+                        .in_(self.id_column, ids[start : start + PROFILE_BATCH])
+                        .execute()
+                        .data
+                    )
+                profiles.update((str(row.get(self.id_column)), row) for row in rows if isinstance(row, dict))
+        except DirectoryUnavailable as down:
+            raise self._unavailable(down) from None
+        except (AuthError, APIError, httpx.HTTPError, OSError, ValueError) as problem:
+            raise self._unavailable(problem) from None
+        self._up()
+        for user_id in wanted:
+            if user_id in users:
+                found[user_id] = self._identity(users[user_id], profiles.get(user_id, {}))
+            elif complete:
+                found[user_id] = None
+            else:
+                continue  # not proven gone: the list was cut short
+            self._remember(user_id, found[user_id])
+        return found
+
+    def changes_since(self, cursor: int | None) -> tuple[int, list[str]]:
+        """Changes happen in Supabase, not here: the periodic re-check (get_many) finds them."""
+        return 0, []
+
+    def _identity(self, user, profile: dict) -> Identity | None:
         if user is None or getattr(user, "deleted_at", None):
             return None
-        profile = rows[0] if rows and isinstance(rows[0], dict) else {}
         meta = user.app_metadata or {}
         names = user.user_metadata or {}
         return Identity(

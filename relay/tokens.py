@@ -37,14 +37,23 @@ class TokenError(Exception):
 
 
 class TokenService:
-    def __init__(self, secret: str, ttl_ms: int):
+    """Mints with ``secret``; verifies with ``secret`` or, during a key rotation, ``previous``.
+
+    To rotate: move the old secret to WS_TOKEN_SECRET_PREVIOUS and set a new
+    WS_TOKEN_SECRET; tokens already handed out stay valid until they expire
+    (one WS_TOKEN_TTL_MS), new ones are signed with the new key; then drop
+    the previous one.
+    """
+
+    def __init__(self, secret: str, ttl_ms: int, previous: str | None = None):
         if not secret:
             raise ValueError("a token secret is required")
         self._key = secret.encode()
+        self._keys = (self._key,) if not previous else (self._key, previous.encode())
         self.ttl_ms = ttl_ms
 
-    def sign(self, user_id: str, timestamp: int) -> str:
-        return hmac.new(self._key, f"{user_id}:{timestamp}".encode(), hashlib.sha256).hexdigest()
+    def sign(self, user_id: str, timestamp: int, key: bytes | None = None) -> str:
+        return hmac.new(key or self._key, f"{user_id}:{timestamp}".encode(), hashlib.sha256).hexdigest()
 
     def mint(self, user_id: str, timestamp: int | None = None) -> str:
         """A token for ``user_id``, as ``/api/ws/auth`` hands it to browsers."""
@@ -80,9 +89,11 @@ class TokenService:
         if not isinstance(signature, str):
             raise TokenError("bad_field", "signature must be a hex string")
 
-        expected = self.sign(user_id, timestamp).encode()
-        # Encode before comparing: compare_digest refuses non-ASCII str.
-        if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected):
+        # Encode before comparing: compare_digest refuses non-ASCII str. Every key is tried (no early exit),
+        # so the time taken does not say which one matched.
+        given = signature.encode("utf-8", "replace")
+        matches = [hmac.compare_digest(given, self.sign(user_id, timestamp, key).encode()) for key in self._keys]
+        if not any(matches):
             raise TokenError("bad_signature", "the token's signature does not match")
 
         current = now_ms() if now is None else now

@@ -8,6 +8,8 @@ headers and response shapes:
 |----------------------------------------|---------------------------------------------------|
 | ``auth.admin.get_user_by_id(uid)``     | ``GET /auth/v1/admin/users/{uid}``                |
 | ``table(t).select(..).eq("id", uid)``  | ``GET /rest/v1/{t}?select=..&id=eq.{uid}``        |
+| ``table(t).select(..).in_("id", ids)`` | ``GET /rest/v1/{t}?select=..&id=in.(a,b,..)``     |
+| ``auth.admin.list_users(page, n)``     | ``GET /auth/v1/admin/users?page=..&per_page=..``  |
 | ``auth.get_user(jwt)``                 | ``GET /auth/v1/user`` (``Authorization: Bearer``) |
 | ``auth.sign_in_with_password(..)``     | ``POST /auth/v1/token?grant_type=password``       |
 
@@ -183,6 +185,12 @@ class FakeSupabase:
 
     def _route(self, method: str, path: str, query: dict, authorization: str, body: bytes):
         bearer = authorization[7:] if authorization.lower().startswith("bearer ") else ""
+        if method == "GET" and path == "/auth/v1/admin/users":
+            if bearer != SERVICE_KEY:
+                return 403, {"code": 403, "error_code": "not_admin", "msg": "User not allowed"}
+            page, per_page = int(query.get("page", ["1"])[0]), int(query.get("per_page", ["50"])[0])
+            users = list(self.users.values())[(page - 1) * per_page : page * per_page]
+            return 200, {"users": [user.to_json() for user in users], "aud": "authenticated"}
         if method == "GET" and path.startswith("/auth/v1/admin/users/"):
             if bearer != SERVICE_KEY:
                 return 403, {"code": 403, "error_code": "not_admin", "msg": "User not allowed"}
@@ -201,7 +209,11 @@ class FakeSupabase:
                 if key in ("select", "limit"):
                     continue
                 op, _, wanted = values[0].partition(".")
-                rows = [row for row in rows if op == "eq" and str(row.get(key)) == wanted]
+                if op == "in":
+                    chosen = set(wanted.strip("()").split(","))
+                    rows = [row for row in rows if str(row.get(key)) in chosen]
+                else:
+                    rows = [row for row in rows if op == "eq" and str(row.get(key)) == wanted]
             if "select" in query:
                 columns = query["select"][0].split(",")
                 rows = [{c: row.get(c) for c in columns} for row in rows]

@@ -67,6 +67,7 @@ const CLOSE_ACTIONS = Object.freeze({
   4401: "token", // token missing, malformed, forged or expired
   4403: "forbidden", // unknown or disabled user
   4408: "backoff", // no answer to the server's pings
+  4429: "crowded", // this user has too many sockets open (other tabs): back off, from a longer first wait
 });
 const MESSAGE_TOO_BIG = 1009;
 export const MAX_MESSAGE_BYTES = 64 * 1024; // the server closes with 1009 beyond this
@@ -337,6 +338,11 @@ export class RealtimeClient {
       // The usual cause is a token that aged out while offline: fetch a fresh one at once.
       // If fresh tokens are refused too, back off like any other failure.
       if (this.authFailures === 1) return this._retryIn(code, "token", 0, 0);
+    }
+    if (action === "crowded") {
+      // Not a storm: every tab of this user would retry at once. Start the backoff a few steps in.
+      this.attempt = Math.max(this.attempt, 3);
+      return this._retry(code);
     }
     if (action === "restart" && this.restarts < this.options.maxQuickRestarts) {
       this.restarts += 1;

@@ -163,6 +163,17 @@ def test_a_full_server_answers_1013_and_the_client_backs_off(start_server, web):
     wait_live(page)  # a place came free: the backoff got it in
 
 
+def test_4429_too_many_sockets_backs_off_from_a_longer_first_wait(start_server, web):
+    """Many tabs of one user over the cap must not retry in step: the first wait is drawn from 4 s, not 0.5 s."""
+    srv = start_server(WS_MAX_CONNECTIONS_PER_USER=1)
+    with srv.connect("bob"):  # bob's one place is taken (another tab)
+        page = web(srv, "bob")
+        decision = wait_retry(page, 1)[0]
+        assert decision["code"] == Close.TOO_MANY_CONNECTIONS and decision["action"] == "backoff"
+        assert decision["windowMs"] == 4000 and decision["delayMs"] >= 250
+    wait_live(page)  # the other tab closed: the backoff got it in
+
+
 def test_an_expired_token_is_replaced_at_once_and_without_backoff(site, web):
     calls = []
 

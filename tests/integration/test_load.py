@@ -10,9 +10,12 @@ from rawws import RawClient
 
 from relay.codes import Close
 
+# A crowd of four users: each holds hundreds of sockets, past the default per-user cap.
+CROWD = {"WS_MAX_CONNECTIONS_PER_USER": 1000}
+
 
 def test_1000_concurrent_clients_each_receive_one_broadcast_exactly_once(start_server, crowd):
-    srv = start_server()
+    srv = start_server(**CROWD)
     sockets = crowd.connect(srv, ["alice", "bob", "carol", "erin"] * 250, ["system:announcements"])
     result = srv.announce("to everyone", channels=["system:announcements"])
     received = crowd.drain(sockets)
@@ -68,7 +71,7 @@ def test_large_messages_reach_a_slow_reader_whole(start_server):
 
 def test_concurrent_broadcasts_reach_every_client_in_the_same_order(start_server, crowd):
     """A fan-out pauses every few hundred recipients; broadcasts must still never overtake each other."""
-    srv = start_server()
+    srv = start_server(**CROWD)
     sockets = crowd.connect(srv, ["alice", "bob", "carol", "erin"] * 300, ["system:announcements"])
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda n: srv.announce(f"burst {n}", channels=["system:announcements"]), range(16)))

@@ -25,7 +25,7 @@ def test_an_unreachable_redis_stops_start_up_naming_redis_url(start_server):
 
 
 def test_three_workers_300_clients_one_broadcast_exactly_once(start_server, redis_server, crowd):
-    srv = start_server("-w", "3", REDIS_URL=redis_server.url)
+    srv = start_server("-w", "3", REDIS_URL=redis_server.url, WS_MAX_CONNECTIONS_PER_USER=1000)
     assert wait_for(lambda: srv.health()["workers"] == 3)
     sockets = crowd.connect(srv, USERS * 75, ["system:announcements"])
 
@@ -44,7 +44,7 @@ def test_three_workers_300_clients_one_broadcast_exactly_once(start_server, redi
 
 
 def test_filters_select_the_same_recipients_across_workers(start_server, redis_server, crowd):
-    srv = start_server("-w", "3", REDIS_URL=redis_server.url)
+    srv = start_server("-w", "3", REDIS_URL=redis_server.url, WS_MAX_CONNECTIONS_PER_USER=1000)
     assert wait_for(lambda: srv.health()["workers"] == 3)
     users = USERS * 25
     sockets = crowd.connect(srv, users, ["system:announcements"])
@@ -133,7 +133,7 @@ def test_redis_restart_degrades_then_recovers_without_restarting_gunicorn_and_a_
 
 def test_a_killed_worker_leaves_the_cluster_view_and_its_clients_come_back(start_server, redis_server, crowd):
     # A long heartbeat: leaving the view within one beat must not depend on the key expiring.
-    srv = start_server("-w", "2", REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=2000)
+    srv = start_server("-w", "2", REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=2000, WS_MAX_CONNECTIONS_PER_USER=1000)
     assert wait_for(lambda: srv.health()["workers"] == 2)
     sockets = crowd.connect(srv, USERS * 20, ["system:announcements"])
     health = wait_for(lambda: (h := srv.health())["clients"] == 80 and h)

@@ -172,7 +172,7 @@ def test_the_cache_serves_repeated_connects_and_unknown_users_with_one_upstream_
 
 
 def test_concurrent_lookups_of_one_user_share_one_request(site, supabase, people, crowd):
-    srv = site()
+    srv = site(WS_MAX_CONNECTIONS_PER_USER=30)
     supabase.delay = 0.5  # every answer takes half a second: the 30 handshakes overlap
     crowd.connect(srv, [people["staff"].id] * 30)
     assert len(supabase.calls("/auth/v1/admin/users/")) == 1

@@ -103,3 +103,12 @@ def test_the_graceful_timeout_covers_the_drain_and_the_close(tmp_path):
     )
     assert settings.shutdown_budget_s == 9.5
     assert settings.graceful_timeout_s >= 10
+
+
+def test_the_previous_token_secret_follows_the_production_rules_and_must_differ(tmp_path):
+    base = prod_env(REALTIME_INSTANCE_PATH=str(tmp_path))
+    assert Settings.from_env({**base, "WS_TOKEN_SECRET_PREVIOUS": "p" * 40}).token_secret_previous == "p" * 40
+    with pytest.raises(ConfigError, match="WS_TOKEN_SECRET_PREVIOUS is 8 bytes"):
+        Settings.from_env({**base, "WS_TOKEN_SECRET_PREVIOUS": "short-pw"})
+    with pytest.raises(ConfigError, match="same as WS_TOKEN_SECRET"):
+        Settings.from_env({**base, "WS_TOKEN_SECRET_PREVIOUS": STRONG})

@@ -113,3 +113,17 @@ def test_the_2_kib_token_limit_is_exact():
     with pytest.raises(TokenError) as refused:
         service.verify(token + "=", now=NOW)  # one character more
     assert refused.value.reason == "too_long"
+
+
+def test_during_a_key_rotation_tokens_of_the_previous_key_are_still_accepted():
+    old, new = "o" * 40, "n" * 40
+    rotating = TokenService(new, TTL, previous=old)
+    assert rotating.verify(TokenService(old, TTL).mint("bob", NOW), now=NOW) == "bob"  # handed out before
+    assert rotating.verify(rotating.mint("bob", NOW), now=NOW) == "bob"
+    minted = json.loads(base64.b64decode(rotating.mint("bob", NOW)))
+    assert minted["signature"] == signed(timestamp=NOW, secret=new)["signature"]  # new ones: the new key
+    with pytest.raises(TokenError) as refused:
+        rotating.verify(TokenService("u" * 40, TTL).mint("bob", NOW), now=NOW)  # neither key
+    assert refused.value.reason == "bad_signature"
+    with pytest.raises(TokenError):
+        TokenService(new, TTL).verify(TokenService(old, TTL).mint("bob", NOW), now=NOW)  # rotation over

@@ -1,0 +1,126 @@
+"""Request bodies: whole within a deadline, and no bigger than their route needs, or refused unread.
+
+A WSGI middleware in front of the app. gunicorn bounds how long a request's
+headers may take (its ``keepalive``, 5 s), not its body: a client announcing
+60,000 bytes and sending one every two seconds would hold a request slot and a
+greenlet for a day, and a few thousand of them would starve real users. Here:
+
+- a body announced bigger than its route's limit is refused before a byte of
+  it is read (413; ``/broadcast`` keeps its documented 400 ``body_too_large``);
+- a body must have fully arrived within ``HTTP_REQUEST_TIMEOUT_MS`` after the
+  headers, or the request is answered 408 and the connection closed;
+- the app then reads the body from memory (it is at most its route's limit).
+
+A waiting body costs only a parked greenlet (no CPU), so while thousands
+trickle, other requests and sockets are served as usual until the deadline
+frees them. WebSocket upgrades carry no body and pass straight through.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import gevent
+
+from relay.codes import HttpError
+
+# Path prefix -> the largest body it needs (bytes); the first match wins.
+ROUTE_LIMITS: tuple[tuple[str, int], ...] = (
+    ("/broadcast", 64 * 1024),
+    ("/api/admin/broadcast", 64 * 1024),
+    ("/api/users/", 1024),  # .../disconnect takes no body
+    ("/login", 4 * 1024),
+    ("/logout", 4 * 1024),
+    ("/admin/broadcast", 16 * 1024),  # a 2,000-character message, in UTF-8, plus the form's fields
+    ("/clinics/", 80 * 1024),  # fragment renders carry the triggering message (up to 64 KiB)
+    ("/admin/maintenance/render", 80 * 1024),
+)
+DEFAULT_LIMIT = 16 * 1024
+CONTRACT_400 = ("/broadcast", "/api/admin/broadcast")  # the original contract: oversize is a 400
+JSON_PATHS = ("/api/", "/broadcast", "/health", "/ws")
+
+
+class RequestLimits:
+    def __init__(self, app, *, timeout: float):
+        self.app = app
+        self.timeout = timeout
+
+    def __call__(self, environ, start_response):
+        length_text = environ.get("CONTENT_LENGTH") or ""
+        chunked = "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower()
+        if not chunked and length_text in ("", "0"):
+            return self.app(environ, start_response)  # no body: GETs, upgrades
+        path = environ.get("PATH_INFO") or "/"
+        limit = limit_for(path)
+        try:
+            announced = int(length_text) if length_text else None
+        except ValueError:
+            return _refuse(start_response, path, 400, HttpError.INVALID_BODY, "Content-Length is not a number")
+        if announced is not None and announced > limit:
+            return _too_large(start_response, path, limit)
+        try:
+            with gevent.Timeout(self.timeout):
+                body = _read(environ["wsgi.input"], limit + 1 if announced is None else announced)
+        except gevent.Timeout:
+            return _refuse(
+                start_response,
+                path,
+                408,
+                HttpError.REQUEST_TIMEOUT,
+                f"the request body did not arrive within {self.timeout:g} s",
+            )
+        if len(body) > limit:
+            return _too_large(start_response, path, limit)
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
+        return self.app(environ, start_response)
+
+
+def limit_for(path: str) -> int:
+    return next((limit for prefix, limit in ROUTE_LIMITS if path.startswith(prefix)), DEFAULT_LIMIT)
+
+
+def _read(stream, size: int) -> bytes:
+    chunks, left = [], size
+    while left > 0:
+        chunk = stream.read(min(left, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(start_response, path: str, limit: int):
+    status = 400 if path in CONTRACT_400 else 413
+    return _refuse(
+        start_response, path, status, HttpError.BODY_TOO_LARGE, f"the body is over this route's {limit}-byte limit"
+    )
+
+
+def _refuse(start_response, path: str, status: int, code: str, message: str):
+    reasons = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large"}
+    if path.startswith(JSON_PATHS):
+        body = json.dumps({"ok": False, "error": {"code": code, "message": message}}).encode()
+        kind = "application/json"
+    else:
+        body = f"{status} {reasons[status]}: {message}\n".encode()
+        kind = "text/plain; charset=utf-8"
+    # The rest of the body is never read, so the connection cannot be reused.
+    # gunicorn drops a "Connection: close" set by the app (hop-by-hop) and would
+    # read the unread body to reach the next request: tell its response object
+    # directly (start_response is gunicorn's bound Response.start_response).
+    force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+    if callable(force_close):
+        force_close()
+    start_response(
+        f"{status} {reasons[status]}",
+        [
+            ("Content-Type", kind),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    return [body]

@@ -1,0 +1,114 @@
+"""Access follows the user: open sockets are re-checked when an identity changes.
+
+A token is checked once, when a socket opens; after that, who the user is
+may change (disabled, moved to another clinic, another role). Two ways of
+noticing, in a greenlet of each worker:
+
+- **changes made through this service** (``flask users disable|set-role|set-clinic``,
+  writing the SQLite store): the directory keeps a log of them, polled every
+  ``poll_interval``, so every worker follows within about a second;
+- **changes made elsewhere** (in Supabase, or another program writing the
+  SQLite file): every ``recheck_interval`` (``WS_IDENTITY_RECHECK_MS``) the
+  identities of every connected user are read again, in batches spread over
+  the interval (``Directory.get_many``: a few calls for thousands of users,
+  never one storm).
+
+What a change does (``Realtime.apply_identity``): a disabled or deleted user's
+sockets are closed with 4403; a user whose role or clinic changed is moved
+in the hub's indexes at once (role and clinic filters use the new values),
+and loses every subscription they may no longer hold (an ``ERROR
+forbidden_channel`` per channel, then ``UNSUBSCRIBED``). Runs in its own
+greenlet: it may wait on the directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import gevent
+
+from .directory import Directory, DirectoryUnavailable, Identity
+from .eventlog import event
+
+log = logging.getLogger("relay.revocation")
+BATCH = 200  # users per get_many call in a re-check
+
+
+class IdentityWatcher:
+    def __init__(
+        self,
+        directory: Directory,
+        users: Callable[[], list[str]],
+        apply: Callable[[str, Identity | None], object],
+        *,
+        recheck_interval: float,
+        poll_interval: float = 1.0,
+    ):
+        self.directory = directory
+        self.users = users
+        self.apply = apply
+        self.recheck_interval = recheck_interval
+        self.poll_interval = poll_interval
+        self.rechecks = 0
+        self.applied = 0
+        self.errors = 0
+        self._cursor: int | None = None
+        self._greenlets: list[gevent.Greenlet] = []
+
+    def start(self) -> None:
+        if not self._greenlets:
+            self._greenlets = [gevent.spawn(self._poll_forever), gevent.spawn(self._recheck_forever)]
+
+    def refresh(self, user_ids: list[str]) -> None:
+        """Read these users again now and apply what changed (may wait on the directory)."""
+        if not user_ids:
+            return
+        found = self.directory.get_many(user_ids)
+        for user_id, identity in found.items():
+            self.apply(user_id, identity)
+            self.applied += 1
+
+    def _poll_forever(self) -> None:
+        while True:
+            try:
+                self._cursor, changed = self.directory.changes_since(self._cursor)
+                if changed:
+                    self.refresh(changed)
+            except DirectoryUnavailable as down:
+                self.errors += 1
+                log.warning("identity changes not read: %s", down)
+            except Exception:
+                self.errors += 1
+                log.exception("polling identity changes failed")
+            gevent.sleep(self.poll_interval)
+
+    def _recheck_forever(self) -> None:
+        while True:
+            gevent.sleep(self.recheck_interval)
+            started = time.monotonic()
+            users = self.users()
+            batches = [users[i : i + BATCH] for i in range(0, len(users), BATCH)]
+            # Spread the batches over half the interval: a steady trickle, never a burst.
+            pause = (self.recheck_interval / 2) / max(1, len(batches))
+            for batch in batches:
+                try:
+                    self.refresh(batch)
+                except DirectoryUnavailable as down:
+                    self.errors += 1
+                    log.warning("identity re-check skipped a batch: %s", down)
+                except Exception:
+                    self.errors += 1
+                    log.exception("identity re-check failed")
+                gevent.sleep(min(pause, 1.0))
+            self.rechecks += 1
+            event("identity.rechecked", users=len(users), seconds=round(time.monotonic() - started, 3))
+
+    def status(self) -> dict:
+        return {
+            "recheckMs": int(self.recheck_interval * 1000),
+            "rechecks": self.rechecks,
+            "applied": self.applied,
+            "errors": self.errors,
+        }

@@ -1,0 +1,239 @@
+"""Holding against abuse over a real gunicorn: sign-in throttling, per-user caps, trickling bodies,
+oversized bodies, security headers, key rotation."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import requests
+from support import PASSWORD, Server, csrf_of, make_users, sign_in, wait_for
+
+from relay.codes import Close
+from relay.tokens import TokenService
+
+# -- sign-in throttling -----------------------------------------------------------------------
+
+
+def test_after_five_wrong_passwords_even_the_right_one_waits_and_other_accounts_do_not(server: Server):
+    session = requests.Session()
+    for _ in range(5):
+        assert sign_in(server, "erin@example.test", "wrong guess", session=session).last.status_code == 401
+    refused = sign_in(server, "erin@example.test", PASSWORD, session=session).last  # the right password
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) == 30
+    assert "Too many failed sign-ins" in refused.text and "try again in 30 seconds" in refused.text
+    assert sign_in(server, "carol@example.test", PASSWORD).last.status_code == 302  # someone else: fine
+    server.wait_for_event("login.throttled", lambda e: "password" not in str(e) or "wrong" not in str(e))
+    assert "wrong guess" not in server.log_text() and PASSWORD not in server.log_text()
+
+
+def test_the_throttle_is_shared_by_the_workers_with_redis(start_server, redis_server):
+    srv = start_server("-w", "2", REDIS_URL=redis_server.url)
+    for _ in range(5):  # over fresh connections: they land on either worker
+        assert sign_in(srv, "bob@example.test", "wrong").last.status_code == 401
+    for _ in range(4):
+        assert sign_in(srv, "bob@example.test", PASSWORD).last.status_code == 429
+
+
+# -- connection caps ----------------------------------------------------------------------------
+
+
+def test_a_socket_over_the_per_user_cap_is_closed_4429(start_server):
+    srv = start_server(WS_MAX_CONNECTIONS_PER_USER=3)
+    held = [srv.connect("bob") for _ in range(3)]
+    with srv.open(srv.token("bob")) as fourth:
+        assert fourth.closed_with() == (Close.TOO_MANY_CONNECTIONS, "too many connections for this user")
+    with srv.connect("carol"):  # others are not counted against bob
+        pass
+    held[0].close()
+    assert wait_for(lambda: srv.health()["clients"] == 2)
+    with srv.connect("bob"):  # a place came free
+        pass
+    for client in held[1:]:
+        client.close()
+
+
+def test_the_cap_holds_across_workers_with_redis(start_server, redis_server):
+    srv = start_server("-w", "2", REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=200, WS_MAX_CONNECTIONS_PER_USER=4)
+    assert wait_for(lambda: srv.health()["workers"] == 2)
+    held = []
+    for _ in range(40):  # until both workers hold some of bob's sockets
+        held.append(srv.connect("bob"))
+        cluster = srv.health()["cluster"]
+        if len(held) == 4:
+            break
+    time.sleep(0.6)  # a few heartbeats: each worker now knows what the other holds (best effort)
+    workers = [m for m in srv.health()["cluster"] if m["clients"]]
+    refused = 0
+    for _ in range(6):
+        with srv.open(srv.token("bob")) as extra:
+            code, _ = extra.closed_with()
+            refused += code == Close.TOO_MANY_CONNECTIONS
+    assert refused == 6, (workers, cluster)
+    for client in held:
+        client.close()
+
+
+# -- slow and oversized request bodies ------------------------------------------------------------
+
+
+def trickler(port: int) -> socket.socket:
+    """A POST /login that announces 60,000 bytes and sends one every 2 seconds."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
+        b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 3000\r\n\r\nlogin="
+    )
+    return sock
+
+
+def test_hundreds_of_trickling_bodies_are_cut_off_and_real_clients_are_served_meanwhile(start_server):
+    srv = start_server(HTTP_REQUEST_TIMEOUT_MS=1500)
+    slow = [trickler(srv.port) for _ in range(300)]
+    started = time.monotonic()
+    for sock in slow[:100]:
+        sock.sendall(b"x")
+    quick = time.monotonic()
+    with srv.connect("bob") as bob:  # a real client, meanwhile
+        bob.send({"type": "PING"})
+        bob.expect("PONG")
+    assert requests.get(srv.url + "/health", timeout=5).status_code == 200
+    assert time.monotonic() - quick < 2  # a hang guard: nothing waited on the tricklers
+    answers = []
+    for sock in slow:
+        data = b""
+        try:
+            while chunk := sock.recv(4096):
+                data += chunk
+        except OSError:
+            pass
+        answers.append(data)
+        sock.close()
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), {a[:40] for a in answers}
+    assert time.monotonic() - started < 15  # each cut off at the 1.5 s deadline, not held for minutes
+
+
+def test_a_body_announced_larger_than_its_route_needs_is_refused_unread(server: Server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000000\r\n\r\n")
+        head = sock.recv(4096)  # answered at once, though not a byte of the body was sent
+    assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head
+    big = server.broadcast(b'{"message":{"type":"A","data":"' + b"x" * 70_000 + b'"}}')
+    assert big.status_code == 400 and big.json()["error"]["code"] == "body_too_large"  # the original contract
+
+
+def read_response(sock: socket.socket) -> str:
+    """One HTTP response with a Content-Length, whole."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)  # the socket's timeout bounds each wait
+        assert chunk, "the server closed before the whole head"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed before the whole body"
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
+UPGRADE = "GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        ("Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n", 400),  # no key (found by the live fuzz)
+        ("Connection: keep-alive\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==\r\n", 400),
+        ("Connection: Upgrade\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==\r\n", 426),
+    ],
+)
+def test_a_malformed_upgrade_is_refused_with_a_clear_error_not_a_500(server: Server, headers: str, status: int):
+    request = UPGRADE.format(token=server.token("bob")) + headers + "\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request.encode())
+        answer = read_response(sock)
+    assert answer.startswith(f"HTTP/1.1 {status} "), answer
+    assert '"code": "bad_upgrade"' in answer or '"code":"bad_upgrade"' in answer
+    if status == 426:
+        assert "Sec-WebSocket-Version: 13" in answer
+    plain = requests.get(server.url + "/ws", timeout=5)
+    assert plain.status_code == 400 and plain.json()["error"]["code"] == "bad_upgrade"
+    assert "unhandled error" not in server.log_text()
+
+
+# -- headers --------------------------------------------------------------------------------------
+
+PAGES = ["/", "/admin", "/admin/broadcast", "/clinics/clinic-1/queue", "/login", "/no/such/page"]
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_every_page_carries_a_strict_content_security_policy_and_the_other_headers(server: Server, path):
+    session = sign_in(server, "alice@example.test")
+    response = session.get(server.url + path, timeout=5)
+    policy = response.headers["Content-Security-Policy"]
+    assert "'unsafe-inline'" not in policy and "'unsafe-eval'" not in policy
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "object-src 'none'" in policy
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "same-origin"
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert "Strict-Transport-Security" not in response.headers  # development over http
+    assert "<script>" not in response.text and " style=" not in response.text  # nothing inline to allow
+
+
+def test_api_answers_carry_nosniff_too_and_production_adds_hsts(start_server):
+    strong = "x" * 40
+    srv = start_server(
+        APP_ENV="production", WS_TOKEN_SECRET=strong, WS_ADMIN_SECRET=strong + "a", SECRET_KEY=strong + "b"
+    )
+    health = requests.get(srv.url + "/health", timeout=5)
+    assert health.headers["X-Content-Type-Options"] == "nosniff"
+    assert health.headers["Strict-Transport-Security"].startswith("max-age=31536000")
+
+
+def test_signing_in_rotates_the_session(server: Server):
+    session = requests.Session()
+    before = csrf_of(session.get(server.url + "/login", timeout=5).text)
+    old_cookie = session.cookies.get("clinic_session")
+    sign_in(server, "bob@example.test", session=session)
+    assert session.cookies.get("clinic_session") != old_cookie
+    after = csrf_of(session.get(server.url + "/", timeout=5).text)
+    assert after != before  # the form token from before the sign-in is worthless now
+    refused = session.post(server.url + "/logout", data={"csrf_token": before}, timeout=5, allow_redirects=False)
+    assert refused.status_code == 302 and session.get(server.url + "/api/ws/auth", timeout=5).status_code == 200
+
+
+def test_any_origin_is_refused_in_production(start_server):
+    strong = "x" * 40
+    srv = start_server(
+        wait=False,
+        APP_ENV="production",
+        WS_TOKEN_SECRET=strong,
+        WS_ADMIN_SECRET=strong + "a",
+        SECRET_KEY=strong + "b",
+        WS_ALLOWED_ORIGINS="*",
+    )
+    assert srv.proc.wait(timeout=30) != 0
+    assert "cannot start: WS_ALLOWED_ORIGINS=* would let every web site" in srv.log_text()
+
+
+# -- token key rotation -------------------------------------------------------------------------------
+
+
+def test_tokens_signed_with_the_previous_secret_still_connect_during_a_rotation(tmp_path):
+    make_users(tmp_path / "realtime.db")
+    old = "old-token-secret-0123456789-abcdefghijklmnop"
+    srv = Server(tmp_path, {"WS_TOKEN_SECRET_PREVIOUS": old}).start()
+    try:
+        with srv.open(TokenService(old, 600_000).mint("bob")) as handed_out_before:
+            handed_out_before.expect("CONNECTED")
+        with srv.open(srv.token("bob")) as new:
+            new.expect("CONNECTED")
+        with srv.open(TokenService("neither-key-0123456789-abcdefghijklmnopq", 600_000).mint("bob")) as forged:
+            assert forged.closed_with()[0] == Close.UNAUTHORIZED
+    finally:
+        srv.stop()
