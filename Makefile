@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # Branch coverage of the service's code, gunicorn's workers included (see [tool.coverage] in pyproject.toml).
 COVERAGE := --cov --cov-branch --cov-report=term:skip-covered
 
-.PHONY: run test test-fast lint bench bench-quick bench-storm bench-peers system-deps clean
+.PHONY: run test test-fast lint conformance bench bench-quick bench-storm bench-peers system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,12 +27,16 @@ test: lint system-deps
 
 # The unit tier alone: the core over socketpairs and plain values, no server (a few seconds).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
+	FUZZ_EXAMPLES=100 $(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# RFC 6455 conformance: the Autobahn fuzzing client (Python 2.7) against our framing and connection code.
+conformance: $(STAMP)
+	sh conformance/run.sh
 
 # Our suite: both brokers x history on/off x 1k/5k/10k clients, 3 reps (~25 min). Needs gcc and redis-server.
 bench: $(STAMP) system-deps

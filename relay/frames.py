@@ -10,6 +10,7 @@ masking rule, and the control-frame rules, and reports every violation as a
 
 from __future__ import annotations
 
+import codecs
 import struct
 
 from .codes import Close
@@ -78,14 +79,19 @@ class FrameParser:
     bounded by ``max_message``.
     """
 
-    __slots__ = ("max_message", "_buffer", "_fragments", "_fragment_opcode", "_fragment_size")
+    __slots__ = ("max_message", "_buffer", "_fragments", "_fragment_opcode", "_fragment_size", "_text", "_peek")
 
     def __init__(self, max_message: int):
         self.max_message = max_message
         self._buffer = b""
-        self._fragments: list[bytes] | None = None
+        self._fragments: list | None = None  # bytes, or str for a text message (decoded as it comes)
         self._fragment_opcode = 0
         self._fragment_size = 0
+        # A fragmented text message is decoded fragment by fragment, so invalid UTF-8 fails the
+        # connection when the fragment carrying it arrives, not when the message ends (RFC 6455 8.1).
+        self._text: codecs.IncrementalDecoder | None = None
+        # The same within one text frame that arrives in pieces: (decoder, payload bytes checked).
+        self._peek: tuple[codecs.IncrementalDecoder, int] | None = None
 
     def feed(self, data: bytes) -> list[tuple[int, object]]:
         out: list[tuple[int, object]] = []
@@ -124,7 +130,13 @@ class FrameParser:
                     raise ProtocolViolation(Close.PROTOCOL_ERROR, "frame length has its top bit set")
             self._check_header(opcode, fin, size)
             if end - pos < head + 4 + size:
+                # Only a frame that will be decoded as text: a text frame opening a message (one
+                # inside another message is a 1002 once whole, and must stay one), or its continuation.
+                opens_text = opcode == OP_TEXT and self._fragments is None
+                if end - pos > head + 4 and (opens_text or (opcode == OP_CONTINUATION and self._text is not None)):
+                    self._check_partial(buf, pos + head, end, opcode)
                 break
+            self._peek = None
             mask = buf[pos + head : pos + head + 4]
             start = pos + head + 4
             payload = _unmask(buf[start : start + size], mask)
@@ -152,21 +164,32 @@ class FrameParser:
         if opcode == OP_CONTINUATION:
             if self._fragments is None:
                 raise ProtocolViolation(Close.PROTOCOL_ERROR, "continuation frame without a message")
-            self._fragments.append(payload)
             self._fragment_size += len(payload)
+            if self._text is not None:
+                self._fragments.append(self._decode(payload, final=bool(fin)))
+            else:
+                self._fragments.append(payload)
             if not fin:
                 return None
             opcode = self._fragment_opcode
-            payload = b"".join(self._fragments)
+            parts = self._fragments
             self._fragments = None
             self._fragment_size = 0
+            if self._text is not None:
+                self._text = None
+                return OP_TEXT, "".join(parts)
+            payload = b"".join(parts)
         elif opcode in _DATA:
             if self._fragments is not None:
                 raise ProtocolViolation(Close.PROTOCOL_ERROR, "new message before the last one ended")
             if not fin:
-                self._fragments = [payload]
                 self._fragment_opcode = opcode
                 self._fragment_size = len(payload)
+                if opcode == OP_TEXT:
+                    self._text = codecs.getincrementaldecoder("utf-8")()
+                    self._fragments = [self._decode(payload, final=False)]
+                else:
+                    self._fragments = [payload]
                 return None
         elif opcode == OP_CLOSE:
             return OP_CLOSE, _close_payload(payload)
@@ -179,6 +202,32 @@ class FrameParser:
             except UnicodeDecodeError:
                 raise ProtocolViolation(Close.INVALID_PAYLOAD, "text frame is not valid UTF-8") from None
         return OP_BINARY, payload
+
+    def _check_partial(self, buf: bytes, mask_at: int, end: int, opcode: int) -> None:
+        """Validate the UTF-8 of a text frame's payload received so far (each byte once)."""
+        if self._peek is None:
+            fresh = codecs.getincrementaldecoder("utf-8")()
+            if opcode == OP_CONTINUATION and self._text is not None:
+                fresh.setstate(self._text.getstate())  # mid-character from the previous fragment
+            self._peek = (fresh, 0)
+        decoder, checked = self._peek
+        start = mask_at + 4 + checked
+        if start >= end:
+            return
+        turn = checked % 4
+        mask = buf[mask_at : mask_at + 4]
+        try:
+            decoder.decode(_unmask(buf[start:end], mask[turn:] + mask[:turn]), False)
+        except UnicodeDecodeError:
+            raise ProtocolViolation(Close.INVALID_PAYLOAD, "text frame is not valid UTF-8") from None
+        self._peek = (decoder, checked + end - start)
+
+    def _decode(self, payload: bytes, *, final: bool) -> str:
+        assert self._text is not None
+        try:
+            return self._text.decode(payload, final)
+        except UnicodeDecodeError:
+            raise ProtocolViolation(Close.INVALID_PAYLOAD, "text frame is not valid UTF-8") from None
 
 
 def _unmask(data: bytes, mask: bytes) -> bytes:

@@ -63,6 +63,42 @@ def test_fragmented_message_is_joined_and_control_frames_may_interleave():
     assert parse(data) == [(frames.OP_PING, b""), (frames.OP_TEXT, "abcdef")]
 
 
+def test_a_character_split_across_fragments_and_reads_is_decoded_whole():
+    euro = "€".encode()  # three bytes
+    data = (
+        client_frame(frames.OP_TEXT, b"a" + euro[:1], fin=False)
+        + client_frame(frames.OP_CONTINUATION, euro[1:2], fin=False)
+        + client_frame(frames.OP_CONTINUATION, euro[2:] + "é".encode())
+    )
+    parser = FrameParser(1 << 16)
+    got = []
+    for i in range(len(data)):  # byte by byte: every frame is seen partially, every split point tried
+        got += parser.feed(data[i : i + 1])
+    assert got == [(frames.OP_TEXT, "a€é")]
+
+
+def test_invalid_utf8_fails_when_its_fragment_arrives_not_when_the_message_ends():
+    """Autobahn 6.4.1/6.4.2: a strict endpoint closes at the bad fragment."""
+    parser = FrameParser(1 << 16)
+    assert parser.feed(client_frame(frames.OP_TEXT, "κόσμε".encode(), fin=False)) == []
+    with pytest.raises(ProtocolViolation) as bad:
+        parser.feed(client_frame(frames.OP_CONTINUATION, b"\xce\xbc\xe0\x80", fin=False))  # overlong: never valid
+    assert bad.value.code == Close.INVALID_PAYLOAD
+
+
+def test_invalid_utf8_fails_within_a_frame_still_arriving():
+    """Autobahn 6.4.3/6.4.4: the frame's first part is already invalid; the rest is never waited for."""
+    frame = client_frame(frames.OP_TEXT, b"ok \xf4\x90\x80\x80" + b"x" * 10_000)  # above U+10FFFF
+    parser = FrameParser(1 << 16)
+    with pytest.raises(ProtocolViolation) as bad:
+        parser.feed(frame[:40])
+    assert bad.value.code == Close.INVALID_PAYLOAD
+    mid_fragment = FrameParser(1 << 16)  # the same inside a continuation frame
+    mid_fragment.feed(client_frame(frames.OP_TEXT, b"abc", fin=False))
+    with pytest.raises(ProtocolViolation):
+        mid_fragment.feed(client_frame(frames.OP_CONTINUATION, b"\xed\xa0\x80" + b"y" * 5000)[:30])  # a surrogate
+
+
 def test_close_frame_is_reported_with_code_and_reason():
     assert parse(client_frame(frames.OP_CLOSE, struct.pack("!H", 1001) + b"bye")) == [(frames.OP_CLOSE, (1001, "bye"))]
     assert parse(client_frame(frames.OP_CLOSE, b"")) == [(frames.OP_CLOSE, (1000, ""))]
