@@ -114,6 +114,19 @@ def test_hundreds_of_trickling_bodies_are_cut_off_and_real_clients_are_served_me
     assert time.monotonic() - started < 15  # each cut off at the 1.5 s deadline, not held for minutes
 
 
+def test_slow_headers_and_idle_keep_alive_connections_are_closed(server: Server):
+    """gunicorn's keepalive (5 s) bounds both: headers that never end, and a connection left idle."""
+    slow = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and never the end
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    idle.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert read_response(idle).startswith("HTTP/1.1 200")
+    started = time.monotonic()
+    with slow, idle:
+        assert slow.recv(4096) == b"" and idle.recv(4096) == b""  # closed by the server
+    assert time.monotonic() - started < 10
+
+
 def test_a_body_announced_larger_than_its_route_needs_is_refused_unread(server: Server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000000\r\n\r\n")
