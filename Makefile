@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # Branch coverage of the service's code, gunicorn's workers included (see [tool.coverage] in pyproject.toml).
 COVERAGE := --cov --cov-branch --cov-report=term:skip-covered
 
-.PHONY: run test test-fast lint conformance bench bench-quick bench-storm bench-peers system-deps clean
+.PHONY: run test test-fast lint conformance bench bench-quick bench-storm bench-history bench-peers system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench-quick: $(STAMP) system-deps
 # The reconnect storm: 10,000 clients, 50 broadcasts/s, a SIGHUP; both brokers (~2 min).
 bench-storm: $(STAMP) system-deps
 	$(BIN)/python bench/run.py --storm --reps 1 $(BENCH_ARGS)
+
+# The delivery guarantee's cost: history on vs off, runs long enough (1-2M deliveries) to rise above
+# the machine's noise, 5 reps in ABBA order (~20 min).
+bench-history: $(STAMP) system-deps
+	$(BIN)/python bench/run.py --configs "1000:2000:0 5000:200:0 10000:100:0" --history on,off --reps 5 $(BENCH_ARGS)
 
 # Side by side with node-ws, flask-sock-naive, c-limit and c-limit-coalesce in the shared harness (~20 min).
 bench-peers: $(STAMP)

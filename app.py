@@ -63,7 +63,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         auth,
         clinics,
         errors,
+        metrics,
         pages,
+        request_ids,
         request_limits,
         security_headers,
         socket,
@@ -71,7 +73,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         ws_commands,
     )
 
-    for module in (errors, security_headers, auth, socket, api, pages, admin, clinics, user_commands, ws_commands):
+    blueprints = (request_ids, errors, security_headers, auth, socket, api, metrics, pages, admin, clinics)
+    for module in (*blueprints, user_commands, ws_commands):
         app.register_blueprint(module.bp)
     app.wsgi_app = request_limits.RequestLimits(app.wsgi_app, timeout=settings.http_request_timeout_ms / 1000)
     app.jinja_env.globals.update(

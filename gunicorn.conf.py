@@ -29,6 +29,12 @@ except ConfigError as _problem:
     print(f"cannot start: {_problem}", file=sys.stderr, flush=True)
     sys.exit(1)
 
+# prometheus_client picks its storage when first imported: with this set, each worker writes
+# its values to files here and any worker answers /metrics for all (relay/metrics.py). It must be
+# in the environment before a worker imports the app; the folder is emptied when the master starts.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_settings.instance_path, "prometheus")
+
 worker_class = "gevent"
 workers = _settings.web_concurrency
 bind = f"{_settings.host}:{_settings.port}"
@@ -70,9 +76,28 @@ def on_starting(server):
             from relay.redis_broker import check_reachable
 
             check_reachable(_settings.redis_url)
+        _fresh_metrics_folder(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     except ConfigError as problem:
         print(f"cannot start: {problem}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def _fresh_metrics_folder(folder):
+    """Counters start at zero with the master: last run's files would be summed in otherwise."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):
+            if name.endswith(".db"):
+                os.remove(os.path.join(folder, name))
+    except OSError as problem:
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR {folder} cannot be prepared: {problem}") from None
+
+
+def child_exit(server, worker):
+    """A worker is gone: drop its live gauges (open connections), keep its counters (totals never fall)."""
+    from relay.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)
 
 
 def post_worker_init(worker):

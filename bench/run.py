@@ -361,7 +361,9 @@ def main() -> None:
         for rep in range(1, args.reps + 1):
             for clients, broadcasts, interval in configs:
                 for broker in brokers:
-                    for history in histories:
+                    # ABBA: on/off in odd reps, off/on in even ones, so drift over a run (a warming
+                    # machine, a noisy neighbour) does not always favour the same side.
+                    for history in histories if rep % 2 else histories[::-1]:
                         name = "storm" if args.storm else f"{clients}x{broadcasts}@{interval}ms"
                         log(f"rep {rep}  {broker:<6} history {history:<3} {name}")
                         storm = STORM if args.storm else None

@@ -1,4 +1,5 @@
-"""Admin pages: the dashboard (live figures, maintenance banner) and the broadcast form.
+"""Admin pages: the dashboard (live figures, the last hour in charts, maintenance banner), the broadcast
+form, and the broadcast log (filters, pages, CSV).
 
 The broadcast form is a real form (``action``/``method``) that htmx
 enhances: without JavaScript it posts and re-renders the page; with htmx the
@@ -13,8 +14,9 @@ import json
 from flask import Blueprint, make_response, render_template, request
 
 from relay.broadcast import BroadcastRequest
+from relay.broadcast_log import LogQuery, LogUnavailable, csv_text, iso, parse_when
 from relay.broker import BrokerUnavailable
-from relay.clock import now_iso
+from relay.clock import now_iso, now_ms
 from relay.envelope import Filter
 
 from .auth import admin_required, csrf_ok, csrf_required, realtime, signed_in
@@ -31,10 +33,16 @@ def is_htmx() -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
+PAGE_ROWS = 50
+CSV_MAX_ROWS = 10_000
+RECENT_ROWS = 10
+
+
 @bp.get("")
 @admin_required
 def dashboard():
-    return render_template("admin/dashboard.html", stats=realtime().health())
+    report = realtime().health(history=True)
+    return render_template("admin/dashboard.html", stats=report, minutes=report["history"][-15:][::-1], iso=iso)
 
 
 @bp.get("/stats")
@@ -65,13 +73,92 @@ def broadcast():
             delivered=delivered,
             error=error,
             channels=CHANNEL_TYPES,
-            recent=list(realtime().broadcaster.recent),
+            recent=_recent(),
+            iso=iso,
             max_text=MAX_TEXT,
         ),
         status,
     )
     response.headers["Vary"] = "HX-Request"
     return response
+
+
+@bp.get("/log")
+@admin_required
+def broadcast_log():
+    """Every broadcast, newest first, from every worker and host (the store is shared)."""
+    page, query, problem = _log_query(request.args, PAGE_ROWS)
+    rows: list = []
+    status = 400 if problem else 200
+    if query is not None:
+        rows, problem = _read(query)
+        status = 503 if problem else 200
+    html = render_template(
+        "admin/log.html",
+        rows=rows[:PAGE_ROWS],
+        more=len(rows) > PAGE_ROWS,  # one row more than a page was asked for
+        page=page,
+        args={k: v for k, v in request.args.items() if k != "page" and v},
+        problem=problem,
+        iso=iso,
+        log_days=realtime().settings.broadcast_log_days,
+    )
+    return html, status
+
+
+@bp.get("/log.csv")
+@admin_required
+def broadcast_log_csv():
+    _, query, problem = _log_query(request.args, CSV_MAX_ROWS, paged=False)
+    if query is None:
+        return make_response(f"{problem}\n", 400, {"Content-Type": "text/plain; charset=utf-8"})
+    rows, problem = _read(query)
+    if problem is not None:
+        return make_response(f"{problem}\n", 503, {"Content-Type": "text/plain; charset=utf-8", "Retry-After": "5"})
+    response = make_response(csv_text(rows))
+    response.headers["Content-Type"] = "text/csv; charset=utf-8"
+    response.headers["Content-Disposition"] = 'attachment; filename="broadcast-log.csv"'
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _log_query(args, rows: int, *, paged: bool = True) -> tuple[int, LogQuery | None, str | None]:
+    """(page, the query, None) from the query string, or (0, None, why it cannot be used).
+
+    A paged query asks for one row more than a page, to know whether there is a next one.
+    """
+    now = now_ms()
+    try:
+        since = parse_when(args["since"], now) if args.get("since") else None
+        until = parse_when(args["until"], now) if args.get("until") else None
+    except ValueError as bad:
+        return 0, None, str(bad)
+    page_text = (args.get("page") or "0").strip() if paged else "0"
+    if not page_text.isdigit() or int(page_text) > 10_000:
+        return 0, None, "page must be a whole number from 0 to 10000"
+    page = int(page_text)
+    fields = {}
+    for name in ("type", "channel", "sender"):
+        value = (args.get(name) or "").strip()
+        if len(value) > 256:
+            return 0, None, f"{name} is longer than 256 characters"
+        fields[name] = value or None
+    limit = rows + 1 if paged else rows
+    return page, LogQuery(**fields, since=since, until=until, offset=page * rows, limit=limit), None
+
+
+def _read(query: LogQuery):
+    writer = realtime().broadcast_log
+    writer.flush(deadline=1.0)  # what this worker has just sent is in the store before it is read
+    try:
+        return writer.store.query(query), None
+    except LogUnavailable as down:
+        return [], f"The broadcast log cannot be read right now: {down}"
+
+
+def _recent() -> list:
+    rows, _ = _read(LogQuery(limit=RECENT_ROWS))
+    return rows
 
 
 def _send(form: dict) -> tuple[int | None, str | None, int]:

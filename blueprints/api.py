@@ -22,7 +22,10 @@ bp = Blueprint("api", __name__)
 
 @bp.get("/health")
 def health():
-    report = realtime().health()
+    wanted = request.args.get("history", "0").strip().lower()
+    if wanted not in ("0", "1", "true", "false", ""):
+        return error_response(400, HttpError.INVALID_QUERY, "history must be 1 or 0")
+    report = realtime().health(history=wanted in ("1", "true"))
     response = jsonify(report)
     # 503 only while draining: a degraded broker affects every worker alike, and taking them
     # all out of the load balancer would cut the sockets that still work.

@@ -13,7 +13,8 @@ import time
 import click
 from flask import Blueprint
 
-from relay.clock import now_iso
+from relay.broadcast_log import LogQuery, LogUnavailable, csv_text, iso, parse_when
+from relay.clock import now_iso, now_ms
 from relay.directory import DirectoryUnavailable
 from relay.opsclient import OpsClient, ServiceError, smoke
 
@@ -73,6 +74,42 @@ def broadcast(url, timeout, message, message_type, channels, users, clinics, rol
         error = body.get("error", {})
         raise click.ClickException(f"HTTP {status}: {error.get('code')}: {error.get('message')}")
     click.echo(f"delivered to {body['delivered']} connection(s), id {body['id']}")
+
+
+@bp.cli.command("log")
+@click.option("--since", default="1h", show_default=True, help="30m, 2h, 7d, or an ISO time (UTC unless given).")
+@click.option("--until", default=None, help="The same forms; default now.")
+@click.option("--type", "message_type", default=None, help="Only this message type.")
+@click.option("--channel", default=None, help="Only broadcasts sent to this channel.")
+@click.option("--sender", default=None, help="'service', or an admin's user id.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--csv", "as_csv", is_flag=True, help="CSV (the admin page's export) instead of lines.")
+def log_command(since, until, message_type, channel, sender, limit, as_csv):
+    """Print the broadcast log (from the store, every worker's broadcasts), newest first."""
+    now = now_ms()
+    try:
+        query = LogQuery(
+            type=message_type,
+            channel=channel,
+            sender=sender,
+            since=parse_when(since, now) if since else None,
+            until=parse_when(until, now) if until else None,
+            limit=limit,
+        )
+        rows = realtime().broadcast_log.store.query(query)
+    except ValueError as bad:
+        raise click.BadParameter(str(bad)) from None
+    except LogUnavailable as down:
+        raise click.ClickException(str(down)) from None
+    if as_csv:
+        click.echo(csv_text(rows), nl=False)
+        return
+    for row in rows:
+        who = "service" if row.source == "api" else row.sender
+        to = json.dumps(row.filter, separators=(",", ":")) if row.filter else "everyone"
+        click.echo(f"{iso(row.at)}  {row.type:<14} to {to}  delivered {row.delivered}  by {who}  {row.preview[:80]}")
+    if not rows:
+        click.echo("no broadcasts in that window", err=True)
 
 
 @bp.cli.command("smoke")

@@ -14,21 +14,21 @@ Validation is strict on purpose: an unknown filter key (``"channel"`` for
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import NoReturn
 
 import gevent
 
+from .broadcast_log import LogWriter, record_of, source_kind
 from .broker import Broker, BrokerUnavailable
 from .codes import HttpError
 from .envelope import FILTER_FIELDS, Envelope, Filter
 from .eventlog import event
 from .history import History, HistoryUnavailable, Idempotency, Previous
+from .telemetry import Telemetry
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_FILTER_VALUES = 1000
@@ -168,19 +168,6 @@ class Receipt:
         )
 
 
-@dataclass(frozen=True)
-class SentBroadcast:
-    """One line of the admin page's "recent broadcasts" list."""
-
-    at: dt.datetime
-    id: str
-    type: str
-    data: object
-    filter: Filter
-    delivered: int
-    source: str
-
-
 class Broadcaster:
     """Turns a validated request into an envelope, places it in the history, publishes it, logs it.
 
@@ -189,14 +176,24 @@ class Broadcaster:
     the next instant. An idempotency key makes a retry safe: a repeat within
     the window publishes nothing and gets the first answer.
 
-    Keeps the last ``recent`` broadcasts this process sent, for the admin page.
+    Each one sent is counted (``telemetry``) and queued for the broadcast log
+    (``log``); a repeat is neither (it sent nothing).
     """
 
-    def __init__(self, broker: Broker, history: History | None = None, recent: int = 20, repeat_wait: float = 5.0):
+    def __init__(
+        self,
+        broker: Broker,
+        history: History | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+        log: LogWriter | None = None,
+        repeat_wait: float = 5.0,
+    ):
         self.broker = broker
         self.history = history
+        self.telemetry = telemetry
+        self.log = log
         self.repeat_wait = repeat_wait
-        self.recent: deque[SentBroadcast] = deque(maxlen=recent)
 
     def send(self, request: BroadcastRequest, *, source: str, scope: str, key: str | None = None) -> Receipt:
         """Publish ``request``. ``scope`` names who may reuse ``key`` (a service, one admin).
@@ -226,6 +223,7 @@ class Broadcaster:
                 self.history.complete(idempotency, receipt.answer())
             except HistoryUnavailable:
                 pass  # a repeat will get the place without the counts
+        seconds = time.perf_counter() - started
         event(
             "broadcast",
             id=envelope.id,
@@ -235,20 +233,24 @@ class Broadcaster:
             delivered=delivery.delivered,
             workers=delivery.workers,
             missing=delivery.missing,
-            durationMs=round((time.perf_counter() - started) * 1000, 3),
+            durationMs=round(seconds * 1000, 3),
             source=source,
         )
-        self.recent.appendleft(
-            SentBroadcast(
-                dt.datetime.now(dt.UTC),
-                envelope.id,
-                envelope.type,
-                envelope.data,
-                envelope.filter,
-                delivery.delivered,
-                source,
+        if self.telemetry is not None:
+            self.telemetry.broadcast(source_kind(source), delivery.delivered, seconds)
+        if self.log is not None:
+            self.log.record(
+                record_of(
+                    envelope_id=envelope.id,
+                    offset=envelope.offset,
+                    at=envelope.at,
+                    source=source,
+                    type_=envelope.type,
+                    data=envelope.data,
+                    filter_=envelope.filter.to_json(),
+                    delivered=delivery.delivered,
+                )
             )
-        )
         return receipt
 
     def _first_answer(self, previous: Previous, idempotency: Idempotency) -> Receipt:

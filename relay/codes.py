@@ -57,6 +57,7 @@ class HttpError:
     METHOD_NOT_ALLOWED = "method_not_allowed"  # (405)
     INVALID_JSON = "invalid_json"  # body is not JSON (400)
     INVALID_BODY = "invalid_body"  # JSON of the wrong shape (400)
+    INVALID_QUERY = "invalid_query"  # a query parameter of the wrong form (400)
     BODY_TOO_LARGE = "body_too_large"  # body over its route's limit (400 on /broadcast, 413 elsewhere)
     INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"  # Idempotency-Key not 1-200 printable ASCII (400)
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"  # the key was first used with another broadcast: new key (422)

@@ -79,6 +79,10 @@ class Settings:
     recovery_window_ms: int
     recovery_max_messages: int
     last_value_ttl_ms: int
+    # Operations: /metrics access, and how long the broadcast log keeps a row.
+    metrics_token: str | None = field(repr=False)
+    metrics_public: bool
+    broadcast_log_days: int
     # What start-up should tell the operator once it can log.
     notices: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -146,6 +150,13 @@ class Settings:
             if previous == found["WS_TOKEN_SECRET"]:
                 raise ConfigError("WS_TOKEN_SECRET_PREVIOUS is the same as WS_TOKEN_SECRET: set a new WS_TOKEN_SECRET.")
 
+        metrics_token = reader.text("METRICS_TOKEN", "") or None
+        metrics_public = reader.text("METRICS_PUBLIC", "0").lower() in ("1", "true", "yes")
+        if metrics_token is not None and production:
+            _require_strong("METRICS_TOKEN", metrics_token)
+        if production and metrics_token is None and not metrics_public:
+            notices.append("/metrics is closed: set METRICS_TOKEN (or METRICS_PUBLIC=1 behind a private network)")
+
         test_user_id = reader.text("WS_TEST_USER_ID", "") or None
         if test_user_id and production:
             warnings.append("WS_TEST_USER_ID is ignored because APP_ENV=production")
@@ -187,6 +198,9 @@ class Settings:
             recovery_window_ms=reader.integer("WS_RECOVERY_WINDOW_MS", 120_000, low=0, high=86_400_000),
             recovery_max_messages=reader.integer("WS_RECOVERY_MAX_MESSAGES", 1000, low=1, high=100_000),
             last_value_ttl_ms=reader.integer("WS_LAST_VALUE_TTL_MS", 86_400_000, low=1000),
+            metrics_token=metrics_token,
+            metrics_public=metrics_public,
+            broadcast_log_days=reader.integer("BROADCAST_LOG_DAYS", 30, low=1, high=3650),
             notices=tuple(notices),
             warnings=tuple(warnings),
         )
@@ -230,6 +244,7 @@ class SupabaseSettings:
     timeout_ms: int
     cache_ttl_ms: int
     cache_size: int
+    broadcast_log_table: str = "broadcast_log"
 
 
 class _Reader:
@@ -338,6 +353,7 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
     if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
         raise ConfigError(f"SUPABASE_URL must look like https://<project>.supabase.co, got {url!r}.")
     table = reader.text("SUPABASE_PROFILES_TABLE", "profiles")
+    log_table = reader.text("SUPABASE_BROADCAST_LOG_TABLE", "broadcast_log")
     columns = tuple(
         reader.text(name, default)
         for name, default in (
@@ -346,7 +362,7 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
             ("SUPABASE_PROFILE_CLINIC_COLUMN", "clinic_id"),
         )
     )
-    for name in (table, *columns):
+    for name in (table, log_table, *columns):
         if not name.replace("_", "").isalnum():
             raise ConfigError(f"Supabase table and column names must be letters, digits and _, got {name!r}.")
     return SupabaseSettings(
@@ -360,6 +376,7 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
         timeout_ms=reader.integer("SUPABASE_TIMEOUT_MS", 3000, low=10),
         cache_ttl_ms=reader.integer("SUPABASE_CACHE_TTL_MS", 60_000, low=0),
         cache_size=reader.integer("SUPABASE_CACHE_SIZE", 10_000, low=1),
+        broadcast_log_table=log_table,
     )
 
 

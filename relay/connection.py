@@ -115,6 +115,7 @@ class Connection:
         "state",
         "close_code",
         "close_reason",
+        "overflowed",
         "_sock",
         "_loop",
         "_outbox",
@@ -161,6 +162,7 @@ class Connection:
         self.state = OPEN
         self.close_code: int | None = None
         self.close_reason = ""
+        self.overflowed = False  # closed 1013 for owing more than max_queue (a slow consumer)
         self._sock = sock
         self._loop = loop if loop is not None else gevent.get_hub().loop
         self._outbox = outbox
@@ -375,6 +377,7 @@ class Connection:
             self._pending_bytes = len(self._pending[0])
         else:
             self._pending, self._pending_bytes = None, 0
+        self.overflowed = True
         self.close(Close.TRY_AGAIN_LATER, "slow consumer: too much unread data")
 
     # -- reading ------------------------------------------------------------

@@ -4,6 +4,11 @@
 ``{"ts": ..., "level": "info", "event": "ws.connect", "clientId": ..., ...}``.
 Tokens and secrets are never passed here; as a second line of defence any
 field whose name looks like one is replaced by ``"[redacted]"``.
+
+``bind(requestId=...)`` adds fields to every line written in the current
+context: the HTTP layer binds the request id for the length of a request, so
+each line a request causes carries it. (Under gevent every greenlet has its
+own context: a line written from an event-loop callback carries none.)
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar, Token
 
 logger = logging.getLogger("relay.events")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -21,12 +27,25 @@ _SECRET_WORDS = ("token", "secret", "password", "authorization", "cookie")
 
 
 _direct = None  # the stream our own handler writes to, when it is the only one
+_bound: ContextVar[dict | None] = ContextVar("relay_log_fields", default=None)
+
+
+def bind(**fields: object) -> Token:
+    """Add ``fields`` to every line of the current context until :func:`unbind` with the token."""
+    return _bound.set({**(_bound.get() or {}), **fields})
+
+
+def unbind(token: Token) -> None:
+    _bound.reset(token)
 
 
 def event(name: str, *, level: str = "info", **fields: object) -> None:
     numeric = _LEVELS[level]
     if not logger.isEnabledFor(numeric):
         return
+    bound = _bound.get()
+    if bound:
+        fields = {**bound, **fields}
     if _direct is not None:
         # The usual case (our JSON handler alone): write the line without building a
         # LogRecord and walking handlers, a third of the cost, on every connect.
@@ -57,7 +76,8 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if fields is not None:
             return _line(record.created, level, fields, record.msg, **extra)
-        return _line(record.created, level, {}, logger=record.name, message=record.getMessage(), **extra)
+        bound = _bound.get() or {}
+        return _line(record.created, level, bound, logger=record.name, message=record.getMessage(), **extra)
 
 
 class JsonHandler(logging.StreamHandler):

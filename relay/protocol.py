@@ -35,6 +35,7 @@ from .eventlog import event
 from .hub import Hub
 from .lastvalues import LastValues
 from .sessions import SessionKeeper
+from .telemetry import Telemetry
 
 MAX_CHANNELS_PER_REQUEST = 200
 
@@ -68,8 +69,10 @@ class ClientProtocol:
         clock: Callable[[], float] = time.monotonic,
         sessions: SessionKeeper | None = None,
         last_values: LastValues | None = None,
+        telemetry: Telemetry | None = None,
     ):
         self.hub = hub
+        self.telemetry = telemetry
         self.max_subscriptions = max_subscriptions
         self.rate_burst = rate_burst
         self.rate_per_second = rate_per_second
@@ -96,25 +99,24 @@ class ClientProtocol:
         try:
             message = json.loads(text)
         except ValueError:
-            conn.send_now(error_frame(Error.INVALID_JSON, "the message is not valid JSON"))
+            self.error(conn, Error.INVALID_JSON, "the message is not valid JSON")
             return
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            conn.send_now(error_frame(Error.INVALID_MESSAGE, 'a message is a JSON object with a string "type"'))
+            self.error(conn, Error.INVALID_MESSAGE, 'a message is a JSON object with a string "type"')
             return
         handler = self._handlers.get(message["type"])
         if handler is None:
-            conn.send_now(
-                error_frame(
-                    Error.UNKNOWN_TYPE,
-                    f"unknown message type {message['type'][:64]!r}; expected PING, SUBSCRIBE or UNSUBSCRIBE",
-                )
+            self.error(
+                conn,
+                Error.UNKNOWN_TYPE,
+                f"unknown message type {message['type'][:64]!r}; expected PING, SUBSCRIBE or UNSUBSCRIBE",
             )
             return
         handler(conn, message.get("data"))
 
     def on_binary(self, conn, data: bytes) -> None:
         if self._within_rate(conn):
-            conn.send_now(error_frame(Error.BINARY_NOT_SUPPORTED, "send JSON text frames, not binary"))
+            self.error(conn, Error.BINARY_NOT_SUPPORTED, "send JSON text frames, not binary")
 
     def on_closing(self, conn) -> None:
         self.hub.remove(conn)
@@ -124,6 +126,8 @@ class ClientProtocol:
     def on_closed(self, conn) -> None:
         if conn.identity is None:
             return  # never admitted; the refusal was logged already
+        if self.telemetry is not None:
+            self.telemetry.disconnected(conn.close_code, len(self.hub), slow=conn.overflowed)
         event(
             "ws.disconnect",
             clientId=conn.id,
@@ -139,12 +143,12 @@ class ClientProtocol:
         conn.send_now(encode("PONG", {"timestamp": int(time.time() * 1000)}))
 
     def _subscribe(self, conn, data) -> None:
-        names = _channel_list(conn, data)
+        names = self._channel_list(conn, data)
         if names is None:
             return
         last = data.get("last", False)
         if not isinstance(last, bool):
-            conn.send_now(error_frame(Error.INVALID_DATA, '"last" must be true or false'))
+            self.error(conn, Error.INVALID_DATA, '"last" must be true or false')
             return
         allowed = []
         for name in names:
@@ -157,7 +161,7 @@ class ClientProtocol:
                 if refusal == Error.UNKNOWN_CHANNEL
                 else f"you may not subscribe to {name!r}"
             )
-            conn.push(error_frame(refusal, text, channel=name))
+            self.error(conn, refusal, text, channel=name, now=False)
             event(
                 "ws.subscribe_denied",
                 level="warning",
@@ -199,12 +203,12 @@ class ClientProtocol:
         before = set(conn.channels)
         taken, over = self.hub.subscribe(conn, allowed, self.max_subscriptions)
         for name in over:
-            conn.push(
-                error_frame(
-                    Error.TOO_MANY_SUBSCRIPTIONS,
-                    f"a connection may hold at most {self.max_subscriptions} subscriptions",
-                    channel=name,
-                )
+            self.error(
+                conn,
+                Error.TOO_MANY_SUBSCRIPTIONS,
+                f"a connection may hold at most {self.max_subscriptions} subscriptions",
+                channel=name,
+                now=False,
             )
         for name in taken:
             envelope = last.get(name)
@@ -221,7 +225,7 @@ class ClientProtocol:
         return envelope.filter.admits(conn.user_id, conn.role, conn.clinic_id, conn.channels)
 
     def _unsubscribe(self, conn, data) -> None:
-        names = _channel_list(conn, data)
+        names = self._channel_list(conn, data)
         if names is None:
             return
         removed = self.hub.unsubscribe(conn, names)
@@ -242,25 +246,34 @@ class ClientProtocol:
         if conn.rate_tokens >= 1.0:
             conn.rate_tokens -= 1.0
             return True
-        conn.push(error_frame(Error.RATE_LIMITED, "too many messages; slow down"))
+        self.error(conn, Error.RATE_LIMITED, "too many messages; slow down", now=False)
         conn.close(Close.POLICY_VIOLATION, "rate limit exceeded")
         event("ws.rate_limited", level="warning", clientId=conn.id, userId=conn.user_id)
         return False
 
-
-def _channel_list(conn, data) -> list[str] | None:
-    """``data.channels`` as a de-duplicated list, or None after answering ERROR."""
-    channels = data.get("channels") if isinstance(data, dict) else None
-    if (
-        not isinstance(channels, list)
-        or len(channels) > MAX_CHANNELS_PER_REQUEST
-        or not all(isinstance(name, str) for name in channels)
-    ):
-        conn.send_now(
-            error_frame(
+    def _channel_list(self, conn, data) -> list[str] | None:
+        """``data.channels`` as a de-duplicated list, or None after answering ERROR."""
+        channels = data.get("channels") if isinstance(data, dict) else None
+        if (
+            not isinstance(channels, list)
+            or len(channels) > MAX_CHANNELS_PER_REQUEST
+            or not all(isinstance(name, str) for name in channels)
+        ):
+            self.error(
+                conn,
                 Error.INVALID_DATA,
                 f'"data" must be {{"channels": [names]}} with at most {MAX_CHANNELS_PER_REQUEST} names',
             )
-        )
-        return None
-    return list(dict.fromkeys(channels))
+            return None
+        return list(dict.fromkeys(channels))
+
+    def error(self, conn, code: str, message: str, *, now: bool = True, **extra) -> None:
+        """Send ``ERROR {code, message, **extra}`` and count it. ``now``: write it at once (a reply);
+        otherwise it is queued behind what the connection is already owed."""
+        frame = error_frame(code, message, **extra)
+        if now:
+            conn.send_now(frame)
+        else:
+            conn.push(frame)
+        if self.telemetry is not None:
+            self.telemetry.client_error(code)

@@ -31,6 +31,7 @@ from gevent.event import AsyncResult
 from . import __version__
 from . import channels as channel_rules
 from .broadcast import Broadcaster, BroadcastRequest, Receipt
+from .broadcast_log import BroadcastLog, LogWriter
 from .broker import Broker, BrokerUnavailable, Delivery, MemoryBroker, Pending
 from .codes import Close, Error
 from .config import Settings
@@ -42,14 +43,17 @@ from .history import History, HistoryUnavailable
 from .hub import Hub
 from .lastvalues import LastValues
 from .outbox import Outbox
-from .protocol import ClientProtocol, encode, error_frame
+from .protocol import ClientProtocol, encode
 from .recovery import Prepared, Recovery, ResumeRequest
 from .revocation import IdentityWatcher
 from .sequencer import Sequencer
 from .sessions import SessionKeeper
+from .sqlite_broadcast_log import SqliteBroadcastLog
 from .sqlite_directory import SqliteDirectory
 from .sqlite_history import SqliteHistory
+from .telemetry import Telemetry
 from .throttle import LoginThrottle, MemoryThrottleStore, ThrottleStore
+from .timeline import LocalShare, Timeline, TimelineShare, history_json, merge
 from .tokens import TokenError, TokenService
 
 log = logging.getLogger("relay.service")
@@ -57,6 +61,7 @@ log = logging.getLogger("relay.service")
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_SUBSCRIPTIONS = 100
 TRIM_INTERVAL = 5.0  # seconds between history trims
+SAMPLE_INTERVAL = 1.0  # seconds between gauge samples (and, every other one, timeline shares)
 
 
 class Realtime:
@@ -67,6 +72,7 @@ class Realtime:
         directory: Directory | None = None,
         broker: Broker | None = None,
         history: History | None = None,
+        broadcast_log: BroadcastLog | None = None,
     ):
         self.settings = settings
         self.started_at = time.time()
@@ -78,6 +84,11 @@ class Realtime:
             else None
         )
         self.directory = directory or _make_directory(settings)
+        self.telemetry = Telemetry()
+        self.timelines = _make_timeline_share(settings, self.telemetry.timeline, self.worker_id)
+        self.broadcast_log = LogWriter(
+            broadcast_log or _make_broadcast_log(settings), retention_days=settings.broadcast_log_days
+        )
         self.hub = Hub(max_clients=settings.max_clients, ping_interval=settings.ping_interval_ms / 1000)
         self.outbox = Outbox()
         self.history = history or (_make_history(settings) if settings.recovery else None)
@@ -91,10 +102,14 @@ class Realtime:
             self.history, self.sequencer, self.sessions, max_messages=settings.recovery_max_messages
         )
         self.protocol = ClientProtocol(
-            self.hub, max_subscriptions=MAX_SUBSCRIPTIONS, sessions=self.sessions, last_values=last_values
+            self.hub,
+            max_subscriptions=MAX_SUBSCRIPTIONS,
+            sessions=self.sessions,
+            last_values=last_values,
+            telemetry=self.telemetry,
         )
         self.broker = broker or _make_broker(settings, self.worker_id)
-        self.broadcaster = Broadcaster(self.broker, self.history)
+        self.broadcaster = Broadcaster(self.broker, self.history, telemetry=self.telemetry, log=self.broadcast_log)
         self.throttle = LoginThrottle(_make_throttle_store(settings))
         self.identities = IdentityWatcher(
             self.directory,
@@ -114,6 +129,9 @@ class Realtime:
         self.broker.start(self._deliver, self._heartbeat, self._resync, self._on_control)
         self.hub.start()
         self.identities.start()
+        self.broadcast_log.start()
+        self.sample_gauges()
+        self._greenlets.append(gevent.spawn(self._sample_forever))
         if self.sessions is not None:
             self.sessions.start()
             self._greenlets.append(gevent.spawn(self._trim_forever))
@@ -140,8 +158,8 @@ class Realtime:
             lost = [name for name in sorted(conn.channels) if channel_rules.refusal(conn, name) is not None]
             removed = self.hub.unsubscribe(conn, lost)
             for name in removed:
-                conn.push(
-                    error_frame(Error.FORBIDDEN_CHANNEL, f"you may no longer subscribe to {name!r}", channel=name)
+                self.protocol.error(
+                    conn, Error.FORBIDDEN_CHANNEL, f"you may no longer subscribe to {name!r}", channel=name, now=False
                 )
             if removed:
                 conn.send_now(encode("UNSUBSCRIBED", {"channels": removed}))
@@ -227,6 +245,28 @@ class Realtime:
         closed = self.hub.close_all(Close.SERVICE_RESTART, "stream reset")
         event("stream.reset", level="error", epoch=epoch, clients=len(closed))
 
+    def sample_gauges(self) -> None:
+        """Set the gauges that are read rather than counted (each second, at start, before a scrape)."""
+        self.telemetry.sample(
+            connections=len(self.hub),
+            subscriptions=self.hub.stats()["subscriptions"],
+            broker_up=self.broker.status()["state"] == "ok",
+            identity_up=self.directory.status()["state"] == "ok",
+        )
+
+    def _sample_forever(self) -> None:
+        """The gauges every second; this worker's last hour for the others every other second."""
+        beat = 0
+        while True:
+            gevent.sleep(SAMPLE_INTERVAL)
+            beat += 1
+            try:
+                self.sample_gauges()
+                if beat % 2:
+                    self.timelines.publish(self.worker_id, self.telemetry.timeline.snapshot())
+            except Exception as problem:  # Redis away: the next beat tries again
+                log.warning("sampling or sharing the timeline failed: %s", problem)
+
     def _trim_forever(self) -> None:
         while True:
             gevent.sleep(TRIM_INTERVAL)
@@ -280,6 +320,7 @@ class Realtime:
         resume: ResumeRequest | str | None,
     ) -> None:
         if self.hub.draining:
+            self.telemetry.refused("draining")
             conn.reject(Close.SERVICE_RESTART, "service restart")
             return
         if self.tokens is None:
@@ -296,6 +337,7 @@ class Realtime:
                 remote=remote,
             )
             self.hub.counters["auth_failures"] += 1
+            self.telemetry.auth_failed(refused.reason)
             conn.reject(Close.UNAUTHORIZED, f"token {refused.reason.replace('_', ' ')}")
             return
         try:
@@ -309,28 +351,33 @@ class Realtime:
                 userId=user_id,
                 remote=remote,
             )
+            self.telemetry.auth_failed("directory_unavailable")
             conn.reject(Close.TRY_AGAIN_LATER, "identity service unavailable")
             return
         if identity is None or not identity.active:
             reason = "unknown_user" if identity is None else "user_disabled"
             event("ws.auth_failed", level="warning", reason=reason, userId=user_id, remote=remote)
             self.hub.counters["auth_failures"] += 1
+            self.telemetry.auth_failed(reason)
             conn.reject(Close.FORBIDDEN, reason.replace("_", " "))
             return
         if self.hub.full:
             event("ws.refused", level="warning", reason="server_full", userId=user_id, clients=len(self.hub))
+            self.telemetry.refused("server_full")
             conn.reject(Close.TRY_AGAIN_LATER, "server full")
             return
         held = self.hub.connection_count(user_id) + self.broker.connections_elsewhere(user_id)
         if held >= self.settings.max_connections_per_user:
             event("ws.refused", level="warning", reason="too_many_connections", userId=user_id, held=held)
+            self.telemetry.refused("too_many_connections")
             conn.reject(Close.TOO_MANY_CONNECTIONS, "too many connections for this user")
             return
 
-        conn.identify(identity)
         if self.history is not None and not self._prime():
+            self.telemetry.refused("history_unavailable")
             conn.reject(Close.TRY_AGAIN_LATER, "history unavailable")
             return
+        conn.identify(identity)
         outcome = self._prepare_resume(conn, resume) if resume is not None else None
 
         # From here to conn.start(): no pause, so the replay ends exactly where live delivery begins.
@@ -355,9 +402,10 @@ class Realtime:
         # CONNECTED is queued before the hub can see the connection: it is always the first frame.
         conn.push(encode("CONNECTED", hello))
         self.hub.add(conn)
+        self.telemetry.connected(len(self.hub))
         if isinstance(outcome, Prepared):
             for name, code in outcome.refused:
-                conn.push(error_frame(code, f"you may no longer subscribe to {name!r}", channel=name))
+                self.protocol.error(conn, code, f"you may no longer subscribe to {name!r}", channel=name, now=False)
             self.hub.subscribe(conn, outcome.channels, MAX_SUBSCRIPTIONS)
             conn.push_owed([envelope.frame() for envelope in replay])
         if self.sessions is not None:
@@ -381,6 +429,7 @@ class Realtime:
         )
         if resume is not None:
             self.recovery.count(outcome)
+            self.telemetry.recovery(isinstance(outcome, Prepared))
 
     def _prepare_resume(self, conn: Connection, resume: ResumeRequest | str) -> Prepared | str:
         if isinstance(resume, str):
@@ -420,6 +469,8 @@ class Realtime:
             Close.SERVICE_RESTART, reason, self.settings.drain_timeout_ms / 1000, closing=self._save_sessions
         )
         self.broker.close()  # leave the cluster view at once rather than when the heartbeat expires
+        if not self.broadcast_log.flush(deadline=2.0):
+            log.error("the broadcast log could not be written before exit: %s", self.broadcast_log.status())
         event("drain.done", complete=done, clients=len(self.hub))
         return done
 
@@ -434,8 +485,12 @@ class Realtime:
 
     # -- health ---------------------------------------------------------------------
 
-    def health(self) -> dict:
-        """This worker's health plus the cluster's totals (every live worker, every host)."""
+    def health(self, *, history: bool = False) -> dict:
+        """This worker's health plus the cluster's totals (every live worker, every host).
+
+        ``history``: also the last hour by minute and the error rates, merged over every worker
+        that shared its timeline (Redis), or this worker's own.
+        """
         local = self.hub.stats()
         me = {
             **local,
@@ -459,7 +514,7 @@ class Realtime:
         else:
             status = "ok"
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return {
+        out = {
             "ok": status == "ok",
             "status": status,
             "uptime": round(time.time() - self.started_at, 3),
@@ -482,7 +537,20 @@ class Realtime:
             "stream": self._stream_status(),
             "identityWatch": self.identities.status(),
             "recoveries": self.recovery.status(),
+            "broadcastLog": self.broadcast_log.status(),
         }
+        if history:
+            out.update(self._history())
+        return out
+
+    def _history(self) -> dict:
+        scope = "worker" if isinstance(self.timelines, LocalShare) else "cluster"
+        try:
+            shared = self.timelines.collect()
+        except Exception as problem:  # Redis away: this worker's own hour, and say so
+            log.warning("reading the cluster's timelines failed: %s", problem)
+            shared, scope = [self.telemetry.timeline.snapshot()], "worker"
+        return {**history_json(merge(shared, time.time())), "historyScope": scope}
 
     def _stream_status(self) -> dict:
         """The stream as /health shows it: the store's view, and how far this worker has delivered."""
@@ -573,6 +641,26 @@ def _make_history(settings: Settings) -> History:
         prefix=settings.redis_prefix,
         window_ms=settings.recovery_window_ms,
         last_value_ttl_ms=settings.last_value_ttl_ms,
+    )
+
+
+def _make_timeline_share(settings: Settings, timeline: Timeline, worker_id: str) -> TimelineShare:
+    if not settings.redis_url:
+        return LocalShare(timeline)
+    from .redis_timeline import RedisShare  # needs the optional redis package
+
+    return RedisShare(settings.redis_url, timeline, worker_id=worker_id, prefix=settings.redis_prefix)
+
+
+def _make_broadcast_log(settings: Settings) -> BroadcastLog:
+    """Where the identity lives: the instance SQLite, or the Supabase project."""
+    supabase = settings.supabase
+    if supabase is None:
+        return SqliteBroadcastLog(settings.db_path)
+    from .supabase_broadcast_log import SupabaseBroadcastLog
+
+    return SupabaseBroadcastLog(
+        supabase.url, supabase.service_key, table=supabase.broadcast_log_table, timeout=supabase.timeout_ms / 1000
     )
 
 

@@ -12,6 +12,9 @@ headers and response shapes:
 | ``auth.admin.list_users(page, n)``     | ``GET /auth/v1/admin/users?page=..&per_page=..``  |
 | ``auth.get_user(jwt)``                 | ``GET /auth/v1/user`` (``Authorization: Bearer``) |
 | ``auth.sign_in_with_password(..)``     | ``POST /auth/v1/token?grant_type=password``       |
+| ``table(log).upsert(rows, ..)``        | ``POST /rest/v1/{log}?on_conflict=id&columns=..`` |
+| ``table(log).select("*").eq/contains/gte/lte/order/range`` | ``GET /rest/v1/{log}?type=eq.X&channels=cs.{c}&..`` |
+| ``table(log).delete(count=exact).lt("at", t)`` | ``DELETE /rest/v1/{log}?at=lt.T``          |
 
 and it checks what real Supabase checks: the ``apikey`` header, the
 ``Authorization: Bearer <service role key>`` on admin and PostgREST calls,
@@ -23,6 +26,7 @@ it fail: ``"error"`` answers 500, ``"hang"`` holds the request for
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -76,6 +80,8 @@ class FakeSupabase:
         self.users: dict[str, FakeUser] = {}
         self.profiles: dict[str, dict] = {}  # user id -> row (column names as stored)
         self.profiles_table = "profiles"  # the table name PostgREST serves them under
+        self.log_table = "broadcast_log"  # rows of the broadcast log, by id, as PostgREST would keep them
+        self.log_rows: dict[str, dict] = {}
         self.requests: list[Recorded] = []
         self.mode = "ok"
         self.hang_seconds = 10.0
@@ -145,6 +151,9 @@ class FakeSupabase:
             def do_POST(self):
                 self._serve("POST")
 
+            def do_DELETE(self):
+                self._serve("DELETE")
+
             def _serve(self, method: str) -> None:
                 parts = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
@@ -165,19 +174,27 @@ class FakeSupabase:
                     return self._reply(401, {"message": "No API key found in request"})
                 if self.headers.get("apikey") not in (SERVICE_KEY, ANON_KEY):
                     return self._reply(401, {"message": "Invalid API key", "hint": "Double check your Supabase key."})
+                headers = {}
                 try:
-                    status, payload = fake._route(
-                        method, parts.path, parse_qs(parts.query), self.headers.get("Authorization", ""), body
-                    )
+                    if parts.path == f"/rest/v1/{fake.log_table}":
+                        status, payload, headers = fake._log_route(
+                            method, parse_qs(parts.query), self.headers.get("Authorization", ""), body
+                        )
+                    else:
+                        status, payload = fake._route(
+                            method, parts.path, parse_qs(parts.query), self.headers.get("Authorization", ""), body
+                        )
                 except Exception as error:  # a bug in the fake must show up, not hang the client
                     status, payload = 500, {"msg": f"fake error: {error}"}
-                self._reply(status, payload)
+                self._reply(status, payload, headers)
 
-            def _reply(self, status: int, payload) -> None:
-                data = json.dumps(payload).encode()
+            def _reply(self, status: int, payload, headers: dict | None = None) -> None:
+                data = b"" if payload is None else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -245,3 +262,60 @@ class FakeSupabase:
                 "user": user.to_json(),
             }
         return 404, {"msg": f"no fake for {method} {path}"}
+
+    # -- the broadcast log table (PostgREST's filters, as the client sends them) -----------
+
+    def _log_route(self, method: str, query: dict, authorization: str, body: bytes):
+        if authorization != f"Bearer {SERVICE_KEY}":
+            return 401, {"code": "PGRST301", "message": "JWSError"}, {}
+        if method == "POST":
+            if query.get("on_conflict") != ["id"]:
+                return 409, {"code": "23505", "message": "duplicate key value violates unique constraint"}, {}
+            rows = json.loads(body)
+            with self.lock:
+                for row in rows if isinstance(rows, list) else [rows]:
+                    row = {**row, "at": _pg_time(row["at"])}  # timestamptz comes back as +00:00
+                    self.log_rows.setdefault(row["id"], row)  # resolution=ignore-duplicates
+            return 201, None, {}
+        with self.lock:
+            rows = [row for row in self.log_rows.values() if _matches(row, query)]
+        if method == "DELETE":
+            with self.lock:
+                for row in rows:
+                    del self.log_rows[row["id"]]
+            return 204, None, {"Content-Range": f"*/{len(rows)}"}
+        for order in reversed(query.get("order", [""])[0].split(",")):
+            column, _, direction = order.partition(".")
+            if column:
+                rows.sort(key=lambda row, c=column: _sortable(row.get(c)), reverse=direction.startswith("desc"))
+        start = int(query.get("offset", ["0"])[0])
+        rows = rows[start : start + int(query.get("limit", ["1000"])[0])]
+        return 200, rows, {}
+
+
+def _pg_time(text: str) -> str:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).isoformat()
+
+
+def _sortable(value):
+    if isinstance(value, str) and value[:4].isdigit() and "T" in value:
+        return dt.datetime.fromisoformat(value).timestamp()
+    return value
+
+
+def _matches(row: dict, query: dict) -> bool:
+    for key, values in query.items():
+        if key in ("select", "order", "offset", "limit", "columns", "on_conflict"):
+            continue
+        for value in values:
+            op, _, wanted = value.partition(".")
+            have = row.get(key)
+            if op == "eq" and str(have) != wanted:
+                return False
+            if op == "cs" and not set(wanted.strip("{}").split(",")) <= set(have or []):
+                return False
+            if op in ("gte", "lte", "lt"):
+                left, right = _sortable(have), _sortable(_pg_time(wanted))
+                if not {"gte": left >= right, "lte": left <= right, "lt": left < right}[op]:
+                    return False
+    return True

@@ -269,3 +269,33 @@ def test_home_page_says_who_you_are_and_links_by_role(site, web):
     admin = web(site, "alice")
     expect(admin.locator("main a[href='/admin']")).to_be_visible()
     expect(admin.locator("main a[href='/admin/broadcast']")).to_be_visible()
+
+
+def test_the_dashboard_charts_the_last_hour_and_they_move_when_broadcasts_are_sent(site, web):
+    page = web(site, "alice@example.test", "/admin")
+    for name in ("connections", "broadcasts", "errors"):
+        expect(page.locator(f"#chart-{name} canvas")).to_have_count(1)  # uPlot drew it
+    page.wait_for_function("() => window.dashboard && window.dashboard.updates >= 1")
+    sent_before = page.evaluate("() => window.dashboard.data.reduce((n, m) => n + m.broadcasts, 0)")
+    updates = page.evaluate("() => window.dashboard.updates")
+    for n in range(3):
+        site.announce(f"chart me {n}")
+    page.wait_for_function(
+        "([seen, want]) => window.dashboard.updates > seen && "
+        "window.dashboard.data.reduce((n, m) => n + m.broadcasts, 0) === want",
+        arg=[updates, sent_before + 3],
+        timeout=15_000,
+    )
+    # the chart's own data moved, not only the page's copy of it
+    plotted = page.evaluate("() => window.dashboard.charts.broadcasts.data[1].reduce((a, b) => a + b, 0)")
+    assert plotted == sent_before + 3
+    assert page.evaluate("() => window.dashboard.errors") == 0
+
+
+def test_the_dashboard_shows_its_figures_without_javascript(site, web):
+    site.announce("counted")
+    page = web(site, "alice@example.test", "/admin", javascript=False)
+    rates = page.locator("table.rates tbody tr")
+    expect(rates).to_have_count(3)
+    expect(page.locator("table.minutes tbody tr").first).to_contain_text("1")
+    expect(page.locator("table.minutes")).to_contain_text("The last 15 minutes")

@@ -1,0 +1,39 @@
+"""A request id on every HTTP request: in each log line the request causes, and in its answer.
+
+Taken from ``X-Request-Id`` when a proxy sends a sane one (1-128 of
+``A-Z a-z 0-9 . _ : -``), otherwise made here; answered as ``X-Request-Id``.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from flask import Blueprint, g, request
+
+from relay import eventlog
+
+bp = Blueprint("request_ids", __name__)
+SANE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+@bp.before_app_request
+def bind_request_id() -> None:
+    given = request.headers.get("X-Request-Id", "")
+    g.request_id = given if SANE.fullmatch(given) else secrets.token_hex(8)
+    g.request_log_token = eventlog.bind(requestId=g.request_id)
+
+
+@bp.after_app_request
+def answer_request_id(response):
+    request_id = g.get("request_id")
+    if request_id:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+@bp.teardown_app_request
+def unbind_request_id(_error) -> None:
+    token = g.pop("request_log_token", None)
+    if token is not None:
+        eventlog.unbind(token)

@@ -1,0 +1,287 @@
+"""The broadcast log: who sent what, to whom, when, and how many received it.
+
+Every broadcast this service publishes becomes one :class:`LoggedBroadcast`,
+kept where the identity lives (the instance SQLite, or a Supabase table) for
+``BROADCAST_LOG_DAYS``, and readable from any worker or host. Two stores
+implement :class:`BroadcastLog` (``relay.sqlite_broadcast_log``,
+``relay.supabase_broadcast_log``); one conformance test checks both.
+
+Writing never holds up a broadcast: :class:`LogWriter` queues the record and
+writes batches from its own greenlet every fraction of a second, retries a
+store that is down (the queue is bounded: past 10,000 waiting records the
+oldest are dropped and counted, loudly), and flushes what is left when the
+worker stops.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import logging
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import gevent
+from gevent.event import Event
+
+from .clock import now_ms
+from .eventlog import event
+
+log = logging.getLogger("relay.broadcast_log")
+PREVIEW_CHARS = 200
+PAGE_MAX = 500
+
+
+class LogUnavailable(Exception):
+    """The store did not answer; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoggedBroadcast:
+    id: str
+    at: int  # ms since the epoch, when it was accepted
+    source: str  # "api" (a service with the admin secret) or "admin" (a signed-in admin)
+    sender: str  # "service", or the admin's user id
+    type: str
+    filter: dict  # as the request gave it (normalized)
+    delivered: int
+    size: int  # bytes of its data as JSON
+    preview: str  # the first 200 characters of its data as JSON
+    offset: int | None = None  # its place in the stream (None with recovery off)
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.filter.get("channels") or [])
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "offset": self.offset,
+            "at": self.at,
+            "source": self.source,
+            "sender": self.sender,
+            "type": self.type,
+            "filter": self.filter,
+            "delivered": self.delivered,
+            "size": self.size,
+            "preview": self.preview,
+        }
+
+
+def source_kind(source: str) -> str:
+    """``api`` for a service with the admin secret; ``admin`` for a signed-in admin (API or form)."""
+    return "api" if source == "api" else "admin"
+
+
+def record_of(
+    *, envelope_id: str, offset: int | None, at: int, source: str, type_: str, data, filter_: dict, delivered: int
+) -> LoggedBroadcast:
+    """Build the record of a published broadcast. ``source`` is the Broadcaster's: ``api``,
+    ``admin:<user id>`` (the admin API) or ``admin-page:<user id>`` (the form)."""
+    _, _, who = source.partition(":")
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return LoggedBroadcast(
+        id=envelope_id,
+        offset=offset,
+        at=at,
+        source=source_kind(source),
+        sender=who or "service",
+        type=type_,
+        filter=filter_,
+        delivered=delivered,
+        size=len(text.encode()),
+        preview=text[:PREVIEW_CHARS],
+    )
+
+
+@dataclass(frozen=True)
+class LogQuery:
+    """Newest first. Every field narrows; ``offset`` rows are skipped, then up to ``limit`` returned."""
+
+    type: str | None = None
+    channel: str | None = None
+    sender: str | None = None
+    since: int | None = None  # ms, inclusive
+    until: int | None = None  # ms, inclusive
+    offset: int = 0
+    limit: int = 50
+
+
+CSV_COLUMNS = ("at", "id", "offset", "source", "sender", "type", "channels", "filter", "delivered", "size", "preview")
+_RELATIVE = re.compile(r"(\d{1,6})\s*([smhd])")
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_when(text: str, now: int) -> int:
+    """A time as a person types it: ``90m``, ``1h``, ``2d`` ago, or ISO 8601 (no zone means UTC).
+
+    Returns ms since the epoch; raises ValueError with a message to show.
+    """
+    text = text.strip()
+    relative = _RELATIVE.fullmatch(text)
+    if relative:
+        return now - int(relative.group(1)) * _UNIT_MS[relative.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text[:40]!r} is not a time: use 30m, 2h, 7d, or 2026-12-01T09:30") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def csv_text(rows: list[LoggedBroadcast]) -> str:
+    """Rows as CSV with a header (spreadsheet-safe: a cell starting with = + - @ is quoted with a ')."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        cells = [
+            iso(r.at),
+            r.id,
+            "" if r.offset is None else r.offset,
+            r.source,
+            r.sender,
+            r.type,
+            " ".join(r.channels),
+            json.dumps(r.filter, separators=(",", ":")),
+            r.delivered,
+            r.size,
+            r.preview,
+        ]
+        writer.writerow([_safe_cell(c) for c in cells])
+    return out.getvalue()
+
+
+def _safe_cell(value: object) -> object:
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value  # a spreadsheet would run it as a formula
+    return value
+
+
+class BroadcastLog(Protocol):
+    name: str
+
+    def write(self, rows: list[LoggedBroadcast]) -> None:
+        """Store ``rows`` (an id already stored is left as it is). Raises LogUnavailable."""
+        ...
+
+    def query(self, query: LogQuery) -> list[LoggedBroadcast]:
+        """Up to ``query.limit`` rows, newest first (ties by id). Raises LogUnavailable."""
+        ...
+
+    def trim(self, before_ms: int) -> int:
+        """Delete rows accepted before ``before_ms``; returns how many (or -1 when the store cannot say)."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the file or the HTTP connections."""
+        ...
+
+
+class LogWriter:
+    """Queues records and writes them in batches from one greenlet (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: BroadcastLog,
+        *,
+        retention_days: int,
+        interval: float = 0.2,
+        batch: int = 200,
+        limit: int = 10_000,
+    ):
+        self.store = store
+        self.retention_ms = retention_days * 86_400_000
+        self.interval = interval
+        self.batch = batch
+        self._queue: deque[LoggedBroadcast] = deque()
+        self._limit = limit
+        self._wake = Event()
+        self._greenlet: gevent.Greenlet | None = None
+        self._trimmer: gevent.Greenlet | None = None
+        self.written = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+            self._trimmer = gevent.spawn(self._trim_forever)
+
+    def record(self, row: LoggedBroadcast) -> None:
+        """Queue ``row`` (never waits)."""
+        if len(self._queue) >= self._limit:
+            self._queue.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                event("broadcast_log.dropped", level="error", dropped=self.dropped, store=self.store.name)
+        self._queue.append(row)
+        if self._greenlet is None:
+            self._write_some()  # not started (a command, a test of the core): write now
+        elif len(self._queue) >= self.batch:
+            self._wake.set()
+
+    def flush(self, deadline: float = 5.0) -> bool:
+        """Write everything queued (a stopping worker); False if the store would not take it in time."""
+        ends = time.monotonic() + deadline
+        while self._queue and time.monotonic() < ends:
+            if not self._write_some():
+                gevent.sleep(0.2)
+        return not self._queue
+
+    def status(self) -> dict:
+        return {
+            "store": self.store.name,
+            "queued": len(self._queue),
+            "written": self.written,
+            "dropped": self.dropped,
+            "lastError": self.last_error,
+            "retentionDays": self.retention_ms // 86_400_000,
+        }
+
+    def _run(self) -> None:
+        backoff = self.interval
+        while True:
+            self._wake.wait(backoff)
+            self._wake.clear()
+            backoff = self.interval if self._write_some() else min(backoff * 2, 30.0)
+
+    def _write_some(self) -> bool:
+        """One batch; True if it was written (or there was none)."""
+        if not self._queue:
+            return True
+        rows = [self._queue[i] for i in range(min(self.batch, len(self._queue)))]
+        try:
+            self.store.write(rows)
+        except LogUnavailable as down:
+            if self.last_error is None:
+                event("broadcast_log.unavailable", level="error", store=self.store.name, error=str(down))
+            self.last_error = str(down)
+            return False
+        for _ in rows:
+            self._queue.popleft()
+        self.written += len(rows)
+        if self.last_error is not None:
+            event("broadcast_log.recovered", store=self.store.name, queued=len(self._queue))
+            self.last_error = None
+        return True
+
+    def _trim_forever(self) -> None:
+        while True:
+            try:
+                removed = self.store.trim(now_ms() - self.retention_ms)
+                if removed:
+                    log.info("broadcast log: %s rows past %s days removed", removed, self.retention_ms // 86_400_000)
+            except LogUnavailable as down:
+                log.warning("trimming the broadcast log failed: %s", down)
+            gevent.sleep(3600)

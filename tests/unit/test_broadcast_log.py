@@ -1,0 +1,134 @@
+"""The broadcast log's plain parts: the record of a broadcast, times as people type them, CSV, the writer."""
+
+import csv
+import io
+
+import pytest
+
+from relay.broadcast_log import (
+    CSV_COLUMNS,
+    LoggedBroadcast,
+    LogQuery,
+    LogUnavailable,
+    LogWriter,
+    csv_text,
+    iso,
+    parse_when,
+    record_of,
+)
+
+NOW = 1_800_000_000_000
+
+
+def test_a_record_keeps_the_sender_the_size_and_the_first_200_characters():
+    row = record_of(
+        envelope_id="b1",
+        offset=7,
+        at=NOW,
+        source="admin-page:alice",
+        type_="ANNOUNCEMENT",
+        data={"message": "é" * 300},
+        filter_={"channels": ["system:announcements"]},
+        delivered=3,
+    )
+    assert (row.source, row.sender, row.offset, row.delivered) == ("admin", "alice", 7, 3)
+    assert len(row.preview) == 200 and row.preview.startswith('{"message":"éé')
+    assert row.size == len('{"message":""}') + 600  # bytes: é is two
+    assert row.channels == ["system:announcements"]
+    service = record_of(
+        envelope_id="b2", offset=None, at=NOW, source="api", type_="T", data=None, filter_={}, delivered=0
+    )
+    assert (service.source, service.sender, service.preview) == ("api", "service", "null")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30m", NOW - 30 * 60_000),
+        ("2h", NOW - 2 * 3_600_000),
+        ("7d", NOW - 7 * 86_400_000),
+        ("45s", NOW - 45_000),
+        ("2027-01-15T09:30", 1_800_005_400_000),
+        ("2027-01-15T10:30+01:00", 1_800_005_400_000),
+        ("2027-01-15T09:30:00Z", 1_800_005_400_000),
+    ],
+)
+def test_times_as_people_type_them(text, expected):
+    assert parse_when(text, NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "1w", "-5m", "2027-13-01", "", "5 minutes"])
+def test_a_time_that_cannot_be_read_says_how_to_write_one(text):
+    with pytest.raises(ValueError, match="use 30m, 2h, 7d"):
+        parse_when(text, NOW)
+
+
+def test_csv_has_a_header_one_row_per_broadcast_and_defuses_formulas():
+    rows = [
+        LoggedBroadcast("b1", NOW, "api", "service", "ALERT", {"channels": ["a", "b"]}, 2, 10, "=HYPERLINK(1)", 4),
+        LoggedBroadcast("b2", NOW - 1, "admin", "alice", "NOTE", {}, 0, 2, "{}", None),
+    ]
+    table = list(csv.reader(io.StringIO(csv_text(rows))))
+    assert table[0] == list(CSV_COLUMNS)
+    assert table[1] == [iso(NOW), "b1", "4", "api", "service", "ALERT", "a b", '{"channels":["a","b"]}', "2", "10"] + [
+        "'=HYPERLINK(1)"
+    ]
+    assert table[2][1:4] == ["b2", "", "admin"] and table[2][6] == ""
+    assert len(table) == 3
+
+
+class ListStore:
+    """A store in a list that can be told to fail."""
+
+    name = "list"
+
+    def __init__(self):
+        self.rows: list[LoggedBroadcast] = []
+        self.down = False
+
+    def write(self, rows):
+        if self.down:
+            raise LogUnavailable("down")
+        self.rows.extend(rows)
+
+    def query(self, query: LogQuery):
+        return list(reversed(self.rows))[query.offset : query.offset + query.limit]
+
+    def trim(self, before_ms):
+        return 0
+
+
+def row(n: int) -> LoggedBroadcast:
+    return LoggedBroadcast(f"b{n}", NOW + n, "api", "service", "T", {}, 1, 2, "{}", n)
+
+
+def test_the_writer_keeps_what_a_store_refused_and_writes_it_once_the_store_is_back():
+    store = ListStore()
+    writer = LogWriter(store, retention_days=30, batch=2)
+    store.down = True
+    for n in range(3):
+        writer.record(row(n))
+    assert store.rows == [] and writer.status()["queued"] == 3 and writer.status()["lastError"] == "down"
+    store.down = False
+    assert writer.flush(deadline=1.0)
+    assert [r.id for r in store.rows] == ["b0", "b1", "b2"]
+    assert writer.status() | {"store": "list"} == {
+        "store": "list",
+        "queued": 0,
+        "written": 3,
+        "dropped": 0,
+        "lastError": None,
+        "retentionDays": 30,
+    }
+
+
+def test_the_writer_queue_is_bounded_and_drops_the_oldest():
+    store = ListStore()
+    store.down = True
+    writer = LogWriter(store, retention_days=1, limit=5)
+    for n in range(8):
+        writer.record(row(n))
+    assert writer.status()["queued"] == 5 and writer.dropped == 3
+    store.down = False
+    writer.flush(deadline=1.0)
+    assert [r.id for r in store.rows] == ["b3", "b4", "b5", "b6", "b7"]
