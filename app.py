@@ -22,6 +22,7 @@ from typing import Any
 from flask import Flask
 from flask.sessions import SecureCookieSessionInterface
 from itsdangerous import URLSafeTimedSerializer
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from relay import eventlog
 from relay.channels import channels
@@ -77,6 +78,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     for module in (*blueprints, user_commands, ws_commands):
         app.register_blueprint(module.bp)
     app.wsgi_app = request_limits.RequestLimits(app.wsgi_app, timeout=settings.http_request_timeout_ms / 1000)
+    if settings.trusted_proxies:
+        # Behind a load balancer every request comes from its address: the client's is the one the
+        # proxies appended to X-Forwarded-For (the last N: never trust what the client itself sent).
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)
     app.jinja_env.globals.update(
         csrf_token=auth.csrf_token,
         current_user=auth.current_user_if_known,

@@ -34,6 +34,9 @@ except ConfigError as _problem:
 # in the environment before a worker imports the app; the folder is emptied when the master starts.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_settings.instance_path, "prometheus")
+# Made here, not only in on_starting: a --preload master builds the app (and its metrics) before any
+# hook runs, and must get as far as refusing --preload with a clear message.
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 worker_class = "gevent"
 workers = _settings.web_concurrency
@@ -46,7 +49,9 @@ backlog = 4096
 # The drain (WS_DRAIN_TIMEOUT_MS) and the last closing handshakes (WS_CLOSE_TIMEOUT_MS) must fit.
 graceful_timeout = _settings.graceful_timeout_s
 timeout = 30
-keepalive = 5
+# How long a request's headers (or an upgrade) may take, and how long an idle keep-alive connection
+# is kept: gunicorn uses one timer for both (see blueprints/request_limits.py).
+keepalive = max(1, min(5, _settings.http_request_timeout_ms // 1000))  # whole seconds (gunicorn takes an int)
 max_requests = 0  # every WebSocket counts as a request; a recycle would cut them all
 control_socket_disable = True
 

@@ -10,11 +10,12 @@ panel is swapped in place. Either way it goes through the same
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from flask import Blueprint, make_response, render_template, request
 
 from relay.broadcast import BroadcastRequest
-from relay.broadcast_log import LogQuery, LogUnavailable, csv_text, iso, parse_when
+from relay.broadcast_log import LoggedBroadcast, LogQuery, LogUnavailable, csv_text, iso, parse_when
 from relay.broker import BrokerUnavailable
 from relay.clock import now_iso, now_ms
 from relay.envelope import Filter
@@ -122,7 +123,7 @@ def broadcast_log_csv():
     return response
 
 
-def _log_query(args, rows: int, *, paged: bool = True) -> tuple[int, LogQuery | None, str | None]:
+def _log_query(args: Mapping[str, str], rows: int, *, paged: bool = True) -> tuple[int, LogQuery | None, str | None]:
     """(page, the query, None) from the query string, or (0, None, why it cannot be used).
 
     A paged query asks for one row more than a page, to know whether there is a next one.
@@ -147,7 +148,7 @@ def _log_query(args, rows: int, *, paged: bool = True) -> tuple[int, LogQuery | 
     return page, LogQuery(**fields, since=since, until=until, offset=page * rows, limit=limit), None
 
 
-def _read(query: LogQuery):
+def _read(query: LogQuery) -> tuple[list[LoggedBroadcast], str | None]:
     writer = realtime().broadcast_log
     writer.flush(deadline=1.0)  # what this worker has just sent is in the store before it is read
     try:

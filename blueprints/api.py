@@ -6,6 +6,7 @@ import functools
 import hmac
 
 from flask import Blueprint, jsonify, request
+from flask.typing import ResponseReturnValue
 
 from relay.broadcast import MAX_BODY_BYTES, BroadcastError, idempotency_key, parse_body
 from relay.broker import BrokerUnavailable
@@ -59,7 +60,7 @@ def broadcast():
 
 @bp.post("/api/users/<user_id>/disconnect")
 @admin_secret_required
-def disconnect_user(user_id: str):
+def disconnect_user(user_id: str) -> ResponseReturnValue:
     """An incident: close every socket of this user, on every worker and host (4403: the browser stops).
 
     Disable the user as well, or a new sign-in opens new sockets.
@@ -83,7 +84,7 @@ def admin_broadcast():
     return send_broadcast(source=source, scope=source)
 
 
-def send_broadcast(*, source: str, scope: str):
+def send_broadcast(*, source: str, scope: str) -> ResponseReturnValue:
     """Parse, publish, answer. ``scope``: whose ``Idempotency-Key`` this is (a service, or one admin)."""
     body = request.stream.read(MAX_BODY_BYTES + 1)
     try:

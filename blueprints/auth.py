@@ -13,10 +13,12 @@ import secrets
 from math import ceil
 
 from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, session, url_for
+from flask.typing import ResponseReturnValue
 
 from relay.codes import HttpError
 from relay.directory import AccessTokenInvalid, AccessTokensUnsupported, DirectoryUnavailable, Identity
 from relay.eventlog import event
+from relay.service import Realtime
 from relay.throttle import ThrottleUnavailable
 
 from .errors import error_response, wants_json
@@ -24,7 +26,8 @@ from .errors import error_response, wants_json
 bp = Blueprint("auth", __name__)
 
 
-def realtime():
+def realtime() -> Realtime:
+    """The service this app was built with (``create_app`` puts it there)."""
     return current_app.extensions["realtime"]
 
 
@@ -146,16 +149,22 @@ def login():
         return _login_page("Enter your email and password.", 400)
     throttle, address = realtime().throttle, request.remote_addr
     try:
-        wait = throttle.wait(login_name, address)
-        if wait > 0:  # refused before the password is even looked at: the right one too
-            event("login.throttled", level="warning", login=login_name[:120], remote=address, retryAfter=ceil(wait))
-            return _too_many(wait)
-        user = realtime().directory.authenticate(login_name, password)
+        # Counted before the password is checked (see relay.throttle): parallel guesses cannot slip through.
+        attempt = throttle.attempt(login_name, address)
+        if attempt.wait > 0:  # refused before the password is even looked at: the right one too
+            retry = ceil(attempt.wait)
+            event("login.throttled", level="warning", login=login_name[:120], remote=address, retryAfter=retry)
+            return _too_many(attempt.wait)
+        try:
+            user = realtime().directory.authenticate(login_name, password)
+        except DirectoryUnavailable:
+            throttle.withdraw(login_name, address, attempt)  # nobody's fault: not a failure
+            raise
         if user is None:
-            earned = throttle.failed(login_name, address)
-            event("login_failed", level="warning", login=login_name[:120], remote=address, waitS=ceil(earned))
+            earned = ceil(attempt.earned)
+            event("login_failed", level="warning", login=login_name[:120], remote=address, waitS=earned)
             return _login_page("Wrong email or password.", 401)
-        throttle.succeeded(login_name)
+        throttle.succeeded(login_name, address, attempt)
     except (DirectoryUnavailable, ThrottleUnavailable):
         return _login_page("Sign-in is unavailable right now. Try again shortly.", 503)
     session.clear()  # a new session (new CSRF token): nothing from before the sign-in carries over
@@ -164,11 +173,11 @@ def login():
     return redirect(_safe_next(request.args.get("next")))
 
 
-def _login_page(error: str, status: int, headers: dict | None = None):
+def _login_page(error: str, status: int, headers: dict | None = None) -> ResponseReturnValue:
     return render_template("login.html", error=error), status, headers or {}
 
 
-def _too_many(wait: float):
+def _too_many(wait: float) -> ResponseReturnValue:
     seconds = ceil(wait)
     when = f"{seconds} seconds" if seconds < 120 else f"{ceil(seconds / 60)} minutes"
     text = f"Too many failed sign-ins. For your account's safety, try again in {when}."
@@ -215,9 +224,11 @@ def ws_auth():
             return error_response(403, HttpError.FORBIDDEN, "this user may not connect")
     else:
         user = current_user()
-        user_id = user.user_id if user else rt.settings.test_user_id
+        user_id = user.user_id if user else (rt.settings.test_user_id or "")
     if not user_id:
         return error_response(401, HttpError.UNAUTHORIZED, "sign in first; connection tokens are per user")
+    if rt.tokens is None:  # a serving process always has the secret (start-up refuses otherwise)
+        return error_response(503, HttpError.UNAVAILABLE, "connection tokens are not configured (WS_TOKEN_SECRET)")
     response = jsonify(wsUrl=socket_url(), token=rt.tokens.mint(user_id), userId=user_id)
     response.headers["Cache-Control"] = "no-store"
     return response

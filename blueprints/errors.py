@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, jsonify, render_template, request
+from flask import Blueprint, Response, jsonify, render_template, request
+from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from relay.codes import HttpError
@@ -40,7 +41,7 @@ def wants_json() -> bool:
     return best == "application/json"
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None):
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
     response = jsonify(ok=False, error={"code": code, "message": message})
     response.status_code = status
     response.headers["Cache-Control"] = "no-store"
@@ -50,7 +51,7 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 
 
 @bp.app_errorhandler(HTTPException)
-def http_error(error: HTTPException):
+def http_error(error: HTTPException) -> ResponseReturnValue:
     status = error.code or 500
     if wants_json():
         message = error.description or error.name
@@ -62,7 +63,7 @@ def http_error(error: HTTPException):
 
 
 @bp.app_errorhandler(DirectoryUnavailable)
-def identity_unavailable(error: DirectoryUnavailable):
+def identity_unavailable(error: DirectoryUnavailable) -> ResponseReturnValue:
     """The identity source is down: 503, and the session is left alone (see ``auth.current_user``)."""
     log.warning("identity source unavailable on %s %s: %s", request.method, request.path, error)
     headers = {"Retry-After": "5"}
@@ -79,7 +80,7 @@ def identity_unavailable(error: DirectoryUnavailable):
 
 
 @bp.app_errorhandler(Exception)
-def unexpected_error(error: Exception):
+def unexpected_error(error: Exception) -> ResponseReturnValue:
     log.exception("unhandled error on %s %s", request.method, request.path)
     if wants_json():
         return error_response(500, HttpError.INTERNAL, "internal error; the server log has the details")

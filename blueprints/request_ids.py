@@ -33,7 +33,7 @@ def answer_request_id(response):
 
 
 @bp.teardown_app_request
-def unbind_request_id(_error) -> None:
+def unbind_request_id(_error: BaseException | None) -> None:
     token = g.pop("request_log_token", None)
     if token is not None:
         eventlog.unbind(token)

@@ -1,7 +1,11 @@
 """Request bodies: whole within a deadline, and no bigger than their route needs, or refused unread.
 
 A WSGI middleware in front of the app. gunicorn bounds how long a request's
-headers may take (its ``keepalive``, 5 s), not its body: a client announcing
+headers (or an upgrade request) may take: its ``keepalive``, which
+``gunicorn.conf.py`` sets to ``HTTP_REQUEST_TIMEOUT_MS`` capped at 5 s, the
+same wait that closes an idle keep-alive connection (gunicorn's parser cannot
+tell a silent client from an idle one, so those are closed without an
+answer). It does not bound the body: a client announcing
 60,000 bytes and sending one every two seconds would hold a request slot and a
 greenlet for a day, and a few thousand of them would starve real users. Here:
 
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import io
 import json
+from typing import IO
+from wsgiref.types import StartResponse, WSGIApplication
 
 import gevent
 
@@ -42,7 +48,7 @@ JSON_PATHS = ("/api/", "/broadcast", "/health", "/ws")
 
 
 class RequestLimits:
-    def __init__(self, app, *, timeout: float):
+    def __init__(self, app: WSGIApplication, *, timeout: float):
         self.app = app
         self.timeout = timeout
 
@@ -82,7 +88,7 @@ def limit_for(path: str) -> int:
     return next((limit for prefix, limit in ROUTE_LIMITS if path.startswith(prefix)), DEFAULT_LIMIT)
 
 
-def _read(stream, size: int) -> bytes:
+def _read(stream: IO[bytes], size: int) -> bytes:
     chunks, left = [], size
     while left > 0:
         chunk = stream.read(min(left, 65536))
@@ -93,14 +99,14 @@ def _read(stream, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _too_large(start_response, path: str, limit: int):
+def _too_large(start_response: StartResponse, path: str, limit: int) -> list[bytes]:
     status = 400 if path in CONTRACT_400 else 413
     return _refuse(
         start_response, path, status, HttpError.BODY_TOO_LARGE, f"the body is over this route's {limit}-byte limit"
     )
 
 
-def _refuse(start_response, path: str, status: int, code: str, message: str):
+def _refuse(start_response: StartResponse, path: str, status: int, code: str, message: str) -> list[bytes]:
     reasons = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large"}
     if path.startswith(JSON_PATHS):
         body = json.dumps({"ok": False, "error": {"code": code, "message": message}}).encode()
@@ -121,6 +127,9 @@ def _refuse(start_response, path: str, status: int, code: str, message: str):
             ("Content-Type", kind),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
+            # Answered outside Flask, so blueprints.security_headers never sees these: the same two here.
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "same-origin"),
         ],
     )
     return [body]

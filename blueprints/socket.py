@@ -18,8 +18,11 @@ from __future__ import annotations
 import _socket
 from urllib.parse import urlsplit
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, Response, current_app, request
+from flask.blueprints import BlueprintSetupState
+from flask.typing import ResponseReturnValue
 from flask_sock import Sock
+from simple_websocket import Server
 from werkzeug.routing.exceptions import WebsocketMismatch
 
 from relay.codes import HttpError
@@ -49,7 +52,7 @@ class _NoReaderThread:
 
 
 @bp.record_once
-def _configure(state) -> None:
+def _configure(state: BlueprintSetupState) -> None:
     state.app.config["SOCK_SERVER_OPTIONS"] = {"thread_class": _NoReaderThread, "event_class": _NoReaderThread}
 
 
@@ -70,7 +73,7 @@ def guard_upgrade():
 
 
 @bp.app_errorhandler(WebsocketMismatch)
-def not_an_upgrade(error: WebsocketMismatch):
+def not_an_upgrade(error: WebsocketMismatch) -> ResponseReturnValue:
     """Routing refuses a request that is not a complete upgrade before any view or hook runs."""
     if request.path != "/ws":
         return error_response(400, HttpError.BAD_UPGRADE, f"{request.path[:200]} does not accept WebSocket upgrades")
@@ -78,7 +81,7 @@ def not_an_upgrade(error: WebsocketMismatch):
     return _bad_upgrade(status, message)
 
 
-def _bad_upgrade(status: int, message: str):
+def _bad_upgrade(status: int, message: str) -> Response:
     headers = {"Sec-WebSocket-Version": "13"} if status == 426 else None
     return error_response(status, HttpError.BAD_UPGRADE, message, headers=headers)
 
@@ -124,7 +127,7 @@ def socket(ws):
     )
 
 
-def _take_socket(ws) -> _socket.socket:
+def _take_socket(ws: Server) -> _socket.socket:
     """Detach the TCP socket from simple-websocket and gunicorn, as a plain non-blocking socket.
 
     Why ``_socket.socket``: under gevent, ``socket.socket`` is gevent's

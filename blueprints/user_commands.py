@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import click
 from flask import Blueprint
@@ -23,7 +24,7 @@ def _store() -> SqliteDirectory:
     return directory
 
 
-def _apply(action, *args) -> None:
+def _apply(action: Callable[..., object], *args: object) -> None:
     try:
         action(*args)
     except UserError as problem:

@@ -58,6 +58,23 @@ class LoggedBroadcast:
     def channels(self) -> list[str]:
         return list(self.filter.get("channels") or [])
 
+    @property
+    def whole(self) -> bool:
+        """Whether ``preview`` is all of the data (it was no longer than 200 characters)."""
+        return self.size == len(self.preview.encode())
+
+    @property
+    def text(self) -> str:
+        """What a person reads: the data's ``"message"`` when there is one (and all of it is here), else the JSON."""
+        if self.whole:
+            try:
+                data = json.loads(self.preview)
+            except ValueError:
+                return self.preview
+            if isinstance(data, dict) and isinstance(data.get("message"), str):
+                return data["message"]
+        return self.preview
+
     def to_json(self) -> dict:
         return {
             "id": self.id,
@@ -79,7 +96,15 @@ def source_kind(source: str) -> str:
 
 
 def record_of(
-    *, envelope_id: str, offset: int | None, at: int, source: str, type_: str, data, filter_: dict, delivered: int
+    *,
+    envelope_id: str,
+    offset: int | None,
+    at: int,
+    source: str,
+    type_: str,
+    data: object,
+    filter_: dict,
+    delivered: int,
 ) -> LoggedBroadcast:
     """Build the record of a published broadcast. ``source`` is the Broadcaster's: ``api``,
     ``admin:<user id>`` (the admin API) or ``admin-page:<user id>`` (the form)."""

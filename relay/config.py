@@ -74,6 +74,7 @@ class Settings:
     http_request_timeout_ms: int
     identity_recheck_ms: int
     max_connections_per_user: int
+    trusted_proxies: int  # reverse proxies in front that append X-Forwarded-For / -Proto
     # The delivery guarantee (relay.history); a window of 0 turns it off.
     history_db_path: str
     recovery_window_ms: int
@@ -194,6 +195,7 @@ class Settings:
             http_request_timeout_ms=reader.integer("HTTP_REQUEST_TIMEOUT_MS", 10_000, low=100),
             identity_recheck_ms=reader.integer("WS_IDENTITY_RECHECK_MS", 30_000, low=100),
             max_connections_per_user=reader.integer("WS_MAX_CONNECTIONS_PER_USER", 20, low=1),
+            trusted_proxies=reader.integer("TRUSTED_PROXIES", 0, low=0, high=5),
             history_db_path=reader.text("REALTIME_HISTORY_DB", "") or os.path.join(instance_path, "history.db"),
             recovery_window_ms=reader.integer("WS_RECOVERY_WINDOW_MS", 120_000, low=0, high=86_400_000),
             recovery_max_messages=reader.integer("WS_RECOVERY_MAX_MESSAGES", 1000, low=1, high=100_000),
@@ -354,13 +356,10 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
         raise ConfigError(f"SUPABASE_URL must look like https://<project>.supabase.co, got {url!r}.")
     table = reader.text("SUPABASE_PROFILES_TABLE", "profiles")
     log_table = reader.text("SUPABASE_BROADCAST_LOG_TABLE", "broadcast_log")
-    columns = tuple(
-        reader.text(name, default)
-        for name, default in (
-            ("SUPABASE_PROFILE_ID_COLUMN", "id"),
-            ("SUPABASE_PROFILE_ROLE_COLUMN", "role"),
-            ("SUPABASE_PROFILE_CLINIC_COLUMN", "clinic_id"),
-        )
+    columns = (
+        reader.text("SUPABASE_PROFILE_ID_COLUMN", "id"),
+        reader.text("SUPABASE_PROFILE_ROLE_COLUMN", "role"),
+        reader.text("SUPABASE_PROFILE_CLINIC_COLUMN", "clinic_id"),
     )
     for name in (table, log_table, *columns):
         if not name.replace("_", "").isalnum():
@@ -372,7 +371,7 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
         jwt_secret=reader.text("SUPABASE_JWT_SECRET", "") or None,
         jwt_audience=reader.text("SUPABASE_JWT_AUDIENCE", "authenticated"),
         profiles_table=table,
-        columns=columns,  # type: ignore[arg-type]
+        columns=columns,
         timeout_ms=reader.integer("SUPABASE_TIMEOUT_MS", 3000, low=10),
         cache_ttl_ms=reader.integer("SUPABASE_CACHE_TTL_MS", 60_000, low=0),
         cache_size=reader.integer("SUPABASE_CACHE_SIZE", 10_000, low=1),

@@ -77,10 +77,14 @@ class Handler(Protocol):
         """A whole binary message."""
 
     def on_closing(self, conn: Connection) -> None:
-        """The connection stopped being OPEN: take it out of every index."""
+        """The connection stopped being OPEN: take it out of every index.
+
+        Unlike the frame handlers, this and ``on_closed`` are not watched for
+        blocking by name: a violation here surfaces as the read callback's
+        failure and aborts the socket. Keep them to index updates and counters."""
 
     def on_closed(self, conn: Connection) -> None:
-        """The socket is gone; ``conn.close_code``/``close_reason`` say why."""
+        """The socket is gone; ``conn.close_code``/``close_reason`` say why (same rule as ``on_closing``)."""
 
 
 class Watcher(Protocol):

@@ -58,6 +58,9 @@ class Directory(Protocol):
     """Looks users up. Implementations must be safe to call from many greenlets."""
 
     name: str
+    # How many users one ``get_many`` of the periodic re-check should ask for: what is cheapest
+    # for the source (a SQLite IN list; for Supabase, everyone at once: one pass over its user list).
+    recheck_batch: int
 
     def get(self, user_id: str) -> Identity | None:
         """The user, or None if there is no such user. Raises DirectoryUnavailable."""

@@ -77,6 +77,13 @@ class Envelope:
         """This envelope at its place in the stream."""
         return dataclasses.replace(self, epoch=epoch, offset=offset)
 
+    @property
+    def place(self) -> int:
+        """The offset of an envelope that is in the stream (anything read from the history is)."""
+        if self.offset is None:
+            raise ValueError(f"broadcast {self.id} was never placed in the stream")
+        return self.offset
+
     def message(self) -> dict:
         """The message exactly as clients receive it: ``{type, data, id, offset}``."""
         out = {"type": self.type, "data": self.data, "id": self.id}

@@ -59,8 +59,11 @@ def _secret_name(key: str) -> bool:
     return any(word in key.lower() for word in _SECRET_WORDS)
 
 
-def _line(created: float, level: str, fields: dict, name: str | None = None, **extra) -> str:
-    out = {"ts": dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="milliseconds"), "level": level}
+def _line(created: float, level: str, fields: dict, name: str | None = None, **extra: object) -> str:
+    out: dict[str, object] = {
+        "ts": dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+    }
     if name is not None:
         out["event"] = name
     for key, value in fields.items():

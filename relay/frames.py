@@ -160,7 +160,7 @@ class FrameParser:
         else:
             raise ProtocolViolation(Close.PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
 
-    def _frame(self, opcode: int, fin: int, payload: bytes):
+    def _frame(self, opcode: int, fin: int, payload: bytes) -> tuple[int, object] | None:
         if opcode == OP_CONTINUATION:
             if self._fragments is None:
                 raise ProtocolViolation(Close.PROTOCOL_ERROR, "continuation frame without a message")

@@ -21,7 +21,8 @@ from collections.abc import Callable
 import gevent
 import gevent.lock
 
-from .connection import CLOSED
+from .connection import CLOSED, Connection
+from .directory import Identity
 from .envelope import Envelope, Filter
 
 log = logging.getLogger("relay.hub")
@@ -55,7 +56,8 @@ class Hub:
     def full(self) -> bool:
         return len(self._clients) >= self.max_clients
 
-    def add(self, conn) -> None:
+    def add(self, conn: Connection) -> None:
+        assert conn.user_id is not None and conn.role is not None, "only admitted connections enter the hub"
         with self._lock:
             self._clients.add(conn)
             _index(self._by_user, conn.user_id, conn)
@@ -64,12 +66,13 @@ class Hub:
                 _index(self._by_clinic, conn.clinic_id, conn)
         self.counters["connections"] += 1
 
-    def remove(self, conn) -> None:
+    def remove(self, conn: Connection) -> None:
         """Forget ``conn`` everywhere. Safe to call twice."""
         with self._lock:
             if conn not in self._clients:
                 return
             self._clients.discard(conn)
+            assert conn.user_id is not None and conn.role is not None  # it was admitted (see add)
             _unindex(self._by_user, conn.user_id, conn)
             _unindex(self._by_role, conn.role, conn)
             if conn.clinic_id:
@@ -77,17 +80,18 @@ class Hub:
             for name in conn.channels:
                 _unindex(self._by_channel, name, conn)
 
-    def reidentify(self, conn, identity) -> None:
+    def reidentify(self, conn: Connection, identity: Identity) -> None:
         """The user's role or clinic changed: move the connection in the indexes at once."""
         with self._lock:
             present = conn in self._clients
             if present:
+                assert conn.role is not None  # it was admitted (see add)
                 _unindex(self._by_role, conn.role, conn)
                 if conn.clinic_id:
                     _unindex(self._by_clinic, conn.clinic_id, conn)
             conn.identify(identity)
             if present:
-                _index(self._by_role, conn.role, conn)
+                _index(self._by_role, identity.role, conn)
                 if conn.clinic_id:
                     _index(self._by_clinic, conn.clinic_id, conn)
 
@@ -116,7 +120,7 @@ class Hub:
         busy.sort(reverse=True)
         return {user: count for count, user in busy[:limit]}
 
-    def subscribe(self, conn, names: list[str], limit: int) -> tuple[list[str], list[str]]:
+    def subscribe(self, conn: Connection, names: list[str], limit: int) -> tuple[list[str], list[str]]:
         """Subscribe to already-authorized ``names``; returns (in effect, over the limit)."""
         taken: list[str] = []
         refused: list[str] = []
@@ -134,7 +138,7 @@ class Hub:
                     taken.append(name)
         return taken, refused
 
-    def unsubscribe(self, conn, names: list[str]) -> list[str]:
+    def unsubscribe(self, conn: Connection, names: list[str]) -> list[str]:
         removed = []
         with self._lock:
             for name in names:
@@ -261,7 +265,7 @@ class Hub:
         return False
 
 
-def _index(index: dict[str, set], key, conn) -> None:
+def _index(index: dict[str, set], key: str, conn: Connection) -> None:
     members = index.get(key)
     if members is None:
         index[key] = {conn}
@@ -269,7 +273,7 @@ def _index(index: dict[str, set], key, conn) -> None:
         members.add(conn)
 
 
-def _unindex(index: dict[str, set], key, conn) -> None:
+def _unindex(index: dict[str, set], key: str, conn: Connection) -> None:
     members = index.get(key)
     if members is not None:
         members.discard(conn)
@@ -277,5 +281,5 @@ def _unindex(index: dict[str, set], key, conn) -> None:
             del index[key]
 
 
-def _matches(conn, flt: Filter) -> bool:
+def _matches(conn: Connection, flt: Filter) -> bool:
     return flt.admits(conn.user_id, conn.role, conn.clinic_id, conn.channels)

@@ -11,10 +11,12 @@ import json
 import secrets
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
 from websockets.sync.client import connect
+from websockets.sync.connection import Connection as WebSocket
 
 from .clock import now_iso
 from .tokens import TokenService
@@ -147,7 +149,9 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
     return steps
 
 
-def _next_of(ws, types: tuple[str, ...], timeout: float, accept=lambda m: True) -> dict:
+def _next_of(
+    ws: WebSocket, types: tuple[str, ...], timeout: float, accept: Callable[[dict], bool] = lambda m: True
+) -> dict:
     """The next message of one of ``types`` (skipping broadcasts meant for others)."""
     for _ in range(1000):
         message = json.loads(ws.recv(timeout=timeout))

@@ -12,9 +12,13 @@ server catches up with a C event loop.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
+
+if TYPE_CHECKING:  # the connection imports nothing from here; only its type is named
+    from .connection import Connection
 
 log = logging.getLogger("relay.outbox")
 
@@ -30,7 +34,7 @@ class Outbox:
     def status(self) -> dict:
         return {"backlog": len(self._dirty), "stalls": self.stalls}
 
-    def schedule(self, conn) -> None:
+    def schedule(self, conn: Connection) -> None:
         """Flush ``conn`` soon. The connection guarantees it is scheduled at most once."""
         if not self._dirty:
             # Empty -> not empty is the only transition the writer can be asleep for.

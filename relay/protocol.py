@@ -31,6 +31,8 @@ from collections.abc import Callable
 from . import channels as channel_rules
 from . import frames
 from .codes import Close, Error
+from .connection import Connection
+from .envelope import Envelope
 from .eventlog import event
 from .hub import Hub
 from .lastvalues import LastValues
@@ -46,7 +48,7 @@ def encode(message_type: str, data: object) -> bytes:
     return frames.text(payload.encode())
 
 
-def error_frame(code: str, message: str, **extra) -> bytes:
+def error_frame(code: str, message: str, **extra: object) -> bytes:
     return encode("ERROR", {"code": code, "message": message, **extra})
 
 
@@ -87,7 +89,7 @@ class ClientProtocol:
 
     # -- Handler interface ------------------------------------------------------
 
-    def on_text(self, conn, text: str) -> None:
+    def on_text(self, conn: Connection, text: str) -> None:
         if not self._within_rate(conn):
             return
         if conn.backlog is not None:  # an earlier message of this connection is still being answered
@@ -95,7 +97,7 @@ class ClientProtocol:
             return
         self._handle(conn, text)
 
-    def _handle(self, conn, text: str) -> None:
+    def _handle(self, conn: Connection, text: str) -> None:
         try:
             message = json.loads(text)
         except ValueError:
@@ -114,16 +116,16 @@ class ClientProtocol:
             return
         handler(conn, message.get("data"))
 
-    def on_binary(self, conn, data: bytes) -> None:
+    def on_binary(self, conn: Connection, data: bytes) -> None:
         if self._within_rate(conn):
             self.error(conn, Error.BINARY_NOT_SUPPORTED, "send JSON text frames, not binary")
 
-    def on_closing(self, conn) -> None:
+    def on_closing(self, conn: Connection) -> None:
         self.hub.remove(conn)
         if self.sessions is not None and conn.identity is not None:
             self.sessions.closed(conn)  # its channels are final: nothing is subscribed once it is not open
 
-    def on_closed(self, conn) -> None:
+    def on_closed(self, conn: Connection) -> None:
         if conn.identity is None:
             return  # never admitted; the refusal was logged already
         if self.telemetry is not None:
@@ -139,13 +141,14 @@ class ClientProtocol:
 
     # -- messages ------------------------------------------------------------------
 
-    def _ping(self, conn, data) -> None:
+    def _ping(self, conn: Connection, data: object) -> None:
         conn.send_now(encode("PONG", {"timestamp": int(time.time() * 1000)}))
 
-    def _subscribe(self, conn, data) -> None:
+    def _subscribe(self, conn: Connection, data: object) -> None:
         names = self._channel_list(conn, data)
         if names is None:
             return
+        assert isinstance(data, dict)  # _channel_list answered anything else with an ERROR
         last = data.get("last", False)
         if not isinstance(last, bool):
             self.error(conn, Error.INVALID_DATA, '"last" must be true or false')
@@ -178,7 +181,7 @@ class ClientProtocol:
             return
         self._take(conn, allowed, {})
 
-    def _subscribe_with_last(self, conn, names: list[str]) -> None:
+    def _subscribe_with_last(self, conn: Connection, names: list[str]) -> None:
         """Deferred (may wait): fetch each channel's last value, then subscribe and answer."""
         assert self.last_values is not None
         found = self.last_values.fetch(names)  # waits on the store
@@ -188,7 +191,7 @@ class ClientProtocol:
             self._take(conn, names, self.last_values.settle(found))
         self._answer_backlog(conn)
 
-    def _answer_backlog(self, conn) -> None:
+    def _answer_backlog(self, conn: Connection) -> None:
         waiting, conn.backlog = conn.backlog or [], None
         for index, text in enumerate(waiting):
             if conn.state != "open":
@@ -198,7 +201,7 @@ class ClientProtocol:
                 conn.backlog.extend(waiting[index + 1 :])
                 return
 
-    def _take(self, conn, allowed: list[str], last: dict) -> None:
+    def _take(self, conn: Connection, allowed: list[str], last: dict) -> None:
         """Subscribe to already-authorized channels, send the last values of the new ones, answer SUBSCRIBED."""
         before = set(conn.channels)
         taken, over = self.hub.subscribe(conn, allowed, self.max_subscriptions)
@@ -221,10 +224,10 @@ class ClientProtocol:
         conn.send_now(encode("SUBSCRIBED", {"channels": taken}))
 
     @staticmethod
-    def _admits(conn, envelope) -> bool:
+    def _admits(conn: Connection, envelope: Envelope) -> bool:
         return envelope.filter.admits(conn.user_id, conn.role, conn.clinic_id, conn.channels)
 
-    def _unsubscribe(self, conn, data) -> None:
+    def _unsubscribe(self, conn: Connection, data: object) -> None:
         names = self._channel_list(conn, data)
         if names is None:
             return
@@ -235,7 +238,7 @@ class ClientProtocol:
 
     # -- limits ----------------------------------------------------------------------
 
-    def _within_rate(self, conn) -> bool:
+    def _within_rate(self, conn: Connection) -> bool:
         """Token bucket per connection: ``rate_burst`` at once, ``rate_per_second`` sustained."""
         now = self.clock()
         if conn.rate_at == 0.0:
@@ -251,7 +254,7 @@ class ClientProtocol:
         event("ws.rate_limited", level="warning", clientId=conn.id, userId=conn.user_id)
         return False
 
-    def _channel_list(self, conn, data) -> list[str] | None:
+    def _channel_list(self, conn: Connection, data: object) -> list[str] | None:
         """``data.channels`` as a de-duplicated list, or None after answering ERROR."""
         channels = data.get("channels") if isinstance(data, dict) else None
         if (
@@ -267,7 +270,7 @@ class ClientProtocol:
             return None
         return list(dict.fromkeys(channels))
 
-    def error(self, conn, code: str, message: str, *, now: bool = True, **extra) -> None:
+    def error(self, conn: Connection, code: str, message: str, *, now: bool = True, **extra: object) -> None:
         """Send ``ERROR {code, message, **extra}`` and count it. ``now``: write it at once (a reply);
         otherwise it is queued behind what the connection is already owed."""
         frame = error_frame(code, message, **extra)

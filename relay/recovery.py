@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import gevent
 
-from .envelope import Envelope
+from .envelope import Envelope, Filter
 from .history import History, Session
 from .sequencer import Sequencer
 from .sessions import SessionKeeper
@@ -36,6 +36,8 @@ from .sessions import SessionKeeper
 _CLIENT_ID = re.compile(r"[0-9a-f-]{1,64}")
 _EPOCH = re.compile(r"[0-9A-Za-z_-]{1,64}")
 READ_PAGE = 1000
+Admits = Callable[[Filter], bool]  # would this connection receive a broadcast with this filter?
+AdmitsWith = Callable[[Filter, list[str]], bool]  # ...if it held these channels?
 
 
 class Reason:
@@ -78,7 +80,7 @@ class Prepared:
     missed: list[Envelope] = field(default_factory=list)
     read_upto: int = 0
 
-    def replay(self, sequencer: Sequencer, admits, max_messages: int) -> list[Envelope] | str:
+    def replay(self, sequencer: Sequencer, admits: Admits, max_messages: int) -> list[Envelope] | str:
         """Every missed broadcast this connection would have received, through the sequencer's
         current position. Call with no pause between this and joining the hub."""
         delta = sequencer.recent_after(self.read_upto)
@@ -116,7 +118,9 @@ class Recovery:
             reason = outcome or Reason.INVALID
             self.not_recovered[reason] = self.not_recovered.get(reason, 0) + 1
 
-    def prepare(self, request: ResumeRequest, user_id: str, refusal, admits) -> Prepared | str:
+    def prepare(
+        self, request: ResumeRequest, user_id: str, refusal: Callable[[str], str | None], admits: AdmitsWith
+    ) -> Prepared | str:
         """Check the session and read what the client missed (may wait; never in an event-loop callback).
 
         ``refusal(channel)`` says why the user may no longer read a channel;
@@ -125,14 +129,15 @@ class Recovery:
         """
         if self.history is None or self.sessions is None:
             return Reason.DISABLED
+        # The epoch first: a position in a lost stream means nothing, whatever else survived.
+        if request.epoch != self.sequencer.epoch:
+            return Reason.EPOCH
         try:
             session = self._session(request.client_id)
         except Exception:
             return Reason.UNAVAILABLE
         if session is None or session.user_id != user_id:
             return Reason.NO_SESSION
-        if request.epoch != self.sequencer.epoch:
-            return Reason.EPOCH
         if not self._reach(request.offset):
             return Reason.INVALID  # an offset this stream never had
         channels, refused = [], []
@@ -152,7 +157,7 @@ class Recovery:
             prepared.read_upto = self.sequencer.position
             recent = self.sequencer.recent_after(request.offset)
         if recent is not None:
-            prepared.missed = [e for e in recent if e.offset <= prepared.read_upto]  # type: ignore[operator]
+            prepared.missed = [e for e in recent if e.place <= prepared.read_upto]
         else:
             missed = self._read(request.offset, prepared.read_upto, lambda flt: admits(flt, channels))
             if isinstance(missed, str):
@@ -181,7 +186,7 @@ class Recovery:
             gevent.sleep(0.01)
         return True
 
-    def _read(self, after: int, upto: int, admits) -> list[Envelope] | str:
+    def _read(self, after: int, upto: int, admits: Admits) -> list[Envelope] | str:
         """The history from ``after`` to ``upto``, whole (or a Reason): no offset may be missing."""
         assert self.history is not None
         try:
@@ -196,13 +201,13 @@ class Recovery:
                 if not page:
                     return Reason.GONE
                 for envelope in page:
-                    if envelope.offset > upto:  # type: ignore[operator]
+                    if envelope.place > upto:
                         return missed
                     missed.append(envelope)
                     matching += admits(envelope.filter)
                     if matching > self.max_messages:
                         return Reason.TOO_MANY
-                cursor = page[-1].offset  # type: ignore[assignment]
+                cursor = page[-1].place
                 gevent.sleep(0)
         except Exception:
             return Reason.UNAVAILABLE

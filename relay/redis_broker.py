@@ -34,12 +34,13 @@ import os
 import socket
 import time
 import uuid
+from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 from gevent.event import Event
 
-from .broker import BrokerUnavailable, Control, Deliver, Delivery, Resync, Stats
+from .broker import BrokerUnavailable, Control, Deliver, Delivery, Pending, Resync, Stats
 from .config import ConfigError
 from .envelope import Envelope
 from .eventlog import event
@@ -47,6 +48,7 @@ from .eventlog import event
 try:
     import redis
     from redis.backoff import NoBackoff
+    from redis.client import PubSub
     from redis.retry import Retry
 
     HAVE_REDIS = True
@@ -83,7 +85,7 @@ def check_reachable(url: str, timeout: float = 3.0) -> None:
         raise ConfigError(f"Redis at REDIS_URL={redacted(url)} is unreachable: {problem}") from None
 
 
-def _not_started(envelope: Envelope):
+def _not_started(envelope: Envelope) -> NoReturn:
     raise BrokerUnavailable("the broker has not been started")
 
 
@@ -283,7 +285,7 @@ class RedisBroker:
                 except Exception:  # the connection may already be gone
                     pass
 
-    def _await_subscribed(self, pubsub) -> None:
+    def _await_subscribed(self, pubsub: PubSub) -> None:
         confirmed = 0
         deadline = time.monotonic() + 5
         while confirmed < 3:
@@ -293,7 +295,7 @@ class RedisBroker:
             if message and message["type"] == "subscribe":
                 confirmed += 1
 
-    def _pump(self, pubsub) -> None:
+    def _pump(self, pubsub: PubSub) -> None:
         quiet_since = time.monotonic()
         ping_sent = None
         while not self._stopped:
@@ -336,7 +338,7 @@ class RedisBroker:
         else:  # waiting for the broadcasts before it: answer when it is out, without holding up the listener
             gevent.spawn(self._reply_when_delivered, reply_to, envelope.id, pending)
 
-    def _reply_when_delivered(self, reply_to: str, envelope_id: str, pending) -> None:
+    def _reply_when_delivered(self, reply_to: str, envelope_id: str, pending: Pending) -> None:
         try:
             delivered = pending.get(timeout=self.reply_timeout)
         except gevent.Timeout:

@@ -10,8 +10,10 @@ noticing, in a greenlet of each worker:
 - **changes made elsewhere** (in Supabase, or another program writing the
   SQLite file): every ``recheck_interval`` (``WS_IDENTITY_RECHECK_MS``) the
   identities of every connected user are read again, in batches spread over
-  the interval (``Directory.get_many``: a few calls for thousands of users,
-  never one storm).
+  the interval (``Directory.get_many``, each batch the size the directory
+  asks for: a SQLite IN list of 500, or for Supabase all of them in one pass
+  over its user list, so that a re-check costs a page per thousand users,
+  never a call per user or a pass per batch).
 
 What a change does (``Realtime.apply_identity``): a disabled or deleted user's
 sockets are closed with 4403; a user whose role or clinic changed is moved
@@ -33,7 +35,6 @@ from .directory import Directory, DirectoryUnavailable, Identity
 from .eventlog import event
 
 log = logging.getLogger("relay.revocation")
-BATCH = 200  # users per get_many call in a re-check
 
 
 class IdentityWatcher:
@@ -89,7 +90,8 @@ class IdentityWatcher:
             gevent.sleep(self.recheck_interval)
             started = time.monotonic()
             users = self.users()
-            batches = [users[i : i + BATCH] for i in range(0, len(users), BATCH)]
+            size = max(1, self.directory.recheck_batch)
+            batches = [users[i : i + size] for i in range(0, len(users), size)]
             # Spread the batches over half the interval: a steady trickle, never a burst.
             pause = (self.recheck_interval / 2) / max(1, len(batches))
             for batch in batches:

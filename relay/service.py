@@ -280,7 +280,7 @@ class Realtime:
 
     def open_socket(
         self,
-        sock,
+        sock: socket.socket,
         token: str | None,
         remote: str | None = None,
         pending: bytes = b"",
@@ -383,9 +383,10 @@ class Realtime:
         # From here to conn.start(): no pause, so the replay ends exactly where live delivery begins.
         replay: list[Envelope] = []
         if isinstance(outcome, Prepared):
+            restored = outcome.channels
             settled = outcome.replay(
                 self.sequencer,
-                lambda flt: flt.admits(conn.user_id, conn.role, conn.clinic_id, outcome.channels),
+                lambda flt: flt.admits(conn.user_id, conn.role, conn.clinic_id, restored),
                 self.settings.recovery_max_messages,
             )
             if isinstance(settled, str):

@@ -86,6 +86,7 @@ class SqliteDirectory:
     """Users in SQLite. Safe to share between greenlets (one connection, one lock)."""
 
     name = "sqlite"
+    recheck_batch = 500  # one IN query, a few ms of the worker each, spread over the interval
 
     def __init__(self, path: str):
         self.path = path
@@ -135,7 +136,9 @@ class SqliteDirectory:
             self._execute(_INSERT, (user_id, email or None, display_name, role, clinic_id or None, hashed, _now()))
         except sqlite3.IntegrityError:
             raise UserError(f"a user with id {user_id!r} or email {email!r} already exists") from None
-        return self.get(user_id)  # type: ignore[return-value]
+        added = self.get(user_id)
+        assert added is not None, "a user just inserted is found"
+        return added
 
     def list_users(self) -> list[Identity]:
         with self._lock:
@@ -217,7 +220,7 @@ class SqliteDirectory:
             self._db = open_db(self.path, SCHEMA)
         return self._db
 
-    def _query_one(self, sql: str, args: tuple):
+    def _query_one(self, sql: str, args: tuple) -> tuple | None:
         with self._lock:
             return self._conn().execute(sql, args).fetchone()
 
@@ -238,7 +241,7 @@ class SqliteDirectory:
                     )
 
 
-def _identity(row) -> Identity:
+def _identity(row: tuple) -> Identity:
     return Identity(
         user_id=row[0],
         email=row[1],

@@ -21,9 +21,12 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from functools import wraps
+from typing import ParamSpec, TypeVar
 
 from .envelope import Envelope
-from .history import Appended, Idempotency, IdempotencyConflict, Previous, Session
+from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
 from .sqlite import open_db, transaction
 
 SCHEMA = """
@@ -57,6 +60,24 @@ CREATE INDEX IF NOT EXISTS history_at ON history (at);
 """
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _store_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """A disk that is full, a file that is locked past the busy timeout or gone: HistoryUnavailable
+    (a 503 for a broadcast, a refused resume), never a stray sqlite3 error (a 500)."""
+
+    @wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as problem:
+            raise HistoryUnavailable(f"the embedded history cannot be used: {problem}") from None
+
+    return guarded
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -77,12 +98,14 @@ class SqliteHistory:
 
     # -- the stream ---------------------------------------------------------------------
 
+    @_store_errors
     def head(self) -> tuple[str, int]:
         with self._lock:
             db = self._conn()
             row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
             return self._epoch_of(db), int(row[0]) if row else 0
 
+    @_store_errors
     def append(self, envelope: Envelope, *, idempotency: Idempotency | None = None) -> Appended | Previous:
         now = _now_ms()
         stored = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=False)
@@ -110,6 +133,7 @@ class SqliteHistory:
                     )
         return Appended(epoch, offset)
 
+    @_store_errors
     def complete(self, idempotency: Idempotency, answer: dict) -> None:
         with self._lock:
             self._conn().execute(
@@ -117,10 +141,12 @@ class SqliteHistory:
                 (json.dumps(answer), idempotency.key, idempotency.digest),
             )
 
+    @_store_errors
     def previous(self, idempotency: Idempotency) -> Previous | None:
         with self._lock:
             return self._previous(self._conn(), idempotency, _now_ms())
 
+    @_store_errors
     def read(self, after: int, limit: int) -> list[Envelope]:
         with self._lock:
             db = self._conn()
@@ -130,11 +156,13 @@ class SqliteHistory:
             ).fetchall()
         return [Envelope.from_json(json.loads(text), offset=offset, epoch=epoch) for offset, text in rows]
 
+    @_store_errors
     def oldest(self) -> int | None:
         with self._lock:
             row = self._conn().execute("SELECT MIN(offset) FROM history").fetchone()
         return row[0] if row and row[0] is not None else None
 
+    @_store_errors
     def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, Envelope]:
         if not channels:
             return {}
@@ -150,6 +178,7 @@ class SqliteHistory:
 
     # -- sessions -------------------------------------------------------------------------
 
+    @_store_errors
     def save_sessions(self, sessions: list[Session], expires_at_ms: int) -> None:
         if not sessions:
             return
@@ -159,6 +188,7 @@ class SqliteHistory:
             with transaction(db):
                 db.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)", rows)
 
+    @_store_errors
     def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:
         if not client_ids:
             return
@@ -169,6 +199,7 @@ class SqliteHistory:
                     "UPDATE sessions SET expires_at = ? WHERE client_id = ?", [(expires_at_ms, c) for c in client_ids]
                 )
 
+    @_store_errors
     def load_session(self, client_id: str) -> Session | None:
         with self._lock:
             row = (
@@ -181,6 +212,7 @@ class SqliteHistory:
             )
         return Session(client_id, row[0], tuple(json.loads(row[1]))) if row else None
 
+    @_store_errors
     def delete_sessions(self, client_ids: list[str]) -> None:
         if not client_ids:
             return
@@ -191,6 +223,7 @@ class SqliteHistory:
 
     # -- upkeep -----------------------------------------------------------------------------
 
+    @_store_errors
     def trim(self, now_ms: int) -> int:
         with self._lock:
             db = self._conn()

@@ -15,6 +15,8 @@ Every call is bounded by ``timeout`` (httpx's timeouts plus a hard
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
+from typing import TypeVar
 
 import gevent
 
@@ -35,6 +37,9 @@ except ImportError:  # pragma: no cover - exercised only without the extra insta
 
 def from_iso(text: str) -> int:
     return int(dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+T = TypeVar("T")
 
 
 class SupabaseBroadcastLog:
@@ -128,7 +133,7 @@ class SupabaseBroadcastLog:
     def close(self) -> None:
         self._http.close()
 
-    def _run(self, what: str, call):
+    def _run(self, what: str, call: Callable[[], T]) -> T:
         try:
             with gevent.Timeout(self.timeout, LogUnavailable(f"Supabase did not answer within {self.timeout} s")):
                 return call()

@@ -36,6 +36,7 @@ try:
     from postgrest.exceptions import APIError
     from supabase import ClientOptions, create_client
     from supabase_auth.errors import AuthApiError, AuthError
+    from supabase_auth.types import User
 
     HAVE_SUPABASE = True
 except ImportError:  # pragma: no cover - exercised only without the extra installed
@@ -57,6 +58,7 @@ def is_uuid(value: str) -> bool:
 
 class SupabaseDirectory:
     name = "supabase"
+    recheck_batch = 1_000_000  # everyone connected in one get_many: its user list is read once per re-check
 
     def __init__(
         self,
@@ -277,7 +279,7 @@ class SupabaseDirectory:
         """Changes happen in Supabase, not here: the periodic re-check (get_many) finds them."""
         return 0, []
 
-    def _identity(self, user, profile: dict) -> Identity | None:
+    def _identity(self, user: User | None, profile: dict) -> Identity | None:
         if user is None or getattr(user, "deleted_at", None):
             return None
         meta = user.app_metadata or {}
@@ -321,11 +323,11 @@ class SupabaseDirectory:
         self._failing = False
 
 
-def _text(value) -> str | None:
+def _text(value: object) -> str | None:
     return str(value) if value not in (None, "") else None
 
 
-def _banned(until) -> bool:
+def _banned(until: str | dt.datetime | None) -> bool:
     if not until:
         return False
     if isinstance(until, str):

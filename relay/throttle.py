@@ -1,27 +1,39 @@
 """Sign-in throttling: a brute force is slowed to a crawl, a person who mistypes never notices.
 
 Failed sign-ins are counted per account and per client address over a
-sliding window (``LOGIN_WINDOW_MS``, 15 min). The first ``free`` failures cost
-nothing; each failure from then on blocks further attempts for a back-off
-that doubles (30 s, 1 min, 2 min, ... up to 15 min). While blocked, every
-attempt is refused with 429 and ``Retry-After``, **the right password
-included**: otherwise a guesser would learn which guess was right. A
-success clears the account's count (not the address's). Accounts are
-independent: hammering one does not lock out another, except through the
-address limit, which is higher (a clinic's users share one address).
+sliding window (15 min). The first failures cost nothing (4 per account, 19
+per address); the next one blocks further attempts for 30 s, and from then
+on every failure blocks for twice as long as the one before (1 min, 2 min,
+... up to 15 min). That back-off level is remembered for a day (``memory``),
+not just for the window: an attacker who waits for the window to slide gets
+no new free guesses, so one account takes at most about a hundred guesses a
+day, from however many addresses. While blocked, every attempt is refused
+with 429 and ``Retry-After``, **the right password included**: otherwise a
+guesser would learn which guess was right. A success clears the account
+(its failures, block and level), and takes its own attempt back from the
+address. Accounts are independent: hammering one does not lock out another,
+except through the address limit, which is higher (a clinic's users share
+one address).
+
+An attempt is counted **before** the password is checked, atomically with
+the check for a block (:meth:`LoginThrottle.attempt`): a hundred guesses sent
+at the same instant are counted one by one, and all but the free ones are
+refused, instead of all slipping through while the first is being checked.
 
 Two stores behind one small interface: :class:`MemoryThrottleStore` (one
-process) and :class:`RedisThrottleStore` (shared by every worker and host).
-Keys are hashed: neither store holds an email address.
+process) and :class:`RedisThrottleStore` (shared by every worker and host,
+one Lua script per attempt). Keys are hashed: neither store holds an email
+address or a client address.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 try:
@@ -36,24 +48,37 @@ class ThrottleUnavailable(Exception):
     """The throttle's store cannot answer (Redis down): sign-in fails closed, with a 503."""
 
 
+@dataclass(frozen=True)
+class Limit:
+    free: int  # the failure within the window that first earns a block (earlier ones cost nothing)
+    first_wait: float = 30.0  # seconds, for that first block; each next one doubles
+    max_wait: float = 900.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What :meth:`LoginThrottle.attempt` decided: ``wait`` > 0 means refused (nothing was counted);
+    otherwise ``id`` names the attempt, counted as a failure until :meth:`LoginThrottle.succeeded`
+    takes it back, and ``earned`` is the block it will have cost if the password is wrong."""
+
+    wait: float
+    id: str | None = None
+    earned: float = 0.0
+
+
 class ThrottleStore(Protocol):
-    def record(self, key: str, now: float, window: float) -> int:
-        """Count a failure for ``key`` at ``now``; how many fell within the last ``window`` seconds."""
+    def attempt(self, keys: list[tuple[str, Limit]], now: float, window: float, memory: float) -> Attempt:
+        """Atomically: if any key is blocked at ``now``, ``Attempt(wait)`` and nothing changes. Otherwise
+        count a failure (a new id) under every key; each key whose failures within ``window`` reach its
+        ``free``, or whose back-off level is above 0, goes up a level (remembered ``memory`` seconds) and
+        is blocked for ``min(max_wait, first_wait * 2 ** (level - 1))``."""
 
     def blocked_until(self, key: str) -> float:
         """When ``key`` may try again (0 if it may now)."""
 
-    def block(self, key: str, until: float) -> None: ...
-
-    def reset(self, key: str) -> None:
-        """Forget ``key``'s failures and block (a successful sign-in)."""
-
-
-@dataclass(frozen=True)
-class Limit:
-    free: int  # failures within the window that cost nothing
-    first_wait: float = 30.0  # seconds, for the first failure past ``free``; doubles with each next one
-    max_wait: float = 900.0
+    def withdraw(self, keys: list[str], attempt_id: str, *, reset_first: bool) -> None:
+        """Take this attempt back from ``keys`` (its failure, and a block and level it caused); with
+        ``reset_first`` (a right password) forget the first key, the account, entirely."""
 
 
 class LoginThrottle:
@@ -62,41 +87,42 @@ class LoginThrottle:
         store: ThrottleStore,
         *,
         window: float = 900.0,
+        memory: float = 86_400.0,
         account: Limit = Limit(free=5),
         address: Limit = Limit(free=20),
     ):
         self.store = store
         self.window = window
+        self.memory = memory
         self.account = account
         self.address = address
 
-    def wait(self, login: str, address: str | None, now: float | None = None) -> float:
-        """Seconds before this account may try from this address (0: go ahead)."""
+    def attempt(self, login: str, address: str | None, now: float | None = None) -> Attempt:
+        """Before checking a password: refused (``wait`` > 0), or counted as a failure until it succeeds."""
         now = time.time() if now is None else now
-        until = max(self.store.blocked_until(key) for key in self._keys(login, address))
-        return max(0.0, until - now)
+        keys = [(_key("account", login), self.account)]
+        if address:
+            keys.append((_key("address", address), self.address))
+        return self.store.attempt(keys, now, self.window, self.memory)
 
-    def failed(self, login: str, address: str | None, now: float | None = None) -> float:
-        """Count a failure; returns the wait it earned (0 if none yet)."""
-        now = time.time() if now is None else now
-        waits = []
-        for key, limit in zip(self._keys(login, address), (self.account, self.address), strict=False):
-            failures = self.store.record(key, now, self.window)
-            if failures >= limit.free:
-                wait = min(limit.max_wait, limit.first_wait * 2 ** (failures - limit.free))
-                self.store.block(key, now + wait)
-                waits.append(wait)
-        return max(waits, default=0.0)
+    def succeeded(self, login: str, address: str | None, attempt: Attempt) -> None:
+        """The right password: the account starts afresh; the address forgets this attempt only."""
+        if attempt.id is not None:
+            self.store.withdraw(self._keys(login, address), attempt.id, reset_first=True)
 
-    def succeeded(self, login: str) -> None:
-        self.store.reset(_key("account", login))
+    def withdraw(self, login: str, address: str | None, attempt: Attempt) -> None:
+        """The password could not be checked (the identity source is down): the attempt does not count."""
+        if attempt.id is not None:
+            self.store.withdraw(self._keys(login, address), attempt.id, reset_first=False)
 
     @staticmethod
     def _keys(login: str, address: str | None) -> list[str]:
-        keys = [_key("account", login)]
-        if address:
-            keys.append(_key("address", address))
-        return keys
+        return [_key("account", login)] + ([_key("address", address)] if address else [])
+
+    def wait(self, login: str, address: str | None, now: float | None = None) -> float:
+        """Seconds before this account may try from this address (0: go ahead); counts nothing."""
+        now = time.time() if now is None else now
+        return max(0.0, max(self.store.blocked_until(key) for key in self._keys(login, address)) - now)
 
 
 def _key(kind: str, value: str) -> str:
@@ -104,69 +130,152 @@ def _key(kind: str, value: str) -> str:
     return f"{kind}:{digest}"
 
 
+def _backoff(limit: Limit, level: int) -> float:
+    return min(limit.max_wait, limit.first_wait * 2.0 ** min(level - 1, 60))
+
+
+@dataclass
+class _State:
+    failures: list[tuple[float, str]] = field(default_factory=list)
+    level: int = 0
+    level_until: float = 0.0
+    blocked_until: float = 0.0
+    blocked_by: str | None = None
+
+
 class MemoryThrottleStore:
     """Per process (one worker). Bounded: the least recently seen keys go first past ``max_keys``."""
 
     def __init__(self, max_keys: int = 100_000):
         self.max_keys = max_keys
-        self._failures: OrderedDict[str, list[float]] = OrderedDict()
-        self._blocks: dict[str, float] = {}
+        self._states: OrderedDict[str, _State] = OrderedDict()
         self._lock = threading.Lock()
 
-    def record(self, key: str, now: float, window: float) -> int:
+    def attempt(self, keys: list[tuple[str, Limit]], now: float, window: float, memory: float) -> Attempt:
         with self._lock:
-            recent = [t for t in self._failures.pop(key, []) if t > now - window] + [now]
-            self._failures[key] = recent[-1000:]
-            while len(self._failures) > self.max_keys:
-                old, _ = self._failures.popitem(last=False)
-                self._blocks.pop(old, None)
-            return len(recent)
+            states = [(self._state(key), limit) for key, limit in keys]
+            wait = max(state.blocked_until - now for state, _ in states)
+            if wait > 0:
+                return Attempt(wait)
+            attempt_id = secrets.token_hex(8)
+            earned = 0.0
+            for state, limit in states:
+                state.failures = [(t, i) for t, i in state.failures if t > now - window][-999:]
+                state.failures.append((now, attempt_id))
+                if state.level_until <= now:
+                    state.level = 0
+                if len(state.failures) >= limit.free or state.level > 0:
+                    state.level += 1
+                    state.level_until = now + memory
+                    block = _backoff(limit, state.level)
+                    state.blocked_until, state.blocked_by = now + block, attempt_id
+                    earned = max(earned, block)
+            while len(self._states) > self.max_keys:
+                self._states.popitem(last=False)
+            return Attempt(0.0, attempt_id, earned)
 
     def blocked_until(self, key: str) -> float:
-        return self._blocks.get(key, 0.0)
-
-    def block(self, key: str, until: float) -> None:
-        self._blocks[key] = until
-
-    def reset(self, key: str) -> None:
         with self._lock:
-            self._failures.pop(key, None)
-            self._blocks.pop(key, None)
+            state = self._states.get(key)
+            return state.blocked_until if state else 0.0
+
+    def withdraw(self, keys: list[str], attempt_id: str, *, reset_first: bool) -> None:
+        with self._lock:
+            if reset_first:
+                self._states.pop(keys[0], None)
+                keys = keys[1:]
+            for key in keys:
+                state = self._states.get(key)
+                if state is None:
+                    continue
+                state.failures = [(t, i) for t, i in state.failures if i != attempt_id]
+                if state.blocked_by == attempt_id:
+                    state.blocked_until, state.blocked_by = 0.0, None
+                    state.level = max(0, state.level - 1)
+
+    def _state(self, key: str) -> _State:
+        state = self._states.pop(key, None) or _State()
+        self._states[key] = state  # most recently seen last
+        return state
 
 
-# KEYS: failures (a sorted set of timestamps)   ARGV: now, window start, ttl ms
-_RECORD = """
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[1] .. '-' .. redis.call('INCR', KEYS[1] .. ':n'))
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[1] .. ':n', ARGV[3])
-return redis.call('ZCARD', KEYS[1])
+# KEYS: one failures set per key (its :lvl, :block, :by beside it)
+# ARGV: now, window s, memory ms, attempt id, then free, first wait, max wait for each key
+_ATTEMPT = """
+local now, window, memory, id = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local wait = 0
+for _, key in ipairs(KEYS) do
+  local left = tonumber(redis.call('GET', key .. ':block') or '0') - now
+  if left > wait then wait = left end
+end
+if wait > 0 then return {tostring(wait), '0'} end
+local earned = 0
+for i, key in ipairs(KEYS) do
+  local free, first, max = tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
+  redis.call('ZADD', key, now, id)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
+  local level = tonumber(redis.call('GET', key .. ':lvl') or '0')
+  if redis.call('ZCARD', key) >= free or level > 0 then
+    level = level + 1
+    redis.call('SET', key .. ':lvl', level, 'PX', memory)
+    local block = math.min(max, first * 2 ^ math.min(level - 1, 60))
+    local ends = math.ceil((now + block) * 1000) + 1
+    redis.call('SET', key .. ':block', tostring(now + block), 'PXAT', ends)
+    redis.call('SET', key .. ':by', id, 'PXAT', ends)
+    if block > earned then earned = block end
+  end
+end
+return {'0', tostring(earned)}
+"""
+
+# KEYS: the keys (the account first)   ARGV: attempt id, '1' to forget the first key entirely
+_WITHDRAW = """
+local from = 1
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[1] .. ':lvl', KEYS[1] .. ':block', KEYS[1] .. ':by')
+  from = 2
+end
+for i = from, #KEYS do
+  local key = KEYS[i]
+  redis.call('ZREM', key, ARGV[1])
+  if redis.call('GET', key .. ':by') == ARGV[1] then
+    redis.call('DEL', key .. ':block', key .. ':by')
+    if tonumber(redis.call('GET', key .. ':lvl') or '0') > 0 then redis.call('DECR', key .. ':lvl') end
+  end
+end
+return 1
 """
 
 
 class RedisThrottleStore:
-    """Shared by every worker and host: a sorted set of failure times per key, and a block key."""
+    """Shared by every worker and host: per key a sorted set of failures, its level and its block."""
 
     def __init__(self, url: str, *, prefix: str):
         self.prefix = f"{prefix}:login:"
         self._client = redis.Redis.from_url(
             url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
         )
-        self._record = self._client.register_script(_RECORD)
+        self._attempt = self._client.register_script(_ATTEMPT)
+        self._withdraw = self._client.register_script(_WITHDRAW)
 
-    def record(self, key: str, now: float, window: float) -> int:
-        ttl = int(window * 1000) + 1000
-        return int(self._call(self._record, keys=[self.prefix + key], args=[now, now - window, ttl]))
+    def attempt(self, keys: list[tuple[str, Limit]], now: float, window: float, memory: float) -> Attempt:
+        attempt_id = secrets.token_hex(8)
+        args: list[object] = [repr(now), repr(window), int(memory * 1000), attempt_id]
+        for _, limit in keys:
+            args += [limit.free, repr(limit.first_wait), repr(limit.max_wait)]
+        wait, earned = self._call(self._attempt, keys=[self.prefix + key for key, _ in keys], args=args)
+        if float(wait) > 0:
+            return Attempt(float(wait))
+        return Attempt(0.0, attempt_id, float(earned))
 
     def blocked_until(self, key: str) -> float:
         raw = self._call(self._client.get, self.prefix + key + ":block")
         return float(raw) if raw else 0.0
 
-    def block(self, key: str, until: float) -> None:
-        self._call(self._client.set, self.prefix + key + ":block", until, pxat=int(until * 1000) + 1)
-
-    def reset(self, key: str) -> None:
-        self._call(self._client.delete, self.prefix + key, self.prefix + key + ":block", self.prefix + key + ":n")
+    def withdraw(self, keys: list[str], attempt_id: str, *, reset_first: bool) -> None:
+        args = [attempt_id, "1" if reset_first else "0"]
+        self._call(self._withdraw, keys=[self.prefix + key for key in keys], args=args)
 
     @staticmethod
     def _call(fn, *args, **kwargs):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 MINUTES = 60
@@ -118,7 +118,7 @@ class Minute:
 class Timeline:
     """This worker's last hour. ``clock`` returns epoch seconds (a test passes its own)."""
 
-    def __init__(self, clock=time.time, minutes: int = MINUTES):
+    def __init__(self, clock: Callable[[], float] = time.time, minutes: int = MINUTES):
         self.clock = clock
         self.minutes = minutes
         self._buckets: dict[int, Minute] = {}

@@ -75,6 +75,10 @@ class FakeUser:
         }
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default listen backlog of 5 refuses a burst of lookups
+
+
 class FakeSupabase:
     def __init__(self) -> None:
         self.users: dict[str, FakeUser] = {}
@@ -87,7 +91,7 @@ class FakeSupabase:
         self.hang_seconds = 10.0
         self.delay = 0.0  # answer correctly, but this much later (to make lookups overlap)
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = _Server(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

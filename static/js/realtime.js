@@ -26,6 +26,13 @@
 // error (this client broke the protocol: a bug to report, so it stops; the
 // console says why and `realtime:error` is dispatched with {code, reason}).
 
+/**
+ * Channel-name builders, the same as relay.channels in Python (a test keeps them equal).
+ * Ids must match /^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$/; anything else throws.
+ * @type {{system: {announcements: string, maintenance: string},
+ *         clinic: {queue: (clinicId: string) => string, alerts: (clinicId: string) => string},
+ *         user: {notifications: (userId: string) => string}}}
+ */
 export const channels = Object.freeze({
   system: Object.freeze({
     announcements: "system:announcements",
@@ -70,8 +77,25 @@ const CLOSE_ACTIONS = Object.freeze({
   4429: "crowded", // this user has too many sockets open (other tabs): back off, from a longer first wait
 });
 const MESSAGE_TOO_BIG = 1009;
-export const MAX_MESSAGE_BYTES = 64 * 1024; // the server closes with 1009 beyond this
+/** The largest message a client may send, in UTF-8 bytes: the server closes with 1009 beyond it. */
+export const MAX_MESSAGE_BYTES = 64 * 1024;
 
+/**
+ * Options of {@link RealtimeClient} (any subset may be given to the constructor or getClient).
+ * @typedef {Object} RealtimeOptions
+ * @property {string} authUrl where to GET `{wsUrl, token}` before each connection attempt
+ * @property {number} minDelayMs first back-off window, ms
+ * @property {number} maxDelayMs back-off cap, ms
+ * @property {number} minRetryMs the least time between two attempts, ms
+ * @property {number} restartJitterMs after a 1012, reconnect within this many ms
+ * @property {number} maxQuickRestarts 1012s in a row before backing off like any failure
+ * @property {number} idleMs send an application PING after this long without a message
+ * @property {number} pongTimeoutMs treat the socket as dead if nothing answers that PING within this
+ * @property {number} maxAuthFailures 4401s with fresh tokens in a row before giving up ("unauthorized")
+ * @property {?Element} target the element that receives the `realtime:*` DOM events (default document.body)
+ */
+
+/** @type {Readonly<RealtimeOptions>} */
 export const DEFAULTS = Object.freeze({
   authUrl: "/api/ws/auth",
   minDelayMs: 500, // first backoff window
@@ -85,7 +109,23 @@ export const DEFAULTS = Object.freeze({
   target: null, // element that receives the DOM events (document.body)
 });
 
+/**
+ * A message as the server sends it: `{type, data}`; broadcasts also carry `id` and `offset`,
+ * and a channel's last value `last: true`.
+ * @typedef {{type: string, data: *, id?: string, offset?: number, last?: boolean}} RealtimeMessage
+ */
+
+/**
+ * The connection status, as {@link RealtimeClient#onStatus} reports it.
+ * @typedef {"idle"|"connecting"|"open"|"reconnecting"|"offline"|"unauthorized"|"error"} RealtimeStatus
+ */
+
+/**
+ * One WebSocket to the realtime service, kept alive and resumed across reconnects.
+ * Use {@link getClient} for the tab's shared one rather than constructing your own.
+ */
 export class RealtimeClient {
+  /** @param {Partial<RealtimeOptions>} [options] */
   constructor(options = {}) {
     this.options = { ...DEFAULTS, ...options };
     this.status = "idle";
@@ -115,6 +155,10 @@ export class RealtimeClient {
 
   // -- public API ----------------------------------------------------------
 
+  /**
+   * Connect (fetching a token first), and keep connecting until {@link RealtimeClient#stop}.
+   * @returns {RealtimeClient} this
+   */
   start() {
     if (!this.stopped) return this;
     this.stopped = false;
@@ -125,6 +169,10 @@ export class RealtimeClient {
     return this;
   }
 
+  /**
+   * Stop reconnecting (an open socket is left to close by itself).
+   * @param {RealtimeStatus} [status] the status to report from now on
+   */
   stop(status = "idle") {
     this.stopped = true;
     clearTimeout(this.retryTimer);
@@ -145,6 +193,8 @@ export class RealtimeClient {
    * `{last: true}`: the server first sends the latest message of each channel
    * (within its last-value TTL), marked `last: true`, and does so again after
    * every resync.
+   * @param {string[]} names channel names (see {@link channels})
+   * @param {{last?: boolean}} [options]
    */
   subscribe(names, { last = false } = {}) {
     const fresh = [];
@@ -157,6 +207,11 @@ export class RealtimeClient {
     this._sendSubscribe(fresh);
   }
 
+  /**
+   * Undo one {@link RealtimeClient#subscribe} of these channels; the server is told when the last
+   * subscriber of a channel on the page is gone.
+   * @param {string[]} names
+   */
   unsubscribe(names) {
     const gone = [];
     for (const name of names) {
@@ -172,7 +227,11 @@ export class RealtimeClient {
     if (gone.length) this.send({ type: "UNSUBSCRIBE", data: { channels: gone } });
   }
 
-  /** Send a message now if the socket is open; returns whether it was sent. */
+  /**
+   * Send a message now if the socket is open (nothing is queued while it is not).
+   * @param {{type: string, data?: *}} message
+   * @returns {boolean} whether it was sent (false: not open, or over {@link MAX_MESSAGE_BYTES})
+   */
   send(message) {
     if (this.status !== "open" || !this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
     const text = JSON.stringify(message);
@@ -185,18 +244,32 @@ export class RealtimeClient {
     return true;
   }
 
-  /** Listen to every message; returns a function that stops listening. */
+  /**
+   * Listen to every message (replayed ones after a resume included, in order).
+   * @param {(message: RealtimeMessage) => void} listener
+   * @returns {() => void} stops listening
+   */
   onMessage(listener) {
     this.messageListeners.add(listener);
     return () => this.messageListeners.delete(listener);
   }
 
-  /** Called after the server could not replay what was missed: refetch what the page shows. */
+  /**
+   * Called after the server could not replay what was missed (`recovered: false`): refetch what the
+   * page shows. Also dispatched as `realtime:resync` on the target element.
+   * @param {(connected: {clientId: string, epoch?: string, offset?: number, reason?: string}) => void} listener
+   * @returns {() => void} stops listening
+   */
   onResync(listener) {
     this.resyncListeners.add(listener);
     return () => this.resyncListeners.delete(listener);
   }
 
+  /**
+   * Listen to status changes; called at once with the current status.
+   * @param {(status: RealtimeStatus) => void} listener
+   * @returns {() => void} stops listening
+   */
   onStatus(listener) {
     this.statusListeners.add(listener);
     listener(this.status);
@@ -443,7 +516,11 @@ export class RealtimeClient {
 
 let shared = null;
 
-/** The tab's one shared client (created and started on first use). */
+/**
+ * The tab's one shared client (created and started on first use; later options are ignored).
+ * @param {Partial<RealtimeOptions>} [options]
+ * @returns {RealtimeClient}
+ */
 export function getClient(options = {}) {
   if (!shared) shared = new RealtimeClient(options).start();
   return shared;

@@ -131,6 +131,26 @@ function watchSubscribers(rt) {
   }).observe(document.body, { childList: true, subtree: true });
 }
 
+// After a resync (what was missed could not be replayed), a fragment rendered from messages
+// (post= with last=true) may be stale: show that it is waiting until the channel's last value,
+// which the resubscription asks for, renders it again. With no last value it stays waiting.
+function clearStaleFragments() {
+  document.body.addEventListener("realtime:resync", () => {
+    for (const element of subscribed.keys()) {
+      const text = element.dataset.realtimeResync;
+      if (!text) continue;
+      const where = element.dataset.realtimeTarget;
+      const target = !where || where === "this" ? element : document.querySelector(where);
+      if (!target) continue;
+      const note = document.createElement("p");
+      note.className = "muted";
+      note.dataset.resyncState = "waiting";
+      note.textContent = text;
+      target.replaceChildren(note);
+    }
+  });
+}
+
 function passMessagesToHtmx() {
   document.body.addEventListener("htmx:configRequest", (event) => {
     const trigger = event.detail.triggeringEvent;
@@ -170,4 +190,5 @@ rt.onMessage((message) => {
   if (message.type === "ANNOUNCEMENT") announce(message);
 });
 passMessagesToHtmx();
+clearStaleFragments();
 watchSubscribers(rt);

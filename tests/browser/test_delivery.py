@@ -113,3 +113,28 @@ def test_when_nothing_can_be_replayed_the_page_resyncs_and_shows_the_current_que
         assert page.evaluate("window.__resyncs") == 1
     finally:
         again.stop()
+
+
+def test_after_a_resync_with_no_last_value_the_queue_never_shows_stale_data(site, web):
+    queue_update(site, "Before")
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    expect(page.locator("#queue ol.queue li")).to_have_count(1)
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    site.stop()
+    for suffix in ("", "-wal", "-shm"):  # the history and the last values are lost: a new epoch
+        (site.workdir / "instance" / f"history.db{suffix}").unlink(missing_ok=True)
+    again = Server(site.workdir, site.env_overrides, port=site.port).start()
+    try:
+        page.context.set_offline(False)  # nothing was published since: there is no current queue to show
+        wait_live(page)
+        expect(page.locator("#queue [data-resync-state=waiting]")).to_have_text(
+            "Reconnected: waiting for the current state…"
+        )
+        expect(page.locator("#queue ol.queue li")).to_have_count(0)  # "Before" is gone, not shown as current
+        queue_update(again, "Now")
+        expect(page.locator("#queue ol.queue li")).to_have_count(1)
+        expect(page.locator("#queue ol.queue li")).to_contain_text("Now")
+    finally:
+        again.stop()

@@ -216,3 +216,64 @@ def test_commands_that_need_a_secret_say_so_before_the_first_start(tmp_path):
     env = fresh_env(tmp_path, secrets=False, db_outside=False)
     done = run_flask(env, "ws", "broadcast", "--url", "http://127.0.0.1:9", "--message", "x")
     assert done.returncode != 0 and "WS_ADMIN_SECRET" in done.stderr
+
+
+def checkout_copy(tmp_path) -> str:
+    """The tracked files only, as a fresh clone has them (no instance/ folder, no build output)."""
+    import shutil
+
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    target = tmp_path / "clone"
+    for name in listed.splitlines():
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return str(target)
+
+
+def test_the_reported_case_default_instance_folder_and_the_db_elsewhere(tmp_path):
+    """Bug 1 as reported: REALTIME_INSTANCE_PATH unset (./instance), REALTIME_DB outside it, secrets given."""
+    clone = checkout_copy(tmp_path)
+    env = fresh_env(tmp_path, secrets=True, db_outside=True)
+    del env["REALTIME_INSTANCE_PATH"]
+    args = ["users", "add", "u1", "--email", "u1@example.com", "--password", "pw-123456", "--role", "admin"]
+    added = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", *args],
+        cwd=clone,
+        env={**env, "PYTHONPATH": clone},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert (tmp_path / "elsewhere" / "users.db").exists()
+
+
+def test_a_fresh_start_with_no_secrets_and_no_database_given(start_server, tmp_path):
+    """The server creates its instance folder, development secrets (0600) and database, and keeps them."""
+    import json
+
+    instance = tmp_path / "fresh" / "instance"
+    unset = dict(WS_TOKEN_SECRET=None, WS_ADMIN_SECRET=None, SECRET_KEY=None, REALTIME_DB=None)
+    srv = start_server(users=False, REALTIME_INSTANCE_PATH=str(instance), **unset)
+    secrets_file = instance / "dev-secrets.json"
+    assert stat.S_IMODE(os.stat(secrets_file).st_mode) == 0o600
+    secrets = json.loads(secrets_file.read_text())
+    added = run_flask(srv.env, "users", "add", "newbie", "--role", "nurse", "--clinic", "c1", "--no-password")
+    assert added.returncode == 0, added.stderr
+    assert (instance / "realtime.db").exists()
+    from relay.tokens import TokenService
+
+    token = TokenService(secrets["WS_TOKEN_SECRET"], 600_000).mint("newbie")
+    with srv.open(token) as client:
+        assert client.expect("CONNECTED")["data"]["userId"] == "newbie"
+    srv.stop()
+    again = Server(srv.workdir, srv.env_overrides)
+    again.start()
+    try:
+        assert json.loads(secrets_file.read_text()) == secrets  # the same secrets: tokens keep working
+        with again.open(token) as client:
+            assert client.expect("CONNECTED")["data"]["userId"] == "newbie"
+    finally:
+        again.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -95,6 +96,47 @@ def test_the_restored_channels_are_subscribed_again_without_asking(site):
     bob.close()
 
 
+def test_a_resume_reauthorizes_channels_for_the_user_as_they_are_now(site):
+    """Moved to another clinic while away: the old clinic's channel is refused, and none of its missed
+    broadcasts are replayed; what the user may still read is restored and replayed."""
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    bob = Resumer(site, "bob", [ANN, Q1])
+    bob.connect()
+    bob.drop()
+    moved = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", "users", "set-clinic", "bob", "clinic-2"],
+        cwd=ROOT,
+        env=site.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert moved.returncode == 0, moved.stderr
+    old_queue = sent(site, "clinic 1 queue", channels=[Q1])
+    old_clinic = sent(site, "clinic 1 staff", clinicIds=["clinic-1"])
+    new_clinic = sent(site, "clinic 2 staff", clinicIds=["clinic-2"])
+    announcement = sent(site, "for everyone", channels=[ANN])
+    bob.channels = []
+    hello = bob.connect()
+    assert hello["recovered"] is True and hello["channels"] == [ANN]
+    frames = []
+    try:
+        while True:
+            frames.append(json.loads(bob.ws.recv(timeout=0.5)))
+    except TimeoutError:
+        pass
+    errors = [f["data"] for f in frames if f["type"] == "ERROR"]
+    assert errors == [{"code": "forbidden_channel", "message": errors[0]["message"], "channel": Q1}]
+    replayed = [f["id"] for f in frames if "offset" in f]
+    assert replayed == [new_clinic["id"], announcement["id"]]
+    assert old_queue["id"] not in replayed and old_clinic["id"] not in replayed
+    bob.close()
+
+
 def test_another_users_session_is_never_restored(site):
     bob = Resumer(site, "bob", [Q1])
     bob.connect()
@@ -178,20 +220,24 @@ def test_resume_across_a_sighup_reload(site):
     bob.connect()
     old_pid = site.health()["pid"]
     site.proc.send_signal(signal.SIGHUP)
-    sent_during = []
+    sent_during, while_away = [], []
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         response = publish(site, f"during the reload {len(sent_during)}", channels=[ANN])
         if response.status_code == 200:
             sent_during.append(response.json()["id"])
-        if site.health()["pid"] != old_pid and len(sent_during) >= 3:
+            if response.json()["delivered"] == 0:
+                while_away.append(response.json()["id"])  # bob's socket was gone: only a replay brings it
+        if site.health()["pid"] != old_pid and len(while_away) >= 2:
             break
         time.sleep(0.05)
+    assert len(while_away) >= 2, "no broadcast was sent while bob was away: the test proves nothing"
     bob.read(quiet=0.2)  # whatever the old worker delivered before it closed with 1012
     hello = wait_for(lambda: _resumed(bob), timeout=20)
     assert hello["recovered"] is True
     bob.read()
     assert [i for i in bob.ids if i in sent_during] == sent_during  # every one, once, in order
+    assert set(while_away) <= set(bob.ids)
     bob.close()
 
 
@@ -267,8 +313,10 @@ def test_a_redis_that_lost_its_data_starts_a_new_epoch_and_nobody_is_replayed_wr
     assert wait_for(lambda: publish(srv, "first of the new stream", channels=[ANN]).status_code == 200, timeout=20)
     # The worker saw a new epoch: its clients are told to reconnect, and cannot resume the old stream.
     hello = wait_for(lambda: _reconnect(bob), timeout=20)
-    assert hello["recovered"] is False and hello["reason"] in (Reason.EPOCH, Reason.NO_SESSION)
-    assert hello["epoch"] != old["epoch"]
+    assert (hello["recovered"], hello["reason"]) == (False, Reason.EPOCH)
+    assert hello["epoch"] != old["epoch"] and "channels" not in hello
+    replayed = len(bob.received)
+    assert bob.read(quiet=0.5) == [] and len(bob.received) == replayed  # nothing replayed after CONNECTED
     bob.close()
 
 
@@ -315,6 +363,103 @@ def test_a_key_holds_across_instances(pair):
         assert again == first and first["delivered"] == 1
         bob.expect("ANNOUNCEMENT")
         assert bob.nothing_within(0.5)
+
+
+def test_the_admin_api_takes_a_key_too_and_answers_the_stream_position(server: Server):
+    from support import csrf_of, sign_in
+
+    admin = sign_in(server, "alice@example.test")
+    token = csrf_of(admin.get(server.url + "/admin/broadcast", timeout=5).text)
+    bob = Resumer(server, "bob", [ANN])
+    bob.connect()
+
+    def post():
+        return admin.post(
+            server.url + "/api/admin/broadcast",
+            json={"message": {"type": "ANNOUNCEMENT", "data": {"message": "from the api"}}, "filter": {}},
+            headers={"X-CSRF-Token": token, "Idempotency-Key": "admin-order-7"},
+            timeout=5,
+        )
+
+    first, again = post(), post()
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    assert isinstance(first.json()["offset"], int) and first.json()["epoch"] == bob.epoch
+    assert [m["id"] for m in bob.read()] == [first.json()["id"]]
+    bob.close()
+
+
+def test_a_key_is_forgotten_after_the_window(start_server):
+    srv = start_server(WS_RECOVERY_WINDOW_MS=1000)
+    first = publish(srv, "once", key="short-lived").json()
+    assert publish(srv, "once", key="short-lived").json()["id"] == first["id"]
+    # After the window (and the next trim) the key is free again: the same call publishes anew.
+    assert wait_for(lambda: publish(srv, "once", key="short-lived").json()["id"] != first["id"], timeout=15)
+
+
+def test_replayed_frames_are_identical_to_the_live_ones(site):
+    erin = Resumer(site, "erin", [ANN, Q1])  # same clinic, same channels: she gets them live
+    erin.connect()
+    bob = Resumer(site, "bob", [ANN, Q1])
+    bob.connect()
+    bob.drop()
+    site.wait_clients(1)
+    sent(site, "queue", channels=[Q1])
+    site.broadcast({"message": {"type": "QUEUE_UPDATE", "data": {"queue": [{"number": 1}], "é": None}}, "filter": {}})
+    sent(site, "clinic", clinicIds=["clinic-1"])
+    live = erin.read()
+    assert bob.connect()["recovered"] is True
+    assert bob.read() == live and len(live) == 3
+    erin.close()
+    bob.close()
+
+
+def test_a_broadcast_answered_200_survives_the_worker_being_killed_at_once(site):
+    bob = Resumer(site, "bob", [ANN])
+    bob.connect()
+    bob.drop()
+    site.wait_clients(0)
+    time.sleep(0.6)  # the session keeper writes the session (every 0.25 s)
+    old = site.health()["pid"]
+    answer = sent(site, "written before the answer", channels=[ANN])
+    os.kill(old, signal.SIGKILL)  # the instant after the 200
+    assert wait_for(lambda: _pid_or_none(site) not in (None, old), timeout=30)
+    hello = bob.connect()
+    assert hello["recovered"] is True
+    assert [m["id"] for m in bob.read()] == [answer["id"]]
+    bob.close()
+
+
+def _pid_or_none(srv: Server):
+    try:
+        return srv.health()["pid"]
+    except Exception:
+        return None
+
+
+def test_a_session_survives_a_keep_alive_timeout(start_server):
+    from rawws import RawClient
+
+    srv = start_server(WS_PING_INTERVAL_MS=200, WS_CLOSE_TIMEOUT_MS=200)
+    silent = RawClient(srv.port, srv.token("bob"))  # answers no ping
+
+    def next_text():
+        while True:
+            opcode, payload = silent.read_frame()
+            if opcode == 0x1:
+                return json.loads(payload)
+
+    hello = next_text()["data"]
+    silent.send_json({"type": "SUBSCRIBE", "data": {"channels": [ANN]}})
+    assert next_text()["type"] == "SUBSCRIBED"
+    assert silent.close_code() == 4408
+    silent.sock.close()
+    missed = sent(srv, "while it was silent", channels=[ANN])
+    bob = Resumer(srv, "bob")
+    bob.client_id, bob.epoch, bob.offset = hello["clientId"], hello["epoch"], hello["offset"]
+    assert bob.connect()["recovered"] is True
+    assert [m["id"] for m in bob.read()] == [missed["id"]]
+    bob.close()
 
 
 # -- the last value of a channel ----------------------------------------------------------------

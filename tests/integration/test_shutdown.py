@@ -1,5 +1,6 @@
 """Deploys: SIGTERM closes every socket with 1012, and refuses new ones with 1012 while it drains."""
 
+import datetime as dt
 import os
 import signal
 import time
@@ -96,4 +97,7 @@ def test_while_draining_health_and_broadcast_answer_503_and_the_drain_is_bounded
     assert time.monotonic() - started < 10
     done = srv.wait_for_event("drain.done")
     assert done["complete"] is False and done["clients"] == 0
+    begun = srv.wait_for_event("drain.start")
+    waited = (dt.datetime.fromisoformat(done["ts"]) - dt.datetime.fromisoformat(begun["ts"])).total_seconds()
+    assert 1.4 <= waited < 4.5, waited  # WS_DRAIN_TIMEOUT_MS=1500, neither less nor the 5 s default
     stubborn.close()

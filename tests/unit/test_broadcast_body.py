@@ -33,6 +33,8 @@ REFUSALS = [
     ("not json", b"{nope", HttpError.INVALID_JSON),
     ("not utf-8", b"\xff\xfe", HttpError.INVALID_JSON),
     ("empty", b"", HttpError.INVALID_JSON),
+    ("NaN in data", b'{"message": {"type": "A", "data": NaN}}', HttpError.INVALID_JSON),
+    ("Infinity in data", b'{"message": {"type": "A", "data": {"x": -Infinity}}}', HttpError.INVALID_JSON),
     ("array", [1], HttpError.INVALID_BODY),
     ("no message", {"filter": {}}, HttpError.INVALID_BODY),
     ("message not object", {"message": "hi"}, HttpError.INVALID_BODY),

@@ -132,3 +132,15 @@ def test_the_writer_queue_is_bounded_and_drops_the_oldest():
     store.down = False
     writer.flush(deadline=1.0)
     assert [r.id for r in store.rows] == ["b3", "b4", "b5", "b6", "b7"]
+
+
+def test_people_read_the_message_when_there_is_one_and_the_json_otherwise():
+    def logged(data):
+        return record_of(envelope_id="b", offset=1, at=NOW, source="api", type_="T", data=data, filter_={}, delivered=0)
+
+    assert logged({"message": "<b>lunch</b> at noon"}).text == "<b>lunch</b> at noon"
+    assert logged({"queue": [1, 2]}).text == '{"queue":[1,2]}'
+    assert logged("just text").text == '"just text"'
+    cut = logged({"message": "x" * 500})
+    assert not cut.whole and cut.text == cut.preview and len(cut.text) == 200
+    assert logged({"message": "é" * 10}).whole

@@ -1,62 +1,148 @@
-"""The sign-in throttle's policy, on a fake clock: what a person never notices, what a guesser always does."""
+"""The sign-in throttle's policy, on a fake clock: what a person never notices, what a guesser always does.
+
+Against the in-memory store here; ``tests/integration/test_throttle_redis.py`` runs the same tests
+against a real ``redis-server``."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
 from relay.throttle import Limit, LoginThrottle, MemoryThrottleStore
 
-T0 = 1_000_000.0
+# A fake clock that starts when each test does: Redis expires blocks at their real end time (PXAT),
+# so the fake timeline must not begin in the past; the stores compare every block with the ``now`` given.
+T0 = float(int(time.time()))
+
+
+@pytest.fixture(autouse=True)
+def _clock_starts_now():
+    global T0
+    T0 = float(int(time.time()))
+BOB, HOME = "bob@x", "10.0.0.1"
+
+
+def policy(store) -> LoginThrottle:
+    return LoginThrottle(store, window=900, account=Limit(free=5), address=Limit(free=20))
 
 
 @pytest.fixture
 def throttle():
-    return LoginThrottle(MemoryThrottleStore(), window=900, account=Limit(free=5), address=Limit(free=20))
+    return policy(MemoryThrottleStore())
 
 
-def fail(throttle, times, login="bob@x", address="10.0.0.1", at=T0, step=1.0):
-    waits = []
+def fail(throttle, times, login=BOB, address=HOME, at=None, step=1.0) -> list[float]:
+    """``times`` wrong passwords; the block each one earned (or -1 for an attempt refused outright)."""
+    at = T0 if at is None else at
+    earned = []
     for n in range(times):
-        waits.append(throttle.failed(login, address, now=at + n * step))
-    return waits
+        attempt = throttle.attempt(login, address, now=at + n * step)
+        earned.append(-1 if attempt.wait > 0 else attempt.earned)
+    return earned
 
 
 def test_a_few_mistakes_cost_nothing(throttle):
     assert fail(throttle, 4) == [0, 0, 0, 0]
-    assert throttle.wait("bob@x", "10.0.0.1", now=T0 + 4) == 0
+    assert throttle.wait(BOB, HOME, now=T0 + 4) == 0
 
 
-def test_the_fifth_failure_makes_the_next_attempt_wait_and_the_wait_doubles(throttle):
-    waits = fail(throttle, 8, step=0)
-    assert waits[:4] == [0, 0, 0, 0] and waits[4:] == [30, 60, 120, 240]
-    assert throttle.wait("bob@x", "10.0.0.1", now=T0 + 1) == pytest.approx(239)
-    assert throttle.wait("BOB@X ", "10.0.0.1", now=T0 + 1) > 0  # the same account however it is typed
+def test_the_fifth_failure_blocks_the_next_attempt_the_right_password_too(throttle):
+    assert fail(throttle, 5, step=0) == [0, 0, 0, 0, 30]
+    refused = throttle.attempt(BOB, HOME, now=T0 + 1)  # whatever its password: it is never checked
+    assert refused.id is None and refused.wait == pytest.approx(29)
+    assert throttle.attempt("BOB@X ", HOME, now=T0 + 1).wait > 0  # the same account however it is typed
 
 
-def test_the_wait_is_capped_at_fifteen_minutes(throttle):
-    assert max(fail(throttle, 30, step=0)) == 900
+def test_each_block_doubles_up_to_fifteen_minutes(throttle):
+    earned, now = [], T0
+    for _ in range(12):  # a guesser who tries again the moment the block ends
+        attempt = throttle.attempt(BOB, HOME, now=now)
+        assert attempt.wait == 0
+        earned.append(attempt.earned)
+        now += max(attempt.earned, 1.0)
+    assert earned == [0, 0, 0, 0, 30, 60, 120, 240, 480, 900, 900, 900]
 
 
-def test_a_success_clears_the_account_but_not_the_address(throttle):
-    fail(throttle, 5, step=0)
-    throttle.succeeded("bob@x")
-    assert throttle.wait("bob@x", None, now=T0 + 1) == 0
-    assert fail(throttle, 1, at=T0 + 2) == [0]  # counting starts again
+def test_guesses_sent_at_the_same_instant_are_counted_one_by_one(throttle):
+    """The race a check-then-count throttle loses: fifty parallel guesses, five get a password check."""
+    attempts = [throttle.attempt(BOB, f"10.1.0.{n}", now=T0) for n in range(50)]
+    assert sum(a.wait == 0 for a in attempts) == 5
+
+
+def test_a_success_clears_the_account_and_takes_back_only_its_own_attempt_from_the_address(throttle):
+    fail(throttle, 4, step=0)
+    right = throttle.attempt(BOB, HOME, now=T0 + 1)
+    assert right.earned == 30  # had it been wrong
+    throttle.succeeded(BOB, HOME, right)
+    assert throttle.wait(BOB, HOME, now=T0 + 2) == 0
+    assert fail(throttle, 4, at=T0 + 2) == [0, 0, 0, 0]  # the account starts afresh
+    # the address still holds its eight failures: twelve more from it reach its limit of twenty
+    others = [throttle.attempt(f"user-{n}@x", HOME, now=T0 + 10) for n in range(12)]
+    assert [a.earned for a in others][-1] == 30 and all(a.earned == 0 for a in others[:-1])
+
+
+def test_a_success_at_the_address_limit_lifts_the_block_it_caused(throttle):
+    for n in range(19):
+        fail(throttle, 1, login=f"user-{n}@x")
+    right = throttle.attempt("carol@x", HOME, now=T0 + 1)
+    assert right.earned == 30  # the twentieth failure from this address, had it been one
+    throttle.succeeded("carol@x", HOME, right)
+    assert throttle.wait("dora@x", HOME, now=T0 + 2) == 0
+
+
+def test_an_attempt_whose_password_could_not_be_checked_does_not_count(throttle):
+    fail(throttle, 4, step=0)
+    unchecked = throttle.attempt(BOB, HOME, now=T0 + 1)
+    throttle.withdraw(BOB, HOME, unchecked)
+    assert throttle.wait(BOB, HOME, now=T0 + 2) == 0
+    assert fail(throttle, 1, at=T0 + 2) == [30]  # still the fifth failure, not the sixth
 
 
 def test_other_accounts_are_not_affected_until_the_address_limit(throttle):
-    fail(throttle, 10, step=0)
-    assert throttle.wait("carol@x", "10.0.0.1", now=T0 + 1) == 0
+    fail(throttle, 10, step=31)
+    assert throttle.wait("carol@x", HOME, now=T0 + 1) == 0
     assert throttle.wait("carol@x", "10.0.0.2", now=T0 + 1) == 0
 
 
 def test_an_address_trying_many_accounts_is_slowed_down(throttle):
     for n in range(20):
-        throttle.failed(f"user-{n}@x", "10.9.9.9", now=T0)
+        throttle.attempt(f"user-{n}@x", "10.9.9.9", now=T0)
     assert throttle.wait("someone-new@x", "10.9.9.9", now=T0 + 1) > 0
-    assert throttle.wait("someone-new@x", "10.0.0.1", now=T0 + 1) == 0
+    assert throttle.wait("someone-new@x", HOME, now=T0 + 1) == 0
 
 
 def test_failures_older_than_the_window_are_forgotten(throttle):
     fail(throttle, 4, step=0)
     assert fail(throttle, 1, at=T0 + 901) == [0]  # 15 minutes later: the old four are gone
+
+
+def test_waiting_out_the_window_after_a_block_gives_no_new_free_guesses(throttle):
+    assert fail(throttle, 5, step=0)[-1] == 30
+    assert fail(throttle, 1, at=T0 + 901) == [60]  # the level is remembered for a day, not the window
+
+
+def test_one_account_takes_about_a_hundred_guesses_a_day_at_most(throttle):
+    """The README's figure: a guesser who never waits a second longer than it must, for 24 hours."""
+    now, guesses = T0, 0
+    for _ in range(10_000):
+        if now >= T0 + 86_400:
+            break
+        attempt = throttle.attempt(BOB, f"10.2.{guesses % 250}.{guesses // 250}", now=now)  # many addresses
+        if attempt.wait > 0:
+            now += attempt.wait
+            continue
+        guesses += 1
+        now += 0.1
+    assert 100 <= guesses <= 110, guesses
+
+
+def test_a_refused_attempt_counts_nothing():
+    store = MemoryThrottleStore()
+    throttle = LoginThrottle(store, account=Limit(free=2))
+    throttle.attempt(BOB, None, now=T0)
+    throttle.attempt(BOB, None, now=T0)
+    for _ in range(5):
+        assert throttle.attempt(BOB, None, now=T0 + 1).wait > 0
+    later = throttle.attempt(BOB, None, now=T0 + 31)
+    assert later.wait == 0 and later.earned == 60  # the next level, not five levels up

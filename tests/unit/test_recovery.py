@@ -1,0 +1,106 @@
+"""Recovery's refusals without a server: a real SqliteHistory in a temporary file, a primed sequencer."""
+
+import time
+
+import pytest
+
+from relay.envelope import Envelope, Filter
+from relay.history import Session
+from relay.recovery import Prepared, Reason, Recovery, ResumeRequest
+from relay.sequencer import Sequencer
+from relay.sessions import SessionKeeper
+from relay.sqlite_history import SqliteHistory
+
+ANN = "system:announcements"
+
+
+@pytest.fixture
+def stream(tmp_path):
+    history = SqliteHistory(str(tmp_path / "history.db"), window_ms=60_000, last_value_ttl_ms=60_000, max_entries=5)
+    yield history
+    history.close()
+
+
+def recovery_over(history, *, max_messages=100):
+    epoch, head = history.head()
+    sequencer = Sequencer(lambda e: 0, history.read, on_reset=lambda epoch: None)
+    sequencer.prime(epoch, head)
+    sessions = SessionKeeper(history, window_ms=60_000)
+    return Recovery(history, sequencer, sessions, max_messages=max_messages, session_wait=0.0), sequencer
+
+
+def publish(history, n):
+    for i in range(n):
+        history.append(Envelope("ANNOUNCEMENT", {"n": i}, Filter()))
+
+
+def resume(recovery, sequencer, offset, *, user="bob", channels=(ANN,)):
+    return recovery.prepare(
+        ResumeRequest("c-1", sequencer.epoch, offset),
+        user,
+        refusal=lambda name: None,
+        admits=lambda flt, names: flt.admits(user, "nurse", "clinic-1", names),
+    )
+
+
+def saved(history, channels=(ANN,)):
+    history.save_sessions([Session("c-1", "bob", tuple(channels))], int(time.time() * 1000) + 60_000)
+
+
+def test_missed_broadcasts_the_history_still_has_are_prepared(stream):
+    publish(stream, 2)
+    start = stream.head()[1]
+    publish(stream, 3)
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    prepared = resume(recovery, sequencer, start)
+    assert isinstance(prepared, Prepared) and [e.place for e in prepared.missed] == [start + 1, start + 2, start + 3]
+
+
+def test_missed_broadcasts_the_history_no_longer_has_are_history_gone(stream):
+    publish(stream, 2)
+    start = stream.head()[1]
+    publish(stream, 8)  # 10 in all; the history keeps 5
+    stream.trim(int(time.time() * 1000))
+    assert stream.oldest() > start + 1
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    assert resume(recovery, sequencer, start) == Reason.GONE
+
+
+def test_more_missed_than_allowed_is_too_many(stream):
+    start = stream.head()[1]
+    publish(stream, 4)
+    saved(stream)
+    recovery, sequencer = recovery_over(stream, max_messages=3)
+    prepared = resume(recovery, sequencer, start)
+    # Read for everyone from the window or the store; counted for this connection when it joins.
+    if isinstance(prepared, Prepared):
+        prepared = prepared.replay(sequencer, lambda flt: True, 3)
+    assert prepared == Reason.TOO_MANY
+
+
+def test_a_wrong_epoch_is_refused_before_the_session_is_even_read(stream):
+    recovery, sequencer = recovery_over(stream)
+    refused = recovery.prepare(
+        ResumeRequest("c-1", "another-epoch", 0), "bob", refusal=lambda name: None, admits=lambda f, n: True
+    )
+    assert refused == Reason.EPOCH
+
+
+def test_another_users_session_or_none_is_no_session(stream):
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    assert resume(recovery, sequencer, 0, user="carol") == Reason.NO_SESSION
+    stream.delete_sessions(["c-1"])
+    assert resume(recovery, sequencer, 0) == Reason.NO_SESSION
+
+
+def test_a_store_that_cannot_be_used_says_history_unavailable(tmp_path):
+    from relay.history import HistoryUnavailable
+
+    broken = SqliteHistory(str(tmp_path), window_ms=1000, last_value_ttl_ms=1000)  # a folder, not a file
+    with pytest.raises(HistoryUnavailable, match="embedded history cannot be used"):
+        broken.append(Envelope("ANNOUNCEMENT", {}, Filter()))
+    with pytest.raises(HistoryUnavailable):
+        broken.head()
