@@ -20,6 +20,8 @@ T0 = float(int(time.time()))
 def _clock_starts_now():
     global T0
     T0 = float(int(time.time()))
+
+
 BOB, HOME = "bob@x", "10.0.0.1"
 
 
