@@ -167,6 +167,28 @@ def test_totals_are_the_whole_process_group_with_two_workers(start_server, redis
     assert value(scrape(srv), "realtime_connections_closed_total", code="1000") == 16
 
 
+def test_a_dead_workers_open_sockets_leave_the_gauge_and_its_counts_stay_in_the_totals(start_server, redis_server):
+    import os
+    import signal
+
+    srv = start_server("-w", "2", REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=200)
+    assert wait_for(lambda: srv.health()["workers"] == 2)
+    clients = [srv.connect(user) for user in ("bob", "erin", "carol", "alice") * 3]
+    assert wait_for(lambda: sum(m["clients"] for m in srv.health()["cluster"]) == 12, timeout=5)
+    cluster = srv.health()["cluster"]
+    victim = max(cluster, key=lambda m: m["clients"])
+    assert wait_for(lambda: value(scrape(srv), "realtime_connections") == 12, timeout=5)
+    os.kill(victim["pid"], signal.SIGKILL)  # gunicorn's child_exit runs for it, then a new worker starts
+    left = 12 - victim["clients"]
+    assert wait_for(lambda: value(scrape(srv), "realtime_connections") == left, timeout=15)
+    assert value(scrape(srv), "realtime_connections_opened_total") == 12  # totals never go down
+    for client in clients:
+        try:
+            client.close()
+        except Exception:
+            pass
+
+
 def test_metrics_need_the_token_in_production(start_server):
     strong = "p" * 40
     base = dict(APP_ENV="production", WS_TOKEN_SECRET=strong, WS_ADMIN_SECRET=strong + "a", SECRET_KEY=strong + "b")
