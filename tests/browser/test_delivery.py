@@ -138,3 +138,22 @@ def test_after_a_resync_with_no_last_value_the_queue_never_shows_stale_data(site
         expect(page.locator("#queue ol.queue li")).to_contain_text("Now")
     finally:
         again.stop()
+
+
+def test_queue_updates_made_during_a_wifi_drop_reach_the_page_in_order(site, web):
+    queue_update(site, "First")
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    page.evaluate(
+        "() => { window.__seen = []; document.body.addEventListener('realtime:QUEUE_UPDATE',"
+        " (e) => window.__seen.push(e.detail.data.queue.length)); }"
+    )
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    missed = [queue_update(site, *names) for names in (["A"], ["A", "B"], ["A", "B", "C"])]
+    assert all(m["delivered"] == 0 for m in missed)  # the page was away: only a replay brings them
+    page.context.set_offline(False)
+    wait_live(page)
+    expect(page.locator("#queue ol.queue li")).to_have_count(3)
+    expect(page.locator("#queue ol.queue li").nth(2)).to_contain_text("C")
+    assert page.evaluate("() => window.__seen") == [1, 2, 3]  # every update, once, in order
