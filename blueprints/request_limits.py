@@ -31,6 +31,8 @@ import gevent
 
 from relay.codes import HttpError
 
+from .security_headers import EVERY_ANSWER
+
 # Path prefix -> the largest body it needs (bytes); the first match wins.
 ROUTE_LIMITS: tuple[tuple[str, int], ...] = (
     ("/broadcast", 64 * 1024),
@@ -127,9 +129,7 @@ def _refuse(start_response: StartResponse, path: str, status: int, code: str, me
             ("Content-Type", kind),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
-            # Answered outside Flask, so blueprints.security_headers never sees these: the same two here.
-            ("X-Content-Type-Options", "nosniff"),
-            ("Referrer-Policy", "same-origin"),
+            *EVERY_ANSWER,  # answered outside Flask: security_headers never sees these
         ],
     )
     return [body]

@@ -11,14 +11,16 @@ from __future__ import annotations
 from flask import Blueprint, current_app, request
 
 bp = Blueprint("security_headers", __name__)
+# On every answer, pages or not (request_limits adds them to the refusals it writes before Flask).
+EVERY_ANSWER = (("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin"))
 
 
 @bp.after_app_request
 def add_security_headers(response):
     settings = current_app.extensions["realtime"].settings
     headers = response.headers
-    headers.setdefault("X-Content-Type-Options", "nosniff")
-    headers.setdefault("Referrer-Policy", "same-origin")
+    for name, value in EVERY_ANSWER:
+        headers.setdefault(name, value)
     if settings.production:
         headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
     if response.mimetype == "text/html":

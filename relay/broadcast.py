@@ -201,11 +201,12 @@ class Broadcaster:
         Raises BrokerUnavailable (nothing was published) and IdempotencyConflict.
         """
         envelope = Envelope(type=request.type, data=request.data, filter=request.filter)
+        addressed = request.filter.to_json()  # for the key's digest, the log line and the log row
         started = time.perf_counter()
         idempotency = None
         if self.history is not None:
             if key is not None:
-                idempotency = Idempotency.of(scope, key, request.type, request.data, request.filter.to_json())
+                idempotency = Idempotency.of(scope, key, request.type, request.data, addressed)
             try:
                 placed = self.history.append(envelope, idempotency=idempotency)
             except HistoryUnavailable as down:
@@ -229,7 +230,7 @@ class Broadcaster:
             id=envelope.id,
             offset=envelope.offset,
             type=envelope.type,
-            filter=envelope.filter.to_json(),
+            filter=addressed,
             delivered=delivery.delivered,
             workers=delivery.workers,
             missing=delivery.missing,
@@ -247,7 +248,7 @@ class Broadcaster:
                     source=source,
                     type_=envelope.type,
                     data=envelope.data,
-                    filter_=envelope.filter.to_json(),
+                    filter_=addressed,
                     delivered=delivery.delivered,
                 )
             )

@@ -129,7 +129,7 @@ class ClientProtocol:
         if conn.identity is None:
             return  # never admitted; the refusal was logged already
         if self.telemetry is not None:
-            self.telemetry.disconnected(conn.close_code, len(self.hub), slow=conn.overflowed)
+            self.telemetry.disconnected(conn.close_code, slow=conn.overflowed)
         event(
             "ws.disconnect",
             clientId=conn.id,

@@ -403,7 +403,7 @@ class Realtime:
         # CONNECTED is queued before the hub can see the connection: it is always the first frame.
         conn.push(encode("CONNECTED", hello))
         self.hub.add(conn)
-        self.telemetry.connected(len(self.hub))
+        self.telemetry.connected()
         if isinstance(outcome, Prepared):
             for name, code in outcome.refused:
                 self.protocol.error(conn, code, f"you may no longer subscribe to {name!r}", channel=name, now=False)

@@ -130,6 +130,10 @@ class FakeSupabase:
         }
         return jwt.encode(claims, secret, algorithm="HS256")
 
+    def site_env(self) -> dict:
+        """The environment that makes the service use this stand-in as its Supabase project."""
+        return {"SUPABASE_URL": self.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY, "SUPABASE_ANON_KEY": ANON_KEY}
+
     def calls(self, prefix: str) -> list[Recorded]:
         with self.lock:
             return [r for r in self.requests if r.path.startswith(prefix)]

@@ -34,6 +34,13 @@ TOKEN_SECRET = "test-token-secret-0123456789-abcdefghijklmnop"
 ADMIN_SECRET = "test-admin-secret-0123456789-abcdefghijklmnop"
 SESSION_SECRET = "test-session-secret-0123456789-abcdefghijklmn"
 PASSWORD = "correct horse battery staple"
+# Strong enough for APP_ENV=production (32+ bytes each, all different).
+PRODUCTION = {
+    "APP_ENV": "production",
+    "WS_TOKEN_SECRET": "x" * 40,
+    "WS_ADMIN_SECRET": "x" * 40 + "a",
+    "SECRET_KEY": "x" * 40 + "b",
+}
 
 # id, role, clinic, active
 USERS = [
@@ -228,6 +235,23 @@ class Server:
             if health["clients"] == count or time.monotonic() > deadline:
                 return health
             time.sleep(0.05)
+
+
+def run_flask(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``flask --app app ...`` from the project root in ``env``, as an operator on that box would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def flask_cli(srv: Server, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``flask --app app ...`` in a running server's environment (plus ``env``)."""
+    return run_flask({**srv.env, **env}, *args)
 
 
 def csrf_of(html: str) -> str:

@@ -41,6 +41,14 @@ def announce(srv: Server, text: str) -> dict:
     raise AssertionError("the announcement was never accepted")
 
 
+def restart_without_history(site: Server) -> Server:
+    """Stop, lose the embedded history (stream, sessions, last values: a new epoch), start on the same port."""
+    site.stop()
+    for suffix in ("", "-wal", "-shm"):
+        (site.workdir / "instance" / f"history.db{suffix}").unlink(missing_ok=True)
+    return Server(site.workdir, site.env_overrides, port=site.port).start()
+
+
 @pytest.fixture
 def site(start_server):
     return start_server(WS_CLOSE_TIMEOUT_MS=500)
@@ -101,10 +109,7 @@ def test_when_nothing_can_be_replayed_the_page_resyncs_and_shows_the_current_que
     page.evaluate("window.__resyncs = 0; document.body.addEventListener('realtime:resync', () => window.__resyncs++)")
     page.context.set_offline(True)
     expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
-    site.stop()
-    for suffix in ("", "-wal", "-shm"):  # the history is lost: a new epoch
-        (site.workdir / "instance" / f"history.db{suffix}").unlink(missing_ok=True)
-    again = Server(site.workdir, site.env_overrides, port=site.port).start()
+    again = restart_without_history(site)
     try:
         queue_update(again, "After", "the", "loss")  # sent while the page was away
         page.context.set_offline(False)
@@ -122,10 +127,7 @@ def test_after_a_resync_with_no_last_value_the_queue_never_shows_stale_data(site
     expect(page.locator("#queue ol.queue li")).to_have_count(1)
     page.context.set_offline(True)
     expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
-    site.stop()
-    for suffix in ("", "-wal", "-shm"):  # the history and the last values are lost: a new epoch
-        (site.workdir / "instance" / f"history.db{suffix}").unlink(missing_ok=True)
-    again = Server(site.workdir, site.env_overrides, port=site.port).start()
+    again = restart_without_history(site)
     try:
         page.context.set_offline(False)  # nothing was published since: there is no current queue to show
         wait_live(page)

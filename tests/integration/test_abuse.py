@@ -8,7 +8,7 @@ import time
 
 import pytest
 import requests
-from support import PASSWORD, Server, csrf_of, make_users, sign_in, wait_for
+from support import PASSWORD, PRODUCTION, Server, csrf_of, make_users, sign_in, wait_for
 
 from relay.codes import Close
 from relay.tokens import TokenService
@@ -295,10 +295,7 @@ def test_every_page_carries_a_strict_content_security_policy_and_the_other_heade
 
 
 def test_api_answers_carry_nosniff_too_and_production_adds_hsts(start_server):
-    strong = "x" * 40
-    srv = start_server(
-        APP_ENV="production", WS_TOKEN_SECRET=strong, WS_ADMIN_SECRET=strong + "a", SECRET_KEY=strong + "b"
-    )
+    srv = start_server(**PRODUCTION)
     health = requests.get(srv.url + "/health", timeout=5)
     assert health.headers["X-Content-Type-Options"] == "nosniff"
     assert health.headers["Strict-Transport-Security"].startswith("max-age=31536000")
@@ -317,15 +314,7 @@ def test_signing_in_rotates_the_session(server: Server):
 
 
 def test_any_origin_is_refused_in_production(start_server):
-    strong = "x" * 40
-    srv = start_server(
-        wait=False,
-        APP_ENV="production",
-        WS_TOKEN_SECRET=strong,
-        WS_ADMIN_SECRET=strong + "a",
-        SECRET_KEY=strong + "b",
-        WS_ALLOWED_ORIGINS="*",
-    )
+    srv = start_server(wait=False, **PRODUCTION, WS_ALLOWED_ORIGINS="*")
     assert srv.proc.wait(timeout=30) != 0
     assert "cannot start: WS_ALLOWED_ORIGINS=* would let every web site" in srv.log_text()
 

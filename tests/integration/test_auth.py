@@ -2,7 +2,7 @@
 
 import pytest
 import requests
-from support import PASSWORD, Server, csrf_of, sign_in
+from support import PASSWORD, PRODUCTION, Server, csrf_of, sign_in
 
 from relay.codes import Close
 
@@ -174,9 +174,6 @@ def test_the_session_cookie_is_httponly_and_samesite_lax_and_not_secure_over_htt
 
 
 def test_in_production_the_session_cookie_is_secure(start_server):
-    strong = "x" * 40
-    srv = start_server(
-        APP_ENV="production", WS_TOKEN_SECRET=strong, WS_ADMIN_SECRET=strong + "a", SECRET_KEY=strong + "b"
-    )
+    srv = start_server(**PRODUCTION)
     cookie = sign_in(srv, "bob").last.headers["Set-Cookie"]
     assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie

@@ -6,26 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from support import ROOT, Server
+from support import ROOT, Server, flask_cli, run_flask
 
 from app import create_app
 from relay.codes import Close
-
-
-def flask_cli(srv: Server, *args: str, **env) -> subprocess.CompletedProcess:
-    """Run ``flask --app app ...`` in the server's environment, as an operator on that box would."""
-    return run_flask({**srv.env, **env}, *args)
-
-
-def run_flask(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "app", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_smoke_passes_against_a_running_server(start_server):

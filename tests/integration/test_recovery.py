@@ -99,22 +99,12 @@ def test_the_restored_channels_are_subscribed_again_without_asking(site):
 def test_a_resume_reauthorizes_channels_for_the_user_as_they_are_now(site):
     """Moved to another clinic while away: the old clinic's channel is refused, and none of its missed
     broadcasts are replayed; what the user may still read is restored and replayed."""
-    import subprocess
-    import sys
-
-    from support import ROOT
+    from support import flask_cli
 
     bob = Resumer(site, "bob", [ANN, Q1])
     bob.connect()
     bob.drop()
-    moved = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "app", "users", "set-clinic", "bob", "clinic-2"],
-        cwd=ROOT,
-        env=site.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    moved = flask_cli(site, "users", "set-clinic", "bob", "clinic-2")
     assert moved.returncode == 0, moved.stderr
     old_queue = sent(site, "clinic 1 queue", channels=[Q1])
     old_clinic = sent(site, "clinic 1 staff", clinicIds=["clinic-1"])

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
-from support import ADMIN_SECRET, ROOT, Server, make_users, wait_for
+from support import ADMIN_SECRET, Server, flask_cli, make_users, wait_for
 
 from relay.codes import Close, Error
 
@@ -18,14 +16,7 @@ Q1, Q2 = "clinic:clinic-1:queue", "clinic:clinic-2:queue"
 
 def users_cli(srv: Server, *args: str) -> None:
     """``flask users ...`` in another process, as an operator would run it."""
-    done = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "app", "users", *args],
-        cwd=ROOT,
-        env=srv.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = flask_cli(srv, "users", *args)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -127,19 +118,13 @@ def test_an_admin_can_disconnect_a_user_everywhere(tmp_path, redis_server):
 
 
 def test_a_user_banned_in_supabase_is_closed_within_the_recheck(start_server):
-    from fake_supabase import ANON_KEY, SERVICE_KEY, FakeSupabase
+    from fake_supabase import FakeSupabase
 
     fake = FakeSupabase().start()
     try:
         nurse = fake.add_user("nurse@clinic.test", profile={"role": "nurse", "clinic_id": "c-7"})
         other = fake.add_user("other@clinic.test", profile={"role": "nurse", "clinic_id": "c-7"})
-        srv = start_server(
-            users=False,
-            SUPABASE_URL=fake.url,
-            SUPABASE_SERVICE_ROLE_KEY=SERVICE_KEY,
-            SUPABASE_ANON_KEY=ANON_KEY,
-            WS_IDENTITY_RECHECK_MS=800,
-        )
+        srv = start_server(users=False, **fake.site_env(), WS_IDENTITY_RECHECK_MS=800)
         with srv.connect(nurse.id, ["clinic:c-7:queue"]) as banned, srv.connect(other.id) as fine:
             fake.profiles[other.id]["clinic_id"] = "c-9"  # moved, in Supabase
             nurse.banned_until = "2999-01-01T00:00:00Z"  # banned, in Supabase
@@ -155,19 +140,13 @@ def test_a_user_banned_in_supabase_is_closed_within_the_recheck(start_server):
 
 def test_a_supabase_recheck_reads_the_user_list_once_not_once_per_batch(start_server, crowd):
     """3,000 users in Supabase, 450 of them connected: one re-check lists three pages of 1,000."""
-    from fake_supabase import ANON_KEY, SERVICE_KEY, FakeSupabase
+    from fake_supabase import FakeSupabase
 
     fake = FakeSupabase().start()
     try:
         nurse = {"role": "nurse", "clinic_id": "c-1"}
         people = [fake.add_user(f"p{n}@clinic.test", profile=dict(nurse)) for n in range(3000)]
-        srv = start_server(
-            users=False,
-            SUPABASE_URL=fake.url,
-            SUPABASE_SERVICE_ROLE_KEY=SERVICE_KEY,
-            SUPABASE_ANON_KEY=ANON_KEY,
-            WS_IDENTITY_RECHECK_MS=1500,
-        )
+        srv = start_server(users=False, **fake.site_env(), WS_IDENTITY_RECHECK_MS=1500)
         crowd.connect(srv, [p.id for p in people[::-1][:450]], concurrency=10)  # the last listed: all pages read
         before = srv.health()["identityWatch"]["rechecks"]
         assert wait_for(lambda: srv.health()["identityWatch"]["rechecks"] >= before + 1, timeout=15)

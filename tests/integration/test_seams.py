@@ -6,7 +6,7 @@ Broker: MemoryBroker and RedisBroker. Directory: SqliteDirectory and SupabaseDir
 import uuid
 
 import pytest
-from fake_supabase import ANON_KEY, SERVICE_KEY, FakeSupabase
+from fake_supabase import FakeSupabase
 from support import sign_in
 
 from relay.codes import Close
@@ -74,9 +74,7 @@ def directory_server(request, start_server, tmp_path):
             (DISABLED, "gone@clinic.test", {"role": "nurse", "clinic_id": "c-7"}, "2999-01-01T00:00:00Z"),
         ):
             fake.add_user(email, user_id=user_id, profile=profile, banned_until=banned, password=PASSWORD)
-        srv = start_server(
-            users=False, SUPABASE_URL=fake.url, SUPABASE_SERVICE_ROLE_KEY=SERVICE_KEY, SUPABASE_ANON_KEY=ANON_KEY
-        )
+        srv = start_server(users=False, **fake.site_env())
     srv.kind = request.param
     return srv
 

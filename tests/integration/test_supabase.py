@@ -46,13 +46,7 @@ def people(supabase):
 @pytest.fixture
 def site(start_server, supabase):
     def start(**env):
-        return start_server(
-            users=False,
-            SUPABASE_URL=supabase.url,
-            SUPABASE_SERVICE_ROLE_KEY=SERVICE_KEY,
-            SUPABASE_ANON_KEY=ANON_KEY,
-            **env,
-        )
+        return start_server(users=False, **supabase.site_env(), **env)
 
     return start
 
