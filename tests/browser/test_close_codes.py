@@ -66,7 +66,7 @@ def site(start_server):
 @pytest.fixture
 def live(site, web):
     """A signed-in page whose sockets pass through the test, and the console errors it printed."""
-    page = web(site, "bob", "/login")
+    page = web(site, "bob", "about:blank")  # signed in, on a page with no socket of its own to race the route
     sockets = Sockets(page)
     errors: list[str] = []
     page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
@@ -185,7 +185,7 @@ def test_an_expired_token_is_replaced_at_once_and_without_backoff(site, web):
         else:
             route.continue_()
 
-    page = web(site, "bob", "/login")  # sign in first, then watch the token endpoint
+    page = web(site, "bob", "about:blank")  # sign in first (on a page with no socket), then watch the token endpoint
     page.route("**/api/ws/auth", first_token_expired)
     page.goto(site.url + "/")
     wait_live(page)
