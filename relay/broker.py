@@ -69,7 +69,10 @@ class Broker(Protocol):
         """The user's connections on the other workers (as far as this worker knows; 0 for one process)."""
 
     def members(self) -> list[dict] | None:
-        """The statistics of every live worker (this one included), or None if unknown right now."""
+        """The last published statistics of every live worker, or None if unknown right now.
+
+        This worker's own entry may be missing or stale: a caller has fresher
+        figures of its own (``/health`` puts them in its place)."""
 
     def status(self) -> dict:
         """For ``/health``: ``{"kind", "state": "ok"|"degraded"|"stopped", ...}``."""
@@ -91,13 +94,12 @@ class MemoryBroker:
         self.worker_id = worker_id
         self.wait = wait
         self._deliver: Deliver | None = None
-        self._stats: Stats | None = None
         self._control: Control | None = None
 
     def start(
         self, deliver: Deliver, stats: Stats, resync: Resync | None = None, control: Control | None = None
     ) -> None:
-        self._deliver, self._stats, self._control = deliver, stats, control
+        self._deliver, self._control = deliver, control  # stats: there is no cluster to publish them to
 
     def publish(self, envelope: Envelope) -> Delivery:
         if self._deliver is None:
@@ -113,7 +115,9 @@ class MemoryBroker:
         return 0  # there is no elsewhere
 
     def members(self) -> list[dict] | None:
-        return [{**self._stats(), "worker": self.worker_id}] if self._stats else []
+        # No other worker, and nothing published: the caller's own figures are the cluster.
+        # (Not the heartbeat's stats(): they walk every user, and /health is polled.)
+        return []
 
     def status(self) -> dict:
         return {"kind": self.name, "state": "ok" if self._deliver else "stopped", "worker": self.worker_id}
