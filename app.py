@@ -19,8 +19,8 @@ import logging
 import os
 from typing import Any
 
-from flask import Flask
-from flask.sessions import SecureCookieSessionInterface
+from flask import Flask, Request
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from itsdangerous import URLSafeTimedSerializer
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -104,14 +104,22 @@ def _when(value: str | None) -> str:
 
 
 class CachedSerializerSessionInterface(SecureCookieSessionInterface):
-    """Flask's cookie sessions, building the signing serializer once instead of per request.
+    """Flask's cookie sessions, building the signing serializer once instead of per request,
+    and none at all for the socket.
 
-    Flask opens the session for every request, WebSocket upgrades included, and
-    builds a new itsdangerous serializer each time; the secret key never changes
-    after start-up, so one is enough.
+    Flask opens the session for every request and builds a new itsdangerous
+    serializer each time; the secret key never changes after start-up, so one
+    is enough. A ``/ws`` upgrade authenticates with its token, never with the
+    cookie: it gets Flask's null session, so a reconnect storm verifies and
+    saves no cookies.
     """
 
     _serializer: URLSafeTimedSerializer | None = None
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if request.path == "/ws":
+            return self.make_null_session(app)
+        return super().open_session(app, request)
 
     def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
         if self._serializer is None:

@@ -59,17 +59,29 @@ def _secret_name(key: str) -> bool:
     return any(word in key.lower() for word in _SECRET_WORDS)
 
 
+# One encoder for every line (json.dumps with options builds a new one per call).
+_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return dt.datetime.fromtimestamp(whole, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _timestamp(created: float) -> str:
+    """``2026-12-03T13:30:00.123+00:00``: the formatted second is reused by every line written within it."""
+    whole = int(created)
+    return f"{_second(whole)}.{int((created - whole) * 1000):03d}+00:00"
+
+
 def _line(created: float, level: str, fields: dict, name: str | None = None, **extra: object) -> str:
-    out: dict[str, object] = {
-        "ts": dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="milliseconds"),
-        "level": level,
-    }
+    out: dict[str, object] = {"ts": _timestamp(created), "level": level}
     if name is not None:
         out["event"] = name
     for key, value in fields.items():
         out[key] = "[redacted]" if _secret_name(key) else value
     out.update(extra)
-    return json.dumps(out, default=str, ensure_ascii=False)
+    return _encode(out)
 
 
 class JsonFormatter(logging.Formatter):
