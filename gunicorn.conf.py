@@ -116,6 +116,14 @@ def post_worker_init(worker):
     import gc
 
     import gevent
+    from gevent.server import StreamServer
+
+    # One new connection per pass of the event loop (gevent's default: up to 100, which gunicorn
+    # lowers to 1 only when there are several workers). An upgrade runs about a millisecond of CPU
+    # without pausing; a hundred accepted at once kept /health, a broadcast's POST and its fan-out
+    # waiting over 100 ms in a 10,000-client connect storm. One at a time, the rest wait in the
+    # kernel's backlog (free), and everything else gets the loop between two upgrades.
+    StreamServer.max_accept = 1
 
     realtime = worker.wsgi.extensions["realtime"]
     realtime.start()

@@ -24,9 +24,9 @@ import gevent.lock
 from .connection import CLOSED, Connection
 from .directory import Identity
 from .envelope import Envelope, Filter
+from .timeslice import TimeSlice
 
 log = logging.getLogger("relay.hub")
-YIELD_EVERY = 500
 
 
 class Hub:
@@ -36,8 +36,8 @@ class Hub:
         self.draining = False
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
-        # Held for a whole fan-out, which yields to the event loop every YIELD_EVERY
-        # recipients: the next broadcast waits, so no client sees two out of order.
+        # Held for a whole fan-out, which yields to the event loop every few milliseconds
+        # (relay.timeslice): the next broadcast waits, so no client sees two out of order.
         # A gevent lock, because its holder yields (a plain lock would block the thread).
         self._delivering = gevent.lock.Semaphore()
         self._clients: set = set()
@@ -183,18 +183,18 @@ class Hub:
         added while this fan-out pauses does not get it (the sequencer relies on
         that: see ``relay.sequencer``).
 
-        A fan-out to 10,000 clients takes milliseconds of CPU: it pauses every
-        YIELD_EVERY recipients so that /health and other requests are served
-        meanwhile (measured: /health max 63 ms -> see README bench table).
+        A fan-out to 10,000 clients takes milliseconds of CPU: it pauses once
+        per time slice (``relay.timeslice``) so that /health and other requests
+        are served meanwhile.
         """
         frame = envelope.frame()
         delivered = 0
         with self._delivering:
-            for count, conn in enumerate(self.recipients(envelope.filter), 1):
+            slice_ = TimeSlice()
+            for conn in self.recipients(envelope.filter):
                 if conn.push(frame):
                     delivered += 1
-                if count % YIELD_EVERY == 0:
-                    gevent.sleep(0)
+                slice_.tick()
         self.counters["broadcasts"] += 1
         self.counters["messages"] += delivered
         return delivered
@@ -224,23 +224,23 @@ class Hub:
             gevent.sleep(self.ping_interval)
             with self._lock:
                 conns = list(self._clients)
-            for count, conn in enumerate(conns, 1):
+            slice_ = TimeSlice()
+            for conn in conns:
                 try:
                     conn.keepalive()
                 except Exception:
                     log.exception("keep-alive failed for %r", conn)
                     conn.abort("keepalive_error")
-                if count % 1000 == 0:
-                    gevent.sleep(0)
+                slice_.tick()
 
     def close_all(self, code: int, reason: str) -> list:
         """Close every connection with ``code`` (without draining: newcomers are still welcome)."""
         with self._lock:
             conns = list(self._clients)
-        for count, conn in enumerate(conns, 1):
+        slice_ = TimeSlice()
+        for conn in conns:
             conn.close(code, reason)
-            if count % 500 == 0:
-                gevent.sleep(0)
+            slice_.tick()
         return conns
 
     def drain(self, code: int, reason: str, timeout: float, closing: Callable[[], None] | None = None) -> bool:

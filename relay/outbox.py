@@ -2,8 +2,8 @@
 
 A broadcast only *queues* its frame on each recipient (a list append); this
 greenlet does the writing, one non-blocking ``send`` per connection, and
-yields between batches so that HTTP requests keep flowing during a large
-fan-out. When broadcasts come back to back, the next one is queued while the
+yields once per time slice (``relay.timeslice``) so that HTTP requests keep
+flowing during a large fan-out. When broadcasts come back to back, the next one is queued while the
 previous is still being written, so a connection that has not been flushed
 yet gets both frames in one ``send``: that coalescing is where a Python
 server catches up with a C event loop.
@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import Event
 
+from .timeslice import TimeSlice
+
 if TYPE_CHECKING:  # the connection imports nothing from here; only its type is named
     from .connection import Connection
 
@@ -24,8 +26,7 @@ log = logging.getLogger("relay.outbox")
 
 
 class Outbox:
-    def __init__(self, batch: int = 64):
-        self.batch = batch
+    def __init__(self) -> None:
         self._dirty: list = []
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
@@ -44,18 +45,17 @@ class Outbox:
         self._dirty.append(conn)
 
     def _run(self) -> None:
-        batch_size = self.batch
         while True:
             self._wake.wait()
             self._wake.clear()
+            slice_ = TimeSlice()
             while self._dirty:
                 # Swap the list: connections scheduled while we write go to the next round.
                 batch, self._dirty = self._dirty, []
-                for index, conn in enumerate(batch, 1):
+                for conn in batch:
                     try:
                         conn.flush()
                     except Exception:  # one broken socket must never stop the writer
                         log.exception("flush failed; dropping the connection")
                         conn.abort("flush_error")
-                    if index % batch_size == 0:
-                        gevent.sleep(0)
+                    slice_.tick()

@@ -32,6 +32,7 @@ from .envelope import Envelope, Filter
 from .history import History, Session
 from .sequencer import Sequencer
 from .sessions import SessionKeeper
+from .timeslice import pause
 
 _CLIENT_ID = re.compile(r"[0-9a-f-]{1,64}")
 _EPOCH = re.compile(r"[0-9A-Za-z_-]{1,64}")
@@ -208,7 +209,7 @@ class Recovery:
                     if matching > self.max_messages:
                         return Reason.TOO_MANY
                 cursor = page[-1].place
-                gevent.sleep(0)
+                pause()
         except Exception:
             return Reason.UNAVAILABLE
         return missed

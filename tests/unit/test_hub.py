@@ -170,13 +170,14 @@ def test_channel_builders_match_the_original_names():
 
 
 def test_a_paused_fan_out_is_never_overtaken(hub, monkeypatch):
-    """deliver() yields every YIELD_EVERY recipients; the next broadcast must wait for it to finish,
+    """deliver() yields once per time slice; the next broadcast must wait for it to finish,
     even when it walks its recipients in a different order."""
     import gevent
 
-    import relay.hub
+    import relay.timeslice
 
-    monkeypatch.setattr(relay.hub, "YIELD_EVERY", 2)
+    monkeypatch.setattr(relay.timeslice, "SLICE_S", 0.0)  # yield at every look at the clock...
+    monkeypatch.setattr(relay.timeslice, "CHECK_EVERY", 2)  # ...which is every second recipient
     snapshot = hub.recipients
     calls = []
 

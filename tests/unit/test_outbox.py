@@ -66,7 +66,7 @@ class Flushable:
 
 
 def test_one_broken_connection_never_stops_the_writer(caplog):
-    outbox = Outbox(batch=2)
+    outbox = Outbox()
     conns = [Flushable("a"), Flushable("b", broken=True), Flushable("c"), Flushable("d")]
     with caplog.at_level(logging.ERROR, logger="relay.outbox"):
         for conn in conns:
@@ -80,8 +80,12 @@ def test_one_broken_connection_never_stops_the_writer(caplog):
     assert later.flushed == 1
 
 
-def test_the_writer_yields_between_batches_so_others_run_during_a_big_flush():
-    outbox = Outbox(batch=10)
+def test_the_writer_yields_once_its_time_slice_is_used_so_others_run_during_a_big_flush(monkeypatch):
+    import relay.timeslice
+
+    monkeypatch.setattr(relay.timeslice, "SLICE_S", 0.0)  # every look at the clock finds the slice used up
+    monkeypatch.setattr(relay.timeslice, "CHECK_EVERY", 10)
+    outbox = Outbox()
     order: list[str] = []
 
     class Logged(Flushable):

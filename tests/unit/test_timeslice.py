@@ -1,0 +1,39 @@
+"""relay.timeslice: a long loop pauses once its slice of time is used up, not every N items."""
+
+from __future__ import annotations
+
+import time
+
+import gevent
+
+import relay.timeslice
+from relay.timeslice import TimeSlice
+
+
+def run_loop(items: int, slice_: TimeSlice, work_s: float = 0.0) -> list[str]:
+    """Tick through ``items`` while another greenlet waits to run; where it ran, in the order of events."""
+    order: list[str] = []
+    gevent.spawn(lambda: order.append("other"))
+    for n in range(items):
+        if work_s:
+            time.sleep(work_s)  # the real time.sleep: CPU-like work that does not yield
+        order.append(str(n))
+        slice_.tick()
+    gevent.sleep(0)
+    return order
+
+
+def test_a_loop_within_its_slice_never_pauses():
+    order = run_loop(1000, TimeSlice(seconds=60))
+    assert order.index("other") == 1000  # the other greenlet ran only after the whole loop
+
+
+def test_a_loop_pauses_at_the_first_look_at_the_clock_after_its_slice(monkeypatch):
+    monkeypatch.setattr(relay.timeslice, "CHECK_EVERY", 4)
+    order = run_loop(12, TimeSlice(seconds=0.002), work_s=0.001)
+    # Items 0-3 take ~4 ms, past the 2 ms slice: the look after the 4th item pauses.
+    assert order.index("other") == 4
+
+
+def test_the_default_slice_is_a_few_milliseconds():
+    assert 0.001 <= TimeSlice().seconds <= 0.02
