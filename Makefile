@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # Branch coverage of the service's code, gunicorn's workers included (see [tool.coverage] in pyproject.toml).
 COVERAGE := --cov --cov-branch --cov-report=term:skip-covered
 
-.PHONY: run test test-fast lint conformance bench bench-quick bench-storm bench-history bench-peers system-deps clean
+.PHONY: run test test-fast lint conformance bench bench-quick bench-connect bench-storm bench-history bench-peers system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,14 +38,24 @@ lint: $(STAMP)
 conformance: $(STAMP)
 	sh conformance/run.sh
 
-# Our suite: both brokers x history on/off x 1k/5k/10k clients, 3 reps (~25 min). Needs gcc and redis-server.
+# Our suite (~35 min; needs gcc and redis-server): fan-out for both brokers x history on/off x 1k/5k/10k
+# clients, 3 reps; the connect storm (10,000 clients, /health and probe broadcasts meanwhile) for the
+# project and for the stack's floor (bench/floor); the reload storm with /health through it.
 bench: $(STAMP) system-deps
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/run.py --connect-storm --brokers memory,redis --history on --reps 3
+	$(BIN)/python bench/run.py --connect-storm --floor --reps 3
+	$(BIN)/python bench/run.py --storm --reps 1
+
+# The connect storm alone, project and floor (~3 min).
+bench-connect: $(STAMP) system-deps
+	$(BIN)/python bench/run.py --connect-storm --brokers memory --reps 3 $(BENCH_ARGS)
+	$(BIN)/python bench/run.py --connect-storm --floor --reps 3
 
 bench-quick: $(STAMP) system-deps
 	$(BIN)/python bench/run.py --quick
 
-# The reconnect storm: 10,000 clients, 50 broadcasts/s, a SIGHUP; both brokers (~2 min).
+# The reload storm: 10,000 clients, 50 broadcasts/s, a SIGHUP, /health polled; both brokers (~2 min).
 bench-storm: $(STAMP) system-deps
 	$(BIN)/python bench/run.py --storm --reps 1 $(BENCH_ARGS)
 

@@ -25,6 +25,12 @@
  * until every client was back and recovered, how many broadcasts each
  * replayed, and any loss or duplicate.
  *
+ * Connect storm (--probe-every-ms N): while the clients connect, GET /health
+ * every --health-every-ms and POST a probe broadcast every N ms; it reports
+ * the /health latency during the connect phase and how long each probe took
+ * to reach the clients already subscribed. In storm mode /health is polled
+ * through the reload too.
+ *
  * Loopback only: it connects to --host, which must be 127.0.0.1.
  */
 #define _GNU_SOURCE
@@ -50,7 +56,7 @@ static const char *opt_host = "127.0.0.1", *opt_path = "/ws", *opt_tokens = NULL
 static const char *opt_channel = "system:announcements", *opt_secret = "", *opt_pids = "", *opt_extra_pids = "";
 static int opt_port = 3001, opt_clients = 1000, opt_concurrency = 200, opt_broadcasts = 100;
 static int opt_interval_ms = 0, opt_warmup = 5, opt_payload = 0, opt_drain_ms = 30000, opt_max_run_s = 280;
-static int opt_health_ms = 50;
+static int opt_health_ms = 50, opt_probe_ms = 0;
 static int opt_storm_pid = 0, opt_storm_rate = 50, opt_storm_seconds = 8, opt_storm_after_ms = 1000;
 
 /* ------------------------------------------------------------ helpers -- */
@@ -117,7 +123,7 @@ static double self_cpu(void) {
 
 /* ------------------------------------------------------------ state -- */
 enum { C_CONNECTING, C_HANDSHAKE, C_WAIT_CONNECTED, C_WAIT_SUBSCRIBED, C_READY, C_AWAY, C_DEAD };
-enum { K_CLIENT = 1, K_POST = 2, K_HEALTH = 3 };
+enum { K_CLIENT = 1, K_POST = 2, K_HEALTH = 3, K_PROBE = 4 };
 
 typedef struct {
     int kind, fd, state, index;
@@ -148,6 +154,9 @@ static char **tokens;
 static uint8_t *seen;        /* clients x total seqs */
 static int total_seqs;
 static double *latencies;
+static double *probe_lat; /* connect storm: probe latencies, one per reception */
+static long n_probe_lat, probe_cap;
+static int probes_sent, probes_ok;
 static long n_lat, delivered, duplicates, warm_delivered, unexpected;
 static int n_connected, n_subscribed, n_dead, connecting_now, next_to_open;
 static double t_first_connect, t_all_connected, t_first_sub, t_all_subscribed;
@@ -289,6 +298,11 @@ static void on_text(Conn *c, const char *p, size_t n, double recv_ms) {
             at->offset = offset;
         }
     }
+    if (memmem(p, n, "\"probe\":", 8)) { /* a connect-storm probe: how long it took to get here */
+        double t = find_double(p, n, "\"t\":");
+        if (t > 0 && n_probe_lat < probe_cap) probe_lat[n_probe_lat++] = recv_ms - t;
+        return;
+    }
     long seq = find_number(p, n, "\"seq\":");
     if (seq < 0 || seq >= total_seqs) { unexpected++; return; }
     uint8_t *slot = &seen[(size_t)c->index * total_seqs + seq];
@@ -394,6 +408,8 @@ static double *post_ms;
 static Http health;
 static double *health_ms;
 static int n_health, health_cap;
+static double *busy_health_ms; /* /health while clients connect (or, in storm mode, through the reload) */
+static int n_busy_health, busy_phase;
 
 static void http_open(Http *h, int kind) {
     memset(h, 0, sizeof *h);
@@ -421,7 +437,7 @@ static void http_send(Http *h, char *request, size_t n) {
         ssize_t w = write(h->c.fd, h->out + h->out_off, h->out_len - h->out_off);
         if (w < 0) {
             if (errno == EAGAIN) { conn_mod(&h->c, EPOLLIN | EPOLLOUT); return; }
-            if (opt_storm_pid) { http_reopen(h); return; }
+            if (opt_storm_pid || h->c.kind != K_POST) { http_reopen(h); return; }
             die("http write: %s", strerror(errno));
         }
         h->out_off += w;
@@ -475,13 +491,44 @@ static void post_next(Http *h) {
     if (next_seq == opt_warmup && !t_first_send) t_first_send = now_mono();
     post_seq(h, next_seq++);
 }
+static Http probe;
+static void send_health(void) {
+    static char get[256];
+    int n = snprintf(get, sizeof get, "GET /health HTTP/1.1\r\nHost: %s:%d\r\n\r\n", opt_host, opt_port);
+    http_send(&health, strdup(get), n);
+}
+static void send_probe(void) {
+    char body[256], *req = malloc(1024);
+    int bn = snprintf(body, sizeof body,
+                      "{\"message\":{\"type\":\"ANNOUNCEMENT\",\"data\":{\"probe\":%d,\"t\":%.3f}},"
+                      "\"filter\":{\"channels\":[\"%s\"]}}",
+                      probes_sent++, now_wall_ms(), opt_channel);
+    int n = snprintf(req, 1024,
+                     "POST /broadcast HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: Bearer %s\r\n"
+                     "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+                     opt_host, opt_port, opt_secret, bn, body);
+    http_send(&probe, req, n);
+}
+/* While the server is busy (a connect storm, a reload): /health, and probes once someone can receive them. */
+static void busy_polls(int probes) {
+    static double next_health, next_probe;
+    double t = now_mono();
+    if (opt_health_ms > 0 && !health.busy && t >= next_health) {
+        send_health();
+        next_health = t + opt_health_ms / 1e3;
+    }
+    if (probes && n_subscribed > 0 && !probe.busy && t >= next_probe) {
+        send_probe();
+        next_probe = t + opt_probe_ms / 1e3;
+    }
+}
 static void on_http(Http *h, uint32_t events) {
     if (events & EPOLLOUT) {
         while (h->out_off < h->out_len) {
             ssize_t w = write(h->c.fd, h->out + h->out_off, h->out_len - h->out_off);
             if (w < 0) {
                 if (errno == EAGAIN) return;
-                if (opt_storm_pid) { http_reopen(h); return; }
+                if (opt_storm_pid || h->c.kind != K_POST) { http_reopen(h); return; }
                 die("http write: %s", strerror(errno));
             }
             h->out_off += w;
@@ -492,7 +539,8 @@ static void on_http(Http *h, uint32_t events) {
     ssize_t r = read(h->c.fd, rbuf, sizeof rbuf);
     if (r <= 0) {
         if (r < 0 && errno == EAGAIN) return;
-        if (opt_storm_pid) { http_reopen(h); return; }
+        /* the old worker left (storm), or an idle keep-alive timed out: connect again */
+        if (opt_storm_pid || h->c.kind != K_POST || !h->busy) { http_reopen(h); return; }
         die("the server closed an HTTP connection");
     }
     buf_append(&h->c, rbuf, r);
@@ -503,8 +551,12 @@ static void on_http(Http *h, uint32_t events) {
         free(h->out);
         h->out = NULL;
         if (h->c.kind == K_HEALTH) {
-            if (n_health < health_cap) health_ms[n_health++] = took;
+            if (busy_phase) { if (n_busy_health < health_cap) busy_health_ms[n_busy_health++] = took; }
+            else if (n_health < health_cap) health_ms[n_health++] = took;
             if (status != 200) post_errors++;
+        } else if (h->c.kind == K_PROBE) {
+            if (status == 200) probes_ok++;
+            else post_errors++;
         } else if (opt_storm_pid) {
             if (status == 200) storm_accepted++;
             else retry_later(h->seq); /* 503 while the old worker drains: the same key again */
@@ -588,9 +640,12 @@ static int storm(double deadline, double connect_s, double rss1, double rss0, co
     double start = now_mono(), cpu_start = tree_cpu(opt_storm_pid), cpu_hup = 0, cpu_back = 0;
     double last_progress = start;
     long last_delivered = 0;
+    busy_phase = 1;
+    n_busy_health = 0; /* the reload only */
     while (now_mono() < deadline) {
         double t = now_mono();
         open_clients();
+        busy_polls(0);
         if (!t_hup && t >= start + opt_storm_after_ms / 1e3) {
             cpu_hup = tree_cpu(opt_storm_pid);
             kill(opt_storm_pid, SIGHUP);
@@ -612,6 +667,7 @@ static int storm(double deadline, double connect_s, double rss1, double rss0, co
         wait_events(0.002);
     }
     double end = now_mono(), cpu_end = tree_cpu(opt_storm_pid);
+    qsort(busy_health_ms, n_busy_health, sizeof(double), cmp_double);
     if (getenv("LOADGEN_SHOW_LOSS")) { /* which (client, seq) never arrived: for debugging */
         int shown = 0;
         for (int i = 0; i < opt_clients && shown < 40; i++)
@@ -636,6 +692,7 @@ static int storm(double deadline, double connect_s, double rss1, double rss0, co
            "\"back_s\":%.3f,\"replayed_total\":%ld,\"replayed_mean\":%.2f,\"replayed_max\":%d,"
            "\"expected\":%ld,\"delivered\":%ld,\"loss\":%ld,\"duplicates\":%ld,\"unexpected_frames\":%ld,"
            "\"server_cpu_storm_pct\":%.1f,\"server_cpu_before_pct\":%.1f,\"run_s\":%.2f,"
+           "\"storm_health_samples\":%d,\"storm_health_p99_ms\":%.3f,\"storm_health_max_ms\":%.3f,"
            "\"error\":%s%s%s}\n",
            opt_clients, n_connected, connect_s, n_subscribed ? (rss1 - rss0) * 1024.0 / n_subscribed : 0,
            opt_storm_rate, total_seqs, storm_accepted, storm_retries, reconnected, storm_recovered,
@@ -643,7 +700,8 @@ static int storm(double deadline, double connect_s, double rss1, double rss0, co
            reconnected ? (double)storm_replayed / reconnected : 0, replayed_max, expected, delivered,
            expected - delivered, duplicates, unexpected,
            back_s > 0 ? (cpu_back - cpu_hup) / back_s * 100 : 0,
-           t_hup > start ? (cpu_hup - cpu_start) / (t_hup - start) * 100 : 0, end - start,
+           t_hup > start ? (cpu_hup - cpu_start) / (t_hup - start) * 100 : 0, end - start, n_busy_health,
+           pct(busy_health_ms, n_busy_health, 99), n_busy_health ? busy_health_ms[n_busy_health - 1] : 0,
            error ? "\"" : "", error ? error : "null", error ? "\"" : "");
     return error ? 1 : 0;
 }
@@ -660,17 +718,25 @@ int main(int argc, char **argv) {
         OPT_I("--broadcasts", opt_broadcasts) OPT_I("--interval-ms", opt_interval_ms) OPT_I("--warmup", opt_warmup)
         OPT_I("--payload-bytes", opt_payload) OPT_I("--drain-timeout-ms", opt_drain_ms)
         OPT_I("--max-run-s", opt_max_run_s) OPT_I("--health-every-ms", opt_health_ms)
+        OPT_I("--probe-every-ms", opt_probe_ms)
         OPT_I("--storm-hup-pid", opt_storm_pid) OPT_I("--storm-rate", opt_storm_rate)
         OPT_I("--storm-seconds", opt_storm_seconds) OPT_I("--storm-after-ms", opt_storm_after_ms)
         die("unknown or incomplete option %s (see the comment at the top of bench/loadgen.c)", a);
     }
     if (strcmp(opt_host, "127.0.0.1")) die("--host must be 127.0.0.1 (benchmarks stay on loopback)");
     if (!opt_tokens) die("--tokens FILE is required");
+    signal(SIGPIPE, SIG_IGN); /* a closed connection is an error to handle, not a reason to die */
     rng ^= (uint64_t)getpid() << 17 ^ (uint64_t)now_wall_ms();
     if (opt_storm_pid) {
         opt_warmup = 0;
         opt_broadcasts = opt_storm_rate * opt_storm_seconds;
         snprintf(run_id, sizeof run_id, "storm-%d-%ld", getpid(), (long)now_wall_ms());
+    }
+
+    if (opt_probe_ms > 0) { /* the connect storm: its probes are the only broadcasts */
+        if (opt_storm_pid) die("--probe-every-ms and --storm-hup-pid are separate runs");
+        opt_broadcasts = 0;
+        opt_warmup = 0;
     }
 
     tokens = calloc(opt_clients, sizeof *tokens);
@@ -691,6 +757,9 @@ int main(int argc, char **argv) {
     post_ms = calloc(total_seqs + 1, sizeof(double));
     health_cap = 100000;
     health_ms = malloc(sizeof(double) * health_cap);
+    busy_health_ms = malloc(sizeof(double) * health_cap);
+    probe_cap = opt_probe_ms > 0 ? (long)opt_clients * 2000 : 0;
+    probe_lat = malloc(sizeof(double) * (probe_cap + 1));
     ep = epoll_create1(0);
     if (opt_storm_pid) {
         positions = calloc(opt_clients, sizeof *positions);
@@ -704,10 +773,16 @@ int main(int argc, char **argv) {
     proc_usage(opt_pids, &rss0, &cpu0);
     (void)x0;
     double lg0 = self_cpu();
+    http_open(&health, K_HEALTH);
+    if (opt_probe_ms > 0) http_open(&probe, K_PROBE);
+    busy_phase = opt_probe_ms > 0;
     while (n_subscribed + n_dead < opt_clients && now_mono() < deadline) {
         open_clients();
-        wait_events(0.05);
+        if (busy_phase) busy_polls(1);
+        wait_events(busy_phase ? 0.005 : 0.05);
     }
+    while ((health.busy || probe.busy) && now_mono() < deadline) wait_events(0.01);
+    busy_phase = 0;
     double connect_s = t_all_connected - t_first_connect;
     double subscribe_s = t_all_subscribed - t_first_sub;
     double rss1, cpu1;
@@ -720,7 +795,6 @@ int main(int argc, char **argv) {
     n_posts = opt_interval_ms > 0 ? 64 : 1;
     posts = calloc(n_posts, sizeof *posts);
     for (int i = 0; i < n_posts; i++) http_open(&posts[i], K_POST);
-    http_open(&health, K_HEALTH);
     while (next_seq < opt_warmup && now_mono() < deadline) {
         if (!posts[0].busy) post_next(&posts[0]);
         wait_events(0.01);
@@ -752,9 +826,7 @@ int main(int argc, char **argv) {
             }
         }
         if (opt_health_ms > 0 && !health.busy && t >= next_health) {
-            static char get[256];
-            int n = snprintf(get, sizeof get, "GET /health HTTP/1.1\r\nHost: %s:%d\r\n\r\n", opt_host, opt_port);
-            http_send(&health, strdup(get), n);
+            send_health();
             next_health = t + opt_health_ms / 1e3;
         }
         if (delivered != last_delivered) { last_delivered = delivered; last_progress = t; }
@@ -772,6 +844,8 @@ int main(int argc, char **argv) {
 
     qsort(latencies, n_lat, sizeof(double), cmp_double);
     qsort(health_ms, n_health, sizeof(double), cmp_double);
+    qsort(busy_health_ms, n_busy_health, sizeof(double), cmp_double);
+    qsort(probe_lat, n_probe_lat, sizeof(double), cmp_double);
     qsort(post_ms + opt_warmup, opt_broadcasts, sizeof(double), cmp_double);
     double mean = 0;
     for (long i = 0; i < n_lat; i++) mean += latencies[i];
@@ -784,6 +858,9 @@ int main(int argc, char **argv) {
            "\"p50_ms\":%.3f,\"p90_ms\":%.3f,\"p99_ms\":%.3f,\"max_ms\":%.3f,\"mean_ms\":%.3f,"
            "\"post_p50_ms\":%.3f,\"post_p99_ms\":%.3f,\"post_max_ms\":%.3f,"
            "\"health_samples\":%d,\"health_p50_ms\":%.3f,\"health_p99_ms\":%.3f,\"health_max_ms\":%.3f,"
+           "\"connect_health_samples\":%d,\"connect_health_p99_ms\":%.3f,\"connect_health_max_ms\":%.3f,"
+           "\"probes\":%d,\"probes_accepted\":%d,\"probe_receptions\":%ld,\"probe_p50_ms\":%.3f,"
+           "\"probe_p99_ms\":%.3f,\"probe_max_ms\":%.3f,"
            "\"server_rss_before_mb\":%.2f,\"server_rss_connected_mb\":%.2f,\"server_rss_after_mb\":%.2f,"
            "\"server_kb_per_conn\":%.2f,\"server_cpu_connect_s\":%.3f,\"server_cpu_fanout_pct\":%.1f,"
            "\"extra_cpu_fanout_pct\":%.1f,\"loadgen_cpu_connect_pct\":%.1f,\"loadgen_cpu_fanout_pct\":%.1f,"
@@ -793,8 +870,11 @@ int main(int argc, char **argv) {
            fanout_s > 0 ? delivered / fanout_s : 0, pct(latencies, n_lat, 50), pct(latencies, n_lat, 90),
            pct(latencies, n_lat, 99), n_lat ? latencies[n_lat - 1] : 0, mean, pct(post_ms + opt_warmup, opt_broadcasts, 50),
            pct(post_ms + opt_warmup, opt_broadcasts, 99),
-           post_ms[opt_warmup + opt_broadcasts - 1], n_health, pct(health_ms, n_health, 50),
-           pct(health_ms, n_health, 99), n_health ? health_ms[n_health - 1] : 0, rss0, rss1, rss3,
+           total_seqs ? post_ms[total_seqs - 1] : 0, n_health, pct(health_ms, n_health, 50),
+           pct(health_ms, n_health, 99), n_health ? health_ms[n_health - 1] : 0, n_busy_health,
+           pct(busy_health_ms, n_busy_health, 99), n_busy_health ? busy_health_ms[n_busy_health - 1] : 0, probes_sent,
+           probes_ok, n_probe_lat, pct(probe_lat, n_probe_lat, 50), pct(probe_lat, n_probe_lat, 99),
+           n_probe_lat ? probe_lat[n_probe_lat - 1] : 0, rss0, rss1, rss3,
            n_subscribed ? (rss1 - rss0) * 1024.0 / n_subscribed : 0, cpu1 - cpu0,
            wall > 0 ? (cpu3 - cpu2) / wall * 100 : 0, wall > 0 ? (xc3 - xc2) / wall * 100 : 0,
            connect_s > 0 ? (lg1 - lg0) / (t_all_subscribed - t_first_connect) * 100 : 0,

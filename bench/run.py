@@ -13,15 +13,24 @@ medians to ``bench/results/bench-<stamp>.json`` (and the tables to
 Configurations are ``clients:broadcasts:interval_ms``; interval 0 means
 back-to-back (each POST awaited), > 0 an open loop at that period.
 
-The storm (``--storm``): 10,000 subscribed clients, broadcasts at 50/s, a
+The connect storm (``--connect-storm``): 10,000 clients connect and
+subscribe, 200 at a time, while ``/health`` is polled every 50 ms and a probe
+broadcast is sent every 250 ms; it reports the connect time, the ``/health``
+latency during it, and how long the probes took to reach the clients already
+subscribed. ``--floor`` runs it against ``bench/floor`` (gunicorn, Flask and
+Flask-Sock doing the upgrade, and nothing of ours): the stack's own cost.
+
+The reload storm (``--storm``): 10,000 subscribed clients, broadcasts at 50/s, a
 SIGHUP after 1 s; every client is closed with 1012, comes back after
 0.25-1 s and resumes; it reports the time until every client was back and
-recovered, what each replayed, loss and duplicates, and the server's CPU.
+recovered, what each replayed, loss and duplicates, the server's CPU and the
+``/health`` latency through it.
 
     python bench/run.py                       # the full suite (~25 min)
     python bench/run.py --quick               # one rep of two small configs
     python bench/run.py --configs 10000:10:0 --brokers memory --history on --reps 1
     python bench/run.py --storm --brokers memory,redis --reps 1
+    python bench/run.py --connect-storm --brokers memory --reps 3 [--floor]
 
 Loopback only; every process is bounded in time and stopped by its PID.
 """
@@ -55,6 +64,7 @@ LOADGEN = BENCH / ".build" / "loadgen"
 RESULTS = BENCH / "results"
 DEFAULT_CONFIGS = "1000:100:0 1000:100:20 5000:20:0 10000:10:0"
 STORM = {"clients": 10_000, "rate": 50, "seconds": 8, "after_ms": 1000}
+CONNECT_STORM = {"clients": 10_000, "probe_every_ms": 250}
 TOKEN_SECRET = "bench-token-secret-0123456789abcdefghijkl"
 ADMIN_SECRET = "bench-admin-secret-0123456789abcdefghijkl"
 COLUMNS = [
@@ -82,7 +92,20 @@ STORM_COLUMNS = [
     ("post_retries", "POST retries", "{:,.0f}"),
     ("server_cpu_storm_pct", "srv CPU% in the storm", "{:.0f}"),
     ("server_cpu_before_pct", "srv CPU% before", "{:.0f}"),
+    ("storm_health_p99_ms", "/health p99 ms", "{:.0f}"),
+    ("storm_health_max_ms", "/health max ms", "{:.0f}"),
     ("connect_s", "first connect s", "{:.1f}"),
+]
+CONNECT_COLUMNS = [
+    ("connect_s", "connect s", "{:.2f}"),
+    ("server_cpu_connect_s", "srv CPU s", "{:.2f}"),
+    ("connect_health_p99_ms", "/health p99 ms", "{:.0f}"),
+    ("connect_health_max_ms", "/health max ms", "{:.0f}"),
+    ("probes_accepted", "probes", "{:.0f}"),
+    ("probe_p50_ms", "probe p50 ms", "{:.1f}"),
+    ("probe_p99_ms", "probe p99 ms", "{:.1f}"),
+    ("probe_max_ms", "probe max ms", "{:.1f}"),
+    ("server_kb_per_conn", "KB/conn", "{:.1f}"),
 ]
 
 
@@ -159,7 +182,15 @@ def warm_up(port: int, token: str) -> None:
 
 
 def run_one(
-    clients: int, broadcasts: int, interval: int, broker: str, args, workdir: Path, history: str = "on", storm=None
+    clients: int,
+    broadcasts: int,
+    interval: int,
+    broker: str,
+    args,
+    workdir: Path,
+    history: str = "on",
+    storm=None,
+    probe_every_ms: int = 0,
 ) -> dict:
     port = free_port()
     db = workdir / "bench.db"
@@ -208,9 +239,12 @@ def run_one(
             )
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             time.sleep(0.3)
+        gunicorn = [str(ROOT / ".venv" / "bin" / "gunicorn"), "-k", "gevent"]
+        if getattr(args, "floor", False):  # the stack alone, configured as gunicorn.conf.py configures the project
+            gunicorn += ["-w", "1", "--worker-connections", "20000", "--backlog", "4096", "-b", f"127.0.0.1:{port}"]
         server = subprocess.Popen(
-            pinned(0, [str(ROOT / ".venv" / "bin" / "gunicorn"), "-k", "gevent", "wsgi:app"]),
-            cwd=ROOT,
+            pinned(0, [*gunicorn, "wsgi:app"]),
+            cwd=BENCH / "floor" if getattr(args, "floor", False) else ROOT,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -238,6 +272,8 @@ def run_one(
             "--payload-bytes",
             str(args.payload_bytes),
         ]
+        if probe_every_ms:
+            argv += ["--probe-every-ms", str(probe_every_ms), "--drain-timeout-ms", "3000"]
         if storm is None:
             argv += ["--broadcasts", str(broadcasts), "--interval-ms", str(interval), "--warmup", "5"]
         else:
@@ -334,19 +370,30 @@ def main() -> None:
     parser.add_argument("--payload-bytes", type=int, default=0)
     parser.add_argument("--log-level", default="INFO", help="the service's LOG_LEVEL (INFO, as shipped)")
     parser.add_argument("--quick", action="store_true", help="one rep of 1000:100:0 and 1000:100:20")
-    parser.add_argument("--storm", action="store_true", help="the reconnect storm instead of the fan-out suite")
+    parser.add_argument("--storm", action="store_true", help="the reload storm instead of the fan-out suite")
+    parser.add_argument("--connect-storm", action="store_true", help="the connect storm instead of the fan-out suite")
+    parser.add_argument("--floor", action="store_true", help="with --connect-storm: bench/floor, not the project")
     args = parser.parse_args()
+    if args.floor and not args.connect_storm:
+        parser.error("--floor goes with --connect-storm (the floor only connects)")
+    kind = "storm" if args.storm else "connect" if args.connect_storm else "bench"
     if args.quick:
         args.configs, args.reps = "1000:100:0 1000:100:20", 1
     brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
     histories = [h.strip() for h in args.history.split(",") if h.strip() in ("on", "off")]
     if args.storm:
         histories = ["on"]  # without history there is nothing to resume
+    if args.connect_storm:
+        histories = histories[:1]
     if "redis" in brokers and not shutil.which("redis-server"):
         sys.exit("the Redis runs need redis-server (apt-get install redis-server), or pass --brokers memory")
     configs = [tuple(map(int, c.split(":"))) for c in args.configs.split()]
     if args.storm:
         configs = [(STORM["clients"], STORM["rate"] * STORM["seconds"], 0)]
+    if args.connect_storm:
+        configs = [(CONNECT_STORM["clients"], 1, 0)]
+    if args.floor:
+        brokers, histories = ["floor"], ["–"]  # neither broker nor history: the stack alone
 
     import resource
 
@@ -364,16 +411,21 @@ def main() -> None:
                     # ABBA: on/off in odd reps, off/on in even ones, so drift over a run (a warming
                     # machine, a noisy neighbour) does not always favour the same side.
                     for history in histories if rep % 2 else histories[::-1]:
-                        name = "storm" if args.storm else f"{clients}x{broadcasts}@{interval}ms"
+                        name = kind if kind != "bench" else f"{clients}x{broadcasts}@{interval}ms"
                         log(f"rep {rep}  {broker:<6} history {history:<3} {name}")
                         storm = STORM if args.storm else None
-                        run = run_one(clients, broadcasts, interval, broker, args, workdir, history, storm)
+                        probes = CONNECT_STORM["probe_every_ms"] if args.connect_storm else 0
+                        run = run_one(clients, broadcasts, interval, broker, args, workdir, history, storm, probes)
                         run["rep"] = rep
                         runs.append(run)
-                        keys = ("back_s", "recovered", "loss") if storm else ("deliveries_per_s", "loss", "p99_ms")
+                        keys = {
+                            "storm": ("back_s", "recovered", "loss", "storm_health_max_ms"),
+                            "connect": ("connect_health_max_ms", "probe_max_ms"),
+                            "bench": ("deliveries_per_s", "loss", "p99_ms"),
+                        }[kind]
                         log(f"   -> { ({k: run.get(k) for k in (*keys, 'connect_s', 'error')}) }")
                         time.sleep(1)
-    columns = STORM_COLUMNS if args.storm else COLUMNS
+    columns = {"storm": STORM_COLUMNS, "connect": CONNECT_COLUMNS, "bench": COLUMNS}[kind]
     medians = []
     for clients, broadcasts, interval in configs:
         for broker in brokers:
@@ -384,7 +436,7 @@ def main() -> None:
                     if r["broker"] == broker
                     and r["history"] == history
                     and r.get("clients") == clients
-                    and (args.storm or (r.get("broadcasts") == broadcasts and r.get("interval_ms") == interval))
+                    and (kind != "bench" or (r.get("broadcasts") == broadcasts and r.get("interval_ms") == interval))
                 ]
                 row = {
                     "broker": broker,
@@ -400,25 +452,31 @@ def main() -> None:
                 medians.append(row)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(exist_ok=True)
-    kind = "storm" if args.storm else "bench"
     report = {
         "machine": machine(),
         "stamp": stamp,
         "reps": args.reps,
         "log_level": args.log_level,
-        "storm": STORM if args.storm else None,
+        "storm": STORM if args.storm else CONNECT_STORM if args.connect_storm else None,
         "medians": medians,
         "runs": runs,
     }
     (RESULTS / f"{kind}-{stamp}.json").write_text(json.dumps(report, indent=2))
     text = (
         f"Medians of {args.reps} run(s), {stamp}, {machine()}; server (and Redis) pinned to CPU 0, "
-        f"load generator to CPU 1, LOG_LEVEL={args.log_level}.\n\n{table(medians, columns, args.storm)}\n"
+        f"load generator to CPU 1, LOG_LEVEL={args.log_level}.\n\n{table(medians, columns, kind != 'bench')}\n"
     )
     if args.storm:
         text += (
             f"\n{STORM['clients']:,} clients subscribed, broadcasts at {STORM['rate']}/s for {STORM['seconds']} s, "
-            f"SIGHUP after {STORM['after_ms']} ms; clients come back after 0.25-1 s and resume.\n"
+            f"SIGHUP after {STORM['after_ms']} ms; clients come back after 0.25-1 s and resume; "
+            "/health polled every 50 ms from the SIGHUP on.\n"
+        )
+    elif args.connect_storm:
+        text += (
+            f"\n{CONNECT_STORM['clients']:,} clients connect and subscribe (200 at a time); /health every 50 ms "
+            f"and a probe broadcast every {CONNECT_STORM['probe_every_ms']} ms meanwhile; probe latency is from "
+            "its POST to its arrival at each client already subscribed.\n"
         )
     elif "on" in histories and "off" in histories:
         text += f"\nThe delivery guarantee's cost (history on / off):\n\n{history_cost(medians)}\n"
