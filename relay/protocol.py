@@ -122,12 +122,12 @@ class ClientProtocol:
 
     def on_closing(self, conn: Connection) -> None:
         self.hub.remove(conn)
-        if self.sessions is not None and conn.identity is not None:
+        if self.sessions is not None and conn.admitted:
             self.sessions.closed(conn)  # its channels are final: nothing is subscribed once it is not open
 
     def on_closed(self, conn: Connection) -> None:
-        if conn.identity is None:
-            return  # never admitted; the refusal was logged already
+        if not conn.admitted:
+            return  # the refusal was logged already
         if self.telemetry is not None:
             self.telemetry.disconnected(conn.close_code, slow=conn.overflowed)
         event(

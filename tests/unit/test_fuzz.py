@@ -139,7 +139,7 @@ def test_any_body_is_a_request_or_a_stated_refusal(body):
 
 class Conn:
     def __init__(self):
-        self.id, self.identity = "c", object()
+        self.id, self.admitted = "c", True
         self.user_id, self.role, self.clinic_id = "bob", "sales_staff", "clinic-1"
         self.channels: set[str] = set()
         self.rate_tokens = self.rate_at = 0.0

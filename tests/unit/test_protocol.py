@@ -16,7 +16,7 @@ class FakeConn:
 
     def __init__(self, user_id="bob", role="sales_staff", clinic_id="clinic-1"):
         self.id = f"conn-{user_id}"
-        self.identity = object()
+        self.admitted = True
         self.user_id, self.role, self.clinic_id = user_id, role, clinic_id
         self.channels: set[str] = set()
         self.rate_tokens = 0.0
