@@ -56,14 +56,20 @@ def main(path: str) -> None:
             f"| {p['p99_ms']:.1f} | {peer['node-ws'].get('p99_ms') or 0:.1f} | {p['server_cpu_fanout_pct']:.0f} "
             f"| {p['loss']:.0f} |"
         )
-    print("\n| target | KB per connection (1k) | connect 10k (s) |")
-    print("|---|---|---|")
-    for name in ("project", *PEERS):
-        small = m.get((name, "1000:100:0"), {})
-        big = m.get((name, "10000:10:0"), {})
-        kb = small.get("server_rss_per_conn_kb")
-        connect = big.get("connect_s")
-        print(f"| {name} | {kb if kb is not None else '–'} | {connect if connect is not None else '–'} |")
+    print("\n| target | KB per connection (1k) | connect 5k (s) | connect 10k (s) |")
+    print("|---|---|---|---|")
+    for name in ("project", *PEERS, "floor"):
+        if not any(target == name for target, _ in m):
+            continue
+        cells = [
+            m.get((name, cfg), {}).get(key)
+            for cfg, key in (
+                ("1000:100:0", "server_rss_per_conn_kb"),
+                ("5000:20:0", "connect_s"),
+                ("10000:10:0", "connect_s"),
+            )
+        ]
+        print(f"| {name} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":
