@@ -24,7 +24,7 @@ import gevent.lock
 from .connection import CLOSED, Connection
 from .directory import Identity
 from .envelope import Envelope, Filter
-from .timeslice import TimeSlice
+from .timeslice import CHECK_EVERY, TimeSlice
 
 log = logging.getLogger("relay.hub")
 
@@ -191,10 +191,11 @@ class Hub:
         delivered = 0
         with self._delivering:
             slice_ = TimeSlice()
-            for conn in self.recipients(envelope.filter):
+            for count, conn in enumerate(self.recipients(envelope.filter), 1):
                 if conn.push(frame):
                     delivered += 1
-                slice_.tick()
+                if count % CHECK_EVERY == 0:
+                    slice_.check()
         self.counters["broadcasts"] += 1
         self.counters["messages"] += delivered
         return delivered
@@ -225,22 +226,24 @@ class Hub:
             with self._lock:
                 conns = list(self._clients)
             slice_ = TimeSlice()
-            for conn in conns:
+            for count, conn in enumerate(conns, 1):
                 try:
                     conn.keepalive()
                 except Exception:
                     log.exception("keep-alive failed for %r", conn)
                     conn.abort("keepalive_error")
-                slice_.tick()
+                if count % CHECK_EVERY == 0:
+                    slice_.check()
 
     def close_all(self, code: int, reason: str) -> list:
         """Close every connection with ``code`` (without draining: newcomers are still welcome)."""
         with self._lock:
             conns = list(self._clients)
         slice_ = TimeSlice()
-        for conn in conns:
+        for count, conn in enumerate(conns, 1):
             conn.close(code, reason)
-            slice_.tick()
+            if count % CHECK_EVERY == 0:
+                slice_.check()
         return conns
 
     def drain(self, code: int, reason: str, timeout: float, closing: Callable[[], None] | None = None) -> bool:

@@ -2,11 +2,11 @@
 
 A broadcast only *queues* its frame on each recipient (a list append); this
 greenlet does the writing, one non-blocking ``send`` per connection, and
-yields once per time slice (``relay.timeslice``) so that HTTP requests keep
-flowing during a large fan-out. When broadcasts come back to back, the next one is queued while the
-previous is still being written, so a connection that has not been flushed
-yet gets both frames in one ``send``: that coalescing is where a Python
-server catches up with a C event loop.
+pauses once per time slice (``relay.timeslice``) so that HTTP requests keep
+flowing during a large fan-out. When broadcasts come back to back, the next
+one is queued while the previous is still being written, so a connection
+that has not been flushed yet gets both frames in one ``send``: that
+coalescing is where a Python server catches up with a C event loop.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import Event
 
-from .timeslice import TimeSlice
+from .timeslice import CHECK_EVERY, TimeSlice
 
 if TYPE_CHECKING:  # the connection imports nothing from here; only its type is named
     from .connection import Connection
@@ -52,10 +52,12 @@ class Outbox:
             while self._dirty:
                 # Swap the list: connections scheduled while we write go to the next round.
                 batch, self._dirty = self._dirty, []
-                for conn in batch:
+                for count, conn in enumerate(batch, 1):
                     try:
                         conn.flush()
                     except Exception:  # one broken socket must never stop the writer
                         log.exception("flush failed; dropping the connection")
                         conn.abort("flush_error")
-                    slice_.tick()
+                    if count % CHECK_EVERY == 0:
+                        slice_.check()
+                slice_.check()  # and between rounds: a stream of small rounds must give way too

@@ -174,10 +174,11 @@ def test_a_paused_fan_out_is_never_overtaken(hub, monkeypatch):
     even when it walks its recipients in a different order."""
     import gevent
 
+    import relay.hub
     import relay.timeslice
 
     monkeypatch.setattr(relay.timeslice, "SLICE_S", 0.0)  # yield at every look at the clock...
-    monkeypatch.setattr(relay.timeslice, "CHECK_EVERY", 2)  # ...which is every second recipient
+    monkeypatch.setattr(relay.hub, "CHECK_EVERY", 2)  # ...which is every second recipient
     snapshot = hub.recipients
     calls = []
 

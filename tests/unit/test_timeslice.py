@@ -11,14 +11,15 @@ from relay.timeslice import TimeSlice
 
 
 def run_loop(items: int, slice_: TimeSlice, work_s: float = 0.0) -> list[str]:
-    """Tick through ``items`` while another greenlet waits to run; where it ran, in the order of events."""
+    """Loop over ``items`` as relay's loops do, while another greenlet waits to run; the order of events."""
     order: list[str] = []
     gevent.spawn(lambda: order.append("other"))
-    for n in range(items):
+    for count in range(1, items + 1):
         if work_s:
             time.sleep(work_s)  # the real time.sleep: CPU-like work that does not yield
-        order.append(str(n))
-        slice_.tick()
+        order.append(str(count - 1))
+        if count % relay.timeslice.CHECK_EVERY == 0:
+            slice_.check()
     gevent.sleep(0)
     return order
 
