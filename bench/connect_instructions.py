@@ -9,7 +9,7 @@ here move by ±25% between runs.
 
     python bench/connect_instructions.py --clients 300 [--floor]    # ~1 min; needs valgrind
 
-Measured 2026-12-03: the floor 1.75 M, the project 2.72 M.
+Measured 2026-12-03 (300 clients): the floor 1.71 M, the project 2.67 M.
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import run as bench  # noqa: E402
-from bench.prepare_users import prepare  # noqa: E402
 from relay.tokens import TokenService  # noqa: E402
 
 
@@ -42,42 +40,21 @@ def main() -> None:
         sys.exit("needs valgrind (apt-get install valgrind)")
     bench.build_loadgen()
     work = Path(tempfile.mkdtemp(prefix="relay-callgrind-"))
-    prepare(str(work / "bench.db"), 10_000)
     port = bench.free_port()
-    env = {
-        **os.environ,
-        "APP_ENV": "development",
-        "WS_HOST": "127.0.0.1",
-        "WS_PORT": str(port),
-        "WS_TOKEN_SECRET": bench.TOKEN_SECRET,
-        "WS_ADMIN_SECRET": bench.ADMIN_SECRET,
-        "SECRET_KEY": "bench-session-key-0123456789abcdefghijklmn",
-        "REALTIME_DB": str(work / "bench.db"),
-        "REALTIME_INSTANCE_PATH": str(work / "instance"),
-        "REALTIME_HISTORY_DB": str(work / "history.db"),
-        "LOG_LEVEL": "INFO",
-        "WEB_CONCURRENCY": "1",
-    }
-    env.pop("REDIS_URL", None)
-    gunicorn = [sys.executable, str(bench.ROOT / ".venv" / "bin" / "gunicorn"), "-k", "gevent", "--timeout", "600"]
-    if args.floor:
-        gunicorn += ["-w", "1", "--worker-connections", "20000", "--backlog", "4096", "-b", f"127.0.0.1:{port}"]
-    command = ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={work}/cg.%p"]
+    command, folder = bench.gunicorn_command(port, args.floor)
+    callgrind = ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={work}/cg.%p"]
     server = subprocess.Popen(
-        bench.pinned(0, [*command, *gunicorn, "wsgi:app"]),
-        cwd=bench.BENCH / "floor" if args.floor else bench.ROOT,
-        env=env,
+        bench.pinned(0, [*callgrind, sys.executable, *command, "--timeout", "600"]),
+        cwd=folder,
+        env=bench.server_env(port, work),
         stdout=open(work / "server.log", "ab"),
         stderr=subprocess.STDOUT,
     )
     try:
         bench.wait_healthy(port, server, timeout=400)
-        tokens = TokenService(bench.TOKEN_SECRET, 600_000)
-        bench.warm_up(port, tokens.mint("bench-user-0"))
+        bench.warm_up(port, TokenService(bench.TOKEN_SECRET, 600_000).mint("bench-user-0"))
         token_file = work / "tokens.txt"
-        token_file.write_text(
-            "".join(quote(tokens.mint(f"bench-user-{i}"), safe="") + "\n" for i in range(1, args.clients + 1))
-        )
+        bench.write_tokens(token_file, range(1, args.clients + 1))
         worker = bench.children(server.pid)[0]
         subprocess.run(["callgrind_control", "--zero", str(worker)], check=True, capture_output=True)
         loadgen = [str(bench.LOADGEN), "--port", str(port), "--tokens", str(token_file)]

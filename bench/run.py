@@ -181,18 +181,8 @@ def warm_up(port: int, token: str) -> None:
         ws.recv(timeout=5)
 
 
-def run_one(
-    clients: int,
-    broadcasts: int,
-    interval: int,
-    broker: str,
-    args,
-    workdir: Path,
-    history: str = "on",
-    storm=None,
-    probe_every_ms: int = 0,
-) -> dict:
-    port = free_port()
+def server_env(port: int, workdir: Path, log_level: str = "INFO", history: str = "on") -> dict:
+    """The environment of a bench server: development mode, bench secrets, its files under ``workdir``."""
     db = workdir / "bench.db"
     if not db.exists():
         prepare(str(db), 10_000)
@@ -206,12 +196,44 @@ def run_one(
         "SECRET_KEY": "bench-session-key-0123456789abcdefghijklmn",
         "REALTIME_DB": str(db),
         "REALTIME_INSTANCE_PATH": str(workdir / "instance"),
-        "LOG_LEVEL": args.log_level,
+        "LOG_LEVEL": log_level,
         "WEB_CONCURRENCY": "1",
         "WS_RECOVERY_WINDOW_MS": "120000" if history == "on" else "0",
         "REALTIME_HISTORY_DB": str(workdir / f"history-{port}.db"),  # a fresh stream each run
     }
     env.pop("REDIS_URL", None)
+    return env
+
+
+def gunicorn_command(port: int, floor: bool) -> tuple[list[str], Path]:
+    """The server's command line and folder: the project, or ``bench/floor`` configured as
+    gunicorn.conf.py configures the project (the floor has no gunicorn.conf.py of its own)."""
+    command = [str(ROOT / ".venv" / "bin" / "gunicorn"), "-k", "gevent"]
+    if not floor:
+        return [*command, "wsgi:app"], ROOT
+    floor_args = ["-w", "1", "--worker-connections", "20000", "--backlog", "4096", "-b", f"127.0.0.1:{port}"]
+    return [*command, *floor_args, "wsgi:app"], BENCH / "floor"
+
+
+def write_tokens(path: Path, user_numbers: range) -> None:
+    """One URL-quoted token per line for ``bench-user-<n>``, as bench/loadgen reads them."""
+    tokens = TokenService(TOKEN_SECRET, 600_000)
+    path.write_text("".join(quote(tokens.mint(f"bench-user-{n}"), safe="") + "\n" for n in user_numbers))
+
+
+def run_one(
+    clients: int,
+    broadcasts: int,
+    interval: int,
+    broker: str,
+    args,
+    workdir: Path,
+    history: str = "on",
+    storm=None,
+    probe_every_ms: int = 0,
+) -> dict:
+    port = free_port()
+    env = server_env(port, workdir, args.log_level, history)
     redis = server = None
     log_file = open(workdir / f"server-{port}.log", "ab")
     try:
@@ -239,21 +261,18 @@ def run_one(
             )
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             time.sleep(0.3)
-        gunicorn = [str(ROOT / ".venv" / "bin" / "gunicorn"), "-k", "gevent"]
-        if getattr(args, "floor", False):  # the stack alone, configured as gunicorn.conf.py configures the project
-            gunicorn += ["-w", "1", "--worker-connections", "20000", "--backlog", "4096", "-b", f"127.0.0.1:{port}"]
+        command, folder = gunicorn_command(port, args.floor)
         server = subprocess.Popen(
-            pinned(0, [*gunicorn, "wsgi:app"]),
-            cwd=BENCH / "floor" if getattr(args, "floor", False) else ROOT,
+            pinned(0, command),
+            cwd=folder,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
         wait_healthy(port, server)
-        tokens = TokenService(TOKEN_SECRET, 600_000)
-        warm_up(port, tokens.mint("bench-user-0"))
+        warm_up(port, TokenService(TOKEN_SECRET, 600_000).mint("bench-user-0"))
         token_file = workdir / "tokens.txt"
-        token_file.write_text("".join(quote(tokens.mint(f"bench-user-{i}"), safe="") + "\n" for i in range(clients)))
+        write_tokens(token_file, range(clients))
         pids = [server.pid, *children(server.pid)]
         argv = [
             str(LOADGEN),
