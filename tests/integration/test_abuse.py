@@ -264,6 +264,8 @@ def test_a_malformed_upgrade_is_refused_with_a_clear_error_not_a_500(server: Ser
         answer = read_response(sock)
     assert answer.startswith(f"HTTP/1.1 {status} "), answer
     assert '"code": "bad_upgrade"' in answer or '"code":"bad_upgrade"' in answer
+    # A refused upgrade is an ordinary answer: the after-request hooks that skip answered upgrades ran.
+    assert "X-Request-Id: " in answer and "X-Content-Type-Options: nosniff" in answer, answer
     if status == 426:
         assert "Sec-WebSocket-Version: 13" in answer
     plain = requests.get(server.url + "/ws", timeout=5)

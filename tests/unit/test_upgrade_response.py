@@ -1,0 +1,46 @@
+"""The response Flask-Sock returns for an answered upgrade is never sent: the hooks leave it alone."""
+
+from __future__ import annotations
+
+import pytest
+from flask import Response
+
+from app import create_app
+from blueprints.socket import _UPGRADED, upgraded
+
+
+@pytest.fixture
+def app(tmp_path):
+    return create_app(
+        {
+            "REALTIME_DB": str(tmp_path / "users.db"),
+            "REALTIME_INSTANCE_PATH": str(tmp_path / "instance"),
+            "SECRET_KEY": "unit-test-session-key-0123456789abcdefghij",
+            "TESTING": True,
+        }
+    )
+
+
+def finished(app, environ: dict) -> Response:
+    with app.test_request_context("/ws", environ_base=environ):
+        app.preprocess_request()
+        return app.process_response(Response("{}", mimetype="text/html"))
+
+
+def test_an_answered_upgrade_gets_no_headers_it_would_never_send(app):
+    response = finished(app, {_UPGRADED: True})
+    assert "X-Request-Id" not in response.headers
+    assert "X-Content-Type-Options" not in response.headers
+    assert "Content-Security-Policy" not in response.headers
+
+
+def test_a_refused_upgrade_is_an_ordinary_answer_with_every_header(app):
+    response = finished(app, {})
+    assert response.headers["X-Request-Id"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Content-Security-Policy" in response.headers
+
+
+def test_upgraded_is_false_outside_the_socket_view(app):
+    with app.test_request_context("/ws"):
+        assert upgraded() is False
