@@ -25,7 +25,7 @@ import gevent
 from .broadcast_log import LogWriter, record_of, source_kind
 from .broker import Broker, BrokerUnavailable
 from .codes import HttpError
-from .envelope import FILTER_FIELDS, Envelope, Filter
+from .envelope import FILTER_FIELDS, Envelope, Filter, interned
 from .eventlog import event
 from .history import History, HistoryUnavailable, Idempotency, Previous
 from .telemetry import Telemetry
@@ -107,7 +107,7 @@ def _parse_filter(raw: object) -> Filter:
                 f"(each at most {MAX_FILTER_VALUE_CHARS} characters)"
             )
         values.append(frozenset(items))
-    return Filter(*values)
+    return interned(Filter(*values))
 
 
 def _only_keys(doc: dict, allowed: tuple[str, ...], what: str) -> None:

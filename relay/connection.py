@@ -303,9 +303,9 @@ class Connection:
         """
         if self.state is not OPEN or not frames:
             return
-        self._queue_limit = self._pending_bytes + sum(map(len, frames)) + self._max_queue
-        for frame in frames:
-            self._enqueue(frame)
+        owed = b"".join(frames)  # one queue entry: a replay is hundreds of frames
+        self._queue_limit = self._pending_bytes + len(owed) + self._max_queue
+        self._enqueue(owed)
 
     def send_now(self, frame: bytes) -> bool:
         """Queue a reply and try to write it at once (replies should not wait for a batch)."""

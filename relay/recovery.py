@@ -87,7 +87,17 @@ class Prepared:
         delta = sequencer.recent_after(self.read_upto)
         if delta is None:  # cannot happen while the recent window outlasts a read; refuse rather than skip
             return Reason.UNAVAILABLE
-        replay = [envelope for envelope in (*self.missed, *delta) if admits(envelope.filter)]
+        # Decided once per audience: envelopes share interned filters (relay.envelope.interned), and an
+        # id() is unique while the envelopes that hold the filters are alive, as they are here.
+        verdicts: dict[int, bool] = {}
+        replay = []
+        for envelope in (*self.missed, *delta):
+            flt = envelope.filter
+            admitted = verdicts.get(id(flt))
+            if admitted is None:
+                admitted = verdicts[id(flt)] = admits(flt)
+            if admitted:
+                replay.append(envelope)
         return Reason.TOO_MANY if len(replay) > max_messages else replay
 
 
@@ -158,7 +168,9 @@ class Recovery:
             prepared.read_upto = self.sequencer.position
             recent = self.sequencer.recent_after(request.offset)
         if recent is not None:
-            prepared.missed = [e for e in recent if e.place <= prepared.read_upto]
+            # Read with no pause since read_upto was taken, so none is past it; checked, not assumed.
+            past = bool(recent) and recent[-1].place > prepared.read_upto
+            prepared.missed = [e for e in recent if e.place <= prepared.read_upto] if past else recent
         else:
             missed = self._read(request.offset, prepared.read_upto, lambda flt: admits(flt, channels))
             if isinstance(missed, str):

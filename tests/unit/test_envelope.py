@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from relay import envelope as envelope_module
 from relay.envelope import Envelope, Filter
 
 
@@ -52,3 +53,21 @@ def test_filters_admit_by_every_given_field():
     assert not flt.admits("bob", "sales_staff", "c-2", {"clinic:c-1:queue"})
     assert not flt.admits("bob", "sales_staff", "c-1", set())
     assert Filter().admits(None, None, None, ())
+
+
+def test_equal_filters_read_from_json_are_one_shared_object():
+    first = Envelope.from_json({"id": "a", "type": "T", "filter": {"roles": ["nurse"], "channels": ["x"]}})
+    second = Envelope.from_json({"id": "b", "type": "T", "filter": {"channels": ["x"], "roles": ["nurse"]}})
+    other = Envelope.from_json({"id": "c", "type": "T", "filter": {"roles": ["admin"]}})
+    assert first.filter is second.filter
+    assert other.filter is not first.filter and other.filter == Filter(roles=frozenset({"admin"}))
+
+
+def test_the_interned_table_is_bounded(monkeypatch):
+    monkeypatch.setattr(envelope_module, "_INTERNED", {})
+    monkeypatch.setattr(envelope_module, "INTERNED_MAX", 3)
+    for n in range(10):
+        envelope_module.interned(Filter(user_ids=frozenset({f"u{n}"})))
+        assert len(envelope_module._INTERNED) <= 3
+    again = Filter(user_ids=frozenset({"u9"}))
+    assert envelope_module.interned(again) == again

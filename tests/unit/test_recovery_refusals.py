@@ -104,3 +104,39 @@ def test_a_store_that_cannot_be_used_says_history_unavailable(tmp_path):
         broken.append(Envelope("ANNOUNCEMENT", {}, Filter()))
     with pytest.raises(HistoryUnavailable):
         broken.head()
+
+
+def test_a_replay_decides_each_audience_once_and_keeps_the_order(stream):
+    """Two audiences over 40 missed broadcasts: two filter checks, not forty, and the same replay."""
+    start = stream.head()[1]
+    nurses, admins = Filter(roles=frozenset({"nurse"})), Filter(roles=frozenset({"admin"}))
+    for i in range(40):
+        # Read back from the store: every envelope has its own Filter object, interned on the way in.
+        stream.append(Envelope("ALERT", {"n": i}, nurses if i % 2 else admins))
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    prepared = resume(recovery, sequencer, start)
+    assert isinstance(prepared, Prepared) and len(prepared.missed) == 40
+    checked = []
+
+    def admits(flt):
+        checked.append(flt)
+        return flt.admits("bob", "nurse", "clinic-1", [ANN])
+
+    replay = prepared.replay(sequencer, admits, 100)
+    assert len(checked) == 2
+    assert [e.data["n"] for e in replay] == list(range(1, 40, 2))
+
+
+def test_equal_filters_that_are_not_shared_are_each_checked_and_decided_alike(stream):
+    start = stream.head()[1]
+    publish(stream, 3)
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    prepared = resume(recovery, sequencer, start)
+    assert isinstance(prepared, Prepared)
+    # Not interned (as a filter built by hand would be): three objects, three checks, same answer.
+    prepared.missed = [Envelope(e.type, e.data, Filter(), e.id, e.at, e.offset, e.epoch) for e in prepared.missed]
+    checked = []
+    replay = prepared.replay(sequencer, lambda flt: checked.append(flt) or True, 100)
+    assert len(checked) == 3 and len(replay) == 3
