@@ -60,6 +60,8 @@ CREATE INDEX IF NOT EXISTS history_at ON history (at);
 """
 
 
+COUNTS_EVERY_S = 1.0  # status(): how stale the broadcast and session counts may be
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -95,6 +97,7 @@ class SqliteHistory:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._epoch: str | None = None
+        self._counted: tuple[float, int, int] | None = None  # (when, broadcasts, sessions)
 
     # -- the stream ---------------------------------------------------------------------
 
@@ -243,11 +246,12 @@ class SqliteHistory:
         with self._lock:
             db = self._conn()
             epoch = self._epoch_of(db)
-            count, first, first_at = db.execute(
-                "SELECT COUNT(*), MIN(offset), (SELECT at FROM history ORDER BY offset LIMIT 1) FROM history"
-            ).fetchone()
+            first, first_at = db.execute("SELECT offset, at FROM history ORDER BY offset LIMIT 1").fetchone() or (
+                None,
+                None,
+            )
             head = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
-            sessions = db.execute("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (_now_ms(),)).fetchone()[0]
+            count, sessions = self._counts(db)
         return {
             "kind": self.name,
             "state": "ok",
@@ -258,6 +262,16 @@ class SqliteHistory:
             "oldest": {"offset": first, "at": first_at} if first is not None else None,
             "sessions": sessions,
         }
+
+    def _counts(self, db: sqlite3.Connection) -> tuple[int, int]:
+        """Broadcasts and sessions kept, counted at most once per COUNTS_EVERY_S (a count is a scan: /health
+        may be polled many times a second, and 20,000 sessions took a millisecond of the event loop)."""
+        now = time.monotonic()
+        if self._counted is None or now - self._counted[0] >= COUNTS_EVERY_S:
+            retained = db.execute("SELECT COUNT(*) FROM history").fetchone()[0]
+            sessions = db.execute("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (_now_ms(),)).fetchone()[0]
+            self._counted = (now, retained, sessions)
+        return self._counted[1], self._counted[2]
 
     def close(self) -> None:
         with self._lock:
