@@ -246,10 +246,8 @@ class SqliteHistory:
         with self._lock:
             db = self._conn()
             epoch = self._epoch_of(db)
-            first, first_at = db.execute("SELECT offset, at FROM history ORDER BY offset LIMIT 1").fetchone() or (
-                None,
-                None,
-            )
+            oldest = db.execute("SELECT offset, at FROM history ORDER BY offset LIMIT 1").fetchone()
+            first, first_at = oldest if oldest else (None, None)
             head = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
             count, sessions = self._counts(db)
         return {
