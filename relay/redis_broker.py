@@ -15,8 +15,11 @@ How one broadcast travels (the same on one host or ten):
    with ``workers`` that reported and ``missing`` ones that did not.
 
 Each worker also writes its hub statistics to ``{prefix}:worker:{id}`` every
-heartbeat, with an expiry, so any worker can answer ``/health`` for the whole
-cluster. Workers that Redis no longer sees connected are left out at once.
+heartbeat, with an expiry, and its id to the set ``{prefix}:workers``, so any
+worker can answer ``/health`` for the whole cluster in three round trips
+(never a scan of the keyspace, which holds a session per client). Workers
+that Redis no longer sees connected are left out at once; an id whose record
+has expired is taken out of the set by the next reader.
 
 Pub/sub is at-most-once: what is published while a worker's listener is
 reconnecting does not reach that worker's listener (the sender reports it as
@@ -132,6 +135,7 @@ class RedisBroker:
         self.control_channel = f"{prefix}:control"
         self.reply_channel = f"{prefix}:reply:{worker_id}"
         self.stats_key = f"{prefix}:worker:{worker_id}"
+        self.workers_key = f"{prefix}:workers"
         self.client_name = f"{prefix}-worker:{worker_id}"
         # No hidden retries: an outage must surface at once as a 503, not as a slow request.
         options = dict(socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
@@ -231,8 +235,13 @@ class RedisBroker:
     def members(self) -> list[dict] | None:
         """Every live worker's last heartbeat, or None when Redis cannot say."""
         try:
-            keys = list(self._client.scan_iter(match=f"{self.prefix}:worker:*", count=500))
-            values = self._client.mget(keys) if keys else []
+            ids = sorted(
+                i.decode() if isinstance(i, bytes) else str(i) for i in self._client.smembers(self.workers_key)
+            )
+            values = self._client.mget([f"{self.prefix}:worker:{i}" for i in ids]) if ids else []
+            gone = [i for i, raw in zip(ids, values, strict=True) if raw is None]
+            if gone:  # their records expired: workers that stopped without leaving (killed)
+                self._client.srem(self.workers_key, *gone)
             live = self._connected_names()
         except (redis.RedisError, OSError) as problem:
             self._failed(problem)
@@ -253,7 +262,10 @@ class RedisBroker:
         self._stopped = True
         gevent.killall(self._greenlets, block=False)
         try:
-            self._client.delete(self.stats_key)
+            leaving = self._client.pipeline(transaction=False)
+            leaving.srem(self.workers_key, self.worker_id)
+            leaving.delete(self.stats_key)
+            leaving.execute()
         except (redis.RedisError, OSError):
             pass
 
@@ -364,7 +376,10 @@ class RedisBroker:
                 "at": int(time.time() * 1000),
             }
             try:
-                self._client.set(self.stats_key, json.dumps(record), px=ttl_ms)
+                beat = self._client.pipeline(transaction=False)  # one round trip
+                beat.set(self.stats_key, json.dumps(record), px=ttl_ms)
+                beat.sadd(self.workers_key, self.worker_id)
+                beat.execute()
                 self._heartbeat_ok = True
             except (redis.RedisError, OSError) as problem:
                 self._heartbeat_ok = False

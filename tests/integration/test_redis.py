@@ -208,3 +208,22 @@ def test_two_services_with_their_own_prefix_share_one_redis_without_seeing_each_
     finally:
         for srv in services:
             srv.stop()
+
+
+def test_the_cluster_view_reads_the_set_of_workers_never_scanning_the_keyspace(start_server, redis_server):
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.mset({f"elsewhere:session:{n}": "x" for n in range(2000)})  # what a busy Redis also holds
+    srv = start_server(REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=200)
+    pid = srv.health()["pid"]
+    assert wait_for(lambda: [m.decode() for m in client.smembers("relay:workers")])
+    # A worker killed outright never leaves the set: its record expires, and the next reader takes it out.
+    client.sadd("relay:workers", "ghost-worker")
+    client.config_resetstat()
+    for _ in range(5):
+        health = srv.health()
+        assert health["workers"] == 1 and [m["pid"] for m in health["cluster"]] == [pid]
+    assert b"ghost-worker" not in client.smembers("relay:workers")
+    assert client.info("commandstats").get("cmdstat_scan") is None  # /health cost does not grow with the keyspace
+    client.close()
