@@ -4,6 +4,7 @@ import json
 import signal
 
 from support import Server
+from websockets.exceptions import ConnectionClosed
 
 from relay.codes import Close
 
@@ -19,9 +20,12 @@ def test_every_documented_event_is_logged_as_one_json_line_with_its_fields(start
     with srv.open(srv.token("nobody")) as unknown:
         unknown.closed_with()
     with srv.connect("carol") as flooder:
-        for _ in range(60):
-            flooder.send({"type": "PING"})
-        flooder.closed_with()
+        try:
+            for _ in range(60):
+                flooder.send({"type": "PING"})
+        except ConnectionClosed:
+            pass  # the server may close before the client has sent them all
+        assert flooder.closed_with()[0] == Close.POLICY_VIOLATION
 
     checks = {
         "ws.connect": lambda e: (
