@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 from flask import Response
 
-from app import create_app
 from blueprints.socket import _UPGRADED, upgraded
-
-
-@pytest.fixture
-def app(tmp_path):
-    return create_app(
-        {
-            "REALTIME_DB": str(tmp_path / "users.db"),
-            "REALTIME_INSTANCE_PATH": str(tmp_path / "instance"),
-            "SECRET_KEY": "unit-test-session-key-0123456789abcdefghij",
-            "TESTING": True,
-        }
-    )
 
 
 def finished(app, environ: dict) -> Response:
