@@ -134,7 +134,7 @@ class RedisBroker:
         self.channel = f"{prefix}:broadcast"
         self.control_channel = f"{prefix}:control"
         self.reply_channel = f"{prefix}:reply:{worker_id}"
-        self.stats_key = f"{prefix}:worker:{worker_id}"
+        self.stats_key = self._record_key(worker_id)
         self.workers_key = f"{prefix}:workers"
         self.client_name = f"{prefix}-worker:{worker_id}"
         # No hidden retries: an outage must surface at once as a 503, not as a slow request.
@@ -238,7 +238,7 @@ class RedisBroker:
             ids = sorted(
                 i.decode() if isinstance(i, bytes) else str(i) for i in self._client.smembers(self.workers_key)
             )
-            values = self._client.mget([f"{self.prefix}:worker:{i}" for i in ids]) if ids else []
+            values = self._client.mget([self._record_key(i) for i in ids]) if ids else []
             gone = [i for i, raw in zip(ids, values, strict=True) if raw is None]
             if gone:  # their records expired: workers that stopped without leaving (killed)
                 self._client.srem(self.workers_key, *gone)
@@ -401,6 +401,10 @@ class RedisBroker:
         self._elsewhere = elsewhere
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _record_key(self, worker_id: str) -> str:
+        """Where a worker's heartbeat record (its hub statistics) is kept."""
+        return f"{self.prefix}:worker:{worker_id}"
 
     def _connected_names(self) -> set[str] | None:
         try:
