@@ -7,6 +7,15 @@ flowing during a large fan-out. When broadcasts come back to back, the next
 one is queued while the previous is still being written, so a connection
 that has not been flushed yet gets both frames in one ``send``: that
 coalescing is where a Python server catches up with a C event loop.
+
+That is also why the writer's time slice is short (``WRITE_SLICE_S``, a tenth
+of the fan-out's): a POST that arrives while a round is being written is read
+at the next pause, and its frame joins the ones still waiting on the
+connections not written yet. With 5 ms slices a round of 1,000 sockets was
+written before the next POST got in, one ``send`` per frame; at 0.5 ms a
+socket gets several frames per ``send`` (the shared harness, closed loop,
+1,000 clients: 137k -> 300-390k deliveries/s; the kernel's share of the
+worker's CPU fell from 63% to 27%).
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ if TYPE_CHECKING:  # the connection imports nothing from here; only its type is 
     from .connection import Connection
 
 log = logging.getLogger("relay.outbox")
+
+WRITE_SLICE_S = 0.0005  # between two looks for new requests (see the module docstring)
 
 
 class Outbox:
@@ -48,7 +59,7 @@ class Outbox:
         while True:
             self._wake.wait()
             self._wake.clear()
-            slice_ = TimeSlice()
+            slice_ = TimeSlice(WRITE_SLICE_S)
             while self._dirty:
                 # Swap the list: connections scheduled while we write go to the next round.
                 batch, self._dirty = self._dirty, []

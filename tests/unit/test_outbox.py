@@ -82,9 +82,8 @@ def test_one_broken_connection_never_stops_the_writer(caplog):
 
 def test_the_writer_yields_once_its_time_slice_is_used_so_others_run_during_a_big_flush(monkeypatch):
     import relay.outbox
-    import relay.timeslice
 
-    monkeypatch.setattr(relay.timeslice, "SLICE_S", 0.0)  # every look at the clock finds the slice used up
+    monkeypatch.setattr(relay.outbox, "WRITE_SLICE_S", 0.0)  # every look at the clock finds the slice used up
     monkeypatch.setattr(relay.outbox, "CHECK_EVERY", 10)
     outbox = Outbox()
     order: list[str] = []
