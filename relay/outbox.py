@@ -14,8 +14,13 @@ at the next pause, and its frame joins the ones still waiting on the
 connections not written yet. With 5 ms slices a round of 1,000 sockets was
 written before the next POST got in, one ``send`` per frame; at 0.5 ms a
 socket gets several frames per ``send`` (the shared harness, closed loop,
-1,000 clients: 137k -> 300-390k deliveries/s; the kernel's share of the
-worker's CPU fell from 63% to 27%).
+1,000 clients: 137k -> 300-390k deliveries/s, 240-300k once elastic, below;
+the kernel's share of the worker's CPU fell from 63% to 27%). Short slices alone would starve the writer
+when the loop is busy, though: in a connect storm each pause runs upgrades of
+a millisecond or more, and 0.5 ms of writing per turn doubled how late a
+broadcast reached the clients already connected. So the slice is elastic
+(``TimeSlice(at_most=...)``): after a long pause the writer takes as long a
+turn, up to the fan-out's 5 ms (the storm's probe broadcasts: p50 128 -> 84 ms).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import Event
 
-from .timeslice import CHECK_EVERY, TimeSlice
+from .timeslice import CHECK_EVERY, SLICE_S, TimeSlice
 
 if TYPE_CHECKING:  # the connection imports nothing from here; only its type is named
     from .connection import Connection
@@ -59,7 +64,7 @@ class Outbox:
         while True:
             self._wake.wait()
             self._wake.clear()
-            slice_ = TimeSlice(WRITE_SLICE_S)
+            slice_ = TimeSlice(WRITE_SLICE_S, at_most=SLICE_S)
             while self._dirty:
                 # Swap the list: connections scheduled while we write go to the next round.
                 batch, self._dirty = self._dirty, []

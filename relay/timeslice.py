@@ -45,15 +45,26 @@ class TimeSlice:
             ...
             if count % CHECK_EVERY == 0:
                 slice_.check()
+
+    ``at_most`` makes the slice elastic: after a pause, the next slice lasts
+    as long as the pause did (at least ``seconds``, at most ``at_most``). On a
+    quiet loop the pauses are short and so are the slices; when others keep
+    the loop busy (a connect storm), the loop and this loop take turns of
+    about the same length instead of this one getting ``seconds`` in every
+    turn of theirs (the "other" here, say, is a hundred handshakes at a
+    millisecond each).
     """
 
-    __slots__ = ("seconds", "_until")
+    __slots__ = ("seconds", "at_most", "_until")
 
-    def __init__(self, seconds: float | None = None):
+    def __init__(self, seconds: float | None = None, *, at_most: float | None = None):
         self.seconds = SLICE_S if seconds is None else seconds
+        self.at_most = self.seconds if at_most is None else max(at_most, self.seconds)
         self._until = perf_counter() + self.seconds
 
     def check(self) -> None:
-        if perf_counter() >= self._until:
+        now = perf_counter()
+        if now >= self._until:
             pause()
-            self._until = perf_counter() + self.seconds
+            resumed = perf_counter()
+            self._until = resumed + min(max(resumed - now, self.seconds), self.at_most)

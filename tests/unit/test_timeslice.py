@@ -38,3 +38,27 @@ def test_a_loop_pauses_at_the_first_look_at_the_clock_after_its_slice(monkeypatc
 
 def test_the_default_slice_is_a_few_milliseconds():
     assert 0.001 <= TimeSlice().seconds <= 0.02
+
+
+
+def items_before_the_next_greenlet(slice_: TimeSlice, busy_s: float) -> int:
+    """A greenlet holds the loop ``busy_s`` at the first pause; how many 1 ms items run before the next one gets in."""
+    order: list[object] = []
+    gevent.spawn(time.sleep, busy_s)  # the real time.sleep: holds the loop, as a burst of handshakes does
+    time.sleep(0.001)
+    slice_.check()  # used up: pause, and the busy greenlet runs
+    gevent.spawn(lambda: order.append("other"))
+    for count in range(60):
+        time.sleep(0.001)
+        order.append(count)
+        slice_.check()
+    return order.index("other")
+
+
+def test_after_a_long_pause_an_elastic_slice_lasts_as_long_as_the_pause():
+    assert items_before_the_next_greenlet(TimeSlice(seconds=0.001), busy_s=0.010) == 1
+    assert items_before_the_next_greenlet(TimeSlice(seconds=0.001, at_most=0.050), busy_s=0.010) >= 6
+
+
+def test_an_elastic_slice_is_capped():
+    assert items_before_the_next_greenlet(TimeSlice(seconds=0.001, at_most=0.002), busy_s=0.030) <= 3
