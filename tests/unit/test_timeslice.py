@@ -40,7 +40,6 @@ def test_the_default_slice_is_a_few_milliseconds():
     assert 0.001 <= TimeSlice().seconds <= 0.02
 
 
-
 def items_before_the_next_greenlet(slice_: TimeSlice, busy_s: float) -> int:
     """A greenlet holds the loop ``busy_s`` at the first pause; how many 1 ms items run before the next one gets in."""
     order: list[object] = []
