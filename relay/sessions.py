@@ -89,10 +89,14 @@ class SessionKeeper:
         changed, self._changed = self._changed, set()
         ended, self._ended = self._ended, {}
         forget, self._forget = self._forget, []
-        live = [self._session_of(self._live[c]) for c in changed if c in self._live]
+        ids = list(changed)
         try:
-            for start in range(0, len(live), BATCH):
-                self.store.save_sessions(live[start : start + BATCH], now + self.window_ms + 2 * self.refresh_ms)
+            for start in range(0, len(ids), BATCH):
+                # Read each batch's connections only when it is written: at the end of a connect
+                # storm thousands are pending, and making all their sessions at once held the
+                # loop for over 8 ms (gevent's blocking monitor caught it mid-fan-out).
+                batch = [self._session_of(self._live[c]) for c in ids[start : start + BATCH] if c in self._live]
+                self.store.save_sessions(batch, now + self.window_ms + 2 * self.refresh_ms)
                 pause()
             rows = list(ended.values())
             for start in range(0, len(rows), BATCH):
