@@ -1,0 +1,53 @@
+"""relay.sqlite: commits do not checkpoint the WAL on the event loop; a pool thread does, once a second."""
+
+from __future__ import annotations
+
+import os
+
+import gevent
+
+import relay.sqlite
+from relay.sqlite import checkpoint, checkpoint_forever, open_db, transaction
+
+SCHEMA = "CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, body TEXT NOT NULL);"
+
+
+def write_pages(db, pages: int) -> None:
+    """About ``pages`` 4 KB pages of rows, in commits of ~100 pages (as session batches are)."""
+    for _ in range(pages // 100):
+        with transaction(db):
+            db.executemany("INSERT INTO rows (body) VALUES (?)", [("x" * 3800,)] * 100)
+
+
+def test_commits_leave_the_wal_to_the_checkpointer(tmp_path):
+    path = str(tmp_path / "a.db")
+    db = open_db(path, SCHEMA)
+    assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == relay.sqlite.WAL_BACKSTOP_PAGES
+    write_pages(db, 2000)  # twice SQLite's default threshold, at which a commit would have checkpointed
+    before = os.path.getsize(path)
+    assert before < 100 * 4096  # the rows are all still in the WAL: no commit copied them back
+    assert checkpoint(path)
+    assert os.path.getsize(path) > 1500 * 4096  # copied into the database by the checkpoint
+    assert db.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 2000
+    db.close()
+
+
+def test_checkpoint_forever_runs_in_a_pool_thread_and_forgets_files_that_are_gone(tmp_path):
+    kept, gone = str(tmp_path / "kept.db"), str(tmp_path / "gone.db")
+    db = open_db(kept, SCHEMA)
+    open_db(gone, SCHEMA).close()
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(gone + suffix):
+            os.remove(gone + suffix)
+    write_pages(db, 500)
+    worker = gevent.spawn(checkpoint_forever, 0.01)
+    try:
+        for _ in range(300):  # bounded: ~3 s
+            if os.path.getsize(kept) > 400 * 4096 and gone not in relay.sqlite._opened:
+                break
+            gevent.sleep(0.01)
+    finally:
+        worker.kill()
+    assert os.path.getsize(kept) > 400 * 4096
+    assert gone not in relay.sqlite._opened and not os.path.exists(gone)  # not re-created by the checkpointer
+    db.close()
