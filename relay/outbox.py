@@ -13,14 +13,16 @@ of the fan-out's): a POST that arrives while a round is being written is read
 at the next pause, and its frame joins the ones still waiting on the
 connections not written yet. With 5 ms slices a round of 1,000 sockets was
 written before the next POST got in, one ``send`` per frame; at 0.5 ms a
-socket gets several frames per ``send`` (the shared harness, closed loop,
-1,000 clients: 137k -> 300-390k deliveries/s, 240-300k once elastic, below;
-the kernel's share of the worker's CPU fell from 63% to 27%). Short slices alone would starve the writer
-when the loop is busy, though: in a connect storm each pause runs upgrades of
-a millisecond or more, and 0.5 ms of writing per turn doubled how late a
-broadcast reached the clients already connected. So the slice is elastic
-(``TimeSlice(at_most=...)``): after a long pause the writer takes as long a
-turn, up to the fan-out's 5 ms (the storm's probe broadcasts: p50 128 -> 84 ms).
+socket gets several frames per ``send``, and the kernel's share of the
+worker's CPU fell from 63% to 27% (the shared harness, back-to-back POSTs,
+1,000 clients: 137k -> 240-300k deliveries/s).
+
+Short slices alone would starve the writer when the loop is busy, though: in
+a connect storm each pause runs upgrades of a millisecond or more, and 0.5 ms
+of writing per turn made a broadcast reach the clients already connected
+twice as late. So the slice is elastic (``TimeSlice(at_most=...)``): after a
+long pause the writer takes as long a turn, up to the fan-out's 5 ms (the
+storm's probe broadcasts: p50 128 -> 84 ms).
 """
 
 from __future__ import annotations

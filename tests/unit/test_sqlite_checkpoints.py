@@ -1,4 +1,4 @@
-"""relay.sqlite: commits do not checkpoint the WAL on the event loop; a pool thread does, once a second."""
+"""relay.sqlite: commits do not checkpoint the WAL on the event loop; a pool thread does, four times a second."""
 
 from __future__ import annotations
 
