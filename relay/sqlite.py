@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import gevent
-from gevent import get_hub, monkey
+from gevent import get_hub
 
 log = logging.getLogger("relay.sqlite")
 
@@ -55,27 +55,16 @@ def open_db(path: str, schema: str) -> sqlite3.Connection:
     return db
 
 
-def offload(fn, *args):
-    """Run blocking ``fn`` in gevent's thread pool when the process is gevent-patched.
-
-    For work that releases the GIL but takes long (scrypt for a login, a WAL
-    checkpoint): the worker's sockets go on meanwhile. Outside gevent (CLI,
-    unit tests) it just calls.
-    """
-    if monkey.is_module_patched("socket"):
-        return get_hub().threadpool.apply(fn, args)
-    return fn(*args)
-
-
 def checkpoint(path: str) -> bool:
     """Copy ``path``'s WAL back into it (PASSIVE: as far as readers allow); runs in any thread.
 
-    Its own short-lived connection (~80 us on an idle file), opened read-write
-    only if the file still exists: False once it is gone.
+    Its own short-lived connection, opened read-write only if the file still
+    exists: False (and forgotten) once it is gone.
     """
     try:
         db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=0, check_same_thread=False)
     except sqlite3.OperationalError:
+        _opened.discard(path)
         return False
     try:
         db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -85,7 +74,7 @@ def checkpoint(path: str) -> bool:
 
 
 def checkpoint_forever(every_s: float = CHECKPOINT_EVERY_S) -> None:
-    """Checkpoint every file this process opened, once per ``every_s``, each through :func:`offload` (in a greenlet).
+    """Checkpoint every file this process opened, once per ``every_s``, each in a pool thread (a greenlet's loop).
 
     The first round runs at once: the pool's thread and what SQLite allocates in
     it (~0.3 MB, kept by the thread's malloc arena) are then part of the
@@ -94,8 +83,7 @@ def checkpoint_forever(every_s: float = CHECKPOINT_EVERY_S) -> None:
     while True:
         for path in sorted(_opened):
             try:
-                if not offload(checkpoint, path):
-                    _opened.discard(path)  # gone (a test's folder, say): here, not in the pool's thread
+                get_hub().threadpool.apply(checkpoint, (path,))
             except sqlite3.Error as problem:  # busy or failing now: the next round tries again
                 log.warning("checkpoint of %s failed: %s", path, problem)
         gevent.sleep(every_s)

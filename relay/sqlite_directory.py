@@ -4,7 +4,7 @@ It is the default so that ``make run`` works on a fresh machine with nothing
 else installed. Users are managed with ``flask users ...``; passwords are
 stored as Werkzeug hashes (scrypt). Lookups are a primary-key read, tens of
 microseconds, so they run inline; password checks cost ~0.1 s of CPU and are
-moved off the event loop (see :func:`relay.sqlite.offload`).
+moved off the event loop (see :func:`offload`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id
 from .directory import AccessTokensUnsupported, Identity
-from .sqlite import offload, open_db, transaction
+from .sqlite import open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -65,6 +65,21 @@ class DemoUser:
     password: str
     role: str
     clinic_id: str | None
+
+
+def offload(fn, *args):
+    """Run CPU-heavy ``fn`` in gevent's thread pool when the process is gevent-patched.
+
+    scrypt releases the GIL, so a login does not freeze every socket of the
+    worker for a tenth of a second. Outside gevent (CLI, unit tests) it just calls.
+    """
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:  # pragma: no cover - gevent is a hard dependency
+        return fn(*args)
+    if monkey.is_module_patched("socket"):
+        return get_hub().threadpool.apply(fn, args)
+    return fn(*args)
 
 
 class SqliteDirectory:

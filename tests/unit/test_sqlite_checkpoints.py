@@ -32,7 +32,7 @@ def test_commits_leave_the_wal_to_the_checkpointer(tmp_path):
     db.close()
 
 
-def test_checkpoint_forever_checkpoints_every_opened_file_and_forgets_files_that_are_gone(tmp_path):
+def test_checkpoint_forever_runs_in_a_pool_thread_and_forgets_files_that_are_gone(tmp_path):
     kept, gone = str(tmp_path / "kept.db"), str(tmp_path / "gone.db")
     db = open_db(kept, SCHEMA)
     open_db(gone, SCHEMA).close()
