@@ -48,7 +48,7 @@ from .recovery import Prepared, Recovery, ResumeRequest
 from .revocation import IdentityWatcher
 from .sequencer import Sequencer
 from .sessions import SessionKeeper
-from .sqlite import checkpoint_forever
+from .sqlite import start_checkpoints
 from .sqlite_broadcast_log import SqliteBroadcastLog
 from .sqlite_directory import SqliteDirectory
 from .sqlite_history import SqliteHistory
@@ -133,7 +133,7 @@ class Realtime:
         self.broadcast_log.start()
         self.sample_gauges()
         self._greenlets.append(gevent.spawn(self._sample_forever))
-        self._greenlets.append(gevent.spawn(checkpoint_forever))  # SQLite's WAL, off the event loop
+        start_checkpoints()  # SQLite's WAL, off the event loop (one checkpointer per process)
         if self.sessions is not None:
             self.sessions.start()
             self._greenlets.append(gevent.spawn(self._trim_forever))

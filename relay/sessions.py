@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import gevent
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 log = logging.getLogger("relay.sessions")
+T = TypeVar("T")
 BATCH = 200  # rows per write (a few ms; 1,000 blocked the loop 66 ms in a connect storm), then a pause
 
 
@@ -89,19 +91,15 @@ class SessionKeeper:
         changed, self._changed = self._changed, set()
         ended, self._ended = self._ended, {}
         forget, self._forget = self._forget, []
-        ids = list(changed)
         try:
-            for start in range(0, len(ids), BATCH):
+            for ids in _batches(list(changed)):
                 # Read each batch's connections only when it is written: at the end of a connect
                 # storm thousands are pending, and making all their sessions at once held the
                 # loop for over 8 ms (gevent's blocking monitor caught it mid-fan-out).
-                batch = [self._session_of(self._live[c]) for c in ids[start : start + BATCH] if c in self._live]
+                batch = [self._session_of(self._live[c]) for c in ids if c in self._live]
                 self.store.save_sessions(batch, now + self.window_ms + 2 * self.refresh_ms)
-                pause()
-            rows = list(ended.values())
-            for start in range(0, len(rows), BATCH):
-                self.store.save_sessions(rows[start : start + BATCH], now + self.window_ms)
-                pause()
+            for rows in _batches(list(ended.values())):
+                self.store.save_sessions(rows, now + self.window_ms)
             self.store.delete_sessions(forget)
         except Exception:
             self._changed |= {c for c in changed if c in self._live}
@@ -116,10 +114,8 @@ class SessionKeeper:
     def refresh(self) -> None:
         """Push every live session's expiry ahead (their connections are still open)."""
         expires = int(time.time() * 1000) + self.window_ms + 2 * self.refresh_ms
-        ids = list(self._live)
-        for start in range(0, len(ids), BATCH):
-            self.store.touch_sessions(ids[start : start + BATCH], expires)
-            pause()
+        for ids in _batches(list(self._live)):
+            self.store.touch_sessions(ids, expires)
 
     def _run(self) -> None:
         next_refresh = time.monotonic() + self.refresh_ms / 1000
@@ -136,3 +132,10 @@ class SessionKeeper:
 
     def status(self) -> dict:
         return {"live": len(self._live), "pending": len(self._changed) + len(self._ended), "errors": self.errors}
+
+
+def _batches(items: list[T]) -> Iterator[list[T]]:
+    """``items`` BATCH at a time, with a pause of the event loop after each (the caller writes one per step)."""
+    for start in range(0, len(items), BATCH):
+        yield items[start : start + BATCH]
+        pause()

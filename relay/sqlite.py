@@ -7,9 +7,9 @@ and the file synced, and by default the commit that crosses 1,000 pages does
 it, on the event loop: measured, one commit of 200 sessions in eight took
 6-11 ms instead of ~1, during a connect storm's session writes and again in
 the middle of a fan-out. So a commit checkpoints only past a far backstop
-(``WAL_BACKSTOP_PAGES``), and :func:`checkpoint_forever`, started with the
-service, checkpoints every file opened here four times a second from a thread
-of gevent's pool (SQLite releases the GIL; the loop goes on). A PASSIVE
+(``WAL_BACKSTOP_PAGES``), and one greenlet per process (:func:`start_checkpoints`,
+called as the service starts) checkpoints every file open here four times a
+second from a thread of gevent's pool (SQLite releases the GIL; the loop goes on). A PASSIVE
 checkpoint waits for no one and no writer waits for it. (Once a second was
 too slow: the 10,000 sessions written when a storm's clients leave are ~40 MB
 of WAL within a second, random keys touching a page each, and reached the
@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,7 +34,10 @@ log = logging.getLogger("relay.sqlite")
 
 WAL_BACKSTOP_PAGES = 10_000  # ~40 MB: a commit checkpoints itself only if the background ones stopped
 CHECKPOINT_EVERY_S = 0.25
-_opened: set[str] = set()  # every database file opened by this process (checkpoint_forever's list)
+# The database files open in this process, each with how many stores hold it: checkpoint_forever's
+# list. Changed only by greenlets (never from the pool's thread), so it needs no lock.
+_opened: Counter[str] = Counter()
+_checkpointer: gevent.Greenlet | None = None
 
 
 def open_db(path: str, schema: str) -> sqlite3.Connection:
@@ -42,7 +46,8 @@ def open_db(path: str, schema: str) -> sqlite3.Connection:
     ``synchronous=NORMAL``: a commit survives the process being killed (it is in
     the WAL); only a power cut can lose the last ones. Autocommit, so that a
     transaction is exactly what :func:`transaction` says. Checkpoints are left
-    to :func:`checkpoint_forever` (see the module docstring).
+    to :func:`checkpoint_forever` (see the module docstring); close the
+    connection with :func:`close_db`, which takes the file off its list.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
@@ -51,20 +56,28 @@ def open_db(path: str, schema: str) -> sqlite3.Connection:
     db.execute("PRAGMA busy_timeout=5000")
     db.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
     db.executescript(schema)
-    _opened.add(os.path.abspath(path))
+    _opened[os.path.abspath(path)] += 1
     return db
+
+
+def close_db(db: sqlite3.Connection, path: str) -> None:
+    """Close a connection made by :func:`open_db`; the file is no longer checkpointed once no store holds it."""
+    db.close()
+    path = os.path.abspath(path)
+    _opened[path] -= 1
+    if _opened[path] <= 0:
+        del _opened[path]
 
 
 def checkpoint(path: str) -> bool:
     """Copy ``path``'s WAL back into it (PASSIVE: as far as readers allow); runs in any thread.
 
     Its own short-lived connection, opened read-write only if the file still
-    exists: False (and forgotten) once it is gone.
+    exists: False once it is gone.
     """
     try:
         db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=0, check_same_thread=False)
     except sqlite3.OperationalError:
-        _opened.discard(path)
         return False
     try:
         db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -73,17 +86,28 @@ def checkpoint(path: str) -> bool:
     return True
 
 
-def checkpoint_forever(every_s: float = CHECKPOINT_EVERY_S) -> None:
-    """Checkpoint every file this process opened, once per ``every_s``, each in a pool thread (a greenlet's loop).
+def start_checkpoints() -> None:
+    """Start this process's one checkpointer (a greenlet running :func:`checkpoint_forever`) unless it runs."""
+    global _checkpointer
+    if _checkpointer is None or _checkpointer.dead:
+        _checkpointer = gevent.spawn(checkpoint_forever)
 
-    The first round runs at once: the pool's thread and what SQLite allocates in
-    it (~0.3 MB, kept by the thread's malloc arena) are then part of the
-    worker's footprint from the start, not of the first connections'.
+
+def checkpoint_forever(every_s: float = CHECKPOINT_EVERY_S) -> None:
+    """Checkpoint every open file once per ``every_s``, each in a pool thread (the body of a greenlet).
+
+    Always the pool, never inline as ``offload`` does outside a patched process:
+    this runs in a greenlet, so there is a hub, and inline the checkpoints would
+    hold the loop. A file deleted under us is dropped from the list here, on
+    the loop. The first round runs at once: the pool's thread and what SQLite
+    allocates in it (~0.3 MB, kept by the thread's malloc arena) are then part
+    of the worker's footprint from the start, not of the first connections'.
     """
     while True:
         for path in sorted(_opened):
             try:
-                get_hub().threadpool.apply(checkpoint, (path,))
+                if not get_hub().threadpool.apply(checkpoint, (path,)):
+                    _opened.pop(path, None)
             except sqlite3.Error as problem:  # busy or failing now: the next round tries again
                 log.warning("checkpoint of %s failed: %s", path, problem)
         gevent.sleep(every_s)

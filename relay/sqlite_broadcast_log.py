@@ -13,7 +13,7 @@ import sqlite3
 import threading
 
 from .broadcast_log import LoggedBroadcast, LogQuery, LogUnavailable
-from .sqlite import open_db, transaction
+from .sqlite import close_db, open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS broadcast_log (
@@ -123,5 +123,5 @@ class SqliteBroadcastLog:
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
-                self._db.close()
+                close_db(self._db, self.path)
                 self._db = None

@@ -20,7 +20,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id
 from .directory import AccessTokensUnsupported, Identity
-from .sqlite import open_db, transaction
+from .sqlite import close_db, open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -210,7 +210,7 @@ class SqliteDirectory:
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
-                self._db.close()
+                close_db(self._db, self.path)
                 self._db = None
 
     # -- plumbing ---------------------------------------------------------

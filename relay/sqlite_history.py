@@ -27,7 +27,7 @@ from typing import ParamSpec, TypeVar
 
 from .envelope import Envelope
 from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
-from .sqlite import open_db, transaction
+from .sqlite import close_db, open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -274,7 +274,7 @@ class SqliteHistory:
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
-                self._db.close()
+                close_db(self._db, self.path)
                 self._db = None
 
     # -- plumbing ---------------------------------------------------------------------------

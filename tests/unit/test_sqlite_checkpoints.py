@@ -7,7 +7,7 @@ import os
 import gevent
 
 import relay.sqlite
-from relay.sqlite import checkpoint, checkpoint_forever, open_db, transaction
+from relay.sqlite import checkpoint, checkpoint_forever, close_db, open_db, start_checkpoints, transaction
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, body TEXT NOT NULL);"
 
@@ -30,6 +30,27 @@ def test_commits_leave_the_wal_to_the_checkpointer(tmp_path):
     assert os.path.getsize(path) > 1500 * 4096  # copied into the database by the checkpoint
     assert db.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 2000
     db.close()
+
+
+def test_a_file_is_checkpointed_while_some_store_holds_it_open(tmp_path):
+    path = str(tmp_path / "shared.db")
+    first, second = open_db(path, SCHEMA), open_db(path, SCHEMA)
+    assert relay.sqlite._opened[path] == 2
+    close_db(first, path)
+    assert relay.sqlite._opened[path] == 1  # the other store still writes to it
+    close_db(second, path)
+    assert path not in relay.sqlite._opened
+
+
+def test_one_checkpointer_per_process_however_many_services_start():
+    start_checkpoints()
+    running = relay.sqlite._checkpointer
+    assert running is not None and not running.dead
+    start_checkpoints()
+    assert relay.sqlite._checkpointer is running
+    running.kill()
+    start_checkpoints()  # a dead one is replaced
+    assert relay.sqlite._checkpointer is not running and not relay.sqlite._checkpointer.dead
 
 
 def test_checkpoint_forever_runs_in_a_pool_thread_and_forgets_files_that_are_gone(tmp_path):
