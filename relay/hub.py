@@ -21,7 +21,7 @@ from collections.abc import Callable
 import gevent
 import gevent.lock
 
-from .connection import CLOSED, Connection
+from .connection import CLOSED, Connection, push_all
 from .directory import Identity
 from .envelope import Envelope, Filter
 from .timeslice import CHECK_EVERY, TimeSlice
@@ -30,9 +30,18 @@ log = logging.getLogger("relay.hub")
 
 
 class Hub:
-    def __init__(self, *, max_clients: int, ping_interval: float):
+    def __init__(
+        self,
+        *,
+        max_clients: int,
+        ping_interval: float,
+        push_all: Callable[[list, bytes], int] = push_all,
+    ):
+        """``push_all(conns, frame)`` queues a frame on many connections (the connection module's
+        fast loop); tests of the hub alone give one that calls their fakes' ``push``."""
         self.max_clients = max_clients
         self.ping_interval = ping_interval
+        self._push_all = push_all
         self.draining = False
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -191,11 +200,10 @@ class Hub:
         delivered = 0
         with self._delivering:
             slice_ = TimeSlice()
-            for count, conn in enumerate(self.recipients(envelope.filter), 1):
-                if conn.push(frame):
-                    delivered += 1
-                if count % CHECK_EVERY == 0:
-                    slice_.check()
+            recipients = self.recipients(envelope.filter)
+            for start in range(0, len(recipients), CHECK_EVERY):
+                delivered += self._push_all(recipients[start : start + CHECK_EVERY], frame)
+                slice_.check()
         self.counters["broadcasts"] += 1
         self.counters["messages"] += delivered
         return delivered

@@ -15,7 +15,7 @@ from wsframes import ServerFrames, client_frame, close_frame, text
 
 from relay import frames
 from relay.codes import Close
-from relay.connection import ABNORMAL, CLOSED, CLOSING, OPEN, Connection
+from relay.connection import ABNORMAL, CLOSED, CLOSING, OPEN, Connection, push_all
 from relay.outbox import Outbox
 
 
@@ -146,6 +146,31 @@ def test_a_client_owing_more_than_max_queue_is_closed_1013_without_tearing_a_fra
         run_loop(0)
     assert int.from_bytes(payload[:2], "big") == Close.TRY_AGAIN_LATER
     assert len(seen) < pushed  # the frames behind the overflow were dropped
+
+
+def test_push_all_queues_like_push_on_each_and_skips_the_closing(pair):
+    (a, _, a_frames, _), (b, _, b_frames, _) = pair(), pair()
+    leaving, _, leaving_frames, _ = pair()
+    leaving.close(Close.SERVICE_RESTART, "bye")
+    first, second = frames.text(b"first"), frames.text(b"second")
+    assert push_all([a, leaving, b], first) == 2
+    assert push_all([b, leaving, a], second) == 2
+    run_loop()
+    for server in (a_frames, b_frames):
+        assert [server.next(), server.next()] == [(frames.OP_TEXT, b"first"), (frames.OP_TEXT, b"second")]
+    assert leaving_frames.next()[0] == frames.OP_CLOSE  # its close frame, and nothing pushed after it
+
+
+def test_push_all_closes_a_client_past_max_queue_1013_as_push_does(pair):
+    conn, handler, _, _ = pair(max_queue=64 * 1024, sndbuf=4096, rcvbuf=4096)
+    frame = frames.text(b"x" * 30_000)
+    for _ in range(1000):  # bounded; the client reads nothing, so the queue fills within a few
+        if conn.state is not OPEN:
+            break
+        push_all([conn], frame)
+        run_loop(0)
+    assert conn.state is CLOSING and conn.close_code == Close.TRY_AGAIN_LATER and conn.overflowed
+    assert push_all([conn], frame) == 0
 
 
 def test_close_waits_for_the_answer_then_the_timer_drops_a_silent_client(pair):

@@ -30,9 +30,13 @@ class FakeConn:
         return self.name
 
 
+def push_each(conns, frame):
+    return sum(1 for conn in conns if conn.push(frame))
+
+
 @pytest.fixture
 def hub():
-    hub = Hub(max_clients=100, ping_interval=30)
+    hub = Hub(max_clients=100, ping_interval=30, push_all=push_each)
     people = {
         "admin": FakeConn("admin", "alice", "admin"),
         "bob1": FakeConn("bob1", "bob", "sales_staff", "clinic-1"),
