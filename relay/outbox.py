@@ -48,7 +48,13 @@ class Outbox:
         self._dirty: list = []
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
+        self._writing = False
         self.stalls = 0  # times a socket's kernel buffer was full and a write had to wait
+
+    @property
+    def busy(self) -> bool:
+        """Whether sockets are waiting to be written, or a round is being written (background work waits)."""
+        return self._writing or bool(self._dirty)
 
     def status(self) -> dict:
         return {"backlog": len(self._dirty), "stalls": self.stalls}
@@ -67,15 +73,19 @@ class Outbox:
             self._wake.wait()
             self._wake.clear()
             slice_ = TimeSlice(WRITE_SLICE_S, at_most=SLICE_S)
-            while self._dirty:
-                # Swap the list: connections scheduled while we write go to the next round.
-                batch, self._dirty = self._dirty, []
-                for count, conn in enumerate(batch, 1):
-                    try:
-                        conn.flush()
-                    except Exception:  # one broken socket must never stop the writer
-                        log.exception("flush failed; dropping the connection")
-                        conn.abort("flush_error")
-                    if count % CHECK_EVERY == 0:
-                        slice_.check()
-                slice_.check()  # and between rounds: a stream of small rounds must give way too
+            self._writing = True
+            try:
+                while self._dirty:
+                    # Swap the list: connections scheduled while we write go to the next round.
+                    batch, self._dirty = self._dirty, []
+                    for count, conn in enumerate(batch, 1):
+                        try:
+                            conn.flush()
+                        except Exception:  # one broken socket must never stop the writer
+                            log.exception("flush failed; dropping the connection")
+                            conn.abort("flush_error")
+                        if count % CHECK_EVERY == 0:
+                            slice_.check()
+                    slice_.check()  # and between rounds: a stream of small rounds must give way too
+            finally:
+                self._writing = False

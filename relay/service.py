@@ -97,7 +97,9 @@ class Realtime:
         self.sessions: SessionKeeper | None = None
         last_values: LastValues | None = None
         if self.history is not None:
-            self.sessions = SessionKeeper(self.history, window_ms=settings.recovery_window_ms)
+            self.sessions = SessionKeeper(
+                self.history, window_ms=settings.recovery_window_ms, busy=lambda: self.outbox.busy
+            )
             last_values = LastValues(self.history, self.sequencer, ttl_ms=settings.last_value_ttl_ms)
         self.recovery = Recovery(
             self.history, self.sequencer, self.sessions, max_messages=settings.recovery_max_messages

@@ -12,15 +12,23 @@ the live ones from expiring. So:
 - a session of a worker that was killed outright lives at least ``window``
   after the kill, because live sessions are always written to expire
   ``window + refresh`` ahead and refreshed every ``refresh``; only the
-  subscription changes of its last ``flush_interval`` are lost, and the
+  subscription changes of its last ``flush_interval`` are lost (up to
+  ``PATIENCE_S`` more while a fan-out was being written, see below), and the
   browser client re-subscribes whatever the restored session lacks.
+
+Deliveries go first. Before each batch the keeper waits while ``busy()``
+says the outbox has sockets to write, for at most ``PATIENCE_S`` per round:
+a session is for a reconnect that may never come, a frame is for a client
+waiting now. Measured in the shared harness's 10,000 x 10 fan-out: 3,500
+sessions of the clients' SUBSCRIBEs were still being written when the
+broadcasts began, 25 ms of a 190 ms fan-out.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 import gevent
@@ -34,11 +42,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.sessions")
 T = TypeVar("T")
 BATCH = 200  # rows per write (a few ms; 1,000 blocked the loop 66 ms in a connect storm), then a pause
+PATIENCE_S = 1.0  # how long a round of writes may wait for the outbox (see the module docstring)
+BUSY_POLL_S = 0.005
 
 
 class SessionKeeper:
-    def __init__(self, store: History, *, window_ms: int, flush_interval: float = 0.25, refresh_ms: int | None = None):
+    def __init__(
+        self,
+        store: History,
+        *,
+        window_ms: int,
+        flush_interval: float = 0.25,
+        refresh_ms: int | None = None,
+        busy: Callable[[], bool] = lambda: False,
+    ):
         self.store = store
+        self.busy = busy
         self.window_ms = window_ms
         self.refresh_ms = refresh_ms if refresh_ms is not None else max(1000, min(30_000, window_ms // 4))
         self.flush_interval = flush_interval
@@ -82,23 +101,25 @@ class SessionKeeper:
         if self._greenlet is None:
             self._greenlet = gevent.spawn(self._run)
 
-    def flush(self) -> None:
-        """Write every pending change now (the drain calls this before the worker exits).
+    def flush(self, patient_until: float = 0.0) -> None:
+        """Write every pending change (the drain calls this before the worker exits: at once).
 
-        If the store fails, what was pending stays pending for the next try.
+        Until ``patient_until`` (``time.monotonic()``), each batch first waits
+        while ``busy()``. If the store fails, what was pending stays pending for
+        the next try.
         """
         now = int(time.time() * 1000)
         changed, self._changed = self._changed, set()
         ended, self._ended = self._ended, {}
         forget, self._forget = self._forget, []
         try:
-            for ids in _batches(list(changed)):
+            for ids in _batches(list(changed), self.busy, patient_until):
                 # Read each batch's connections only when it is written: at the end of a connect
                 # storm thousands are pending, and making all their sessions at once held the
                 # loop for over 8 ms (gevent's blocking monitor caught it mid-fan-out).
                 batch = [self._session_of(self._live[c]) for c in ids if c in self._live]
                 self.store.save_sessions(batch, now + self.window_ms + 2 * self.refresh_ms)
-            for rows in _batches(list(ended.values())):
+            for rows in _batches(list(ended.values()), self.busy, patient_until):
                 self.store.save_sessions(rows, now + self.window_ms)
             self.store.delete_sessions(forget)
         except Exception:
@@ -111,10 +132,10 @@ class SessionKeeper:
     def _session_of(conn: Connection) -> Session:
         return Session(conn.id, str(conn.user_id), tuple(sorted(conn.channels)))
 
-    def refresh(self) -> None:
-        """Push every live session's expiry ahead (their connections are still open)."""
+    def refresh(self, patient_until: float = 0.0) -> None:
+        """Push every live session's expiry ahead (their connections are still open); waits as flush does."""
         expires = int(time.time() * 1000) + self.window_ms + 2 * self.refresh_ms
-        for ids in _batches(list(self._live)):
+        for ids in _batches(list(self._live), self.busy, patient_until):
             self.store.touch_sessions(ids, expires)
 
     def _run(self) -> None:
@@ -122,10 +143,10 @@ class SessionKeeper:
         while True:
             gevent.sleep(self.flush_interval)
             try:
-                self.flush()
+                self.flush(time.monotonic() + PATIENCE_S)
                 if time.monotonic() >= next_refresh:
                     next_refresh = time.monotonic() + self.refresh_ms / 1000
-                    self.refresh()
+                    self.refresh(time.monotonic() + PATIENCE_S)
             except Exception as problem:  # the store is down: keep what is pending, try again
                 self.errors += 1
                 log.warning("sessions not saved yet: %s", problem)
@@ -134,8 +155,11 @@ class SessionKeeper:
         return {"live": len(self._live), "pending": len(self._changed) + len(self._ended), "errors": self.errors}
 
 
-def _batches(items: list[T]) -> Iterator[list[T]]:
-    """``items`` BATCH at a time, with a pause of the event loop after each (the caller writes one per step)."""
+def _batches(items: list[T], busy: Callable[[], bool], patient_until: float) -> Iterator[list[T]]:
+    """``items`` BATCH at a time (the caller writes one per step), with a pause of the event loop after
+    each; before each, a wait while ``busy()``, until ``patient_until`` at the latest."""
     for start in range(0, len(items), BATCH):
+        while busy() and time.monotonic() < patient_until:
+            gevent.sleep(BUSY_POLL_S)
         yield items[start : start + BATCH]
         pause()

@@ -98,3 +98,26 @@ def test_the_writer_yields_once_its_time_slice_is_used_so_others_run_during_a_bi
     gevent.sleep(0.01)
     assert order.index("someone else") < 30 and order.count("flush") == 30
     assert outbox.status()["backlog"] == 0
+
+
+def test_busy_while_sockets_wait_or_a_round_is_being_written():
+    outbox = Outbox()
+    ours, theirs = socket.socketpair()
+    seen_while_writing = []
+
+    class Watching(CountingSocket):
+        def send(self, data) -> int:  # inside the round: the connection is off the list, the round goes on
+            seen_while_writing.append(outbox.busy)
+            return super().send(data)
+
+    conn = Connection(
+        Watching(ours), outbox=outbox, handler=Quiet(), max_message=1024, max_queue=1 << 20, close_timeout=1
+    )
+    assert not outbox.busy
+    conn.push(frames.text(b"hello"))
+    assert outbox.busy  # queued, the writer has not run yet
+    gevent.sleep(0.01)
+    assert seen_while_writing == [True]
+    assert not outbox.busy and theirs.recv(64) == frames.text(b"hello")
+    conn.abort("done")
+    theirs.close()

@@ -1,0 +1,70 @@
+"""The session keeper lets deliveries go first: its batches wait while the outbox is busy, within bounds."""
+
+from __future__ import annotations
+
+import time
+
+import gevent
+import pytest
+
+from relay.history import Session
+from relay.sessions import SessionKeeper
+
+
+class Store:
+    """Records what the keeper writes (the History methods it calls)."""
+
+    def __init__(self) -> None:
+        self.saved: list[str] = []
+        self.touched: list[str] = []
+
+    def save_sessions(self, sessions: list[Session], expires_at_ms: int) -> None:
+        self.saved += [s.client_id for s in sessions]
+
+    def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:
+        self.touched += client_ids
+
+    def delete_sessions(self, client_ids: list[str]) -> None: ...
+
+
+class Conn:
+    def __init__(self, n: int) -> None:
+        self.id, self.user_id, self.channels = f"c-{n}", f"u-{n}", {"system:announcements"}
+
+
+@pytest.fixture
+def busy():
+    return [True]
+
+
+@pytest.fixture
+def keeper(busy):
+    keeper = SessionKeeper(Store(), window_ms=60_000, busy=lambda: busy[0])  # type: ignore[arg-type]
+    for n in range(3):
+        keeper.opened(Conn(n))  # type: ignore[arg-type]
+    return keeper
+
+
+def test_a_patient_flush_waits_while_busy_and_writes_once_the_outbox_is_done(keeper, busy):
+    writer = gevent.spawn(keeper.flush, time.monotonic() + 5)
+    gevent.sleep(0.05)
+    assert keeper.store.saved == []  # the outbox is busy: the batch waits
+    busy[0] = False
+    writer.join(timeout=2)
+    assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2"]
+
+
+def test_patience_ends_so_a_worker_that_is_always_busy_still_saves_its_sessions(keeper):
+    started = time.monotonic()
+    gevent.spawn(keeper.flush, started + 0.05).join(timeout=2)
+    assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2"]
+    assert 0.04 <= time.monotonic() - started < 1.5
+
+
+def test_the_drains_flush_and_refresh_do_not_wait(keeper):
+    started = time.monotonic()
+    keeper.flush()  # no patience: what the drain calls before the worker exits
+    keeper.refresh()
+    assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2"]
+    assert sorted(keeper.store.touched) == ["c-0", "c-1", "c-2"]
+    assert time.monotonic() - started < 0.5
