@@ -64,6 +64,7 @@ class SessionKeeper:
         self._live: dict[str, Connection] = {}
         self._changed: set[str] = set()
         self._ended: dict[str, Session] = {}
+        self._saving: list[dict[str, Session]] = []  # ended sessions a flush is writing (pending() sees them)
         self._forget: list[str] = []
         self._greenlet: gevent.Greenlet | None = None
         self.errors = 0
@@ -85,9 +86,10 @@ class SessionKeeper:
 
     def pending(self, client_id: str) -> Session | None:
         """What this worker knows of a session that may not be in the store yet (ended here, or still open)."""
-        ended = self._ended.get(client_id)
-        if ended is not None:
-            return ended
+        for ended_here in (self._ended, *self._saving):
+            ended = ended_here.get(client_id)
+            if ended is not None:
+                return ended
         conn = self._live.get(client_id)
         return self._session_of(conn) if conn is not None else None
 
@@ -112,6 +114,9 @@ class SessionKeeper:
         changed, self._changed = self._changed, set()
         ended, self._ended = self._ended, {}
         forget, self._forget = self._forget, []
+        # Until written, the ended sessions must still be found by a client resuming here
+        # (pending()): a patient flush may wait up to PATIENCE_S for the outbox first.
+        self._saving.append(ended)
         try:
             for ids in _batches(list(changed), self.busy, patient_until):
                 # Read each batch's connections only when it is written: at the end of a connect
@@ -127,6 +132,8 @@ class SessionKeeper:
             self._ended = {**ended, **self._ended}
             self._forget = forget + self._forget
             raise
+        finally:
+            self._saving.remove(ended)
 
     @staticmethod
     def _session_of(conn: Connection) -> Session:

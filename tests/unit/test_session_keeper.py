@@ -68,3 +68,17 @@ def test_the_drains_flush_and_refresh_do_not_wait(keeper):
     assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2"]
     assert sorted(keeper.store.touched) == ["c-0", "c-1", "c-2"]
     assert time.monotonic() - started < 0.5
+
+
+def test_a_session_that_ended_is_found_while_a_patient_flush_waits_to_write_it(keeper, busy):
+    leaving = Conn(7)
+    keeper.opened(leaving)  # type: ignore[arg-type]
+    keeper.closed(leaving)  # type: ignore[arg-type]
+    writer = gevent.spawn(keeper.flush, time.monotonic() + 5)
+    gevent.sleep(0.05)
+    assert keeper.store.saved == []
+    found = keeper.pending("c-7")  # the client is back and resumes here before its session is written
+    assert found is not None and found.channels == ("system:announcements",)
+    busy[0] = False
+    writer.join(timeout=2)
+    assert "c-7" in keeper.store.saved and keeper.pending("c-7") is None  # now the store has it
