@@ -16,12 +16,18 @@ the live ones from expiring. So:
   ``PATIENCE_S`` more while a fan-out was being written, see below), and the
   browser client re-subscribes whatever the restored session lacks.
 
-Deliveries go first. Before each batch the keeper waits while ``busy()``
-says the outbox has sockets to write, for at most ``PATIENCE_S`` per round:
-a session is for a reconnect that may never come, a frame is for a client
-waiting now. Measured in the shared harness's 10,000 x 10 fan-out: 3,500
-sessions of the clients' SUBSCRIBEs were still being written when the
-broadcasts began, 25 ms of a 190 ms fan-out.
+Deliveries go first, for live sessions. Before each batch of changes to
+sessions still open (new ones, SUBSCRIBEs) and of expiry refreshes, the
+keeper waits while ``busy()`` says the outbox has sockets to write, for at
+most ``PATIENCE_S`` per round: such a session is for a reconnect that has
+not happened, a frame is for a client waiting now. Measured in the shared
+harness's 10,000 x 10 fan-out: 3,500 sessions of the clients' SUBSCRIBEs
+were still being written when the broadcasts began, 25 ms of a 190 ms
+fan-out. Sessions that ended, and the deletion of resumed ones, never wait:
+their client may be resuming on another worker right now (which looks for
+the session only for a moment, ``Recovery.session_wait``), and a drain
+running meanwhile must find nothing held back but live sessions, which its
+own closing turns into ended ones.
 """
 
 from __future__ import annotations
@@ -106,34 +112,38 @@ class SessionKeeper:
     def flush(self, patient_until: float = 0.0) -> None:
         """Write every pending change (the drain calls this before the worker exits: at once).
 
-        Until ``patient_until`` (``time.monotonic()``), each batch first waits
-        while ``busy()``. If the store fails, what was pending stays pending for
-        the next try.
+        Ended sessions first, then the deletions of resumed ones, neither
+        waiting; then the changes to live sessions, each batch of which first
+        waits while ``busy()`` until ``patient_until`` (``time.monotonic()``).
+        If the store fails, what was pending stays pending for the next try.
         """
         now = int(time.time() * 1000)
         changed, self._changed = self._changed, set()
         ended, self._ended = self._ended, {}
         forget, self._forget = self._forget, []
-        # Until written, the ended sessions must still be found by a client resuming here
-        # (pending()): a patient flush may wait up to PATIENCE_S for the outbox first.
-        self._saving.append(ended)
+        self._saving.append(ended)  # until written, a client resuming here still finds them (pending())
         try:
-            for ids in _batches(list(changed), self.busy, patient_until):
-                # Read each batch's connections only when it is written: at the end of a connect
-                # storm thousands are pending, and making all their sessions at once held the
-                # loop for over 8 ms (gevent's blocking monitor caught it mid-fan-out).
-                batch = [self._session_of(self._live[c]) for c in ids if c in self._live]
-                self.store.save_sessions(batch, now + self.window_ms + 2 * self.refresh_ms)
-            for rows in _batches(list(ended.values()), self.busy, patient_until):
+            for rows in _batches(list(ended.values())):
                 self.store.save_sessions(rows, now + self.window_ms)
             self.store.delete_sessions(forget)
         except Exception:
-            self._changed |= {c for c in changed if c in self._live}
+            self._changed |= changed
             self._ended = {**ended, **self._ended}
             self._forget = forget + self._forget
             raise
         finally:
-            self._saving.remove(ended)
+            self._saving = [held for held in self._saving if held is not ended]
+        try:
+            for ids in _batches(list(changed), self.busy, patient_until):
+                # Read each batch's connections only when it is written: at the end of a connect
+                # storm thousands are pending, and making all their sessions at once held the
+                # loop for over 8 ms (gevent's blocking monitor caught it mid-fan-out). One that
+                # closed meanwhile is an ended session now, written by the next flush.
+                batch = [self._session_of(self._live[c]) for c in ids if c in self._live]
+                self.store.save_sessions(batch, now + self.window_ms + 2 * self.refresh_ms)
+        except Exception:
+            self._changed |= {c for c in changed if c in self._live}
+            raise
 
     @staticmethod
     def _session_of(conn: Connection) -> Session:
@@ -162,7 +172,11 @@ class SessionKeeper:
         return {"live": len(self._live), "pending": len(self._changed) + len(self._ended), "errors": self.errors}
 
 
-def _batches(items: list[T], busy: Callable[[], bool], patient_until: float) -> Iterator[list[T]]:
+def _never_busy() -> bool:
+    return False
+
+
+def _batches(items: list[T], busy: Callable[[], bool] = _never_busy, patient_until: float = 0.0) -> Iterator[list[T]]:
     """``items`` BATCH at a time (the caller writes one per step), with a pause of the event loop after
     each; before each, a wait while ``busy()``, until ``patient_until`` at the latest."""
     for start in range(0, len(items), BATCH):

@@ -73,7 +73,7 @@ def checkpoint(path: str) -> bool:
     """Copy ``path``'s WAL back into it (PASSIVE: as far as readers allow); runs in any thread.
 
     Its own short-lived connection, opened read-write only if the file still
-    exists: False once it is gone.
+    exists: False if it could not be opened (gone, or no descriptor left).
     """
     try:
         db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=0, check_same_thread=False)
@@ -106,8 +106,8 @@ def checkpoint_forever(every_s: float = CHECKPOINT_EVERY_S) -> None:
     while True:
         for path in sorted(_opened):
             try:
-                if not get_hub().threadpool.apply(checkpoint, (path,)):
-                    _opened.pop(path, None)
+                if not get_hub().threadpool.apply(checkpoint, (path,)) and not os.path.exists(path):
+                    _opened.pop(path, None)  # deleted under us (not, say, out of file descriptors)
             except sqlite3.Error as problem:  # busy or failing now: the next round tries again
                 log.warning("checkpoint of %s failed: %s", path, problem)
         gevent.sleep(every_s)

@@ -282,8 +282,12 @@ class SqliteHistory:
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             db = open_db(self.path, SCHEMA)
-            # The epoch is born with the file: the first process to get here writes it.
-            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
+            try:
+                # The epoch is born with the file: the first process to get here writes it.
+                db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
+            except BaseException:
+                close_db(db, self.path)
+                raise
             self._db = db
         return self._db
 

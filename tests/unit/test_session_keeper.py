@@ -1,4 +1,5 @@
-"""The session keeper lets deliveries go first: its batches wait while the outbox is busy, within bounds."""
+"""The session keeper lets deliveries go first: its batches of live sessions wait while the outbox is busy,
+within bounds; sessions that ended, and the deletion of resumed ones, never wait."""
 
 from __future__ import annotations
 
@@ -14,17 +15,22 @@ from relay.sessions import SessionKeeper
 class Store:
     """Records what the keeper writes (the History methods it calls)."""
 
-    def __init__(self) -> None:
+    def __init__(self, write_s: float = 0.0) -> None:
         self.saved: list[str] = []
         self.touched: list[str] = []
+        self.deleted: list[str] = []
+        self.write_s = write_s  # a write that yields, as a Redis round trip does
 
     def save_sessions(self, sessions: list[Session], expires_at_ms: int) -> None:
+        if self.write_s:
+            gevent.sleep(self.write_s)
         self.saved += [s.client_id for s in sessions]
 
     def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:
         self.touched += client_ids
 
-    def delete_sessions(self, client_ids: list[str]) -> None: ...
+    def delete_sessions(self, client_ids: list[str]) -> None:
+        self.deleted += client_ids
 
 
 class Conn:
@@ -70,15 +76,39 @@ def test_the_drains_flush_and_refresh_do_not_wait(keeper):
     assert time.monotonic() - started < 0.5
 
 
-def test_a_session_that_ended_is_found_while_a_patient_flush_waits_to_write_it(keeper, busy):
+def test_ended_sessions_and_deletions_do_not_wait_for_the_outbox(keeper):
     leaving = Conn(7)
     keeper.opened(leaving)  # type: ignore[arg-type]
     keeper.closed(leaving)  # type: ignore[arg-type]
+    keeper.resumed("c-9")
     writer = gevent.spawn(keeper.flush, time.monotonic() + 5)
     gevent.sleep(0.05)
-    assert keeper.store.saved == []
-    found = keeper.pending("c-7")  # the client is back and resumes here before its session is written
+    # Its client may be resuming on another worker now, which looks for the session only briefly.
+    assert keeper.store.saved == ["c-7"] and keeper.store.deleted == ["c-9"]
+    writer.kill()
+
+
+def test_a_session_that_ended_is_found_here_while_it_is_being_written():
+    keeper = SessionKeeper(Store(write_s=0.2), window_ms=60_000)  # type: ignore[arg-type]
+    leaving = Conn(7)
+    keeper.opened(leaving)  # type: ignore[arg-type]
+    keeper.closed(leaving)  # type: ignore[arg-type]
+    writer = gevent.spawn(keeper.flush)
+    gevent.sleep(0.05)
+    found = keeper.pending("c-7")  # the client is back and resumes here before the store has it
     assert found is not None and found.channels == ("system:announcements",)
-    busy[0] = False
     writer.join(timeout=2)
-    assert "c-7" in keeper.store.saved and keeper.pending("c-7") is None  # now the store has it
+    assert keeper.store.saved == ["c-7"] and keeper.pending("c-7") is None  # now the store has it
+
+
+def test_a_drain_while_the_keeper_waits_leaves_no_session_unwritten(keeper):
+    left_before = Conn(5)
+    keeper.opened(left_before)  # type: ignore[arg-type]
+    keeper.closed(left_before)  # type: ignore[arg-type]
+    waiting = gevent.spawn(keeper.flush, time.monotonic() + 5)  # takes c-5 and c-0..c-2's changes
+    gevent.sleep(0.05)
+    for n in range(3):  # SIGTERM: the drain closes every socket, then flushes at once
+        keeper.closed(keeper._live[f"c-{n}"])
+    keeper.flush()
+    assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2", "c-5"]  # nothing held back by the waiting flush
+    waiting.kill()  # the worker exits

@@ -42,15 +42,19 @@ def test_a_file_is_checkpointed_while_some_store_holds_it_open(tmp_path):
     assert path not in relay.sqlite._opened
 
 
-def test_one_checkpointer_per_process_however_many_services_start():
-    start_checkpoints()
-    running = relay.sqlite._checkpointer
-    assert running is not None and not running.dead
-    start_checkpoints()
-    assert relay.sqlite._checkpointer is running
-    running.kill()
-    start_checkpoints()  # a dead one is replaced
-    assert relay.sqlite._checkpointer is not running and not relay.sqlite._checkpointer.dead
+def test_one_checkpointer_per_process_however_many_times_it_is_started():
+    try:
+        start_checkpoints()
+        running = relay.sqlite._checkpointer
+        assert running is not None and not running.dead
+        start_checkpoints()  # a second service in the process
+        assert relay.sqlite._checkpointer is running
+        running.kill()
+        start_checkpoints()  # a dead one is replaced
+        assert relay.sqlite._checkpointer is not running and not relay.sqlite._checkpointer.dead
+    finally:
+        if relay.sqlite._checkpointer is not None:
+            relay.sqlite._checkpointer.kill()
 
 
 def test_checkpoint_forever_runs_in_a_pool_thread_and_forgets_files_that_are_gone(tmp_path):
