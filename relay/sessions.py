@@ -52,6 +52,10 @@ PATIENCE_S = 1.0  # how long a round of writes may wait for the outbox (see the 
 BUSY_POLL_S = 0.005
 
 
+def _never_busy() -> bool:
+    return False
+
+
 class SessionKeeper:
     def __init__(
         self,
@@ -60,7 +64,7 @@ class SessionKeeper:
         window_ms: int,
         flush_interval: float = 0.25,
         refresh_ms: int | None = None,
-        busy: Callable[[], bool] = lambda: False,
+        busy: Callable[[], bool] = _never_busy,
     ):
         self.store = store
         self.busy = busy
@@ -127,7 +131,7 @@ class SessionKeeper:
                 self.store.save_sessions(rows, now + self.window_ms)
             self.store.delete_sessions(forget)
         except Exception:
-            self._changed |= changed
+            self._changed |= {c for c in changed if c in self._live}
             self._ended = {**ended, **self._ended}
             self._forget = forget + self._forget
             raise
@@ -170,10 +174,6 @@ class SessionKeeper:
 
     def status(self) -> dict:
         return {"live": len(self._live), "pending": len(self._changed) + len(self._ended), "errors": self.errors}
-
-
-def _never_busy() -> bool:
-    return False
 
 
 def _batches(items: list[T], busy: Callable[[], bool] = _never_busy, patient_until: float = 0.0) -> Iterator[list[T]]:
