@@ -63,3 +63,31 @@ def test_web_concurrency_without_redis_is_refused(start_server):
     srv = start_server(wait=False, WEB_CONCURRENCY=2)
     assert srv.proc.wait(timeout=30) != 0
     assert "cannot start: 2 workers need REDIS_URL" in srv.log_text()
+
+
+SHARED_CODE = ("libcrypto", "libstdc++", "libgcc_s")  # OpenSSL's digests; the C++ runtime greenlet unwinds through
+
+
+def _shared_code_kb(pid: int) -> int:
+    """Resident KB of the worker's mappings of SHARED_CODE (from /proc/<pid>/smaps)."""
+    total, counting = 0, False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if "-" in head[0] and not line.endswith(" kB\n"):  # a mapping's first line
+                counting = len(head) > 5 and any(name in head[5] for name in SHARED_CODE)
+            elif counting and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+def test_the_worker_faults_in_its_shared_code_at_boot_not_on_the_first_connect(start_server):
+    """The first client would otherwise fault in ~1.5 MB of library code (gunicorn.conf.py's _warm_up)."""
+    srv = start_server()
+    pid = srv.health()["pid"]
+    before = _shared_code_kb(pid)
+    with srv.connect("bob", ["system:announcements"]) as client:
+        srv.announce("first")
+        assert client.expect("ANNOUNCEMENT")["data"]["message"] == "first"
+    assert before > 0  # the mappings are there (a renamed library would make this test vacuous)
+    assert _shared_code_kb(pid) - before < 256, "a connect touched OpenSSL or the C++ runtime for the first time"
