@@ -122,7 +122,6 @@ class SessionKeeper:
         If the store fails, what was pending stays pending for the next try.
         """
         now = int(time.time() * 1000)
-        changed, self._changed = self._changed, set()
         ended, self._ended = self._ended, {}
         forget, self._forget = self._forget, []
         self._saving.append(ended)  # until written, a client resuming here still finds them (pending())
@@ -131,12 +130,13 @@ class SessionKeeper:
                 self.store.save_sessions(rows, now + self.window_ms)
             self.store.delete_sessions(forget)
         except Exception:
-            self._changed |= {c for c in changed if c in self._live}
             self._ended = {**ended, **self._ended}
             self._forget = forget + self._forget
             raise
         finally:
             self._saving = [held for held in self._saving if held is not ended]
+        # Live sessions' changes are taken only now: if the writes above failed, they were never taken.
+        changed, self._changed = self._changed, set()
         try:
             for ids in _batches(list(changed), self.busy, patient_until):
                 # Read each batch's connections only when it is written: at the end of a connect
