@@ -113,7 +113,7 @@ def _warm_up(realtime):
     timed wait expires: ~1.5 MB of code pages, touched once per process. The
     first client used to pay for them, in its latency and in what looked like
     per-connection memory (shared harness, 1,000 clients: 3.8 KB a connection
-    before, 2.3 after; the slope from 5,000 to 10,000 clients, 1.9 KB, is
+    before, 2.3-2.5 after; the slope from 5,000 to 10,000 clients, 1.9 KB, is
     the same either way). A token service that cannot verify what it just
     minted fails the worker's boot here, before it refuses every client with 4401.
     """
