@@ -29,7 +29,7 @@ recovered, what each replayed, loss and duplicates, the server's CPU and the
     python bench/run.py                       # the full suite (~25 min)
     python bench/run.py --quick               # one rep of two small configs
     python bench/run.py --configs 10000:10:0 --brokers memory --history on --reps 1
-    python bench/run.py --storm --brokers memory,redis --reps 1
+    python bench/run.py --storm --brokers memory,redis --reps 1 [--storm-rate 50]
     python bench/run.py --connect-storm --brokers memory --reps 3 [--floor]
 
 Loopback only; every process is bounded in time and stopped by its PID.
@@ -392,9 +392,15 @@ def main() -> None:
     parser.add_argument("--storm", action="store_true", help="the reload storm instead of the fan-out suite")
     parser.add_argument("--connect-storm", action="store_true", help="the connect storm instead of the fan-out suite")
     parser.add_argument("--floor", action="store_true", help="with --connect-storm: bench/floor, not the project")
+    parser.add_argument(
+        "--storm-rate", type=int, default=STORM["rate"], help="with --storm: live broadcasts per second through it"
+    )
     args = parser.parse_args()
     if args.floor and not args.connect_storm:
         parser.error("--floor goes with --connect-storm (the floor only connects)")
+    if args.storm_rate < 1:
+        parser.error("--storm-rate must be at least 1 (without broadcasts there is nothing to recover)")
+    STORM["rate"] = args.storm_rate
     kind = "storm" if args.storm else "connect" if args.connect_storm else "bench"
     if args.quick:
         args.configs, args.reps = "1000:100:0 1000:100:20", 1
