@@ -83,7 +83,12 @@ class Outbox:
                             conn.flush()
                         except Exception:  # one broken socket must never stop the writer
                             log.exception("flush failed; dropping the connection")
-                            conn.abort("flush_error")
+                            # Nor one that cannot even be dropped: the rest of the batch is still
+                            # owed its frames, and a dead writer is never started again.
+                            try:
+                                conn.abort("flush_error")
+                            except Exception:
+                                log.exception("dropping a connection failed")
                         if count % CHECK_EVERY == 0:
                             slice_.check()
                     slice_.check()  # and between rounds: a stream of small rounds must give way too

@@ -16,7 +16,9 @@ The work is split in two, around the event-loop rule:
 2. :meth:`Prepared.replay` runs with no pause before the connection joins
    the hub: it adds what was delivered after ``H`` meanwhile (always in the
    recent window), so that the replay ends exactly where live delivery
-   starts: nothing duplicated, nothing skipped.
+   starts: nothing duplicated, nothing skipped. It checks the epoch again:
+   a stream that started over while step 1 waited refuses the resume
+   (``epoch_changed``) rather than replay the new stream's offsets as the old.
 """
 
 from __future__ import annotations
@@ -78,12 +80,17 @@ class Prepared:
     session: Session
     channels: list[str]
     refused: list[tuple[str, str]]  # (channel, error code): restored no more, for the user as they are now
+    epoch: str  # the stream the client's offset and everything read here belong to
     missed: list[Envelope] = field(default_factory=list)
     read_upto: int = 0
 
     def replay(self, sequencer: Sequencer, admits: Admits, max_messages: int) -> list[Envelope] | str:
         """Every missed broadcast this connection would have received, through the sequencer's
         current position. Call with no pause between this and joining the hub."""
+        # The stream may have been reset while prepare() waited (a store that lost its history):
+        # the offsets read so far then count in another stream, and a replay of them would be wrong.
+        if sequencer.epoch != self.epoch:
+            return Reason.EPOCH
         delta = sequencer.recent_after(self.read_upto)
         if delta is None:  # cannot happen while the recent window outlasts a read; refuse rather than skip
             return Reason.UNAVAILABLE
@@ -92,6 +99,8 @@ class Prepared:
         verdicts: dict[int, bool] = {}
         replay = []
         for envelope in (*self.missed, *delta):
+            if envelope.epoch != self.epoch:  # read from the store after it started over
+                return Reason.EPOCH
             flt = envelope.filter
             admitted = verdicts.get(id(flt))
             if admitted is None:
@@ -158,7 +167,7 @@ class Recovery:
                 channels.append(name)
             else:
                 refused.append((name, why))
-        prepared = Prepared(session, channels, refused, read_upto=self.sequencer.position)
+        prepared = Prepared(session, channels, refused, request.epoch, read_upto=self.sequencer.position)
         recent = self.sequencer.recent_after(request.offset)
         if recent is None:  # from before this worker began (a restart): read it once for everyone
             try:

@@ -323,9 +323,7 @@ class Realtime:
         pending: bytes,
         resume: ResumeRequest | str | None,
     ) -> None:
-        if self.hub.draining:
-            self.telemetry.refused("draining")
-            conn.reject(Close.SERVICE_RESTART, "service restart")
+        if self._refused_while_draining(conn):
             return
         if self.tokens is None:
             raise RuntimeError("no WS_TOKEN_SECRET: this process cannot verify tokens")
@@ -385,6 +383,10 @@ class Realtime:
         outcome = self._prepare_resume(conn, resume) if resume is not None else None
 
         # From here to conn.start(): no pause, so the replay ends exactly where live delivery begins.
+        # A drain may have begun while this admission waited (the directory, the session, the
+        # history): it closed the sockets it had, not this one, which would stay open past it.
+        if self._refused_while_draining(conn):
+            return
         replay: list[Envelope] = []
         if isinstance(outcome, Prepared):
             restored = outcome.channels
@@ -435,6 +437,14 @@ class Realtime:
         if resume is not None:
             self.recovery.count(outcome)
             self.telemetry.recovery(isinstance(outcome, Prepared))
+
+    def _refused_while_draining(self, conn: Connection) -> bool:
+        """Close ``conn`` with 1012 if this worker drains (the client comes back to another worker)."""
+        if not self.hub.draining:
+            return False
+        self.telemetry.refused("draining")
+        conn.reject(Close.SERVICE_RESTART, "service restart")
+        return True
 
     def _prepare_resume(self, conn: Connection, resume: ResumeRequest | str) -> Prepared | str:
         if isinstance(resume, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import gevent
+import gevent.event
 import pytest
 from wsframes import ServerFrames
 
@@ -124,6 +125,28 @@ def test_a_draining_worker_refuses_newcomers_with_1012(service, sockets):
     rt = service()
     rt.hub.draining = True
     assert sockets(rt, rt.tokens.mint("u-1")).close_code() == (Close.SERVICE_RESTART, "service restart")
+
+
+def test_a_socket_whose_admission_was_waiting_when_the_drain_began_is_refused_1012_not_kept(service):
+    """The drain closes the sockets the hub has; one still waiting for its user must not join after it."""
+    answer = gevent.event.Event()
+
+    def slow(uid):
+        answer.wait(5)
+        return nurse(uid)
+
+    rt = service(slow)
+    ours, theirs = socket.socketpair()
+    try:
+        admitting = gevent.spawn(rt.open_socket, ours, rt.tokens.mint("u-1"), "test")
+        gevent.sleep(0.02)  # the admission now waits for the directory
+        assert rt.drain() is True
+        answer.set()
+        conn = admitting.get(timeout=5)
+        assert ServerFrames(theirs).close_code() == (Close.SERVICE_RESTART, "service restart")
+        assert len(rt.hub) == 0 and conn.close_code == Close.SERVICE_RESTART
+    finally:
+        theirs.close()
 
 
 def test_a_process_without_a_token_secret_refuses_with_1011(tmp_path, sockets):

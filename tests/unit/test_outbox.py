@@ -63,6 +63,8 @@ class Flushable:
 
     def abort(self, why):
         self.aborted = why
+        if self.broken == "beyond repair":
+            raise RuntimeError("a bug on the way out")
 
 
 def test_one_broken_connection_never_stops_the_writer(caplog):
@@ -76,6 +78,22 @@ def test_one_broken_connection_never_stops_the_writer(caplog):
     assert conns[1].aborted == "flush_error" and "flush failed" in caplog.text
     later = Flushable("later")
     outbox.schedule(later)  # the writer is still alive for the next round
+    gevent.sleep(0.01)
+    assert later.flushed == 1
+
+
+def test_a_connection_that_cannot_even_be_dropped_does_not_stop_the_writer(caplog):
+    """Were the writer to die, every frame of the worker would wait forever (it is never started again)."""
+    outbox = Outbox()
+    conns = [Flushable("a"), Flushable("b", broken="beyond repair"), Flushable("c")]
+    with caplog.at_level(logging.ERROR, logger="relay.outbox"):
+        for conn in conns:
+            outbox.schedule(conn)
+        gevent.sleep(0.01)
+    assert [c.flushed for c in conns] == [1, 0, 1]
+    assert "dropping a connection failed" in caplog.text
+    later = Flushable("later")
+    outbox.schedule(later)
     gevent.sleep(0.01)
     assert later.flushed == 1
 

@@ -88,6 +88,49 @@ def test_a_wrong_epoch_is_refused_before_the_session_is_even_read(stream):
     assert refused == Reason.EPOCH
 
 
+class _ResetWhileReading:
+    """The store answers the session lookup, and meanwhile the stream starts over (Redis flushed, say):
+    the worker receives the new epoch's first broadcasts while this resume waits."""
+
+    def __init__(self, history, sequencer, epoch, count):
+        self.history, self.sequencer, self.epoch, self.count = history, sequencer, epoch, count
+
+    def __getattr__(self, name):
+        return getattr(self.history, name)
+
+    def load_session(self, client_id):
+        session = self.history.load_session(client_id)
+        for offset in range(1, self.count + 1):
+            self.sequencer.offer(Envelope("ANNOUNCEMENT", {"n": offset}, Filter()).placed(self.epoch, offset))
+        return session
+
+
+def test_a_stream_reset_while_a_resume_waits_is_epoch_changed_not_a_replay_of_the_new_stream(stream):
+    """Offset 3 of the old stream is not offset 3 of the new one: replaying the new stream's 4..6 as
+    if they were what the client missed would skip its 1..3 and say recovered. Refuse instead."""
+    publish(stream, 5)
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    old_epoch = sequencer.epoch
+    recovery.history = _ResetWhileReading(stream, sequencer, "epoch-after-the-reset", 6)
+    prepared = resume(recovery, sequencer, 3)
+    assert sequencer.epoch == "epoch-after-the-reset" and sequencer.position == 6
+    assert isinstance(prepared, Prepared) and prepared.epoch == old_epoch
+    assert prepared.replay(sequencer, lambda flt: True, 100) == Reason.EPOCH
+
+
+def test_a_missed_broadcast_from_another_stream_refuses_the_whole_replay(stream):
+    start = stream.head()[1]
+    publish(stream, 3)
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    prepared = resume(recovery, sequencer, start)
+    assert isinstance(prepared, Prepared) and prepared.replay(sequencer, lambda flt: True, 100) != Reason.EPOCH
+    strays = prepared.missed[1]
+    prepared.missed[1] = Envelope(strays.type, strays.data, strays.filter, strays.id, strays.at, strays.offset, "other")
+    assert prepared.replay(sequencer, lambda flt: True, 100) == Reason.EPOCH
+
+
 def test_another_users_session_or_none_is_no_session(stream):
     saved(stream)
     recovery, sequencer = recovery_over(stream)
