@@ -65,6 +65,24 @@ TRIM_INTERVAL = 5.0  # seconds between history trims
 SAMPLE_INTERVAL = 1.0  # seconds between gauge samples (and, every other one, timeline shares)
 
 
+class _OnItsWay:
+    """A socket past its token and not yet in the hub, which may wait meanwhile (the user's lookup,
+    the session, the missed broadcasts). An identity change or an administrator's disconnect for its
+    user in that time is noted here, and applied to it once it joins (see ``Realtime._admit``)."""
+
+    __slots__ = ("changed", "identity", "disconnected")
+
+    def __init__(self) -> None:
+        self.changed = False
+        self.identity: Identity | None = None
+        self.disconnected = False
+
+
+def _disconnect(conn: Connection) -> None:
+    event("ws.revoked", level="warning", clientId=conn.id, userId=conn.user_id, reason="disconnected")
+    conn.close(Close.FORBIDDEN, "disconnected by an administrator")
+
+
 class Realtime:
     def __init__(
         self,
@@ -122,6 +140,8 @@ class Realtime:
         )
         self.started = False
         self._greenlets: list[gevent.Greenlet] = []
+        # Sockets past their token, not yet in the hub, by user: see _OnItsWay.
+        self._on_the_way: dict[str, list[_OnItsWay]] = {}
 
     def start(self) -> None:
         """Begin serving: the broker's listener, the keep-alive, the session keeper, the trimmer. Idempotent."""
@@ -149,6 +169,8 @@ class Realtime:
         subscription the user may no longer hold is dropped, with ERROR forbidden_channel and
         UNSUBSCRIBED. Called by the IdentityWatcher (its own greenlet).
         """
+        for arriving in self._on_the_way.get(user_id, ()):
+            arriving.identity, arriving.changed = identity, True
         conns = self.hub.connections_of(user_id)
         for conn in conns:
             if identity is None or not identity.active:
@@ -193,10 +215,11 @@ class Realtime:
         if not isinstance(user_id, str):
             return 0
         if kind == "disconnect":
+            for arriving in self._on_the_way.get(user_id, ()):
+                arriving.disconnected = True
             conns = self.hub.connections_of(user_id)
             for conn in conns:
-                event("ws.revoked", level="warning", clientId=conn.id, userId=user_id, reason="disconnected")
-                conn.close(Close.FORBIDDEN, "disconnected by an administrator")
+                _disconnect(conn)
             return len(conns)
         if kind == "identity":
             gevent.spawn(self.identities.refresh, [user_id])  # may wait on the directory: not here
@@ -342,6 +365,25 @@ class Realtime:
             self.telemetry.auth_failed(refused.reason)
             conn.reject(Close.UNAUTHORIZED, f"token {refused.reason.replace('_', ' ')}")
             return
+        arriving = _OnItsWay()
+        on_the_way = self._on_the_way.setdefault(user_id, [])
+        on_the_way.append(arriving)
+        try:
+            self._admit_user(conn, user_id, arriving, remote, pending, resume)
+        finally:
+            on_the_way.remove(arriving)
+            if not on_the_way:
+                self._on_the_way.pop(user_id, None)
+
+    def _admit_user(
+        self,
+        conn: Connection,
+        user_id: str,
+        arriving: _OnItsWay,
+        remote: str | None,
+        pending: bytes,
+        resume: ResumeRequest | str | None,
+    ) -> None:
         try:
             identity = self.directory.get(user_id)
         except DirectoryUnavailable as down:
@@ -437,6 +479,12 @@ class Realtime:
         if resume is not None:
             self.recovery.count(outcome)
             self.telemetry.recovery(isinstance(outcome, Prepared))
+        # What reached the user's sockets while this one was on its way (the lookup above may predate
+        # it) reaches this one now, as it would have a moment later: no socket slips past a change.
+        if arriving.changed:
+            self.apply_identity(user_id, arriving.identity)
+        if arriving.disconnected:
+            _disconnect(conn)
 
     def _refused_while_draining(self, conn: Connection) -> bool:
         """Close ``conn`` with 1012 if this worker drains (the client comes back to another worker)."""

@@ -149,6 +149,53 @@ def test_a_socket_whose_admission_was_waiting_when_the_drain_began_is_refused_10
         theirs.close()
 
 
+@pytest.fixture
+def on_its_way(service):
+    """``on_its_way(change)``: a socket of u-1 (a nurse of c-1) whose user lookup waits until ``change(rt)``
+    has run; returns (rt, the connection, what the client received)."""
+    peers = []
+
+    def run(change):
+        answer = gevent.event.Event()
+
+        def slow(uid):
+            answer.wait(5)
+            return nurse(uid)
+
+        rt = service(slow)
+        ours, theirs = socket.socketpair()
+        peers.append(theirs)
+        admitting = gevent.spawn(rt.open_socket, ours, rt.tokens.mint("u-1"), "test")
+        gevent.sleep(0.02)  # the admission now waits for the directory, with the old identity to come
+        change(rt)
+        answer.set()
+        return rt, admitting.get(timeout=5), ServerFrames(theirs)
+
+    yield run
+    for peer in peers:
+        peer.close()
+
+
+def test_a_user_disabled_while_their_socket_is_on_its_way_is_closed_4403_once_it_joins(on_its_way):
+    rt, conn, received = on_its_way(lambda rt: rt.apply_identity("u-1", None))
+    assert received.json()["type"] == "CONNECTED"
+    assert received.close_code() == (Close.FORBIDDEN, "user disabled")
+    assert len(rt.hub) == 0
+
+
+def test_a_user_disconnected_while_their_socket_is_on_its_way_is_closed_4403_once_it_joins(on_its_way):
+    rt, conn, received = on_its_way(lambda rt: rt.disconnect_user("u-1"))
+    assert received.json()["type"] == "CONNECTED"
+    assert received.close_code() == (Close.FORBIDDEN, "disconnected by an administrator")
+
+
+def test_a_user_moved_while_their_socket_is_on_its_way_joins_where_they_are_now(on_its_way):
+    rt, conn, received = on_its_way(lambda rt: rt.apply_identity("u-1", Identity("u-1", None, None, "nurse", "c-2")))
+    assert received.json()["type"] == "CONNECTED"
+    assert conn.clinic_id == "c-2" and rt.hub.stats()["byClinic"] == {"c-2": 1}
+    assert rt._on_the_way == {}  # nothing kept once the socket is in
+
+
 def test_a_process_without_a_token_secret_refuses_with_1011(tmp_path, sockets):
     settings = Settings.from_env({"REALTIME_INSTANCE_PATH": str(tmp_path / "empty")})  # a command before any start
     rt = Realtime(settings, directory=Directory(nurse))
