@@ -188,8 +188,17 @@ class ClientProtocol:
         if conn.state == "open":
             # No pause from here until SUBSCRIBED: the newest value is chosen and sent before any
             # live frame of these channels can be, so a last value never follows a newer one.
-            self._take(conn, names, self.last_values.settle(found))
+            # And authorized again: the user may have moved clinic while the store answered
+            # (Realtime.apply_identity), which re-checked the channels held, not these.
+            still = [name for name in names if self._still_allowed(conn, name)]
+            self._take(conn, still, self.last_values.settle(found))
         self._answer_backlog(conn)
+
+    def _still_allowed(self, conn: Connection, name: str) -> bool:
+        refusal = channel_rules.refusal(conn, name)
+        if refusal is not None:
+            self.error(conn, refusal, f"you may no longer subscribe to {name!r}", channel=name, now=False)
+        return refusal is None
 
     def _answer_backlog(self, conn: Connection) -> None:
         waiting, conn.backlog = conn.backlog or [], None

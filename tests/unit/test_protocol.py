@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 
+import gevent
+import gevent.event
 import pytest
 
 from relay.codes import Close, Error
 from relay.hub import Hub
 from relay.protocol import MAX_CHANNELS_PER_REQUEST, ClientProtocol
+
+ANN = "system:announcements"
 
 
 class FakeConn:
@@ -109,6 +113,38 @@ def test_a_bad_message_gets_one_error_with_a_stable_code_and_the_socket_stays_op
     [error] = say(protocol, bob, message)
     assert error["type"] == "ERROR" and error["data"]["code"] == code and len(error["data"]["message"]) > 10
     assert bob.closed is None and bob.channels == set()
+
+
+class SlowLastValues:
+    """The store's last values, answered only when the test says so; none stored."""
+
+    def __init__(self):
+        self.answer = gevent.event.Event()
+
+    def fetch(self, names):
+        self.answer.wait(5)
+        return names
+
+    def settle(self, fetched):
+        return {}
+
+
+def test_a_subscribe_with_last_is_authorized_again_once_the_store_answers(clock):
+    """Moved to another clinic while the last values were fetched: that clinic's queue is no longer theirs."""
+    last_values = SlowLastValues()
+    protocol = ClientProtocol(Hub(max_clients=10, ping_interval=30), clock=clock, last_values=last_values)
+    bob = FakeConn()
+    bob.defer = lambda work, *args: gevent.spawn(work, *args)
+    protocol.hub.add(bob)
+    say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": ["clinic:clinic-1:queue", ANN], "last": True}})
+    gevent.sleep(0.01)  # fetching
+    bob.clinic_id = "clinic-2"  # what Realtime.apply_identity does to the connection (through the hub)
+    last_values.answer.set()
+    gevent.sleep(0.01)
+    error, subscribed = bob.take()
+    assert error["data"]["code"] == Error.FORBIDDEN_CHANNEL and error["data"]["channel"] == "clinic:clinic-1:queue"
+    assert subscribed == {"type": "SUBSCRIBED", "data": {"channels": [ANN]}}
+    assert bob.channels == {ANN}
 
 
 def test_exactly_200_channels_in_one_request_is_accepted(protocol, bob):
