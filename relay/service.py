@@ -68,7 +68,8 @@ SAMPLE_INTERVAL = 1.0  # seconds between gauge samples (and, every other one, ti
 class _OnItsWay:
     """A socket past its token and not yet in the hub, which may wait meanwhile (the user's lookup,
     the session, the missed broadcasts). An identity change or an administrator's disconnect for its
-    user in that time is noted here, and applied to it once it joins (see ``Realtime._admit``)."""
+    user in that time is noted here, and applied to it once it joins (see ``Realtime._admit``); and
+    the per-user limit counts the user's sockets on their way ahead of it, not only those in the hub."""
 
     __slots__ = ("changed", "identity", "disconnected")
 
@@ -410,7 +411,11 @@ class Realtime:
             self.telemetry.refused("server_full")
             conn.reject(Close.TRY_AGAIN_LATER, "server full")
             return
-        held = self.hub.connection_count(user_id) + self.broker.connections_elsewhere(user_id)
+        # Those of the user's sockets ahead of this one on their way in count too: a resume may wait
+        # after this check (for its session, up to half a second), and a burst of them would
+        # otherwise all pass it before the first joined the hub.
+        ahead = self._on_the_way[user_id].index(arriving)
+        held = self.hub.connection_count(user_id) + ahead + self.broker.connections_elsewhere(user_id)
         if held >= self.settings.max_connections_per_user:
             event("ws.refused", level="warning", reason="too_many_connections", userId=user_id, held=held)
             self.telemetry.refused("too_many_connections")

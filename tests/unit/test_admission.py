@@ -12,6 +12,7 @@ from wsframes import ServerFrames
 from relay.codes import Close
 from relay.config import Settings
 from relay.directory import DirectoryUnavailable, Identity
+from relay.recovery import ResumeRequest
 from relay.service import Realtime
 
 SECRETS = {"WS_TOKEN_SECRET": "t" * 40, "WS_ADMIN_SECRET": "a" * 40, "SECRET_KEY": "s" * 40}
@@ -194,6 +195,27 @@ def test_a_user_moved_while_their_socket_is_on_its_way_joins_where_they_are_now(
     assert received.json()["type"] == "CONNECTED"
     assert conn.clinic_id == "c-2" and rt.hub.stats()["byClinic"] == {"c-2": 1}
     assert rt._on_the_way == {}  # nothing kept once the socket is in
+
+
+def test_sockets_of_one_user_admitted_at_once_still_keep_to_the_per_user_limit(service):
+    """Five resumes of one user at once, each waiting for a session that is not there (up to half a
+    second): the first two in, the others 4429, not all five (each saw none of the others in the hub)."""
+    rt = service(WS_MAX_CONNECTIONS_PER_USER=2)
+    assert rt._prime()
+    pairs = [socket.socketpair() for _ in range(5)]
+    try:
+        admitting = []
+        for n, (ours, _) in enumerate(pairs):
+            resume = ResumeRequest(f"{n:08x}-0000-0000-0000-000000000000", rt.sequencer.epoch, 0)
+            admitting.append(gevent.spawn(rt.open_socket, ours, rt.tokens.mint("u-1"), "test", resume=resume))
+        gevent.joinall(admitting, timeout=5)
+        received = [ServerFrames(theirs) for _, theirs in pairs]
+        assert [frames.json()["data"]["reason"] for frames in received[:2]] == ["no_session", "no_session"]
+        assert [frames.close_code()[0] for frames in received[2:]] == [Close.TOO_MANY_CONNECTIONS] * 3
+        assert len(rt.hub) == 2
+    finally:
+        for _, theirs in pairs:
+            theirs.close()
 
 
 def test_a_process_without_a_token_secret_refuses_with_1011(tmp_path, sockets):
