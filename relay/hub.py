@@ -61,10 +61,6 @@ class Hub:
     def __len__(self) -> int:
         return len(self._clients)
 
-    @property
-    def full(self) -> bool:
-        return len(self._clients) >= self.max_clients
-
     def add(self, conn: Connection) -> None:
         assert conn.user_id is not None and conn.role is not None, "only admitted connections enter the hub"
         with self._lock:

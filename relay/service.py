@@ -69,14 +69,15 @@ class _OnItsWay:
     """A socket past its token and not yet in the hub, which may wait meanwhile (the user's lookup,
     the session, the missed broadcasts). An identity change or an administrator's disconnect for its
     user in that time is noted here, and applied to it once it joins (see ``Realtime._admit``); and
-    the per-user limit counts the user's sockets on their way ahead of it, not only those in the hub."""
+    the limits count the sockets on their way ahead of it, not only those in the hub."""
 
-    __slots__ = ("changed", "identity", "disconnected")
+    __slots__ = ("changed", "identity", "disconnected", "joining")
 
     def __init__(self) -> None:
         self.changed = False
         self.identity: Identity | None = None
         self.disconnected = False
+        self.joining = False  # past the capacity checks: counted in Realtime._joining until it is in
 
 
 def _disconnect(conn: Connection) -> None:
@@ -141,8 +142,10 @@ class Realtime:
         )
         self.started = False
         self._greenlets: list[gevent.Greenlet] = []
-        # Sockets past their token, not yet in the hub, by user: see _OnItsWay.
+        # Sockets past their token, not yet in the hub, by user; and how many of them are past the
+        # capacity checks (WS_MAX_CLIENTS counts them): see _OnItsWay.
         self._on_the_way: dict[str, list[_OnItsWay]] = {}
+        self._joining = 0
 
     def start(self) -> None:
         """Begin serving: the broker's listener, the keep-alive, the session keeper, the trimmer. Idempotent."""
@@ -375,6 +378,8 @@ class Realtime:
             on_the_way.remove(arriving)
             if not on_the_way:
                 self._on_the_way.pop(user_id, None)
+            if arriving.joining:
+                self._joining -= 1
 
     def _admit_user(
         self,
@@ -406,7 +411,8 @@ class Realtime:
             self.telemetry.auth_failed(reason)
             conn.reject(Close.FORBIDDEN, reason.replace("_", " "))
             return
-        if self.hub.full:
+        # Counting those admitted ahead of it that have not joined yet (they may wait, see _OnItsWay).
+        if len(self.hub) + self._joining >= self.hub.max_clients:
             event("ws.refused", level="warning", reason="server_full", userId=user_id, clients=len(self.hub))
             self.telemetry.refused("server_full")
             conn.reject(Close.TRY_AGAIN_LATER, "server full")
@@ -421,6 +427,8 @@ class Realtime:
             self.telemetry.refused("too_many_connections")
             conn.reject(Close.TOO_MANY_CONNECTIONS, "too many connections for this user")
             return
+        arriving.joining = True
+        self._joining += 1
 
         if self.history is not None and not self._prime():
             self.telemetry.refused("history_unavailable")

@@ -197,25 +197,44 @@ def test_a_user_moved_while_their_socket_is_on_its_way_joins_where_they_are_now(
     assert rt._on_the_way == {}  # nothing kept once the socket is in
 
 
-def test_sockets_of_one_user_admitted_at_once_still_keep_to_the_per_user_limit(service):
-    """Five resumes of one user at once, each waiting for a session that is not there (up to half a
-    second): the first two in, the others 4429, not all five (each saw none of the others in the hub)."""
-    rt = service(WS_MAX_CONNECTIONS_PER_USER=2)
-    assert rt._prime()
-    pairs = [socket.socketpair() for _ in range(5)]
-    try:
+@pytest.fixture
+def resumes_at_once():
+    """``resumes_at_once(rt, users)``: one resume per user in ``users``, all at once, each waiting for a
+    session that is not there (up to half a second, after the limits are checked); what each received."""
+    peers = []
+
+    def run(rt, users):
+        assert rt._prime()
+        pairs = [socket.socketpair() for _ in users]
+        peers.extend(theirs for _, theirs in pairs)
         admitting = []
-        for n, (ours, _) in enumerate(pairs):
+        for n, ((ours, _), user) in enumerate(zip(pairs, users, strict=True)):
             resume = ResumeRequest(f"{n:08x}-0000-0000-0000-000000000000", rt.sequencer.epoch, 0)
-            admitting.append(gevent.spawn(rt.open_socket, ours, rt.tokens.mint("u-1"), "test", resume=resume))
+            admitting.append(gevent.spawn(rt.open_socket, ours, rt.tokens.mint(user), "test", resume=resume))
         gevent.joinall(admitting, timeout=5)
-        received = [ServerFrames(theirs) for _, theirs in pairs]
-        assert [frames.json()["data"]["reason"] for frames in received[:2]] == ["no_session", "no_session"]
-        assert [frames.close_code()[0] for frames in received[2:]] == [Close.TOO_MANY_CONNECTIONS] * 3
-        assert len(rt.hub) == 2
-    finally:
-        for _, theirs in pairs:
-            theirs.close()
+        return [ServerFrames(theirs) for _, theirs in pairs]
+
+    yield run
+    for peer in peers:
+        peer.close()
+
+
+def test_sockets_of_one_user_admitted_at_once_still_keep_to_the_per_user_limit(service, resumes_at_once):
+    """Five resumes of one user at once: the first two in, the others 4429, not all five (none of
+    them saw the others in the hub)."""
+    rt = service(WS_MAX_CONNECTIONS_PER_USER=2)
+    received = resumes_at_once(rt, ["u-1"] * 5)
+    assert [frames.json()["data"]["reason"] for frames in received[:2]] == ["no_session", "no_session"]
+    assert [frames.close_code()[0] for frames in received[2:]] == [Close.TOO_MANY_CONNECTIONS] * 3
+    assert len(rt.hub) == 2 and rt._joining == 0 and rt._on_the_way == {}
+
+
+def test_sockets_admitted_at_once_still_keep_to_ws_max_clients(service, resumes_at_once):
+    rt = service(WS_MAX_CLIENTS=2)
+    received = resumes_at_once(rt, [f"u-{n}" for n in range(5)])
+    assert [frames.json()["type"] for frames in received[:2]] == ["CONNECTED", "CONNECTED"]
+    assert [frames.close_code() for frames in received[2:]] == [(Close.TRY_AGAIN_LATER, "server full")] * 3
+    assert len(rt.hub) == 2 and rt._joining == 0
 
 
 def test_a_process_without_a_token_secret_refuses_with_1011(tmp_path, sockets):
