@@ -68,7 +68,7 @@ SAMPLE_INTERVAL = 1.0  # seconds between gauge samples (and, every other one, ti
 class _OnItsWay:
     """A socket past its token and not yet in the hub, which may wait meanwhile (the user's lookup,
     the session, the missed broadcasts). An identity change or an administrator's disconnect for its
-    user in that time is noted here, and applied to it once it joins (see ``Realtime._admit``); and
+    user in that time is noted here, and applied to it before it joins (``Realtime._caught_up``); and
     the limits count the sockets on their way ahead of it, not only those in the hub."""
 
     __slots__ = ("changed", "identity", "disconnected", "joining")
@@ -442,6 +442,11 @@ class Realtime:
         # history): it closed the sockets it had, not this one, which would stay open past it.
         if self._refused_while_draining(conn):
             return
+        # So may the user have changed (disabled, moved, disconnected): the socket joins as who they
+        # are now, and a resume replays only what that user may read.
+        if arriving.disconnected or arriving.changed:
+            if not self._caught_up(conn, arriving, outcome, remote):
+                return
         replay: list[Envelope] = []
         if isinstance(outcome, Prepared):
             restored = outcome.channels
@@ -492,12 +497,33 @@ class Realtime:
         if resume is not None:
             self.recovery.count(outcome)
             self.telemetry.recovery(isinstance(outcome, Prepared))
-        # What reached the user's sockets while this one was on its way (the lookup above may predate
-        # it) reaches this one now, as it would have a moment later: no socket slips past a change.
-        if arriving.changed:
-            self.apply_identity(user_id, arriving.identity)
-        if arriving.disconnected:
-            _disconnect(conn)
+
+    def _caught_up(
+        self, conn: Connection, arriving: _OnItsWay, outcome: Prepared | str | None, remote: str | None
+    ) -> bool:
+        """Apply to ``conn`` what reached its user while it was on its way (its lookup may predate it):
+        False if it is closed for it (4403), else True with ``conn`` and a resume's channels as of now."""
+        identity = arriving.identity
+        if arriving.disconnected or (arriving.changed and (identity is None or not identity.active)):
+            reason = "disconnected" if arriving.disconnected else "user_disabled"
+            event("ws.auth_failed", level="warning", reason=reason, userId=conn.user_id, remote=remote)
+            self.telemetry.auth_failed(reason)
+            conn.reject(
+                Close.FORBIDDEN, "disconnected by an administrator" if arriving.disconnected else "user disabled"
+            )
+            return False
+        assert identity is not None
+        conn.identify(identity)
+        if isinstance(outcome, Prepared):
+            kept = []
+            for name in outcome.channels:
+                why = channel_rules.refusal(conn, name)
+                if why is None:
+                    kept.append(name)
+                else:
+                    outcome.refused.append((name, why))
+            outcome.channels = kept
+        return True
 
     def _refused_while_draining(self, conn: Connection) -> bool:
         """Close ``conn`` with 1012 if this worker drains (the client comes back to another worker)."""

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import time
 
 import gevent
 import gevent.event
 import pytest
 from wsframes import ServerFrames
 
+from relay.broadcast import BroadcastRequest
 from relay.codes import Close
 from relay.config import Settings
 from relay.directory import DirectoryUnavailable, Identity
+from relay.envelope import Filter
+from relay.history import Session
 from relay.recovery import ResumeRequest
 from relay.service import Realtime
 
@@ -26,6 +31,9 @@ class Directory:
 
     def get(self, user_id):
         return self._get(user_id)
+
+    def changes_since(self, cursor):  # the identity watcher polls it: nothing ever changes here
+        return cursor or 0, []
 
     def status(self):
         return {"kind": self.name, "state": "ok"}
@@ -177,24 +185,88 @@ def on_its_way(service):
         peer.close()
 
 
-def test_a_user_disabled_while_their_socket_is_on_its_way_is_closed_4403_once_it_joins(on_its_way):
+def first_frame(received) -> tuple[int, str] | str:
+    """The client's first frame: a message's type, or a close's (code, reason)."""
+    opcode, payload = received.next()
+    if opcode == 0x8:
+        return int.from_bytes(payload[:2], "big"), payload[2:].decode()
+    return json.loads(payload)["type"]
+
+
+def test_a_user_disabled_while_their_socket_is_on_its_way_is_closed_4403_instead_of_joining(on_its_way):
     rt, conn, received = on_its_way(lambda rt: rt.apply_identity("u-1", None))
-    assert received.json()["type"] == "CONNECTED"
-    assert received.close_code() == (Close.FORBIDDEN, "user disabled")
+    assert first_frame(received) == (Close.FORBIDDEN, "user disabled")
     assert len(rt.hub) == 0
 
 
-def test_a_user_disconnected_while_their_socket_is_on_its_way_is_closed_4403_once_it_joins(on_its_way):
+def test_a_user_disconnected_while_their_socket_is_on_its_way_is_closed_4403_instead_of_joining(on_its_way):
     rt, conn, received = on_its_way(lambda rt: rt.disconnect_user("u-1"))
-    assert received.json()["type"] == "CONNECTED"
-    assert received.close_code() == (Close.FORBIDDEN, "disconnected by an administrator")
+    assert first_frame(received) == (Close.FORBIDDEN, "disconnected by an administrator")
+    assert len(rt.hub) == 0
 
 
 def test_a_user_moved_while_their_socket_is_on_its_way_joins_where_they_are_now(on_its_way):
     rt, conn, received = on_its_way(lambda rt: rt.apply_identity("u-1", Identity("u-1", None, None, "nurse", "c-2")))
-    assert received.json()["type"] == "CONNECTED"
+    assert first_frame(received) == "CONNECTED"
     assert conn.clinic_id == "c-2" and rt.hub.stats()["byClinic"] == {"c-2": 1}
     assert rt._on_the_way == {}  # nothing kept once the socket is in
+
+
+CLIENT = "0000abcd-0000-0000-0000-000000000000"
+
+
+@pytest.fixture
+def resume_on_its_way(service):
+    """``resume_on_its_way(change)``: u-1, a nurse of c-1 holding c-1's queue, missed three of its
+    updates; their resume waits for its session until ``change(rt)`` has run. What the client got."""
+    peers = []
+
+    def run(change):
+        rt = service()
+        assert rt._prime()
+        start = rt.sequencer.position
+        rt.history.save_sessions([Session(CLIENT, "u-1", ("clinic:c-1:queue",))], int(time.time() * 1000) + 60_000)
+        for n in range(3):
+            queue_update = Filter(channels=frozenset({"clinic:c-1:queue"}), clinic_ids=frozenset({"c-1"}))
+            rt.broadcast(BroadcastRequest("QUEUE_UPDATE", {"n": n}, queue_update), source="api", scope="api")
+        changed = gevent.event.Event()
+        find = rt.recovery._session
+
+        def session_after_the_change(client_id):
+            changed.wait(5)
+            return find(client_id)
+
+        rt.recovery._session = session_after_the_change
+        ours, theirs = socket.socketpair()
+        peers.append(theirs)
+        resume = ResumeRequest(CLIENT, rt.sequencer.epoch, start)
+        admitting = gevent.spawn(rt.open_socket, ours, rt.tokens.mint("u-1"), "test", resume=resume)
+        gevent.sleep(0.02)
+        change(rt)
+        changed.set()
+        admitting.get(timeout=5)
+        return ServerFrames(theirs)
+
+    yield run
+    for peer in peers:
+        peer.close()
+
+
+def test_a_resume_of_a_user_disabled_meanwhile_replays_nothing(resume_on_its_way):
+    received = resume_on_its_way(lambda rt: rt.apply_identity("u-1", None))
+    assert first_frame(received) == (Close.FORBIDDEN, "user disabled")
+
+
+def test_a_resume_of_a_user_moved_meanwhile_replays_only_what_they_may_read_now(resume_on_its_way):
+    received = resume_on_its_way(lambda rt: rt.apply_identity("u-1", Identity("u-1", None, None, "nurse", "c-2")))
+    connected = received.json()
+    assert connected["type"] == "CONNECTED" and connected["data"]["recovered"] is True
+    assert connected["data"]["channels"] == []
+    error = received.json()
+    assert error["type"] == "ERROR" and error["data"]["channel"] == "clinic:c-1:queue"
+    received.timeout = 0.3
+    with pytest.raises(TimeoutError):  # none of c-1's three updates
+        received.next()
 
 
 @pytest.fixture
