@@ -93,6 +93,7 @@ class Sequencer:
         event-loop callback.
         """
         with self._backfilling:
+            epoch = self.epoch
             upto = self._recent.first - 1 if self._recent.first is not None else self.position
             if offset >= upto or upto - offset > self._recent.max_count:
                 return
@@ -106,7 +107,9 @@ class Sequencer:
                 cursor = _offset(page[-1])
                 if cursor >= upto:
                     break
-            if older and _offset(older[0]) == offset + 1 and self._recent.first in (None, upto + 1):
+            # The reads waited: only if the window is still the one they extend (same stream, same start).
+            same_stream = self.epoch == epoch and all(e.epoch == epoch for e in older)
+            if older and same_stream and _offset(older[0]) == offset + 1 and self._recent.first in (None, upto + 1):
                 self._recent.prepend(older)
 
     def recent_after(self, offset: int) -> list[Envelope] | None:
@@ -175,22 +178,28 @@ class Sequencer:
             if self._parked:
                 self._gap = gevent.spawn_later(self.gap_timeout, self._fill)
             return
-        first = min(self._parked)
+        epoch, after, first = self.epoch, self.position, min(self._parked)
         try:
-            missing = self._fetch(self.position, first - self.position - 1)
+            missing = self._fetch(after, first - after - 1)
         except Exception as problem:  # the store is down: try again later
             log.warning("cannot fill the gap before offset %s yet: %s", first, problem)
             self._gap = gevent.spawn_later(self.gap_timeout * 5, self._fill)
             return
-        for envelope in missing:
-            if envelope.epoch == self.epoch and self.position < _offset(envelope) < first:
-                self._parked.setdefault(_offset(envelope), (envelope, AsyncResult()))
-        if self.position + 1 not in self._parked:
-            lost = first - self.position - 1
-            event("sequencer.gap_skipped", level="error", after=self.position, upto=first - 1, count=lost)
-            self.skipped += lost
-            self.position = first - 1
-        self._drain()
+        # The read waited, and offers meanwhile may have closed the gap, delivered past it or started
+        # a new stream: use what was read only for what is still missing, and skip only a gap this
+        # read covered (the position unmoved), never one that opened while it waited.
+        if self.epoch == epoch:
+            for envelope in missing:
+                if envelope.epoch == epoch and _offset(envelope) > self.position:
+                    self._parked.setdefault(_offset(envelope), (envelope, AsyncResult()))
+            if self.position == after and self._parked and self.position + 1 not in self._parked:
+                first = min(self._parked)
+                lost = first - self.position - 1
+                event("sequencer.gap_skipped", level="error", after=self.position, upto=first - 1, count=lost)
+                self.skipped += lost
+                self.position = first - 1
+        if not self._draining:
+            self._drain()
         if self._parked and self._gap is None:
             self._gap = gevent.spawn_later(self.gap_timeout, self._fill)
 

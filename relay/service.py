@@ -245,7 +245,8 @@ class Realtime:
         except HistoryUnavailable as down:
             log.warning("the history is unavailable at start: %s", down)
             return False
-        self.sequencer.prime(epoch, head)
+        if not self.sequencer.primed:  # a broadcast that arrived while the store answered started it already
+            self.sequencer.prime(epoch, head)
         return True
 
     def _deliver(self, envelope: Envelope) -> Pending:

@@ -15,7 +15,7 @@ from relay.broadcast import BroadcastRequest
 from relay.codes import Close
 from relay.config import Settings
 from relay.directory import DirectoryUnavailable, Identity
-from relay.envelope import Filter
+from relay.envelope import Envelope, Filter
 from relay.history import Session
 from relay.recovery import ResumeRequest
 from relay.service import Realtime
@@ -307,6 +307,30 @@ def test_sockets_admitted_at_once_still_keep_to_ws_max_clients(service, resumes_
     assert [frames.json()["type"] for frames in received[:2]] == ["CONNECTED", "CONNECTED"]
     assert [frames.close_code() for frames in received[2:]] == [(Close.TRY_AGAIN_LATER, "server full")] * 3
     assert len(rt.hub) == 2 and rt._joining == 0
+
+
+def test_a_broadcast_that_arrives_while_the_stream_head_is_read_is_not_delivered_twice(service):
+    """The sequencer is started at the stream's head on the first admission (the store was down at
+    start); a broadcast that reaches the worker while that read waits starts it first, and stands."""
+    rt = service()
+    rt.sequencer.epoch = None  # as after a start with the store down
+    read_head = rt.history.head
+
+    def slow_head():
+        head = read_head()
+        gevent.sleep(0.05)
+        return head
+
+    rt.history.head = slow_head
+    priming = gevent.spawn(rt._prime)
+    gevent.sleep(0.01)
+    announcement = Envelope("ANNOUNCEMENT", {}, Filter())
+    appended = rt.history.append(announcement)
+    placed = announcement.placed(appended.epoch, appended.offset)
+    rt.sequencer.offer(placed).get(timeout=2)
+    assert priming.get(timeout=2) is True
+    assert rt.sequencer.position == placed.offset  # not moved back: the next offer of it is a duplicate
+    assert rt.sequencer.offer(placed).get(timeout=2) == 0 and len(rt.sequencer.recent_after(0) or []) == 1
 
 
 def test_a_process_without_a_token_secret_refuses_with_1011(tmp_path, sockets):

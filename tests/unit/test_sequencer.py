@@ -81,6 +81,51 @@ def test_an_offset_the_history_no_longer_has_is_skipped_loudly(world):
     assert world.delivered == [1, 3] and world.sequencer.skipped == 1
 
 
+class SlowHistory(World):
+    """A history read that waits (a Redis round trip), during which offers keep arriving."""
+
+    def fetch(self, after: int, limit: int) -> list[Envelope]:
+        gevent.sleep(0.05)
+        return super().fetch(after, limit)
+
+
+def test_a_gap_that_closes_live_while_the_history_is_read_is_delivered_once():
+    world = SlowHistory()
+    world.history = {n: env(n) for n in range(1, 6)}
+    world.sequencer.offer(env(2))  # 1 is late: 2 parked
+    gevent.sleep(0.07)  # the gap timer fired: the history is being read for offset 1
+    for n in (1, 3):
+        world.sequencer.offer(env(n))  # 1 arrives live meanwhile: 1, 2 and 3 delivered
+    gevent.sleep(0.1)  # the read comes back
+    world.sequencer.offer(env(4))
+    assert world.delivered == [1, 2, 3, 4]
+    assert world.sequencer.position == 4 and world.sequencer.skipped == 0
+
+
+def test_a_gap_that_opens_while_the_history_is_read_is_read_in_its_turn_not_skipped():
+    world = SlowHistory()
+    world.history = {n: env(n) for n in range(1, 8)}
+    world.sequencer.offer(env(2))  # 1 is late: the history is read for it
+    gevent.sleep(0.07)
+    for n in (1, 3, 5):
+        world.sequencer.offer(env(n))  # 1..3 delivered live, 5 parked: 4 is missing now, and not read yet
+    last = world.sequencer.offer(env(6))
+    assert last.get(timeout=2) == 16
+    assert world.delivered == [1, 2, 3, 4, 5, 6] and world.sequencer.skipped == 0
+
+
+def test_a_backfill_whose_stream_started_over_while_it_read_keeps_the_old_stream_out():
+    world = SlowHistory(head=10)
+    world.history = {n: env(n) for n in range(1, 11)}
+    backfill = gevent.spawn(world.sequencer.backfill, 5)
+    gevent.sleep(0.02)  # reading 6..10 of the old stream
+    world.sequencer.restart("e2", 0)  # the store lost its history meanwhile
+    backfill.get(timeout=2)
+    world.sequencer.offer(env(1, "e2"))
+    recent = world.sequencer.recent_after(0)
+    assert recent is not None and [(e.epoch, e.offset) for e in recent] == [("e2", 1)]  # nothing of e1's
+
+
 def test_catch_up_delivers_what_a_listener_missed(world):
     world.history = {n: env(n) for n in range(1, 1201)}
     world.sequencer.catch_up()
