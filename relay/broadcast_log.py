@@ -246,10 +246,7 @@ class LogWriter:
     def record(self, row: LoggedBroadcast) -> None:
         """Queue ``row`` (never waits)."""
         if len(self._queue) >= self._limit:
-            self._queue.popleft()
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                event("broadcast_log.dropped", level="error", dropped=self.dropped, store=self.store.name)
+            self._drop_oldest()
         self._queue.append(row)
         if self._greenlet is None:
             self._write_some()  # not started (a command, a test of the core): write now
@@ -285,21 +282,30 @@ class LogWriter:
         """One batch; True if it was written (or there was none)."""
         if not self._queue:
             return True
-        rows = [self._queue[i] for i in range(min(self.batch, len(self._queue)))]
+        # Taken out before the write waits: a flush (an admin page, the drain) may write meanwhile,
+        # and each writer must write, and remove, rows of its own.
+        rows = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
         try:
             self.store.write(rows)
         except LogUnavailable as down:
+            self._queue.extendleft(reversed(rows))  # first again, in their order
+            while len(self._queue) > self._limit:
+                self._drop_oldest()
             if self.last_error is None:
                 event("broadcast_log.unavailable", level="error", store=self.store.name, error=str(down))
             self.last_error = str(down)
             return False
-        for _ in rows:
-            self._queue.popleft()
         self.written += len(rows)
         if self.last_error is not None:
             event("broadcast_log.recovered", store=self.store.name, queued=len(self._queue))
             self.last_error = None
         return True
+
+    def _drop_oldest(self) -> None:
+        self._queue.popleft()
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            event("broadcast_log.dropped", level="error", dropped=self.dropped, store=self.store.name)
 
     def _trim_forever(self) -> None:
         while True:

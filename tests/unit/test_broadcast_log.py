@@ -3,6 +3,7 @@
 import csv
 import io
 
+import gevent
 import pytest
 
 from relay.broadcast_log import (
@@ -132,6 +133,35 @@ def test_the_writer_queue_is_bounded_and_drops_the_oldest():
     store.down = False
     writer.flush(deadline=1.0)
     assert [r.id for r in store.rows] == ["b3", "b4", "b5", "b6", "b7"]
+
+
+class SlowStore(ListStore):
+    """Each write waits (an HTTP call to Supabase), the first one longest."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = [0.1]
+
+    def write(self, rows):
+        gevent.sleep(self.waits.pop(0) if self.waits else 0.01)
+        super().write(rows)
+
+
+def test_a_flush_while_the_writer_is_writing_writes_every_row_once():
+    """An admin page flushes while the background writer waits on the store: neither may remove
+    rows the other took, nor a row it never wrote."""
+    store = SlowStore()
+    writer = LogWriter(store, retention_days=30, interval=0.01, batch=3)
+    writer.start()
+    for n in range(6):
+        writer.record(row(n))
+    gevent.sleep(0.02)  # the writer is writing b0..b2 (slowly)
+    assert writer.flush(deadline=2.0)  # the page writes the rest meanwhile
+    for n in range(6, 9):
+        writer.record(row(n))
+    gevent.sleep(0.3)
+    assert sorted(r.id for r in store.rows) == sorted(f"b{n}" for n in range(9))
+    assert writer.status()["queued"] == 0 and writer.written == 9 and not writer._greenlet.dead
 
 
 def test_people_read_the_message_when_there_is_one_and_the_json_otherwise():
