@@ -90,7 +90,9 @@ class SupabaseDirectory:
         # (its defaults are 120 s and three retries with sleeps).
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)))
         self._admin = create_client(url, service_key, options=self._options())
-        self._cache: OrderedDict[str, tuple[float, Identity | None]] = OrderedDict()
+        # user -> (expires, identity, the number of the read that found it: see _remember)
+        self._cache: OrderedDict[str, tuple[float, Identity | None, int]] = OrderedDict()
+        self._reads = 0
         self._inflight: dict[str, AsyncResult] = {}
         self.stats = {"hits": 0, "misses": 0, "upstream": 0, "errors": 0}
         self.last_error: str | None = None
@@ -121,13 +123,14 @@ class SupabaseDirectory:
                 raise self._late() from None
         self.stats["misses"] += 1
         pending = self._inflight[user_id] = AsyncResult()
+        began = self._read_begins()
         try:
             identity = self.fetch(user_id)
         except DirectoryUnavailable as down:
             pending.set_exception(down)
             raise
         else:
-            self._remember(user_id, identity)
+            identity = self._remember(user_id, identity, began)
             pending.set(identity)
             return identity
         finally:
@@ -236,6 +239,7 @@ class SupabaseDirectory:
         if not wanted:
             return found
         self.stats["upstream"] += 1
+        began = self._read_begins()
         users: dict = {}
         complete = False
         try:
@@ -272,7 +276,7 @@ class SupabaseDirectory:
                 found[user_id] = None
             else:
                 continue  # not proven gone: the list was cut short
-            self._remember(user_id, found[user_id])
+            found[user_id] = self._remember(user_id, found[user_id], began)
         return found
 
     def changes_since(self, cursor: int | None) -> tuple[int, list[str]]:
@@ -300,11 +304,22 @@ class SupabaseDirectory:
         """A hard bound on one call, on top of httpx's per-read timeouts (a slow drip passes those)."""
         return gevent.Timeout(self.timeout, self._late())
 
-    def _remember(self, user_id: str, identity: Identity | None) -> None:
-        self._cache[user_id] = (time.monotonic() + self.cache_ttl, identity)
+    def _read_begins(self) -> int:
+        self._reads += 1
+        return self._reads
+
+    def _remember(self, user_id: str, identity: Identity | None, began: int) -> Identity | None:
+        """Cache what read number ``began`` found, unless a read begun after it has answered already
+        (reads wait, and overlap: a slow lookup that saw the user before a ban must not overwrite the
+        re-check that saw the ban). Returns the identity kept, the fresher of the two."""
+        cached = self._cache.get(user_id)
+        if cached is not None and cached[2] > began:
+            return cached[1]
+        self._cache[user_id] = (time.monotonic() + self.cache_ttl, identity, began)
         self._cache.move_to_end(user_id)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+        return identity
 
     def _unavailable(self, problem: Exception) -> DirectoryUnavailable:
         self.stats["errors"] += 1
