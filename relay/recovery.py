@@ -193,6 +193,8 @@ class Recovery:
         assert self.history is not None and self.sessions is not None
         deadline = time.monotonic() + self.session_wait
         while True:
+            if self.sessions.taken(client_id):  # already resumed (here): the store may not know yet
+                return None
             session = self.sessions.pending(client_id) or self.history.load_session(client_id)
             if session is not None or time.monotonic() > deadline:
                 return session

@@ -76,6 +76,7 @@ class SessionKeeper:
         self._ended: dict[str, Session] = {}
         self._saving: list[dict[str, Session]] = []  # ended sessions a flush is writing (pending() sees them)
         self._forget: list[str] = []
+        self._resumed: set[str] = set()  # restored here, gone for good once their deletion is written
         self._greenlet: gevent.Greenlet | None = None
         self.errors = 0
 
@@ -104,8 +105,15 @@ class SessionKeeper:
         return self._session_of(conn) if conn is not None else None
 
     def resumed(self, client_id: str) -> None:
-        """A session was restored into a new connection: it may not be restored twice."""
+        """A session was restored into a new connection: it may not be restored twice (see :meth:`taken`)."""
+        self._ended.pop(client_id, None)
         self._forget.append(client_id)
+        self._resumed.add(client_id)
+
+    def taken(self, client_id: str) -> bool:
+        """Whether the session was restored here already: until its deletion is written, the store
+        (and another copy being written) would still offer it."""
+        return client_id in self._resumed
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -129,6 +137,7 @@ class SessionKeeper:
             for rows in _batches(list(ended.values())):
                 self.store.save_sessions(rows, now + self.window_ms)
             self.store.delete_sessions(forget)
+            self._resumed.difference_update(forget)
         except Exception:
             self._ended = {**ended, **self._ended}
             self._forget = forget + self._forget

@@ -131,6 +131,19 @@ def test_a_missed_broadcast_from_another_stream_refuses_the_whole_replay(stream)
     assert prepared.replay(sequencer, lambda flt: True, 100) == Reason.EPOCH
 
 
+def test_a_session_is_restored_once_even_before_its_deletion_is_written(stream):
+    start = stream.head()[1]
+    publish(stream, 2)
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    assert isinstance(resume(recovery, sequencer, start), Prepared)
+    recovery.sessions.resumed("c-1")  # what the admission does once the socket joins
+    assert resume(recovery, sequencer, start) == Reason.NO_SESSION  # the store still has it: not for long
+    recovery.sessions.flush()
+    assert stream.load_session("c-1") is None and not recovery.sessions.taken("c-1")
+    assert resume(recovery, sequencer, start) == Reason.NO_SESSION
+
+
 def test_another_users_session_or_none_is_no_session(stream):
     saved(stream)
     recovery, sequencer = recovery_over(stream)
