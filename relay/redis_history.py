@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
+from typing import Any
 
 from .envelope import Envelope
 from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
@@ -133,19 +135,29 @@ class RedisHistory:
         )
 
     def previous(self, idempotency: Idempotency) -> Previous | None:
-        raw = self._call(self._client.get, self.idem_prefix + idempotency.key)
+        epoch, raw = self._with_epoch(lambda pipe: pipe.get(self.idem_prefix + idempotency.key))
         if raw is None:
             return None
-        epoch, _ = self.head()
         return self._previous_of(epoch, raw, idempotency)
 
     def read(self, after: int, limit: int) -> list[Envelope]:
-        epoch, _ = self.head()
-        entries = self._call(self._client.xrange, self.stream, f"{after + 1}-0", "+", count=limit)
+        epoch, entries = self._with_epoch(lambda pipe: pipe.xrange(self.stream, f"{after + 1}-0", "+", count=limit))
         return [
             Envelope.from_json(json.loads(fields[b"e"]), offset=int(entry_id.split(b"-")[0]), epoch=epoch)
             for entry_id, fields in entries
         ]
+
+    def _with_epoch(self, command: Callable[[Any], object]) -> tuple[str, Any]:
+        """The stream's epoch and ``command(pipeline)``'s answer, read in one transaction (MULTI/EXEC):
+        with two round trips a store that started over between them would label the new stream's
+        entries with the old stream's epoch, and a resume would replay them as what it missed."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hget(self.meta, "epoch")
+        command(pipe)
+        epoch, answer = self._call(pipe.execute)
+        if epoch is None:  # nothing appended yet in this Redis: claim the epoch (head() does)
+            return self.head()[0], answer
+        return epoch.decode(), answer
 
     def oldest(self) -> int | None:
         first = self._call(self._client.xrange, self.stream, "-", "+", count=1)
@@ -154,8 +166,7 @@ class RedisHistory:
     def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, Envelope]:
         if not channels:
             return {}
-        epoch, _ = self.head()
-        raws = self._call(self._client.mget, [self.last_prefix + channel for channel in channels])
+        epoch, raws = self._with_epoch(lambda pipe: pipe.mget([self.last_prefix + channel for channel in channels]))
         oldest = int(time.time() * 1000) - max_age_ms
         found = {}
         for channel, raw in zip(channels, raws, strict=True):

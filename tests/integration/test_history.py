@@ -172,3 +172,40 @@ def test_a_lost_store_is_a_new_epoch(make, tmp_path):
 def _url_of(store) -> str:
     kwargs = store._client.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+def test_a_redis_read_labels_what_it_read_with_that_streams_epoch_even_if_redis_starts_over_meanwhile(redis_server):
+    """Redis flushed (and a broadcast appended to the new stream) between any two round trips of a read:
+    the envelopes read must carry the epoch of the stream they came from, or a resume would replay the
+    new stream's offsets as the old one's (recovery checks each envelope's epoch)."""
+    import redis
+
+    store = RedisHistory(redis_server.url, prefix="t", window_ms=WINDOW, last_value_ttl_ms=3_600_000)
+    try:
+        for n in (1, 2, 3):
+            store.append(envelope(n))
+        old_epoch, _ = store.head()
+        other = redis.Redis.from_url(redis_server.url)
+        round_trips = []
+        call = store._call
+
+        def starting_over_between_round_trips(fn, *args, **kwargs):
+            if round_trips:  # a second round trip of the same read
+                other.flushall()
+                RedisHistory(redis_server.url, prefix="t", window_ms=WINDOW, last_value_ttl_ms=3_600_000).append(
+                    envelope(99)
+                )
+            round_trips.append(fn)
+            return call(fn, *args, **kwargs)
+
+        store._call = starting_over_between_round_trips
+        read = store.read(0, 10)
+        store._call = call
+        new_epoch, _ = store.head()
+        assert all(
+            (e.epoch, e.data["n"]) in {(old_epoch, 1), (old_epoch, 2), (old_epoch, 3), (new_epoch, 99)} for e in read
+        )
+        assert read  # it read something, from one stream or the other
+        other.close()
+    finally:
+        store.close()
