@@ -29,6 +29,6 @@ def triggering_message() -> dict:
         return {}
     try:
         message = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return message if isinstance(message, dict) else {}

@@ -22,6 +22,7 @@ from typing import NoReturn
 
 import gevent
 
+from . import jsonsafe
 from .broadcast_log import LogWriter, record_of, source_kind
 from .broker import Broker, BrokerUnavailable
 from .codes import HttpError
@@ -59,6 +60,8 @@ def parse_body(body: bytes) -> BroadcastRequest:
         doc = json.loads(body, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError):
         raise BroadcastError(HttpError.INVALID_JSON, "the body is not valid JSON") from None
+    except RecursionError:  # nested deeper than the parser goes
+        _invalid(f"the body cannot be broadcast: it is nested more than {jsonsafe.MAX_DEPTH} levels deep")
     return parse_request(doc)
 
 
@@ -70,6 +73,9 @@ def _no_constants(name: str) -> object:
 def parse_request(doc: object) -> BroadcastRequest:
     if not isinstance(doc, dict):
         _invalid('the body must be a JSON object: {"message": {...}, "filter": {...}}')
+    why = jsonsafe.problem(doc)
+    if why is not None:  # it would parse here and fail to encode later, once recorded in the history
+        _invalid(f"the body cannot be broadcast: {why}")
     _only_keys(doc, ("message", "filter"), "the body")
     message = doc.get("message")
     if not isinstance(message, dict):

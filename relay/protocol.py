@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 
 from . import channels as channel_rules
-from . import frames
+from . import frames, jsonsafe
 from .codes import Close, Error
 from .connection import Connection
 from .envelope import Envelope
@@ -100,7 +100,7 @@ class ClientProtocol:
     def _handle(self, conn: Connection, text: str) -> None:
         try:
             message = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             self.error(conn, Error.INVALID_JSON, "the message is not valid JSON")
             return
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
@@ -270,6 +270,7 @@ class ClientProtocol:
             not isinstance(channels, list)
             or len(channels) > MAX_CHANNELS_PER_REQUEST
             or not all(isinstance(name, str) for name in channels)
+            or jsonsafe.problem(channels) is not None  # a name no frame can carry back (in an ERROR)
         ):
             self.error(
                 conn,

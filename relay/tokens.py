@@ -70,7 +70,7 @@ class TokenService:
         raw = _b64decode(token)
         try:
             payload = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise TokenError("not_json", "the token does not decode to JSON") from None
         if not isinstance(payload, dict):
             raise TokenError("not_object", "the token's JSON is not an object")

@@ -101,3 +101,39 @@ def test_the_filter_is_read_into_sets_and_empty_lists_count_as_not_given():
     request = parse_body(body({**GOOD, "filter": {"userIds": ["b", "a", "b"], "roles": [], "channels": []}}))
     assert request.filter == Filter(user_ids=frozenset({"a", "b"}))
     assert parse_body(body(GOOD)).filter.everyone and parse_body(body({**GOOD, "filter": None})).filter.everyone
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"message":{"type":"ALERT","data":' + b"[" * depth + b"]" * depth + b"}}"
+
+
+@pytest.mark.parametrize("depth", [63, 900, 972, 3000])
+def test_data_nested_past_the_limit_is_refused_before_anything_is_recorded(depth):
+    """~970 levels parse but no longer encode a few calls deeper, after the history has the broadcast:
+    the worker's window of recent broadcasts then failed on every later one. Refused at the door."""
+    with pytest.raises(BroadcastError) as refused:
+        parse_body(_nested(depth))
+    assert refused.value.code == HttpError.INVALID_BODY and "nested more than 64 levels" in str(refused.value)
+
+
+def test_data_nested_within_the_limit_is_accepted():
+    assert parse_body(_nested(62)).data == json.loads(b"[" * 62 + b"]" * 62)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        rb'{"message":{"type":"ALERT","data":{"text":"\ud800"}}}',
+        rb'{"message":{"type":"ALERT","data":{"\udfff":1}}}',
+        rb'{"message":{"type":"ALERT"},"filter":{"userIds":["u\ud83d"]}}',
+    ],
+    ids=["value", "key", "filter"],
+)
+def test_an_unpaired_surrogate_escape_is_refused_it_is_not_text_any_frame_can_carry(body):
+    with pytest.raises(BroadcastError) as refused:
+        parse_body(body)
+    assert refused.value.code == HttpError.INVALID_BODY and "not valid Unicode" in str(refused.value)
+
+
+def test_a_paired_surrogate_escape_is_a_character_and_is_accepted():
+    assert parse_body(rb'{"message":{"type":"ALERT","data":{"text":"\ud83d\ude00"}}}').data == {"text": "\U0001f600"}

@@ -219,3 +219,13 @@ def test_binary_frames_count_against_the_rate_limit_too(protocol, bob):
         protocol.on_binary(bob, b"x")
     protocol.on_binary(bob, b"x")
     assert bob.take()[-1]["data"]["code"] == Error.RATE_LIMITED and bob.closed[0] == Close.POLICY_VIOLATION
+
+
+def test_a_message_nested_deeper_than_the_parser_goes_is_invalid_json_and_the_socket_stays_open(protocol, bob):
+    [error] = say(protocol, bob, "[" * 5000 + "]" * 5000)
+    assert error["data"]["code"] == Error.INVALID_JSON and bob.closed is None
+
+
+def test_a_channel_name_with_an_unpaired_surrogate_is_invalid_data_not_a_crash(protocol, bob):
+    [error] = say(protocol, bob, '{"type":"SUBSCRIBE","data":{"channels":["clinic:\\ud800:queue"]}}')
+    assert error["data"]["code"] == Error.INVALID_DATA and bob.closed is None

@@ -127,3 +127,10 @@ def test_during_a_key_rotation_tokens_of_the_previous_key_are_still_accepted():
     assert refused.value.reason == "bad_signature"
     with pytest.raises(TokenError):
         TokenService(new, TTL).verify(TokenService(old, TTL).mint("bob", NOW), now=NOW)  # rotation over
+
+
+def test_a_token_of_deeply_nested_json_is_not_json_not_a_crash():
+    token = base64.b64encode(b"[" * 1500).decode()  # within the 2,048 characters a token may have
+    with pytest.raises(TokenError) as refused:
+        TokenService("s" * 40, 60_000).verify(token)
+    assert refused.value.reason == "not_json"

@@ -1,0 +1,46 @@
+"""JSON from outside, checked for what ``json.loads`` lets through and nothing downstream can carry.
+
+Two things parse but break later, far from the request that brought them:
+
+- **nesting**: Python's encoder recurses, so a broadcast whose ``data`` is
+  nested ~1,000 deep parses, then fails to encode several frames further down
+  (after it was recorded in the history, where it would break every replay);
+- **unpaired surrogates** (``"\\ud800"``): valid JSON escapes that are not
+  characters, so no UTF-8 frame (and no Postgres text) can hold them.
+
+``problem(value)`` walks a parsed document once, iteratively, and names the
+first of either; callers answer it with their own stable error code.
+"""
+
+from __future__ import annotations
+
+MAX_DEPTH = 64  # objects and arrays inside one another; clinic events need a handful
+
+
+def problem(value: object, max_depth: int = MAX_DEPTH) -> str | None:
+    """Why ``value`` (as ``json.loads`` returns it) cannot be passed on, or None if it can."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not _encodable(item):
+                return "it contains text that is not valid Unicode (an unpaired surrogate escape such as \\ud800)"
+        elif isinstance(item, dict | list):
+            if depth >= max_depth:
+                return f"it is nested more than {max_depth} levels deep"
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+    return None
+
+
+def _encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
