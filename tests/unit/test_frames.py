@@ -63,6 +63,24 @@ def test_fragmented_message_is_joined_and_control_frames_may_interleave():
     assert parse(data) == [(frames.OP_PING, b""), (frames.OP_TEXT, "abcdef")]
 
 
+def test_a_message_in_the_most_fragments_allowed_is_joined():
+    pieces = [client_frame(frames.OP_TEXT, b"a", fin=False)]
+    pieces += [client_frame(frames.OP_CONTINUATION, b"b", fin=False)] * (frames.MAX_FRAGMENTS - 2)
+    pieces.append(client_frame(frames.OP_CONTINUATION, b"c"))
+    assert parse(b"".join(pieces)) == [(frames.OP_TEXT, "a" + "b" * (frames.MAX_FRAGMENTS - 2) + "c")]
+
+
+def test_endless_empty_fragments_fail_the_message_with_1009_not_memory():
+    """Its bytes never reach the limit, so the count of fragments must: each costs memory and time."""
+    parser = FrameParser(1 << 16)
+    parser.feed(client_frame(frames.OP_TEXT, b"", fin=False))
+    empty = client_frame(frames.OP_CONTINUATION, b"", fin=False)
+    with pytest.raises(ProtocolViolation) as failed:
+        for _ in range(frames.MAX_FRAGMENTS // 1000 + 1):
+            parser.feed(empty * 1000)
+    assert failed.value.code == Close.MESSAGE_TOO_BIG and "fragments" in str(failed.value)
+
+
 def test_a_character_split_across_fragments_and_reads_is_decoded_whole():
     euro = "€".encode()  # three bytes
     data = (
