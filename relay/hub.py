@@ -235,7 +235,10 @@ class Hub:
                     conn.keepalive()
                 except Exception:
                     log.exception("keep-alive failed for %r", conn)
-                    conn.abort("keepalive_error")
+                    try:
+                        conn.abort("keepalive_error")
+                    except Exception:  # nor may one that cannot even be dropped stop every other's pings
+                        log.exception("dropping %r failed", conn)
                 if count % CHECK_EVERY == 0:
                     slice_.check()
 

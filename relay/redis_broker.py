@@ -323,7 +323,10 @@ class RedisBroker:
                 continue
             quiet_since, ping_sent = now, None
             if message["type"] == "message":
-                self._on_message(message["channel"], message["data"])
+                try:
+                    self._on_message(message["channel"], message["data"])
+                except Exception:  # a bug with one message must not silence the listener (and /health with it)
+                    log.exception("handling a message from %s failed", message["channel"])
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         try:

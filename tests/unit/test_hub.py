@@ -2,6 +2,7 @@
 
 import json
 
+import gevent
 import pytest
 
 from relay.channels import channels, refusal
@@ -196,3 +197,31 @@ def test_a_paused_fan_out_is_never_overtaken(hub, monkeypatch):
     gevent.joinall([gevent.spawn(hub.deliver, first), gevent.spawn(hub.deliver, second)])
     for conn in hub.people.values():
         assert [json.loads(f[2:])["type"] for f in conn.frames] == ["FIRST", "SECOND"], conn
+
+
+class Pinged(FakeConn):
+    def __init__(self, name, *, broken=False):
+        super().__init__(name, name, "nurse", "clinic-1")
+        self.broken = broken
+        self.pings = 0
+
+    def keepalive(self):
+        if self.broken:
+            raise RuntimeError("a bug in one connection's keep-alive")
+        self.pings += 1
+
+    def abort(self, why):
+        raise RuntimeError("and in dropping it")
+
+
+def test_a_connection_that_cannot_even_be_dropped_does_not_stop_the_keep_alive_of_the_others(caplog):
+    """Were the loop to die, no socket of the worker would be pinged (or closed 4408) again."""
+    hub = Hub(max_clients=10, ping_interval=0.01, push_all=push_each)
+    broken, fine = Pinged("broken", broken=True), Pinged("fine")
+    hub.add(broken)
+    hub.add(fine)
+    hub.start()
+    gevent.sleep(0.1)
+    assert fine.pings >= 3 and not hub._keepalive.dead
+    assert "dropping broken failed" in caplog.text
+    hub._keepalive.kill()
