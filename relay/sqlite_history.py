@@ -242,6 +242,7 @@ class SqliteHistory:
                 db.execute("DELETE FROM sessions WHERE expires_at < ?", (now_ms,))
         return dropped
 
+    @_store_errors
     def status(self) -> dict:
         with self._lock:
             db = self._conn()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from relay import sqlite_history
 from relay.envelope import Envelope
-from relay.history import Session
+from relay.history import HistoryUnavailable, Session
 from relay.sqlite_history import SqliteHistory
 
 
@@ -39,3 +41,11 @@ def test_an_empty_stream_has_no_oldest(tmp_path):
     status = store.status()
     assert status["oldest"] is None and status["retained"] == 0 and status["head"] == 0
     store.close()
+
+
+def test_a_store_that_cannot_be_opened_is_history_unavailable_so_health_says_degraded(tmp_path):
+    """Not a raw sqlite3 error, which /health answered with a 500 (and a load balancer took the worker
+    out of rotation while /broadcast correctly said 503)."""
+    broken = SqliteHistory(str(tmp_path), window_ms=60_000, last_value_ttl_ms=60_000)  # a folder, not a file
+    with pytest.raises(HistoryUnavailable):
+        broken.status()
