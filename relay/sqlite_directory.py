@@ -14,12 +14,14 @@ import functools
 import secrets
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id
-from .directory import AccessTokensUnsupported, Identity
+from .directory import AccessTokensUnsupported, DirectoryUnavailable, Identity
 from .sqlite import close_db, open_db, transaction
 
 SCHEMA = """
@@ -82,6 +84,24 @@ def offload(fn, *args):
     return fn(*args)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _store_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """A file that cannot be opened or read (gone, locked past the busy timeout, a failing disk):
+    DirectoryUnavailable, which callers answer with 503 or close 1013, never a stray sqlite3 error."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as problem:
+            raise DirectoryUnavailable(f"the embedded identity store cannot be used: {problem}") from None
+
+    return guarded
+
+
 class SqliteDirectory:
     """Users in SQLite. Safe to share between greenlets (one connection, one lock)."""
 
@@ -95,10 +115,12 @@ class SqliteDirectory:
 
     # -- the Directory interface ------------------------------------------
 
+    @_store_errors
     def get(self, user_id: str) -> Identity | None:
         row = self._query_one(f"SELECT {_COLUMNS} FROM users WHERE id = ?", (user_id,))
         return _identity(row) if row else None
 
+    @_store_errors
     def authenticate(self, login: str, password: str) -> Identity | None:
         row = self._query_one(
             f"SELECT {_COLUMNS}, password_hash FROM users WHERE email = ? OR id = ?",
@@ -116,6 +138,10 @@ class SqliteDirectory:
         )
 
     def status(self) -> dict:
+        try:
+            self._query_one("SELECT 1", ())
+        except sqlite3.Error as problem:
+            return {"kind": self.name, "state": "degraded", "path": self.path, "lastError": str(problem)}
         return {"kind": self.name, "state": "ok", "path": self.path}
 
     # -- user management (flask users ...) --------------------------------
@@ -159,6 +185,7 @@ class SqliteDirectory:
 
     # -- live revocation ------------------------------------------------------
 
+    @_store_errors
     def get_many(self, user_ids: list[str]) -> dict[str, Identity | None]:
         """Every one of ``user_ids`` as the store has it now (None: no such user)."""
         found: dict[str, Identity | None] = dict.fromkeys(user_ids)
@@ -171,6 +198,7 @@ class SqliteDirectory:
                 found[row[0]] = _identity(row)
         return found
 
+    @_store_errors
     def changes_since(self, cursor: int | None) -> tuple[int, list[str]]:
         """Users whose access changed through this store after ``cursor`` (None: start from now)."""
         with self._lock:
