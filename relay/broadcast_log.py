@@ -288,18 +288,40 @@ class LogWriter:
         try:
             self.store.write(rows)
         except LogUnavailable as down:
-            self._queue.extendleft(reversed(rows))  # first again, in their order
-            while len(self._queue) > self._limit:
-                self._drop_oldest()
-            if self.last_error is None:
-                event("broadcast_log.unavailable", level="error", store=self.store.name, error=str(down))
-            self.last_error = str(down)
+            self._put_back(rows, down)
             return False
+        except Exception:
+            # Not the store being down: something in these rows it cannot take. One at a time, so that
+            # a bad row costs only itself, and the writer (the only one) lives on.
+            log.exception("the broadcast log could not write a batch; writing its rows one by one")
+            return self._write_one_by_one(rows)
         self.written += len(rows)
         if self.last_error is not None:
             event("broadcast_log.recovered", store=self.store.name, queued=len(self._queue))
             self.last_error = None
         return True
+
+    def _write_one_by_one(self, rows: list[LoggedBroadcast]) -> bool:
+        for index, row in enumerate(rows):
+            try:
+                self.store.write([row])
+            except LogUnavailable as down:
+                self._put_back(rows[index:], down)
+                return False
+            except Exception:
+                log.exception("broadcast %s could not be logged; it is dropped", row.id)
+                self.dropped += 1
+            else:
+                self.written += 1
+        return True
+
+    def _put_back(self, rows: list[LoggedBroadcast], down: LogUnavailable) -> None:
+        self._queue.extendleft(reversed(rows))  # first again, in their order
+        while len(self._queue) > self._limit:
+            self._drop_oldest()
+        if self.last_error is None:
+            event("broadcast_log.unavailable", level="error", store=self.store.name, error=str(down))
+        self.last_error = str(down)
 
     def _drop_oldest(self) -> None:
         self._queue.popleft()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import gevent
 
@@ -57,22 +57,26 @@ class SupabaseBroadcastLog:
         self._client = create_client(url, service_key, options=options)
 
     def write(self, rows: list[LoggedBroadcast]) -> None:
-        docs = [
-            {
-                "id": r.id,
-                "stream_offset": r.offset,
-                "at": to_iso(r.at),
-                "source": r.source,
-                "sender": r.sender,
-                "type": r.type,
-                "filter": r.filter,
-                "channels": r.channels,
-                "delivered": r.delivered,
-                "size": r.size,
-                "preview": r.preview,
-            }
-            for r in rows
-        ]
+        # Postgres text and jsonb cannot hold NUL, which JSON (and so a broadcast) can: it would refuse
+        # the batch on every retry. Written as U+FFFD, the replacement character, instead.
+        docs = _without_nul(
+            [
+                {
+                    "id": r.id,
+                    "stream_offset": r.offset,
+                    "at": to_iso(r.at),
+                    "source": r.source,
+                    "sender": r.sender,
+                    "type": r.type,
+                    "filter": r.filter,
+                    "channels": r.channels,
+                    "delivered": r.delivered,
+                    "size": r.size,
+                    "preview": r.preview,
+                }
+                for r in rows
+            ]
+        )
         self._run(
             "write",
             lambda: (
@@ -142,3 +146,17 @@ class SupabaseBroadcastLog:
         except (APIError, httpx.HTTPError, OSError, ValueError) as problem:
             detail = getattr(problem, "message", None) or str(problem)
             raise LogUnavailable(f"the broadcast log ({self.table}) cannot {what}: {detail}") from None
+
+
+J = TypeVar("J")
+
+
+def _without_nul(value: J) -> J:
+    """``value`` with every NUL in its strings replaced by U+FFFD (a row is shallow: a filter of lists)."""
+    if isinstance(value, str):
+        return cast(J, value.replace("\x00", "\ufffd"))
+    if isinstance(value, dict):
+        return cast(J, {key: _without_nul(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return cast(J, [_without_nul(item) for item in value])
+    return value

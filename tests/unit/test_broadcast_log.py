@@ -164,6 +164,29 @@ def test_a_flush_while_the_writer_is_writing_writes_every_row_once():
     assert writer.status()["queued"] == 0 and writer.written == 9 and not writer._greenlet.dead
 
 
+class PickyStore(ListStore):
+    """Refuses any batch holding row b1 with an error that is not the store being down (a bug)."""
+
+    def write(self, rows):
+        if any(r.id == "b1" for r in rows):
+            raise ValueError("a row this store cannot take")
+        super().write(rows)
+
+
+def test_a_row_the_store_cannot_take_costs_only_itself_and_the_writer_lives_on(caplog):
+    store = PickyStore()
+    writer = LogWriter(store, retention_days=30, interval=0.01, batch=3)
+    writer.start()
+    for n in range(3):
+        writer.record(row(n))
+    assert writer.flush(deadline=2.0)
+    assert [r.id for r in store.rows] == ["b0", "b2"] and writer.dropped == 1
+    writer.record(row(3))
+    gevent.sleep(0.05)
+    assert [r.id for r in store.rows] == ["b0", "b2", "b3"] and not writer._greenlet.dead
+    assert "b1 could not be logged" in caplog.text
+
+
 def test_people_read_the_message_when_there_is_one_and_the_json_otherwise():
     def logged(data):
         return record_of(envelope_id="b", offset=1, at=NOW, source="api", type_="T", data=data, filter_={}, delivered=0)
@@ -174,3 +197,13 @@ def test_people_read_the_message_when_there_is_one_and_the_json_otherwise():
     cut = logged({"message": "x" * 500})
     assert not cut.whole and cut.text == cut.preview and len(cut.text) == 200
     assert logged({"message": "é" * 10}).whole
+
+
+def test_rows_for_postgres_carry_no_nul_which_it_refuses_in_text_and_jsonb():
+    from relay.supabase_broadcast_log import _without_nul
+
+    doc = {"preview": "x\x00y", "filter": {"userIds": ["u\x00"]}, "size": 3, "channels": ["a"]}
+    assert _without_nul([doc]) == [
+        {"preview": "x\ufffdy", "filter": {"userIds": ["u\ufffd"]}, "size": 3, "channels": ["a"]}
+    ]
+    assert _without_nul("a literal \\u0000 stays as typed") == "a literal \\u0000 stays as typed"
