@@ -143,6 +143,9 @@ class _State:
     blocked_by: str | None = None
 
 
+EVICTION_SCAN = 64  # keys looked at, oldest first, for one that holds nothing back (see _evict_one)
+
+
 class MemoryThrottleStore:
     """Per process (one worker). Bounded: the least recently seen keys go first past ``max_keys``."""
 
@@ -153,10 +156,12 @@ class MemoryThrottleStore:
 
     def attempt(self, keys: list[tuple[str, Limit]], now: float, window: float, memory: float) -> Attempt:
         with self._lock:
-            states = [(self._state(key), limit) for key, limit in keys]
-            wait = max(state.blocked_until - now for state, _ in states)
+            # Looked up, not created, until the attempt is counted: refused attempts (a blocked address
+            # trying new names) must not fill the store, nor push out the entries that block someone.
+            wait = max(self.blocked_until_locked(key) for key, _ in keys) - now
             if wait > 0:
                 return Attempt(wait)
+            states = [(self._state(key, now), limit) for key, limit in keys]
             attempt_id = secrets.token_hex(8)
             earned = 0.0
             for state, limit in states:
@@ -170,14 +175,15 @@ class MemoryThrottleStore:
                     block = _backoff(limit, state.level)
                     state.blocked_until, state.blocked_by = now + block, attempt_id
                     earned = max(earned, block)
-            while len(self._states) > self.max_keys:
-                self._states.popitem(last=False)
             return Attempt(0.0, attempt_id, earned)
 
     def blocked_until(self, key: str) -> float:
         with self._lock:
-            state = self._states.get(key)
-            return state.blocked_until if state else 0.0
+            return self.blocked_until_locked(key)
+
+    def blocked_until_locked(self, key: str) -> float:
+        state = self._states.get(key)
+        return state.blocked_until if state else 0.0
 
     def withdraw(self, keys: list[str], attempt_id: str, *, reset_first: bool) -> None:
         with self._lock:
@@ -193,10 +199,27 @@ class MemoryThrottleStore:
                     state.blocked_until, state.blocked_by = 0.0, None
                     state.level = max(0, state.level - 1)
 
-    def _state(self, key: str) -> _State:
-        state = self._states.pop(key, None) or _State()
+    def _state(self, key: str, now: float) -> _State:
+        state = self._states.pop(key, None)
+        if state is None:
+            state = _State()
+            if len(self._states) >= self.max_keys:
+                self._evict_one(now)
         self._states[key] = state  # most recently seen last
         return state
+
+    def _evict_one(self, now: float) -> None:
+        """Make room: the least recently seen key that blocks no one and carries no back-off level, among
+        the oldest few (bounded work); failing that, the least recently seen. Evicting a level gives its
+        account the free guesses back, so an attacker who floods the store with new keys must not be
+        able to push out the one under attack."""
+        for count, (key, state) in enumerate(self._states.items()):
+            if state.blocked_until <= now and state.level_until <= now:
+                del self._states[key]
+                return
+            if count >= EVICTION_SCAN:
+                break
+        self._states.popitem(last=False)
 
 
 # KEYS: one failures set per key (its :lvl, :block, :by beside it)
