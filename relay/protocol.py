@@ -39,6 +39,7 @@ from .lastvalues import LastValues
 from .sessions import SessionKeeper
 from .telemetry import Telemetry
 
+MAX_BACKLOG = 64  # messages held behind one still being answered (a SUBSCRIBE with last)
 MAX_CHANNELS_PER_REQUEST = 200
 
 
@@ -93,6 +94,11 @@ class ClientProtocol:
         if not self._within_rate(conn):
             return
         if conn.backlog is not None:  # an earlier message of this connection is still being answered
+            if len(conn.backlog) >= MAX_BACKLOG:  # a slow store must not make a socket hoard megabytes
+                self.error(conn, Error.RATE_LIMITED, "too many messages waiting for an answer; slow down", now=False)
+                conn.close(Close.POLICY_VIOLATION, "rate limit exceeded")
+                event("ws.rate_limited", level="warning", clientId=conn.id, userId=conn.user_id, waiting=MAX_BACKLOG)
+                return
             conn.backlog.append(text)
             return
         self._handle(conn, text)

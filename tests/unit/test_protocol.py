@@ -10,7 +10,7 @@ import pytest
 
 from relay.codes import Close, Error
 from relay.hub import Hub
-from relay.protocol import MAX_CHANNELS_PER_REQUEST, ClientProtocol
+from relay.protocol import MAX_BACKLOG, MAX_CHANNELS_PER_REQUEST, ClientProtocol
 
 ANN = "system:announcements"
 
@@ -229,3 +229,23 @@ def test_a_message_nested_deeper_than_the_parser_goes_is_invalid_json_and_the_so
 def test_a_channel_name_with_an_unpaired_surrogate_is_invalid_data_not_a_crash(protocol, bob):
     [error] = say(protocol, bob, '{"type":"SUBSCRIBE","data":{"channels":["clinic:\\ud800:queue"]}}')
     assert error["data"]["code"] == Error.INVALID_DATA and bob.closed is None
+
+
+def test_messages_piling_up_behind_a_slow_subscribe_with_last_are_bounded(clock):
+    """While the store takes its time, a client may queue MAX_BACKLOG messages, not megabytes."""
+    last_values = SlowLastValues()
+    protocol = ClientProtocol(Hub(max_clients=10, ping_interval=30), clock=clock, last_values=last_values)
+    protocol.rate_burst = 1000  # the rate limit is not what is tested here
+    bob = FakeConn()
+    bob.defer = lambda work, *args: gevent.spawn(work, *args)
+    protocol.hub.add(bob)
+    say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "last": True}})
+    for _ in range(MAX_BACKLOG):
+        say(protocol, bob, {"type": "PING"})
+    assert bob.closed is None and len(bob.backlog) == MAX_BACKLOG
+    [refused] = say(protocol, bob, {"type": "PING"})
+    assert refused["data"]["code"] == Error.RATE_LIMITED and bob.closed == (
+        Close.POLICY_VIOLATION,
+        "rate limit exceeded",
+    )
+    last_values.answer.set()
