@@ -74,6 +74,9 @@ class SessionKeeper:
         self._live: dict[str, Connection] = {}
         self._changed: set[str] = set()
         self._ended: dict[str, Session] = {}
+        # When each session in _ended (or being saved) ended, oldest first: past the window there is
+        # nothing left to resume, so a store that stays down does not make them pile up.
+        self._ended_at: dict[str, float] = {}
         self._saving: list[dict[str, Session]] = []  # ended sessions a flush is writing (pending() sees them)
         self._forget: list[str] = []
         self._resumed: set[str] = set()  # restored here, gone for good once their deletion is written
@@ -94,6 +97,7 @@ class SessionKeeper:
         if self._live.pop(conn.id, None) is not None:
             self._changed.discard(conn.id)
             self._ended[conn.id] = self._session_of(conn)
+            self._ended_at[conn.id] = time.monotonic()
 
     def pending(self, client_id: str) -> Session | None:
         """What this worker knows of a session that may not be in the store yet (ended here, or still open)."""
@@ -107,6 +111,7 @@ class SessionKeeper:
     def resumed(self, client_id: str) -> None:
         """A session was restored into a new connection: it may not be restored twice (see :meth:`taken`)."""
         self._ended.pop(client_id, None)
+        self._ended_at.pop(client_id, None)
         self._forget.append(client_id)
         self._resumed.add(client_id)
 
@@ -138,9 +143,13 @@ class SessionKeeper:
                 self.store.save_sessions(rows, now + self.window_ms)
             self.store.delete_sessions(forget)
             self._resumed.difference_update(forget)
+            for client_id in ended:
+                self._ended_at.pop(client_id, None)
         except Exception:
-            self._ended = {**ended, **self._ended}
+            ended.update(self._ended)  # those that ended meanwhile are newer (and few: no full copy)
+            self._ended = ended
             self._forget = forget + self._forget
+            self._drop_expired()
             raise
         finally:
             self._saving = [held for held in self._saving if held is not ended]
@@ -157,6 +166,16 @@ class SessionKeeper:
         except Exception:
             self._changed |= {c for c in changed if c in self._live}
             raise
+
+    def _drop_expired(self) -> None:
+        """Forget ended sessions older than the window (the store has been down that long)."""
+        cutoff = time.monotonic() - self.window_ms / 1000
+        while self._ended_at:
+            client_id, ended_at = next(iter(self._ended_at.items()))
+            if ended_at >= cutoff:
+                break
+            del self._ended_at[client_id]
+            self._ended.pop(client_id, None)
 
     @staticmethod
     def _session_of(conn: Connection) -> Session:

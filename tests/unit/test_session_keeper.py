@@ -112,3 +112,29 @@ def test_a_drain_while_the_keeper_waits_leaves_no_session_unwritten(keeper):
     keeper.flush()
     assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2", "c-5"]  # nothing held back by the waiting flush
     waiting.kill()  # the worker exits
+
+
+class DownStore(Store):
+    def save_sessions(self, sessions: list[Session], expires_at_ms: int) -> None:
+        raise ConnectionError("the store is down")
+
+
+def test_while_the_store_is_down_ended_sessions_are_kept_for_the_window_not_forever():
+    """Past the window there is nothing to resume: a long outage must not pile them up (nor, once the
+    store is back, write sessions long expired with a fresh expiry)."""
+    keeper = SessionKeeper(DownStore(), window_ms=100)  # type: ignore[arg-type]
+    old = [Conn(n) for n in range(3)]
+    for conn in old:
+        keeper.opened(conn)  # type: ignore[arg-type]
+        keeper.closed(conn)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError):
+        keeper.flush()
+    assert keeper.pending("c-0") is not None  # within the window: kept for the next try
+    time.sleep(0.15)
+    recent = Conn(9)
+    keeper.opened(recent)  # type: ignore[arg-type]
+    keeper.closed(recent)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError):
+        keeper.flush()
+    assert keeper.pending("c-0") is None and keeper.pending("c-9") is not None
+    assert keeper.status()["pending"] == 1
