@@ -604,7 +604,9 @@ class Realtime:
         }
         broker = self.broker.status()
         identity = self.directory.status()
-        members = self.broker.members()
+        # Not while the broker's own heartbeat fails: a Redis that hangs would hold /health for its
+        # socket timeout (2 s), long enough for a load balancer to take a working worker out.
+        members = self.broker.members() if broker["state"] == "ok" else None
         if members is None:
             members = [me]  # the cluster is unknown right now: say what we know
         else:
