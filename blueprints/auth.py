@@ -11,6 +11,7 @@ import functools
 import hmac
 import secrets
 from math import ceil
+from urllib.parse import urlsplit
 
 from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
@@ -193,9 +194,18 @@ def logout():
 
 
 def _safe_next(target: str | None) -> str:
-    # Only same-site paths: "//evil.example" and "http://..." are open redirects.
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
+    """Only a path on this site. "//host", "http://host", a backslash, a space or a control character
+    are refused: URL parsers drop tabs and line breaks, so "/", a tab, "/host" would become "//host"."""
+    if (
+        target
+        and target.startswith("/")
+        and not target.startswith("//")
+        and "\\" not in target
+        and all(" " < ch != "\x7f" for ch in target)
+    ):
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc:
+            return target
     return url_for("pages.home")
 
 
