@@ -34,6 +34,7 @@ def is_htmx() -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
+LOG_FILTERS = ("type", "channel", "sender", "since", "until")  # the log page's query parameters
 PAGE_ROWS = 50
 CSV_MAX_ROWS = 10_000
 RECENT_ROWS = 10
@@ -99,7 +100,8 @@ def broadcast_log():
         rows=rows[:PAGE_ROWS],
         more=len(rows) > PAGE_ROWS,  # one row more than a page was asked for
         page=page,
-        args={k: v for k, v in request.args.items() if k != "page" and v},
+        # Only the filters: the rest of a query string would reach url_for (?endpoint=x was a 500).
+        args={k: v for k, v in request.args.items() if k in LOG_FILTERS and v},
         problem=problem,
         iso=iso,
         log_days=realtime().settings.broadcast_log_days,
