@@ -3,7 +3,8 @@
 The policy allows scripts, styles and sockets from this site only: no
 ``'unsafe-inline'`` anywhere (the pages have no inline script or style, and
 htmx is told not to inject its indicator styles), no framing by anyone
-(clickjacking), no plugins, forms that post only here. In production, HSTS.
+(clickjacking), no plugins, forms that post only here; pages are not cached
+(``no-store``). In production, HSTS.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def add_security_headers(response):
     if response.mimetype == "text/html":
         headers["Content-Security-Policy"] = content_security_policy(settings.public_url, request.host)
         headers["X-Frame-Options"] = "DENY"  # for browsers that predate frame-ancestors
+        # Pages show patients' queues and the broadcast log: on a shared clinic workstation, Back
+        # after sign-out must not bring them back from the browser's cache.
+        headers.setdefault("Cache-Control", "no-store")
     return response
 
 

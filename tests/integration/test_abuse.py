@@ -288,6 +288,7 @@ def test_every_page_carries_a_strict_content_security_policy_and_the_other_heade
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Referrer-Policy"] == "same-origin"
     assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["Cache-Control"] == "no-store"  # Back after sign-out shows nothing cached
     assert "Strict-Transport-Security" not in response.headers  # development over http
     import re
 
