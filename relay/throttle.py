@@ -158,7 +158,7 @@ class MemoryThrottleStore:
         with self._lock:
             # Looked up, not created, until the attempt is counted: refused attempts (a blocked address
             # trying new names) must not fill the store, nor push out the entries that block someone.
-            wait = max(self.blocked_until_locked(key) for key, _ in keys) - now
+            wait = max(self._blocked_until_held(key) for key, _ in keys) - now
             if wait > 0:
                 return Attempt(wait)
             states = [(self._state(key, now), limit) for key, limit in keys]
@@ -179,9 +179,10 @@ class MemoryThrottleStore:
 
     def blocked_until(self, key: str) -> float:
         with self._lock:
-            return self.blocked_until_locked(key)
+            return self._blocked_until_held(key)
 
-    def blocked_until_locked(self, key: str) -> float:
+    def _blocked_until_held(self, key: str) -> float:
+        """:meth:`blocked_until`, for a caller that holds the lock."""
         state = self._states.get(key)
         return state.blocked_until if state else 0.0
 
