@@ -24,8 +24,10 @@ import logging
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import wraps
+from typing import ParamSpec, TypeVar
 
 import gevent
 from gevent import get_hub
@@ -38,6 +40,28 @@ CHECKPOINT_EVERY_S = 0.25
 # list. Changed only by greenlets (never from the pool's thread), so it needs no lock.
 _opened: Counter[str] = Counter()
 _checkpointer: gevent.Greenlet | None = None
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def errors_become(unavailable: Callable[[str], Exception], what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """A decorator for a store's methods: a disk that is full, a file locked past the busy timeout or
+    gone raises ``unavailable("<what>: <the error>")`` (the store's own "unavailable": a 503, a close
+    1013, a refused resume), never a stray sqlite3 error (a 500, a 1011)."""
+
+    def decorate(method: Callable[P, R]) -> Callable[P, R]:
+        @wraps(method)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return method(*args, **kwargs)
+            except sqlite3.Error as problem:
+                raise unavailable(f"{what}: {problem}") from None
+
+        return guarded
+
+    return decorate
 
 
 def open_db(path: str, schema: str) -> sqlite3.Connection:

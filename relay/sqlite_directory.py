@@ -14,15 +14,13 @@ import functools
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id
 from .directory import AccessTokensUnsupported, DirectoryUnavailable, Identity
-from .sqlite import close_db, open_db, transaction
+from .sqlite import close_db, errors_become, open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -84,22 +82,8 @@ def offload(fn, *args):
     return fn(*args)
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _store_errors(method: Callable[P, R]) -> Callable[P, R]:
-    """A file that cannot be opened or read (gone, locked past the busy timeout, a failing disk):
-    DirectoryUnavailable, which callers answer with 503 or close 1013, never a stray sqlite3 error."""
-
-    @functools.wraps(method)
-    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except sqlite3.Error as problem:
-            raise DirectoryUnavailable(f"the embedded identity store cannot be used: {problem}") from None
-
-    return guarded
+# A file that cannot be opened or read: DirectoryUnavailable, answered with 503 or close 1013.
+_store_errors = errors_become(DirectoryUnavailable, "the embedded identity store cannot be used")
 
 
 class SqliteDirectory:

@@ -21,13 +21,10 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from functools import wraps
-from typing import ParamSpec, TypeVar
 
 from .envelope import Envelope
 from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
-from .sqlite import close_db, open_db, transaction
+from .sqlite import close_db, errors_become, open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,22 +59,8 @@ CREATE INDEX IF NOT EXISTS history_at ON history (at);
 
 COUNTS_EVERY_S = 1.0  # status(): how stale the broadcast and session counts may be
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _store_errors(method: Callable[P, R]) -> Callable[P, R]:
-    """A disk that is full, a file that is locked past the busy timeout or gone: HistoryUnavailable
-    (a 503 for a broadcast, a refused resume), never a stray sqlite3 error (a 500)."""
-
-    @wraps(method)
-    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except sqlite3.Error as problem:
-            raise HistoryUnavailable(f"the embedded history cannot be used: {problem}") from None
-
-    return guarded
+# A full disk, a locked or vanished file: HistoryUnavailable (a 503 for a broadcast, a refused resume).
+_store_errors = errors_become(HistoryUnavailable, "the embedded history cannot be used")
 
 
 def _now_ms() -> int:
