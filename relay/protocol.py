@@ -95,9 +95,7 @@ class ClientProtocol:
             return
         if conn.backlog is not None:  # an earlier message of this connection is still being answered
             if len(conn.backlog) >= MAX_BACKLOG:  # a slow store must not make a socket hoard megabytes
-                self.error(conn, Error.RATE_LIMITED, "too many messages waiting for an answer; slow down", now=False)
-                conn.close(Close.POLICY_VIOLATION, "rate limit exceeded")
-                event("ws.rate_limited", level="warning", clientId=conn.id, userId=conn.user_id, waiting=MAX_BACKLOG)
+                self._rate_limited(conn, "too many messages waiting for an answer; slow down", waiting=MAX_BACKLOG)
                 return
             conn.backlog.append(text)
             return
@@ -264,10 +262,14 @@ class ClientProtocol:
         if conn.rate_tokens >= 1.0:
             conn.rate_tokens -= 1.0
             return True
-        self.error(conn, Error.RATE_LIMITED, "too many messages; slow down", now=False)
-        conn.close(Close.POLICY_VIOLATION, "rate limit exceeded")
-        event("ws.rate_limited", level="warning", clientId=conn.id, userId=conn.user_id)
+        self._rate_limited(conn, "too many messages; slow down")
         return False
+
+    def _rate_limited(self, conn: Connection, message: str, **fields: object) -> None:
+        """ERROR rate_limited, then close 1008."""
+        self.error(conn, Error.RATE_LIMITED, message, now=False)
+        conn.close(Close.POLICY_VIOLATION, "rate limit exceeded")
+        event("ws.rate_limited", level="warning", clientId=conn.id, userId=conn.user_id, **fields)
 
     def _channel_list(self, conn: Connection, data: object) -> list[str] | None:
         """``data.channels`` as a de-duplicated list, or None after answering ERROR."""

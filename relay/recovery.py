@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import gevent
@@ -71,6 +71,21 @@ def resume_request(args: Mapping[str, str]) -> ResumeRequest | str | None:
     if not _CLIENT_ID.fullmatch(client_id) or not _EPOCH.fullmatch(epoch) or not offset.isdigit() or len(offset) > 18:
         return Reason.INVALID
     return ResumeRequest(client_id, epoch, int(offset))
+
+
+def split_by_refusal(
+    names: Iterable[str], refusal: Callable[[str], str | None]
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """The channels a session may restore, and (channel, error code) for each it may no longer hold."""
+    kept: list[str] = []
+    refused: list[tuple[str, str]] = []
+    for name in names:
+        why = refusal(name)
+        if why is None:
+            kept.append(name)
+        else:
+            refused.append((name, why))
+    return kept, refused
 
 
 @dataclass
@@ -160,13 +175,7 @@ class Recovery:
             return Reason.NO_SESSION
         if not self._reach(request.offset):
             return Reason.INVALID  # an offset this stream never had
-        channels, refused = [], []
-        for name in session.channels:
-            why = refusal(name)
-            if why is None:
-                channels.append(name)
-            else:
-                refused.append((name, why))
+        channels, refused = split_by_refusal(session.channels, refusal)
         prepared = Prepared(session, channels, refused, request.epoch, read_upto=self.sequencer.position)
         recent = self.sequencer.recent_after(request.offset)
         if recent is None:  # from before this worker began (a restart): read it once for everyone

@@ -44,7 +44,7 @@ from .hub import Hub
 from .lastvalues import LastValues
 from .outbox import Outbox
 from .protocol import ClientProtocol, encode
-from .recovery import Prepared, Recovery, ResumeRequest
+from .recovery import Prepared, Recovery, ResumeRequest, split_by_refusal
 from .revocation import IdentityWatcher
 from .sequencer import Sequencer
 from .sessions import SessionKeeper
@@ -516,14 +516,10 @@ class Realtime:
         assert identity is not None
         conn.identify(identity)
         if isinstance(outcome, Prepared):
-            kept = []
-            for name in outcome.channels:
-                why = channel_rules.refusal(conn, name)
-                if why is None:
-                    kept.append(name)
-                else:
-                    outcome.refused.append((name, why))
-            outcome.channels = kept
+            outcome.channels, refused = split_by_refusal(
+                outcome.channels, lambda name: channel_rules.refusal(conn, name)
+            )
+            outcome.refused += refused
         return True
 
     def _refused_while_draining(self, conn: Connection) -> bool:
