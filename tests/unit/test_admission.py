@@ -136,28 +136,6 @@ def test_a_draining_worker_refuses_newcomers_with_1012(service, sockets):
     assert sockets(rt, rt.tokens.mint("u-1")).close_code() == (Close.SERVICE_RESTART, "service restart")
 
 
-def test_a_socket_whose_admission_was_waiting_when_the_drain_began_is_refused_1012_not_kept(service):
-    """The drain closes the sockets the hub has; one still waiting for its user must not join after it."""
-    answer = gevent.event.Event()
-
-    def slow(uid):
-        answer.wait(5)
-        return nurse(uid)
-
-    rt = service(slow)
-    ours, theirs = socket.socketpair()
-    try:
-        admitting = gevent.spawn(rt.open_socket, ours, rt.tokens.mint("u-1"), "test")
-        gevent.sleep(0.02)  # the admission now waits for the directory
-        assert rt.drain() is True
-        answer.set()
-        conn = admitting.get(timeout=5)
-        assert ServerFrames(theirs).close_code() == (Close.SERVICE_RESTART, "service restart")
-        assert len(rt.hub) == 0 and conn.close_code == Close.SERVICE_RESTART
-    finally:
-        theirs.close()
-
-
 @pytest.fixture
 def on_its_way(service):
     """``on_its_way(change)``: a socket of u-1 (a nurse of c-1) whose user lookup waits until ``change(rt)``
@@ -191,6 +169,15 @@ def first_frame(received) -> tuple[int, str] | str:
     if opcode == 0x8:
         return int.from_bytes(payload[:2], "big"), payload[2:].decode()
     return json.loads(payload)["type"]
+
+
+def test_a_socket_whose_admission_was_waiting_when_the_drain_began_is_refused_1012_not_kept(on_its_way):
+    """The drain closes the sockets the hub has; one still waiting for its user must not join after it."""
+    drained = []
+    rt, conn, received = on_its_way(lambda rt: drained.append(rt.drain()))
+    assert drained == [True]
+    assert received.close_code() == (Close.SERVICE_RESTART, "service restart")
+    assert len(rt.hub) == 0 and conn.close_code == Close.SERVICE_RESTART
 
 
 def test_a_user_disabled_while_their_socket_is_on_its_way_is_closed_4403_instead_of_joining(on_its_way):
