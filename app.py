@@ -47,6 +47,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     app.config.update(
         SECRET_KEY=settings.secret_key,
+        # The cookie's signature is refused once this old; auth.current_user also ends a sign-in this old.
+        PERMANENT_SESSION_LIFETIME=dt.timedelta(seconds=settings.session_lifetime_s),
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.production,

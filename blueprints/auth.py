@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hmac
 import secrets
+import time
 from math import ceil
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ from relay.codes import HttpError
 from relay.directory import AccessTokenInvalid, AccessTokensUnsupported, DirectoryUnavailable, Identity
 from relay.eventlog import event
 from relay.service import Realtime
+from relay.signouts import SignoutsUnavailable
 from relay.throttle import ThrottleUnavailable
 
 from .errors import error_response, wants_json
@@ -48,7 +50,9 @@ def current_user() -> Identity | None:
     if "user" not in g:
         user = None
         user_id = session.get("user_id")
-        if user_id:
+        if user_id and not _session_current():
+            session.clear()
+        elif user_id:
             try:
                 user = realtime().directory.get(user_id)
             except DirectoryUnavailable:
@@ -59,6 +63,27 @@ def current_user() -> Identity | None:
                 user = None
         g.user = user
     return g.user
+
+
+def _session_current() -> bool:
+    """Whether this sign-in still holds: younger than SESSION_LIFETIME_HOURS and not signed out.
+
+    A cookie from before sessions had an id and a start (or a forged-looking
+    one) is not current. Raises :class:`DirectoryUnavailable` when the
+    sign-out store cannot answer: refused with 503 like an identity outage,
+    never let through and never signed out.
+    """
+    started, session_id = session.get("since"), session.get("sid")
+    if not isinstance(started, int) or not isinstance(session_id, str) or not session_id:
+        return False
+    now = time.time()
+    if not started <= now < started + realtime().settings.session_lifetime_s:
+        return False
+    try:
+        return not realtime().signouts.ended(session_id, now)
+    except SignoutsUnavailable as problem:
+        g.identity_down = True
+        raise DirectoryUnavailable(str(problem)) from None
 
 
 def current_user_if_known() -> Identity | None:
@@ -171,6 +196,8 @@ def login():
         return _login_page("Sign-in is unavailable right now. Try again shortly.", 503)
     session.clear()  # a new session (new CSRF token): nothing from before the sign-in carries over
     session["user_id"] = user.user_id
+    session["sid"] = secrets.token_urlsafe(18)  # what signing out records (relay.signouts)
+    session["since"] = int(time.time())
     event("login", userId=user.user_id, role=user.role)
     return redirect(_safe_next(request.args.get("next")))
 
@@ -188,8 +215,22 @@ def _too_many(wait: float) -> ResponseReturnValue:
 
 @bp.post("/logout")
 def logout():
-    if csrf_ok():
-        session.clear()
+    """Ends the session here and on the server: a copy of the cookie is refused from now on.
+
+    If the sign-out store cannot record it, the browser is still signed out,
+    and the failure is logged (``logout.unrecorded``): the copy then lasts
+    until the session's lifetime ends, as before there was a store.
+    """
+    if not csrf_ok():
+        return redirect(url_for("auth.login"))
+    session_id, started = session.get("sid"), session.get("since")
+    if isinstance(session_id, str) and session_id and isinstance(started, int):
+        until = started + realtime().settings.session_lifetime_s
+        try:
+            realtime().signouts.end(session_id, until)
+        except SignoutsUnavailable as problem:
+            event("logout.unrecorded", level="warning", userId=session.get("user_id"), error=str(problem))
+    session.clear()
     return redirect(url_for("auth.login"))
 
 

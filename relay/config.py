@@ -84,6 +84,8 @@ class Settings:
     metrics_token: str | None = field(repr=False)
     metrics_public: bool
     broadcast_log_days: int
+    # How long a sign-in lasts (the admin pages' session cookie), in seconds.
+    session_lifetime_s: int
     # What start-up should tell the operator once it can log.
     notices: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -203,6 +205,7 @@ class Settings:
             metrics_token=metrics_token,
             metrics_public=metrics_public,
             broadcast_log_days=reader.integer("BROADCAST_LOG_DAYS", 30, low=1, high=3650),
+            session_lifetime_s=reader.integer("SESSION_LIFETIME_HOURS", 12, low=1, high=720) * 3600,
             notices=tuple(notices),
             warnings=tuple(warnings),
         )

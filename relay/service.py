@@ -48,6 +48,7 @@ from .recovery import Prepared, Recovery, ResumeRequest, split_by_refusal
 from .revocation import IdentityWatcher
 from .sequencer import Sequencer
 from .sessions import SessionKeeper
+from .signouts import SignoutStore, SqliteSignouts
 from .sqlite import start_checkpoints
 from .sqlite_broadcast_log import SqliteBroadcastLog
 from .sqlite_directory import SqliteDirectory
@@ -134,6 +135,7 @@ class Realtime:
         self.broker = broker or _make_broker(settings, self.worker_id)
         self.broadcaster = Broadcaster(self.broker, self.history, telemetry=self.telemetry, log=self.broadcast_log)
         self.throttle = LoginThrottle(_make_throttle_store(settings))
+        self.signouts = _make_signout_store(settings)
         self.identities = IdentityWatcher(
             self.directory,
             self.hub.user_ids,
@@ -763,6 +765,14 @@ def _make_broadcast_log(settings: Settings) -> BroadcastLog:
     return SupabaseBroadcastLog(
         supabase.url, supabase.service_key, table=supabase.broadcast_log_table, timeout=supabase.timeout_ms / 1000
     )
+
+
+def _make_signout_store(settings: Settings) -> SignoutStore:
+    if not settings.redis_url:
+        return SqliteSignouts(settings.db_path)
+    from .signouts import RedisSignouts
+
+    return RedisSignouts(settings.redis_url, prefix=settings.redis_prefix)
 
 
 def _make_throttle_store(settings: Settings) -> ThrottleStore:

@@ -48,15 +48,16 @@ R = TypeVar("R")
 
 def errors_become(unavailable: Callable[[str], Exception], what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """A decorator for a store's methods: a disk that is full, a file locked past the busy timeout or
-    gone raises ``unavailable("<what>: <the error>")`` (the store's own "unavailable": a 503, a close
-    1013, a refused resume), never a stray sqlite3 error (a 500, a 1011)."""
+    gone, a folder that cannot be made for it, raises ``unavailable("<what>: <the error>")`` (the
+    store's own "unavailable": a 503, a close 1013, a refused resume), never a stray sqlite3 or OS
+    error (a 500, a 1011)."""
 
     def decorate(method: Callable[P, R]) -> Callable[P, R]:
         @wraps(method)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 return method(*args, **kwargs)
-            except sqlite3.Error as problem:
+            except (sqlite3.Error, OSError) as problem:
                 raise unavailable(f"{what}: {problem}") from None
 
         return guarded

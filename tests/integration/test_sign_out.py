@@ -1,0 +1,76 @@
+"""Signing out ends the session on the server: a copy of the cookie taken before is refused
+(relay.signouts), across a restart with the embedded store, across workers with Redis."""
+
+import requests
+from support import Server, csrf_of, make_users, sign_in
+
+
+def copy_of(session: requests.Session) -> str:
+    """The session cookie as a thief or a backup would hold it: replayed as is on every request,
+    whatever the server answers (a browser would drop it when told to)."""
+    return session.cookies["clinic_session"]
+
+
+def sign_out(srv: Server, session: requests.Session) -> None:
+    home = session.get(srv.url + "/", timeout=5)
+    answer = session.post(srv.url + "/logout", data={"csrf_token": csrf_of(home.text)}, timeout=5)
+    assert answer.status_code == 200 and answer.url.endswith("/login")
+
+
+def ws_auth(srv: Server, holder: requests.Session | str) -> int:
+    """The status of ``GET /api/ws/auth`` for a signed-in browser, or for a copied cookie replayed."""
+    if isinstance(holder, str):
+        return requests.get(
+            srv.url + "/api/ws/auth", headers={"Cookie": f"clinic_session={holder}"}, timeout=5
+        ).status_code
+    return holder.get(srv.url + "/api/ws/auth", timeout=5).status_code
+
+
+def test_a_copy_of_the_cookie_is_refused_after_sign_out_and_other_sign_ins_keep_working(server: Server):
+    laptop = sign_in(server, "bob")
+    tablet = sign_in(server, "bob")
+    stolen = copy_of(laptop)
+    assert ws_auth(server, stolen) == 200
+    sign_out(server, laptop)
+    assert ws_auth(server, laptop) == 401
+    assert ws_auth(server, stolen) == 401
+    page = requests.get(
+        server.url + "/", headers={"Cookie": f"clinic_session={stolen}"}, allow_redirects=False, timeout=5
+    )
+    assert page.status_code == 302 and page.headers["Location"].startswith("/login")
+    assert ws_auth(server, tablet) == 200  # only the session that signed out ended
+    assert ws_auth(server, sign_in(server, "bob")) == 200
+
+
+def test_the_embedded_store_remembers_sign_outs_across_a_restart(tmp_path):
+    make_users(tmp_path / "realtime.db")
+    srv = Server(tmp_path).start()
+    try:
+        browser = sign_in(srv, "carol")
+        stolen = copy_of(browser)
+        kept = sign_in(srv, "carol")
+        sign_out(srv, browser)
+        srv.stop()
+        srv.start()
+        assert ws_auth(srv, stolen) == 401
+        assert ws_auth(srv, kept) == 200
+    finally:
+        srv.stop()
+
+
+def test_with_redis_every_worker_refuses_the_copy_and_an_outage_signs_nobody_out(start_server, redis_server):
+    srv = start_server("-w", "2", REDIS_URL=redis_server.url)
+    browser = sign_in(srv, "bob")
+    stolen = copy_of(browser)
+    kept = sign_in(srv, "bob")
+    sign_out(srv, browser)
+    # Each request may land on either worker: ask enough times that both answer.
+    assert {ws_auth(srv, stolen) for _ in range(20)} == {401}
+    assert {ws_auth(srv, kept) for _ in range(20)} == {200}
+
+    redis_server.stop()
+    down = kept.get(srv.url + "/api/ws/auth", timeout=10)
+    assert down.status_code == 503 and down.json()["error"]["code"] == "unavailable"
+    assert "Set-Cookie" not in down.headers  # the browser keeps its session through the outage
+    redis_server.start()  # same port (and, without persistence, an empty Redis)
+    assert ws_auth(srv, kept) == 200
