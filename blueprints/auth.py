@@ -176,8 +176,10 @@ def login():
         return _login_page("Enter your email and password.", 400)
     throttle, address = realtime().throttle, request.remote_addr
     try:
+        # One count per account, however its name was typed (an email or an id).
+        account = realtime().directory.account_of(login_name)
         # Counted before the password is checked (see relay.throttle): parallel guesses cannot slip through.
-        attempt = throttle.attempt(login_name, address)
+        attempt = throttle.attempt(account, address)
         if attempt.wait > 0:  # refused before the password is even looked at: the right one too
             retry = ceil(attempt.wait)
             event("login.throttled", level="warning", login=login_name[:120], remote=address, retryAfter=retry)
@@ -185,13 +187,13 @@ def login():
         try:
             user = realtime().directory.authenticate(login_name, password)
         except DirectoryUnavailable:
-            throttle.withdraw(login_name, address, attempt)  # nobody's fault: not a failure
+            throttle.withdraw(account, address, attempt)  # nobody's fault: not a failure
             raise
         if user is None:
             earned = ceil(attempt.earned)
             event("login_failed", level="warning", login=login_name[:120], remote=address, waitS=earned)
             return _login_page("Wrong email or password.", 401)
-        throttle.succeeded(login_name, address, attempt)
+        throttle.succeeded(account, address, attempt)
     except (DirectoryUnavailable, ThrottleUnavailable):
         return _login_page("Sign-in is unavailable right now. Try again shortly.", 503)
     session.clear()  # a new session (new CSRF token): nothing from before the sign-in carries over

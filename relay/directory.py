@@ -68,6 +68,14 @@ class Directory(Protocol):
     def authenticate(self, login: str, password: str) -> Identity | None:
         """The active user with these credentials, or None. Raises DirectoryUnavailable."""
 
+    def account_of(self, login: str) -> str:
+        """What the sign-in throttle counts an attempt with ``login`` against.
+
+        The same (compared case-insensitively) for every name that signs one
+        account in, so that typing it another way buys no more guesses; for a
+        name that signs nobody in, anything stable. Raises DirectoryUnavailable.
+        """
+
     def user_for_access_token(self, token: str) -> str:
         """The user id a front end's access token belongs to.
 

@@ -82,6 +82,8 @@ def offload(fn, *args):
     return fn(*args)
 
 
+# Who a sign-in name is: an email or an id (authenticate and account_of must find the same row).
+_SIGNS_IN = "email = ? OR id = ?"
 # A file that cannot be opened or read: DirectoryUnavailable, answered with 503 or close 1013.
 _store_errors = errors_become(DirectoryUnavailable, "the embedded identity store cannot be used")
 
@@ -106,15 +108,18 @@ class SqliteDirectory:
 
     @_store_errors
     def authenticate(self, login: str, password: str) -> Identity | None:
-        row = self._query_one(
-            f"SELECT {_COLUMNS}, password_hash FROM users WHERE email = ? OR id = ?",
-            (login, login),
-        )
+        row = self._query_one(f"SELECT {_COLUMNS}, password_hash FROM users WHERE {_SIGNS_IN}", (login, login))
         stored = row[6] if row and row[6] else _dummy_hash()
         ok = offload(check_password_hash, stored, password)
         if not row or not ok or not row[5]:
             return None
         return _identity(row[:6])
+
+    @_store_errors
+    def account_of(self, login: str) -> str:
+        """A user signs in here by email or by id: both count as the user's id (``id:<id>``)."""
+        row = self._query_one(f"SELECT id FROM users WHERE {_SIGNS_IN}", (login, login))
+        return f"id:{row[0]}" if row else login
 
     def user_for_access_token(self, token: str) -> str:
         raise AccessTokensUnsupported(

@@ -156,6 +156,10 @@ class SupabaseDirectory:
         identity = self.get(result.user.id)
         return identity if identity is not None and identity.active else None
 
+    def account_of(self, login: str) -> str:
+        """Supabase signs in by email only, which it compares without case: the email is the account."""
+        return login
+
     def user_for_access_token(self, token: str) -> str:
         """The user id of a Supabase access token (JWT), verified locally or by Supabase."""
         if self._jwt_secret:

@@ -99,3 +99,15 @@ def test_directory_signs_people_in_by_email(directory_server):
     assert sign_in(srv, "nurse@clinic.test", "wrong").last.status_code == 401
     assert sign_in(srv, "gone@clinic.test", PASSWORD).last.status_code == 401
     assert sign_in(srv, "nobody@clinic.test", PASSWORD).last.status_code == 401
+
+
+def test_every_name_of_an_account_shares_its_sign_in_limit(directory_server):
+    """Five wrong passwords, typed under each name the directory signs the account in by (SQLite: the
+    email and the id; both: the email in other case), block the account under every one of them."""
+    srv = directory_server
+    names = ["nurse@clinic.test", "Nurse@Clinic.TEST"] + ([STAFF] if srv.kind == "sqlite" else [])
+    for n in range(5):
+        assert sign_in(srv, names[n % len(names)], "wrong").last.status_code in (401, 429)
+    for name in names:
+        assert sign_in(srv, name, PASSWORD).last.status_code == 429, name
+    assert sign_in(srv, "boss@clinic.test", PASSWORD).last.status_code == 302  # another account is not affected
