@@ -18,6 +18,7 @@ from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_te
 from flask.typing import ResponseReturnValue
 
 from relay.codes import HttpError
+from relay.config import MAX_SESSION_HOURS
 from relay.directory import AccessTokenInvalid, AccessTokensUnsupported, DirectoryUnavailable, Identity
 from relay.eventlog import event
 from relay.service import Realtime
@@ -65,6 +66,9 @@ def current_user() -> Identity | None:
     return g.user
 
 
+CLOCK_SLACK_S = 300
+
+
 def _session_current() -> bool:
     """Whether this sign-in still holds: younger than SESSION_LIFETIME_HOURS and not signed out.
 
@@ -77,7 +81,8 @@ def _session_current() -> bool:
     if not isinstance(started, int) or not isinstance(session_id, str) or not session_id:
         return False
     now = time.time()
-    if not started <= now < started + realtime().settings.session_lifetime_s:
+    # A start a little ahead of this host's clock is another host's (several behind one Redis).
+    if not started - CLOCK_SLACK_S <= now < started + realtime().settings.session_lifetime_s:
         return False
     try:
         return not realtime().signouts.ended(session_id, now)
@@ -219,15 +224,22 @@ def _too_many(wait: float) -> ResponseReturnValue:
 def logout():
     """Ends the session here and on the server: a copy of the cookie is refused from now on.
 
+    Remembered for the longest lifetime a session can be given, not the
+    current one: raising SESSION_LIFETIME_HOURS later must not bring it back.
     If the sign-out store cannot record it, the browser is still signed out,
     and the failure is logged (``logout.unrecorded``): the copy then lasts
-    until the session's lifetime ends, as before there was a store.
+    until the session's lifetime ends, as before there was a store. A form
+    without the session's CSRF token (another site's, or a page from before
+    the last sign-in) signs nobody out, and says so.
     """
     if not csrf_ok():
+        if session.get("user_id"):
+            message = "You are still signed in: this page was out of date. Reload it and sign out again."
+            return render_template("error.html", status=400, title="Not signed out", message=message), 400
         return redirect(url_for("auth.login"))
     session_id, started = session.get("sid"), session.get("since")
     if isinstance(session_id, str) and session_id and isinstance(started, int):
-        until = started + realtime().settings.session_lifetime_s
+        until = started + MAX_SESSION_HOURS * 3600
         try:
             realtime().signouts.end(session_id, until)
         except SignoutsUnavailable as problem:

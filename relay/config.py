@@ -34,6 +34,9 @@ SOCKET_PATH = "/ws"
 DEFAULT_INSTANCE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "instance")
 # What gunicorn gets on top of the drain and the closing handshakes before it may kill a worker.
 GRACEFUL_MARGIN_S = 5
+# SESSION_LIFETIME_HOURS's ceiling. A sign-out is remembered this long after its sign-in, so that
+# raising the lifetime later cannot bring a signed-out session back (blueprints/auth.py: logout).
+MAX_SESSION_HOURS = 720
 
 
 class ConfigError(Exception):
@@ -205,7 +208,7 @@ class Settings:
             metrics_token=metrics_token,
             metrics_public=metrics_public,
             broadcast_log_days=reader.integer("BROADCAST_LOG_DAYS", 30, low=1, high=3650),
-            session_lifetime_s=reader.integer("SESSION_LIFETIME_HOURS", 12, low=1, high=720) * 3600,
+            session_lifetime_s=reader.integer("SESSION_LIFETIME_HOURS", 12, low=1, high=MAX_SESSION_HOURS) * 3600,
             notices=tuple(notices),
             warnings=tuple(warnings),
         )

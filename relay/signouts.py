@@ -11,7 +11,8 @@ Two stores, one contract (``tests/integration/test_signout_stores.py``):
 :class:`SqliteSignouts` in the instance database (``REALTIME_DB``), used
 without ``REDIS_URL`` (one worker: the embedded default, or Supabase with a
 single worker) and kept across restarts; :class:`RedisSignouts`, shared by
-every worker and host once there is Redis. Either raises
+every worker and host once there is Redis, and kept as long as Redis keeps
+its data. Either raises
 :class:`SignoutsUnavailable` when it cannot answer: the request is then
 refused with 503 (fail closed), and nobody is signed out by an outage.
 
@@ -27,9 +28,12 @@ import threading
 import time
 from typing import Protocol
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError:  # pragma: no cover - only with REDIS_URL, which checks for the package first
+    pass
 
 from .sqlite import close_db, errors_become, open_db, transaction
 
@@ -110,13 +114,15 @@ class RedisSignouts:
         )
 
     def end(self, session_id: str, until: float) -> None:
+        # A relative expiry: Redis's clock may differ from this host's.
+        ttl_ms = max(1, int((until - time.time()) * 1000))
         try:
-            self._client.set(self.prefix + session_id, "1", pxat=max(1, int(until * 1000)))
+            self._client.set(self.prefix + session_id, "1", px=ttl_ms)
         except (redis.RedisError, OSError) as problem:
             raise SignoutsUnavailable(f"Redis is unreachable ({problem})") from None
 
     def ended(self, session_id: str, now: float) -> bool:
-        # Redis drops the key at ``until`` on its own clock; ``now`` is the caller's and not needed here.
+        # Redis drops the key once its time is up; ``now`` is not needed here.
         try:
             return bool(self._client.exists(self.prefix + session_id))
         except (redis.RedisError, OSError) as problem:

@@ -117,9 +117,14 @@ class SqliteDirectory:
 
     @_store_errors
     def account_of(self, login: str) -> str:
-        """A user signs in here by email or by id: both count as the user's id (``id:<id>``)."""
+        """A user signs in here by email or by id: both count as the user's id.
+
+        Two namespaces: a name that finds nobody can never be counted as an
+        account (typing ``id:carol`` must not reach carol's count, or guessing
+        ids would tell which exist by who gets blocked).
+        """
         row = self._query_one(f"SELECT id FROM users WHERE {_SIGNS_IN}", (login, login))
-        return f"id:{row[0]}" if row else login
+        return f"id:{row[0]}" if row else f"name:{login}"
 
     def user_for_access_token(self, token: str) -> str:
         raise AccessTokensUnsupported(

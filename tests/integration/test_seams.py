@@ -111,3 +111,12 @@ def test_every_name_of_an_account_shares_its_sign_in_limit(directory_server):
     for name in names:
         assert sign_in(srv, name, PASSWORD).last.status_code == 429, name
     assert sign_in(srv, "boss@clinic.test", PASSWORD).last.status_code == 302  # another account is not affected
+
+
+def test_a_name_that_finds_nobody_never_counts_against_an_account(directory_server):
+    """Guessing ``id:<user id>`` (what the embedded store counts an account as) must block nobody, or
+    who gets blocked would tell which ids exist."""
+    srv = directory_server
+    for _ in range(6):
+        assert sign_in(srv, f"id:{STAFF}", "wrong").last.status_code in (401, 429)
+    assert sign_in(srv, "nurse@clinic.test", PASSWORD).last.status_code == 302

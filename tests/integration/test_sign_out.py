@@ -58,19 +58,36 @@ def test_the_embedded_store_remembers_sign_outs_across_a_restart(tmp_path):
         srv.stop()
 
 
-def test_with_redis_every_worker_refuses_the_copy_and_an_outage_signs_nobody_out(start_server, redis_server):
-    srv = start_server("-w", "2", REDIS_URL=redis_server.url)
-    browser = sign_in(srv, "bob")
-    stolen = copy_of(browser)
-    kept = sign_in(srv, "bob")
-    sign_out(srv, browser)
-    # Each request may land on either worker: ask enough times that both answer.
-    assert {ws_auth(srv, stolen) for _ in range(20)} == {401}
-    assert {ws_auth(srv, kept) for _ in range(20)} == {200}
+def test_with_redis_every_host_refuses_the_copy_and_an_outage_signs_nobody_out(tmp_path, redis_server):
+    shared = {"REDIS_URL": redis_server.url, "REALTIME_DB": str(tmp_path / "realtime.db")}
+    make_users(tmp_path / "realtime.db")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    host_a = Server(tmp_path / "a", shared).start()
+    host_b = Server(tmp_path / "b", shared).start()
+    try:
+        browser = sign_in(host_a, "bob")
+        stolen = copy_of(browser)
+        kept = sign_in(host_a, "bob")
+        sign_out(host_a, browser)
+        assert ws_auth(host_b, stolen) == 401  # the other host knows
+        assert ws_auth(host_b, kept) == 200
 
-    redis_server.stop()
-    down = kept.get(srv.url + "/api/ws/auth", timeout=10)
-    assert down.status_code == 503 and down.json()["error"]["code"] == "unavailable"
-    assert "Set-Cookie" not in down.headers  # the browser keeps its session through the outage
-    redis_server.start()  # same port (and, without persistence, an empty Redis)
-    assert ws_auth(srv, kept) == 200
+        redis_server.stop()
+        down = kept.get(host_b.url + "/api/ws/auth", timeout=10)
+        assert down.status_code == 503 and down.json()["error"]["code"] == "unavailable"
+        assert "Set-Cookie" not in down.headers  # the browser keeps its session through the outage
+        redis_server.start()  # same port (and, without persistence, an empty Redis: see the README)
+        assert ws_auth(host_a, kept) == 200
+    finally:
+        host_a.stop()
+        host_b.stop()
+
+
+def test_a_sign_out_form_from_before_the_last_sign_in_signs_nobody_out_and_says_so(server: Server):
+    browser = sign_in(server, "bob")
+    old_page = browser.get(server.url + "/", timeout=5)
+    sign_in(server, "bob", session=browser)  # a new session, a new CSRF token
+    answer = browser.post(server.url + "/logout", data={"csrf_token": csrf_of(old_page.text)}, timeout=5)
+    assert answer.status_code == 400 and "Not signed out" in answer.text
+    assert ws_auth(server, browser) == 200

@@ -91,3 +91,23 @@ def test_the_worker_faults_in_its_shared_code_at_boot_not_on_the_first_connect(s
         assert client.expect("ANNOUNCEMENT")["data"]["message"] == "first"
     assert before > 0  # the mappings are there (a renamed library would make this test vacuous)
     assert _shared_code_kb(pid) - before < 256, "a connect touched OpenSSL or the C++ runtime for the first time"
+
+
+def test_the_embedded_default_needs_no_redis_package(tmp_path):
+    """redis is an optional extra (pyproject.toml): without REDIS_URL nothing may import it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    program = (
+        "import sys; sys.modules['redis'] = None\n"  # any `import redis` now raises ImportError
+        "from app import create_app\n"
+        f"app = create_app({{'REALTIME_INSTANCE_PATH': {str(tmp_path / 'instance')!r}, "
+        f"'REALTIME_DB': {str(tmp_path / 'realtime.db')!r}, 'SECRET_KEY': 'k' * 40}})\n"
+        "assert app.test_client().get('/login').status_code == 200\n"
+        "print('served without redis')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", program], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "served without redis" in done.stdout

@@ -6,9 +6,11 @@ import time
 
 import pytest
 from flask import session
-from support import make_users
+from support import PASSWORD, csrf_of, make_users
 
 from app import create_app
+from blueprints import auth
+from relay.signouts import SqliteSignouts
 
 
 def signed_cookie(app) -> str:
@@ -45,8 +47,9 @@ def home_with(app, tmp_path, contents: dict):
     return client.get("/")
 
 
-def test_a_current_sign_in_opens_the_pages(app, tmp_path):
-    response = home_with(app, tmp_path, {"user_id": "bob", "sid": "s1", "since": int(time.time()) - 11 * HOUR})
+@pytest.mark.parametrize("age", [11 * HOUR, 0, -60], ids=["11-hours-old", "just-now", "another-hosts-clock-ahead"])
+def test_a_current_sign_in_opens_the_pages(app, tmp_path, age):
+    response = home_with(app, tmp_path, {"user_id": "bob", "sid": "s1", "since": int(time.time()) - age})
     assert response.status_code == 200 and "bob" in response.get_data(as_text=True)
 
 
@@ -80,3 +83,61 @@ def test_the_lifetime_is_a_setting(tmp_path):
     assert short.permanent_session_lifetime.total_seconds() == HOUR
     two_hours_ago = {"user_id": "bob", "sid": "s1", "since": int(time.time()) - 2 * HOUR}
     assert home_with(short, tmp_path, two_hours_ago).status_code == 302
+
+
+def settings_for(tmp_path, **extra) -> dict:
+    return {
+        "REALTIME_DB": str(tmp_path / "users.db"),
+        "REALTIME_INSTANCE_PATH": str(tmp_path / "instance"),
+        "SECRET_KEY": "unit-test-session-key-0123456789abcdefghij",
+        "TESTING": True,
+        **extra,
+    }
+
+
+def signed_in_client(app):
+    client = app.test_client()
+    page = client.get("/login")
+    answer = client.post(
+        "/login", data={"login": "bob", "password": PASSWORD, "csrf_token": csrf_of(page.get_data(as_text=True))}
+    )
+    assert answer.status_code == 302
+    return client
+
+
+def test_a_sign_out_is_remembered_for_the_longest_lifetime_so_raising_the_setting_brings_nothing_back(tmp_path):
+    make_users(tmp_path / "users.db")
+    one_hour = create_app(settings_for(tmp_path, SESSION_LIFETIME_HOURS="1"))
+    client = signed_in_client(one_hour)
+    with one_hour.test_request_context("/"):
+        cookie = client.get_cookie("clinic_session").value
+        contents = one_hour.session_interface.get_signing_serializer(one_hour).loads(cookie)
+    home = client.get("/").get_data(as_text=True)
+    assert client.post("/logout", data={"csrf_token": csrf_of(home)}).status_code == 302
+
+    signouts = one_hour.extensions["realtime"].signouts
+    signed_in = contents["since"]
+    assert signouts.ended(contents["sid"], signed_in + 2 * HOUR)  # past this setting's lifetime: still known
+    assert signouts.ended(contents["sid"], signed_in + 719 * HOUR)
+    assert not signouts.ended(contents["sid"], signed_in + 721 * HOUR)  # past any lifetime: forgotten
+
+
+def test_a_sign_out_store_that_cannot_answer_refuses_pages_with_503_and_logout_still_clears_the_cookie(
+    tmp_path, monkeypatch
+):
+    logged = []
+    monkeypatch.setattr(auth, "event", lambda name, **fields: logged.append(name))
+    make_users(tmp_path / "users.db")
+    app = create_app(settings_for(tmp_path))
+    client = signed_in_client(app)
+    home = client.get("/").get_data(as_text=True)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the store's folder should be")
+    app.extensions["realtime"].signouts = SqliteSignouts(str(blocker / "realtime.db"))
+
+    assert client.get("/").status_code == 503
+    assert client.get("/api/ws/auth").status_code == 503
+    answer = client.post("/logout", data={"csrf_token": csrf_of(home)})
+    assert answer.status_code == 302 and answer.headers["Location"].endswith("/login")
+    assert client.get_cookie("clinic_session") is None
+    assert "logout.unrecorded" in logged
