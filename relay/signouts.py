@@ -4,17 +4,18 @@ Flask's session is a signed cookie. Signing out clears it in the browser, but
 a copy taken before (a shared workstation's profile backup, a proxy's log, a
 stolen laptop) would still be accepted until it expires. So every sign-in
 gets a random session id (``sid``, in the cookie), signing out records that
-id here until the session would have expired anyway, and every
-cookie-authenticated request asks :meth:`SignoutStore.ended`.
+id here for as long as any session could last (``MAX_SESSION_HOURS`` after
+its sign-in), and every cookie-authenticated request asks
+:meth:`SignoutStore.ended`.
 
 Two stores, one contract (``tests/integration/test_signout_stores.py``):
 :class:`SqliteSignouts` in the instance database (``REALTIME_DB``), used
 without ``REDIS_URL`` (one worker: the embedded default, or Supabase with a
 single worker) and kept across restarts; :class:`RedisSignouts`, shared by
 every worker and host once there is Redis, and kept as long as Redis keeps
-its data. Either raises
-:class:`SignoutsUnavailable` when it cannot answer: the request is then
-refused with 503 (fail closed), and nobody is signed out by an outage.
+its data. Either raises :class:`SignoutsUnavailable` when it cannot answer:
+the request is then refused with 503 (fail closed), and nobody is signed out
+by an outage.
 
 A request asks once (``auth.current_user``): a primary-key read, ~10 us in
 SQLite or one round trip to Redis, on the pages and ``/api/ws/auth`` only;
