@@ -30,13 +30,7 @@ from typing import Any
 
 from .envelope import Envelope
 from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
-
-try:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-except ImportError:  # pragma: no cover - RedisBroker says which package to install first
-    pass
+from .redis_store import RedisStore
 
 # KEYS: meta, stream, idem ('' for none)   ARGV: new_epoch, at, envelope, maxlen, last_prefix, last_ttl_ms,
 #       idem_ttl_ms, digest, envelope_id, channel...
@@ -76,10 +70,11 @@ return 1
 """
 
 
-class RedisHistory:
+class RedisHistory(RedisStore):
     """History in Redis (see the module docstring). Every call is one or a few round trips."""
 
     name = "redis"
+    unavailable = HistoryUnavailable
 
     def __init__(self, url: str, *, prefix: str, window_ms: int, last_value_ttl_ms: int, max_entries: int = 200_000):
         self.window_ms = window_ms
@@ -90,10 +85,7 @@ class RedisHistory:
         self.last_prefix = f"{prefix}:last:"
         self.idem_prefix = f"{prefix}:idem:"
         self.session_prefix = f"{prefix}:session:"
-        # No hidden retries: an outage must surface as a 503 at once, not as a slow request.
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
-        )
+        super().__init__(url)
         self._append = self._client.register_script(_APPEND)
         self._complete = self._client.register_script(_COMPLETE)
 
@@ -235,16 +227,7 @@ class RedisHistory:
         oldest = {"offset": int(first[0][0].split(b"-")[0]), "at": int(first[0][1][b"at"])} if first else None
         return {"kind": self.name, "state": "ok", "epoch": epoch, "head": head, "retained": retained, "oldest": oldest}
 
-    def close(self) -> None:
-        self._client.close()
-
     # -- plumbing ---------------------------------------------------------------------------
-
-    def _call(self, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (redis.RedisError, OSError) as problem:
-            raise HistoryUnavailable(f"Redis is unreachable ({problem})") from None
 
     @staticmethod
     def _previous_of(epoch: str, raw: bytes, idempotency: Idempotency) -> Previous:

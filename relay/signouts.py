@@ -24,19 +24,11 @@ the socket authenticates with its token and never asks.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from typing import Protocol
 
-try:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-except ImportError:  # pragma: no cover - only with REDIS_URL, which checks for the package first
-    pass
-
-from .sqlite import close_db, errors_become, open_db, transaction
+from .redis_store import RedisStore
+from .sqlite import SqliteStore, errors_become, transaction
 
 
 class SignoutsUnavailable(Exception):
@@ -67,20 +59,11 @@ CREATE INDEX IF NOT EXISTS signouts_until ON signouts (until);
 _store_errors = errors_become(SignoutsUnavailable, "the sign-out store cannot be used")
 
 
-class SqliteSignouts:
+class SqliteSignouts(SqliteStore):
     """The instance database's ``signouts`` table; rows past their ``until`` are deleted as new ones arrive."""
 
     name = "sqlite"
-
-    def __init__(self, path: str):
-        self.path = path
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self._db = open_db(self.path, SCHEMA)
-        return self._db
+    schema = SCHEMA
 
     @_store_errors
     def end(self, session_id: str, until: float) -> None:
@@ -96,38 +79,22 @@ class SqliteSignouts:
             row = self._conn().execute("SELECT until FROM signouts WHERE session_id = ?", (session_id,)).fetchone()
         return row is not None and now < row[0]
 
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                close_db(self._db, self.path)
-                self._db = None
 
-
-class RedisSignouts:
+class RedisSignouts(RedisStore):
     """One key per signed-out session, ``<prefix>:signout:<id>``, expiring at its ``until``."""
 
     name = "redis"
+    unavailable = SignoutsUnavailable
 
     def __init__(self, url: str, *, prefix: str):
+        super().__init__(url)
         self.prefix = f"{prefix}:signout:"
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
-        )
 
     def end(self, session_id: str, until: float) -> None:
         # A relative expiry: Redis's clock may differ from this host's.
         ttl_ms = max(1, int((until - time.time()) * 1000))
-        try:
-            self._client.set(self.prefix + session_id, "1", px=ttl_ms)
-        except (redis.RedisError, OSError) as problem:
-            raise SignoutsUnavailable(f"Redis is unreachable ({problem})") from None
+        self._call(self._client.set, self.prefix + session_id, "1", px=ttl_ms)
 
     def ended(self, session_id: str, now: float) -> bool:
         # Redis drops the key once its time is up; ``now`` is not needed here.
-        try:
-            return bool(self._client.exists(self.prefix + session_id))
-        except (redis.RedisError, OSError) as problem:
-            raise SignoutsUnavailable(f"Redis is unreachable ({problem})") from None
-
-    def close(self) -> None:
-        self._client.close()
+        return bool(self._call(self._client.exists, self.prefix + session_id))

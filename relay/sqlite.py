@@ -1,5 +1,5 @@
-"""What the SQLite stores (users, history, broadcast log) share: how a file is opened, what a
-transaction is, and where its checkpoints run.
+"""What the SQLite stores (users, history, broadcast log, sign-outs) share: how a file is opened and
+held (:class:`SqliteStore`), what a transaction is, and where its checkpoints run.
 
 **Checkpoints run off the event loop.** In WAL mode a commit appends to the
 ``-wal`` file; now and then the pages must be copied back into the database
@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -136,6 +137,44 @@ def checkpoint_forever(every_s: float = CHECKPOINT_EVERY_S) -> None:
             except sqlite3.Error as problem:  # busy or failing now: the next round tries again
                 log.warning("checkpoint of %s failed: %s", path, problem)
         gevent.sleep(every_s)
+
+
+class SqliteStore:
+    """What every store on a SQLite file holds: its path, one connection opened on first use (with the
+    store's ``schema``), the lock each use of it takes (one connection, many greenlets), and ``close``.
+
+    Opening on first use keeps the app factory free of files and connections.
+    A store that must write something into a new file (the history's epoch)
+    does it in :meth:`_prepare`, which runs once per connection opened.
+    """
+
+    schema: str = ""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        """The connection (opened now if need be); call it with ``self._lock`` held."""
+        if self._db is None:
+            db = open_db(self.path, self.schema)
+            try:
+                self._prepare(db)
+            except BaseException:
+                close_db(db, self.path)
+                raise
+            self._db = db
+        return self._db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """Runs once on each connection opened, after the schema."""
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                close_db(self._db, self.path)
+                self._db = None
 
 
 @contextmanager

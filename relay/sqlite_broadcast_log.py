@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 
 from .broadcast_log import LoggedBroadcast, LogQuery, LogUnavailable
-from .sqlite import close_db, open_db, transaction
+from .sqlite import SqliteStore, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS broadcast_log (
@@ -33,18 +32,9 @@ CREATE INDEX IF NOT EXISTS broadcast_log_at ON broadcast_log (at DESC, id DESC);
 """
 
 
-class SqliteBroadcastLog:
+class SqliteBroadcastLog(SqliteStore):
     name = "sqlite"
-
-    def __init__(self, path: str):
-        self.path = path
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self._db = open_db(self.path, SCHEMA)
-        return self._db
+    schema = SCHEMA
 
     def write(self, rows: list[LoggedBroadcast]) -> None:
         values = [
@@ -119,9 +109,3 @@ class SqliteBroadcastLog:
                 return db.execute("DELETE FROM broadcast_log WHERE at < ?", (before_ms,)).rowcount
         except sqlite3.Error as problem:
             raise LogUnavailable(f"the broadcast log ({self.path}) cannot be trimmed: {problem}") from None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                close_db(self._db, self.path)
-                self._db = None

@@ -13,14 +13,13 @@ import datetime as dt
 import functools
 import secrets
 import sqlite3
-import threading
 from dataclasses import dataclass
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id
 from .directory import AccessTokensUnsupported, DirectoryUnavailable, Identity
-from .sqlite import close_db, errors_become, open_db, transaction
+from .sqlite import SqliteStore, errors_become, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -88,16 +87,12 @@ _SIGNS_IN = "email = ? OR id = ?"
 _store_errors = errors_become(DirectoryUnavailable, "the embedded identity store cannot be used")
 
 
-class SqliteDirectory:
+class SqliteDirectory(SqliteStore):
     """Users in SQLite. Safe to share between greenlets (one connection, one lock)."""
 
     name = "sqlite"
+    schema = SCHEMA
     recheck_batch = 500  # one IN query, a few ms of the worker each, spread over the interval
-
-    def __init__(self, path: str):
-        self.path = path
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
 
     # -- the Directory interface ------------------------------------------
 
@@ -229,18 +224,7 @@ class SqliteDirectory:
                         created.append(DemoUser(user_id, email, password, role, clinic_id))
         return created
 
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                close_db(self._db, self.path)
-                self._db = None
-
     # -- plumbing ---------------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self._db = open_db(self.path, SCHEMA)
-        return self._db
 
     def _query_one(self, sql: str, args: tuple) -> tuple | None:
         with self._lock:

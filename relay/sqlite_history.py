@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-import threading
 import time
 
 from .envelope import Envelope
 from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
-from .sqlite import close_db, errors_become, open_db, transaction
+from .sqlite import SqliteStore, errors_become, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,18 +66,17 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class SqliteHistory:
+class SqliteHistory(SqliteStore):
     """History in SQLite (see the module docstring). Safe to share between greenlets (one connection, one lock)."""
 
     name = "sqlite"
+    schema = SCHEMA
 
     def __init__(self, path: str, *, window_ms: int, last_value_ttl_ms: int, max_entries: int = 200_000):
-        self.path = path
+        super().__init__(path)
         self.window_ms = window_ms
         self.last_value_ttl_ms = last_value_ttl_ms
         self.max_entries = max_entries
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
         self._epoch: str | None = None
         self._counted: tuple[float, int, int] | None = None  # (when, broadcasts, sessions)
 
@@ -255,25 +253,11 @@ class SqliteHistory:
             self._counted = (now, retained, sessions)
         return self._counted[1], self._counted[2]
 
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                close_db(self._db, self.path)
-                self._db = None
-
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            db = open_db(self.path, SCHEMA)
-            try:
-                # The epoch is born with the file: the first process to get here writes it.
-                db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
-            except BaseException:
-                close_db(db, self.path)
-                raise
-            self._db = db
-        return self._db
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        # The epoch is born with the file: the first process to get here writes it.
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
 
     def _epoch_of(self, db: sqlite3.Connection) -> str:
         if self._epoch is None:

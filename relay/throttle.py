@@ -36,12 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-try:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-except ImportError:  # pragma: no cover - only with REDIS_URL, which checks for the package first
-    pass
+from .redis_store import RedisStore
 
 
 class ThrottleUnavailable(Exception):
@@ -272,14 +267,14 @@ return 1
 """
 
 
-class RedisThrottleStore:
+class RedisThrottleStore(RedisStore):
     """Shared by every worker and host: per key a sorted set of failures, its level and its block."""
+
+    unavailable = ThrottleUnavailable
 
     def __init__(self, url: str, *, prefix: str):
         self.prefix = f"{prefix}:login:"
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
-        )
+        super().__init__(url)
         self._attempt = self._client.register_script(_ATTEMPT)
         self._withdraw = self._client.register_script(_WITHDRAW)
 
@@ -300,10 +295,3 @@ class RedisThrottleStore:
     def withdraw(self, keys: list[str], attempt_id: str, *, reset_first: bool) -> None:
         args = [attempt_id, "1" if reset_first else "0"]
         self._call(self._withdraw, keys=[self.prefix + key for key in keys], args=args)
-
-    @staticmethod
-    def _call(fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (redis.RedisError, OSError) as problem:
-            raise ThrottleUnavailable(f"Redis is unreachable ({problem})") from None
