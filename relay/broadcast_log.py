@@ -29,6 +29,7 @@ from typing import Protocol
 import gevent
 from gevent.event import Event
 
+from . import jsonsafe
 from .clock import now_ms
 from .eventlog import event
 
@@ -109,7 +110,7 @@ def record_of(
     """Build the record of a published broadcast. ``source`` is the Broadcaster's: ``api``,
     ``admin:<user id>`` (the admin API) or ``admin-page:<user id>`` (the form)."""
     _, _, who = source.partition(":")
-    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    text = jsonsafe.compact(data)
     return LoggedBroadcast(
         id=envelope_id,
         offset=offset,

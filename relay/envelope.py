@@ -11,12 +11,11 @@ A frame rebuilt from the history is byte for byte the frame sent live.
 from __future__ import annotations
 
 import dataclasses
-import json
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from . import frames
+from . import frames, jsonsafe
 from .clock import now_ms
 
 FILTER_FIELDS = ("userIds", "clinicIds", "roles", "channels")
@@ -144,4 +143,4 @@ class Envelope:
 
 
 def _text_frame(message: dict) -> bytes:
-    return frames.text(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode())
+    return frames.text(jsonsafe.compact(message).encode())

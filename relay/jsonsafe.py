@@ -10,11 +10,20 @@ Two things parse but break later, far from the request that brought them:
 
 ``problem(value)`` walks a parsed document once, iteratively, and names the
 first of either; callers answer it with their own stable error code.
+
+And JSON going out: ``compact(value)`` is the text every frame and stored
+broadcast is written in (no spaces, UTF-8 left as is).
 """
 
 from __future__ import annotations
 
+import json
+
 MAX_DEPTH = 64  # objects and arrays inside one another; clinic events need a handful
+
+# One encoder, built once: json.dumps with any option builds a new JSONEncoder on every
+# call, half the cost of encoding a CONNECTED or SUBSCRIBED frame.
+compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def problem(value: object, max_depth: int = MAX_DEPTH) -> str | None:

@@ -45,7 +45,7 @@ MAX_CHANNELS_PER_REQUEST = 200
 
 def encode(message_type: str, data: object) -> bytes:
     """A server message as a ready-to-send text frame."""
-    payload = json.dumps({"type": message_type, "data": data}, separators=(",", ":"), ensure_ascii=False)
+    payload = jsonsafe.compact({"type": message_type, "data": data})
     return frames.text(payload.encode())
 
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import jsonsafe
 from .envelope import Envelope
 from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
 from .redis_store import RedisStore
@@ -101,7 +102,7 @@ class RedisHistory(RedisStore):
         return epoch.decode(), int(head or 0)
 
     def append(self, envelope: Envelope, *, idempotency: Idempotency | None = None) -> Appended | Previous:
-        stored = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=False)
+        stored = jsonsafe.compact(envelope.to_json())
         keys = [self.meta, self.stream, self.idem_prefix + idempotency.key if idempotency else ""]
         args = [
             secrets.token_hex(8),

@@ -21,6 +21,7 @@ import secrets
 import sqlite3
 import time
 
+from . import jsonsafe
 from .envelope import Envelope
 from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
 from .sqlite import SqliteStore, errors_become, transaction
@@ -92,7 +93,7 @@ class SqliteHistory(SqliteStore):
     @_store_errors
     def append(self, envelope: Envelope, *, idempotency: Idempotency | None = None) -> Appended | Previous:
         now = _now_ms()
-        stored = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=False)
+        stored = jsonsafe.compact(envelope.to_json())
         with self._lock:
             db = self._conn()
             with transaction(db):
