@@ -134,3 +134,16 @@ def test_a_token_of_deeply_nested_json_is_not_json_not_a_crash():
     with pytest.raises(TokenError) as refused:
         TokenService("s" * 40, 60_000).verify(token)
     assert refused.value.reason == "not_json"
+
+
+def test_a_signature_starts_from_the_key_alone_every_time():
+    """Signatures copy a keyed HMAC state: one that leaked into the next would fail the second check."""
+    rotating = TokenService("n" * 40, TTL, previous="o" * 40)
+    old = TokenService("o" * 40, TTL)
+    for _ in range(3):
+        assert rotating.verify(old.mint("alice", NOW), now=NOW) == "alice"
+        assert rotating.verify(rotating.mint("bob", NOW), now=NOW) == "bob"
+    assert (
+        json.loads(base64.b64decode(rotating.mint("bob", NOW)))["signature"]
+        == signed(timestamp=NOW, secret="n" * 40)["signature"]
+    )
