@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import uuid
 
 import gevent
 import pytest
@@ -15,7 +16,7 @@ from wsframes import ServerFrames, client_frame, close_frame, text
 
 from relay import frames
 from relay.codes import Close
-from relay.connection import ABNORMAL, CLOSED, CLOSING, OPEN, Connection, push_all
+from relay.connection import ABNORMAL, CLOSED, CLOSING, OPEN, Connection, push_all, random_uuid
 from relay.outbox import Outbox
 
 
@@ -302,3 +303,14 @@ def test_anything_from_the_client_counts_as_an_answer_to_keepalive(pair):
     conn.keepalive()
     run_loop()
     assert server.next() == (frames.OP_PING, b"") and conn.state is OPEN
+
+
+def test_client_ids_are_random_version_4_uuids_as_uuid_writes_them():
+    ids = [random_uuid() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for client_id in ids[:200]:
+        parsed = uuid.UUID(client_id)
+        assert str(parsed) == client_id and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert {i[14] for i in ids} == {"4"} and {i[19] for i in ids} == set("89ab")
+    for position in (0, 9, 15, 20, 24, 35):  # random digits take every value (a stuck bit would show)
+        assert len({i[position] for i in ids}) == 16
