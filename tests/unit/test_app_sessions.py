@@ -141,3 +141,26 @@ def test_a_sign_out_store_that_cannot_answer_refuses_pages_with_503_and_logout_s
     assert answer.status_code == 302 and answer.headers["Location"].endswith("/login")
     assert client.get_cookie("clinic_session") is None
     assert "logout.unrecorded" in logged
+
+
+# -- Flask's per-function async check, made once ------------------------------------------------
+
+
+def test_each_hook_and_view_is_checked_for_async_once_not_per_request(app, monkeypatch):
+    from flask import Flask
+
+    checked: list = []
+    original = Flask.ensure_sync
+
+    def counting(self, func):
+        checked.append(func)
+        return original(self, func)
+
+    monkeypatch.setattr(Flask, "ensure_sync", counting)
+    client = app.test_client()
+    assert client.get("/health").status_code == 200
+    first = len(checked)
+    assert first >= 3  # the view and the app-wide before/after hooks at least
+    for _ in range(3):
+        assert client.get("/health").status_code == 200
+    assert len(checked) == first and len(set(checked)) == first  # nothing asked again
