@@ -273,6 +273,36 @@ def test_a_malformed_upgrade_is_refused_with_a_clear_error_not_a_500(server: Ser
     assert "unhandled error" not in server.log_text()
 
 
+def test_a_browsers_full_upgrade_is_answered_without_compression_or_subprotocol(server: Server):
+    """A browser sends a dozen headers; the handshake gets only the five it reads (blueprints/socket.py)."""
+    browser_headers = (
+        "Connection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\nSec-WebSocket-Protocol: chat\r\n"
+        "Origin: http://127.0.0.1\r\nCookie: clinic_session=not-a-session\r\nPragma: no-cache\r\n"
+        "User-Agent: Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0\r\nAccept-Language: en-US,en;q=0.9\r\n"
+        "Accept-Encoding: gzip, deflate, br\r\nX-Request-Id: browser-upgrade-1\r\n"
+    )
+    request = UPGRADE.format(token=server.token("bob")) + browser_headers + "\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
+        head, rest = answer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        # Sec-WebSocket-Accept of the RFC 6455 example key: the handshake read the key it was given.
+        assert b"Sec-WebSocket-Accept: " in head and b"extensions" not in head.lower(), head
+        assert b"sec-websocket-protocol" not in head.lower(), head
+        while len(rest) < 2:
+            rest += sock.recv(4096)
+    assert rest[0] == 0x81, rest[:2]  # a final text frame, RSV1 clear: not compressed
+    log = server.log_text().replace(" ", "")
+    assert '"requestId":"browser-upgrade-1"' in log  # the request id was bound before the headers were dropped
+
+
 # -- headers --------------------------------------------------------------------------------------
 
 PAGES = ["/", "/admin", "/admin/broadcast", "/admin/log", "/clinics/clinic-1/queue", "/login", "/no/such/page"]
