@@ -40,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=300)
     parser.add_argument("--floor", action="store_true", help="bench/floor instead of the project")
+    parser.add_argument("--browser-headers", action="store_true", help="upgrades with a browser's 12 headers, not 5")
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         sys.exit("needs valgrind (apt-get install valgrind)")
@@ -65,7 +66,7 @@ def main() -> None:
         loadgen = [str(bench.LOADGEN), "--port", str(port), "--tokens", str(token_file)]
         loadgen += ["--clients", str(args.clients), "--admin-secret", bench.ADMIN_SECRET, "--pids", str(worker)]
         loadgen += ["--broadcasts", "1", "--warmup", "0", "--concurrency", "50", "--health-every-ms", "0"]
-        loadgen += ["--drain-timeout-ms", "1000"]
+        loadgen += ["--drain-timeout-ms", "1000", "--browser-headers", str(int(args.browser_headers))]
         done = subprocess.run(bench.pinned(1, loadgen), capture_output=True, text=True, timeout=900)
         subprocess.run(["callgrind_control", "--dump=connects", str(worker)], check=True, capture_output=True)
         time.sleep(2)
@@ -76,6 +77,7 @@ def main() -> None:
             json.dumps(
                 {
                     "target": "floor" if args.floor else "project",
+                    "browser_headers": args.browser_headers,
                     "clients": args.clients,
                     "subscribed": result.get("subscribed"),
                     "instructions_per_connect": round(total / args.clients),

@@ -31,6 +31,10 @@
  * to reach the clients already subscribed. In storm mode /health is polled
  * through the reload too.
  *
+ * --browser-headers 1: each upgrade also carries the headers a browser sends
+ * (Chrome's, with a session cookie and a permessage-deflate offer): twelve
+ * headers instead of five, for what a real reconnect storm costs the server.
+ *
  * Loopback only: it connects to --host, which must be 127.0.0.1.
  */
 #define _GNU_SOURCE
@@ -56,7 +60,15 @@ static const char *opt_host = "127.0.0.1", *opt_path = "/ws", *opt_tokens = NULL
 static const char *opt_channel = "system:announcements", *opt_secret = "", *opt_pids = "", *opt_extra_pids = "";
 static int opt_port = 3001, opt_clients = 1000, opt_concurrency = 200, opt_broadcasts = 100;
 static int opt_interval_ms = 0, opt_warmup = 5, opt_payload = 0, opt_drain_ms = 30000, opt_max_run_s = 280;
-static int opt_health_ms = 50, opt_probe_ms = 0;
+static int opt_health_ms = 50, opt_probe_ms = 0, opt_browser = 0;
+/* What Chrome adds to an upgrade (bench/connect_instructions.py --browser-headers); %d: the port. */
+static char browser_headers[1024] = "";
+static const char BROWSER_HEADERS[] =
+    "Pragma: no-cache\r\nCache-Control: no-cache\r\n"
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36\r\n"
+    "Origin: http://127.0.0.1:%d\r\nAccept-Encoding: gzip, deflate, br, zstd\r\nAccept-Language: en-US,en;q=0.9\r\n"
+    "Cookie: clinic_session=eyJzaWQiOiJiZW5jaCIsInNpbmNlIjoxNzY0OTcyODAwLCJ1c2VyX2lkIjoiYmVuY2gifQ.Z1Kx9A.bench-cookie-signature-of-a-session\r\n"
+    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
 static int opt_storm_pid = 0, opt_storm_rate = 50, opt_storm_seconds = 8, opt_storm_after_ms = 1000;
 
 /* ------------------------------------------------------------ helpers -- */
@@ -387,8 +399,8 @@ static void on_client_writable(Conn *c) {
         snprintf(resume, sizeof resume, "&resume=%s&epoch=%s&offset=%ld", at->client_id, at->epoch, at->offset);
     int n = snprintf(req, sizeof req,
                      "GET %s?token=%s%s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                     opt_path, tokens[c->index], resume, opt_host, opt_port);
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
+                     opt_path, tokens[c->index], resume, opt_host, opt_port, browser_headers);
     send_all(c->fd, req, n);
     c->state = C_HANDSHAKE;
     conn_mod(c, EPOLLIN);
@@ -718,13 +730,14 @@ int main(int argc, char **argv) {
         OPT_I("--broadcasts", opt_broadcasts) OPT_I("--interval-ms", opt_interval_ms) OPT_I("--warmup", opt_warmup)
         OPT_I("--payload-bytes", opt_payload) OPT_I("--drain-timeout-ms", opt_drain_ms)
         OPT_I("--max-run-s", opt_max_run_s) OPT_I("--health-every-ms", opt_health_ms)
-        OPT_I("--probe-every-ms", opt_probe_ms)
+        OPT_I("--probe-every-ms", opt_probe_ms) OPT_I("--browser-headers", opt_browser)
         OPT_I("--storm-hup-pid", opt_storm_pid) OPT_I("--storm-rate", opt_storm_rate)
         OPT_I("--storm-seconds", opt_storm_seconds) OPT_I("--storm-after-ms", opt_storm_after_ms)
         die("unknown or incomplete option %s (see the comment at the top of bench/loadgen.c)", a);
     }
     if (strcmp(opt_host, "127.0.0.1")) die("--host must be 127.0.0.1 (benchmarks stay on loopback)");
     if (!opt_tokens) die("--tokens FILE is required");
+    if (opt_browser) snprintf(browser_headers, sizeof browser_headers, BROWSER_HEADERS, opt_port);
     signal(SIGPIPE, SIG_IGN); /* a closed connection is an error to handle, not a reason to die */
     rng ^= (uint64_t)getpid() << 17 ^ (uint64_t)now_wall_ms();
     if (opt_storm_pid) {
