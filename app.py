@@ -15,6 +15,7 @@ calls).
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -111,19 +112,29 @@ class RelayFlask(Flask):
 
     Flask asks ``inspect`` again for every hook and view of every request
     (seven times for a socket's upgrade, ~1.5 µs each); a function's kind
-    never changes. Hooks and views are few and live as long as the app.
+    never changes. The answer is kept per function (a bound method's, so a
+    class-based view's new instance per request adds nothing), for at most
+    ``ASYNC_CHECKS_KEPT`` of them: Flask also passes callables it makes per
+    request (``copy_current_request_context``'s wrappers), which are asked.
     """
+
+    ASYNC_CHECKS_KEPT = 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._sync: dict[Callable[..., Any], Callable[..., Any]] = {}
+        self._is_async: dict[Callable[..., Any], bool] = {}
 
     def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        key = getattr(func, "__func__", func)
         try:
-            return self._sync[func]
+            is_async = self._is_async[key]
         except KeyError:
-            sync = self._sync[func] = super().ensure_sync(func)
-            return sync
+            is_async = inspect.iscoroutinefunction(func)
+            if len(self._is_async) < self.ASYNC_CHECKS_KEPT:
+                self._is_async[key] = is_async
+        except TypeError:  # an unhashable callable
+            return super().ensure_sync(func)
+        return self.async_to_sync(func) if is_async else func
 
 
 class CachedSerializerSessionInterface(SecureCookieSessionInterface):
