@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=300)
     parser.add_argument("--floor", action="store_true", help="bench/floor instead of the project")
-    parser.add_argument("--browser-headers", action="store_true", help="upgrades with a browser's 12 headers, not 5")
+    parser.add_argument("--browser-headers", action="store_true", help="upgrades with a browser's 13 headers, not 5")
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         sys.exit("needs valgrind (apt-get install valgrind)")

@@ -32,7 +32,7 @@
  * through the reload too.
  *
  * --browser-headers 1: each upgrade also carries the headers a browser sends
- * (Chrome's, with a session cookie and a permessage-deflate offer): twelve
+ * (Chrome's, with a session cookie and a permessage-deflate offer): thirteen
  * headers instead of five, for what a real reconnect storm costs the server.
  *
  * Loopback only: it connects to --host, which must be 127.0.0.1.

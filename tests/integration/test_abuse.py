@@ -3,6 +3,8 @@ oversized bodies, security headers, key rotation."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import socket
 import time
 
@@ -247,6 +249,7 @@ def read_response(sock: socket.socket) -> str:
 
 
 UPGRADE = "GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 @pytest.mark.parametrize(
@@ -274,7 +277,7 @@ def test_a_malformed_upgrade_is_refused_with_a_clear_error_not_a_500(server: Ser
 
 
 def test_a_browsers_full_upgrade_is_answered_without_compression_or_subprotocol(server: Server):
-    """A browser sends a dozen headers; the handshake gets only the five it reads (blueprints/socket.py)."""
+    """A browser sends a dozen headers; the handshake gets only the five it needs (blueprints/socket.py)."""
     browser_headers = (
         "Connection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n"
         "Sec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==\r\n"
@@ -293,8 +296,9 @@ def test_a_browsers_full_upgrade_is_answered_without_compression_or_subprotocol(
             answer += chunk
         head, rest = answer.split(b"\r\n\r\n", 1)
         assert head.startswith(b"HTTP/1.1 101"), head
-        # Sec-WebSocket-Accept of the RFC 6455 example key: the handshake read the key it was given.
-        assert b"Sec-WebSocket-Accept: " in head and b"extensions" not in head.lower(), head
+        # The handshake answered the key it was given (RFC 6455 4.2.2: base64 of SHA-1 of key + GUID).
+        accept = base64.b64encode(hashlib.sha1(b"AQIDBAUGBwgJCgsMDQ4PEA==" + WEBSOCKET_GUID).digest())
+        assert b"Sec-WebSocket-Accept: " + accept in head and b"extensions" not in head.lower(), head
         assert b"sec-websocket-protocol" not in head.lower(), head
         while len(rest) < 2:
             rest += sock.recv(4096)
