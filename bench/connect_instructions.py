@@ -7,7 +7,7 @@ polls), dumps, and prints the worker's instructions per connect. A change to
 the connect path is worth keeping when this number falls; wall-clock times
 here move by ±25% between runs.
 
-    python bench/connect_instructions.py --clients 300 [--floor]    # ~1 min; needs valgrind
+    python bench/connect_instructions.py --clients 300 [--floor] [--browser-headers]    # ~1 min; needs valgrind
 
 Measured 2026-12-03 (300 clients): the floor 1.71 M, the project 2.53 M (2.65 M before the
 after-request hooks left answered upgrades alone).
@@ -32,7 +32,8 @@ from bench import run as bench  # noqa: E402
 from relay.tokens import TokenService  # noqa: E402
 
 # Work that runs on a timer, not per connect: under valgrind the run lasts a minute or more, and
-# keep-alive pings and identity re-checks of the sockets already open made the count move by +-5%.
+# keep-alive pings and identity re-checks of the sockets already open add to the count with the
+# run's length. Held off, the count still moves by ~2% from run to run (2026-12-05).
 QUIET_TIMERS = {"WS_PING_INTERVAL_MS": "3600000", "WS_CLIENT_IDLE_MS": "3600000", "WS_IDENTITY_RECHECK_MS": "3600000"}
 
 

@@ -2,7 +2,7 @@
 
 Before the upgrade (``before_request``): refuse a malformed upgrade with 400
 ``bad_upgrade`` (426 for another WebSocket version), foreign browser origins
-with 403, and hand the handshake only the headers it reads (which drops the
+with 403, and hand the handshake only the headers it needs (which drops the
 client's permessage-deflate offer: ~90 KB of zlib state per connection for
 messages of a few hundred bytes).
 
