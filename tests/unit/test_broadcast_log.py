@@ -164,6 +164,32 @@ def test_a_flush_while_the_writer_is_writing_writes_every_row_once():
     assert writer.status()["queued"] == 0 and writer.written == 9 and not writer._greenlet.dead
 
 
+class DownAfterAWait(ListStore):
+    """Answers only after a wait, as an HTTP store that is down does (a timeout, a 503)."""
+
+    def write(self, rows):
+        gevent.sleep(0.2)
+        super().write(rows)
+
+
+def test_rows_in_flight_to_a_store_that_is_down_still_count_as_queued():
+    """The writer takes a batch out of the queue before the store answers; until it does, those rows
+    are unwritten: /health counts them, and a flush (the drain) does not call them written."""
+    store = DownAfterAWait()
+    store.down = True
+    writer = LogWriter(store, retention_days=30, interval=0.01, batch=1)
+    writer.start()
+    writer.record(row(0))
+    gevent.sleep(0.05)  # the writer has taken b0 and waits on the store
+    assert writer.status()["queued"] == 1
+    assert not writer.flush(deadline=0.1)
+    gevent.sleep(0.3)  # refused and put back
+    assert writer.status()["queued"] == 1 and writer.status()["lastError"] == "down"
+    store.down = False
+    assert writer.flush(deadline=2.0)
+    assert [r.id for r in store.rows] == ["b0"] and writer.status()["queued"] == 0
+
+
 class PickyStore(ListStore):
     """Refuses any batch holding row b1 with an error that is not the store being down (a bug)."""
 
