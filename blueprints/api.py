@@ -14,6 +14,7 @@ from relay.channels import is_valid_id
 from relay.codes import HttpError
 from relay.eventlog import event
 from relay.history import IdempotencyConflict
+from relay.signouts import SignoutsUnavailable
 
 from .auth import admin_required, bearer_token, csrf_required, realtime, signed_in
 from .errors import error_response
@@ -73,6 +74,24 @@ def disconnect_user(user_id: str) -> ResponseReturnValue:
         return error_response(503, HttpError.UNAVAILABLE, f"not disconnected: {down}", headers={"Retry-After": "1"})
     event("ws.user_disconnected", level="warning", userId=user_id, sockets=done.delivered, workers=done.workers)
     return jsonify(ok=True, disconnected=done.delivered, workers=done.workers, missingWorkers=done.missing)
+
+
+@bp.post("/api/users/<user_id>/sign-out")
+@admin_secret_required
+def sign_out_user(user_id: str) -> ResponseReturnValue:
+    """An incident, a password changed elsewhere: end every sign-in of this user, on every host.
+
+    Their pages and ``/api/ws/auth`` ask them to sign in again; sockets already open stay (pair
+    this with ``/disconnect``). Nobody is looked up: it is recorded even while the identity source
+    is down, and ending the sign-ins of a user who does not exist ends nothing.
+    """
+    if not is_valid_id(user_id):
+        return error_response(400, HttpError.INVALID_BODY, f"user id {user_id[:80]!r} is not a valid id")
+    try:
+        realtime().end_sign_ins(user_id)
+    except SignoutsUnavailable as down:
+        return error_response(503, HttpError.UNAVAILABLE, f"not signed out: {down}", headers={"Retry-After": "1"})
+    return jsonify(ok=True, userId=user_id)
 
 
 @bp.post("/api/admin/broadcast")

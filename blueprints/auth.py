@@ -70,22 +70,28 @@ CLOCK_SLACK_S = 300
 
 
 def _session_current() -> bool:
-    """Whether this sign-in still holds: younger than SESSION_LIFETIME_HOURS and not signed out.
+    """Whether this sign-in still holds: younger than SESSION_LIFETIME_HOURS, not signed out, and
+    not started before its user was signed out everywhere.
 
     A cookie from before sessions had an id and a start (or a forged-looking
     one) is not current. Raises :class:`DirectoryUnavailable` when the
     sign-out store cannot answer: refused with 503 like an identity outage,
     never let through and never signed out.
     """
-    started, session_id = session.get("since"), session.get("sid")
-    if not isinstance(started, int) or not isinstance(session_id, str) or not session_id:
+    started, session_id, user_id = session.get("since"), session.get("sid"), session.get("user_id")
+    if (
+        not isinstance(started, int)
+        or not isinstance(session_id, str)
+        or not session_id
+        or not isinstance(user_id, str)
+    ):
         return False
     now = time.time()
     # A start a little ahead of this host's clock is another host's (several behind one Redis).
     if not started - CLOCK_SLACK_S <= now < started + realtime().settings.session_lifetime_s:
         return False
     try:
-        return not realtime().signouts.ended(session_id, now)
+        return not realtime().signouts.ended(session_id, user_id, started, now)
     except SignoutsUnavailable as problem:
         g.identity_down = True
         raise DirectoryUnavailable(str(problem)) from None
@@ -231,12 +237,24 @@ def logout():
     until the session's lifetime ends, as before there was a store. A form
     without the session's CSRF token (another site's, or a page from before
     the last sign-in) signs nobody out, and says so.
+
+    With ``everywhere=1`` (the "Sign out everywhere" button), every sign-in of
+    this user ends, on every device. That one must be recorded, or it did
+    nothing: if the store cannot, the person stays signed in and is told so.
     """
     if not csrf_ok():
         if session.get("user_id"):
             message = "You are still signed in: this page was out of date. Reload it and sign out again."
             return render_template("error.html", status=400, title="Not signed out", message=message), 400
         return redirect(url_for("auth.login"))
+    user_id = session.get("user_id")
+    if request.form.get("everywhere") == "1" and isinstance(user_id, str):
+        try:
+            realtime().end_sign_ins(user_id)
+        except SignoutsUnavailable as problem:
+            event("logout.unrecorded", level="warning", userId=user_id, everywhere=True, error=str(problem))
+            message = "Your sign-ins could not be ended right now. You are still signed in: try again in a moment."
+            return render_template("error.html", status=503, title="Not signed out", message=message), 503
     session_id, started = session.get("sid"), session.get("since")
     if isinstance(session_id, str) and session_id and isinstance(started, int):
         until = started + MAX_SESSION_HOURS * 3600

@@ -37,7 +37,7 @@ from .security_headers import EVERY_ANSWER
 ROUTE_LIMITS: tuple[tuple[str, int], ...] = (
     ("/broadcast", 64 * 1024),
     ("/api/admin/broadcast", 64 * 1024),
-    ("/api/users/", 1024),  # .../disconnect takes no body
+    ("/api/users/", 1024),  # .../disconnect and .../sign-out take no body
     ("/login", 4 * 1024),
     ("/logout", 4 * 1024),
     ("/admin/broadcast", 16 * 1024),  # a 2,000-character message, in UTF-8, plus the form's fields

@@ -1,4 +1,4 @@
-"""``flask users ...``: manage the embedded SQLite identity store (the CLI group, not a URL area)."""
+"""``flask users ...``: manage the embedded SQLite identity store, and sign users out (a CLI group, not a URL area)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Callable
 import click
 from flask import Blueprint
 
+from relay.directory import DirectoryUnavailable
+from relay.signouts import SignoutsUnavailable
 from relay.sqlite_directory import DEMO_USERS, SqliteDirectory, UserError
 
 from .auth import realtime
@@ -87,9 +89,38 @@ def set_clinic(user_id, clinic_id):
 @click.argument("user_id")
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
 def set_password(user_id, password):
-    """Set a user's sign-in password."""
+    """Set a user's sign-in password, and end every sign-in of theirs (whoever knew the old one is out)."""
     _apply(_store().set_password, user_id, password)
-    click.echo(f"password of {user_id} changed")
+    try:
+        realtime().end_sign_ins(user_id)
+    except SignoutsUnavailable as down:
+        raise click.ClickException(
+            f"the password of {user_id} changed, but their sign-ins could not be ended ({down}): "
+            f"run 'flask users sign-out {user_id}' once the sign-out store is back"
+        ) from None
+    click.echo(f"password of {user_id} changed; every sign-in of {user_id} has ended")
+
+
+@bp.cli.command("sign-out")
+@click.argument("user_id")
+def sign_out(user_id):
+    """End every sign-in of a user (a lost laptop, a shared password), whatever the identity source.
+
+    Their pages and /api/ws/auth ask them to sign in again, on every host that shares the sign-out
+    store. Sockets already open stay: close them with POST /api/users/<id>/disconnect.
+    """
+    try:
+        known = realtime().directory.get(user_id) is not None
+    except DirectoryUnavailable as down:
+        click.echo(f"could not check that {user_id} exists ({down}); signing them out anyway", err=True)
+        known = True
+    if not known:
+        raise click.ClickException(f"no user {user_id!r} in {realtime().directory.name}; nobody was signed out")
+    try:
+        realtime().end_sign_ins(user_id)
+    except SignoutsUnavailable as down:
+        raise click.ClickException(f"not signed out: {down}") from None
+    click.echo(f"every sign-in of {user_id} has ended")
 
 
 @bp.cli.command("disable")

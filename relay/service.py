@@ -34,7 +34,7 @@ from .broadcast import Broadcaster, BroadcastRequest, Receipt
 from .broadcast_log import BroadcastLog, LogWriter
 from .broker import Broker, BrokerUnavailable, Delivery, MemoryBroker, Pending
 from .codes import Close, Error
-from .config import Settings
+from .config import MAX_SESSION_HOURS, Settings
 from .connection import Connection
 from .directory import Directory, DirectoryUnavailable, Identity
 from .envelope import Envelope
@@ -210,6 +210,16 @@ class Realtime:
     def disconnect_user(self, user_id: str) -> Delivery:
         """Close the user's sockets on every worker and host (an incident); ``delivered`` counts them."""
         return self.broker.control({"kind": "disconnect", "userId": user_id})
+
+    def end_sign_ins(self, user_id: str) -> None:
+        """Sign the user out everywhere: every sign-in (session cookie) that started before this second
+        has ended, on every host that shares the sign-out store. One that starts in the same second is
+        kept: it is the new sign-in that follows a password change. Sockets already open are not
+        touched (see :meth:`disconnect_user`). Raises :class:`relay.signouts.SignoutsUnavailable`.
+        """
+        now = time.time()
+        self.signouts.end_all(user_id, int(now), now + MAX_SESSION_HOURS * 3600)
+        event("logout.everywhere", level="warning", userId=user_id)
 
     def identity_changed(self, user_id: str) -> Delivery:
         """Tell every worker to read the user again now (a change made outside the change log)."""

@@ -17,9 +17,16 @@ its data. Either raises :class:`SignoutsUnavailable` when it cannot answer:
 the request is then refused with 503 (fail closed), and nobody is signed out
 by an outage.
 
-A request asks once (``auth.current_user``): a primary-key read, ~10 us in
-SQLite or one round trip to Redis, on the pages and ``/api/ws/auth`` only;
-the socket authenticates with its token and never asks.
+A user can also be signed out everywhere (a password change, a lost laptop:
+``flask users sign-out``, ``POST /api/users/<id>/sign-out``): the store then
+remembers a time, and every sign-in of that user that started before it has
+ended. Starts are kept in whole seconds, and one in the same second as the
+time is kept: it is the new sign-in that follows a password change.
+
+A request asks once (``auth.current_user``): two primary-key reads in one
+statement, ~10 us in SQLite, or one round trip to Redis (``MGET``), on the
+pages and ``/api/ws/auth`` only; the socket authenticates with its token and
+never asks.
 """
 
 from __future__ import annotations
@@ -41,8 +48,19 @@ class SignoutStore(Protocol):
     def end(self, session_id: str, until: float) -> None:
         """Remember that ``session_id`` signed out; it may be forgotten after ``until`` (epoch seconds)."""
 
-    def ended(self, session_id: str, now: float) -> bool:
-        """Whether ``session_id`` signed out (and ``now`` is before the ``until`` it was recorded with)."""
+    def end_all(self, user_id: str, before: int, until: float) -> None:
+        """End every sign-in of ``user_id`` that started before ``before`` (epoch seconds, whole).
+
+        A later call replaces an earlier one's time only to move it forward. It may be forgotten
+        after ``until``, when every sign-in it ended would have expired anyway.
+        """
+
+    def ended(self, session_id: str, user_id: str, started: int, now: float) -> bool:
+        """Whether the sign-in ``session_id`` (of ``user_id``, started at ``started``) has ended.
+
+        Either it signed out, or its user was signed out everywhere after it started; ``now`` is
+        the time the ``until`` of either is compared with.
+        """
 
     def close(self) -> None: ...
 
@@ -53,6 +71,11 @@ CREATE TABLE IF NOT EXISTS signouts (
     until REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS signouts_until ON signouts (until);
+CREATE TABLE IF NOT EXISTS user_signouts (
+    user_id TEXT PRIMARY KEY,
+    ended_before INTEGER NOT NULL,
+    until REAL NOT NULL
+);
 """
 
 
@@ -74,14 +97,34 @@ class SqliteSignouts(SqliteStore):
             db.execute("INSERT OR REPLACE INTO signouts (session_id, until) VALUES (?, ?)", (session_id, until))
 
     @_store_errors
-    def ended(self, session_id: str, now: float) -> bool:
+    def end_all(self, user_id: str, before: int, until: float) -> None:
+        with self._lock, transaction(self._conn()) as db:
+            db.execute("DELETE FROM user_signouts WHERE until < ?", (time.time(),))
+            db.execute(
+                "INSERT INTO user_signouts (user_id, ended_before, until) VALUES (?, ?, ?)"
+                " ON CONFLICT (user_id) DO UPDATE SET"
+                " ended_before = MAX(ended_before, excluded.ended_before), until = MAX(until, excluded.until)",
+                (user_id, before, until),
+            )
+
+    @_store_errors
+    def ended(self, session_id: str, user_id: str, started: int, now: float) -> bool:
         with self._lock:
-            row = self._conn().execute("SELECT until FROM signouts WHERE session_id = ?", (session_id,)).fetchone()
-        return row is not None and now < row[0]
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT EXISTS (SELECT 1 FROM signouts WHERE session_id = ? AND until > ?)"
+                    " OR EXISTS (SELECT 1 FROM user_signouts WHERE user_id = ? AND ended_before > ? AND until > ?)",
+                    (session_id, now, user_id, started, now),
+                )
+                .fetchone()
+            )
+        return bool(row[0])
 
 
 class RedisSignouts(RedisStore):
-    """One key per signed-out session, ``<prefix>:signout:<id>``, expiring at its ``until``."""
+    """One key per signed-out session, ``<prefix>:signout:<id>``, and per user signed out everywhere,
+    ``<prefix>:signout-user:<id>`` (holding the time), each expiring at its ``until``."""
 
     name = "redis"
     unavailable = SignoutsUnavailable
@@ -89,12 +132,35 @@ class RedisSignouts(RedisStore):
     def __init__(self, url: str, *, prefix: str):
         super().__init__(url)
         self.prefix = f"{prefix}:signout:"
+        self.user_prefix = f"{prefix}:signout-user:"
 
     def end(self, session_id: str, until: float) -> None:
-        # A relative expiry: Redis's clock may differ from this host's.
-        ttl_ms = max(1, int((until - time.time()) * 1000))
-        self._call(self._client.set, self.prefix + session_id, "1", px=ttl_ms)
+        self._call(self._client.set, self.prefix + session_id, "1", px=_ttl_ms(until))
 
-    def ended(self, session_id: str, now: float) -> bool:
-        # Redis drops the key once its time is up; ``now`` is not needed here.
-        return bool(self._call(self._client.exists, self.prefix + session_id))
+    def end_all(self, user_id: str, before: int, until: float) -> None:
+        # Only forward: of two calls racing, the later time stands (one round trip, atomic in Redis).
+        self._call(self._client.eval, _MOVE_FORWARD, 1, self.user_prefix + user_id, before, _ttl_ms(until))
+
+    def ended(self, session_id: str, user_id: str, started: int, now: float) -> bool:
+        # Redis drops each key once its time is up; ``now`` is not needed here.
+        signed_out, everywhere_before = self._call(
+            self._client.mget, [self.prefix + session_id, self.user_prefix + user_id]
+        )
+        return signed_out is not None or (everywhere_before is not None and started < int(everywhere_before))
+
+
+def _ttl_ms(until: float) -> int:
+    # A relative expiry: Redis's clock may differ from this host's.
+    return max(1, int((until - time.time()) * 1000))
+
+
+_MOVE_FORWARD = """
+local kept = tonumber(redis.call('GET', KEYS[1]) or '0')
+local ttl = tonumber(ARGV[2])
+if tonumber(ARGV[1]) > kept then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+elseif redis.call('PTTL', KEYS[1]) < ttl then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+"""

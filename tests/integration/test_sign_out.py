@@ -1,8 +1,12 @@
 """Signing out ends the session on the server: a copy of the cookie taken before is refused
 (relay.signouts), across a restart with the embedded store, across workers with Redis."""
 
+import time
+
 import requests
-from support import Server, csrf_of, make_users, sign_in
+from support import ADMIN_SECRET, Server, csrf_of, flask_cli, make_users, sign_in
+
+NEW_PASSWORD = "a new password, long enough"
 
 
 def copy_of(session: requests.Session) -> str:
@@ -24,6 +28,11 @@ def ws_auth(srv: Server, holder: requests.Session | str) -> int:
             srv.url + "/api/ws/auth", headers={"Cookie": f"clinic_session={holder}"}, timeout=5
         ).status_code
     return holder.get(srv.url + "/api/ws/auth", timeout=5).status_code
+
+
+def into_the_next_second() -> None:
+    """Sign-ins start in whole seconds, and one in the same second as a sign-out everywhere is kept."""
+    time.sleep(1.05 - time.time() % 1)
 
 
 def test_a_copy_of_the_cookie_is_refused_after_sign_out_and_other_sign_ins_keep_working(server: Server):
@@ -79,6 +88,14 @@ def test_with_redis_every_host_refuses_the_copy_and_an_outage_signs_nobody_out(t
         assert "Set-Cookie" not in down.headers  # the browser keeps its session through the outage
         redis_server.start()  # same port (and, without persistence, an empty Redis: see the README)
         assert ws_auth(host_a, kept) == 200
+
+        into_the_next_second()
+        ended = requests.post(
+            host_a.url + "/api/users/bob/sign-out", headers={"Authorization": f"Bearer {ADMIN_SECRET}"}, timeout=5
+        )
+        assert ended.status_code == 200 and ended.json() == {"ok": True, "userId": "bob"}
+        assert ws_auth(host_b, kept) == 401  # signed out everywhere: on the other host too
+        assert ws_auth(host_b, sign_in(host_b, "bob")) == 200
     finally:
         host_a.stop()
         host_b.stop()
@@ -91,3 +108,49 @@ def test_a_sign_out_form_from_before_the_last_sign_in_signs_nobody_out_and_says_
     answer = browser.post(server.url + "/logout", data={"csrf_token": csrf_of(old_page.text)}, timeout=5)
     assert answer.status_code == 400 and "Not signed out" in answer.text
     assert ws_auth(server, browser) == 200
+
+
+def test_a_new_password_ends_every_sign_in_of_that_user_and_only_theirs(start_server):
+    srv = start_server()
+    laptop, other = sign_in(srv, "bob"), sign_in(srv, "carol")
+    stolen = copy_of(laptop)
+    into_the_next_second()
+    done = flask_cli(srv, "users", "set-password", "bob", "--password", NEW_PASSWORD)
+    assert done.returncode == 0 and "every sign-in of bob has ended" in done.stdout, done.stderr
+    assert ws_auth(srv, laptop) == 401 and ws_auth(srv, stolen) == 401
+    assert ws_auth(srv, other) == 200
+    assert sign_in(srv, "bob").last.status_code == 401  # the old password
+    assert ws_auth(srv, sign_in(srv, "bob", NEW_PASSWORD)) == 200
+
+
+def test_an_operator_signs_a_user_out_everywhere_and_a_typo_signs_nobody_out(start_server):
+    srv = start_server()
+    browser = sign_in(srv, "carol")
+    into_the_next_second()
+    typo = flask_cli(srv, "users", "sign-out", "carl")
+    assert typo.returncode != 0 and "no user 'carl'" in typo.stderr
+    assert ws_auth(srv, browser) == 200
+    done = flask_cli(srv, "users", "sign-out", "carol")
+    assert done.returncode == 0 and "every sign-in of carol has ended" in done.stdout
+    assert ws_auth(srv, browser) == 401
+    assert ws_auth(srv, sign_in(srv, "carol")) == 200
+
+
+def test_the_sign_out_api_needs_the_admin_secret_and_a_valid_id(server: Server):
+    url = server.url + "/api/users/{}/sign-out"
+    assert requests.post(url.format("bob"), timeout=5).status_code == 401
+    bad = requests.post(url.format("no%20spaces"), headers={"Authorization": f"Bearer {ADMIN_SECRET}"}, timeout=5)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_body"
+
+
+def test_the_sign_out_everywhere_button_ends_every_sign_in_of_that_person_only(start_server):
+    srv = start_server()
+    laptop, phone, colleague = sign_in(srv, "bob"), sign_in(srv, "bob"), sign_in(srv, "carol")
+    stolen = copy_of(laptop)
+    into_the_next_second()
+    home = laptop.get(srv.url + "/", timeout=5)
+    assert 'name="everywhere"' in home.text
+    answer = laptop.post(srv.url + "/logout", data={"csrf_token": csrf_of(home.text), "everywhere": "1"}, timeout=5)
+    assert answer.status_code == 200 and answer.url.endswith("/login")
+    assert ws_auth(srv, phone) == 401 and ws_auth(srv, stolen) == 401
+    assert ws_auth(srv, colleague) == 200

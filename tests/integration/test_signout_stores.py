@@ -6,6 +6,8 @@ import pytest
 
 from relay.signouts import RedisSignouts, SignoutsUnavailable, SqliteSignouts
 
+STARTED = int(time.time()) - 60  # when the sign-ins asked about here began
+
 
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request, tmp_path):
@@ -18,29 +20,57 @@ def store(request, tmp_path):
 
 
 def test_a_session_nobody_signed_out_has_not_ended(store):
-    assert not store.ended("never-seen", time.time())
+    assert not store.ended("never-seen", "bob", STARTED, time.time())
 
 
 def test_a_signed_out_session_has_ended_and_no_other(store):
     now = time.time()
     store.end("abc", now + 3600)
-    assert store.ended("abc", now)
-    assert not store.ended("abd", now)
-    assert not store.ended("ab", now)
+    assert store.ended("abc", "bob", STARTED, now)
+    assert not store.ended("abd", "bob", STARTED, now)
+    assert not store.ended("ab", "bob", STARTED, now)
 
 
 def test_signing_out_twice_is_harmless(store):
     now = time.time()
     store.end("abc", now + 3600)
     store.end("abc", now + 3600)
-    assert store.ended("abc", now)
+    assert store.ended("abc", "bob", STARTED, now)
 
 
 def test_a_sign_out_is_forgotten_once_the_session_would_have_expired(store):
     store.end("brief", time.time() + 0.3)
-    assert store.ended("brief", time.time())
+    assert store.ended("brief", "bob", STARTED, time.time())
     time.sleep(0.6)
-    assert not store.ended("brief", time.time())
+    assert not store.ended("brief", "bob", STARTED, time.time())
+
+
+def test_signing_a_user_out_everywhere_ends_their_earlier_sign_ins_only(store):
+    now = int(time.time())
+    store.end_all("bob", now, now + 3600)
+    assert store.ended("s1", "bob", now - 1, now)
+    assert store.ended("s2", "bob", now - 3000, now)
+    assert not store.ended("s3", "bob", now, now)  # the same second: the sign-in that follows a new password
+    assert not store.ended("s4", "bob", now + 5, now)
+    assert not store.ended("s1", "bobby", now - 1, now)  # nobody else
+    assert not store.ended("s1", "bo", now - 1, now)
+
+
+def test_signing_out_everywhere_only_moves_forward(store):
+    now = int(time.time())
+    store.end_all("bob", now, now + 3600)
+    store.end_all("bob", now - 100, now + 3600)  # an older request arriving late brings nobody back
+    assert store.ended("s1", "bob", now - 50, now)
+    store.end_all("bob", now + 10, now + 3600)
+    assert store.ended("s1", "bob", now + 5, now)
+
+
+def test_signing_out_everywhere_is_forgotten_once_every_sign_in_it_ended_would_have_expired(store):
+    now = int(time.time())
+    store.end_all("bob", now, time.time() + 0.3)
+    assert store.ended("s1", "bob", now - 1, time.time())
+    time.sleep(0.6)
+    assert not store.ended("s1", "bob", now - 1, time.time())
 
 
 def test_sqlite_keeps_sign_outs_across_restarts_and_sweeps_expired_rows(tmp_path):
@@ -51,9 +81,24 @@ def test_sqlite_keeps_sign_outs_across_restarts_and_sweeps_expired_rows(tmp_path
     first.end("stale", now - 1)
     first.close()
     again = SqliteSignouts(path)
-    assert again.ended("kept", now)
+    assert again.ended("kept", "bob", STARTED, now)
     again.end("next", now + 3600)  # each sign-out sweeps what has expired
     rows = {row[0] for row in again._conn().execute("SELECT session_id FROM signouts")}
+    assert rows == {"kept", "next"}
+    again.close()
+
+
+def test_sqlite_keeps_users_signed_out_everywhere_across_restarts_and_sweeps_expired_rows(tmp_path):
+    path = str(tmp_path / "realtime.db")
+    first = SqliteSignouts(path)
+    now = int(time.time())
+    first.end_all("kept", now, now + 3600)
+    first.end_all("stale", now - 10, now - 1)
+    first.close()
+    again = SqliteSignouts(path)
+    assert again.ended("s1", "kept", now - 1, now)
+    again.end_all("next", now, now + 3600)
+    rows = {row[0] for row in again._conn().execute("SELECT user_id FROM user_signouts")}
     assert rows == {"kept", "next"}
     again.close()
 
@@ -63,16 +108,20 @@ def test_sqlite_that_cannot_open_its_file_is_unavailable(tmp_path):
     blocker.write_text("a file where the database's folder should be")
     store = SqliteSignouts(str(blocker / "realtime.db"))
     with pytest.raises(SignoutsUnavailable):
-        store.ended("abc", time.time())
+        store.ended("abc", "bob", STARTED, time.time())
     with pytest.raises(SignoutsUnavailable):
         store.end("abc", time.time() + 60)
+    with pytest.raises(SignoutsUnavailable):
+        store.end_all("bob", int(time.time()), time.time() + 60)
 
 
 def test_redis_that_is_down_is_unavailable(redis_server):
     store = RedisSignouts(redis_server.url, prefix="test")
     redis_server.stop()
     with pytest.raises(SignoutsUnavailable):
-        store.ended("abc", time.time())
+        store.ended("abc", "bob", STARTED, time.time())
     with pytest.raises(SignoutsUnavailable):
         store.end("abc", time.time() + 60)
+    with pytest.raises(SignoutsUnavailable):
+        store.end_all("bob", int(time.time()), time.time() + 60)
     store.close()

@@ -116,10 +116,27 @@ def test_a_sign_out_is_remembered_for_the_longest_lifetime_so_raising_the_settin
     assert client.post("/logout", data={"csrf_token": csrf_of(home)}).status_code == 302
 
     signouts = one_hour.extensions["realtime"].signouts
-    signed_in = contents["since"]
-    assert signouts.ended(contents["sid"], signed_in + 2 * HOUR)  # past this setting's lifetime: still known
-    assert signouts.ended(contents["sid"], signed_in + 719 * HOUR)
-    assert not signouts.ended(contents["sid"], signed_in + 721 * HOUR)  # past any lifetime: forgotten
+    sid, user, signed_in = contents["sid"], contents["user_id"], contents["since"]
+    assert signouts.ended(sid, user, signed_in, signed_in + 2 * HOUR)  # past this setting's lifetime: still known
+    assert signouts.ended(sid, user, signed_in, signed_in + 719 * HOUR)
+    assert not signouts.ended(sid, user, signed_in, signed_in + 721 * HOUR)  # past any lifetime: forgotten
+
+
+def test_signing_a_user_out_everywhere_ends_their_open_sign_in_and_is_remembered_as_long_as_any_could_last(
+    tmp_path,
+):
+    make_users(tmp_path / "users.db")
+    app = create_app(settings_for(tmp_path))
+    client = signed_in_client(app)
+    assert client.get("/").status_code == 200
+    time.sleep(1.05 - time.time() % 1)  # into the next second: one started in the same second is kept
+    realtime = app.extensions["realtime"]
+    realtime.end_sign_ins("bob")
+    answer = client.get("/")
+    assert answer.status_code == 302 and answer.headers["Location"].startswith("/login")
+    now = time.time()
+    assert realtime.signouts.ended("any", "bob", int(now) - 1, now + 719 * HOUR)
+    assert not realtime.signouts.ended("any", "bob", int(now) - 1, now + 721 * HOUR)  # past any lifetime
 
 
 def test_a_sign_out_store_that_cannot_answer_refuses_pages_with_503_and_logout_still_clears_the_cookie(
@@ -141,6 +158,21 @@ def test_a_sign_out_store_that_cannot_answer_refuses_pages_with_503_and_logout_s
     assert answer.status_code == 302 and answer.headers["Location"].endswith("/login")
     assert client.get_cookie("clinic_session") is None
     assert "logout.unrecorded" in logged
+
+
+def test_signing_out_everywhere_that_cannot_be_recorded_keeps_the_person_signed_in_and_says_so(tmp_path):
+    make_users(tmp_path / "users.db")
+    app = create_app(settings_for(tmp_path))
+    client = signed_in_client(app)
+    home = client.get("/").get_data(as_text=True)
+    working = app.extensions["realtime"].signouts
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the store's folder should be")
+    app.extensions["realtime"].signouts = SqliteSignouts(str(blocker / "realtime.db"))
+    answer = client.post("/logout", data={"csrf_token": csrf_of(home), "everywhere": "1"})
+    assert answer.status_code == 503 and "could not be ended" in answer.get_data(as_text=True)
+    app.extensions["realtime"].signouts = working
+    assert client.get("/").status_code == 200  # still signed in, and may try again
 
 
 # -- Flask's per-function async check, made once ------------------------------------------------
