@@ -12,6 +12,7 @@ from relay.broadcast import MAX_BODY_BYTES, BroadcastError, idempotency_key, par
 from relay.broker import BrokerUnavailable
 from relay.channels import is_valid_id
 from relay.codes import HttpError
+from relay.directory import DirectoryUnavailable
 from relay.eventlog import event
 from relay.history import IdempotencyConflict
 from relay.signouts import SignoutsUnavailable
@@ -79,19 +80,32 @@ def disconnect_user(user_id: str) -> ResponseReturnValue:
 @bp.post("/api/users/<user_id>/sign-out")
 @admin_secret_required
 def sign_out_user(user_id: str) -> ResponseReturnValue:
-    """An incident, a password changed elsewhere: end every sign-in of this user, on every host.
+    """An incident, a password changed elsewhere: end every sign-in of this user and close their sockets.
 
-    Their pages and ``/api/ws/auth`` ask them to sign in again; sockets already open stay (pair
-    this with ``/disconnect``). Nobody is looked up: it is recorded even while the identity source
-    is down, and ending the sign-ins of a user who does not exist ends nothing.
+    The id is looked up first, so that the sign-out is recorded under the source's spelling of it
+    (a Supabase id typed in capitals is the same user); while the source is down it is recorded
+    as given, rather than not at all. ``disconnected`` is null when the broker could not carry the
+    close (the sign-ins have ended regardless): call ``/disconnect`` once it is back.
     """
     if not is_valid_id(user_id):
         return error_response(400, HttpError.INVALID_BODY, f"user id {user_id[:80]!r} is not a valid id")
     try:
-        realtime().end_sign_ins(user_id)
+        user = realtime().directory.get(user_id)
+    except DirectoryUnavailable:
+        target = user_id
+    else:
+        if user is None:
+            return error_response(404, HttpError.UNKNOWN_USER, f"no user {user_id!r}; nobody was signed out")
+        target = user.user_id
+    try:
+        closed = realtime().sign_out_everywhere(target, by="api")
     except SignoutsUnavailable as down:
         return error_response(503, HttpError.UNAVAILABLE, f"not signed out: {down}", headers={"Retry-After": "1"})
-    return jsonify(ok=True, userId=user_id)
+    if closed is None:
+        return jsonify(ok=True, userId=target, disconnected=None, workers=None, missingWorkers=None)
+    return jsonify(
+        ok=True, userId=target, disconnected=closed.delivered, workers=closed.workers, missingWorkers=closed.missing
+    )
 
 
 @bp.post("/api/admin/broadcast")

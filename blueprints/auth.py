@@ -12,11 +12,13 @@ import hmac
 import secrets
 import time
 from math import ceil
+from typing import TypeGuard
 from urllib.parse import urlsplit
 
 from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
 
+from relay.clock import now_ms
 from relay.codes import HttpError
 from relay.config import MAX_SESSION_HOURS
 from relay.directory import AccessTokenInvalid, AccessTokensUnsupported, DirectoryUnavailable, Identity
@@ -69,6 +71,11 @@ def current_user() -> Identity | None:
 CLOCK_SLACK_S = 300
 
 
+def _is_time(value: object) -> TypeGuard[float]:
+    """A sign-in's start as the cookie holds it: epoch seconds, whole (older cookies) or to the ms."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _session_current() -> bool:
     """Whether this sign-in still holds: younger than SESSION_LIFETIME_HOURS, not signed out, and
     not started before its user was signed out everywhere.
@@ -79,19 +86,14 @@ def _session_current() -> bool:
     never let through and never signed out.
     """
     started, session_id, user_id = session.get("since"), session.get("sid"), session.get("user_id")
-    if (
-        not isinstance(started, int)
-        or not isinstance(session_id, str)
-        or not session_id
-        or not isinstance(user_id, str)
-    ):
+    if not _is_time(started) or not isinstance(session_id, str) or not session_id or not isinstance(user_id, str):
         return False
     now = time.time()
     # A start a little ahead of this host's clock is another host's (several behind one Redis).
     if not started - CLOCK_SLACK_S <= now < started + realtime().settings.session_lifetime_s:
         return False
     try:
-        return not realtime().signouts.ended(session_id, user_id, started, now)
+        return not realtime().signouts.ended(session_id, user_id, int(started * 1000), now)
     except SignoutsUnavailable as problem:
         g.identity_down = True
         raise DirectoryUnavailable(str(problem)) from None
@@ -210,7 +212,9 @@ def login():
     session.clear()  # a new session (new CSRF token): nothing from before the sign-in carries over
     session["user_id"] = user.user_id
     session["sid"] = secrets.token_urlsafe(18)  # what signing out records (relay.signouts)
-    session["since"] = int(time.time())
+    # To the millisecond (a cookie from before holds whole seconds: both are read): a sign-out
+    # everywhere ends the sign-ins started before its millisecond, and the one right after it holds.
+    session["since"] = now_ms() / 1000
     event("login", userId=user.user_id, role=user.role)
     return redirect(_safe_next(request.args.get("next")))
 
@@ -247,16 +251,19 @@ def logout():
             message = "You are still signed in: this page was out of date. Reload it and sign out again."
             return render_template("error.html", status=400, title="Not signed out", message=message), 400
         return redirect(url_for("auth.login"))
-    user_id = session.get("user_id")
-    if request.form.get("everywhere") == "1" and isinstance(user_id, str):
-        try:
-            realtime().end_sign_ins(user_id)
-        except SignoutsUnavailable as problem:
-            event("logout.unrecorded", level="warning", userId=user_id, everywhere=True, error=str(problem))
-            message = "Your sign-ins could not be ended right now. You are still signed in: try again in a moment."
-            return render_template("error.html", status=503, title="Not signed out", message=message), 503
+    if request.form.get("everywhere") == "1":
+        # Only a sign-in that still holds: a copy of a cookie signed out before (the thief's) must
+        # not be able to sign its owner out again and again. Such a copy is just signed out here.
+        user = current_user()
+        if user is not None:
+            try:
+                realtime().sign_out_everywhere(user.user_id, by="button")
+            except SignoutsUnavailable as problem:
+                event("logout.unrecorded", level="warning", userId=user.user_id, everywhere=True, error=str(problem))
+                message = "Your sign-ins could not be ended right now. You are still signed in: try again in a moment."
+                return render_template("error.html", status=503, title="Not signed out", message=message), 503
     session_id, started = session.get("sid"), session.get("since")
-    if isinstance(session_id, str) and session_id and isinstance(started, int):
+    if isinstance(session_id, str) and session_id and _is_time(started):
         until = started + MAX_SESSION_HOURS * 3600
         try:
             realtime().signouts.end(session_id, until)

@@ -9,10 +9,12 @@ import click
 from flask import Blueprint
 
 from relay.directory import DirectoryUnavailable
+from relay.opsclient import ServiceError
 from relay.signouts import SignoutsUnavailable
 from relay.sqlite_directory import DEMO_USERS, SqliteDirectory, UserError
 
 from .auth import realtime
+from .ws_commands import ops_client, url_option
 
 bp = Blueprint("users", __name__, cli_group="users")
 
@@ -88,39 +90,57 @@ def set_clinic(user_id, clinic_id):
 @bp.cli.command("set-password")
 @click.argument("user_id")
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
-def set_password(user_id, password):
-    """Set a user's sign-in password, and end every sign-in of theirs (whoever knew the old one is out)."""
+@url_option
+def set_password(user_id, password, url):
+    """Set a user's sign-in password, and sign them out everywhere (whoever knew the old one is out)."""
     _apply(_store().set_password, user_id, password)
     try:
-        realtime().end_sign_ins(user_id)
+        realtime().end_sign_ins(user_id, by="cli")
     except SignoutsUnavailable as down:
         raise click.ClickException(
             f"the password of {user_id} changed, but their sign-ins could not be ended ({down}): "
             f"run 'flask users sign-out {user_id}' once the sign-out store is back"
         ) from None
-    click.echo(f"password of {user_id} changed; every sign-in of {user_id} has ended")
+    click.echo(f"password of {user_id} changed; every sign-in of {user_id} has ended; {_close_sockets(user_id, url)}")
 
 
 @bp.cli.command("sign-out")
 @click.argument("user_id")
-def sign_out(user_id):
-    """End every sign-in of a user (a lost laptop, a shared password), whatever the identity source.
+@url_option
+def sign_out(user_id, url):
+    """End every sign-in of a user and close their sockets (a lost laptop), whatever the identity source.
 
-    Their pages and /api/ws/auth ask them to sign in again, on every host that shares the sign-out
-    store. Sockets already open stay: close them with POST /api/users/<id>/disconnect.
+    The sign-ins end in the sign-out store itself (their pages and /api/ws/auth ask them to sign in
+    again, on every host that shares it); the sockets are closed by the server at --url. A
+    connection token already handed out still opens a socket until it expires (WS_TOKEN_TTL_MS).
     """
     try:
-        known = realtime().directory.get(user_id) is not None
+        user = realtime().directory.get(user_id)
     except DirectoryUnavailable as down:
-        click.echo(f"could not check that {user_id} exists ({down}); signing them out anyway", err=True)
-        known = True
-    if not known:
-        raise click.ClickException(f"no user {user_id!r} in {realtime().directory.name}; nobody was signed out")
+        click.echo(f"could not check that {user_id} exists ({down}); signing out {user_id!r} as typed", err=True)
+    else:
+        if user is None:
+            raise click.ClickException(f"no user {user_id!r} in {realtime().directory.name}; nobody was signed out")
+        user_id = user.user_id  # the source's spelling (a Supabase id typed in capitals)
     try:
-        realtime().end_sign_ins(user_id)
+        realtime().end_sign_ins(user_id, by="cli")
     except SignoutsUnavailable as down:
         raise click.ClickException(f"not signed out: {down}") from None
-    click.echo(f"every sign-in of {user_id} has ended")
+    click.echo(f"every sign-in of {user_id} has ended; {_close_sockets(user_id, url)}")
+
+
+def _close_sockets(user_id: str, url: str | None) -> str:
+    """Ask the running server to close the user's sockets (this process holds none of them)."""
+    try:
+        status, body = ops_client(url, 5.0).disconnect(user_id)
+    except ServiceError as down:
+        status, body = 0, {"error": {"message": str(down)}}
+    if status == 200:
+        return f"{body.get('disconnected')} open socket(s) closed"
+    problem = body.get("error", {}).get("message") or f"HTTP {status}"
+    return (
+        f"their open sockets were not closed ({problem}): POST /api/users/{user_id}/disconnect once the server answers"
+    )
 
 
 @bp.cli.command("disable")

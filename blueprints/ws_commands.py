@@ -23,7 +23,7 @@ from .auth import realtime
 bp = Blueprint("ws", __name__, cli_group="ws")
 
 
-def _client(url: str | None, timeout: float) -> OpsClient:
+def ops_client(url: str | None, timeout: float) -> OpsClient:
     settings = realtime().settings
     return OpsClient(url or f"http://127.0.0.1:{settings.port}", settings.admin_secret, timeout)
 
@@ -42,7 +42,7 @@ timeout_option = click.option("--timeout", default=5.0, show_default=True, help=
 def health(url, timeout):
     """Print /health; exit 1 unless the server says ok."""
     try:
-        status, body = _client(url, timeout).health()
+        status, body = ops_client(url, timeout).health()
     except ServiceError as err:
         raise click.ClickException(str(err)) from None
     click.echo(json.dumps(body, indent=2))
@@ -67,7 +67,7 @@ def broadcast(url, timeout, message, message_type, channels, users, clinics, rol
         if values
     }
     try:
-        status, body = _client(url, timeout).broadcast(message_type, {"message": message, "at": now_iso()}, flt)
+        status, body = ops_client(url, timeout).broadcast(message_type, {"message": message, "at": now_iso()}, flt)
     except ServiceError as err:
         raise click.ClickException(str(err)) from None
     if status != 200:
@@ -120,7 +120,7 @@ def log_command(since, until, message_type, channel, sender, limit, as_csv):
 def smoke_test(url, timeout, user_id, channel):
     """Token, connect, subscribe, broadcast (to this user only), receive. Exit 1 on any failure."""
     rt = realtime()
-    steps = smoke(_client(url, timeout), rt.tokens, user_id or rt.settings.test_user_id, channel)
+    steps = smoke(ops_client(url, timeout), rt.tokens, user_id or rt.settings.test_user_id, channel)
     for step in steps:
         click.echo(f"{'ok  ' if step.ok else 'FAIL'} {step.name:<10} {step.detail}")
     if len(steps) < 6 or not all(step.ok for step in steps):

@@ -54,6 +54,7 @@ class HttpError:
     FORBIDDEN = "forbidden"  # authenticated, but not allowed (403)
     CSRF_FAILED = "csrf_failed"  # cookie session without a matching CSRF token (403)
     NOT_FOUND = "not_found"  # no such endpoint (404)
+    UNKNOWN_USER = "unknown_user"  # a user id the identity source does not know (404)
     METHOD_NOT_ALLOWED = "method_not_allowed"  # (405)
     INVALID_JSON = "invalid_json"  # body is not JSON (400)
     INVALID_BODY = "invalid_body"  # JSON of the wrong shape (400)

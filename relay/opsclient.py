@@ -60,13 +60,20 @@ class OpsClient:
         return self.request("GET", "/health")
 
     def broadcast(self, message_type: str, data: object, flt: dict | None = None) -> tuple[int, dict]:
+        body = {"message": {"type": message_type, "data": data}, "filter": flt or {}}
+        return self.request("POST", "/broadcast", body, self._admin())
+
+    def disconnect(self, user_id: str) -> tuple[int, dict]:
+        """Close every socket of ``user_id`` (``POST /api/users/<id>/disconnect``)."""
+        return self.request("POST", f"/api/users/{quote(user_id, safe='')}/disconnect", None, self._admin())
+
+    def _admin(self) -> dict:
         if not self.admin_secret:
             raise ServiceError(
                 "no admin secret: set WS_ADMIN_SECRET (in development the server writes it to the instance "
                 "folder's dev-secrets.json on its first start)"
             )
-        body = {"message": {"type": message_type, "data": data}, "filter": flt or {}}
-        return self.request("POST", "/broadcast", body, {"Authorization": f"Bearer {self.admin_secret}"})
+        return {"Authorization": f"Bearer {self.admin_secret}"}
 
 
 @dataclass

@@ -211,15 +211,29 @@ class Realtime:
         """Close the user's sockets on every worker and host (an incident); ``delivered`` counts them."""
         return self.broker.control({"kind": "disconnect", "userId": user_id})
 
-    def end_sign_ins(self, user_id: str) -> None:
-        """Sign the user out everywhere: every sign-in (session cookie) that started before this second
-        has ended, on every host that shares the sign-out store. One that starts in the same second is
-        kept: it is the new sign-in that follows a password change. Sockets already open are not
-        touched (see :meth:`disconnect_user`). Raises :class:`relay.signouts.SignoutsUnavailable`.
+    def end_sign_ins(self, user_id: str, *, by: str) -> None:
+        """End every sign-in of the user: each session cookie of theirs that started before this
+        millisecond is refused from now on, on every host that shares the sign-out store. Sockets
+        are not touched (:meth:`sign_out_everywhere` closes them too). ``by`` (``button``, ``api``,
+        ``cli``) goes into the log line. Raises :class:`relay.signouts.SignoutsUnavailable` when
+        the store cannot record it: then nothing was done.
         """
         now = time.time()
-        self.signouts.end_all(user_id, int(now), now + MAX_SESSION_HOURS * 3600)
-        event("logout.everywhere", level="warning", userId=user_id)
+        self.signouts.end_all(user_id, int(now * 1000), now + MAX_SESSION_HOURS * 3600)
+        event("logout.everywhere", level="warning", userId=user_id, by=by)
+
+    def sign_out_everywhere(self, user_id: str, *, by: str) -> Delivery | None:
+        """:meth:`end_sign_ins`, then close the user's sockets on every worker and host (4403, as
+        :meth:`disconnect_user`): a password change, a lost laptop. Returns that delivery, or None
+        when the broker could not carry it (the sign-ins have ended regardless). A connection token
+        already handed out still opens a socket until it expires (``WS_TOKEN_TTL_MS``).
+        """
+        self.end_sign_ins(user_id, by=by)
+        try:
+            return self.disconnect_user(user_id)
+        except BrokerUnavailable as down:
+            event("logout.everywhere_sockets_open", level="error", userId=user_id, error=str(down))
+            return None
 
     def identity_changed(self, user_id: str) -> Delivery:
         """Tell every worker to read the user again now (a change made outside the change log)."""

@@ -17,11 +17,12 @@ its data. Either raises :class:`SignoutsUnavailable` when it cannot answer:
 the request is then refused with 503 (fail closed), and nobody is signed out
 by an outage.
 
-A user can also be signed out everywhere (a password change, a lost laptop:
-``flask users sign-out``, ``POST /api/users/<id>/sign-out``): the store then
-remembers a time, and every sign-in of that user that started before it has
-ended. Starts are kept in whole seconds, and one in the same second as the
-time is kept: it is the new sign-in that follows a password change.
+A user can also be signed out everywhere (a password change, a lost laptop,
+the "Sign out everywhere" button; ``Realtime.sign_out_everywhere``): the store
+then remembers a time, in epoch milliseconds, and every sign-in of that user
+that started before it has ended. Times are compared across hosts: their
+clocks must agree (NTP), or sign-ins made within the skew of the moment
+survive on a host whose clock is ahead.
 
 A request asks once (``auth.current_user``): two primary-key reads in one
 statement, ~10 us in SQLite, or one round trip to Redis (``MGET``), on the
@@ -48,15 +49,15 @@ class SignoutStore(Protocol):
     def end(self, session_id: str, until: float) -> None:
         """Remember that ``session_id`` signed out; it may be forgotten after ``until`` (epoch seconds)."""
 
-    def end_all(self, user_id: str, before: int, until: float) -> None:
-        """End every sign-in of ``user_id`` that started before ``before`` (epoch seconds, whole).
+    def end_all(self, user_id: str, before_ms: int, until: float) -> None:
+        """End every sign-in of ``user_id`` that started before ``before_ms`` (epoch milliseconds).
 
-        A later call replaces an earlier one's time only to move it forward. It may be forgotten
-        after ``until``, when every sign-in it ended would have expired anyway.
+        A later call moves that time only forward. It may be forgotten after ``until`` (epoch
+        seconds), when every sign-in it ended would have expired anyway.
         """
 
-    def ended(self, session_id: str, user_id: str, started: int, now: float) -> bool:
-        """Whether the sign-in ``session_id`` (of ``user_id``, started at ``started``) has ended.
+    def ended(self, session_id: str, user_id: str, started_ms: int, now: float) -> bool:
+        """Whether the sign-in ``session_id`` (of ``user_id``, started at ``started_ms``) has ended.
 
         Either it signed out, or its user was signed out everywhere after it started; ``now`` is
         the time the ``until`` of either is compared with.
@@ -73,7 +74,7 @@ CREATE TABLE IF NOT EXISTS signouts (
 CREATE INDEX IF NOT EXISTS signouts_until ON signouts (until);
 CREATE TABLE IF NOT EXISTS user_signouts (
     user_id TEXT PRIMARY KEY,
-    ended_before INTEGER NOT NULL,
+    ended_before_ms INTEGER NOT NULL,
     until REAL NOT NULL
 );
 """
@@ -83,7 +84,8 @@ _store_errors = errors_become(SignoutsUnavailable, "the sign-out store cannot be
 
 
 class SqliteSignouts(SqliteStore):
-    """The instance database's ``signouts`` table; rows past their ``until`` are deleted as new ones arrive."""
+    """The instance database's ``signouts`` (sessions) and ``user_signouts`` (users signed out everywhere)
+    tables; rows past their ``until`` are deleted as new ones arrive."""
 
     name = "sqlite"
     schema = SCHEMA
@@ -97,25 +99,25 @@ class SqliteSignouts(SqliteStore):
             db.execute("INSERT OR REPLACE INTO signouts (session_id, until) VALUES (?, ?)", (session_id, until))
 
     @_store_errors
-    def end_all(self, user_id: str, before: int, until: float) -> None:
+    def end_all(self, user_id: str, before_ms: int, until: float) -> None:
         with self._lock, transaction(self._conn()) as db:
             db.execute("DELETE FROM user_signouts WHERE until < ?", (time.time(),))
             db.execute(
-                "INSERT INTO user_signouts (user_id, ended_before, until) VALUES (?, ?, ?)"
+                "INSERT INTO user_signouts (user_id, ended_before_ms, until) VALUES (?, ?, ?)"
                 " ON CONFLICT (user_id) DO UPDATE SET"
-                " ended_before = MAX(ended_before, excluded.ended_before), until = MAX(until, excluded.until)",
-                (user_id, before, until),
+                " ended_before_ms = MAX(ended_before_ms, excluded.ended_before_ms), until = MAX(until, excluded.until)",
+                (user_id, before_ms, until),
             )
 
     @_store_errors
-    def ended(self, session_id: str, user_id: str, started: int, now: float) -> bool:
+    def ended(self, session_id: str, user_id: str, started_ms: int, now: float) -> bool:
         with self._lock:
             row = (
                 self._conn()
                 .execute(
                     "SELECT EXISTS (SELECT 1 FROM signouts WHERE session_id = ? AND until > ?)"
-                    " OR EXISTS (SELECT 1 FROM user_signouts WHERE user_id = ? AND ended_before > ? AND until > ?)",
-                    (session_id, now, user_id, started, now),
+                    " OR EXISTS (SELECT 1 FROM user_signouts WHERE user_id = ? AND ended_before_ms > ? AND until > ?)",
+                    (session_id, now, user_id, started_ms, now),
                 )
                 .fetchone()
             )
@@ -124,7 +126,7 @@ class SqliteSignouts(SqliteStore):
 
 class RedisSignouts(RedisStore):
     """One key per signed-out session, ``<prefix>:signout:<id>``, and per user signed out everywhere,
-    ``<prefix>:signout-user:<id>`` (holding the time), each expiring at its ``until``."""
+    ``<prefix>:signout-user:<id>`` (holding the time in ms), each expiring at its ``until``."""
 
     name = "redis"
     unavailable = SignoutsUnavailable
@@ -137,16 +139,16 @@ class RedisSignouts(RedisStore):
     def end(self, session_id: str, until: float) -> None:
         self._call(self._client.set, self.prefix + session_id, "1", px=_ttl_ms(until))
 
-    def end_all(self, user_id: str, before: int, until: float) -> None:
-        # Only forward: of two calls racing, the later time stands (one round trip, atomic in Redis).
-        self._call(self._client.eval, _MOVE_FORWARD, 1, self.user_prefix + user_id, before, _ttl_ms(until))
+    def end_all(self, user_id: str, before_ms: int, until: float) -> None:
+        # Only forward, in time and in expiry, as SQLite's MAX: one round trip, atomic in Redis.
+        self._call(self._client.eval, _MOVE_FORWARD, 1, self.user_prefix + user_id, before_ms, _ttl_ms(until))
 
-    def ended(self, session_id: str, user_id: str, started: int, now: float) -> bool:
+    def ended(self, session_id: str, user_id: str, started_ms: int, now: float) -> bool:
         # Redis drops each key once its time is up; ``now`` is not needed here.
         signed_out, everywhere_before = self._call(
             self._client.mget, [self.prefix + session_id, self.user_prefix + user_id]
         )
-        return signed_out is not None or (everywhere_before is not None and started < int(everywhere_before))
+        return signed_out is not None or (everywhere_before is not None and started_ms < int(everywhere_before))
 
 
 def _ttl_ms(until: float) -> int:
@@ -155,12 +157,12 @@ def _ttl_ms(until: float) -> int:
 
 
 _MOVE_FORWARD = """
-local kept = tonumber(redis.call('GET', KEYS[1]) or '0')
-local ttl = tonumber(ARGV[2])
-if tonumber(ARGV[1]) > kept then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-elseif redis.call('PTTL', KEYS[1]) < ttl then
-    redis.call('PEXPIRE', KEYS[1], ttl)
+local value = ARGV[1]
+local kept = redis.call('GET', KEYS[1])
+if kept and tonumber(kept) > tonumber(value) then
+    value = kept
 end
+local ttl = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[1]))
+redis.call('SET', KEYS[1], value, 'PX', ttl)
 return 1
 """

@@ -6,7 +6,7 @@ import pytest
 
 from relay.signouts import RedisSignouts, SignoutsUnavailable, SqliteSignouts
 
-STARTED = int(time.time()) - 60  # when the sign-ins asked about here began
+STARTED = int(time.time() * 1000) - 60_000  # when the sign-ins asked about here began (epoch ms)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -46,31 +46,40 @@ def test_a_sign_out_is_forgotten_once_the_session_would_have_expired(store):
 
 
 def test_signing_a_user_out_everywhere_ends_their_earlier_sign_ins_only(store):
-    now = int(time.time())
-    store.end_all("bob", now, now + 3600)
-    assert store.ended("s1", "bob", now - 1, now)
-    assert store.ended("s2", "bob", now - 3000, now)
-    assert not store.ended("s3", "bob", now, now)  # the same second: the sign-in that follows a new password
-    assert not store.ended("s4", "bob", now + 5, now)
-    assert not store.ended("s1", "bobby", now - 1, now)  # nobody else
-    assert not store.ended("s1", "bo", now - 1, now)
+    now, at = time.time(), int(time.time() * 1000)
+    store.end_all("bob", at, now + 3600)
+    assert store.ended("s1", "bob", at - 1, now)  # a millisecond before
+    assert store.ended("s2", "bob", at - 3_000_000, now)
+    assert not store.ended("s3", "bob", at, now)  # from that millisecond on: the sign-in that follows
+    assert not store.ended("s4", "bob", at + 5, now)
+    assert not store.ended("s1", "bobby", at - 1, now)  # nobody else
+    assert not store.ended("s1", "bo", at - 1, now)
 
 
-def test_signing_out_everywhere_only_moves_forward(store):
-    now = int(time.time())
-    store.end_all("bob", now, now + 3600)
-    store.end_all("bob", now - 100, now + 3600)  # an older request arriving late brings nobody back
-    assert store.ended("s1", "bob", now - 50, now)
-    store.end_all("bob", now + 10, now + 3600)
-    assert store.ended("s1", "bob", now + 5, now)
+def test_a_user_and_a_session_with_the_same_name_are_told_apart(store):
+    now = time.time()
+    store.end_all("same", int(now * 1000), now + 3600)
+    assert not store.ended("same", "someone-else", STARTED, now)
+    store.end("other", now + 3600)
+    assert not store.ended("s1", "other", STARTED, now)
+
+
+def test_signing_out_everywhere_only_moves_forward_in_time_and_in_how_long_it_is_kept(store):
+    now, at = time.time(), int(time.time() * 1000)
+    store.end_all("bob", at, now + 3600)
+    store.end_all("bob", at - 100_000, now + 3600)  # an older request arriving late brings nobody back
+    assert store.ended("s1", "bob", at - 50_000, now)
+    store.end_all("bob", at + 10_000, now + 0.3)  # a later time, a shorter keep: the longer one stands
+    time.sleep(0.6)
+    assert store.ended("s1", "bob", at + 5_000, time.time())
 
 
 def test_signing_out_everywhere_is_forgotten_once_every_sign_in_it_ended_would_have_expired(store):
-    now = int(time.time())
-    store.end_all("bob", now, time.time() + 0.3)
-    assert store.ended("s1", "bob", now - 1, time.time())
+    at = int(time.time() * 1000)
+    store.end_all("bob", at, time.time() + 0.3)
+    assert store.ended("s1", "bob", at - 1, time.time())
     time.sleep(0.6)
-    assert not store.ended("s1", "bob", now - 1, time.time())
+    assert not store.ended("s1", "bob", at - 1, time.time())
 
 
 def test_sqlite_keeps_sign_outs_across_restarts_and_sweeps_expired_rows(tmp_path):
@@ -91,13 +100,13 @@ def test_sqlite_keeps_sign_outs_across_restarts_and_sweeps_expired_rows(tmp_path
 def test_sqlite_keeps_users_signed_out_everywhere_across_restarts_and_sweeps_expired_rows(tmp_path):
     path = str(tmp_path / "realtime.db")
     first = SqliteSignouts(path)
-    now = int(time.time())
-    first.end_all("kept", now, now + 3600)
-    first.end_all("stale", now - 10, now - 1)
+    now, at = time.time(), int(time.time() * 1000)
+    first.end_all("kept", at, now + 3600)
+    first.end_all("stale", at - 10_000, now - 1)
     first.close()
     again = SqliteSignouts(path)
-    assert again.ended("s1", "kept", now - 1, now)
-    again.end_all("next", now, now + 3600)
+    assert again.ended("s1", "kept", at - 1, now)
+    again.end_all("next", at, now + 3600)
     rows = {row[0] for row in again._conn().execute("SELECT user_id FROM user_signouts")}
     assert rows == {"kept", "next"}
     again.close()
@@ -112,7 +121,7 @@ def test_sqlite_that_cannot_open_its_file_is_unavailable(tmp_path):
     with pytest.raises(SignoutsUnavailable):
         store.end("abc", time.time() + 60)
     with pytest.raises(SignoutsUnavailable):
-        store.end_all("bob", int(time.time()), time.time() + 60)
+        store.end_all("bob", STARTED, time.time() + 60)
 
 
 def test_redis_that_is_down_is_unavailable(redis_server):
@@ -123,5 +132,5 @@ def test_redis_that_is_down_is_unavailable(redis_server):
     with pytest.raises(SignoutsUnavailable):
         store.end("abc", time.time() + 60)
     with pytest.raises(SignoutsUnavailable):
-        store.end_all("bob", int(time.time()), time.time() + 60)
+        store.end_all("bob", STARTED, time.time() + 60)
     store.close()

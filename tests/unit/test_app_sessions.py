@@ -117,9 +117,10 @@ def test_a_sign_out_is_remembered_for_the_longest_lifetime_so_raising_the_settin
 
     signouts = one_hour.extensions["realtime"].signouts
     sid, user, signed_in = contents["sid"], contents["user_id"], contents["since"]
-    assert signouts.ended(sid, user, signed_in, signed_in + 2 * HOUR)  # past this setting's lifetime: still known
-    assert signouts.ended(sid, user, signed_in, signed_in + 719 * HOUR)
-    assert not signouts.ended(sid, user, signed_in, signed_in + 721 * HOUR)  # past any lifetime: forgotten
+    started_ms = int(signed_in * 1000)
+    assert signouts.ended(sid, user, started_ms, signed_in + 2 * HOUR)  # past this setting's lifetime: still known
+    assert signouts.ended(sid, user, started_ms, signed_in + 719 * HOUR)
+    assert not signouts.ended(sid, user, started_ms, signed_in + 721 * HOUR)  # past any lifetime: forgotten
 
 
 def test_signing_a_user_out_everywhere_ends_their_open_sign_in_and_is_remembered_as_long_as_any_could_last(
@@ -129,14 +130,22 @@ def test_signing_a_user_out_everywhere_ends_their_open_sign_in_and_is_remembered
     app = create_app(settings_for(tmp_path))
     client = signed_in_client(app)
     assert client.get("/").status_code == 200
-    time.sleep(1.05 - time.time() % 1)  # into the next second: one started in the same second is kept
     realtime = app.extensions["realtime"]
-    realtime.end_sign_ins("bob")
+    before = time.time()
+    realtime.sign_out_everywhere("bob", by="test")
     answer = client.get("/")
     assert answer.status_code == 302 and answer.headers["Location"].startswith("/login")
-    now = time.time()
-    assert realtime.signouts.ended("any", "bob", int(now) - 1, now + 719 * HOUR)
-    assert not realtime.signouts.ended("any", "bob", int(now) - 1, now + 721 * HOUR)  # past any lifetime
+    assert signed_in_client(app).get("/").status_code == 200  # signing in again, at once, holds
+    started_ms = int(before * 1000) - 1
+    assert realtime.signouts.ended("any", "bob", started_ms, before + 719 * HOUR)
+    assert not realtime.signouts.ended("any", "bob", started_ms, before + 721 * HOUR)  # past any lifetime
+
+
+def unusable_signouts(tmp_path) -> SqliteSignouts:
+    """A sign-out store whose file cannot be opened: every call raises SignoutsUnavailable."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the store's folder should be")
+    return SqliteSignouts(str(blocker / "realtime.db"))
 
 
 def test_a_sign_out_store_that_cannot_answer_refuses_pages_with_503_and_logout_still_clears_the_cookie(
@@ -148,9 +157,7 @@ def test_a_sign_out_store_that_cannot_answer_refuses_pages_with_503_and_logout_s
     app = create_app(settings_for(tmp_path))
     client = signed_in_client(app)
     home = client.get("/").get_data(as_text=True)
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the store's folder should be")
-    app.extensions["realtime"].signouts = SqliteSignouts(str(blocker / "realtime.db"))
+    app.extensions["realtime"].signouts = unusable_signouts(tmp_path)
 
     assert client.get("/").status_code == 503
     assert client.get("/api/ws/auth").status_code == 503
@@ -165,14 +172,28 @@ def test_signing_out_everywhere_that_cannot_be_recorded_keeps_the_person_signed_
     app = create_app(settings_for(tmp_path))
     client = signed_in_client(app)
     home = client.get("/").get_data(as_text=True)
-    working = app.extensions["realtime"].signouts
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the store's folder should be")
-    app.extensions["realtime"].signouts = SqliteSignouts(str(blocker / "realtime.db"))
+    realtime = app.extensions["realtime"]
+    working, realtime.signouts = realtime.signouts, unusable_signouts(tmp_path)
+    # The page's check that the sign-in holds reads the store too: let that one through.
+    realtime.signouts.ended = working.ended
     answer = client.post("/logout", data={"csrf_token": csrf_of(home), "everywhere": "1"})
     assert answer.status_code == 503 and "could not be ended" in answer.get_data(as_text=True)
-    app.extensions["realtime"].signouts = working
+    realtime.signouts = working
     assert client.get("/").status_code == 200  # still signed in, and may try again
+
+
+def test_the_sign_out_api_answers_503_and_records_nothing_while_the_store_cannot(tmp_path):
+    make_users(tmp_path / "users.db")
+    admin_secret = "unit-test-admin-secret-0123456789abcdefghij"
+    app = create_app(settings_for(tmp_path, WS_ADMIN_SECRET=admin_secret))
+    realtime = app.extensions["realtime"]
+    working, realtime.signouts = realtime.signouts, unusable_signouts(tmp_path)
+    secret = {"Authorization": f"Bearer {admin_secret}"}
+    answer = app.test_client().post("/api/users/bob/sign-out", headers=secret)
+    assert answer.status_code == 503 and answer.json["error"]["code"] == "unavailable"
+    assert answer.headers["Retry-After"] == "1"
+    realtime.signouts = working
+    assert not working.ended("s1", "bob", int(time.time() * 1000) - 60_000, time.time())
 
 
 # -- Flask's per-function async check, made once ------------------------------------------------
