@@ -12,7 +12,6 @@ import hmac
 import secrets
 import time
 from math import ceil
-from typing import TypeGuard
 from urllib.parse import urlsplit
 
 from flask import Blueprint, abort, current_app, g, jsonify, redirect, render_template, request, session, url_for
@@ -71,9 +70,11 @@ def current_user() -> Identity | None:
 CLOCK_SLACK_S = 300
 
 
-def _is_time(value: object) -> TypeGuard[float]:
-    """A sign-in's start as the cookie holds it: epoch seconds, whole (older cookies) or to the ms."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _started_ms(since: int) -> int:
+    """When the sign-in started, in epoch ms: ``since_ms``, or for a cookie from before it existed
+    the whole second ``since`` (a sign-out everywhere within that second ends it: the safe side)."""
+    since_ms = session.get("since_ms")
+    return since_ms if isinstance(since_ms, int) and not isinstance(since_ms, bool) else since * 1000
 
 
 def _session_current() -> bool:
@@ -86,14 +87,19 @@ def _session_current() -> bool:
     never let through and never signed out.
     """
     started, session_id, user_id = session.get("since"), session.get("sid"), session.get("user_id")
-    if not _is_time(started) or not isinstance(session_id, str) or not session_id or not isinstance(user_id, str):
+    if (
+        not isinstance(started, int)
+        or not isinstance(session_id, str)
+        or not session_id
+        or not isinstance(user_id, str)
+    ):
         return False
     now = time.time()
     # A start a little ahead of this host's clock is another host's (several behind one Redis).
     if not started - CLOCK_SLACK_S <= now < started + realtime().settings.session_lifetime_s:
         return False
     try:
-        return not realtime().signouts.ended(session_id, user_id, int(started * 1000), now)
+        return not realtime().signouts.ended(session_id, user_id, _started_ms(started), now)
     except SignoutsUnavailable as problem:
         g.identity_down = True
         raise DirectoryUnavailable(str(problem)) from None
@@ -188,6 +194,9 @@ def login():
     if not login_name or not password:
         return _login_page("Enter your email and password.", 400)
     throttle, address = realtime().throttle, request.remote_addr
+    # A sign-out everywhere that lands while the password is being checked (against the old one,
+    # maybe) ends this sign-in too: it counts from before the check, not from the answer.
+    checked_from_ms = now_ms()
     try:
         # One count per account, however its name was typed (an email or an id).
         account = realtime().directory.account_of(login_name)
@@ -212,9 +221,10 @@ def login():
     session.clear()  # a new session (new CSRF token): nothing from before the sign-in carries over
     session["user_id"] = user.user_id
     session["sid"] = secrets.token_urlsafe(18)  # what signing out records (relay.signouts)
-    # To the millisecond (a cookie from before holds whole seconds: both are read): a sign-out
-    # everywhere ends the sign-ins started before its millisecond, and the one right after it holds.
-    session["since"] = now_ms() / 1000
+    session["since"] = checked_from_ms // 1000  # the lifetime's start
+    # To the millisecond, for a sign-out everywhere: the sign-ins before it end, the one right after
+    # it holds. A field of its own: hosts still running older code read "since" as whole seconds.
+    session["since_ms"] = checked_from_ms
     event("login", userId=user.user_id, role=user.role)
     return redirect(_safe_next(request.args.get("next")))
 
@@ -251,19 +261,20 @@ def logout():
             message = "You are still signed in: this page was out of date. Reload it and sign out again."
             return render_template("error.html", status=400, title="Not signed out", message=message), 400
         return redirect(url_for("auth.login"))
-    if request.form.get("everywhere") == "1":
+    user_id = session.get("user_id")
+    if request.form.get("everywhere") == "1" and isinstance(user_id, str):
         # Only a sign-in that still holds: a copy of a cookie signed out before (the thief's) must
         # not be able to sign its owner out again and again. Such a copy is just signed out here.
-        user = current_user()
-        if user is not None:
-            try:
-                realtime().sign_out_everywhere(user.user_id, by="button")
-            except SignoutsUnavailable as problem:
-                event("logout.unrecorded", level="warning", userId=user.user_id, everywhere=True, error=str(problem))
-                message = "Your sign-ins could not be ended right now. You are still signed in: try again in a moment."
-                return render_template("error.html", status=503, title="Not signed out", message=message), 503
+        # (Not the directory: a disabled user or an identity outage must not stop a sign-out.)
+        try:
+            if _session_current():
+                realtime().sign_out_everywhere(user_id, by="button")
+        except (DirectoryUnavailable, SignoutsUnavailable) as problem:
+            event("logout.unrecorded", level="warning", userId=user_id, everywhere=True, error=str(problem))
+            message = "Your sign-ins could not be ended right now. You are still signed in: try again in a moment."
+            return render_template("error.html", status=503, title="Not signed out", message=message), 503
     session_id, started = session.get("sid"), session.get("since")
-    if isinstance(session_id, str) and session_id and _is_time(started):
+    if isinstance(session_id, str) and session_id and isinstance(started, int):
         until = started + MAX_SESSION_HOURS * 3600
         try:
             realtime().signouts.end(session_id, until)

@@ -9,7 +9,7 @@ import click
 from flask import Blueprint
 
 from relay.directory import DirectoryUnavailable
-from relay.opsclient import ServiceError
+from relay.opsclient import OpsClient, ServiceError
 from relay.signouts import SignoutsUnavailable
 from relay.sqlite_directory import DEMO_USERS, SqliteDirectory, UserError
 
@@ -93,6 +93,7 @@ def set_clinic(user_id, clinic_id):
 @url_option
 def set_password(user_id, password, url):
     """Set a user's sign-in password, and sign them out everywhere (whoever knew the old one is out)."""
+    server = _server(url)
     _apply(_store().set_password, user_id, password)
     try:
         realtime().end_sign_ins(user_id, by="cli")
@@ -101,7 +102,8 @@ def set_password(user_id, password, url):
             f"the password of {user_id} changed, but their sign-ins could not be ended ({down}): "
             f"run 'flask users sign-out {user_id}' once the sign-out store is back"
         ) from None
-    click.echo(f"password of {user_id} changed; every sign-in of {user_id} has ended; {_close_sockets(user_id, url)}")
+    click.echo(f"password of {user_id} changed; every sign-in of {user_id} has ended")
+    _close_sockets(server, user_id)
 
 
 @bp.cli.command("sign-out")
@@ -111,9 +113,11 @@ def sign_out(user_id, url):
     """End every sign-in of a user and close their sockets (a lost laptop), whatever the identity source.
 
     The sign-ins end in the sign-out store itself (their pages and /api/ws/auth ask them to sign in
-    again, on every host that shares it); the sockets are closed by the server at --url. A
-    connection token already handed out still opens a socket until it expires (WS_TOKEN_TTL_MS).
+    again, on every host that shares it); the sockets are closed by the server at --url. Exits 1 if
+    either could not be done. A connection token already handed out still opens a socket until it
+    expires (WS_TOKEN_TTL_MS).
     """
+    server = _server(url)
     try:
         user = realtime().directory.get(user_id)
     except DirectoryUnavailable as down:
@@ -126,20 +130,34 @@ def sign_out(user_id, url):
         realtime().end_sign_ins(user_id, by="cli")
     except SignoutsUnavailable as down:
         raise click.ClickException(f"not signed out: {down}") from None
-    click.echo(f"every sign-in of {user_id} has ended; {_close_sockets(user_id, url)}")
+    click.echo(f"every sign-in of {user_id} has ended")
+    _close_sockets(server, user_id)
 
 
-def _close_sockets(user_id: str, url: str | None) -> str:
-    """Ask the running server to close the user's sockets (this process holds none of them)."""
+def _server(url: str | None) -> OpsClient:
+    """The running server, which holds the sockets (checked before anything is changed)."""
     try:
-        status, body = ops_client(url, 5.0).disconnect(user_id)
-    except ServiceError as down:
-        status, body = 0, {"error": {"message": str(down)}}
+        return ops_client(url, 5.0)
+    except ValueError as problem:
+        raise click.ClickException(str(problem)) from None
+
+
+def _close_sockets(server: OpsClient, user_id: str) -> None:
+    """Ask the server to close the user's sockets; exit 1 saying what is left if it did not."""
+    try:
+        status, body = server.disconnect(user_id)
+    except ServiceError as unreachable:
+        status, body = 0, {"error": {"message": str(unreachable)}}
     if status == 200:
-        return f"{body.get('disconnected')} open socket(s) closed"
-    problem = body.get("error", {}).get("message") or f"HTTP {status}"
-    return (
-        f"their open sockets were not closed ({problem}): POST /api/users/{user_id}/disconnect once the server answers"
+        missing = body.get("missingWorkers") or 0
+        late = f" ({missing} worker(s) did not answer in time: run it again)" if missing else ""
+        click.echo(f"{body.get('disconnected')} open socket(s) closed{late}")
+        return
+    error = body.get("error")
+    reason = error.get("message") if isinstance(error, dict) and error.get("message") else f"HTTP {status}"
+    raise click.ClickException(
+        f"their open sockets were not closed ({reason}): POST /api/users/{user_id}/disconnect "
+        f"(admin secret) at {server.base_url}, or run this command again"
     )
 
 

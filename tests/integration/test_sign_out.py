@@ -114,7 +114,7 @@ def test_a_new_password_ends_every_sign_in_of_that_user_and_only_theirs(start_se
     socket = srv.connect("bob")
     done = flask_cli(srv, "users", "set-password", "bob", "--password", NEW_PASSWORD)
     assert done.returncode == 0, done.stderr
-    assert "password of bob changed; every sign-in of bob has ended; 1 open socket(s) closed" in done.stdout
+    assert "password of bob changed; every sign-in of bob has ended\n1 open socket(s) closed" in done.stdout
     assert socket.closed_with()[0] == 4403
     assert ws_auth(srv, laptop) == 401 and ws_auth(srv, stolen) == 401
     assert ws_auth(srv, other) == 200
@@ -129,15 +129,21 @@ def test_an_operator_signs_a_user_out_everywhere_and_a_typo_signs_nobody_out(sta
     assert typo.returncode != 0 and "no user 'carl'" in typo.stderr
     assert ws_auth(srv, browser) == 200
     done = flask_cli(srv, "users", "sign-out", "carol")
-    assert done.returncode == 0 and "every sign-in of carol has ended; 0 open socket(s) closed" in done.stdout
+    assert done.returncode == 0 and "every sign-in of carol has ended\n0 open socket(s) closed" in done.stdout
     assert ws_auth(srv, browser) == 401
     again = sign_in(srv, "carol")
     assert ws_auth(srv, again) == 200
     # The server out of reach: the sign-ins end all the same, and the command says what is left to do.
     away = flask_cli(srv, "users", "sign-out", "carol", "--url", "http://127.0.0.1:9")
-    assert away.returncode == 0 and "their open sockets were not closed (cannot reach" in away.stdout
-    assert "POST /api/users/carol/disconnect" in away.stdout
+    assert away.returncode == 1 and "every sign-in of carol has ended" in away.stdout
+    assert "their open sockets were not closed (cannot reach" in away.stderr
+    assert "POST /api/users/carol/disconnect" in away.stderr
     assert ws_auth(srv, again) == 401
+    # A --url that is not one: refused before anything changes.
+    latest = sign_in(srv, "carol")
+    wrong = flask_cli(srv, "users", "sign-out", "carol", "--url", "127.0.0.1:9")
+    assert wrong.returncode == 1 and "--url must start with http://" in wrong.stderr
+    assert ws_auth(srv, latest) == 200
 
 
 def test_the_sign_out_api_needs_the_admin_secret_a_valid_id_and_a_known_user(server: Server):

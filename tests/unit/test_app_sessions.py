@@ -117,7 +117,8 @@ def test_a_sign_out_is_remembered_for_the_longest_lifetime_so_raising_the_settin
 
     signouts = one_hour.extensions["realtime"].signouts
     sid, user, signed_in = contents["sid"], contents["user_id"], contents["since"]
-    started_ms = int(signed_in * 1000)
+    started_ms = contents["since_ms"]
+    assert started_ms // 1000 == signed_in
     assert signouts.ended(sid, user, started_ms, signed_in + 2 * HOUR)  # past this setting's lifetime: still known
     assert signouts.ended(sid, user, started_ms, signed_in + 719 * HOUR)
     assert not signouts.ended(sid, user, started_ms, signed_in + 721 * HOUR)  # past any lifetime: forgotten
@@ -131,6 +132,7 @@ def test_signing_a_user_out_everywhere_ends_their_open_sign_in_and_is_remembered
     client = signed_in_client(app)
     assert client.get("/").status_code == 200
     realtime = app.extensions["realtime"]
+    time.sleep(0.002)  # a millisecond after the sign-in, at least
     before = time.time()
     realtime.sign_out_everywhere("bob", by="test")
     answer = client.get("/")
@@ -174,12 +176,46 @@ def test_signing_out_everywhere_that_cannot_be_recorded_keeps_the_person_signed_
     home = client.get("/").get_data(as_text=True)
     realtime = app.extensions["realtime"]
     working, realtime.signouts = realtime.signouts, unusable_signouts(tmp_path)
-    # The page's check that the sign-in holds reads the store too: let that one through.
+    answer = client.post("/logout", data={"csrf_token": csrf_of(home), "everywhere": "1"})
+    assert answer.status_code == 503 and "could not be ended" in answer.get_data(as_text=True)
+    # Readable but not writable: the same answer.
+    realtime.signouts = unusable_signouts(tmp_path)
     realtime.signouts.ended = working.ended
     answer = client.post("/logout", data={"csrf_token": csrf_of(home), "everywhere": "1"})
     assert answer.status_code == 503 and "could not be ended" in answer.get_data(as_text=True)
     realtime.signouts = working
     assert client.get("/").status_code == 200  # still signed in, and may try again
+
+
+def test_a_sign_out_everywhere_while_the_password_is_being_checked_ends_that_sign_in_too(tmp_path, monkeypatch):
+    """The password changes while a sign-in with the old one is being checked: that sign-in must not
+    come out of it with a session that starts after the change."""
+    make_users(tmp_path / "users.db")
+    app = create_app(settings_for(tmp_path))
+    realtime = app.extensions["realtime"]
+    check = realtime.directory.authenticate
+
+    def changed_meanwhile(login, password):
+        user = check(login, password)
+        time.sleep(0.002)
+        realtime.sign_out_everywhere("bob", by="test")
+        time.sleep(0.002)
+        return user
+
+    monkeypatch.setattr(realtime.directory, "authenticate", changed_meanwhile)
+    answer = signed_in_client(app).get("/")
+    assert answer.status_code == 302 and answer.headers["Location"].startswith("/login")
+
+
+def test_a_cookie_from_before_sign_ins_had_milliseconds_is_ended_by_a_sign_out_everywhere(tmp_path):
+    app = create_app(settings_for(tmp_path))
+    older = {"user_id": "bob", "sid": "s1", "since": int(time.time())}  # whole seconds, no since_ms
+    assert home_with(app, tmp_path, older).status_code == 200
+    app.extensions["realtime"].sign_out_everywhere("bob", by="test")
+    client = app.test_client()
+    with app.test_request_context("/"):
+        client.set_cookie("clinic_session", app.session_interface.get_signing_serializer(app).dumps(older))
+    assert client.get("/").status_code == 302  # within its second: ended (the safe side)
 
 
 def test_the_sign_out_api_answers_503_and_records_nothing_while_the_store_cannot(tmp_path):
