@@ -1,4 +1,5 @@
-"""The internal HTTP API: ``GET /health``, ``POST /broadcast``, ``POST /api/admin/broadcast``."""
+"""The internal HTTP API: ``GET /health``, ``POST /broadcast``, ``POST /api/admin/broadcast``, and for
+incidents ``POST /api/users/<id>/disconnect`` and ``POST /api/users/<id>/sign-out``."""
 
 from __future__ import annotations
 

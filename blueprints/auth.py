@@ -265,12 +265,12 @@ def logout():
     if request.form.get("everywhere") == "1" and isinstance(user_id, str):
         # Only a sign-in that still holds: a copy of a cookie signed out before (the thief's) must
         # not be able to sign its owner out again and again. Such a copy is just signed out here.
-        # (Not the directory: a disabled user or an identity outage must not stop a sign-out.)
+        # _session_current, not current_user: a disabled user or an identity outage must not stop it.
         try:
             if _session_current():
                 realtime().sign_out_everywhere(user_id, by="button")
         except (DirectoryUnavailable, SignoutsUnavailable) as problem:
-            event("logout.unrecorded", level="warning", userId=user_id, everywhere=True, error=str(problem))
+            event("logout.everywhere_failed", level="warning", userId=user_id, error=str(problem))
             message = "Your sign-ins could not be ended right now. You are still signed in: try again in a moment."
             return render_template("error.html", status=503, title="Not signed out", message=message), 503
     session_id, started = session.get("sid"), session.get("since")

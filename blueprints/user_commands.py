@@ -8,6 +8,7 @@ from collections.abc import Callable
 import click
 from flask import Blueprint
 
+from relay.channels import is_valid_id
 from relay.directory import DirectoryUnavailable
 from relay.opsclient import OpsClient, ServiceError
 from relay.signouts import SignoutsUnavailable
@@ -93,7 +94,7 @@ def set_clinic(user_id, clinic_id):
 @url_option
 def set_password(user_id, password, url):
     """Set a user's sign-in password, and sign them out everywhere (whoever knew the old one is out)."""
-    server = _server(url)
+    server = _admin_client(url)
     _apply(_store().set_password, user_id, password)
     try:
         realtime().end_sign_ins(user_id, by="cli")
@@ -103,7 +104,7 @@ def set_password(user_id, password, url):
             f"run 'flask users sign-out {user_id}' once the sign-out store is back"
         ) from None
     click.echo(f"password of {user_id} changed; every sign-in of {user_id} has ended")
-    _close_sockets(server, user_id)
+    _close_sockets(server, user_id, again=f"flask users sign-out {user_id} --url {server.base_url}")
 
 
 @bp.cli.command("sign-out")
@@ -117,7 +118,9 @@ def sign_out(user_id, url):
     either could not be done. A connection token already handed out still opens a socket until it
     expires (WS_TOKEN_TTL_MS).
     """
-    server = _server(url)
+    if not is_valid_id(user_id):
+        raise click.ClickException(f"{user_id[:80]!r} is not a user id; nobody was signed out")
+    server = _admin_client(url)
     try:
         user = realtime().directory.get(user_id)
     except DirectoryUnavailable as down:
@@ -131,34 +134,36 @@ def sign_out(user_id, url):
     except SignoutsUnavailable as down:
         raise click.ClickException(f"not signed out: {down}") from None
     click.echo(f"every sign-in of {user_id} has ended")
-    _close_sockets(server, user_id)
+    _close_sockets(server, user_id, again=f"flask users sign-out {user_id} --url {server.base_url}")
 
 
-def _server(url: str | None) -> OpsClient:
-    """The running server, which holds the sockets (checked before anything is changed)."""
-    try:
-        return ops_client(url, 5.0)
-    except ValueError as problem:
-        raise click.ClickException(str(problem)) from None
+def _admin_client(url: str | None) -> OpsClient:
+    """The running server, which holds the sockets, and the admin secret it wants: both checked
+    before anything is changed (a password must not change and then leave the sockets open)."""
+    server = ops_client(url, 5.0)
+    if not server.admin_secret:
+        raise click.ClickException(
+            "no admin secret to ask the server to close the sockets with: set WS_ADMIN_SECRET; nothing was changed"
+        )
+    return server
 
 
-def _close_sockets(server: OpsClient, user_id: str) -> None:
+def _close_sockets(server: OpsClient, user_id: str, *, again: str) -> None:
     """Ask the server to close the user's sockets; exit 1 saying what is left if it did not."""
     try:
         status, body = server.disconnect(user_id)
     except ServiceError as unreachable:
-        status, body = 0, {"error": {"message": str(unreachable)}}
-    if status == 200:
-        missing = body.get("missingWorkers") or 0
-        late = f" ({missing} worker(s) did not answer in time: run it again)" if missing else ""
-        click.echo(f"{body.get('disconnected')} open socket(s) closed{late}")
-        return
-    error = body.get("error")
-    reason = error.get("message") if isinstance(error, dict) and error.get("message") else f"HTTP {status}"
-    raise click.ClickException(
-        f"their open sockets were not closed ({reason}): POST /api/users/{user_id}/disconnect "
-        f"(admin secret) at {server.base_url}, or run this command again"
-    )
+        raise click.ClickException(f"their open sockets were not closed ({unreachable}): run {again!r}") from None
+    if status != 200:
+        error = body.get("error")
+        reason = error.get("message") if isinstance(error, dict) and error.get("message") else f"HTTP {status}"
+        raise click.ClickException(f"their open sockets were not closed ({reason}): run {again!r}")
+    click.echo(f"{body.get('disconnected')} open socket(s) closed")
+    missing = body.get("missingWorkers") or 0
+    if missing:
+        raise click.ClickException(
+            f"{missing} worker(s) did not answer in time, their sockets may be open: run {again!r}"
+        )
 
 
 @bp.cli.command("disable")

@@ -24,8 +24,13 @@ bp = Blueprint("ws", __name__, cli_group="ws")
 
 
 def ops_client(url: str | None, timeout: float) -> OpsClient:
+    """A client of the server at ``url`` (default: this host's ``WS_PORT``) with this environment's
+    admin secret; a ``url`` that is not one is a usage error, said before anything is done."""
     settings = realtime().settings
-    return OpsClient(url or f"http://127.0.0.1:{settings.port}", settings.admin_secret, timeout)
+    try:
+        return OpsClient(url or f"http://127.0.0.1:{settings.port}", settings.admin_secret, timeout)
+    except ValueError as problem:
+        raise click.ClickException(str(problem)) from None
 
 
 def _split(values: tuple[str, ...]) -> list[str]:

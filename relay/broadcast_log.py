@@ -231,7 +231,7 @@ class LogWriter:
         self.interval = interval
         self.batch = batch
         self._queue: deque[LoggedBroadcast] = deque()
-        self._writing = 0  # rows taken out of the queue whose write has not answered yet
+        self._in_flight = 0  # rows taken out of the queue whose write has not answered yet
         self._limit = limit
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
@@ -256,23 +256,24 @@ class LogWriter:
             self._wake.set()
 
     def flush(self, deadline: float = 5.0) -> bool:
-        """Write everything queued (a stopping worker); False if the store would not take it in time."""
+        """Write everything queued, and wait for a batch the writer has in flight (a stopping worker);
+        False if the store would not take it all in time."""
         ends = time.monotonic() + deadline
         while time.monotonic() < ends:
             if self._queue:
                 if not self._write_some():
                     gevent.sleep(0.2)
-            elif self._writing:
+            elif self._in_flight:
                 gevent.sleep(0.05)  # the writer's batch is in flight; it may yet come back
             else:
                 return True
-        return not self._queue and not self._writing
+        return not self._queue and not self._in_flight
 
     def status(self) -> dict:
         return {
             "store": self.store.name,
             # In flight counts: a batch waiting on a store that is down is still unwritten.
-            "queued": len(self._queue) + self._writing,
+            "queued": len(self._queue) + self._in_flight,
             "written": self.written,
             "dropped": self.dropped,
             "lastError": self.last_error,
@@ -293,11 +294,11 @@ class LogWriter:
         # Taken out before the write waits: a flush (an admin page, the drain) may write meanwhile,
         # and each writer must write, and remove, rows of its own.
         rows = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
-        self._writing += len(rows)
+        self._in_flight += len(rows)
         try:
             return self._write_batch(rows)
         finally:
-            self._writing -= len(rows)
+            self._in_flight -= len(rows)
 
     def _write_batch(self, rows: list[LoggedBroadcast]) -> bool:
         try:

@@ -1,6 +1,6 @@
-"""The operator client: a small blocking client: health, broadcast, and an end-to-end smoke test.
+"""The operator client: a small blocking client: health, broadcast, disconnect, and an end-to-end smoke test.
 
-Used by ``flask ws health|broadcast|smoke``. Plain ``urllib`` for HTTP and the
+Used by ``flask ws health|broadcast|smoke`` and ``flask users set-password|sign-out``. Plain ``urllib`` for HTTP and the
 ``websockets`` library's sync client for the socket, so it runs anywhere
 Python does, against a local or remote server.
 """
@@ -61,13 +61,13 @@ class OpsClient:
 
     def broadcast(self, message_type: str, data: object, flt: dict | None = None) -> tuple[int, dict]:
         body = {"message": {"type": message_type, "data": data}, "filter": flt or {}}
-        return self.request("POST", "/broadcast", body, self._admin())
+        return self.request("POST", "/broadcast", body, self._admin_headers())
 
     def disconnect(self, user_id: str) -> tuple[int, dict]:
         """Close every socket of ``user_id`` (``POST /api/users/<id>/disconnect``)."""
-        return self.request("POST", f"/api/users/{quote(user_id, safe='')}/disconnect", None, self._admin())
+        return self.request("POST", f"/api/users/{quote(user_id, safe='')}/disconnect", None, self._admin_headers())
 
-    def _admin(self) -> dict:
+    def _admin_headers(self) -> dict:
         if not self.admin_secret:
             raise ServiceError(
                 "no admin secret: set WS_ADMIN_SECRET (in development the server writes it to the instance "

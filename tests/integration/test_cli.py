@@ -39,6 +39,12 @@ def test_smoke_against_nothing_fails_at_health(server: Server):
     assert done.returncode == 1 and "FAIL health" in done.stdout
 
 
+def test_a_url_that_is_not_one_is_a_usage_error_not_a_traceback(server: Server):
+    done = flask_cli(server, "ws", "health", "--url", "127.0.0.1:9")
+    assert done.returncode == 1 and "--url must start with http:// or https://" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_health_and_broadcast_commands(server: Server):
     done = flask_cli(server, "ws", "health", "--url", server.url)
     assert done.returncode == 0 and '"ok": true' in done.stdout

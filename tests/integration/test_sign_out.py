@@ -125,6 +125,7 @@ def test_a_new_password_ends_every_sign_in_of_that_user_and_only_theirs(start_se
 def test_an_operator_signs_a_user_out_everywhere_and_a_typo_signs_nobody_out(start_server):
     srv = start_server()
     browser = sign_in(srv, "carol")
+    assert "is not a user id" in flask_cli(srv, "users", "sign-out", "no spaces").stderr
     typo = flask_cli(srv, "users", "sign-out", "carl")
     assert typo.returncode != 0 and "no user 'carl'" in typo.stderr
     assert ws_auth(srv, browser) == 200
@@ -137,7 +138,7 @@ def test_an_operator_signs_a_user_out_everywhere_and_a_typo_signs_nobody_out(sta
     away = flask_cli(srv, "users", "sign-out", "carol", "--url", "http://127.0.0.1:9")
     assert away.returncode == 1 and "every sign-in of carol has ended" in away.stdout
     assert "their open sockets were not closed (cannot reach" in away.stderr
-    assert "POST /api/users/carol/disconnect" in away.stderr
+    assert "run 'flask users sign-out carol --url http://127.0.0.1:9'" in away.stderr
     assert ws_auth(srv, again) == 401
     # A --url that is not one: refused before anything changes.
     latest = sign_in(srv, "carol")

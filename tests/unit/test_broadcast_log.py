@@ -164,7 +164,7 @@ def test_a_flush_while_the_writer_is_writing_writes_every_row_once():
     assert writer.status()["queued"] == 0 and writer.written == 9 and not writer._greenlet.dead
 
 
-class DownAfterAWait(ListStore):
+class SlowToAnswer(ListStore):
     """Answers only after a wait, as an HTTP store that is down does (a timeout, a 503)."""
 
     def write(self, rows):
@@ -175,7 +175,7 @@ class DownAfterAWait(ListStore):
 def test_rows_in_flight_to_a_store_that_is_down_still_count_as_queued():
     """The writer takes a batch out of the queue before the store answers; until it does, those rows
     are unwritten: /health counts them, and a flush (the drain) does not call them written."""
-    store = DownAfterAWait()
+    store = SlowToAnswer()
     store.down = True
     writer = LogWriter(store, retention_days=30, interval=0.01, batch=1)
     writer.start()
