@@ -64,11 +64,13 @@ def http_error(error: HTTPException) -> ResponseReturnValue:
 
 @bp.app_errorhandler(DirectoryUnavailable)
 def identity_unavailable(error: DirectoryUnavailable) -> ResponseReturnValue:
-    """The identity source is down: 503, and the session is left alone (see ``auth.current_user``)."""
+    """The identity source or the sign-out store is down: 503, and the session is left alone
+    (see ``auth.current_user``). The message names neither: to the person both mean the same, and
+    the log line carries which one it was."""
     log.warning("identity source unavailable on %s %s: %s", request.method, request.path, error)
     headers = {"Retry-After": "5"}
     if wants_json():
-        message = "the identity service is unavailable; try again shortly (you are still signed in)"
+        message = "your sign-in cannot be checked right now; try again shortly (you are still signed in)"
         return error_response(503, HttpError.UNAVAILABLE, message, headers=headers)
     html = render_template(
         "error.html",

@@ -162,7 +162,9 @@ def test_a_sign_out_store_that_cannot_answer_refuses_pages_with_503_and_logout_s
     app.extensions["realtime"].signouts = unusable_signouts(tmp_path)
 
     assert client.get("/").status_code == 503
-    assert client.get("/api/ws/auth").status_code == 503
+    refused = client.get("/api/ws/auth")
+    assert refused.status_code == 503 and refused.json["error"]["code"] == "unavailable"
+    assert "sign-in cannot be checked" in refused.json["error"]["message"]  # not "identity service": it is up
     answer = client.post("/logout", data={"csrf_token": csrf_of(home)})
     assert answer.status_code == 302 and answer.headers["Location"].endswith("/login")
     assert client.get_cookie("clinic_session") is None
