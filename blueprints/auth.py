@@ -321,7 +321,8 @@ def ws_auth():
             event("ws.token_refused", level="warning", reason=type(refused).__name__, detail=str(refused))
             return error_response(401, HttpError.UNAUTHORIZED, str(refused))
         except DirectoryUnavailable:
-            return error_response(503, HttpError.UNAVAILABLE, "the identity service is unavailable; try again shortly")
+            message = "the identity service is unavailable; try again shortly"
+            return error_response(503, HttpError.UNAVAILABLE, message, headers={"Retry-After": "5"})
         if user is None or not user.active:
             return error_response(403, HttpError.FORBIDDEN, "this user may not connect")
     else:

@@ -139,6 +139,10 @@ def upgrade_problem(environ: dict) -> tuple[int, str] | None:
         return 426, "this server speaks WebSocket version 13 (Sec-WebSocket-Version: 13)"
     if not environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip():
         return 400, "a WebSocket upgrade needs a Sec-WebSocket-Key header"
+    try:  # wsproto decodes the Host as IDNA and raises on one that is not ("xn--zz")
+        environ.get("HTTP_HOST", "").encode().decode("idna")  # as simple-websocket encodes it
+    except UnicodeError:
+        return 400, "a WebSocket upgrade needs a valid Host header"
     return None
 
 
@@ -149,7 +153,10 @@ def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...]) -> b
     origin = origin.strip().lower().rstrip("/")
     if "*" in allowed or origin in allowed:
         return True
-    return urlsplit(origin).netloc == host.lower()
+    try:
+        return urlsplit(origin).netloc == host.lower()
+    except ValueError:  # "http://[::1" is nobody's origin
+        return False
 
 
 @sock.route("/ws", bp=bp)

@@ -141,24 +141,30 @@ class LogQuery:
 CSV_COLUMNS = ("at", "id", "offset", "source", "sender", "type", "channels", "filter", "delivered", "size", "preview")
 _RELATIVE = re.compile(r"(\d{1,6})\s*([smhd])")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time iso() can write
 
 
 def parse_when(text: str, now: int) -> int:
     """A time as a person types it: ``90m``, ``1h``, ``2d`` ago, or ISO 8601 (no zone means UTC).
 
-    Returns ms since the epoch; raises ValueError with a message to show.
+    Returns ms since the epoch; raises ValueError with a message to show. Ago reaches back
+    to 1970 at most (``999999d`` is "everything"); a time must lie between 1970 and 9999, the
+    range every store can be asked about (Supabase is asked in ISO 8601 text).
     """
     text = text.strip()
     relative = _RELATIVE.fullmatch(text)
     if relative:
-        return now - int(relative.group(1)) * _UNIT_MS[relative.group(2)]
+        return max(0, now - int(relative.group(1)) * _UNIT_MS[relative.group(2)])
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"{text[:40]!r} is not a time: use 30m, 2h, 7d, or 2026-12-01T09:30") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1000)
+    ms = int(when.timestamp() * 1000)
+    if not 0 <= ms <= _LATEST_MS:
+        raise ValueError(f"{text[:40]!r} is out of range: use a time from 1970 to 9999")
+    return ms
 
 
 def iso(ms: int) -> str:

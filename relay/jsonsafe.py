@@ -1,15 +1,19 @@
 """JSON from outside, checked for what ``json.loads`` lets through and nothing downstream can carry.
 
-Two things parse but break later, far from the request that brought them:
+Three things parse but break later, far from the request that brought them:
 
 - **nesting**: Python's encoder recurses, so a broadcast whose ``data`` is
   nested ~1,000 deep parses, then fails to encode several frames further down
   (after it was recorded in the history, where it would break every replay);
 - **unpaired surrogates** (``"\\ud800"``): valid JSON escapes that are not
-  characters, so no UTF-8 frame (and no Postgres text) can hold them.
+  characters, so no UTF-8 frame (and no Postgres text) can hold them;
+- **numbers too large for a float** (``1e400``): ``json.loads`` makes them
+  ``inf`` (the literals ``NaN`` and ``Infinity`` are refused where JSON is
+  parsed), which goes out as ``Infinity``, and a browser's ``JSON.parse``
+  refuses the whole frame.
 
 ``problem(value)`` walks a parsed document once, iteratively, and names the
-first of either; callers answer it with their own stable error code.
+first of them; callers answer it with their own stable error code.
 
 And JSON going out: ``compact(value)`` is the text every frame and stored
 broadcast is written in (no spaces, UTF-8 left as is).
@@ -18,6 +22,7 @@ broadcast is written in (no spaces, UTF-8 left as is).
 from __future__ import annotations
 
 import json
+import math
 
 MAX_DEPTH = 64  # objects and arrays inside one another; clinic events need a handful
 
@@ -34,6 +39,9 @@ def problem(value: object, max_depth: int = MAX_DEPTH) -> str | None:
         if isinstance(item, str):
             if not _encodable(item):
                 return "it contains text that is not valid Unicode (an unpaired surrogate escape such as \\ud800)"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "it contains a number too large to represent (such as 1e400)"
         elif isinstance(item, dict | list):
             if depth >= max_depth:
                 return f"it is nested more than {max_depth} levels deep"

@@ -38,6 +38,7 @@ from .timeslice import pause
 
 _CLIENT_ID = re.compile(r"[0-9a-f-]{1,64}")
 _EPOCH = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_OFFSET = re.compile(r"[0-9]{1,18}")  # ASCII digits: str.isdigit() also takes '²', which int() refuses
 READ_PAGE = 1000
 Admits = Callable[[Filter], bool]  # would this connection receive a broadcast with this filter?
 AdmitsWith = Callable[[Filter, list[str]], bool]  # ...if it held these channels?
@@ -68,7 +69,7 @@ def resume_request(args: Mapping[str, str]) -> ResumeRequest | str | None:
     if client_id is None:
         return None
     epoch, offset = args.get("epoch", ""), args.get("offset", "")
-    if not _CLIENT_ID.fullmatch(client_id) or not _EPOCH.fullmatch(epoch) or not offset.isdigit() or len(offset) > 18:
+    if not _CLIENT_ID.fullmatch(client_id) or not _EPOCH.fullmatch(epoch) or not _OFFSET.fullmatch(offset):
         return Reason.INVALID
     return ResumeRequest(client_id, epoch, int(offset))
 

@@ -162,6 +162,8 @@ class SupabaseDirectory:
 
     def user_for_access_token(self, token: str) -> str:
         """The user id of a Supabase access token (JWT), verified locally or by Supabase."""
+        if not token.isascii():  # a JWT is ASCII; httpx would refuse to put anything else in a header
+            raise AccessTokenInvalid("the access token is malformed")
         if self._jwt_secret:
             try:
                 claims = jwt.decode(

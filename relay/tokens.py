@@ -21,6 +21,7 @@ import hmac
 import json
 
 from .clock import now_ms
+from .jsonsafe import problem
 
 MAX_TOKEN_CHARS = 2048
 MAX_FUTURE_MS = 30_000
@@ -86,6 +87,8 @@ class TokenService:
                 raise TokenError("missing_field", f"the token has no {name}")
         if not isinstance(user_id, str) or not user_id or len(user_id) > MAX_USER_ID_CHARS:
             raise TokenError("bad_field", "userId must be a non-empty string")
+        if problem(user_id):  # "\ud800" parses, but cannot be encoded to be signed
+            raise TokenError("bad_field", "userId is not valid Unicode")
         # bool is an int in Python; JSON true is not a timestamp.
         if not isinstance(timestamp, int) or isinstance(timestamp, bool):
             raise TokenError("bad_field", "timestamp must be an integer (ms since the epoch)")

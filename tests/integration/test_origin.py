@@ -19,6 +19,8 @@ def refused_with(srv: Server, origin: str) -> int:
 def test_foreign_origin_is_refused_with_403(server: Server):
     assert refused_with(server, "http://evil.example") == 403
     server.wait_for_event("ws.origin_refused", lambda e: e["origin"] == "http://evil.example")
+    assert refused_with(server, "http://[::1") == 403  # no URL at all (was a 500)
+    assert "unhandled error" not in server.log_text()
 
 
 def test_same_origin_and_no_origin_are_allowed(server: Server):

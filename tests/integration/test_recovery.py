@@ -148,10 +148,11 @@ def test_another_users_session_is_never_restored(site):
         ({"epoch": "not-this-epoch"}, Reason.EPOCH),
         ({"offset": "-1"}, Reason.INVALID),
         ({"offset": "99999999"}, Reason.INVALID),
+        ({"offset": "\u00b2"}, Reason.INVALID),  # a digit to str.isdigit(), not to int(): was a 1006, no answer
         ({"resume": "00000000-0000-4000-8000-000000000000"}, Reason.NO_SESSION),
         ({"resume": "not a client id"}, Reason.INVALID),
     ],
-    ids=["wrong-epoch", "bad-offset", "future-offset", "unknown-session", "bad-session"],
+    ids=["wrong-epoch", "bad-offset", "future-offset", "superscript-offset", "unknown-session", "bad-session"],
 )
 def test_a_resume_that_cannot_be_honoured_says_why_and_restores_nothing(site, params, reason):
     bob = Resumer(site, "bob", [ANN])

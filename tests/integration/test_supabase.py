@@ -200,6 +200,8 @@ def test_bearer_access_tokens_valid_expired_and_forged(site, supabase, people, v
     assert forged.status_code == 401 and forged.json()["error"]["code"] == "unauthorized"
     assert ws_auth(supabase.access_token(user, audience="someone-else")).status_code == 401
     assert ws_auth(supabase.access_token(people["banned"])).status_code in (401, 403)
+    not_ascii = ws_auth("\u00e9t\u00e9")  # no JWT; the HTTP client would not send it on (was a 500)
+    assert not_ascii.status_code == 401 and not_ascii.json()["error"]["code"] == "unauthorized"
     asked_supabase = len(supabase.calls("/auth/v1/user"))
     assert asked_supabase == (0 if verify == "locally" else 5)
 

@@ -135,5 +135,14 @@ def test_an_unpaired_surrogate_escape_is_refused_it_is_not_text_any_frame_can_ca
     assert refused.value.code == HttpError.INVALID_BODY and "not valid Unicode" in str(refused.value)
 
 
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"[1, 2e308]"])
+def test_a_number_too_large_for_a_float_is_refused_a_browser_would_drop_the_whole_frame(number):
+    """json.loads makes 1e400 inf, which would go out as Infinity: JSON.parse refuses that frame."""
+    with pytest.raises(BroadcastError) as refused:
+        parse_body(b'{"message":{"type":"ALERT","data":{"x":' + number + b"}}}")
+    assert refused.value.code == HttpError.INVALID_BODY and "too large" in str(refused.value)
+    assert parse_body(b'{"message":{"type":"ALERT","data":{"x":1e308}}}').data == {"x": 1e308}
+
+
 def test_a_paired_surrogate_escape_is_a_character_and_is_accepted():
     assert parse_body(rb'{"message":{"type":"ALERT","data":{"text":"\ud83d\ude00"}}}').data == {"text": "\U0001f600"}

@@ -64,6 +64,20 @@ def test_a_time_that_cannot_be_read_says_how_to_write_one(text):
         parse_when(text, NOW)
 
 
+def test_ago_reaches_back_to_1970_at_most():
+    assert parse_when("999999d", NOW) == 0  # "everything", not a year before 1 (was a 503 from Supabase's store)
+
+
+@pytest.mark.parametrize("text", ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00", "1969-12-31T23:59:59Z"])
+def test_a_time_no_store_can_be_asked_about_is_refused(text):
+    with pytest.raises(ValueError, match="from 1970 to 9999"):
+        parse_when(text, NOW)
+
+
+def test_the_last_time_of_9999_is_still_a_time():
+    assert iso(parse_when("9999-12-31T23:59:59.999Z", NOW)).startswith("9999-12-31T23:59:59.")
+
+
 def test_csv_has_a_header_one_row_per_broadcast_and_defuses_formulas():
     rows = [
         LoggedBroadcast("b1", NOW, "api", "service", "ALERT", {"channels": ["a", "b"]}, 2, 10, "=HYPERLINK(1)", 4),

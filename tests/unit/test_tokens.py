@@ -68,6 +68,7 @@ REJECTIONS = [
     ("missing_field", raw_token({"userId": "bob", "signature": "00"})),
     ("bad_field", raw_token({**signed(), "userId": 42})),
     ("bad_field", raw_token({**signed(), "userId": ""})),
+    ("bad_field", raw_token({**signed(), "userId": "\ud800"})),  # parses; cannot be signed (was a 1011)
     ("bad_field", raw_token({**signed(), "timestamp": str(NOW)})),
     ("bad_field", raw_token({**signed(), "timestamp": True})),
     ("bad_field", raw_token({**signed(), "timestamp": float(NOW)})),

@@ -1,0 +1,61 @@
+"""Input to the HTMX pages that used to end in a 500: each gets an answer a person can read."""
+
+from __future__ import annotations
+
+import pytest
+from support import PASSWORD, csrf_of, make_users
+
+from app import create_app
+
+
+@pytest.fixture
+def signed_in(tmp_path):
+    """A test client signed in as ``login``, and its CSRF token."""
+    make_users(tmp_path / "users.db")
+    app = create_app(
+        {
+            "REALTIME_DB": str(tmp_path / "users.db"),
+            "REALTIME_INSTANCE_PATH": str(tmp_path / "instance"),
+            "SECRET_KEY": "unit-test-session-key-0123456789abcdefghij",
+            "TESTING": True,
+        }
+    )
+
+    def sign_in(login: str):
+        client = app.test_client()
+        form = {"login": login, "password": PASSWORD, "csrf_token": csrf_of(client.get("/login").get_data(as_text=True))}
+        assert client.post("/login", data=form).status_code == 302
+        return client, csrf_of(client.get("/").get_data(as_text=True))
+
+    return sign_in
+
+
+@pytest.mark.parametrize(
+    "message, shown",
+    [
+        (None, "(no details)"),
+        ("", "(no details)"),
+        ("not json", "(no details)"),
+        ('{"type": "CLINIC_ALERT"}', "(no details)"),
+        ('{"type": "CLINIC_ALERT", "data": null}', "(no details)"),
+        ('{"type": "CLINIC_ALERT", "data": [1, 2]}', "[1, 2]"),
+        ('{"type": "CLINIC_ALERT", "data": {"level": "urgent", "message": "Room 3"}}', "Room 3"),
+    ],
+    ids=["no-message", "empty", "not-json", "no-data", "null-data", "list-data", "an-alert"],
+)
+def test_the_alert_fragment_renders_whatever_message_it_is_given(signed_in, message, shown):
+    client, token = signed_in("bob")
+    form = {} if message is None else {"message": message}
+    answer = client.post("/clinics/clinic-1/alerts/render", data=form, headers={"X-CSRF-Token": token})
+    assert answer.status_code == 200, answer.get_data(as_text=True)[:300]
+    assert shown in answer.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("page", ["\u00b2", "\u0663", "-1", "1.5", "10001"])
+def test_a_log_page_that_is_not_a_page_number_is_a_400_that_says_so(signed_in, page):
+    client, _ = signed_in("alice")
+    for path in ("/admin/log", "/admin/log.csv"):
+        answer = client.get(path, query_string={"page": page})
+        assert answer.status_code in (200, 400), (path, answer.status_code)  # never a 500
+    answer = client.get("/admin/log", query_string={"page": page})
+    assert answer.status_code == 400 and "page must be a whole number" in answer.get_data(as_text=True)
