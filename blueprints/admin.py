@@ -137,7 +137,8 @@ def _log_query(args: Mapping[str, str], rows: int, *, paged: bool = True) -> tup
     except ValueError as bad:
         return 0, None, str(bad)
     page_text = (args.get("page") or "0").strip() if paged else "0"
-    if not (page_text.isascii() and page_text.isdigit()) or int(page_text) > 10_000:  # isdigit() alone takes '²' 
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+    if not (page_text.isascii() and page_text.isdigit()) or int(page_text) > 10_000:
         return 0, None, "page must be a whole number from 0 to 10000"
     page = int(page_text)
     fields = {}

@@ -23,7 +23,8 @@ def signed_in(tmp_path):
 
     def sign_in(login: str):
         client = app.test_client()
-        form = {"login": login, "password": PASSWORD, "csrf_token": csrf_of(client.get("/login").get_data(as_text=True))}
+        csrf = csrf_of(client.get("/login").get_data(as_text=True))
+        form = {"login": login, "password": PASSWORD, "csrf_token": csrf}
         assert client.post("/login", data=form).status_code == 302
         return client, csrf_of(client.get("/").get_data(as_text=True))
 
