@@ -109,6 +109,12 @@ class History(Protocol):
     def read(self, after: int, limit: int) -> list[Envelope]:
         """Retained broadcasts with offsets above ``after``, in offset order, at most ``limit``."""
 
+    def start_over(self, epoch: str) -> tuple[str, int]:
+        """The stream went back in time under ``epoch`` (an older copy of the store came back: Redis
+        restarted from a snapshot, a replica that lagged): its next offsets would be ones already
+        delivered. If the stream is still ``epoch``, drop its broadcasts and start a new epoch, so
+        that every offset of the old one is refused on resume; returns the stream's (epoch, head)."""
+
     def oldest(self) -> int | None:
         """The offset of the oldest retained broadcast (None when none is retained)."""
 

@@ -237,11 +237,13 @@ class Recovery:
                 for envelope in page:
                     if envelope.place > upto:
                         return missed
+                    if envelope.place != cursor + 1:  # trimmed since oldest() was read, or a hole: not whole
+                        return Reason.GONE
+                    cursor = envelope.place
                     missed.append(envelope)
                     matching += admits(envelope.filter)
                     if matching > self.max_messages:
                         return Reason.TOO_MANY
-                cursor = page[-1].place
                 pause()
         except Exception:
             return Reason.UNAVAILABLE

@@ -18,6 +18,8 @@ the last values and the idempotency key set atomically: a broadcast answered
 200 is in the stream even if its worker dies the next instant. When the meta
 hash is gone (Redis flushed, restarted without persistence), the script
 starts a new epoch, and every offset of the old one is refused on resume.
+When Redis comes back with an older copy (a snapshot, a replica that
+lagged), the workers notice that the stream went back and ``start_over``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,27 @@ end
 return {'appended', epoch, tostring(offset)}
 """
 
+# KEYS: meta, stream   ARGV: new_epoch. The stream's epoch, claimed if there is none; a stream without
+# one (its meta hash lost: evicted, deleted) is dropped, or its entries would pass as the new epoch's.
+_CLAIM = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0)
+end
+return {epoch, redis.call('HGET', KEYS[1], 'head')}
+"""
+
+# KEYS: meta, stream   ARGV: old_epoch, new_epoch. Start over if the stream is still old_epoch.
+_START_OVER = """
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'head', 0)
+end
+return {redis.call('HGET', KEYS[1], 'epoch'), redis.call('HGET', KEYS[1], 'head')}
+"""
+
 # KEYS: idem   ARGV: digest, answer json, ttl_ms
 _COMPLETE = """
 local previous = redis.call('GET', KEYS[1])
@@ -89,6 +112,8 @@ class RedisHistory(RedisStore):
         super().__init__(url)
         self._append = self._client.register_script(_APPEND)
         self._complete = self._client.register_script(_COMPLETE)
+        self._claim = self._client.register_script(_CLAIM)
+        self._start_over = self._client.register_script(_START_OVER)
 
     # -- the stream ---------------------------------------------------------------------
 
@@ -96,10 +121,14 @@ class RedisHistory(RedisStore):
         epoch, head = self._call(self._client.hmget, self.meta, "epoch", "head")
         if epoch is None:
             # Nothing appended yet in this Redis: claim the epoch now so that CONNECTED can name it.
-            self._call(self._client.hsetnx, self.meta, "epoch", secrets.token_hex(8))
-            self._call(self._client.hsetnx, self.meta, "head", 0)
-            epoch, head = self._call(self._client.hmget, self.meta, "epoch", "head")
+            epoch, head = self._call(self._claim, keys=[self.meta, self.stream], args=[secrets.token_hex(8)])
         return epoch.decode(), int(head or 0)
+
+    def start_over(self, epoch: str) -> tuple[str, int]:
+        # Last values and idempotency keys are left to expire: they carry content, not positions.
+        keys, args = [self.meta, self.stream], [epoch, secrets.token_hex(8)]
+        new_epoch, head = self._call(self._start_over, keys=keys, args=args)
+        return new_epoch.decode(), int(head or 0)
 
     def append(self, envelope: Envelope, *, idempotency: Idempotency | None = None) -> Appended | Previous:
         stored = jsonsafe.compact(envelope.to_json())

@@ -107,9 +107,11 @@ class Sequencer:
                 cursor = _offset(page[-1])
                 if cursor >= upto:
                     break
-            # The reads waited: only if the window is still the one they extend (same stream, same start).
+            # The reads waited: only if the window is still the one they extend (same stream, same start),
+            # and only a run with no offset missing (pages read apart may straddle a trim).
             same_stream = self.epoch == epoch and all(e.epoch == epoch for e in older)
-            if older and same_stream and _offset(older[0]) == offset + 1 and self._recent.first in (None, upto + 1):
+            whole = [_offset(e) for e in older] == list(range(offset + 1, upto + 1))
+            if whole and same_stream and self._recent.first in (None, upto + 1):
                 self._recent.prepend(older)
 
     def recent_after(self, offset: int) -> list[Envelope] | None:
@@ -117,6 +119,10 @@ class Sequencer:
         if offset >= self.position:
             return []
         return self._recent.after(offset)
+
+    def delivered_id(self, offset: int) -> str | None:
+        """The id of the envelope delivered here at ``offset``, if the recent window still holds it."""
+        return self._recent.id_at(offset)
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -256,15 +262,28 @@ class RecentWindow:
         self._bytes += sum(len(e.frame()) for e in envelopes)
 
     def after(self, offset: int) -> list[Envelope] | None:
-        """Envelopes with offsets above ``offset``, or None if the window no longer reaches back that far."""
+        """Envelopes with offsets above ``offset``, or None if the window no longer reaches back that far
+        or misses one of them (a gap the sequencer skipped: the caller must read the history, and be told)."""
         if not self._offsets or self._offsets[0] > offset + 1:
             return None
-        return [kept[0] for kept in self._kept[bisect_right(self._offsets, offset) :]]
+        offsets = self._offsets
+        start, end = bisect_right(offsets, offset), len(offsets) - 1
+        # Offsets only increase: the run from start to end is whole when it spans exactly its length.
+        if start <= end and (offsets[start] != offset + 1 or offsets[end] - offsets[start] != end - start):
+            return None
+        return [kept[0] for kept in self._kept[start:]]
 
     def count_of(self, offset: int) -> int:
+        index = self._index_of(offset)
+        return self._kept[index][1] if index is not None else 0
+
+    def id_at(self, offset: int) -> str | None:
+        index = self._index_of(offset)
+        return self._kept[index][0].id if index is not None else None
+
+    def _index_of(self, offset: int) -> int | None:
         index = bisect_left(self._offsets, offset)
-        found = index < len(self._offsets) and self._offsets[index] == offset
-        return self._kept[index][1] if found else 0
+        return index if index < len(self._offsets) and self._offsets[index] == offset else None
 
     def clear(self) -> None:
         self._offsets.clear()

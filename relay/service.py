@@ -287,16 +287,39 @@ class Realtime:
         return self.history.read(after, limit) if self.history is not None else []
 
     def _resync(self) -> None:
-        """A listener is back after an outage: deliver what it missed, from the history."""
+        """A listener is back after an outage: deliver what it missed, from the history.
+
+        The store it was away from may itself have come back older (Redis restarted from a
+        snapshot, a replica that lagged): the same epoch, but not what this worker delivered. Its
+        next offsets would be ones delivered already, and every worker would drop them as
+        duplicates. Then the stream starts over (a new epoch): every socket is closed 1012, and
+        each client is told on resume that it was not recovered, instead of missing them silently.
+        """
         if self.history is None:
             return
         try:
             epoch, head = self.history.head()
+            if epoch == self.sequencer.epoch and self._went_back(head):
+                position = self.sequencer.position
+                event("stream.went_back", level="error", epoch=epoch, head=head, delivered=position)
+                epoch, head = self.history.start_over(epoch)
             if epoch != self.sequencer.epoch:
                 self.sequencer.restart(epoch, head)
             self.sequencer.catch_up()
         except HistoryUnavailable as down:
             log.warning("catch-up after a listener outage failed: %s", down)
+
+    def _went_back(self, head: int) -> bool:
+        """Whether the stream no longer holds what this worker delivered last (see ``_resync``)."""
+        assert self.history is not None
+        position = self.sequencer.position
+        if head < position:
+            return True
+        delivered = self.sequencer.delivered_id(position)
+        if delivered is None:  # nothing delivered here yet, or long enough ago to be out of the window
+            return False
+        stored = self.history.read(position - 1, 1)  # new broadcasts may have passed the old head already
+        return bool(stored) and stored[0].offset == position and stored[0].id != delivered
 
     def _stream_reset(self, epoch: str) -> None:
         """The stream's history was lost: no position a client holds is valid any more; let them all resync."""

@@ -7,7 +7,8 @@ process serves at a time in the embedded mode, plus, during a reload, the
 draining one; SQLite's own locking orders their writes.
 
 The epoch is made when the file is: a deleted or replaced file is a new
-epoch, so offsets from the old one are never trusted. Offsets come from an
+epoch, so offsets from the old one are never trusted (and ``start_over``
+makes a new one in place). Offsets come from an
 ``AUTOINCREMENT`` key, so they are never reused, even after trimming.
 
 Calls are short (tens of microseconds) and run inline in the calling
@@ -78,7 +79,6 @@ class SqliteHistory(SqliteStore):
         self.window_ms = window_ms
         self.last_value_ttl_ms = last_value_ttl_ms
         self.max_entries = max_entries
-        self._epoch: str | None = None
         self._counted: tuple[float, int, int] | None = None  # (when, broadcasts, sessions)
 
     # -- the stream ---------------------------------------------------------------------
@@ -117,6 +117,19 @@ class SqliteHistory(SqliteStore):
                         (idempotency.key, idempotency.digest, envelope.id, offset, now + self.window_ms),
                     )
         return Appended(epoch, offset)
+
+    @_store_errors
+    def start_over(self, epoch: str) -> tuple[str, int]:
+        with self._lock:
+            db = self._conn()
+            with transaction(db):
+                if self._epoch_of(db) == epoch:
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (secrets.token_hex(8),))
+                    # Offsets go on from the old head (AUTOINCREMENT). Last values and idempotency
+                    # keys are left to expire: they carry content, not positions (as in Redis).
+                    db.execute("DELETE FROM history")
+                row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
+                return self._epoch_of(db), int(row[0]) if row else 0
 
     @_store_errors
     def complete(self, idempotency: Idempotency, answer: dict) -> None:
@@ -213,7 +226,14 @@ class SqliteHistory(SqliteStore):
         with self._lock:
             db = self._conn()
             with transaction(db):
-                dropped = db.execute("DELETE FROM history WHERE at < ?", (now_ms - self.window_ms,)).rowcount
+                # By offset, up to the newest one past the window: a prefix, never a hole in the middle
+                # (``at`` is a wall clock that can step back; a resume checks only where the history starts).
+                newest_expired = db.execute(
+                    "SELECT MAX(offset) FROM history WHERE at < ?", (now_ms - self.window_ms,)
+                ).fetchone()[0]
+                dropped = 0
+                if newest_expired is not None:
+                    dropped = db.execute("DELETE FROM history WHERE offset <= ?", (newest_expired,)).rowcount
                 head = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
                 if head:  # the count bound, whatever the rate
                     dropped += db.execute(
@@ -261,9 +281,8 @@ class SqliteHistory(SqliteStore):
         db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
 
     def _epoch_of(self, db: sqlite3.Connection) -> str:
-        if self._epoch is None:
-            self._epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
-        return self._epoch
+        # Read every time (a primary-key lookup): another process sharing the file may have started over.
+        return db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
 
     def _previous(self, db: sqlite3.Connection, idempotency: Idempotency, now: int) -> Previous | None:
         row = db.execute(

@@ -169,9 +169,55 @@ def test_a_lost_store_is_a_new_epoch(make, tmp_path):
     assert placed.epoch == new_epoch and placed.offset == 1
 
 
+def test_starting_over_drops_the_stream_under_a_new_epoch_once(make):
+    """The stream came back older under the same epoch: a new one, so its old offsets are refused."""
+    store = make()
+    for n in range(3):
+        store.append(envelope(n))
+    epoch, head = store.head()
+    new_epoch, new_head = store.start_over(epoch)
+    assert new_epoch != epoch and store.head() == (new_epoch, new_head) and store.read(0, 10) == []
+    placed = store.append(envelope(9))
+    assert placed.epoch == new_epoch and placed.offset == new_head + 1
+    assert [e.offset for e in store.read(new_head, 10)] == [placed.offset]
+    # A second worker that noticed the same thing asks with the old epoch: nothing more happens.
+    assert store.start_over(epoch) == (new_epoch, new_head + 1)
+    assert [e.id for e in store.read(0, 10)] == [store.read(new_head, 1)[0].id]
+
+
+def test_trim_by_time_drops_a_prefix_never_a_hole_whatever_the_clock_did(make):
+    """``at`` is a wall clock that can step back: an old time in the middle must not leave a hole."""
+    store = make(window_ms=1000)
+    now = int(time.time() * 1000)
+    for at in (now, now - 5000, now):  # offset 2 stamped by a clock that had stepped back
+        store.append(envelope(at, at=at))
+    store.trim(now)
+    offsets = [e.offset for e in store.read(0, 10)]
+    assert offsets and offsets == list(range(offsets[0], 4))  # whole from wherever it starts
+
+
 def _url_of(store) -> str:
     kwargs = store._client.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+def test_a_redis_stream_whose_epoch_was_lost_is_dropped_not_relabelled(redis_server):
+    """The meta hash gone but the stream kept (evicted, deleted by hand): a new epoch must not claim the
+    old entries as its own, and appends must go on (XADD refuses an id below the stream's last)."""
+    import redis
+
+    store = RedisHistory(redis_server.url, prefix="t", window_ms=WINDOW, last_value_ttl_ms=3_600_000)
+    try:
+        for n in (1, 2, 3):
+            store.append(envelope(n))
+        old_epoch, _ = store.head()
+        redis.Redis.from_url(redis_server.url).delete("t:stream:meta")
+        epoch, head = store.head()
+        assert epoch != old_epoch and head == 0 and store.read(0, 10) == []
+        placed = store.append(envelope(4))
+        assert isinstance(placed, Appended) and (placed.epoch, placed.offset) == (epoch, 1)
+    finally:
+        store.close()
 
 
 def test_a_redis_read_labels_what_it_read_with_that_streams_epoch_even_if_redis_starts_over_meanwhile(redis_server):

@@ -131,6 +131,29 @@ def test_redis_restart_degrades_then_recovers_without_restarting_gunicorn_and_a_
     srv.wait_for_event("redis.listener_lost")
 
 
+def test_a_redis_back_from_an_older_snapshot_starts_the_stream_over_rather_than_drop_new_broadcasts(
+    start_server, redis_server
+):
+    """Redis restarted from a snapshot (its default persistence) has the same epoch and an older head: its
+    next offsets are ones the workers delivered, and they would drop those broadcasts as duplicates."""
+    import redis as redis_client
+
+    srv = start_server(REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=200)
+    bob = srv.connect("bob", ["system:announcements"])
+    assert srv.announce("one")["delivered"] == 1 and bob.expect("ANNOUNCEMENT")
+    redis_client.Redis.from_url(redis_server.url).save()  # the snapshot the restart loads (--dir is kept)
+    for text in ("two", "three"):
+        srv.announce(text)
+        assert bob.expect("ANNOUNCEMENT")["data"]["message"] == text
+    redis_server.kill()
+    redis_server.start()  # loads the snapshot: the same epoch, the head back at "one"
+    assert bob.closed_with(timeout=20) == (1012, "stream reset")  # told, and its client refetches
+    srv.wait_for_event("stream.went_back")
+    bob = srv.connect("bob", ["system:announcements"])
+    assert wait_for(lambda: srv.broadcast({"message": {"type": "ANNOUNCEMENT", "data": {"message": "four"}}}).ok)
+    assert bob.expect("ANNOUNCEMENT")["data"]["message"] == "four"  # delivered, not taken for a duplicate
+
+
 def test_a_killed_worker_leaves_the_cluster_view_and_its_clients_come_back(start_server, redis_server, crowd):
     # A long heartbeat: leaving the view within one beat must not depend on the key expiring.
     srv = start_server("-w", "2", REDIS_URL=redis_server.url, REDIS_HEARTBEAT_MS=2000, WS_MAX_CONNECTIONS_PER_USER=1000)

@@ -325,3 +325,47 @@ def test_a_process_without_a_token_secret_refuses_with_1011(tmp_path, sockets):
     rt = Realtime(settings, directory=Directory(nurse))
     assert rt.tokens is None
     assert sockets(rt, "anything").close_code()[0] == Close.INTERNAL_ERROR
+
+
+def _store_came_back_older(rt, *, keep: int, new: int = 0) -> None:
+    """What a Redis restarted from an older snapshot looks like, in the SQLite store: the broadcasts after
+    offset ``keep`` are gone and the head is back there, then ``new`` other broadcasts took their offsets."""
+    from relay import jsonsafe
+
+    with rt.history._lock:
+        db = rt.history._conn()
+        db.execute("DELETE FROM history WHERE offset > ?", (keep,))
+        db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'history'", (keep,))
+        for n in range(new):
+            stored = jsonsafe.compact(Envelope("ANNOUNCEMENT", {"other": n}, Filter()).to_json())
+            db.execute("INSERT INTO history (at, envelope) VALUES (?, ?)", (int(time.time() * 1000), stored))
+
+
+@pytest.mark.parametrize("new", [0, 3], ids=["head-behind", "head-passed-with-other-broadcasts"])
+def test_a_stream_that_came_back_older_under_the_same_epoch_starts_over_and_tells_every_socket(
+    service, sockets, new
+):
+    """Its next offsets would be ones this worker delivered: dropped as duplicates, lost without a word."""
+    rt = service()
+    client = sockets(rt, rt.tokens.mint("u-1"))
+    assert client.json()["type"] == "CONNECTED"
+    for n in range(3):
+        rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": n}, Filter()), source="api", scope="api")
+    epoch, position = rt.sequencer.epoch, rt.sequencer.position
+    _store_came_back_older(rt, keep=position - 2, new=new)
+
+    rt._resync()  # what the broker's listener runs when it is back
+
+    assert rt.sequencer.epoch != epoch and rt.history.head()[0] == rt.sequencer.epoch
+    assert client.close_code() == (Close.SERVICE_RESTART, "stream reset")
+    receipt = rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": "after"}, Filter()), source="api", scope="api")
+    assert receipt.epoch == rt.sequencer.epoch and rt.sequencer.position == receipt.offset  # delivered, not dropped
+
+
+def test_a_store_that_only_moved_on_is_not_taken_for_one_that_went_back(service):
+    rt = service()
+    for n in range(3):
+        rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": n}, Filter()), source="api", scope="api")
+    epoch = rt.sequencer.epoch
+    rt._resync()
+    assert rt.sequencer.epoch == epoch and rt.history.head()[0] == epoch

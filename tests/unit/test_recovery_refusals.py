@@ -68,6 +68,19 @@ def test_missed_broadcasts_the_history_no_longer_has_are_history_gone(stream):
     assert resume(recovery, sequencer, start) == Reason.GONE
 
 
+def test_a_history_with_an_offset_missing_in_the_middle_is_history_gone_not_a_partial_replay(stream):
+    """Trimmed between two reads, or a hole the store was left with: the replay is not whole, so the
+    client must be told (recovered: false), never handed the rest as if it were everything."""
+    start = stream.head()[1]
+    publish(stream, 4)
+    with stream._lock:
+        stream._conn().execute("DELETE FROM history WHERE offset = ?", (start + 2,))
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    assert resume(recovery, sequencer, start) == Reason.GONE
+    assert isinstance(resume(recovery, sequencer, start + 2), Prepared)  # after the hole: whole
+
+
 def test_more_missed_than_allowed_is_too_many(stream):
     start = stream.head()[1]
     publish(stream, 4)

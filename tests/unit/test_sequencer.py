@@ -157,6 +157,29 @@ def test_recent_after_says_when_it_no_longer_reaches_back():
     assert small.recent_after(6) is None  # 7 was forgotten: the caller must read the history
 
 
+def test_recent_after_will_not_answer_across_a_skipped_gap(world):
+    """A resume across offsets the sequencer gave up on must read the history (and be told it is gone),
+    not be handed the rest as if it were whole."""
+    world.sequencer.offer(env(1))
+    world.sequencer.offer(env(3)).get(timeout=2)  # 2 never came and the history has none: skipped
+    world.sequencer.offer(env(4))
+    assert world.sequencer.skipped == 1
+    assert world.sequencer.recent_after(0) is None and world.sequencer.recent_after(1) is None
+    assert [e.offset for e in world.sequencer.recent_after(2)] == [3, 4]  # past the gap: whole
+
+
+def test_a_backfill_of_pages_with_a_hole_is_not_kept():
+    world = World(head=10)
+    world.history = {n: env(n) for n in range(1, 11) if n != 7}  # 7 trimmed between two pages, say
+    world.sequencer.backfill(4)
+    assert world.sequencer.recent_after(4) is None  # not kept: a resume reads the history itself
+
+
+def test_the_id_delivered_at_an_offset_is_known_while_the_window_holds_it(world):
+    world.sequencer.offer(env(1))
+    assert world.sequencer.delivered_id(1) == "id-1" and world.sequencer.delivered_id(2) is None
+
+
 def test_the_position_moves_before_the_fan_out_so_a_connection_joining_mid_fan_out_starts_after_it():
     seen: list[tuple[str, int]] = []
 
