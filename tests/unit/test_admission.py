@@ -342,9 +342,7 @@ def _store_came_back_older(rt, *, keep: int, new: int = 0) -> None:
 
 
 @pytest.mark.parametrize("new", [0, 3], ids=["head-behind", "head-passed-with-other-broadcasts"])
-def test_a_stream_that_came_back_older_under_the_same_epoch_starts_over_and_tells_every_socket(
-    service, sockets, new
-):
+def test_a_stream_that_came_back_older_under_the_same_epoch_starts_over_and_tells_every_socket(service, sockets, new):
     """Its next offsets would be ones this worker delivered: dropped as duplicates, lost without a word."""
     rt = service()
     client = sockets(rt, rt.tokens.mint("u-1"))
