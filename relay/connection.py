@@ -76,6 +76,11 @@ class Handler(Protocol):
     def on_binary(self, conn: Connection, data: bytes) -> None:
         """A whole binary message."""
 
+    def on_control(self, conn: Connection) -> bool:
+        """A ping or a pong arrived: whether the connection may have it answered (False: the handler
+        refused it, and closed the connection). Each costs a parse and a pong; unlimited, one client
+        sending nothing else could keep a worker's loop busy."""
+
     def on_closing(self, conn: Connection) -> None:
         """The connection stopped being OPEN: take it out of every index.
 
@@ -460,8 +465,11 @@ class Connection:
                 if self.state is OPEN:
                     self._dispatch(self._handler.on_binary, payload)
             elif opcode == frames.OP_PING:
-                if self.state is OPEN:
+                if self.state is OPEN and self._handler.on_control(self):
                     self._enqueue(frames.encode(frames.OP_PONG, cast(bytes, payload)))
+            elif opcode == frames.OP_PONG:
+                if self.state is OPEN:
+                    self._handler.on_control(self)
             elif opcode == frames.OP_CLOSE:
                 self._on_close_frame(*cast(tuple[int, str], payload))
 

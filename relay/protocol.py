@@ -40,6 +40,7 @@ from .sessions import SessionKeeper
 from .telemetry import Telemetry
 
 MAX_BACKLOG = 64  # messages held behind one still being answered (a SUBSCRIBE with last)
+MAX_BACKLOG_CHARS = 256 * 1024  # and their size: 64 of 64 KiB would be 4 MiB a socket while the store is slow
 MAX_CHANNELS_PER_REQUEST = 200
 
 
@@ -94,8 +95,10 @@ class ClientProtocol:
         if not self._within_rate(conn):
             return
         if conn.backlog is not None:  # an earlier message of this connection is still being answered
-            if len(conn.backlog) >= MAX_BACKLOG:  # a slow store must not make a socket hoard megabytes
-                self._rate_limited(conn, "too many messages waiting for an answer; slow down", waiting=MAX_BACKLOG)
+            waiting = conn.backlog
+            # A slow store must not make a socket hoard megabytes: bounded in count and in size.
+            if len(waiting) >= MAX_BACKLOG or sum(map(len, waiting)) + len(text) > MAX_BACKLOG_CHARS:
+                self._rate_limited(conn, "too many messages waiting for an answer; slow down", waiting=len(waiting))
                 return
             conn.backlog.append(text)
             return
@@ -123,6 +126,10 @@ class ClientProtocol:
     def on_binary(self, conn: Connection, data: bytes) -> None:
         if self._within_rate(conn):
             self.error(conn, Error.BINARY_NOT_SUPPORTED, "send JSON text frames, not binary")
+
+    def on_control(self, conn: Connection) -> bool:
+        # A ping or a pong counts as a message: clients send one every few seconds at most.
+        return self._within_rate(conn)
 
     def on_closing(self, conn: Connection) -> None:
         self.hub.remove(conn)
@@ -163,10 +170,11 @@ class ClientProtocol:
             if refusal is None:
                 allowed.append(name)
                 continue
+            shown = name[: channel_rules.MAX_CHANNEL_CHARS]  # a refused name may be 64 KiB long
             text = (
-                f"no channel is named {name!r}"
+                f"no channel is named {shown!r}"
                 if refusal == Error.UNKNOWN_CHANNEL
-                else f"you may not subscribe to {name!r}"
+                else f"you may not subscribe to {shown!r}"
             )
             self.error(conn, refusal, text, channel=name, now=False)
             event(
@@ -174,7 +182,7 @@ class ClientProtocol:
                 level="warning",
                 clientId=conn.id,
                 userId=conn.user_id,
-                channel=name,
+                channel=shown,
                 code=refusal,
             )
         if last and self.last_values is not None:

@@ -367,3 +367,27 @@ def test_a_store_that_only_moved_on_is_not_taken_for_one_that_went_back(service)
     epoch = rt.sequencer.epoch
     rt._resync()
     assert rt.sequencer.epoch == epoch and rt.history.head()[0] == epoch
+
+
+@pytest.mark.parametrize("opcode", [0x9, 0xA], ids=["pings", "pongs"])
+def test_a_flood_of_pings_or_pongs_is_rate_limited_like_messages(service, sockets, opcode):
+    """Each is a parse and (for a ping) a pong to write: unlimited, one client kept a worker's loop busy
+    ~15 ms of every read while never counting as a slow consumer (found by review)."""
+    from wsframes import client_frame
+
+    rt = service()
+    client = sockets(rt, rt.tokens.mint("u-1"))
+    assert client.json()["type"] == "CONNECTED"
+    client.sock.sendall(client_frame(opcode, b"") * 200)
+    pongs, frames = 0, []
+    while True:
+        kind, payload = client.next()
+        if kind == 0xA:
+            pongs += 1
+            continue
+        frames.append((kind, payload))
+        if kind == 0x8:
+            break
+    assert pongs <= 40  # the burst the bucket allows, no more
+    assert json.loads(frames[0][1])["data"]["code"] == "rate_limited"
+    assert int.from_bytes(frames[-1][1][:2], "big") == Close.POLICY_VIOLATION

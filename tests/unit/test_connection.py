@@ -38,6 +38,9 @@ class Recorder:
     def on_binary(self, conn, data):
         self.binaries.append(data)
 
+    def on_control(self, conn):
+        return True
+
     def on_closing(self, conn):
         self.closing += 1
 

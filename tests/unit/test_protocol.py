@@ -8,9 +8,10 @@ import gevent
 import gevent.event
 import pytest
 
+import relay.protocol as protocol_module
 from relay.codes import Close, Error
 from relay.hub import Hub
-from relay.protocol import MAX_BACKLOG, MAX_CHANNELS_PER_REQUEST, ClientProtocol
+from relay.protocol import MAX_BACKLOG, MAX_BACKLOG_CHARS, MAX_CHANNELS_PER_REQUEST, ClientProtocol
 
 ANN = "system:announcements"
 
@@ -176,6 +177,16 @@ def test_each_refused_channel_gets_an_error_before_subscribed(protocol, bob, cha
     assert reply[1] == {"type": "SUBSCRIBED", "data": {"channels": ["system:announcements"]}}
 
 
+def test_a_long_refused_name_is_shortened_in_the_log_and_the_message(protocol, bob, monkeypatch):
+    """One 64 KiB frame must not put 64 KiB into the log (20 a second, under the rate limit)."""
+    logged = []
+    monkeypatch.setattr(protocol_module, "event", lambda name, **fields: logged.append(fields))
+    name = "system:" + "x" * 60_000
+    [error, _] = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [name]}})
+    assert error["data"]["channel"] == name  # the client's own, for it to match its request
+    assert len(error["data"]["message"]) < 300 and len(logged[0]["channel"]) == 200
+
+
 def test_a_128_character_id_is_a_real_channel(protocol):
     admin = FakeConn("alice", "admin", None)
     protocol.hub.add(admin)
@@ -248,4 +259,21 @@ def test_messages_piling_up_behind_a_slow_subscribe_with_last_are_bounded(clock)
         Close.POLICY_VIOLATION,
         "rate limit exceeded",
     )
+    last_values.answer.set()
+
+
+def test_messages_piling_up_behind_a_slow_subscribe_with_last_are_bounded_in_size_too(clock):
+    last_values = SlowLastValues()
+    protocol = ClientProtocol(Hub(max_clients=10, ping_interval=30), clock=clock, last_values=last_values)
+    protocol.rate_burst = 1000
+    bob = FakeConn()
+    bob.defer = lambda work, *args: gevent.spawn(work, *args)
+    protocol.hub.add(bob)
+    say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "last": True}})
+    big = {"type": "PING", "data": {"pad": "x" * 60_000}}
+    for _ in range(MAX_BACKLOG_CHARS // 60_100):
+        say(protocol, bob, big)
+    assert bob.closed is None and len(bob.backlog) < MAX_BACKLOG
+    [refused] = say(protocol, bob, big)
+    assert refused["data"]["code"] == Error.RATE_LIMITED and bob.closed[0] == Close.POLICY_VIOLATION
     last_values.answer.set()
