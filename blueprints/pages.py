@@ -6,6 +6,8 @@ import json
 
 from flask import Blueprint, render_template, request
 
+from relay import jsonsafe
+
 from .auth import login_required, signed_in
 
 bp = Blueprint("pages", __name__)
@@ -31,4 +33,5 @@ def triggering_message() -> dict:
         message = json.loads(raw)
     except (ValueError, RecursionError):
         return {}
-    return message if isinstance(message, dict) else {}
+    # jsonsafe: "\ud800" parses but cannot be written into the UTF-8 page; 1e400 would show as inf.
+    return message if isinstance(message, dict) and jsonsafe.problem(message) is None else {}

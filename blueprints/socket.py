@@ -139,9 +139,12 @@ def upgrade_problem(environ: dict) -> tuple[int, str] | None:
         return 426, "this server speaks WebSocket version 13 (Sec-WebSocket-Version: 13)"
     if not environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip():
         return 400, "a WebSocket upgrade needs a Sec-WebSocket-Key header"
-    try:  # wsproto decodes the Host as IDNA and raises on one that is not ("xn--zz")
-        environ.get("HTTP_HOST", "").encode().decode("idna")  # as simple-websocket encodes it
+    host = environ.get("HTTP_HOST", "")
+    try:  # h11 insists on a Host (HTTP/1.0 may send none); wsproto decodes it as IDNA and raises on one
+        host.encode().decode("idna")  # that is not ("xn--zz"), encoded as simple-websocket encodes it
     except UnicodeError:
+        host = ""
+    if not host.strip():
         return 400, "a WebSocket upgrade needs a valid Host header"
     return None
 

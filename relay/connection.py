@@ -465,18 +465,19 @@ class Connection:
                 if self.state is OPEN:
                     self._dispatch(self._handler.on_binary, payload)
             elif opcode == frames.OP_PING:
-                if self.state is OPEN and self._handler.on_control(self):
+                if self.state is OPEN and self._dispatch(self._handler.on_control):
                     self._enqueue(frames.encode(frames.OP_PONG, cast(bytes, payload)))
             elif opcode == frames.OP_PONG:
                 if self.state is OPEN:
-                    self._handler.on_control(self)
+                    self._dispatch(self._handler.on_control)
             elif opcode == frames.OP_CLOSE:
                 self._on_close_frame(*cast(tuple[int, str], payload))
 
     # Any: the payload is str for on_text and bytes for on_binary; the opcode decided which.
-    def _dispatch(self, callback: Callable[[Connection, Any], None], payload: object) -> None:
+    def _dispatch(self, callback: Callable[..., Any], *payload: object) -> Any:
+        """``callback(self, *payload)``'s answer; None when it failed (the connection is then closing)."""
         try:
-            callback(self, payload)
+            return callback(self, *payload)
         except BlockingSwitchOutError as blocked:
             # The one rule of this design was broken (see the module docstring): say so, loudly.
             event(
@@ -492,6 +493,7 @@ class Connection:
         except Exception:
             log.exception("handler failed for %s", self.id)
             self.close(Close.INTERNAL_ERROR, "internal error")
+        return None
 
     def _on_close_frame(self, code: int, reason: str) -> None:
         if self.state is OPEN:

@@ -73,11 +73,15 @@ end
 return {epoch, redis.call('HGET', KEYS[1], 'head')}
 """
 
-# KEYS: meta, stream   ARGV: old_epoch, new_epoch. Start over if the stream is still old_epoch.
+# KEYS: meta, stream   ARGV: old_epoch, new_epoch. Start over if the stream is still old_epoch (or has
+# no epoch at all). Offsets go on from the head, as in SQLite: last values and idempotency keys, left
+# to expire, keep offsets that no broadcast of the new epoch will take.
 _START_OVER = """
-if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch == ARGV[1] or not epoch then
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'head', 0)
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
+  redis.call('HSETNX', KEYS[1], 'head', 0)
 end
 return {redis.call('HGET', KEYS[1], 'epoch'), redis.call('HGET', KEYS[1], 'head')}
 """
@@ -125,7 +129,6 @@ class RedisHistory(RedisStore):
         return epoch.decode(), int(head or 0)
 
     def start_over(self, epoch: str) -> tuple[str, int]:
-        # Last values and idempotency keys are left to expire: they carry content, not positions.
         keys, args = [self.meta, self.stream], [epoch, secrets.token_hex(8)]
         new_epoch, head = self._call(self._start_over, keys=keys, args=args)
         return new_epoch.decode(), int(head or 0)

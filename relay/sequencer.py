@@ -67,6 +67,7 @@ class Sequencer:
         self._gap: gevent.Greenlet | None = None
         self._recent = RecentWindow(recent, recent_bytes)
         self._backfilling = gevent.lock.Semaphore()
+        self._retired: list[str] = []  # epochs this worker left: a straggler of one must not bring it back
 
     # -- positions ----------------------------------------------------------------------------
 
@@ -132,10 +133,13 @@ class Sequencer:
         offset = envelope.offset
         if offset is None or envelope.epoch is None:
             raise ValueError("only envelopes placed in the stream can be sequenced")
+        if envelope.epoch in self._retired:  # accepted just before its stream started over: gone with it
+            result.set(0)
+            return result
         if envelope.epoch != self.epoch:
             self._reset(envelope.epoch, offset - 1)
         if offset <= self.position or offset in self._parked:
-            result.set(self._recent.count_of(offset))
+            result.set(self._recent.count_of(offset, envelope.id))
             return result
         self._parked[offset] = (envelope, result)
         if not self._draining:
@@ -219,7 +223,10 @@ class Sequencer:
         self._recent.clear()
         old = self.epoch
         self.epoch, self.position = epoch, position
+        if epoch in self._retired:  # the store itself went back to it (restart): it is the stream again
+            self._retired.remove(epoch)
         if old is not None:
+            self._retired = [*self._retired[-7:], old]
             self._on_reset(epoch)
 
 
@@ -273,9 +280,10 @@ class RecentWindow:
             return None
         return [kept[0] for kept in self._kept[start:]]
 
-    def count_of(self, offset: int) -> int:
+    def count_of(self, offset: int, envelope_id: str) -> int:
+        """How many connections took the envelope delivered at ``offset``, if it is this one (else 0)."""
         index = self._index_of(offset)
-        return self._kept[index][1] if index is not None else 0
+        return self._kept[index][1] if index is not None and self._kept[index][0].id == envelope_id else 0
 
     def id_at(self, offset: int) -> str | None:
         index = self._index_of(offset)

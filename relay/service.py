@@ -298,21 +298,23 @@ class Realtime:
         if self.history is None:
             return
         try:
+            # Taken before the store is asked: broadcasts delivered while it answers are past its head.
+            delivered_epoch, position = self.sequencer.epoch, self.sequencer.position
             epoch, head = self.history.head()
-            if epoch == self.sequencer.epoch and self._went_back(head):
-                position = self.sequencer.position
+            if epoch == delivered_epoch == self.sequencer.epoch and self._went_back(head, position):
                 event("stream.went_back", level="error", epoch=epoch, head=head, delivered=position)
                 epoch, head = self.history.start_over(epoch)
-            if epoch != self.sequencer.epoch:
+            # Only if nothing moved it meanwhile: an offer of a newer stream's broadcast may have.
+            if epoch != self.sequencer.epoch and self.sequencer.epoch == delivered_epoch:
                 self.sequencer.restart(epoch, head)
             self.sequencer.catch_up()
         except HistoryUnavailable as down:
             log.warning("catch-up after a listener outage failed: %s", down)
 
-    def _went_back(self, head: int) -> bool:
-        """Whether the stream no longer holds what this worker delivered last (see ``_resync``)."""
+    def _went_back(self, head: int, position: int) -> bool:
+        """Whether the stream (at ``head``) no longer holds what this worker had delivered up to
+        ``position`` before asking (see ``_resync``): every offset delivered was stored first."""
         assert self.history is not None
-        position = self.sequencer.position
         if head < position:
             return True
         delivered = self.sequencer.delivered_id(position)

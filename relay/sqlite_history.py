@@ -80,6 +80,9 @@ class SqliteHistory(SqliteStore):
         self.last_value_ttl_ms = last_value_ttl_ms
         self.max_entries = max_entries
         self._counted: tuple[float, int, int] | None = None  # (when, broadcasts, sessions)
+        # Read once: only ``start_over`` changes it, which only a worker whose broker listener came back
+        # calls (the Redis broker, whose workers share the Redis history, not this file).
+        self._epoch: str | None = None
 
     # -- the stream ---------------------------------------------------------------------
 
@@ -123,13 +126,16 @@ class SqliteHistory(SqliteStore):
         with self._lock:
             db = self._conn()
             with transaction(db):
-                if self._epoch_of(db) == epoch:
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (secrets.token_hex(8),))
+                current = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+                if current == epoch:
+                    current = secrets.token_hex(8)
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (current,))
                     # Offsets go on from the old head (AUTOINCREMENT). Last values and idempotency
                     # keys are left to expire: they carry content, not positions (as in Redis).
                     db.execute("DELETE FROM history")
                 row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
-                return self._epoch_of(db), int(row[0]) if row else 0
+            self._epoch = current  # once committed
+            return current, int(row[0]) if row else 0
 
     @_store_errors
     def complete(self, idempotency: Idempotency, answer: dict) -> None:
@@ -281,8 +287,9 @@ class SqliteHistory(SqliteStore):
         db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
 
     def _epoch_of(self, db: sqlite3.Connection) -> str:
-        # Read every time (a primary-key lookup): another process sharing the file may have started over.
-        return db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+        if self._epoch is None:
+            self._epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+        return self._epoch
 
     def _previous(self, db: sqlite3.Connection, idempotency: Idempotency, now: int) -> Previous | None:
         row = db.execute(

@@ -216,6 +216,9 @@ def test_a_redis_stream_whose_epoch_was_lost_is_dropped_not_relabelled(redis_ser
         assert epoch != old_epoch and head == 0 and store.read(0, 10) == []
         placed = store.append(envelope(4))
         assert isinstance(placed, Appended) and (placed.epoch, placed.offset) == (epoch, 1)
+        redis.Redis.from_url(redis_server.url).delete("t:stream:meta")
+        started, head = store.start_over(epoch)  # a worker that noticed the stream went back, too late
+        assert started not in (epoch, None) and store.head() == (started, head) and store.read(0, 10) == []
     finally:
         store.close()
 

@@ -40,9 +40,10 @@ def signed_in(tmp_path):
         ('{"type": "CLINIC_ALERT"}', "(no details)"),
         ('{"type": "CLINIC_ALERT", "data": null}', "(no details)"),
         ('{"type": "CLINIC_ALERT", "data": [1, 2]}', "[1, 2]"),
+        ('{"type": "CLINIC_ALERT", "data": {"message": "\\ud800"}}', "(no details)"),  # not text a page can hold
         ('{"type": "CLINIC_ALERT", "data": {"level": "urgent", "message": "Room 3"}}', "Room 3"),
     ],
-    ids=["no-message", "empty", "not-json", "no-data", "null-data", "list-data", "an-alert"],
+    ids=["no-message", "empty", "not-json", "no-data", "null-data", "list-data", "surrogate", "an-alert"],
 )
 def test_the_alert_fragment_renders_whatever_message_it_is_given(signed_in, message, shown):
     client, token = signed_in("bob")

@@ -175,6 +175,24 @@ def test_a_backfill_of_pages_with_a_hole_is_not_kept():
     assert world.sequencer.recent_after(4) is None  # not kept: a resume reads the history itself
 
 
+def test_a_straggler_of_an_epoch_left_behind_does_not_bring_it_back(world):
+    """Accepted in the old stream just before it started over, it arrives after: it went with it."""
+    world.sequencer.offer(env(1))
+    world.sequencer.restart("e2", 5)
+    assert world.sequencer.offer(env(2)).get(timeout=1) == 0  # e1's, late
+    assert world.sequencer.epoch == "e2" and world.resets == ["e2"] and world.delivered == [1]
+    world.sequencer.restart(EPOCH, 9)  # unless the store itself says the stream is that one again
+    world.sequencer.offer(env(10))
+    assert world.delivered == [1, 10]
+
+
+def test_a_duplicate_reports_the_count_of_the_same_broadcast_only(world):
+    world.sequencer.offer(env(1))
+    other = Envelope("ANNOUNCEMENT", {}, Filter(), id="another").placed(EPOCH, 1)
+    assert world.sequencer.offer(other).get(timeout=1) == 0  # not broadcast 1's count
+    assert world.delivered == [1]
+
+
 def test_the_id_delivered_at_an_offset_is_known_while_the_window_holds_it(world):
     world.sequencer.offer(env(1))
     assert world.sequencer.delivered_id(1) == "id-1" and world.sequencer.delivered_id(2) is None
