@@ -6,7 +6,13 @@
 set -eu
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
-py2="${PYTHON2:-$(command -v python2.7 || ls /root/.pyenv/versions/2.7*/bin/python 2>/dev/null | head -1 || true)}"
+# The first candidate that runs (a pyenv shim for python2.7 exists even where no 2.7 is selected).
+py2="${PYTHON2:-}"
+if [ -z "$py2" ]; then
+  for candidate in $(command -v python2.7 || true) /root/.pyenv/versions/2.7*/bin/python; do
+    if [ -x "$candidate" ] && "$candidate" -c 'import sys' >/dev/null 2>&1; then py2="$candidate"; break; fi
+  done
+fi
 [ -n "$py2" ] && [ -x "$py2" ] || { echo "conformance needs Python 2.7 (set PYTHON2=/path/to/python2.7)" >&2; exit 2; }
 venv="$here/.venv2"
 if [ ! -x "$venv/bin/wstest" ]; then

@@ -27,7 +27,8 @@ _DATA = frozenset({OP_TEXT, OP_BINARY})
 # Close codes a peer may put on the wire (RFC 6455 7.4.1; 1004-1006 and 1015 are reserved).
 _VALID_CLOSE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 MAX_CONTROL_PAYLOAD = 125
-MAX_FRAGMENTS = 4096  # frames one message may arrive in (64 KiB in 16-byte pieces)
+# Frames one message may arrive in: its byte limit in 16-byte pieces (4,096 for the service's 64 KiB).
+FRAGMENT_BYTES = 16
 MAX_CLOSE_REASON_BYTES = 123
 
 
@@ -166,9 +167,10 @@ class FrameParser:
             if self._fragments is None:
                 raise ProtocolViolation(Close.PROTOCOL_ERROR, "continuation frame without a message")
             self._fragment_size += len(payload)
-            if len(self._fragments) >= MAX_FRAGMENTS:
+            most = self.max_message // FRAGMENT_BYTES
+            if len(self._fragments) >= most:
                 # Bytes alone do not bound a message: endless empty fragments cost memory and time.
-                raise ProtocolViolation(Close.MESSAGE_TOO_BIG, f"message in more than {MAX_FRAGMENTS} fragments")
+                raise ProtocolViolation(Close.MESSAGE_TOO_BIG, f"message in more than {most} fragments")
             if self._text is not None:
                 self._fragments.append(self._decode(payload, final=bool(fin)))
             else:

@@ -63,11 +63,27 @@ def test_fragmented_message_is_joined_and_control_frames_may_interleave():
     assert parse(data) == [(frames.OP_PING, b""), (frames.OP_TEXT, "abcdef")]
 
 
+MOST = 64 * 1024 // frames.FRAGMENT_BYTES
+
+
+def test_the_service_takes_a_message_in_4096_fragments_at_most():
+    assert MOST == 4096
+
+
 def test_a_message_in_the_most_fragments_allowed_is_joined():
     pieces = [client_frame(frames.OP_TEXT, b"a", fin=False)]
-    pieces += [client_frame(frames.OP_CONTINUATION, b"b", fin=False)] * (frames.MAX_FRAGMENTS - 2)
+    pieces += [client_frame(frames.OP_CONTINUATION, b"b", fin=False)] * (MOST - 2)
     pieces.append(client_frame(frames.OP_CONTINUATION, b"c"))
-    assert parse(b"".join(pieces)) == [(frames.OP_TEXT, "a" + "b" * (frames.MAX_FRAGMENTS - 2) + "c")]
+    assert parse(b"".join(pieces)) == [(frames.OP_TEXT, "a" + "b" * (MOST - 2) + "c")]
+
+
+def test_a_larger_message_limit_allows_more_fragments():
+    """Autobahn's 9.3.1 sends 4 MiB in 64-byte fragments (65,536) to an endpoint that takes 16 MiB."""
+    piece = b"x" * 64
+    frames_ = [client_frame(frames.OP_BINARY, piece, fin=False)]
+    frames_ += [client_frame(frames.OP_CONTINUATION, piece, fin=False)] * (65_536 - 2)
+    frames_.append(client_frame(frames.OP_CONTINUATION, piece))
+    assert parse(b"".join(frames_), max_message=16 << 20) == [(frames.OP_BINARY, piece * 65_536)]
 
 
 def test_endless_empty_fragments_fail_the_message_with_1009_not_memory():
@@ -76,7 +92,7 @@ def test_endless_empty_fragments_fail_the_message_with_1009_not_memory():
     parser.feed(client_frame(frames.OP_TEXT, b"", fin=False))
     empty = client_frame(frames.OP_CONTINUATION, b"", fin=False)
     with pytest.raises(ProtocolViolation) as failed:
-        for _ in range(frames.MAX_FRAGMENTS // 1000 + 1):
+        for _ in range(MOST // 1000 + 1):
             parser.feed(empty * 1000)
     assert failed.value.code == Close.MESSAGE_TOO_BIG and "fragments" in str(failed.value)
 
