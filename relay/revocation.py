@@ -74,9 +74,16 @@ class IdentityWatcher:
     def _poll_forever(self) -> None:
         while True:
             try:
-                self._cursor, changed = self.directory.changes_since(self._cursor)
-                if changed:
-                    self.refresh(changed)
+                cursor, changed = self.directory.changes_since(self._cursor)
+                try:
+                    if changed:
+                        self.refresh(changed)
+                except DirectoryUnavailable:
+                    raise  # the cursor stays: these changes are read again at the next poll
+                except Exception:
+                    self.errors += 1  # a bug applying them: go on, or one change would stop every later one
+                    log.exception("applying identity changes failed")
+                self._cursor = cursor
             except DirectoryUnavailable as down:
                 self.errors += 1
                 log.warning("identity changes not read: %s", down)
@@ -86,8 +93,11 @@ class IdentityWatcher:
             gevent.sleep(self.poll_interval)
 
     def _recheck_forever(self) -> None:
+        started = time.monotonic()
         while True:
-            gevent.sleep(self.recheck_interval)
+            # Every recheck_interval from the start of the last round, not after it: a round spread
+            # over half the interval would otherwise stretch the period to one and a half.
+            gevent.sleep(max(0.0, self.recheck_interval - (time.monotonic() - started)))
             started = time.monotonic()
             users = self.users()
             size = max(1, self.directory.recheck_batch)
