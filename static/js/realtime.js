@@ -141,6 +141,7 @@ export class RealtimeClient {
     this.restarts = 0; // consecutive 1012 closes
     this.retries = []; // the last 20 decisions {code, action, delayMs, windowMs}, for diagnostics and tests
     this.everOpened = false;
+    this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.stopped = true;
     this.fetching = false; // a token request is in flight
     this.retryTimer = null;
@@ -335,20 +336,33 @@ export class RealtimeClient {
       return;
     }
     if (!message || typeof message.type !== "string") return;
-    if (message.type === "CONNECTED") {
+    // The server's own frames carry no id; every broadcast has one (its type may be anything, even
+    // CONNECTED or PONG: a producer chose it).
+    const broadcast = typeof message.id === "string";
+    if (message.type === "CONNECTED" && !broadcast) {
+      const reconnect = this.everOpened;
       this.attempt = 0;
       this.authFailures = 0;
       this.restarts = 0;
       this.everOpened = true;
-      this._setStatus("open");
+      this._setStatus("open"); // before _connected: send() needs it (its listeners cannot throw past here)
       this._startWatchdog();
-      this._connected(message.data || {});
-    } else if (typeof message.offset === "number" && this.position && !message.last) {
-      // A broadcast: each is processed once, in offset order (a last value is an old one, resent on purpose).
-      if (message.offset <= this.position.offset) return;
-      this.position.offset = message.offset;
+      this._connected(message.data || {}, reconnect);
+    } else if (broadcast && typeof message.offset === "number" && this.position) {
+      if (message.last) {
+        // An old broadcast resent on purpose: it does not move the position, but if it is ahead of
+        // it, a replay after a drop brings it again as an ordinary frame: remember it was shown.
+        if (message.offset > this.position.offset) this.shownAhead.set(message.id, message.offset);
+      } else {
+        // A broadcast: each is processed once, in offset order.
+        if (message.offset <= this.position.offset) return;
+        this.position.offset = message.offset;
+        const shown = this.shownAhead.delete(message.id);
+        for (const [id, offset] of this.shownAhead) if (offset <= message.offset) this.shownAhead.delete(id);
+        if (shown) return;
+      }
     }
-    if (message.type === "PONG") return;
+    if (message.type === "PONG" && !broadcast) return;
     for (const listener of this.messageListeners) {
       try {
         listener(message);
@@ -361,8 +375,10 @@ export class RealtimeClient {
     target.dispatchEvent(new CustomEvent(`realtime:${message.type}`, { detail: message }));
   }
 
-  _connected(data) {
-    const asked = this.position !== null;
+  _connected(data, reconnect) {
+    // A reconnect that is not a recovery missed whatever was sent meanwhile, with or without history.
+    const asked = reconnect || this.position !== null;
+    if (data.recovered !== true) this.shownAhead.clear(); // a new position: nothing is ahead of it yet
     if (typeof data.epoch !== "string" || typeof data.offset !== "number") {
       this.position = null; // this server keeps no history: nothing to resume
     } else if (data.recovered === true) {
@@ -380,7 +396,13 @@ export class RealtimeClient {
     if (asked) {
       // What happened while we were away could not be replayed: every page must refetch its state.
       if (data.reason) console.info(`realtime: not recovered (${data.reason}); resynchronising`);
-      for (const listener of this.resyncListeners) listener(data);
+      for (const listener of this.resyncListeners) {
+        try {
+          listener(data);
+        } catch (error) {
+          console.error("realtime resync listener failed", error);
+        }
+      }
       const target = this.options.target || document.body;
       target.dispatchEvent(new CustomEvent("realtime:resync", { detail: data }));
     }
@@ -510,7 +532,13 @@ export class RealtimeClient {
   _setStatus(status) {
     if (this.status === status) return;
     this.status = status;
-    for (const listener of this.statusListeners) listener(status);
+    for (const listener of this.statusListeners) {
+      try {
+        listener(status);
+      } catch (error) {
+        console.error("realtime status listener failed", error);
+      }
+    }
   }
 }
 

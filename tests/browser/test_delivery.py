@@ -161,3 +161,49 @@ def test_queue_updates_made_during_a_wifi_drop_reach_the_page_in_order(site, web
     expect(page.locator("#queue ol.queue li")).to_have_count(3)
     expect(page.locator("#queue ol.queue li").nth(2)).to_contain_text("C")
     assert page.evaluate("() => window.__seen") == [1, 2, 3]  # every update, once, in order
+
+
+def test_a_broadcast_named_like_a_protocol_frame_is_a_message_not_the_protocol(site, web):
+    """Its type is the producer's: a broadcast 'CONNECTED' moved every client's position to its data's
+    offset, and every later broadcast was dropped as already processed (found by review)."""
+    page = web(site, "bob")
+    wait_live(page)
+    odd = {"epoch": "nope", "offset": 10**12, "clientId": "nobody"}
+    body = {"message": {"type": "CONNECTED", "data": odd}, "filter": {"channels": ["system:announcements"]}}
+    assert site.broadcast(body).status_code == 200
+    announce(site, "Still heard")
+    expect(page.locator("#toasts .toast-text")).to_have_text("Still heard")
+
+
+def test_without_history_a_reconnect_still_tells_the_page_to_refetch(start_server, web):
+    """Nothing can be replayed, so whatever was sent meanwhile is unknown: the page must be told."""
+    srv = start_server(WS_RECOVERY_WINDOW_MS=0, WS_CLOSE_TIMEOUT_MS=500)
+    page = web(srv, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    page.evaluate("window.__resyncs = 0; document.body.addEventListener('realtime:resync', () => window.__resyncs++)")
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    page.context.set_offline(False)
+    wait_live(page)
+    assert wait_for(lambda: page.evaluate("window.__resyncs") == 1, timeout=10)
+
+
+def test_a_last_value_shown_ahead_of_the_position_is_not_shown_again_by_the_replay(site, web):
+    """The page subscribes to a channel with last after a broadcast it never got live: that one is
+    ahead of its position, and a resume after a drop replays it as an ordinary frame."""
+    page = web(site, "bob")  # the home page: announcements only
+    wait_live(page)
+    sent = queue_update(site, "Somchai")  # the page holds no queue channel yet: its position stays before
+    page.evaluate(
+        "() => { window.__seen = [];"
+        " window.realtime.onMessage((m) => { if (m.type === 'QUEUE_UPDATE') window.__seen.push(m.id); });"
+        f" window.realtime.subscribe(['{QUEUE}'], {{ last: true }}); }}"
+    )
+    assert wait_for(lambda: page.evaluate("window.__seen") == [sent["id"]], timeout=10)  # as its last value
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    page.context.set_offline(False)
+    wait_live(page)
+    announce(site, "after the drop")  # the replay, if any, comes before this
+    expect(page.locator("#toasts .toast-text").last).to_have_text("after the drop")
+    assert page.evaluate("window.__seen") == [sent["id"]]  # once, not twice
