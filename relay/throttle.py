@@ -29,9 +29,11 @@ address or a client address.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -121,8 +123,32 @@ class LoginThrottle:
 
 
 def _key(kind: str, value: str) -> str:
-    digest = hashlib.sha256(value.strip().lower().encode()).hexdigest()[:32]
+    canonical = _account(value) if kind == "account" else _address(value)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:32]
     return f"{kind}:{digest}"
+
+
+def _account(login: str) -> str:
+    """One key for every spelling an identity source may take for the same name: case folded, accents
+    and other marks dropped, compatibility forms unified ("İnfo", "info" and "ｉｎｆｏ" are one
+    account to Supabase, whose lookup lower-cases with Go's simple mapping). A coarser key only makes
+    the limit stricter, never looser."""
+    decomposed = unicodedata.normalize("NFKD", login.strip())
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def _address(address: str) -> str:
+    """An IPv6 client has a /64 to itself (one per address would be 2**64 buckets); an IPv4-mapped
+    one is its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address.strip().split("%")[0])
+    except ValueError:
+        return address.strip().lower()
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def _backoff(limit: Limit, level: int) -> float:

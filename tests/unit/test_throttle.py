@@ -114,6 +114,27 @@ def test_an_address_trying_many_accounts_is_slowed_down(throttle):
     assert throttle.wait("someone-new@x", HOME, now=T0 + 1) == 0
 
 
+@pytest.mark.parametrize("spelling", ["IRIS@X", " iris@x ", "\u0130ris@x", "\uff49\uff52\uff49\uff53@x"])
+def test_every_spelling_an_identity_source_would_take_for_the_same_name_is_one_account(throttle, spelling):
+    """Supabase lower-cases with Go's simple mapping: "İ" is "i" there, but "i̇" to Python's lower()."""
+    fail(throttle, 6, login="iris@x", step=0)
+    assert throttle.wait(spelling, "10.0.0.9", now=T0 + 1) > 0
+
+
+@pytest.mark.parametrize("neighbour", ["2001:db8:1:2::99", "2001:db8:1:2:ffff::1"])
+def test_an_ipv6_client_is_one_address_per_64_as_its_network_gives_it(throttle, neighbour):
+    for n in range(20):
+        throttle.attempt(f"user-{n}@x", f"2001:db8:1:2::{n + 1:x}", now=T0)
+    assert throttle.wait("someone-new@x", neighbour, now=T0 + 1) > 0
+    assert throttle.wait("someone-new@x", "2001:db8:1:3::1", now=T0 + 1) == 0  # the next /64 is someone else
+
+
+def test_an_ipv4_mapped_address_is_its_ipv4_address(throttle):
+    for n in range(20):
+        throttle.attempt(f"user-{n}@x", "::ffff:10.9.9.9", now=T0)
+    assert throttle.wait("someone-new@x", "10.9.9.9", now=T0 + 1) > 0
+
+
 def test_failures_older_than_the_window_are_forgotten(throttle):
     fail(throttle, 4, step=0)
     assert fail(throttle, 1, at=T0 + 901) == [0]  # 15 minutes later: the old four are gone
