@@ -204,7 +204,11 @@ class RedisBroker:
                 self._failed(problem)
                 raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
             local = self._control(message) if self._control is not None else 0
-            others = max(0, receivers - (1 if listening else 0))
+            # Redis counts only the listeners subscribed at this instant: a worker whose listener is
+            # reconnecting is not among them, and would never run this (control messages are not
+            # kept). Its heartbeat record still says it is alive: count it as missing, so that the
+            # caller is told to try again instead of "done".
+            others = max(receivers - (1 if listening else 0), self._other_records(), 0)
             waiter.expect(others)
             if others:
                 waiter.done.wait(self.reply_timeout)
@@ -404,6 +408,19 @@ class RedisBroker:
         self._elsewhere = elsewhere
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _other_records(self) -> int:
+        """How many other workers have a heartbeat record that has not expired (0 if Redis cannot say)."""
+        try:
+            ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self._client.smembers(self.workers_key)]
+            others = [i for i in ids if i != self.worker_id]
+            return (
+                sum(raw is not None for raw in self._client.mget([self._record_key(i) for i in others]))
+                if others
+                else 0
+            )
+        except (redis.RedisError, OSError):
+            return 0
 
     def _record_key(self, worker_id: str) -> str:
         """Where a worker's heartbeat record (its hub statistics) is kept."""

@@ -252,3 +252,24 @@ def test_the_cluster_view_reads_the_set_of_workers_never_scanning_the_keyspace(s
     assert b"ghost-worker" not in client.smembers("relay:workers")
     assert client.info("commandstats").get("cmdstat_scan") is None  # /health cost does not grow with the keyspace
     client.close()
+
+
+def test_a_control_message_counts_a_worker_whose_listener_is_away_as_missing(redis_server):
+    """Redis counts only the listeners subscribed at that instant, and control messages are not kept: a
+    disconnect while a worker's listener reconnects never reaches it, and the answer said nothing was
+    missing (found by review). Its heartbeat record says it is alive: it is reported missing."""
+    import json
+
+    import redis as redis_client
+
+    from relay.redis_broker import RedisBroker
+
+    here = RedisBroker(redis_server.url, worker_id="here", prefix="t", reply_timeout=0.2)
+    try:
+        raw = redis_client.Redis.from_url(redis_server.url)
+        raw.sadd("t:workers", "away")  # alive (its record has not expired), listener reconnecting
+        raw.set(here._record_key("away"), json.dumps({"worker": "away", "clients": 3}), px=10_000)
+        done = here.control({"kind": "disconnect", "userId": "bob"})
+        assert done.missing == 1
+    finally:
+        here.close()
