@@ -92,6 +92,7 @@ export const MAX_MESSAGE_BYTES = 64 * 1024;
  * @property {number} idleMs send an application PING after this long without a message
  * @property {number} pongTimeoutMs treat the socket as dead if nothing answers that PING within this
  * @property {number} maxAuthFailures 4401s with fresh tokens in a row before giving up ("unauthorized")
+ * @property {number} stableMs a connection open at least this long resets the backoff when it closes
  * @property {?Element} target the element that receives the `realtime:*` DOM events (default document.body)
  */
 
@@ -106,6 +107,7 @@ export const DEFAULTS = Object.freeze({
   idleMs: 25000, // nothing heard for this long: send an application PING
   pongTimeoutMs: 10000, // and if that gets no answer, the socket is dead
   maxAuthFailures: 5, // rejected fresh tokens in a row before giving up
+  stableMs: 30000, // a connection that lasted this long starts the backoff over when it ends
   target: null, // element that receives the DOM events (document.body)
 });
 
@@ -142,6 +144,7 @@ export class RealtimeClient {
     this.retries = []; // the last 20 decisions {code, action, delayMs, windowMs}, for diagnostics and tests
     this.everOpened = false;
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
+    this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
     this.stopped = true;
     this.fetching = false; // a token request is in flight
     this.retryTimer = null;
@@ -341,7 +344,9 @@ export class RealtimeClient {
     const broadcast = typeof message.id === "string";
     if (message.type === "CONNECTED" && !broadcast) {
       const reconnect = this.everOpened;
-      this.attempt = 0;
+      // Not the backoff (attempt): a server that admits and then closes at once, again and again
+      // (1013, 1011, 1008), must see this client slow down. It starts over once a connection lasted.
+      this.connectedAt = Date.now();
       this.authFailures = 0;
       this.restarts = 0;
       this.everOpened = true;
@@ -385,27 +390,32 @@ export class RealtimeClient {
       // Restored: the missed broadcasts follow, then live ones. Keep our offset until they arrive.
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: this.position.offset };
       const restored = new Set(data.channels || []);
-      this._sendSubscribe([...this.refs.keys()].filter((name) => !restored.has(name)));
+      const lacking = [...this.refs.keys()].filter((name) => !restored.has(name));
+      this._sendSubscribe(lacking);
       const extra = [...restored].filter((name) => !this.refs.has(name)); // dropped while we were away
       if (extra.length) this.send({ type: "UNSUBSCRIBE", data: { channels: extra } });
+      // Subscribed here while the socket was down: the replay did not cover them. Say so.
+      if (lacking.length) this._resync({ ...data, reason: "subscribed_while_away", channels: lacking });
       return;
     } else {
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: data.offset };
     }
     this._sendSubscribe([...this.refs.keys()]);
-    if (asked) {
-      // What happened while we were away could not be replayed: every page must refetch its state.
-      if (data.reason) console.info(`realtime: not recovered (${data.reason}); resynchronising`);
-      for (const listener of this.resyncListeners) {
-        try {
-          listener(data);
-        } catch (error) {
-          console.error("realtime resync listener failed", error);
-        }
+    // What happened while we were away could not be replayed: every page must refetch its state.
+    if (asked) this._resync(data);
+  }
+
+  _resync(data) {
+    if (data.reason) console.info(`realtime: not recovered (${data.reason}); resynchronising`);
+    for (const listener of this.resyncListeners) {
+      try {
+        listener(data);
+      } catch (error) {
+        console.error("realtime resync listener failed", error);
       }
-      const target = this.options.target || document.body;
-      target.dispatchEvent(new CustomEvent("realtime:resync", { detail: data }));
     }
+    const target = this.options.target || document.body;
+    target.dispatchEvent(new CustomEvent("realtime:resync", { detail: data }));
   }
 
   _sendSubscribe(names) {
@@ -419,6 +429,8 @@ export class RealtimeClient {
     if (ws !== this.ws) return;
     this.ws = null;
     this._stopWatchdog();
+    if (this.connectedAt && Date.now() - this.connectedAt >= this.options.stableMs) this.attempt = 0;
+    this.connectedAt = 0;
     if (this.stopped) return;
     const code = event.code;
     const action = CLOSE_ACTIONS[code] || "backoff"; // 1006 (network lost), 1001, anything new

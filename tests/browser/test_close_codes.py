@@ -215,3 +215,26 @@ def test_tokens_that_keep_failing_back_off_then_end_in_unauthorized(site, web):
     time.sleep(2)
     assert page.evaluate("window.realtime.stats")["sockets"] == 5  # and then it stopped
     expect(page.locator("#rt-status .rt-status-text")).to_have_text("Signed out")
+
+
+def test_a_server_that_admits_then_closes_again_and_again_sees_the_client_back_off(live):
+    """Getting in is not enough to start the backoff over: a connection must also last (stableMs)."""
+    page, sockets, errors = live
+    for _ in range(3):
+        count = len(retries(page)) + 1
+        sockets.close(Close.TRY_AGAIN_LATER, "slow consumer")
+        wait_retry(page, count)
+        wait_live(page)  # admitted again (CONNECTED), then closed again at once
+    assert [d["windowMs"] for d in retries(page)] == [500, 1000, 2000]
+
+
+def test_a_connection_that_lasted_starts_the_backoff_over(live):
+    page, sockets, errors = live
+    page.evaluate("window.realtime.options.stableMs = 300")
+    for _ in range(2):
+        time.sleep(0.5)  # longer than stableMs
+        count = len(retries(page)) + 1
+        sockets.close(Close.TRY_AGAIN_LATER, "slow consumer")
+        wait_retry(page, count)
+        wait_live(page)
+    assert [d["windowMs"] for d in retries(page)] == [500, 500]

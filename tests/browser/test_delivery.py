@@ -207,3 +207,21 @@ def test_a_last_value_shown_ahead_of_the_position_is_not_shown_again_by_the_repl
     announce(site, "after the drop")  # the replay, if any, comes before this
     expect(page.locator("#toasts .toast-text").last).to_have_text("after the drop")
     assert page.evaluate("window.__seen") == [sent["id"]]  # once, not twice
+
+
+def test_a_channel_subscribed_while_the_socket_was_down_is_resynced_after_a_recovered_resume(site, web):
+    """The replay covers the channels the session held when it left: broadcasts to one the page added
+    while away were not replayed, and the page must be told to refetch it (found by review)."""
+    page = web(site, "bob")
+    wait_live(page)
+    # A function body: an expression whose value is a function (onResync's "stop listening") is called.
+    page.evaluate(
+        "() => { window.__resyncs = []; window.realtime.onResync((d) => window.__resyncs.push(d.channels || [])); }"
+    )
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    queue_update(site, "While away")  # to a channel the page does not hold yet
+    page.evaluate(f"window.realtime.subscribe(['{QUEUE}'])")  # added while away
+    page.context.set_offline(False)
+    wait_live(page)
+    assert wait_for(lambda: page.evaluate("window.__resyncs") == [[QUEUE]], timeout=10)
