@@ -97,7 +97,9 @@ class IdentityWatcher:
         while True:
             # Every recheck_interval from the start of the last round, not after it: a round spread
             # over half the interval would otherwise stretch the period to one and a half.
-            gevent.sleep(max(0.0, self.recheck_interval - (time.monotonic() - started)))
+            # At least a quarter of it between two rounds, even when a round takes longer than the interval.
+            elapsed = time.monotonic() - started
+            gevent.sleep(max(self.recheck_interval / 4, self.recheck_interval - elapsed))
             started = time.monotonic()
             users = self.users()
             size = max(1, self.directory.recheck_batch)

@@ -140,8 +140,13 @@ def _account(login: str) -> str:
 def _address(address: str) -> str:
     """An IPv6 client has a /64 to itself (one per address would be 2**64 buckets); an IPv4-mapped
     one is its IPv4 address."""
+    text = address.strip()
+    if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443", as some proxies write it
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # "203.0.113.7:5678"
+        text = text.split(":")[0]
     try:
-        ip = ipaddress.ip_address(address.strip().split("%")[0])
+        ip = ipaddress.ip_address(text.split("%")[0])
     except ValueError:
         return address.strip().lower()
     if isinstance(ip, ipaddress.IPv6Address):

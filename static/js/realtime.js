@@ -145,6 +145,7 @@ export class RealtimeClient {
     this.everOpened = false;
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
+    this.unsent = new Set(); // channels subscribed while no socket could carry the SUBSCRIBE
     this.stopped = true;
     this.fetching = false; // a token request is in flight
     this.retryTimer = null;
@@ -180,7 +181,7 @@ export class RealtimeClient {
   stop(status = "idle") {
     this.stopped = true;
     clearTimeout(this.retryTimer);
-    this._stopWatchdog();
+    this._socketEnded();
     window.removeEventListener("online", this._onOnline);
     window.removeEventListener("offline", this._onOffline);
     document.removeEventListener("visibilitychange", this._onVisible);
@@ -224,6 +225,7 @@ export class RealtimeClient {
         if (count === 1) gone.push(name);
         this.refs.delete(name);
         this.wantsLast.delete(name);
+        this.unsent.delete(name);
       } else {
         this.refs.set(name, count - 1);
       }
@@ -259,9 +261,10 @@ export class RealtimeClient {
   }
 
   /**
-   * Called after the server could not replay what was missed (`recovered: false`): refetch what the
-   * page shows. Also dispatched as `realtime:resync` on the target element.
-   * @param {(connected: {clientId: string, epoch?: string, offset?: number, reason?: string}) => void} listener
+   * Called when what was missed could not be replayed (`recovered: false`, a server without history,
+   * or channels subscribed while the socket was down: then `channels` names them, and only they
+   * need refetching): refetch what the page shows. Also dispatched as `realtime:resync` on the target.
+   * @param {(connected: {clientId: string, epoch?: string, offset?: number, reason?: string, channels?: string[]}) => void} listener
    * @returns {() => void} stops listening
    */
   onResync(listener) {
@@ -391,11 +394,13 @@ export class RealtimeClient {
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: this.position.offset };
       const restored = new Set(data.channels || []);
       const lacking = [...this.refs.keys()].filter((name) => !restored.has(name));
+      // Subscribed here while the socket was down: the replay did not cover them. (Others the session
+      // lacks were refused by the server, which said so with an ERROR: nothing to refetch for them.)
+      const away = lacking.filter((name) => this.unsent.has(name));
       this._sendSubscribe(lacking);
       const extra = [...restored].filter((name) => !this.refs.has(name)); // dropped while we were away
       if (extra.length) this.send({ type: "UNSUBSCRIBE", data: { channels: extra } });
-      // Subscribed here while the socket was down: the replay did not cover them. Say so.
-      if (lacking.length) this._resync({ ...data, reason: "subscribed_while_away", channels: lacking });
+      if (away.length) this._resync({ ...data, reason: "subscribed_while_away", channels: away });
       return;
     } else {
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: data.offset };
@@ -406,7 +411,7 @@ export class RealtimeClient {
   }
 
   _resync(data) {
-    if (data.reason) console.info(`realtime: not recovered (${data.reason}); resynchronising`);
+    if (data.reason) console.info(`realtime: resynchronising (${data.reason})`);
     for (const listener of this.resyncListeners) {
       try {
         listener(data);
@@ -421,16 +426,17 @@ export class RealtimeClient {
   _sendSubscribe(names) {
     const last = names.filter((name) => this.wantsLast.has(name));
     const plain = names.filter((name) => !this.wantsLast.has(name));
-    if (plain.length) this.send({ type: "SUBSCRIBE", data: { channels: plain } });
-    if (last.length) this.send({ type: "SUBSCRIBE", data: { channels: last, last: true } });
+    for (const [group, data] of [[plain, { channels: plain }], [last, { channels: last, last: true }]]) {
+      if (!group.length) continue;
+      const sent = this.send({ type: "SUBSCRIBE", data });
+      for (const name of group) sent ? this.unsent.delete(name) : this.unsent.add(name);
+    }
   }
 
   _onSocketClose(ws, event) {
     if (ws !== this.ws) return;
     this.ws = null;
-    this._stopWatchdog();
-    if (this.connectedAt && Date.now() - this.connectedAt >= this.options.stableMs) this.attempt = 0;
-    this.connectedAt = 0;
+    this._socketEnded();
     if (this.stopped) return;
     const code = event.code;
     const action = CLOSE_ACTIONS[code] || "backoff"; // 1006 (network lost), 1001, anything new
@@ -457,6 +463,13 @@ export class RealtimeClient {
       return this._retryIn(code, "restart", minRetryMs + Math.random() * (restartJitterMs - minRetryMs), restartJitterMs);
     }
     this._retry(code);
+  }
+
+  /** Every way a socket ends comes through here: the watchdog, and the backoff's fresh start. */
+  _socketEnded() {
+    this._stopWatchdog();
+    if (this.connectedAt && Date.now() - this.connectedAt >= this.options.stableMs) this.attempt = 0;
+    this.connectedAt = 0;
   }
 
   _fail(code, reason) {
@@ -504,7 +517,7 @@ export class RealtimeClient {
     if (this.ws) {
       const ws = this.ws;
       this.ws = null;
-      this._stopWatchdog();
+      this._socketEnded();
       ws.close(4000, "browser offline");
     }
     clearTimeout(this.retryTimer); // the "online" event restarts us
@@ -531,7 +544,7 @@ export class RealtimeClient {
     if (this.pingSentAt && now - this.pingSentAt > this.options.pongTimeoutMs) {
       // Nothing came back: the network dropped the connection without telling us.
       this.ws = null;
-      this._stopWatchdog();
+      this._socketEnded();
       ws.onclose = null;
       ws.close(4000, "no answer to ping");
       this._retry(4000);

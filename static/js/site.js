@@ -135,10 +135,11 @@ function watchSubscribers(rt) {
 // (post= with last=true) may be stale: show that it is waiting until the channel's last value,
 // which the resubscription asks for, renders it again. With no last value it stays waiting.
 function clearStaleFragments() {
-  document.body.addEventListener("realtime:resync", () => {
-    for (const element of subscribed.keys()) {
+  document.body.addEventListener("realtime:resync", (event) => {
+    const only = event.detail && event.detail.channels; // a resync for some channels only
+    for (const [element, names] of subscribed) {
       const text = element.dataset.realtimeResync;
-      if (!text) continue;
+      if (!text || (only && !names.some((name) => only.includes(name)))) continue;
       const where = element.dataset.realtimeTarget;
       const target = !where || where === "this" ? element : document.querySelector(where);
       if (!target) continue;

@@ -225,3 +225,22 @@ def test_a_channel_subscribed_while_the_socket_was_down_is_resynced_after_a_reco
     page.context.set_offline(False)
     wait_live(page)
     assert wait_for(lambda: page.evaluate("window.__resyncs") == [[QUEUE]], timeout=10)
+
+
+def test_a_channel_the_server_refused_does_not_resync_the_page_at_every_reconnect(site, web):
+    """The session never holds it, so it is missing from every restored list: only a SUBSCRIBE that
+    never left (the socket was down) leaves something unreplayed."""
+    page = web(site, "bob")
+    wait_live(page)
+    page.evaluate(
+        "() => { window.__resyncs = []; window.realtime.onResync((d) => window.__resyncs.push(d.channels || []));"
+        " window.realtime.subscribe(['clinic:clinic-2:queue']); }"  # not bob's clinic: ERROR forbidden_channel
+    )
+    for _ in range(2):
+        page.context.set_offline(True)
+        expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+        page.context.set_offline(False)
+        wait_live(page)
+    announce(site, "after the drops")
+    expect(page.locator("#toasts .toast-text").last).to_have_text("after the drops")
+    assert page.evaluate("window.__resyncs") == []

@@ -129,6 +129,14 @@ def test_an_ipv6_client_is_one_address_per_64_as_its_network_gives_it(throttle, 
     assert throttle.wait("someone-new@x", "2001:db8:1:3::1", now=T0 + 1) == 0  # the next /64 is someone else
 
 
+@pytest.mark.parametrize("written", ["[2001:db8:1:2::7]:443", "10.9.9.9:5678"])
+def test_an_address_a_proxy_wrote_with_its_port_is_the_address(throttle, written):
+    host = "2001:db8:1:2::8" if written.startswith("[") else "10.9.9.9"
+    for n in range(20):
+        throttle.attempt(f"user-{n}@x", written, now=T0)
+    assert throttle.wait("someone-new@x", host, now=T0 + 1) > 0
+
+
 def test_an_ipv4_mapped_address_is_its_ipv4_address(throttle):
     for n in range(20):
         throttle.attempt(f"user-{n}@x", "::ffff:10.9.9.9", now=T0)
