@@ -360,7 +360,10 @@ export class RealtimeClient {
       if (message.last) {
         // An old broadcast resent on purpose: it does not move the position, but if it is ahead of
         // it, a replay after a drop brings it again as an ordinary frame: remember it was shown.
-        if (message.offset > this.position.offset) this.shownAhead.set(message.id, message.offset);
+        if (message.offset > this.position.offset) {
+          if (this.shownAhead.size >= 500) this.shownAhead.delete(this.shownAhead.keys().next().value); // oldest
+          this.shownAhead.set(message.id, message.offset);
+        }
       } else {
         // A broadcast: each is processed once, in offset order.
         if (message.offset <= this.position.offset) return;
@@ -371,13 +374,7 @@ export class RealtimeClient {
       }
     }
     if (message.type === "PONG" && !broadcast) return;
-    for (const listener of this.messageListeners) {
-      try {
-        listener(message);
-      } catch (error) {
-        console.error("realtime listener failed", error);
-      }
-    }
+    notifyAll(this.messageListeners, message, "message");
     const target = this.options.target || document.body;
     target.dispatchEvent(new CustomEvent("realtime:message", { detail: message }));
     target.dispatchEvent(new CustomEvent(`realtime:${message.type}`, { detail: message }));
@@ -412,13 +409,7 @@ export class RealtimeClient {
 
   _resync(data) {
     if (data.reason) console.info(`realtime: resynchronising (${data.reason})`);
-    for (const listener of this.resyncListeners) {
-      try {
-        listener(data);
-      } catch (error) {
-        console.error("realtime resync listener failed", error);
-      }
-    }
+    notifyAll(this.resyncListeners, data, "resync");
     const target = this.options.target || document.body;
     target.dispatchEvent(new CustomEvent("realtime:resync", { detail: data }));
   }
@@ -557,12 +548,17 @@ export class RealtimeClient {
   _setStatus(status) {
     if (this.status === status) return;
     this.status = status;
-    for (const listener of this.statusListeners) {
-      try {
-        listener(status);
-      } catch (error) {
-        console.error("realtime status listener failed", error);
-      }
+    notifyAll(this.statusListeners, status, "status");
+  }
+}
+
+/** Call each listener; one that throws is logged and cannot stop the others, or the client. */
+function notifyAll(listeners, value, kind) {
+  for (const listener of listeners) {
+    try {
+      listener(value);
+    } catch (error) {
+      console.error(`realtime ${kind} listener failed`, error);
     }
   }
 }
