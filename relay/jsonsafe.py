@@ -37,7 +37,7 @@ def problem(value: object, max_depth: int = MAX_DEPTH) -> str | None:
     while stack:
         item, depth = stack.pop()
         if isinstance(item, str):
-            if not _encodable(item):
+            if not encodable(item):
                 return "it contains text that is not valid Unicode (an unpaired surrogate escape such as \\ud800)"
         elif isinstance(item, float):
             if not math.isfinite(item):
@@ -53,7 +53,8 @@ def problem(value: object, max_depth: int = MAX_DEPTH) -> str | None:
     return None
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (no unpaired surrogate); ASCII answers at once."""
     if text.isascii():
         return True
     try:

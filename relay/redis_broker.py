@@ -239,10 +239,7 @@ class RedisBroker:
     def members(self) -> list[dict] | None:
         """Every live worker's last heartbeat, or None when Redis cannot say."""
         try:
-            ids = sorted(
-                i.decode() if isinstance(i, bytes) else str(i) for i in self._client.smembers(self.workers_key)
-            )
-            values = self._client.mget([self._record_key(i) for i in ids]) if ids else []
+            ids, values = self._records()
             gone = [i for i, raw in zip(ids, values, strict=True) if raw is None]
             if gone:  # their records expired: workers that stopped without leaving (killed)
                 self._client.srem(self.workers_key, *gone)
@@ -409,18 +406,18 @@ class RedisBroker:
 
     # -- helpers --------------------------------------------------------------------------------
 
+    def _records(self) -> tuple[list[str], list]:
+        """The workers in the set, sorted, and each one's heartbeat record (None once it expired)."""
+        ids = sorted(i.decode() if isinstance(i, bytes) else str(i) for i in self._client.smembers(self.workers_key))
+        return ids, (self._client.mget([self._record_key(i) for i in ids]) if ids else [])
+
     def _other_records(self) -> int:
         """How many other workers have a heartbeat record that has not expired (0 if Redis cannot say)."""
         try:
-            ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self._client.smembers(self.workers_key)]
-            others = [i for i in ids if i != self.worker_id]
-            return (
-                sum(raw is not None for raw in self._client.mget([self._record_key(i) for i in others]))
-                if others
-                else 0
-            )
+            ids, values = self._records()
         except (redis.RedisError, OSError):
             return 0
+        return sum(raw is not None for i, raw in zip(ids, values, strict=True) if i != self.worker_id)
 
     def _record_key(self, worker_id: str) -> str:
         """Where a worker's heartbeat record (its hub statistics) is kept."""

@@ -21,7 +21,7 @@ import hmac
 import json
 
 from .clock import now_ms
-from .jsonsafe import problem
+from .jsonsafe import encodable
 
 MAX_TOKEN_CHARS = 2048
 MAX_FUTURE_MS = 30_000
@@ -87,7 +87,7 @@ class TokenService:
                 raise TokenError("missing_field", f"the token has no {name}")
         if not isinstance(user_id, str) or not user_id or len(user_id) > MAX_USER_ID_CHARS:
             raise TokenError("bad_field", "userId must be a non-empty string")
-        if problem(user_id):  # "\ud800" parses, but cannot be encoded to be signed
+        if not encodable(user_id):  # "\ud800" parses, but cannot be encoded to be signed (one per connect)
             raise TokenError("bad_field", "userId is not valid Unicode")
         # bool is an int in Python; JSON true is not a timestamp.
         if not isinstance(timestamp, int) or isinstance(timestamp, bool):

@@ -381,8 +381,6 @@ export class RealtimeClient {
   }
 
   _connected(data, reconnect) {
-    // A reconnect that is not a recovery missed whatever was sent meanwhile, with or without history.
-    const asked = reconnect || this.position !== null;
     if (data.recovered !== true) this.shownAhead.clear(); // a new position: nothing is ahead of it yet
     if (typeof data.epoch !== "string" || typeof data.offset !== "number") {
       this.position = null; // this server keeps no history: nothing to resume
@@ -403,8 +401,9 @@ export class RealtimeClient {
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: data.offset };
     }
     this._sendSubscribe([...this.refs.keys()]);
-    // What happened while we were away could not be replayed: every page must refetch its state.
-    if (asked) this._resync(data);
+    // A reconnect that is not a recovery missed whatever was sent meanwhile, with or without history:
+    // every page must refetch its state.
+    if (reconnect) this._resync(data);
   }
 
   _resync(data) {
