@@ -2,14 +2,23 @@
 
 WAL mode with ``synchronous=NORMAL``: a commit survives the process being
 killed the next instant (it is in the WAL file), which is the promise for a
-broadcast answered 200; only a power cut can lose the last commits. One
-process serves at a time in the embedded mode, plus, during a reload, the
-draining one; SQLite's own locking orders their writes.
+broadcast answered 200; only a power cut (or the kernel crashing) can lose
+the last commits. One process serves at a time in the embedded mode, plus,
+during a reload, the draining one; SQLite's own locking orders their writes.
 
 The epoch is made when the file is: a deleted or replaced file is a new
 epoch, so offsets from the old one are never trusted (and ``start_over``
 makes a new one in place). Offsets come from an
 ``AUTOINCREMENT`` key, so they are never reused, even after trimming.
+
+A power cut is the one way the same file comes back older under the same
+epoch: its last commits, already delivered, are gone, and the offsets they
+had would be handed out again to new broadcasts, which a client that saw the
+lost ones would then skip. So the file remembers the kernel's boot id of the
+last process that opened it, and the first process of a new boot starts a new
+epoch (a clean reboot cannot be told from a power cut here: its clients
+resync once, which is the safe side). A file copied from another machine or
+restored from a backup gets a new epoch the same way.
 
 Calls are short (tens of microseconds) and run inline in the calling
 greenlet: never from an event-loop callback.
@@ -24,6 +33,7 @@ import time
 
 from . import jsonsafe
 from .envelope import Envelope
+from .eventlog import event
 from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
 from .sqlite import SqliteStore, errors_become, transaction
 
@@ -66,6 +76,19 @@ _store_errors = errors_become(HistoryUnavailable, "the embedded history cannot b
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str | None:
+    """This boot of the kernel, whose page cache holds what SQLite has not synced (None where
+    there is no such file: not Linux)."""
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 class SqliteHistory(SqliteStore):
@@ -128,11 +151,7 @@ class SqliteHistory(SqliteStore):
             with transaction(db):
                 current = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
                 if current == epoch:
-                    current = secrets.token_hex(8)
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (current,))
-                    # Offsets go on from the old head (AUTOINCREMENT). Last values and idempotency
-                    # keys are left to expire: they carry content, not positions (as in Redis).
-                    db.execute("DELETE FROM history")
+                    current = self._new_epoch(db)
                 row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
             self._epoch = current  # once committed
             return current, int(row[0]) if row else 0
@@ -283,8 +302,30 @@ class SqliteHistory(SqliteStore):
     # -- plumbing ---------------------------------------------------------------------------
 
     def _prepare(self, db: sqlite3.Connection) -> None:
-        # The epoch is born with the file: the first process to get here writes it.
-        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
+        # One transaction, so that of two processes opening the file at once only the first
+        # starts a new epoch: the second finds this boot's id already written.
+        with transaction(db):
+            # The epoch is born with the file: the first process to get here writes it.
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
+            boot = boot_id()
+            if boot is None:
+                return
+            row = db.execute("SELECT value FROM meta WHERE key = 'boot'").fetchone()
+            if row is not None and row[0] != boot:
+                epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+                fresh = self._new_epoch(db)
+                event("history.new_epoch_after_restart", level="warning", path=self.path, epoch=fresh, was=epoch)
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot', ?)", (boot,))
+
+    @staticmethod
+    def _new_epoch(db: sqlite3.Connection) -> str:
+        """Drop the stream under a new epoch (inside the caller's transaction). Offsets go on from the
+        old head (AUTOINCREMENT). Last values and idempotency keys are left to expire: they carry
+        content, not positions (as in Redis)."""
+        epoch = secrets.token_hex(8)
+        db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (epoch,))
+        db.execute("DELETE FROM history")
+        return epoch
 
     def _epoch_of(self, db: sqlite3.Connection) -> str:
         if self._epoch is None:

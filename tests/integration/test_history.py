@@ -169,6 +169,42 @@ def test_a_lost_store_is_a_new_epoch(make, tmp_path):
     assert placed.epoch == new_epoch and placed.offset == 1
 
 
+def test_an_embedded_file_last_written_before_this_boot_is_a_new_epoch(tmp_path):
+    """A power cut can take a SQLite file's last commits, whose offsets would then be handed out
+    again: a file last opened under another boot of the kernel starts a new epoch, once."""
+    import sqlite3
+
+    from relay import sqlite_history
+
+    path = str(tmp_path / "history.db")
+
+    def reopened() -> SqliteHistory:
+        return SqliteHistory(path, window_ms=WINDOW, last_value_ttl_ms=3_600_000)
+
+    assert sqlite_history.boot_id()  # this is Linux: the check is live, not skipped
+    store = reopened()
+    for n in range(3):
+        store.append(envelope(n))
+    epoch, head = store.head()
+    store.close()
+    store = reopened()  # the same boot (a restart, a reload): the same stream
+    assert store.head() == (epoch, head) and len(store.read(0, 10)) == 3
+    store.close()
+
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE meta SET value = 'an-earlier-boot' WHERE key = 'boot'")
+    db.close()
+    store = reopened()
+    new_epoch, new_head = store.head()
+    assert new_epoch != epoch and new_head == head and store.read(0, 10) == []
+    assert store.append(envelope(9)).offset == head + 1  # never an offset the lost tail may have had
+    store.close()
+    store = reopened()  # the next process of this boot keeps it
+    assert store.head() == (new_epoch, head + 1)
+    store.close()
+
+
 def test_starting_over_drops_the_stream_under_a_new_epoch_once(make):
     """The stream came back older under the same epoch: a new one, so its old offsets are refused."""
     store = make()
