@@ -5,7 +5,7 @@ Client -> server (JSON text frames)::
     {"type": "PING"}                                      -> PONG {timestamp}
     {"type": "SUBSCRIBE",   "data": {"channels": [...]}}  -> ERROR per refused channel, then SUBSCRIBED {channels}
     {"type": "SUBSCRIBE",   "data": {"channels": [...], "last": true}}
-                                                          -> ... and each new channel's last value, before SUBSCRIBED
+                                                          -> ... and each channel's last value, before SUBSCRIBED
     {"type": "UNSUBSCRIBE", "data": {"channels": [...]}}  -> UNSUBSCRIBED {channels}
 
 A connection's messages are answered in the order they came: while one waits
@@ -223,8 +223,11 @@ class ClientProtocol:
                 return
 
     def _take(self, conn: Connection, allowed: list[str], last: dict) -> None:
-        """Subscribe to already-authorized channels, send the last values of the new ones, answer SUBSCRIBED."""
-        before = set(conn.channels)
+        """Subscribe to already-authorized channels, send their last values, answer SUBSCRIBED.
+
+        A channel already held gets its last value too: the page's second subscriber of a channel
+        (one more fragment showing the queue) asks for it, and the first gets a repeat it can
+        tell by ``"last": true``."""
         taken, over = self.hub.subscribe(conn, allowed, self.max_subscriptions)
         for name in over:
             self.error(
@@ -236,7 +239,7 @@ class ClientProtocol:
             )
         for name in taken:
             envelope = last.get(name)
-            if name not in before and envelope is not None and self._admits(conn, envelope):
+            if envelope is not None and self._admits(conn, envelope):
                 conn.push(envelope.last_frame())
         if taken:
             event("ws.subscribe", clientId=conn.id, userId=conn.user_id, channels=taken)

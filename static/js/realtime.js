@@ -197,19 +197,21 @@ export class RealtimeClient {
    * Subscribe to channels; each call must be matched by one unsubscribe.
    * `{last: true}`: the server first sends the latest message of each channel
    * (within its last-value TTL), marked `last: true`, and does so again after
-   * every resync.
+   * every resync. A channel the page already holds is asked for again, so a
+   * second subscriber gets the current value too (the others get it as well,
+   * marked `last: true`).
    * @param {string[]} names channel names (see {@link channels})
    * @param {{last?: boolean}} [options]
    */
   subscribe(names, { last = false } = {}) {
-    const fresh = [];
+    const asked = [];
     for (const name of names) {
       const count = this.refs.get(name) || 0;
       this.refs.set(name, count + 1);
       if (last) this.wantsLast.add(name);
-      if (count === 0) fresh.push(name);
+      if (count === 0 || last) asked.push(name);
     }
-    this._sendSubscribe(fresh);
+    this._sendSubscribe(asked);
   }
 
   /**
@@ -392,7 +394,9 @@ export class RealtimeClient {
       // Subscribed here while the socket was down: the replay did not cover them. (Others the session
       // lacks were refused by the server, which said so with an ERROR: nothing to refetch for them.)
       const away = lacking.filter((name) => this.unsent.has(name));
-      this._sendSubscribe(lacking);
+      // Held all along, but a subscriber that came while the socket was down asked for its last value.
+      const again = [...restored].filter((name) => this.unsent.has(name) && this.wantsLast.has(name));
+      this._sendSubscribe([...lacking, ...again]);
       const extra = [...restored].filter((name) => !this.refs.has(name)); // dropped while we were away
       if (extra.length) this.send({ type: "UNSUBSCRIBE", data: { channels: extra } });
       if (away.length) this._resync({ ...data, reason: "subscribed_while_away", channels: away });

@@ -188,7 +188,8 @@ function announce(message) {
   }, TOAST_GATHER_MS);
 }
 rt.onMessage((message) => {
-  if (message.type === "ANNOUNCEMENT") announce(message);
+  // A last value is the state a fragment shows, not news: no toast (another subscriber asked for it).
+  if (message.type === "ANNOUNCEMENT" && !message.last) announce(message);
 });
 passMessagesToHtmx();
 clearStaleFragments();

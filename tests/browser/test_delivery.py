@@ -49,6 +49,19 @@ def restart_without_history(site: Server) -> Server:
     return Server(site.workdir, site.env_overrides, port=site.port).start()
 
 
+def settled(page) -> None:
+    """Wait until what the page asked for so far is answered (the queue page's own SUBSCRIBE with last may
+    still be on its way when the socket is open): a connection's messages are answered in order, so the
+    SUBSCRIBED of one sent now comes after them. Then ``window.__seen`` starts empty."""
+    page.evaluate(
+        "() => { window.__barrier = false; window.realtime.onMessage((m) => { if (m.type === 'SUBSCRIBED'"
+        " && (m.data.channels || []).includes('system:maintenance')) window.__barrier = true; });"
+        " window.realtime.subscribe(['system:maintenance']); }"
+    )
+    assert wait_for(lambda: page.evaluate("window.__barrier"), timeout=10)
+    page.evaluate("window.__seen = []")
+
+
 @pytest.fixture
 def site(start_server):
     return start_server(WS_CLOSE_TIMEOUT_MS=500)
@@ -207,6 +220,45 @@ def test_a_last_value_shown_ahead_of_the_position_is_not_shown_again_by_the_repl
     announce(site, "after the drop")  # the replay, if any, comes before this
     expect(page.locator("#toasts .toast-text").last).to_have_text("after the drop")
     assert page.evaluate("window.__seen") == [sent["id"]]  # once, not twice
+
+
+def test_a_second_subscriber_of_a_channel_the_page_holds_gets_its_current_value_too(site, web):
+    """Two fragments of one channel on a page: the one that comes second must not wait for the next
+    update. A last value that is an announcement is state, not news: no toast for it."""
+    current = queue_update(site, "Somchai")
+    news = announce(site, "already seen")
+    page = web(site, "bob", "/clinics/clinic-1/queue")  # holds the queue (with last) and the announcements
+    wait_live(page)
+    page.evaluate(
+        "() => { window.__seen = [];"
+        " window.realtime.onMessage((m) => { if (m.id) window.__seen.push([m.type, m.id, m.last === true]); }); }"
+    )
+    settled(page)
+    page.evaluate(f"window.realtime.subscribe(['{QUEUE}', 'system:announcements'], {{ last: true }})")
+    expected = [["QUEUE_UPDATE", current["id"], True], ["ANNOUNCEMENT", news["id"], True]]
+    assert wait_for(lambda: sorted(page.evaluate("window.__seen")) == sorted(expected), timeout=10)
+    announce(site, "news")
+    expect(page.locator("#toasts .toast-text")).to_have_text(["news"])  # the last value made none
+
+
+def test_a_second_subscriber_that_came_while_the_socket_was_down_gets_the_current_value_after_the_resume(site, web):
+    """Nothing was missed (the replay is empty), but the new subscriber still needs the current state."""
+    current = queue_update(site, "Somchai")
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    page.evaluate(
+        "() => { window.__seen = []; window.__recovered = [];"
+        " window.realtime.onMessage((m) => { if (m.id) window.__seen.push([m.id, m.last === true]);"
+        " if (m.type === 'CONNECTED') window.__recovered.push(m.data.recovered); }); }"
+    )
+    settled(page)
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    page.evaluate(f"window.realtime.subscribe(['{QUEUE}'], {{ last: true }})")
+    page.context.set_offline(False)
+    wait_live(page)
+    assert wait_for(lambda: page.evaluate("window.__seen") == [[current["id"], True]], timeout=10)
+    assert page.evaluate("window.__recovered") == [True]
 
 
 def test_a_channel_subscribed_while_the_socket_was_down_is_resynced_after_a_recovered_resume(site, web):

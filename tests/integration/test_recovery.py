@@ -471,7 +471,10 @@ def test_last_values_asked_for_not_asked_for_and_filtered_out(site):
             "last": True,
         }
         assert bob.expect("SUBSCRIBED")["data"]["channels"] == [Q1, ANN]
-        bob.send({"type": "SUBSCRIBE", "data": {"channels": [Q1], "last": True}})  # already held: no repeat
+        # Already held: the last value again (the page's second subscriber of the channel asks for it).
+        bob.send({"type": "SUBSCRIBE", "data": {"channels": [Q1], "last": True}})
+        assert bob.expect("ANNOUNCEMENT") == last and bob.expect("SUBSCRIBED")["data"]["channels"] == [Q1]
+        bob.send({"type": "SUBSCRIBE", "data": {"channels": [Q1]}})  # held, and no last asked for: none
         assert bob.expect("SUBSCRIBED") and bob.nothing_within(0.3)
     with site.connect("erin") as erin:
         erin.send({"type": "SUBSCRIBE", "data": {"channels": [Q1]}})  # not asked for
