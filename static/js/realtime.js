@@ -145,11 +145,13 @@ export class RealtimeClient {
     this.everOpened = false;
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
-    this.unsent = new Set(); // channels subscribed while no socket could carry the SUBSCRIBE
+    this.unanswered = new Set(); // channels whose SUBSCRIBE has had no SUBSCRIBED or ERROR back yet
+    this.refused = new Set(); // channels the server refused with an ERROR naming them (not held)
     this.stopped = true;
     this.fetching = false; // a token request is in flight
     this.retryTimer = null;
     this.watchdog = null;
+    this.admitTimer = null; // a socket that has not had its CONNECTED yet is given up after idleMs + pongTimeoutMs
     this.lastHeard = 0;
     this.pingSentAt = 0;
     this.stats = { authFetches: 0, sockets: 0 }; // for diagnostics and tests
@@ -227,7 +229,8 @@ export class RealtimeClient {
         if (count === 1) gone.push(name);
         this.refs.delete(name);
         this.wantsLast.delete(name);
-        this.unsent.delete(name);
+        this.unanswered.delete(name);
+        this.refused.delete(name);
       } else {
         this.refs.set(name, count - 1);
       }
@@ -331,6 +334,10 @@ export class RealtimeClient {
     this.ws = ws;
     ws.onmessage = (event) => this._onSocketMessage(ws, event);
     ws.onclose = (event) => this._onSocketClose(ws, event);
+    // The watchdog starts with CONNECTED: a socket whose network died before it (after the 101, say)
+    // would otherwise wait forever, since nothing is sent on it.
+    const { idleMs, pongTimeoutMs } = this.options;
+    this.admitTimer = setTimeout(() => this._abandon(ws, "no CONNECTED"), idleMs + pongTimeoutMs);
   }
 
   _onSocketMessage(ws, event) {
@@ -351,6 +358,7 @@ export class RealtimeClient {
       const reconnect = this.everOpened;
       // Not the backoff (attempt): a server that admits and then closes at once, again and again
       // (1013, 1011, 1008), must see this client slow down. It starts over once a connection lasted.
+      clearTimeout(this.admitTimer);
       this.connectedAt = Date.now();
       this.authFailures = 0;
       this.restarts = 0;
@@ -375,6 +383,16 @@ export class RealtimeClient {
         if (shown) return;
       }
     }
+    if (!broadcast && message.type === "SUBSCRIBED") {
+      for (const name of (message.data && message.data.channels) || []) {
+        this.unanswered.delete(name);
+        this.refused.delete(name);
+      }
+    } else if (!broadcast && message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
+      const name = message.data.channel; // refused, or dropped since (the user's role or clinic changed)
+      this.unanswered.delete(name);
+      if (this.refs.has(name)) this.refused.add(name);
+    }
     if (message.type === "PONG" && !broadcast) return;
     notifyAll(this.messageListeners, message, "message");
     const target = this.options.target || document.body;
@@ -391,15 +409,17 @@ export class RealtimeClient {
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: this.position.offset };
       const restored = new Set(data.channels || []);
       const lacking = [...this.refs.keys()].filter((name) => !restored.has(name));
-      // Subscribed here while the socket was down: the replay did not cover them. (Others the session
-      // lacks were refused by the server, which said so with an ERROR: nothing to refetch for them.)
-      const away = lacking.filter((name) => this.unsent.has(name));
-      // Held all along, but a subscriber that came while the socket was down asked for its last value.
-      const again = [...restored].filter((name) => this.unsent.has(name) && this.wantsLast.has(name));
+      // The replay covered the channels the session held. One it lacks that the server did not refuse
+      // (its SUBSCRIBE never left, or went down with the socket, or the worker died before it saved
+      // the change) may have missed broadcasts: the page refetches it. A refused one has nothing to miss.
+      const away = lacking.filter((name) => !this.refused.has(name));
+      // Held all along, but a subscriber asked for its last value and no answer came back.
+      const again = [...restored].filter((name) => this.unanswered.has(name) && this.wantsLast.has(name));
+      for (const name of restored) this.unanswered.delete(name);
       this._sendSubscribe([...lacking, ...again]);
       const extra = [...restored].filter((name) => !this.refs.has(name)); // dropped while we were away
       if (extra.length) this.send({ type: "UNSUBSCRIBE", data: { channels: extra } });
-      if (away.length) this._resync({ ...data, reason: "subscribed_while_away", channels: away });
+      if (away.length) this._resync({ ...data, reason: "not_restored", channels: away });
       return;
     } else {
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: data.offset };
@@ -422,8 +442,8 @@ export class RealtimeClient {
     const plain = names.filter((name) => !this.wantsLast.has(name));
     for (const [group, data] of [[plain, { channels: plain }], [last, { channels: last, last: true }]]) {
       if (!group.length) continue;
-      const sent = this.send({ type: "SUBSCRIBE", data });
-      for (const name of group) sent ? this.unsent.delete(name) : this.unsent.add(name);
+      this.send({ type: "SUBSCRIBE", data }); // not sent (no socket): the next CONNECTED sees it unanswered
+      for (const name of group) this.unanswered.add(name);
     }
   }
 
@@ -462,6 +482,7 @@ export class RealtimeClient {
   /** Every way a socket ends comes through here: the watchdog, and the backoff's fresh start. */
   _socketEnded() {
     this._stopWatchdog();
+    clearTimeout(this.admitTimer);
     if (this.connectedAt && Date.now() - this.connectedAt >= this.options.stableMs) this.attempt = 0;
     this.connectedAt = 0;
   }
@@ -536,16 +557,21 @@ export class RealtimeClient {
     if (!ws || this.status !== "open") return;
     const now = Date.now();
     if (this.pingSentAt && now - this.pingSentAt > this.options.pongTimeoutMs) {
-      // Nothing came back: the network dropped the connection without telling us.
-      this.ws = null;
-      this._socketEnded();
-      ws.onclose = null;
-      ws.close(4000, "no answer to ping");
-      this._retry(4000);
+      this._abandon(ws, "no answer to ping");
     } else if (!this.pingSentAt && now - this.lastHeard > this.options.idleMs) {
       this.pingSentAt = now;
       ws.send(JSON.stringify({ type: "PING" }));
     }
+  }
+
+  /** Nothing came back on this socket: the network dropped it without telling us. Retry on a new one. */
+  _abandon(ws, reason) {
+    if (ws !== this.ws) return;
+    this.ws = null;
+    this._socketEnded();
+    ws.onclose = null;
+    ws.close(4000, reason);
+    this._retry(4000);
   }
 
   _setStatus(status) {

@@ -107,11 +107,15 @@ function subscribersIn(node) {
   return found.concat([...node.querySelectorAll("[data-realtime-channels]")]);
 }
 
-function attach(rt, element) {
+function attach(rt, element, released = new Set()) {
   if (subscribed.has(element) || !element.isConnected) return;
   const names = channelsOf(element);
   subscribed.set(element, names);
-  rt.subscribe(names, { last: element.dataset.realtimeLast === "true" });
+  // A subscriber swapped in for one of the same channels (an htmx swap of the fragment) already shows
+  // their state: asking for the last value again would re-render every fragment of those channels,
+  // and one that swaps itself in on each message would ask forever.
+  const replacing = names.length > 0 && names.every((name) => released.has(name));
+  rt.subscribe(names, { last: element.dataset.realtimeLast === "true" && !replacing });
 }
 
 function detach(rt, element) {
@@ -126,8 +130,10 @@ function watchSubscribers(rt) {
   new MutationObserver((records) => {
     // Additions first: an htmx swap that replaces a subscriber with an equal one
     // then nets out to no UNSUBSCRIBE/SUBSCRIBE traffic at all.
-    for (const record of records) for (const node of record.addedNodes) subscribersIn(node).forEach((e) => attach(rt, e));
-    for (const record of records) for (const node of record.removedNodes) subscribersIn(node).forEach((e) => detach(rt, e));
+    const removed = records.flatMap((record) => [...record.removedNodes].flatMap(subscribersIn));
+    const released = new Set(removed.filter((e) => !e.isConnected).flatMap((e) => subscribed.get(e) || []));
+    for (const record of records) for (const node of record.addedNodes) subscribersIn(node).forEach((e) => attach(rt, e, released));
+    for (const element of removed) detach(rt, element);
   }).observe(document.body, { childList: true, subtree: true });
 }
 

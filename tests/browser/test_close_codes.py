@@ -15,6 +15,7 @@ import time
 
 import pytest
 from playwright.sync_api import expect
+from support import wait_for
 
 from relay.codes import Close
 
@@ -28,6 +29,9 @@ class Sockets:
         self.routes = []
         self.created: list[float] = []
         self.refuse_with: int | None = None  # set: new sockets are closed with this code before they get in
+        self.silent = False  # set: new sockets open, but nothing reaches the server or comes back from it
+        self.drop = lambda message: False  # page -> server messages for which this is true are lost
+        self.sent: list[str] = []  # every page -> server message
         page.route_web_socket(SOCKET, self._route)
 
     def _route(self, ws) -> None:
@@ -35,8 +39,14 @@ class Sockets:
         self.routes.append(ws)
         if self.refuse_with is not None:
             ws.close(code=self.refuse_with, reason="refused by the test")
-        else:
-            ws.connect_to_server()
+        elif not self.silent:
+            server = ws.connect_to_server()
+            ws.on_message(lambda message: self._pass(server, message))
+
+    def _pass(self, server, message) -> None:
+        self.sent.append(message)
+        if not self.drop(message):
+            server.send(message)
 
     def close(self, code: int, reason: str = "from the test") -> None:
         self.routes[-1].close(code=code, reason=reason)
@@ -238,3 +248,66 @@ def test_a_connection_that_lasted_starts_the_backoff_over(live):
         wait_retry(page, count)
         wait_live(page)
     assert [d["windowMs"] for d in retries(page)] == [500, 500]
+
+
+# -- what realtime.js does when the network loses something without closing ----------------------
+
+QUEUE = "clinic:clinic-1:queue"
+
+
+def test_a_socket_that_never_gets_its_connected_is_given_up_and_replaced(live):
+    """The network died after the 101: nothing is sent before CONNECTED, so only a timer can tell."""
+    page, sockets, errors = live
+    page.evaluate("window.realtime.options.idleMs = 300; window.realtime.options.pongTimeoutMs = 300")
+    sockets.silent = True
+    sockets.close(Close.SERVICE_RESTART)  # the page reconnects at once, to a socket that says nothing
+    decisions = wait_retry(page, 2)
+    assert [(d["code"], d["action"]) for d in decisions[:2]] == [(Close.SERVICE_RESTART, "restart"), (4000, "backoff")]
+    sockets.silent = False
+    wait_live(page)
+    assert errors == []
+
+
+def test_a_subscribe_lost_with_its_socket_is_refetched_after_a_recovered_resume(live, site):
+    """The SUBSCRIBE left, but the server never had it (lost with the socket): the resumed session lacks the
+    channel and the replay did not cover it, so the page is told to refetch it. A channel the server
+    refused is not (it has nothing to miss)."""
+    page, sockets, errors = live
+    page.evaluate(
+        "() => { window.__resyncs = [];"
+        " window.realtime.onResync((d) => window.__resyncs.push([d.reason, d.channels || []])); }"
+    )
+    page.evaluate(
+        "() => { window.__errors = []; window.realtime.onMessage((m) => m.type === 'ERROR' && __errors.push(m)); }"
+    )
+    page.evaluate("window.realtime.subscribe(['clinic:clinic-2:queue'])")  # not bob's clinic: refused
+    assert wait_for(lambda: len(page.evaluate("window.__errors")) == 1, timeout=10)
+    sockets.drop = lambda message: QUEUE in message
+    page.evaluate(f"window.realtime.subscribe(['{QUEUE}'])")
+    assert wait_for(lambda: any(QUEUE in m for m in sockets.sent), timeout=10)
+    sockets.drop = lambda message: False
+    sockets.close(Close.SERVICE_RESTART)
+    assert wait_for(lambda: page.evaluate("window.__resyncs") == [["not_restored", [QUEUE]]], timeout=10)
+    wait_live(page)
+    assert page.evaluate("window.__resyncs") == [["not_restored", [QUEUE]]]
+
+
+def test_a_subscriber_swapped_for_an_equal_one_does_not_ask_for_the_last_value_again(site, web):
+    """An htmx swap of a fragment that asks for its channel's last value: the new copy shows the same
+    state; asking again would re-render every fragment of the channel (and a fragment that swaps itself
+    in on each message would ask forever)."""
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    page.goto(site.url + "/clinics/clinic-1/queue")
+    wait_live(page)
+    assert wait_for(lambda: any('"last":true' in m and QUEUE in m for m in sockets.sent), timeout=10)
+    before = len(sockets.sent)
+    page.evaluate(
+        f"() => {{ const old = document.querySelector('[data-realtime-channels=\"{QUEUE}\"]');"
+        " old.replaceWith(old.cloneNode(true)); }"
+    )
+    page.evaluate("window.realtime.send({type: 'PING'})")  # after whatever the swap made the page send
+    assert wait_for(lambda: any('"PING"' in m for m in sockets.sent[before:]), timeout=10)
+    assert [m for m in sockets.sent[before:] if "SUBSCRIBE" in m] == []
+    page.evaluate(f"window.realtime.subscribe(['{QUEUE}'], {{ last: true }})")  # a second subscriber still asks
+    assert wait_for(lambda: any('"last":true' in m for m in sockets.sent[before:]), timeout=10)
