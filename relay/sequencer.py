@@ -13,7 +13,12 @@ would resume after 6 and never get 5, so the hub must see offsets in order:
   ``gap_timeout``, the missing offsets are read from the history (they are
   there: a broadcast is in the history before anyone publishes it), and an
   offset the history no longer has is skipped, loudly;
-- an offset at or below ``position`` is a duplicate and is not delivered again.
+- an offset at or below ``position`` is a duplicate and is not delivered again;
+  but one whose id differs from the envelope delivered at that offset means
+  the stream went back (a store restored from an older copy hands offsets
+  out again): ``on_went_back`` is told, and the caller starts the stream over;
+- a skipped offset was a broadcast this worker's clients never got:
+  ``on_gap`` is told, and the caller makes them resume (and learn it).
 
 ``position`` moves to an envelope's offset *before* its fan-out takes the
 recipients' snapshot, so a connection admitted while a fan-out pauses is told
@@ -42,6 +47,7 @@ from .eventlog import event
 log = logging.getLogger("relay.sequencer")
 
 Fetch = Callable[[int, int], list[Envelope]]  # (after, limit) -> envelopes with offsets above ``after``
+FILL_PAGE = 500  # offsets read from the history per round of the gap timer
 
 
 class Sequencer:
@@ -51,6 +57,8 @@ class Sequencer:
         fetch: Fetch,
         *,
         on_reset: Callable[[str], None],
+        on_gap: Callable[[int, int], None] = lambda after, upto: None,
+        on_went_back: Callable[[str, int], None] = lambda epoch, offset: None,
         gap_timeout: float = 0.2,
         recent: int = 4096,
         recent_bytes: int = 16 << 20,
@@ -61,6 +69,8 @@ class Sequencer:
         self._deliver = deliver
         self._fetch = fetch
         self._on_reset = on_reset
+        self._on_gap = on_gap
+        self._on_went_back = on_went_back
         self.gap_timeout = gap_timeout
         self._parked: dict[int, tuple[Envelope, AsyncResult]] = {}
         self._draining = False
@@ -78,6 +88,11 @@ class Sequencer:
     def restart(self, epoch: str, head: int) -> None:
         """The store says the stream has a new epoch (its history was lost): start over there."""
         self._reset(epoch, head)
+
+    def left(self, epoch: str) -> bool:
+        """Whether this worker left ``epoch`` for a newer stream: a store that says it is the stream again
+        came back from an older copy (and would hand out again offsets that were delivered)."""
+        return epoch in self._retired
 
     @property
     def primed(self) -> bool:
@@ -139,6 +154,9 @@ class Sequencer:
         if envelope.epoch != self.epoch:
             self._reset(envelope.epoch, offset - 1)
         if offset <= self.position or offset in self._parked:
+            held = self._parked[offset][0].id if offset in self._parked else self._recent.id_at(offset)
+            if held is not None and held != envelope.id:  # one offset, two broadcasts: the stream went back
+                self._on_went_back(envelope.epoch, offset)
             result.set(self._recent.count_of(offset, envelope.id))
             return result
         self._parked[offset] = (envelope, result)
@@ -149,15 +167,26 @@ class Sequencer:
         return result
 
     def catch_up(self) -> None:
-        """Deliver whatever the history has beyond ``position`` (after a listener was away)."""
+        """Deliver whatever the history has beyond ``position`` (after a listener was away). May wait."""
+        stalled = False
         for _ in range(1000):  # bounded: 1000 pages of 500
-            missing = self._fetch(self.position, 500)
+            before = self.position
+            missing = self._fetch(before, 500)
             if not missing:
                 return
             for envelope in missing:
                 self.offer(envelope)
             if len(missing) < 500:
                 return
+            if self.position == before:
+                # The page starts past a gap, so it is parked: reading it again would not help. The gap
+                # timer fills or skips the gap; go on once it has (or leave it to the next catch-up).
+                if stalled:
+                    return
+                stalled = True
+                gevent.sleep(self.gap_timeout * 2)
+            else:
+                stalled = False
 
     def _drain(self) -> None:
         self._draining = True
@@ -189,8 +218,9 @@ class Sequencer:
                 self._gap = gevent.spawn_later(self.gap_timeout, self._fill)
             return
         epoch, after, first = self.epoch, self.position, min(self._parked)
+        wanted = min(first - after - 1, FILL_PAGE)  # a page at a time: a long outage can leave 200,000
         try:
-            missing = self._fetch(after, first - after - 1)
+            missing = self._fetch(after, wanted)
         except Exception as problem:  # the store is down: try again later
             log.warning("cannot fill the gap before offset %s yet: %s", first, problem)
             self._gap = gevent.spawn_later(self.gap_timeout * 5, self._fill)
@@ -208,10 +238,18 @@ class Sequencer:
                 event("sequencer.gap_skipped", level="error", after=self.position, upto=first - 1, count=lost)
                 self.skipped += lost
                 self.position = first - 1
+                # Before the drain, and with offers made meanwhile held (closing pauses): a client must not
+                # get what follows the gap, or its position would be past it and a resume would call it whole.
+                self._draining = True
+                try:
+                    self._on_gap(after, first - 1)
+                finally:
+                    self._draining = False
         if not self._draining:
             self._drain()
         if self._parked and self._gap is None:
-            self._gap = gevent.spawn_later(self.gap_timeout, self._fill)
+            more = len(missing) == wanted == FILL_PAGE  # a full page: the next one at once
+            self._gap = gevent.spawn_later(0 if more else self.gap_timeout, self._fill)
 
     def _reset(self, epoch: str, position: int) -> None:
         """The stream's history was lost (a new epoch): start over from the new stream."""
@@ -223,7 +261,7 @@ class Sequencer:
         self._recent.clear()
         old = self.epoch
         self.epoch, self.position = epoch, position
-        if epoch in self._retired:  # the store itself went back to it (restart): it is the stream again
+        if epoch in self._retired:  # told it is the stream (the service starts one it left over instead)
             self._retired.remove(epoch)
         if old is not None:
             self._retired = [*self._retired[-7:], old]

@@ -114,7 +114,14 @@ class Realtime:
         self.hub = Hub(max_clients=settings.max_clients, ping_interval=settings.ping_interval_ms / 1000)
         self.outbox = Outbox()
         self.history = history or (_make_history(settings) if settings.recovery else None)
-        self.sequencer = Sequencer(self.hub.deliver, self._fetch, on_reset=self._stream_reset)
+        self.sequencer = Sequencer(
+            self.hub.deliver,
+            self._fetch,
+            on_reset=self._stream_reset,
+            on_gap=self._stream_gap,
+            on_went_back=self._stream_reused,
+        )
+        self._starting_over: str | None = None  # the epoch a greenlet is starting over (once at a time)
         self.sessions: SessionKeeper | None = None
         last_values: LastValues | None = None
         if self.history is not None:
@@ -304,6 +311,9 @@ class Realtime:
             if epoch == delivered_epoch == self.sequencer.epoch and self._went_back(head, position):
                 event("stream.went_back", level="error", epoch=epoch, head=head, delivered=position)
                 epoch, head = self.history.start_over(epoch)
+            elif self.sequencer.left(epoch):  # an epoch this worker left for a newer one: an older copy
+                event("stream.went_back", level="error", epoch=epoch, head=head, delivered=position)
+                epoch, head = self.history.start_over(epoch)
             # Only if nothing moved it meanwhile: an offer of a newer stream's broadcast may have.
             if epoch != self.sequencer.epoch and self.sequencer.epoch == delivered_epoch:
                 self.sequencer.restart(epoch, head)
@@ -322,6 +332,34 @@ class Realtime:
             return False
         stored = self.history.read(position - 1, 1)  # new broadcasts may have passed the old head already
         return bool(stored) and stored[0].offset == position and stored[0].id != delivered
+
+    def _stream_reused(self, epoch: str, offset: int) -> None:
+        """The sequencer was offered a second broadcast at an offset it delivered (called in an offer: must
+        not wait). The store went back and hands out offsets again, which every worker drops as duplicates:
+        start the stream over, as ``_resync`` does when it notices."""
+        if self.history is None or self._starting_over == epoch:
+            return
+        self._starting_over = epoch
+        event("stream.went_back", level="error", epoch=epoch, reused=offset, delivered=self.sequencer.position)
+        gevent.spawn(self._start_over, epoch)
+
+    def _start_over(self, epoch: str) -> None:
+        assert self.history is not None
+        try:
+            new_epoch, head = self.history.start_over(epoch)
+            if self.sequencer.epoch == epoch:  # unless a broadcast of the new stream got here first
+                self.sequencer.restart(new_epoch, head)
+        except HistoryUnavailable as down:  # the listener's resync checks again when the store is back
+            log.warning("cannot start the stream over: %s", down)
+        finally:
+            self._starting_over = None
+
+    def _stream_gap(self, after: int, upto: int) -> None:
+        """Broadcasts after ``after`` up to ``upto`` were never delivered here and the history lost them:
+        every client here missed them. Close every socket 1012, so each resumes and is told
+        ``history_gone`` (the replay cannot be whole), and refetches."""
+        closed = self.hub.close_all(Close.SERVICE_RESTART, "stream gap")
+        event("stream.gap", level="error", after=after, upto=upto, clients=len(closed))
 
     def _stream_reset(self, epoch: str) -> None:
         """The stream's history was lost: no position a client holds is valid any more; let them all resync."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 
 import gevent
@@ -358,6 +359,59 @@ def test_a_stream_that_came_back_older_under_the_same_epoch_starts_over_and_tell
     assert client.close_code() == (Close.SERVICE_RESTART, "stream reset")
     receipt = rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": "after"}, Filter()), source="api", scope="api")
     assert receipt.epoch == rt.sequencer.epoch and rt.sequencer.position == receipt.offset  # delivered, not dropped
+
+
+def test_a_broadcast_given_an_offset_already_delivered_starts_the_stream_over_at_once(service, sockets):
+    """The store went back while this worker's listener never noticed (no outage of its own, or it came
+    back after broadcasts had passed the old head): the broadcast itself gives it away (found by review)."""
+    rt = service()
+    client = sockets(rt, rt.tokens.mint("u-1"))
+    assert client.json()["type"] == "CONNECTED"
+    for n in range(3):
+        rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": n}, Filter()), source="api", scope="api")
+    epoch, position = rt.sequencer.epoch, rt.sequencer.position
+    _store_came_back_older(rt, keep=position - 2)
+    reused = rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": "reused"}, Filter()), source="api", scope="api")
+    assert reused.offset == position - 1 and reused.epoch == epoch
+    gevent.sleep(0.1)  # the stream starts over in a greenlet of its own
+    assert rt.sequencer.epoch != epoch and rt.history.head()[0] == rt.sequencer.epoch
+    assert client.close_code() == (Close.SERVICE_RESTART, "stream reset")
+
+
+def test_a_store_back_at_an_epoch_this_worker_left_is_started_over_not_taken_back(service):
+    """It left that epoch because the stream went back once; the store back at it (restored from the same
+    old copy again) would hand out its offsets a second time."""
+    rt = service()
+    for n in range(3):
+        rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": n}, Filter()), source="api", scope="api")
+    old = rt.sequencer.epoch
+    _store_came_back_older(rt, keep=1)
+    rt._resync()  # noticed: a new epoch
+    newer = rt.sequencer.epoch
+    assert newer != old
+    with rt.history._lock:  # and the store restored from that copy again: the old epoch, head 1
+        db = rt.history._conn()
+        db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (old,))
+    rt.history._epoch = None
+    rt._resync()
+    assert rt.sequencer.epoch not in (old, newer) and rt.history.head()[0] == rt.sequencer.epoch
+
+
+def test_broadcasts_the_history_lost_before_they_reached_this_worker_close_its_sockets(service, sockets):
+    """Its clients missed them: each must resume and be told the replay cannot be whole, never carry on
+    past the gap as if nothing happened (found by review)."""
+    rt = service()
+    client = sockets(rt, rt.tokens.mint("u-1"))
+    assert client.json()["type"] == "CONNECTED"
+    epoch, position = rt.sequencer.epoch, rt.sequencer.position
+    after_gap = Envelope("ANNOUNCEMENT", {"n": "after the gap"}, Filter()).placed(epoch, position + 2)
+    assert rt.sequencer.offer(after_gap).get(timeout=5) == 0  # nobody left to take it
+    frames = []
+    while (frame := client.next())[0] != 0x8:
+        frames.append(frame)
+    assert frames == [] and struct.unpack("!H", frame[1][:2])[0] == Close.SERVICE_RESTART
+    assert frame[1][2:] == b"stream gap"
+    assert rt.sequencer.position == position + 2
 
 
 def test_a_store_that_only_moved_on_is_not_taken_for_one_that_went_back(service):

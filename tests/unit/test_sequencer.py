@@ -25,11 +25,20 @@ class World:
         self.history: dict[int, Envelope] = {}
         self.resets: list[str] = []
         self.fetches: list[tuple[int, int]] = []
-        self.sequencer = Sequencer(self.deliver, self.fetch, on_reset=self.resets.append, gap_timeout=0.05)
+        self.told: list[tuple] = []  # ("gap", after, upto) and ("went back", epoch, offset), in order with deliveries
+        self.sequencer = Sequencer(
+            self.deliver,
+            self.fetch,
+            on_reset=self.resets.append,
+            on_gap=lambda after, upto: self.told.append(("gap", after, upto)),
+            on_went_back=lambda epoch, offset: self.told.append(("went back", epoch, offset)),
+            gap_timeout=0.05,
+        )
         self.sequencer.prime(EPOCH, head)
 
     def deliver(self, envelope: Envelope) -> int:
         self.delivered.append(envelope.offset)
+        self.told.append(("delivered", envelope.offset))
         return 10 + envelope.offset  # a recognisable count
 
     def fetch(self, after: int, limit: int) -> list[Envelope]:
@@ -79,6 +88,52 @@ def test_an_offset_the_history_no_longer_has_is_skipped_loudly(world):
     late = world.sequencer.offer(env(3))
     assert late.get(timeout=2) == 13
     assert world.delivered == [1, 3] and world.sequencer.skipped == 1
+    # The service is told before anything past the gap goes out: its clients must resume from before it.
+    assert world.told == [("delivered", 1), ("gap", 1, 2), ("delivered", 3)]
+
+
+def test_offers_made_while_the_service_handles_a_gap_wait_for_it():
+    """Closing every socket pauses: a broadcast arriving then must not reach a socket not closed yet."""
+    world = World()
+    during: list[int] = []
+
+    def closing(after: int, upto: int) -> None:
+        world.sequencer.offer(env(4))  # arrives while the sockets are being closed
+        during.extend(world.delivered)
+
+    world.sequencer._on_gap = closing
+    world.sequencer.offer(env(1))
+    assert world.sequencer.offer(env(3)).get(timeout=2) == 13
+    assert during == [1] and world.delivered == [1, 3, 4]
+
+
+def test_a_second_broadcast_at_a_delivered_offset_says_the_stream_went_back(world):
+    """A store restored from an older copy hands out offsets again: each one's broadcast would be dropped
+    as a duplicate by every worker, silently. The same broadcast again is only a duplicate."""
+    world.sequencer.offer(env(1))
+    world.sequencer.offer(env(1))
+    assert world.told == [("delivered", 1)]
+    other = Envelope("ANNOUNCEMENT", {}, Filter(), id="another").placed(EPOCH, 1)
+    assert world.sequencer.offer(other).get(timeout=1) == 0
+    assert world.told == [("delivered", 1), ("went back", EPOCH, 1)]
+    world.sequencer.offer(env(3))  # parked
+    world.sequencer.offer(Envelope("ANNOUNCEMENT", {}, Filter(), id="third").placed(EPOCH, 3))
+    assert world.told[-1] == ("went back", EPOCH, 3)
+
+
+def test_a_long_gap_is_read_a_page_at_a_time():
+    world = World()
+    world.history = {n: env(n) for n in range(1, 1201)}  # a listener away while 1,200 went by
+    assert world.sequencer.offer(env(1201)).get(timeout=5) == 1211
+    assert world.delivered == list(range(1, 1202)) and world.sequencer.skipped == 0
+    assert max(limit for _, limit in world.fetches) <= 500
+
+
+def test_catch_up_past_a_gap_waits_for_the_gap_timer_instead_of_reading_the_same_page_again(world):
+    world.history = {n: env(n) for n in range(3, 1003)}  # 1 and 2 trimmed: the history starts past a gap
+    world.sequencer.catch_up()
+    assert world.delivered == list(range(3, 1003)) and world.sequencer.skipped == 2
+    assert len(world.fetches) < 10, world.fetches
 
 
 class SlowHistory(World):
@@ -129,7 +184,7 @@ def test_a_backfill_whose_stream_started_over_while_it_read_keeps_the_old_stream
 def test_catch_up_delivers_what_a_listener_missed(world):
     world.history = {n: env(n) for n in range(1, 1201)}
     world.sequencer.catch_up()
-    assert world.delivered == list(range(1, 1201))
+    assert world.delivered == list(range(1, 1201)) and len(world.fetches) == 3
 
 
 def test_a_new_epoch_resets_the_position_and_tells_the_service(world):
