@@ -153,6 +153,7 @@ class RedisBroker:
         self._heartbeat_ok = False
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self._receivers: int | None = None  # how many listeners Redis counted at the last publish
 
     # -- the Broker interface ---------------------------------------------------------
 
@@ -175,7 +176,10 @@ class RedisBroker:
                 receivers = self._client.publish(self.channel, payload)
             except (redis.RedisError, OSError) as problem:
                 self._failed(problem)
-                raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
+                if envelope.offset is None:
+                    raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
+                return self._stored_not_published(envelope, listening, problem)
+            self._receivers = receivers
             pending = self._deliver(envelope)
             others = max(0, receivers - (1 if listening else 0))
             waiter.expect(others)
@@ -188,6 +192,19 @@ class RedisBroker:
             return Delivery(delivered=local + waiter.total, workers=1 + waiter.replies, missing=others - waiter.replies)
         finally:
             del self._waiters[envelope.id]
+
+    def _stored_not_published(self, envelope: Envelope, listening: bool, problem: Exception) -> Delivery:
+        """The history took the broadcast (it is appended first) but PUBLISH failed: a 503 would make the
+        caller send it again under a new id, and it is in the stream already. Deliver it here; the other
+        workers read it from the history (their next gap fill, or ``Realtime._follow_forever``), and
+        count as missing: those listening at the last publish (one if there was none yet)."""
+        log.warning("broadcast %s stored at offset %s but not published: %s", envelope.id, envelope.offset, problem)
+        try:
+            local = self._deliver(envelope).get(timeout=self.reply_timeout)
+        except gevent.Timeout:
+            local = 0
+        others = 1 if self._receivers is None else max(0, self._receivers - (1 if listening else 0))
+        return Delivery(delivered=local, workers=1, missing=others)
 
     def control(self, message: dict) -> Delivery:
         """Run ``message`` on every worker (this one included); the total of what each handler returned."""

@@ -63,6 +63,7 @@ log = logging.getLogger("relay.service")
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_SUBSCRIPTIONS = 100
 TRIM_INTERVAL = 5.0  # seconds between history trims
+FOLLOW_INTERVAL = 2.0  # seconds between checks that this worker delivered what the stream holds
 SAMPLE_INTERVAL = 1.0  # seconds between gauge samples (and, every other one, timeline shares)
 
 
@@ -172,6 +173,7 @@ class Realtime:
         if self.sessions is not None:
             self.sessions.start()
             self._greenlets.append(gevent.spawn(self._trim_forever))
+            self._greenlets.append(gevent.spawn(self._follow_forever))
 
     # -- access that follows the user --------------------------------------------------------
 
@@ -396,6 +398,26 @@ class Realtime:
                 self.history.trim(int(time.time() * 1000))
             except Exception as problem:
                 log.warning("trimming the history failed: %s", problem)
+
+    def _follow_forever(self) -> None:
+        """Deliver what the stream holds but never reached this worker: a broadcast stored whose publish
+        failed, or whose worker was killed between the two. The next broadcast's gap fill would read it;
+        this covers a stream that goes quiet after it. Deliveries take milliseconds, so a head this worker
+        has not reached one interval after it was seen is caught up."""
+        assert self.history is not None
+        seen: tuple[str, int] | None = None
+        while True:
+            gevent.sleep(FOLLOW_INTERVAL)
+            try:
+                behind = seen is not None and seen[0] == self.sequencer.epoch and self.sequencer.position < seen[1]
+                if behind:
+                    log.warning("offsets up to %s never reached this worker: reading them", seen)
+                    self.sequencer.catch_up()
+                epoch, head = self.history.head()
+                seen = (epoch, head) if epoch == self.sequencer.epoch and head > self.sequencer.position else None
+            except Exception as problem:  # the store is away: the listener's resync covers its return
+                log.warning("following the stream failed: %s", problem)
+                seen = None
 
     # -- sockets ------------------------------------------------------------------
 

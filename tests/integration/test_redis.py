@@ -273,3 +273,26 @@ def test_a_control_message_counts_a_worker_whose_listener_is_away_as_missing(red
         assert done.missing == 1
     finally:
         here.close()
+
+
+def test_a_broadcast_stored_but_not_published_is_answered_200_and_reaches_every_worker(
+    start_server, redis_server, crowd
+):
+    """PUBLISH failed after the history took the broadcast: a 503 told the caller nothing was published,
+    and a retry sent it again under a new id, while the stored one reached no worker until another
+    broadcast came (found by review). Now this worker delivers it and the others read it from the history."""
+    import redis as redis_client
+
+    srv = start_server("-w", "2", REDIS_URL=redis_server.url, WS_MAX_CONNECTIONS_PER_USER=1000)
+    assert wait_for(lambda: srv.health()["workers"] == 2)
+    sockets = crowd.connect(srv, USERS * 10, ["system:announcements"])
+    assert wait_for(lambda: len([m for m in srv.health()["cluster"] if m["clients"]]) == 2)  # both hold some
+    admin = redis_client.Redis.from_url(redis_server.url)
+    admin.execute_command("ACL", "SETUSER", "default", "-publish")  # every other command still works
+    try:
+        result = srv.announce("stored, not published")
+        assert 0 < result["delivered"] < 40 and result["workers"] == 1 and result["missingWorkers"] == 1
+        received = crowd.drain(sockets, quiet=8.0)  # no PUBLISH gets through: the stream follower delivers
+    finally:
+        admin.execute_command("ACL", "SETUSER", "default", "+publish")
+    assert [[m["id"] for m in messages] for messages in received] == [[result["id"]]] * 40
