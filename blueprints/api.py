@@ -70,12 +70,27 @@ def disconnect_user(user_id: str) -> ResponseReturnValue:
     """
     if not is_valid_id(user_id):
         return error_response(400, HttpError.INVALID_BODY, f"user id {user_id[:80]!r} is not a valid id")
+    # The source's spelling, as its sockets are keyed; unknown to it (deleted already) or out of reach:
+    # as given, since the sockets may still be open.
+    target, _ = _spelled_by_source(user_id)
     try:
-        done = realtime().disconnect_user(user_id)
+        done = realtime().disconnect_user(target)
     except BrokerUnavailable as down:
         return error_response(503, HttpError.UNAVAILABLE, f"not disconnected: {down}", headers={"Retry-After": "1"})
-    event("ws.user_disconnected", level="warning", userId=user_id, sockets=done.delivered, workers=done.workers)
-    return jsonify(ok=True, disconnected=done.delivered, workers=done.workers, missingWorkers=done.missing)
+    event("ws.user_disconnected", level="warning", userId=target, sockets=done.delivered, workers=done.workers)
+    return jsonify(
+        ok=True, userId=target, disconnected=done.delivered, workers=done.workers, missingWorkers=done.missing
+    )
+
+
+def _spelled_by_source(user_id: str) -> tuple[str, bool | None]:
+    """The id as the identity source spells it (a Supabase id typed in capitals is the same user), and
+    whether the source knows the user (None: it could not be asked)."""
+    try:
+        user = realtime().directory.get(user_id)
+    except DirectoryUnavailable:
+        return user_id, None
+    return (user.user_id, True) if user is not None else (user_id, False)
 
 
 @bp.post("/api/users/<user_id>/sign-out")
@@ -90,14 +105,9 @@ def sign_out_user(user_id: str) -> ResponseReturnValue:
     """
     if not is_valid_id(user_id):
         return error_response(400, HttpError.INVALID_BODY, f"user id {user_id[:80]!r} is not a valid id")
-    try:
-        user = realtime().directory.get(user_id)
-    except DirectoryUnavailable:
-        target = user_id
-    else:
-        if user is None:
-            return error_response(404, HttpError.UNKNOWN_USER, f"no user {user_id!r}; nobody was signed out")
-        target = user.user_id
+    target, known = _spelled_by_source(user_id)
+    if known is False:
+        return error_response(404, HttpError.UNKNOWN_USER, f"no user {user_id!r}; nobody was signed out")
     try:
         closed = realtime().sign_out_everywhere(target, by="api")
     except SignoutsUnavailable as down:

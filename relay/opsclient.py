@@ -7,6 +7,7 @@ Python does, against a local or remote server.
 
 from __future__ import annotations
 
+import http.client
 import json
 import secrets
 import urllib.error
@@ -26,6 +27,24 @@ class ServiceError(Exception):
     """The server could not be reached or answered with an error."""
 
 
+def _url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as the server's base address (checked before a command changes anything)."""
+    if not url.isascii() or not url.isprintable() or " " in url:
+        return "must be plain ASCII with no spaces (percent-encode the rest)"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    if not parts.hostname:
+        return "names no host"
+    if parts.query or parts.fragment:
+        return "takes no query or fragment"
+    try:
+        parts.port  # noqa: B018 (raises for a port that is not a number from 0 to 65535)
+    except ValueError:
+        return "has a port that is not a number from 1 to 65535"
+    return None
+
+
 @dataclass
 class OpsClient:
     base_url: str
@@ -34,8 +53,9 @@ class OpsClient:
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
-        if urlsplit(self.base_url).scheme not in ("http", "https"):
-            raise ValueError(f"--url must start with http:// or https://, got {self.base_url!r}")
+        problem = _url_problem(self.base_url)
+        if problem:
+            raise ValueError(f"--url {problem}, got {self.base_url!r}")
 
     @property
     def socket_url(self) -> str:
@@ -53,7 +73,7 @@ class OpsClient:
                 return resp.status, _json(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, _json(err.read())
-        except (urllib.error.URLError, OSError) as err:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             raise ServiceError(f"cannot reach {self.base_url}: {getattr(err, 'reason', err)}") from None
 
     def health(self) -> tuple[int, dict]:

@@ -109,6 +109,7 @@ class SupabaseDirectory:
     def get(self, user_id: str) -> Identity | None:
         if not is_uuid(user_id):
             return None  # Supabase ids are UUIDs: anything else is nobody (and is never sent upstream)
+        user_id = user_id.lower()  # the spelling Supabase answers with (an operator may type capitals)
         cached = self._cache.get(user_id)
         if cached is not None and cached[0] > time.monotonic():
             self._cache.move_to_end(user_id)

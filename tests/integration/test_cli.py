@@ -39,9 +39,18 @@ def test_smoke_against_nothing_fails_at_health(server: Server):
     assert done.returncode == 1 and "FAIL health" in done.stdout
 
 
-def test_a_url_that_is_not_one_is_a_usage_error_not_a_traceback(server: Server):
-    done = flask_cli(server, "ws", "health", "--url", "127.0.0.1:9")
-    assert done.returncode == 1 and "--url must start with http:// or https://" in done.stderr
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("127.0.0.1:9", "--url must start with http:// or https://"),
+        ("http://127.0.0.1:abc", "--url has a port that is not a number"),
+        ("http://127.0.0.1:3001/é", "--url must be plain ASCII"),
+        ("http://:3001", "--url names no host"),
+    ],
+)
+def test_a_url_that_is_not_one_is_a_usage_error_not_a_traceback(server: Server, url, says):
+    done = flask_cli(server, "ws", "health", "--url", url)
+    assert done.returncode == 1 and says in done.stderr
     assert "Traceback" not in done.stderr
 
 

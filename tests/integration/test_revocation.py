@@ -104,7 +104,7 @@ def test_an_admin_can_disconnect_a_user_everywhere(tmp_path, redis_server):
         url = host_a.url + "/api/users/bob/disconnect"
         assert requests.post(url, timeout=5).status_code == 401  # the admin secret, as for /broadcast
         done = requests.post(url, headers={"Authorization": f"Bearer {ADMIN_SECRET}"}, timeout=10).json()
-        assert done == {"ok": True, "disconnected": 2, "workers": 2, "missingWorkers": 0}
+        assert done == {"ok": True, "userId": "bob", "disconnected": 2, "workers": 2, "missingWorkers": 0}
         for socket in (on_a, on_b):
             assert socket.closed_with() == (Close.FORBIDDEN, "disconnected by an administrator")
         other.send({"type": "PING"})

@@ -144,6 +144,10 @@ def test_an_operator_signs_a_user_out_everywhere_and_a_typo_signs_nobody_out(sta
     latest = sign_in(srv, "carol")
     wrong = flask_cli(srv, "users", "sign-out", "carol", "--url", "127.0.0.1:9")
     assert wrong.returncode == 1 and "--url must start with http://" in wrong.stderr
+    # ...nor is one whose port is not a number (it used to pass, end the sign-ins, then crash).
+    wrong = flask_cli(srv, "users", "sign-out", "carol", "--url", "http://127.0.0.1:abc")
+    assert wrong.returncode == 1 and "--url has a port that is not a number" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
     assert ws_auth(srv, latest) == 200
 
 

@@ -340,3 +340,23 @@ def test_an_outage_never_signs_anyone_out(site, supabase, people):
     page = session.get(srv.url + "/", timeout=10, allow_redirects=False)
     assert page.status_code == 200 and "Nok" in page.text
     assert session.get(srv.url + "/api/ws/auth", timeout=10).json()["userId"] == people["staff"].id
+
+
+def test_disconnect_and_sign_out_find_an_id_typed_in_capitals(site, people):
+    """Supabase answers with lower-case ids and sockets are keyed by them: an operator pasting an id in
+    capitals during an incident closed nothing and was told ok (found by review)."""
+    from support import ADMIN_SECRET
+
+    srv = site()
+    user = people["staff"]
+    admin = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+    with srv.connect(user.id) as client:
+        client.subscribe(["system:announcements"])
+        answer = requests.post(f"{srv.url}/api/users/{user.id.upper()}/disconnect", headers=admin, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["userId"] == user.id and answer.json()["disconnected"] == 1
+        assert client.closed_with(timeout=10)[0] == Close.FORBIDDEN
+    gone = requests.post(f"{srv.url}/api/users/{uuid.uuid4()}/disconnect", headers=admin, timeout=10)
+    assert gone.status_code == 200 and gone.json()["disconnected"] == 0  # unknown: as given, nothing open
+    signed_out = requests.post(f"{srv.url}/api/users/{user.id.upper()}/sign-out", headers=admin, timeout=10)
+    assert signed_out.status_code == 200 and signed_out.json()["userId"] == user.id
