@@ -167,7 +167,9 @@ def _recent() -> list:
 
 def _send(form: dict) -> tuple[int | None, str | None, int]:
     """Validate and send; returns (delivered, error, HTTP status)."""
-    text = form["message"]
+    # A browser sends a textarea's line breaks as CRLF: one character each, as typed and as counted by
+    # its maxlength.
+    text = form["message"].replace("\r\n", "\n")
     if not csrf_ok():
         return None, "Your session has expired. Reload the page and send again.", 422
     if form["channel"] not in CHANNEL_TYPES:
@@ -175,7 +177,7 @@ def _send(form: dict) -> tuple[int | None, str | None, int]:
     if not text.strip():
         return None, "Write a message.", 422
     if len(text) > MAX_TEXT:
-        return None, f"Keep the message under {MAX_TEXT} characters (it has {len(text)}).", 422
+        return None, f"Keep the message to at most {MAX_TEXT} characters (it has {len(text)}).", 422
     # The text goes out exactly as typed: it is escaped where it is shown, never here.
     outgoing = BroadcastRequest(
         CHANNEL_TYPES[form["channel"]],

@@ -33,6 +33,7 @@ from relay.codes import HttpError
 
 from .security_headers import EVERY_ANSWER
 
+RENDER_LIMIT = 3 * 64 * 1024 + 8 * 1024  # a message of up to 64 KiB, percent-encoded, and htmx's own fields
 # Path prefix -> the largest body it needs (bytes); the first match wins.
 ROUTE_LIMITS: tuple[tuple[str, int], ...] = (
     ("/broadcast", 64 * 1024),
@@ -40,9 +41,10 @@ ROUTE_LIMITS: tuple[tuple[str, int], ...] = (
     ("/api/users/", 1024),  # .../disconnect and .../sign-out take no body
     ("/login", 4 * 1024),
     ("/logout", 4 * 1024),
-    ("/admin/broadcast", 16 * 1024),  # a 2,000-character message, in UTF-8, plus the form's fields
-    ("/clinics/", 80 * 1024),  # fragment renders carry the triggering message (up to 64 KiB)
-    ("/admin/maintenance/render", 80 * 1024),
+    # Form bodies are percent-encoded: each UTF-8 byte of a field can take three.
+    ("/admin/broadcast", 32 * 1024),  # a 2,000-character message (up to 4 bytes each), plus the form's fields
+    ("/clinics/", RENDER_LIMIT),  # fragment renders carry the triggering message (up to 64 KiB)
+    ("/admin/maintenance/render", RENDER_LIMIT),
 )
 DEFAULT_LIMIT = 16 * 1024
 CONTRACT_400 = ("/broadcast", "/api/admin/broadcast")  # the original contract: oversize is a 400

@@ -1,5 +1,7 @@
 """Sign-in, /api/ws/auth and the admin broadcast API for cookie sessions."""
 
+import json
+
 import pytest
 import requests
 from support import PASSWORD, PRODUCTION, Server, csrf_of, sign_in
@@ -189,3 +191,31 @@ def test_in_production_the_session_cookie_is_secure(start_server):
     srv = start_server(**PRODUCTION)
     cookie = sign_in(srv, "bob").last.headers["Set-Cookie"]
     assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+def test_the_largest_inputs_the_pages_allow_fit_their_routes_body_limits(server: Server):
+    """Form bodies are percent-encoded, up to three bytes for each UTF-8 byte: a 2,000-character message in
+    Thai, and a fragment render of the largest queue update /broadcast takes, were refused 413 (found by
+    review). A line break is one character, as the textarea counted it, not the CRLF the browser sends."""
+    admin = sign_in(server, "alice@example.test")
+    token = csrf_of(admin.get(server.url + "/admin/broadcast", timeout=5).text)
+    text = "ก" * 1000 + "\r\n" + "ข" * 999  # 2,000 characters as typed
+    sent = admin.post(
+        server.url + "/admin/broadcast",
+        data={"csrf_token": token, "message": text, "type": "ANNOUNCEMENT", "channel": "system:announcements"},
+        timeout=10,
+    )
+    assert sent.status_code == 200, sent.text[:300]
+    assert "at most 2000" not in sent.text
+    entries = ["ผู้ป่วย" * 20] * 140  # ~60 KiB of UTF-8 in the message
+    message = json.dumps(
+        {"type": "QUEUE_UPDATE", "data": {"queue": entries}, "id": "x", "offset": 1}, ensure_ascii=False
+    )
+    assert 56 * 1024 < len(message.encode()) < 63 * 1024
+    rendered = admin.post(
+        server.url + "/clinics/clinic-1/queue/render",
+        data={"message": message},
+        headers={"X-CSRF-Token": token},
+        timeout=10,
+    )
+    assert rendered.status_code == 200, rendered.text[:300]
