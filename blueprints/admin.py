@@ -141,14 +141,13 @@ def _log_query(args: Mapping[str, str], rows: int, *, paged: bool = True) -> tup
     if not (page_text.isascii() and page_text.isdigit()) or int(page_text) > 10_000:
         return 0, None, "page must be a whole number from 0 to 10000"
     page = int(page_text)
-    fields = {}
-    for name in ("type", "channel", "sender"):
-        value = (args.get(name) or "").strip()
-        if len(value) > 256:
-            return 0, None, f"{name} is longer than 256 characters"
-        fields[name] = value or None
+    fields = {name: (args.get(name) or "").strip() or None for name in ("type", "channel", "sender")}
     limit = rows + 1 if paged else rows
-    return page, LogQuery(**fields, since=since, until=until, offset=page * rows, limit=limit), None
+    try:
+        query = LogQuery(**fields, since=since, until=until, offset=page * rows, limit=limit)
+    except ValueError as bad:
+        return 0, None, str(bad)
+    return page, query, None
 
 
 def _read(query: LogQuery) -> tuple[list[LoggedBroadcast], str | None]:

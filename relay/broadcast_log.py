@@ -137,6 +137,19 @@ class LogQuery:
     offset: int = 0
     limit: int = 50
 
+    def __post_init__(self) -> None:
+        """Refuse (ValueError, with a message to show) a filter no broadcast could match."""
+        for name in ("type", "channel", "sender"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if len(value) > 256:
+                raise ValueError(f"{name} is longer than 256 characters")
+            if not value.isprintable():  # a NUL cannot even be asked of Postgres (Supabase's store)
+                raise ValueError(f"{name} may not contain control characters")
+        if self.channel is not None and "," in self.channel:  # no channel name has one; a store could split it
+            raise ValueError("channel names one channel (no commas)")
+
 
 CSV_COLUMNS = ("at", "id", "offset", "source", "sender", "type", "channels", "filter", "delivered", "size", "preview")
 _RELATIVE = re.compile(r"(\d{1,6})\s*([smhd])")

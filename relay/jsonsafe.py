@@ -31,6 +31,9 @@ MAX_DEPTH = 64  # objects and arrays inside one another; clinic events need a ha
 compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+TOO_LARGE = "it contains a number too large to represent (such as 1e400)"
+
+
 def problem(value: object, max_depth: int = MAX_DEPTH) -> str | None:
     """Why ``value`` (as ``json.loads`` returns it) cannot be passed on, or None if it can."""
     stack: list[tuple[object, int]] = [(value, 0)]
@@ -41,7 +44,10 @@ def problem(value: object, max_depth: int = MAX_DEPTH) -> str | None:
                 return "it contains text that is not valid Unicode (an unpaired surrogate escape such as \\ud800)"
         elif isinstance(item, float):
             if not math.isfinite(item):
-                return "it contains a number too large to represent (such as 1e400)"
+                return TOO_LARGE
+        elif isinstance(item, int):
+            if item.bit_length() > 1024:  # past the largest double: a browser reads Infinity
+                return TOO_LARGE
         elif isinstance(item, dict | list):
             if depth >= max_depth:
                 return f"it is nested more than {max_depth} levels deep"

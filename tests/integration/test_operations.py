@@ -392,6 +392,8 @@ def test_the_log_command_prints_the_last_hour(start_server):
     assert as_csv.returncode == 0 and as_csv.stdout.startswith("at,id,offset,")
     bad = flask_cli(srv, "ws", "log", "--since", "soon")
     assert bad.returncode == 2 and "use 30m, 2h, 7d" in bad.stderr
+    two = flask_cli(srv, "ws", "log", "--channel", f"{ANN},system:maintenance")
+    assert two.returncode == 2 and "channel names one channel" in two.stderr
 
 
 @pytest.fixture

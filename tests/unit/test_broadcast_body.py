@@ -135,13 +135,19 @@ def test_an_unpaired_surrogate_escape_is_refused_it_is_not_text_any_frame_can_ca
     assert refused.value.code == HttpError.INVALID_BODY and "not valid Unicode" in str(refused.value)
 
 
-@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"[1, 2e308]"])
+@pytest.mark.parametrize(
+    "number",
+    [b"1e400", b"-1e400", b"[1, 2e308]", b"2" + b"0" * 308, b"-" + b"9" * 400, b"9" * 5000],
+    ids=["1e400", "-1e400", "2e308", "int-2e308", "int-400-digits", "int-5000-digits"],
+)
 def test_a_number_too_large_for_a_float_is_refused_a_browser_would_drop_the_whole_frame(number):
     """json.loads makes 1e400 inf, which would go out as Infinity: JSON.parse refuses that frame."""
     with pytest.raises(BroadcastError) as refused:
         parse_body(b'{"message":{"type":"ALERT","data":{"x":' + number + b"}}}")
     assert refused.value.code == HttpError.INVALID_BODY and "too large" in str(refused.value)
     assert parse_body(b'{"message":{"type":"ALERT","data":{"x":1e308}}}').data == {"x": 1e308}
+    big = b"1" + b"0" * 307  # 1e307 written out: a double holds it
+    assert parse_body(b'{"message":{"type":"ALERT","data":{"x":' + big + b"}}}").data == {"x": int(big)}
 
 
 def test_a_paired_surrogate_escape_is_a_character_and_is_accepted():

@@ -61,3 +61,20 @@ def test_a_log_page_that_is_not_a_page_number_is_a_400_that_says_so(signed_in, p
         assert answer.status_code in (200, 400), (path, answer.status_code)  # never a 500
     answer = client.get("/admin/log", query_string={"page": page})
     assert answer.status_code == 400 and "page must be a whole number" in answer.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("type", "\x00", "type may not contain control characters"),
+        ("sender", "a\x1bb", "sender may not contain control characters"),
+        ("channel", "system:announcements,system:maintenance", "channel names one channel"),
+    ],
+)
+def test_a_log_filter_no_broadcast_could_match_is_a_400_that_says_so(signed_in, field, value, says):
+    """A NUL reached Supabase's store, which answered with an error taken for an outage (503); a comma
+    made the embedded store match broadcasts sent to both channels (found by review)."""
+    client, _ = signed_in("alice")
+    for path in ("/admin/log", "/admin/log.csv"):
+        answer = client.get(path, query_string={field: value})
+        assert answer.status_code == 400 and says in answer.get_data(as_text=True), (path, answer.status_code)
