@@ -40,7 +40,7 @@ def _apply(action: Callable[..., object], *args: object) -> None:
 @click.argument("user_id")
 @click.option("--email", help="Sign-in email (unique).")
 @click.option("--password", help="Sign-in password; prompted for when omitted.")
-@click.option("--role", required=True, help="admin, sales_staff, ... (free text; 'admin' may open admin pages).")
+@click.option("--role", required=True, help="One word: admin, sales_staff, nurse, ... (admin may open admin pages).")
 @click.option("--clinic", "clinic_id", help="Clinic id, for clinic staff.")
 @click.option("--name", "display_name", help="Display name.")
 @click.option("--no-password", is_flag=True, help="Create a user that cannot sign in (socket-only, e.g. a screen).")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import re
 import secrets
 import sqlite3
 from dataclasses import dataclass
@@ -146,7 +147,15 @@ class SqliteDirectory(SqliteStore):
         display_name: str | None = None,
     ) -> Identity:
         _check_user_fields(user_id, role, clinic_id)
-        hashed = generate_password_hash(password) if password else None
+        if email is not None and not _EMAIL.fullmatch(email):
+            raise UserError(f"email {email!r} is not an email address")
+        if password is not None:
+            _check_password(password)
+        # A user signs in by email or by id: neither may be the other's of someone else.
+        taken = self._query_one("SELECT id FROM users WHERE id = ? OR email = ?", (email, user_id))
+        if taken is not None:
+            raise UserError(f"{user_id!r} or {email!r} is already another user's id or email (sign-in takes either)")
+        hashed = generate_password_hash(password) if password is not None else None
         try:
             self._execute(_INSERT, (user_id, email or None, display_name, role, clinic_id or None, hashed, _now()))
         except sqlite3.IntegrityError:
@@ -203,6 +212,7 @@ class SqliteDirectory(SqliteStore):
         return int(rows[-1][0]), list(dict.fromkeys(row[1] for row in rows))
 
     def set_password(self, user_id: str, password: str) -> None:
+        _check_password(password)
         self._update(user_id, "password_hash = ?", (generate_password_hash(password),))
 
     def seed_demo(self, users: list[tuple[str, str, str, str | None]]) -> list[DemoUser]:
@@ -258,13 +268,22 @@ def _identity(row: tuple) -> Identity:
     )
 
 
+_ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # one word: "admin " would not be admin
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}")  # the rest is the mail server's to judge
+
+
 def _check_user_fields(user_id: str, role: str, clinic_id: str | None) -> None:
     if not is_valid_id(user_id):
         raise UserError(f"user id {user_id!r} must match {ID_PATTERN}")
-    if not role or not role.strip() or len(role) > 64:
-        raise UserError("role must be a non-empty word, e.g. admin or sales_staff")
+    if not _ROLE.fullmatch(role or ""):
+        raise UserError(f"role {role!r} must be one word of letters, digits, _ or -, e.g. admin or sales_staff")
     if clinic_id and not is_valid_id(clinic_id):
         raise UserError(f"clinic id {clinic_id!r} must match {ID_PATTERN}")
+
+
+def _check_password(password: str) -> None:
+    if not password:  # nobody could sign in with it (the sign-in form refuses an empty one)
+        raise UserError("a password cannot be empty (use --no-password for a user that cannot sign in)")
 
 
 def _now() -> str:

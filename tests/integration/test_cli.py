@@ -10,6 +10,7 @@ from support import ROOT, Server, flask_cli, run_flask
 
 from app import create_app
 from relay.codes import Close
+from relay.sqlite_directory import UserError
 
 
 def test_smoke_passes_against_a_running_server(start_server):
@@ -137,6 +138,36 @@ def test_users_add_list_set_role_disable(cli):
 def test_users_commands_explain_what_is_wrong(cli, args, message):
     result = cli.invoke(args=args)
     assert result.exit_code != 0 and message in result.output
+
+
+def test_users_input_that_would_lock_someone_out_or_mislead_is_refused(cli):
+    """Found by review: an email equal to another user's id (sign-in takes either, and found the wrong
+    one), a role with a trailing space (printed as admin, not admin), an empty password (no sign-in
+    form accepts one), an email that is not one."""
+    assert cli.invoke(args=["users", "add", "alice", "--role", "nurse", "--password", "pw-alice"]).exit_code == 0
+    assert cli.invoke(args=["users", "add", "ann@x.test", "--role", "nurse", "--no-password"]).exit_code == 0
+    cases = [
+        (
+            ["users", "add", "zed", "--email", "ann@x.test", "--role", "nurse", "--no-password"],
+            "already another user's",
+        ),
+        (["users", "add", "carol", "--email", " ", "--role", "nurse", "--no-password"], "is not an email address"),
+        (["users", "add", "carol", "--role", "nurse", "--password", ""], "a password cannot be empty"),
+        (["users", "set-role", "alice", "admin "], "must be one word"),
+    ]
+    for args, message in cases:
+        result = cli.invoke(args=args)
+        assert result.exit_code != 0 and message in result.output, (args, result.output)
+    assert (
+        cli.invoke(args=["users", "add", "dan", "--email", "dan@x.test", "--role", "nurse", "--no-password"]).exit_code
+        == 0
+    )
+    taken = cli.invoke(args=["users", "add", "dan@x.test", "--role", "nurse", "--no-password"])  # an id = an email
+    assert taken.exit_code != 0 and "already another user's" in taken.output
+    with pytest.raises(UserError, match="a password cannot be empty"):  # what set-password calls
+        cli.directory.set_password("alice", "")
+    assert cli.directory.authenticate("alice", "pw-alice").role == "nurse"  # nothing above changed alice
+    assert [u.user_id for u in cli.directory.list_users()] == ["alice", "ann@x.test", "dan"]
 
 
 def test_duplicate_user_is_refused(cli):
