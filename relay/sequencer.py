@@ -134,6 +134,8 @@ class Sequencer:
         """Delivered envelopes with offsets above ``offset``, or None if they are not all still kept here."""
         if offset >= self.position:
             return []
+        if self._recent.last != self.position:  # a gap just skipped, nothing delivered past it yet
+            return None
         return self._recent.after(offset)
 
     def delivered_id(self, offset: int) -> str | None:
@@ -158,6 +160,8 @@ class Sequencer:
             if held is not None and held != envelope.id:  # one offset, two broadcasts: the stream went back
                 self._on_went_back(envelope.epoch, offset)
             result.set(self._recent.count_of(offset, envelope.id))
+            if self._parked and self._gap is None:  # whatever is parked is never left without its timer
+                self._gap = gevent.spawn_later(self.gap_timeout, self._fill)
             return result
         self._parked[offset] = (envelope, result)
         if not self._draining:
@@ -228,7 +232,10 @@ class Sequencer:
         # The read waited, and offers meanwhile may have closed the gap, delivered past it or started
         # a new stream: use what was read only for what is still missing, and skip only a gap this
         # read covered (the position unmoved), never one that opened while it waited.
-        if self.epoch == epoch:
+        later = 0 if len(missing) == wanted == FILL_PAGE else self.gap_timeout  # a full page: the next at once
+        if self.epoch == epoch and any(envelope.epoch != epoch for envelope in missing):
+            later = self.gap_timeout * 5  # the stream started over: no gap; its first broadcast here resets us
+        elif self.epoch == epoch:
             for envelope in missing:
                 if envelope.epoch == epoch and _offset(envelope) > self.position:
                     self._parked.setdefault(_offset(envelope), (envelope, AsyncResult()))
@@ -243,13 +250,14 @@ class Sequencer:
                 self._draining = True
                 try:
                     self._on_gap(after, first - 1)
+                except Exception:
+                    log.exception("handling the gap after offset %s failed", after)
                 finally:
                     self._draining = False
         if not self._draining:
             self._drain()
         if self._parked and self._gap is None:
-            more = len(missing) == wanted == FILL_PAGE  # a full page: the next one at once
-            self._gap = gevent.spawn_later(0 if more else self.gap_timeout, self._fill)
+            self._gap = gevent.spawn_later(later, self._fill)
 
     def _reset(self, epoch: str, position: int) -> None:
         """The stream's history was lost (a new epoch): start over from the new stream."""
@@ -299,6 +307,10 @@ class RecentWindow:
     @property
     def first(self) -> int | None:
         return self._offsets[0] if self._offsets else None
+
+    @property
+    def last(self) -> int | None:
+        return self._offsets[-1] if self._offsets else None
 
     def prepend(self, envelopes: list[Envelope]) -> None:
         """Put older envelopes (read back from the history) in front."""

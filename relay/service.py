@@ -346,13 +346,19 @@ class Realtime:
         gevent.spawn(self._start_over, epoch)
 
     def _start_over(self, epoch: str) -> None:
+        """Until it is done: no reused offset may be offered again to say so (new broadcasts pass them)."""
         assert self.history is not None
         try:
-            new_epoch, head = self.history.start_over(epoch)
-            if self.sequencer.epoch == epoch:  # unless a broadcast of the new stream got here first
-                self.sequencer.restart(new_epoch, head)
-        except HistoryUnavailable as down:  # the listener's resync checks again when the store is back
-            log.warning("cannot start the stream over: %s", down)
+            for wait in (0.5, 1, 2, 4, 8, 15, 30, 60):  # about two minutes, then the follower's checks
+                try:
+                    new_epoch, head = self.history.start_over(epoch)
+                except HistoryUnavailable as down:
+                    log.warning("cannot start the stream over yet: %s", down)
+                    gevent.sleep(wait)
+                    continue
+                if self.sequencer.epoch == epoch:  # unless a broadcast of the new stream got here first
+                    self.sequencer.restart(new_epoch, head)
+                return
         finally:
             self._starting_over = None
 
@@ -405,19 +411,30 @@ class Realtime:
         this covers a stream that goes quiet after it. Deliveries take milliseconds, so a head this worker
         has not reached one interval after it was seen is caught up."""
         assert self.history is not None
-        seen: tuple[str, int] | None = None
+        seen: tuple[str, int, int] | None = None  # (epoch, head, this worker's position) one interval ago
+        failing = False
         while True:
             gevent.sleep(FOLLOW_INTERVAL)
             try:
-                behind = seen is not None and seen[0] == self.sequencer.epoch and self.sequencer.position < seen[1]
-                if behind:
-                    log.warning("offsets up to %s never reached this worker: reading them", seen)
+                # Stuck, not merely behind: a fan-out to many sockets can take seconds per broadcast.
+                if seen is not None and seen[0] == self.sequencer.epoch and seen[2] == self.sequencer.position:
+                    log.warning("offsets up to %s never reached this worker: reading them", seen[1])
                     self.sequencer.catch_up()
+                position = self.sequencer.position  # before the store is asked, as in _resync
                 epoch, head = self.history.head()
-                seen = (epoch, head) if epoch == self.sequencer.epoch and head > self.sequencer.position else None
-            except Exception as problem:  # the store is away: the listener's resync covers its return
-                log.warning("following the stream failed: %s", problem)
-                seen = None
+                # The store back at an epoch this worker left, or behind what it delivered: what _resync
+                # checks when the listener comes back, in case that check failed or never ran.
+                if self.sequencer.left(epoch) or (epoch == self.sequencer.epoch and head < position):
+                    self._resync()
+                    seen = None
+                else:
+                    behind = epoch == self.sequencer.epoch and head > position
+                    seen = (epoch, head, position) if behind else None
+                failing = False
+            except Exception as problem:  # the store is away: said once, not every round
+                if not failing:
+                    log.warning("following the stream failed: %s", problem)
+                failing, seen = True, None
 
     # -- sockets ------------------------------------------------------------------
 

@@ -414,6 +414,46 @@ def test_broadcasts_the_history_lost_before_they_reached_this_worker_close_its_s
     assert rt.sequencer.position == position + 2
 
 
+def test_a_store_that_went_back_is_noticed_by_the_follower_without_a_listener_outage(service, sockets, monkeypatch):
+    """Redis back from an older copy while this worker's listener never dropped (another host's Redis
+    failover, or the listener's own check failed): the stream follower's reading of the head says so."""
+    import relay.service
+
+    monkeypatch.setattr(relay.service, "FOLLOW_INTERVAL", 0.05)
+    rt = service()
+    client = sockets(rt, rt.tokens.mint("u-1"))
+    assert client.json()["type"] == "CONNECTED"
+    for n in range(3):
+        rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": n}, Filter()), source="api", scope="api")
+    epoch, position = rt.sequencer.epoch, rt.sequencer.position
+    _store_came_back_older(rt, keep=position - 2)
+    assert client.close_code() == (Close.SERVICE_RESTART, "stream reset")
+    assert rt.sequencer.epoch != epoch and rt.history.head()[0] == rt.sequencer.epoch
+
+
+def test_starting_the_stream_over_is_retried_until_the_store_answers(service, monkeypatch):
+    """Once new broadcasts pass the reused offsets, none is offered again to say the store went back."""
+    from relay.history import HistoryUnavailable
+
+    rt = service()
+    rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": 1}, Filter()), source="api", scope="api")
+    epoch = rt.sequencer.epoch
+    real, calls = rt.history.start_over, []
+
+    def flaky(old):
+        calls.append(old)
+        if len(calls) < 3:
+            raise HistoryUnavailable("Redis is loading")
+        return real(old)
+
+    monkeypatch.setattr(rt.history, "start_over", flaky)
+    rt._stream_reused(epoch, 1)
+    deadline = time.monotonic() + 5
+    while rt.sequencer.epoch == epoch and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    assert rt.sequencer.epoch != epoch and len(calls) == 3
+
+
 def test_a_store_that_only_moved_on_is_not_taken_for_one_that_went_back(service):
     rt = service()
     for n in range(3):

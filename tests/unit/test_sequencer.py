@@ -269,3 +269,50 @@ def test_the_position_moves_before_the_fan_out_so_a_connection_joining_mid_fan_o
     seen.append(("resume replays", [e.offset for e in sequencer.recent_after(0)]))
     job.join()
     assert seen == [("joiner sees", 1), ("resume replays", [1])]
+
+
+def test_a_resume_while_a_skipped_gap_is_being_handled_is_not_told_the_window_is_whole():
+    """Between the skip and the first delivery past it the window ends before the position: a resume
+    then must read the history (and be told the gap), not be handed the window (found by review)."""
+    world = World()
+    answers = []
+
+    def closing(after: int, upto: int) -> None:
+        answers.extend([world.sequencer.recent_after(0), world.sequencer.recent_after(1)])
+
+    world.sequencer._on_gap = closing
+    world.sequencer.offer(env(1))
+    assert world.sequencer.offer(env(3)).get(timeout=2) == 13
+    assert answers == [None, None]
+    assert [e.offset for e in world.sequencer.recent_after(2)] == [3]
+
+
+def test_a_failing_gap_handler_leaves_nothing_stranded(world):
+    def broken(after: int, upto: int) -> None:
+        raise RuntimeError("closing failed")
+
+    world.sequencer._on_gap = broken
+    world.sequencer.offer(env(1))
+    assert world.sequencer.offer(env(3)).get(timeout=2) == 13  # delivered all the same
+
+
+def test_a_duplicate_offered_while_something_is_parked_without_its_timer_arms_it(world):
+    world.sequencer.offer(env(1))
+    world.history = {2: env(2)}
+    late = world.sequencer.offer(env(3))
+    world.sequencer._gap.kill()  # as if the timer had been lost
+    world.sequencer._gap = None
+    world.sequencer.offer(env(1))  # a duplicate: the timer is armed again
+    assert late.get(timeout=2) == 13 and world.delivered == [1, 2, 3]
+
+
+def test_a_gap_read_from_a_stream_that_started_over_is_not_skipped(world):
+    """Another worker started the stream over: what the history holds now is the new epoch's. That is
+    not a gap of the old one (its first broadcast here resets the sequencer instead)."""
+    world.sequencer.offer(env(1))
+    world.history = {2: env(2, "e2")}  # a new epoch goes on from the old head's offsets
+    parked = world.sequencer.offer(env(3))
+    gevent.sleep(0.3)
+    assert world.sequencer.skipped == 0 and ("gap", 1, 2) not in world.told and not parked.ready()
+    world.sequencer.offer(env(3, "e2"))
+    assert parked.get(timeout=1) == 0 and world.resets == ["e2"]
