@@ -203,15 +203,16 @@ export class RealtimeClient {
    * second subscriber gets the current value too (the others get it as well,
    * marked `last: true`).
    * @param {string[]} names channel names (see {@link channels})
-   * @param {{last?: boolean}} [options]
+   * @param {{last?: boolean, ask?: boolean}} [options] `ask: false`: for a channel already held, only
+   *   remember that its last value is wanted (on later resubscriptions), without asking for it now
    */
-  subscribe(names, { last = false } = {}) {
+  subscribe(names, { last = false, ask = true } = {}) {
     const asked = [];
     for (const name of names) {
       const count = this.refs.get(name) || 0;
       this.refs.set(name, count + 1);
       if (last) this.wantsLast.add(name);
-      if (count === 0 || last) asked.push(name);
+      if (count === 0 || (last && ask)) asked.push(name);
     }
     this._sendSubscribe(asked);
   }
@@ -334,10 +335,13 @@ export class RealtimeClient {
     this.ws = ws;
     ws.onmessage = (event) => this._onSocketMessage(ws, event);
     ws.onclose = (event) => this._onSocketClose(ws, event);
-    // The watchdog starts with CONNECTED: a socket whose network died before it (after the 101, say)
-    // would otherwise wait forever, since nothing is sent on it.
-    const { idleMs, pongTimeoutMs } = this.options;
-    this.admitTimer = setTimeout(() => this._abandon(ws, "no CONNECTED"), idleMs + pongTimeoutMs);
+    // The watchdog starts with CONNECTED: a socket whose network died between the 101 and it would
+    // otherwise wait forever, since nothing is sent on it. (From the 101: before it, a reload storm's
+    // clients may wait their turn in the server's backlog for a long while.)
+    ws.onopen = () => {
+      const { idleMs, pongTimeoutMs } = this.options;
+      if (ws === this.ws) this.admitTimer = setTimeout(() => this._abandon(ws, "no CONNECTED"), idleMs + pongTimeoutMs);
+    };
   }
 
   _onSocketMessage(ws, event) {
@@ -384,10 +388,14 @@ export class RealtimeClient {
       }
     }
     if (!broadcast && message.type === "SUBSCRIBED") {
+      const granted = [];
       for (const name of (message.data && message.data.channels) || []) {
         this.unanswered.delete(name);
-        this.refused.delete(name);
+        if (this.refused.delete(name)) granted.push(name);
       }
+      // Refused before (the user's role or clinic changed, and changed back): what the page shows of
+      // them is from before, and nothing was replayed for them.
+      if (granted.length) this._resync({ reason: "granted", channels: granted });
     } else if (!broadcast && message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
       const name = message.data.channel; // refused, or dropped since (the user's role or clinic changed)
       this.unanswered.delete(name);
@@ -415,7 +423,10 @@ export class RealtimeClient {
       const away = lacking.filter((name) => !this.refused.has(name));
       // Held all along, but a subscriber asked for its last value and no answer came back.
       const again = [...restored].filter((name) => this.unanswered.has(name) && this.wantsLast.has(name));
-      for (const name of restored) this.unanswered.delete(name);
+      for (const name of restored) {
+        this.unanswered.delete(name);
+        this.refused.delete(name); // the session holds it: whatever refused it was not saved, or undone
+      }
       this._sendSubscribe([...lacking, ...again]);
       const extra = [...restored].filter((name) => !this.refs.has(name)); // dropped while we were away
       if (extra.length) this.send({ type: "UNSUBSCRIBE", data: { channels: extra } });

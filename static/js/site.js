@@ -107,15 +107,20 @@ function subscribersIn(node) {
   return found.concat([...node.querySelectorAll("[data-realtime-channels]")]);
 }
 
-function attach(rt, element, released = new Set()) {
+// What makes two subscribers alike: the same channels, asking for their last values or not.
+function likeness(element) {
+  return `${element.dataset.realtimeLast === "true"} ${channelsOf(element).join(" ")}`;
+}
+
+function attach(rt, element, swappedOut = new Set()) {
   if (subscribed.has(element) || !element.isConnected) return;
   const names = channelsOf(element);
   subscribed.set(element, names);
-  // A subscriber swapped in for one of the same channels (an htmx swap of the fragment) already shows
-  // their state: asking for the last value again would re-render every fragment of those channels,
-  // and one that swaps itself in on each message would ask forever.
-  const replacing = names.length > 0 && names.every((name) => released.has(name));
-  rt.subscribe(names, { last: element.dataset.realtimeLast === "true" && !replacing });
+  // Swapped in for a subscriber like it (htmx's outerHTML swap of the fragment itself): it was rendered
+  // with the state, and asking for the last value again would re-render every fragment of those
+  // channels, and one that swaps itself in on each message would ask forever.
+  const replacing = swappedOut.has(likeness(element));
+  rt.subscribe(names, { last: element.dataset.realtimeLast === "true", ask: !replacing });
 }
 
 function detach(rt, element) {
@@ -131,8 +136,18 @@ function watchSubscribers(rt) {
     // Additions first: an htmx swap that replaces a subscriber with an equal one
     // then nets out to no UNSUBSCRIBE/SUBSCRIBE traffic at all.
     const removed = records.flatMap((record) => [...record.removedNodes].flatMap(subscribersIn));
-    const released = new Set(removed.filter((e) => !e.isConnected).flatMap((e) => subscribed.get(e) || []));
-    for (const record of records) for (const node of record.addedNodes) subscribersIn(node).forEach((e) => attach(rt, e, released));
+    // Only a subscriber that was itself the node swapped: one inside a re-rendered parent comes back as
+    // the parent's server render made it (a placeholder, say), and asks.
+    const swappedOut = new Set(
+      records
+        .flatMap((record) => [...record.removedNodes])
+        .filter((node) => subscribed.has(node) && !node.isConnected)
+        .map(likeness),
+    );
+    const none = new Set();
+    for (const record of records) {
+      for (const node of record.addedNodes) subscribersIn(node).forEach((e) => attach(rt, e, e === node ? swappedOut : none));
+    }
     for (const element of removed) detach(rt, element);
   }).observe(document.body, { childList: true, subtree: true });
 }

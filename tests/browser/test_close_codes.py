@@ -311,3 +311,30 @@ def test_a_subscriber_swapped_for_an_equal_one_does_not_ask_for_the_last_value_a
     assert [m for m in sockets.sent[before:] if "SUBSCRIBE" in m] == []
     page.evaluate(f"window.realtime.subscribe(['{QUEUE}'], {{ last: true }})")  # a second subscriber still asks
     assert wait_for(lambda: any('"last":true' in m for m in sockets.sent[before:]), timeout=10)
+    # One inside a parent that is re-rendered comes back as the parent's render made it: it asks too.
+    before = len(sockets.sent)
+    page.evaluate(
+        f"() => {{ const old = document.querySelector('[data-realtime-channels=\"{QUEUE}\"]');"
+        " const parent = document.createElement('div'); old.replaceWith(parent); parent.append(old);"
+        " parent.replaceWith(parent.cloneNode(true)); }"
+    )
+    assert wait_for(lambda: any('"last":true' in m for m in sockets.sent[before:]), timeout=10)
+
+
+def test_a_channel_refused_then_allowed_is_refetched(live, site):
+    """The user could not read it (another clinic's queue), then could: what the page shows of it is from
+    before, and no replay covered it (found by review)."""
+    from support import flask_cli
+
+    page, sockets, errors = live
+    page.evaluate(
+        "() => { window.__resyncs = [];"
+        " window.realtime.onResync((d) => window.__resyncs.push([d.reason, d.channels || []])); }"
+    )
+    other = "clinic:clinic-2:queue"
+    page.evaluate(f"window.realtime.subscribe(['{other}'])")  # bob is clinic-1's: refused
+    assert wait_for(lambda: page.evaluate("window.realtime.refused.size") == 1, timeout=10)
+    moved = flask_cli(site, "users", "set-clinic", "bob", "clinic-2")
+    assert moved.returncode == 0, moved.stderr
+    sockets.close(Close.SERVICE_RESTART)  # the next connection subscribes it again, and it is taken
+    assert wait_for(lambda: page.evaluate("window.__resyncs") == [["granted", [other]]], timeout=15)
