@@ -328,6 +328,15 @@ def test_a_process_without_a_token_secret_refuses_with_1011(tmp_path, sockets):
     assert sockets(rt, "anything").close_code()[0] == Close.INTERNAL_ERROR
 
 
+def _three_broadcasts_to_a_client(rt, sockets):
+    """A client of u-1 admitted, then three broadcasts delivered: (the client, the epoch, the position)."""
+    client = sockets(rt, rt.tokens.mint("u-1"))
+    assert client.json()["type"] == "CONNECTED"
+    for n in range(3):
+        rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": n}, Filter()), source="api", scope="api")
+    return client, rt.sequencer.epoch, rt.sequencer.position
+
+
 def _store_came_back_older(rt, *, keep: int, new: int = 0) -> None:
     """What a Redis restarted from an older snapshot looks like, in the SQLite store: the broadcasts after
     offset ``keep`` are gone and the head is back there, then ``new`` other broadcasts took their offsets."""
@@ -346,11 +355,7 @@ def _store_came_back_older(rt, *, keep: int, new: int = 0) -> None:
 def test_a_stream_that_came_back_older_under_the_same_epoch_starts_over_and_tells_every_socket(service, sockets, new):
     """Its next offsets would be ones this worker delivered: dropped as duplicates, lost without a word."""
     rt = service()
-    client = sockets(rt, rt.tokens.mint("u-1"))
-    assert client.json()["type"] == "CONNECTED"
-    for n in range(3):
-        rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": n}, Filter()), source="api", scope="api")
-    epoch, position = rt.sequencer.epoch, rt.sequencer.position
+    client, epoch, position = _three_broadcasts_to_a_client(rt, sockets)
     _store_came_back_older(rt, keep=position - 2, new=new)
 
     rt._resync()  # what the broker's listener runs when it is back
@@ -365,11 +370,7 @@ def test_a_broadcast_given_an_offset_already_delivered_starts_the_stream_over_at
     """The store went back while this worker's listener never noticed (no outage of its own, or it came
     back after broadcasts had passed the old head): the broadcast itself gives it away (found by review)."""
     rt = service()
-    client = sockets(rt, rt.tokens.mint("u-1"))
-    assert client.json()["type"] == "CONNECTED"
-    for n in range(3):
-        rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": n}, Filter()), source="api", scope="api")
-    epoch, position = rt.sequencer.epoch, rt.sequencer.position
+    client, epoch, position = _three_broadcasts_to_a_client(rt, sockets)
     _store_came_back_older(rt, keep=position - 2)
     reused = rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": "reused"}, Filter()), source="api", scope="api")
     assert reused.offset == position - 1 and reused.epoch == epoch
@@ -421,11 +422,7 @@ def test_a_store_that_went_back_is_noticed_by_the_follower_without_a_listener_ou
 
     monkeypatch.setattr(relay.service, "FOLLOW_INTERVAL", 0.05)
     rt = service()
-    client = sockets(rt, rt.tokens.mint("u-1"))
-    assert client.json()["type"] == "CONNECTED"
-    for n in range(3):
-        rt.broadcast(BroadcastRequest("ANNOUNCEMENT", {"n": n}, Filter()), source="api", scope="api")
-    epoch, position = rt.sequencer.epoch, rt.sequencer.position
+    client, epoch, position = _three_broadcasts_to_a_client(rt, sockets)
     _store_came_back_older(rt, keep=position - 2)
     assert client.close_code() == (Close.SERVICE_RESTART, "stream reset")
     assert rt.sequencer.epoch != epoch and rt.history.head()[0] == rt.sequencer.epoch
