@@ -59,7 +59,6 @@ except ImportError:  # pragma: no cover - exercised only without the extra insta
     HAVE_REDIS = False
 
 log = logging.getLogger("relay.redis")
-PUBLISH_FAILURE_SHOWN_S = 30.0  # /health says degraded this long after a publish failed
 
 
 def _require_redis() -> None:
@@ -155,7 +154,6 @@ class RedisBroker:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self._receivers: int | None = None  # how many listeners Redis counted at the last publish
-        self._publish_failed_at: float | None = None  # monotonic; cleared by a publish that works
 
     # -- the Broker interface ---------------------------------------------------------
 
@@ -181,7 +179,7 @@ class RedisBroker:
                 if envelope.offset is None:
                     raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
                 return self._stored_not_published(envelope, listening, problem)
-            self._receivers, self._publish_failed_at = receivers, None
+            self._receivers = receivers
             pending = self._deliver(envelope)
             others = max(0, receivers - (1 if listening else 0))
             waiter.expect(others)
@@ -201,7 +199,6 @@ class RedisBroker:
         workers read it from the history (their next gap fill, or ``Realtime._follow_forever``), and
         count as missing: those listening at the last publish (one if there was none yet)."""
         log.warning("broadcast %s stored at offset %s but not published: %s", envelope.id, envelope.offset, problem)
-        self._publish_failed_at = time.monotonic()
         try:
             local = self._deliver(envelope).get(timeout=self.reply_timeout)
         except gevent.Timeout:
@@ -254,8 +251,6 @@ class RedisBroker:
     def state(self) -> str:
         if self._stopped:
             return "stopped"
-        if self._publish_failed_at is not None and time.monotonic() - self._publish_failed_at < PUBLISH_FAILURE_SHOWN_S:
-            return "degraded"  # broadcasts reach the other workers late, from the history
         return "ok" if self._listening and self._heartbeat_ok else "degraded"
 
     def members(self) -> list[dict] | None:

@@ -422,9 +422,10 @@ class Realtime:
                     self.sequencer.catch_up()
                 position = self.sequencer.position  # before the store is asked, as in _resync
                 epoch, head = self.history.head()
-                # The store back at an epoch this worker left, or behind what it delivered: what _resync
-                # checks when the listener comes back, in case that check failed or never ran.
-                if self.sequencer.left(epoch) or (epoch == self.sequencer.epoch and head < position):
+                # The store at another epoch (one this worker left: it went back; a new one: it started
+                # over, and no broadcast of it reached here yet) or behind what this worker delivered:
+                # what _resync checks when the listener comes back, in case that check failed or never ran.
+                if epoch != self.sequencer.epoch or head < position:
                     self._resync()
                     seen = None
                 else:

@@ -335,12 +335,15 @@ export class RealtimeClient {
     this.ws = ws;
     ws.onmessage = (event) => this._onSocketMessage(ws, event);
     ws.onclose = (event) => this._onSocketClose(ws, event);
-    // The watchdog starts with CONNECTED: a socket whose network died between the 101 and it would
-    // otherwise wait forever, since nothing is sent on it. (From the 101: before it, a reload storm's
-    // clients may wait their turn in the server's backlog for a long while.)
+    // The watchdog starts with CONNECTED: a socket whose network died before it would otherwise wait
+    // forever, since nothing is sent on it. Twice as long before the 101 (a reload storm's clients may
+    // wait their turn in the server's backlog), then the usual wait for CONNECTED.
+    const { idleMs, pongTimeoutMs } = this.options;
+    this.admitTimer = setTimeout(() => this._abandon(ws, "no 101"), 2 * (idleMs + pongTimeoutMs));
     ws.onopen = () => {
-      const { idleMs, pongTimeoutMs } = this.options;
-      if (ws === this.ws) this.admitTimer = setTimeout(() => this._abandon(ws, "no CONNECTED"), idleMs + pongTimeoutMs);
+      if (ws !== this.ws) return;
+      clearTimeout(this.admitTimer);
+      this.admitTimer = setTimeout(() => this._abandon(ws, "no CONNECTED"), idleMs + pongTimeoutMs);
     };
   }
 
@@ -423,18 +426,20 @@ export class RealtimeClient {
       const away = lacking.filter((name) => !this.refused.has(name));
       // Held all along, but a subscriber asked for its last value and no answer came back.
       const again = [...restored].filter((name) => this.unanswered.has(name) && this.wantsLast.has(name));
-      for (const name of restored) {
-        this.unanswered.delete(name);
-        this.refused.delete(name); // the session holds it: whatever refused it was not saved, or undone
-      }
+      for (const name of restored) this.unanswered.delete(name);
+      // Held by the session, but refused on the last socket (a drop the dying worker never saved, and
+      // access given back since): its broadcasts meanwhile were not replayed.
+      const regained = [...restored].filter((name) => this.refused.delete(name));
       this._sendSubscribe([...lacking, ...again]);
       const extra = [...restored].filter((name) => !this.refs.has(name)); // dropped while we were away
       if (extra.length) this.send({ type: "UNSUBSCRIBE", data: { channels: extra } });
       if (away.length) this._resync({ ...data, reason: "not_restored", channels: away });
+      if (regained.length) this._resync({ ...data, reason: "granted", channels: regained });
       return;
     } else {
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: data.offset };
     }
+    this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this._sendSubscribe([...this.refs.keys()]);
     // A reconnect that is not a recovery missed whatever was sent meanwhile, with or without history:
     // every page must refetch its state.

@@ -116,9 +116,10 @@ function attach(rt, element, swappedOut = new Set()) {
   if (subscribed.has(element) || !element.isConnected) return;
   const names = channelsOf(element);
   subscribed.set(element, names);
-  // Swapped in for a subscriber like it (htmx's outerHTML swap of the fragment itself): it was rendered
-  // with the state, and asking for the last value again would re-render every fragment of those
-  // channels, and one that swaps itself in on each message would ask forever.
+  // Swapped in for a subscriber like it (an htmx swap of the fragment, or of a parent around it): it
+  // was rendered with the state, and asking for the last value again would re-render every fragment of
+  // those channels, and one re-rendered on each message of its channel would ask forever. (So a parent's
+  // render must give it its state, as the queue page does, not a placeholder.)
   const replacing = swappedOut.has(likeness(element));
   rt.subscribe(names, { last: element.dataset.realtimeLast === "true", ask: !replacing });
 }
@@ -136,18 +137,8 @@ function watchSubscribers(rt) {
     // Additions first: an htmx swap that replaces a subscriber with an equal one
     // then nets out to no UNSUBSCRIBE/SUBSCRIBE traffic at all.
     const removed = records.flatMap((record) => [...record.removedNodes].flatMap(subscribersIn));
-    // Only a subscriber that was itself the node swapped: one inside a re-rendered parent comes back as
-    // the parent's server render made it (a placeholder, say), and asks.
-    const swappedOut = new Set(
-      records
-        .flatMap((record) => [...record.removedNodes])
-        .filter((node) => subscribed.has(node) && !node.isConnected)
-        .map(likeness),
-    );
-    const none = new Set();
-    for (const record of records) {
-      for (const node of record.addedNodes) subscribersIn(node).forEach((e) => attach(rt, e, e === node ? swappedOut : none));
-    }
+    const swappedOut = new Set(removed.filter((e) => subscribed.has(e) && !e.isConnected).map(likeness));
+    for (const record of records) for (const node of record.addedNodes) subscribersIn(node).forEach((e) => attach(rt, e, swappedOut));
     for (const element of removed) detach(rt, element);
   }).observe(document.body, { childList: true, subtree: true });
 }
