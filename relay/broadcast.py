@@ -57,11 +57,11 @@ def parse_body(body: bytes) -> BroadcastRequest:
     if len(body) > MAX_BODY_BYTES:
         raise BroadcastError(HttpError.BODY_TOO_LARGE, f"the body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
-        doc = json.loads(body, parse_constant=_no_constants, parse_int=_bounded_int)
-    except _TooLong:
-        _invalid(f"the body cannot be broadcast: {jsonsafe.TOO_LARGE}")
-    except (ValueError, UnicodeDecodeError):
+        doc = json.loads(body, parse_constant=_no_constants)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise BroadcastError(HttpError.INVALID_JSON, "the body is not valid JSON") from None
+    except ValueError:  # the one other: an integer past Python's 4,300 digits (valid JSON; no double holds it)
+        _invalid(f"the body cannot be broadcast: {jsonsafe.TOO_LARGE}")
     except RecursionError:  # nested deeper than the parser goes
         _invalid(f"the body cannot be broadcast: it is nested more than {jsonsafe.MAX_DEPTH} levels deep")
     return parse_request(doc)
@@ -69,19 +69,7 @@ def parse_body(body: bytes) -> BroadcastRequest:
 
 def _no_constants(name: str) -> object:
     # Python reads NaN and Infinity; JSON (and every browser) does not: a frame carrying one would not parse.
-    raise ValueError(f"{name} is not JSON")
-
-
-class _TooLong(Exception):
-    pass
-
-
-def _bounded_int(text: str) -> int:
-    # Past 310 digits no double holds it (jsonsafe.problem refuses those under it that are too large too),
-    # and past 4,300 Python refuses to read it, which said "not valid JSON" of valid JSON.
-    if len(text) > 310:
-        raise _TooLong
-    return int(text)
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
 def parse_request(doc: object) -> BroadcastRequest:

@@ -310,10 +310,9 @@ class Realtime:
             # Taken before the store is asked: broadcasts delivered while it answers are past its head.
             delivered_epoch, position = self.sequencer.epoch, self.sequencer.position
             epoch, head = self.history.head()
-            if epoch == delivered_epoch == self.sequencer.epoch and self._went_back(head, position):
-                event("stream.went_back", level="error", epoch=epoch, head=head, delivered=position)
-                epoch, head = self.history.start_over(epoch)
-            elif self.sequencer.left(epoch):  # an epoch this worker left for a newer one: an older copy
+            # Behind what this worker delivered, or at an epoch it left for a newer one: an older copy.
+            went_back = epoch == delivered_epoch == self.sequencer.epoch and self._went_back(head, position)
+            if went_back or self.sequencer.left(epoch):
                 event("stream.went_back", level="error", epoch=epoch, head=head, delivered=position)
                 epoch, head = self.history.start_over(epoch)
             # Only if nothing moved it meanwhile: an offer of a newer stream's broadcast may have.
@@ -429,8 +428,7 @@ class Realtime:
                     self._resync()
                     seen = None
                 else:
-                    behind = epoch == self.sequencer.epoch and head > position
-                    seen = (epoch, head, position) if behind else None
+                    seen = (epoch, head, position) if head > position else None
                 failing = False
             except Exception as problem:  # the store is away: said once, not every round
                 if not failing:
