@@ -187,11 +187,7 @@ export class RealtimeClient {
     window.removeEventListener("online", this._onOnline);
     window.removeEventListener("offline", this._onOffline);
     document.removeEventListener("visibilitychange", this._onVisible);
-    if (this.ws) {
-      const ws = this.ws;
-      this.ws = null;
-      ws.close(1000, "client stopped");
-    }
+    if (this.ws) this._dropSocket(1000, "client stopped");
     this._setStatus(status);
   }
 
@@ -360,55 +356,70 @@ export class RealtimeClient {
     if (!message || typeof message.type !== "string") return;
     // The server's own frames carry no id; every broadcast has one (its type may be anything, even
     // CONNECTED or PONG: a producer chose it).
-    const broadcast = typeof message.id === "string";
-    if (message.type === "CONNECTED" && !broadcast) {
-      const reconnect = this.everOpened;
-      // Not the backoff (attempt): a server that admits and then closes at once, again and again
-      // (1013, 1011, 1008), must see this client slow down. It starts over once a connection lasted.
-      clearTimeout(this.admitTimer);
-      this.connectedAt = Date.now();
-      this.authFailures = 0;
-      this.restarts = 0;
-      this.everOpened = true;
-      this._setStatus("open"); // before _connected: send() needs it (its listeners cannot throw past here)
-      this._startWatchdog();
-      this._connected(message.data || {}, reconnect);
-    } else if (broadcast && typeof message.offset === "number" && this.position) {
-      if (message.last) {
-        // An old broadcast resent on purpose: it does not move the position, but if it is ahead of
-        // it, a replay after a drop brings it again as an ordinary frame: remember it was shown.
-        if (message.offset > this.position.offset) {
-          if (this.shownAhead.size >= 500) this.shownAhead.delete(this.shownAhead.keys().next().value); // oldest
-          this.shownAhead.set(message.id, message.offset);
-        }
-      } else {
-        // A broadcast: each is processed once, in offset order.
-        if (message.offset <= this.position.offset) return;
-        this.position.offset = message.offset;
-        const shown = this.shownAhead.delete(message.id);
-        for (const [id, offset] of this.shownAhead) if (offset <= message.offset) this.shownAhead.delete(id);
-        if (shown) return;
-      }
+    if (typeof message.id === "string") {
+      if (!this._firstTime(message)) return;
+    } else if (message.type === "CONNECTED") {
+      this._admitted(message.data || {});
+    } else if (message.type === "SUBSCRIBED") {
+      this._subscribed((message.data && message.data.channels) || []);
+    } else if (message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
+      this._refusedOne(message.data.channel);
+    } else if (message.type === "PONG") {
+      return;
     }
-    if (!broadcast && message.type === "SUBSCRIBED") {
-      const granted = [];
-      for (const name of (message.data && message.data.channels) || []) {
-        this.unanswered.delete(name);
-        if (this.refused.delete(name)) granted.push(name);
-      }
-      // Refused before (the user's role or clinic changed, and changed back): what the page shows of
-      // them is from before, and nothing was replayed for them.
-      if (granted.length) this._resync({ reason: "granted", channels: granted });
-    } else if (!broadcast && message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
-      const name = message.data.channel; // refused, or dropped since (the user's role or clinic changed)
-      this.unanswered.delete(name);
-      if (this.refs.has(name)) this.refused.add(name);
-    }
-    if (message.type === "PONG" && !broadcast) return;
     notifyAll(this.messageListeners, message, "message");
     const target = this.options.target || document.body;
     target.dispatchEvent(new CustomEvent("realtime:message", { detail: message }));
     target.dispatchEvent(new CustomEvent(`realtime:${message.type}`, { detail: message }));
+  }
+
+  /** Whether a broadcast is to be shown: each once, in offset order (false: already processed). */
+  _firstTime(message) {
+    if (typeof message.offset !== "number" || !this.position) return true;
+    if (message.last) {
+      // An old broadcast resent on purpose: it does not move the position, but if it is ahead of
+      // it, a replay after a drop brings it again as an ordinary frame: remember it was shown.
+      if (message.offset > this.position.offset) {
+        if (this.shownAhead.size >= 500) this.shownAhead.delete(this.shownAhead.keys().next().value); // oldest
+        this.shownAhead.set(message.id, message.offset);
+      }
+      return true;
+    }
+    if (message.offset <= this.position.offset) return false;
+    this.position.offset = message.offset;
+    const shown = this.shownAhead.delete(message.id);
+    for (const [id, offset] of this.shownAhead) if (offset <= message.offset) this.shownAhead.delete(id);
+    return !shown;
+  }
+
+  _admitted(data) {
+    const reconnect = this.everOpened;
+    // Not the backoff (attempt): a server that admits and then closes at once, again and again
+    // (1013, 1011, 1008), must see this client slow down. It starts over once a connection lasted.
+    clearTimeout(this.admitTimer);
+    this.connectedAt = Date.now();
+    this.authFailures = 0;
+    this.restarts = 0;
+    this.everOpened = true;
+    this._setStatus("open"); // before _connected: send() needs it (its listeners cannot throw past here)
+    this._startWatchdog();
+    this._connected(data, reconnect);
+  }
+
+  _subscribed(names) {
+    const granted = names.filter((name) => {
+      this.unanswered.delete(name);
+      return this.refused.delete(name);
+    });
+    // Refused before (the user's role or clinic changed, and changed back): what the page shows of
+    // them is from before, and nothing was replayed for them.
+    if (granted.length) this._resync({ reason: "granted", channels: granted });
+  }
+
+  /** An ERROR naming a channel: refused, or dropped since (the user's role or clinic changed). */
+  _refusedOne(name) {
+    this.unanswered.delete(name);
+    if (this.refs.has(name)) this.refused.add(name);
   }
 
   _connected(data, reconnect) {
@@ -545,12 +556,7 @@ export class RealtimeClient {
   _goOffline() {
     if (this.stopped) return;
     this._setStatus("offline");
-    if (this.ws) {
-      const ws = this.ws;
-      this.ws = null;
-      this._socketEnded();
-      ws.close(4000, "browser offline");
-    }
+    if (this.ws) this._dropSocket(4000, "browser offline");
     clearTimeout(this.retryTimer); // the "online" event restarts us
   }
 
@@ -583,11 +589,17 @@ export class RealtimeClient {
   /** Nothing came back on this socket: the network dropped it without telling us. Retry on a new one. */
   _abandon(ws, reason) {
     if (ws !== this.ws) return;
+    this._dropSocket(4000, reason);
+    this._retry(4000);
+  }
+
+  /** Close the current socket from our side; what follows is the caller's (its close event is ignored). */
+  _dropSocket(code, reason) {
+    const ws = this.ws;
     this.ws = null;
     this._socketEnded();
     ws.onclose = null;
-    ws.close(4000, reason);
-    this._retry(4000);
+    ws.close(code, reason);
   }
 
   _setStatus(status) {
