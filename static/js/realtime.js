@@ -79,6 +79,8 @@ const CLOSE_ACTIONS = Object.freeze({
 const MESSAGE_TOO_BIG = 1009;
 /** The largest message a client may send, in UTF-8 bytes: the server closes with 1009 beyond it. */
 export const MAX_MESSAGE_BYTES = 64 * 1024;
+/** The most channels one SUBSCRIBE may name: the server refuses the whole message beyond it. */
+const MAX_CHANNELS_PER_SUBSCRIBE = 200;
 
 /**
  * Options of {@link RealtimeClient} (any subset may be given to the constructor or getClient).
@@ -145,7 +147,8 @@ export class RealtimeClient {
     this.everOpened = false;
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
-    this.unanswered = new Set(); // channels whose SUBSCRIBE has had no SUBSCRIBED or ERROR back yet
+    this.unanswered = new Map(); // channel -> SUBSCRIBEs of it with no SUBSCRIBED or ERROR back yet
+    this.toAsk = new Set(); // channels to subscribe at the end of this task, in one SUBSCRIBE
     this.refused = new Set(); // channels the server refused with an ERROR naming them (not held)
     this.stopped = true;
     this.fetching = false; // a token request is in flight
@@ -203,14 +206,16 @@ export class RealtimeClient {
    *   remember that its last value is wanted (on later resubscriptions), without asking for it now
    */
   subscribe(names, { last = false, ask = true } = {}) {
-    const asked = [];
+    const idle = this.toAsk.size === 0;
     for (const name of names) {
       const count = this.refs.get(name) || 0;
       this.refs.set(name, count + 1);
       if (last) this.wantsLast.add(name);
-      if (count === 0 || (last && ask)) asked.push(name);
+      if (count === 0 || (last && ask)) this.toAsk.add(name);
     }
-    this._sendSubscribe(asked);
+    // One SUBSCRIBE for all the subscribers of a task: an htmx swap that brings 50 fragments would
+    // otherwise send 50, over the server's burst of 40 messages, and it closes the socket with 1008.
+    if (idle && this.toAsk.size) queueMicrotask(() => this._askNow());
   }
 
   /**
@@ -219,6 +224,7 @@ export class RealtimeClient {
    * @param {string[]} names
    */
   unsubscribe(names) {
+    this._askNow(); // what was subscribed before this leaves before it
     const gone = [];
     for (const name of names) {
       const count = this.refs.get(name) || 0;
@@ -241,6 +247,7 @@ export class RealtimeClient {
    * @returns {boolean} whether it was sent (false: not open, or over {@link MAX_MESSAGE_BYTES})
    */
   send(message) {
+    this._askNow(); // messages leave in the order they were asked for
     if (this.status !== "open" || !this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
     const text = JSON.stringify(message);
     if (new TextEncoder().encode(text).length > MAX_MESSAGE_BYTES) {
@@ -408,7 +415,7 @@ export class RealtimeClient {
 
   _subscribed(names) {
     const granted = names.filter((name) => {
-      this.unanswered.delete(name);
+      this._answered(name);
       return this.refused.delete(name);
     });
     // Refused before (the user's role or clinic changed, and changed back): what the page shows of
@@ -418,8 +425,15 @@ export class RealtimeClient {
 
   /** An ERROR naming a channel: refused, or dropped since (the user's role or clinic changed). */
   _refusedOne(name) {
-    this.unanswered.delete(name);
+    this._answered(name);
     if (this.refs.has(name)) this.refused.add(name);
+  }
+
+  /** One SUBSCRIBE of this channel was answered (a plain one's answer says nothing of a `last` one's). */
+  _answered(name) {
+    const waiting = this.unanswered.get(name) || 0;
+    if (waiting > 1) this.unanswered.set(name, waiting - 1);
+    else this.unanswered.delete(name);
   }
 
   _connected(data, reconnect) {
@@ -437,7 +451,7 @@ export class RealtimeClient {
       const away = lacking.filter((name) => !this.refused.has(name));
       // Held all along, but a subscriber asked for its last value and no answer came back.
       const again = [...restored].filter((name) => this.unanswered.has(name) && this.wantsLast.has(name));
-      for (const name of restored) this.unanswered.delete(name);
+      this.unanswered.clear(); // those SUBSCRIBEs went with the socket; the ones asked again count from here
       // Held by the session, but refused on the last socket (a drop the dying worker never saved, and
       // access given back since): its broadcasts meanwhile were not replayed.
       const regained = [...restored].filter((name) => this.refused.delete(name));
@@ -451,6 +465,7 @@ export class RealtimeClient {
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: data.offset };
     }
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
+    this.unanswered.clear();
     this._sendSubscribe([...this.refs.keys()]);
     // A reconnect that is not a recovery missed whatever was sent meanwhile, with or without history:
     // every page must refetch its state.
@@ -464,13 +479,23 @@ export class RealtimeClient {
     target.dispatchEvent(new CustomEvent("realtime:resync", { detail: data }));
   }
 
+  /** Send the SUBSCRIBE that {@link RealtimeClient#subscribe} calls of this task left for the end of it. */
+  _askNow() {
+    if (!this.toAsk.size) return;
+    const names = [...this.toAsk].filter((name) => this.refs.has(name));
+    this.toAsk.clear();
+    this._sendSubscribe(names);
+  }
+
   _sendSubscribe(names) {
     const last = names.filter((name) => this.wantsLast.has(name));
     const plain = names.filter((name) => !this.wantsLast.has(name));
-    for (const [group, data] of [[plain, { channels: plain }], [last, { channels: last, last: true }]]) {
-      if (!group.length) continue;
-      this.send({ type: "SUBSCRIBE", data }); // not sent (no socket): the next CONNECTED sees it unanswered
-      for (const name of group) this.unanswered.add(name);
+    for (const [group, flags] of [[plain, {}], [last, { last: true }]]) {
+      for (let at = 0; at < group.length; at += MAX_CHANNELS_PER_SUBSCRIBE) {
+        const some = group.slice(at, at + MAX_CHANNELS_PER_SUBSCRIBE);
+        this.send({ type: "SUBSCRIBE", data: { channels: some, ...flags } }); // not sent (no socket): the next CONNECTED sees it unanswered
+        for (const name of some) this.unanswered.set(name, (this.unanswered.get(name) || 0) + 1);
+      }
     }
   }
 

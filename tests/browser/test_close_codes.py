@@ -31,6 +31,8 @@ class Sockets:
         self.refuse_with: int | None = None  # set: new sockets are closed with this code before they get in
         self.silent = False  # set: new sockets open, but nothing reaches the server or comes back from it
         self.drop = lambda message: False  # page -> server messages for which this is true are lost
+        self.hold = lambda message: False  # ...are held back until release()
+        self.held: list[tuple] = []
         self.sent: list[str] = []  # every page -> server message
         page.route_web_socket(SOCKET, self._route)
 
@@ -45,7 +47,14 @@ class Sockets:
 
     def _pass(self, server, message) -> None:
         self.sent.append(message)
-        if not self.drop(message):
+        if self.hold(message):
+            self.held.append((server, message))
+        elif not self.drop(message):
+            server.send(message)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for server, message in held:
             server.send(message)
 
     def close(self, code: int, reason: str = "from the test") -> None:
@@ -344,3 +353,79 @@ def test_a_channel_refused_then_allowed_is_refetched(live, site):
     assert moved.returncode == 0, moved.stderr
     sockets.close(Close.SERVICE_RESTART)  # the next connection subscribes it again, and it is taken
     assert wait_for(lambda: page.evaluate("window.__resyncs") == [["granted", [other]]], timeout=15)
+
+
+def record(page, *types: str) -> None:
+    """``window.__got``: every message of these types the page receives from now on."""
+    page.evaluate(
+        f"() => {{ window.__got = []; const types = {list(types)!r};"
+        " window.realtime.onMessage((m) => types.includes(m.type) && window.__got.push(m)); }"
+    )
+
+
+def test_fifty_subscribers_added_at_once_send_one_subscribe(live):
+    """An htmx swap that brings fifty fragments of one channel, each asking for its last value: fifty
+    SUBSCRIBEs would be over the server's burst of 40 messages, and it closes such a socket with 1008."""
+    page, sockets, errors = live
+    record(page, "SUBSCRIBED")
+    before = len(sockets.sent)
+    page.evaluate(f"() => {{ for (let i = 0; i < 50; i++) window.realtime.subscribe(['{QUEUE}'], {{ last: true }}); }}")
+    page.evaluate("window.realtime.subscribe(['system:maintenance'])")  # a later task: answered after those
+    answered = "window.__got.some((m) => m.data.channels.includes('system:maintenance'))"
+    assert wait_for(lambda: page.evaluate(answered) or retries(page), timeout=10)
+    assert retries(page) == [] and page.evaluate("window.realtime.status") == "open"
+    subscribes = [m for m in sockets.sent[before:] if "SUBSCRIBE" in m]
+    assert len(subscribes) == 2 and '"last":true' in subscribes[0], subscribes
+    assert errors == []
+
+
+def test_a_subscribe_and_an_unsubscribe_of_one_task_leave_in_that_order(live):
+    """The SUBSCRIBE waits for the end of the task; an UNSUBSCRIBE after it must not overtake it,
+    or the server would hold a channel nobody on the page wants."""
+    page, sockets, errors = live
+    record(page, "UNSUBSCRIBED")
+    before = len(sockets.sent)
+    page.evaluate(
+        "() => { window.realtime.subscribe(['system:maintenance']);"
+        " window.realtime.unsubscribe(['system:maintenance']); }"
+    )
+    assert wait_for(lambda: page.evaluate("window.__got.length") == 1, timeout=10)
+    types = [m.split('"type":"')[1].split('"')[0] for m in sockets.sent[before:]]
+    assert types == ["SUBSCRIBE", "UNSUBSCRIBE"]
+    assert page.evaluate("window.__got[0].data.channels") == ["system:maintenance"]  # it was held, and is not
+
+
+def test_more_channels_than_one_subscribe_may_name_are_asked_in_several(live):
+    """Over 200 names the server refuses the whole SUBSCRIBE without naming any channel: the page would
+    not know which were refused. Sent 200 at a time, each is answered by name."""
+    page, sockets, errors = live
+    record(page, "ERROR")
+    names = [f"clinic:c-{i}:queue" for i in range(250)]  # bob may read none of them
+    page.evaluate(f"window.realtime.subscribe({names!r})")
+    assert wait_for(lambda: page.evaluate("window.realtime.refused.size") == 250, timeout=10)
+    assert {m["data"]["code"] for m in page.evaluate("window.__got")} == {"forbidden_channel"}
+    assert page.evaluate("window.realtime.unanswered.size") == 0
+
+
+def test_a_last_value_asked_while_a_plain_subscribe_was_unanswered_is_asked_again_after_a_drop(live):
+    """A plain SUBSCRIBE's answer says nothing of a later `last` one of the same channel: when that one
+    is lost with its socket and the session comes back holding the channel, the value is asked again."""
+    page, sockets, errors = live
+    channel = "system:maintenance"
+    record(page, "SUBSCRIBED", "CONNECTED")
+    sockets.hold = lambda m: '"SUBSCRIBE"' in m and channel in m and '"last"' not in m
+    page.evaluate(f"window.realtime.subscribe(['{channel}'])")
+    assert wait_for(lambda: len(sockets.held) == 1, timeout=10)
+    sockets.drop = lambda m: '"last":true' in m and channel in m
+    page.evaluate(f"window.realtime.subscribe(['{channel}'], {{ last: true }})")
+    assert wait_for(lambda: any('"last":true' in m and channel in m for m in sockets.sent), timeout=10)
+    sockets.hold = sockets.drop = lambda m: False
+    sockets.release()  # the plain one reaches the server, which answers it
+    subscribed = "window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('%s'))" % channel
+    assert wait_for(lambda: page.evaluate(subscribed), timeout=10)
+    before = len(sockets.sent)
+    sockets.close(Close.SERVICE_RESTART)
+    resumed = "window.__got.filter((m) => m.type === 'CONNECTED' && m.data.recovered)"
+    assert wait_for(lambda: page.evaluate(resumed), timeout=15)
+    assert channel in page.evaluate(resumed)[0]["data"]["channels"]  # held all along: not resubscribed as lacking
+    assert wait_for(lambda: any('"last":true' in m and channel in m for m in sockets.sent[before:]), timeout=10)
