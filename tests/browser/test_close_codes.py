@@ -421,7 +421,7 @@ def test_a_last_value_asked_while_a_plain_subscribe_was_unanswered_is_asked_agai
     assert wait_for(lambda: any('"last":true' in m and channel in m for m in sockets.sent), timeout=10)
     sockets.hold = sockets.drop = lambda m: False
     sockets.release()  # the plain one reaches the server, which answers it
-    subscribed = "window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('%s'))" % channel
+    subscribed = f"window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('{channel}'))"
     assert wait_for(lambda: page.evaluate(subscribed), timeout=10)
     before = len(sockets.sent)
     sockets.close(Close.SERVICE_RESTART)
