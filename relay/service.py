@@ -592,6 +592,8 @@ class Realtime:
             hello.update(epoch=self.sequencer.epoch, offset=self.sequencer.position)
         if isinstance(outcome, Prepared):
             hello.update(recovered=True, channels=outcome.channels)
+            if outcome.refused:  # told here too, so a client knows them before it decides what to refetch
+                hello["refused"] = [name for name, _ in outcome.refused]
         elif outcome is not None:
             hello.update(recovered=False, reason=outcome)
         # CONNECTED is queued before the hub can see the connection: it is always the first frame.

@@ -444,6 +444,9 @@ export class RealtimeClient {
       // Restored: the missed broadcasts follow, then live ones. Keep our offset until they arrive.
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: this.position.offset };
       const restored = new Set(data.channels || []);
+      // Held by the session, but no longer allowed (the user's role or clinic changed while away): the
+      // ERRORs saying so come after this frame, too late for the decision below.
+      for (const name of data.refused || []) if (this.refs.has(name)) this.refused.add(name);
       const lacking = [...this.refs.keys()].filter((name) => !restored.has(name));
       // The replay covered the channels the session held. One it lacks that the server did not refuse
       // (its SUBSCRIBE never left, or went down with the socket, or the worker died before it saved

@@ -429,3 +429,34 @@ def test_a_last_value_asked_while_a_plain_subscribe_was_unanswered_is_asked_agai
     assert wait_for(lambda: page.evaluate(resumed), timeout=15)
     assert channel in page.evaluate(resumed)[0]["data"]["channels"]  # held all along: not resubscribed as lacking
     assert wait_for(lambda: any('"last":true' in m and channel in m for m in sockets.sent[before:]), timeout=10)
+
+
+def test_a_channel_the_resumed_session_may_no_longer_read_is_not_refetched(live, site):
+    """Moved to another clinic while away: the session comes back without the old clinic's queue, which
+    CONNECTED names as refused. Nothing of it is to be refetched (the ERRORs saying so come after CONNECTED,
+    too late for the client's decision)."""
+    from support import flask_cli
+
+    page, sockets, errors = live
+    page.evaluate(
+        "() => { window.__resyncs = [];"
+        " window.realtime.onResync((d) => window.__resyncs.push([d.reason, d.channels || []])); }"
+    )
+    record(page, "SUBSCRIBED", "CONNECTED")
+    page.evaluate(f"window.realtime.subscribe(['{QUEUE}'])")
+    held = f"window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('{QUEUE}'))"
+    assert wait_for(lambda: page.evaluate(held), timeout=10)
+    sockets.refuse_with = Close.TRY_AGAIN_LATER  # kept away while bob moves
+    sockets.close(Close.SERVICE_RESTART)
+    wait_retry(page, 2)
+    moved = flask_cli(site, "users", "set-clinic", "bob", "clinic-2")
+    assert moved.returncode == 0, moved.stderr
+    sockets.refuse_with = None
+    resumed = "window.__got.filter((m) => m.type === 'CONNECTED' && m.data.recovered)"
+    assert wait_for(lambda: page.evaluate(resumed), timeout=15)
+    assert page.evaluate(resumed)[0]["data"]["refused"] == [QUEUE]
+    assert wait_for(lambda: page.evaluate(f"window.realtime.refused.has('{QUEUE}')"), timeout=10)
+    page.evaluate("window.realtime.subscribe(['system:maintenance'])")  # answered after all of the resume's
+    later = "window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('system:maintenance'))"
+    assert wait_for(lambda: page.evaluate(later), timeout=10)
+    assert page.evaluate("window.__resyncs") == []

@@ -112,7 +112,7 @@ def test_a_resume_reauthorizes_channels_for_the_user_as_they_are_now(site):
     announcement = sent(site, "for everyone", channels=[ANN])
     bob.channels = []
     hello = bob.connect()
-    assert hello["recovered"] is True and hello["channels"] == [ANN]
+    assert hello["recovered"] is True and hello["channels"] == [ANN] and hello["refused"] == [Q1]
     frames = []
     try:
         while True:
