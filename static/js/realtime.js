@@ -79,8 +79,12 @@ const CLOSE_ACTIONS = Object.freeze({
 const MESSAGE_TOO_BIG = 1009;
 /** The largest message a client may send, in UTF-8 bytes: the server closes with 1009 beyond it. */
 export const MAX_MESSAGE_BYTES = 64 * 1024;
-/** The most channels one SUBSCRIBE may name: the server refuses the whole message beyond it. */
-const MAX_CHANNELS_PER_SUBSCRIBE = 200;
+/** The most channels one SUBSCRIBE or UNSUBSCRIBE may name: the server refuses the whole message beyond it. */
+const MAX_CHANNELS_PER_MESSAGE = 200;
+
+function* inChunks(names) {
+  for (let at = 0; at < names.length; at += MAX_CHANNELS_PER_MESSAGE) yield names.slice(at, at + MAX_CHANNELS_PER_MESSAGE);
+}
 
 /**
  * Options of {@link RealtimeClient} (any subset may be given to the constructor or getClient).
@@ -148,7 +152,9 @@ export class RealtimeClient {
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
     this.unanswered = new Map(); // channel -> SUBSCRIBEs of it with no SUBSCRIBED or ERROR back yet
-    this.toAsk = new Set(); // channels to subscribe at the end of this task, in one SUBSCRIBE
+    this.toAsk = new Set(); // channels to subscribe at the end of this task, in one SUBSCRIBE...
+    this.toDrop = new Set(); // ...and to unsubscribe, in one UNSUBSCRIBE
+    this.flushQueued = false;
     this.refused = new Set(); // channels the server refused with an ERROR naming them (not held)
     this.stopped = true;
     this.fetching = false; // a token request is in flight
@@ -206,16 +212,13 @@ export class RealtimeClient {
    *   remember that its last value is wanted (on later resubscriptions), without asking for it now
    */
   subscribe(names, { last = false, ask = true } = {}) {
-    const idle = this.toAsk.size === 0;
     for (const name of names) {
       const count = this.refs.get(name) || 0;
       this.refs.set(name, count + 1);
       if (last) this.wantsLast.add(name);
       if (count === 0 || (last && ask)) this.toAsk.add(name);
     }
-    // One SUBSCRIBE for all the subscribers of a task: an htmx swap that brings 50 fragments would
-    // otherwise send 50, over the server's burst of 40 messages, and it closes the socket with 1008.
-    if (idle && this.toAsk.size) queueMicrotask(() => this._askNow());
+    this._flushSoon();
   }
 
   /**
@@ -224,12 +227,10 @@ export class RealtimeClient {
    * @param {string[]} names
    */
   unsubscribe(names) {
-    this._askNow(); // what was subscribed before this leaves before it
-    const gone = [];
     for (const name of names) {
       const count = this.refs.get(name) || 0;
       if (count <= 1) {
-        if (count === 1) gone.push(name);
+        if (count === 1) this.toDrop.add(name);
         this.refs.delete(name);
         this.wantsLast.delete(name);
         this.unanswered.delete(name);
@@ -238,7 +239,7 @@ export class RealtimeClient {
         this.refs.set(name, count - 1);
       }
     }
-    if (gone.length) this.send({ type: "UNSUBSCRIBE", data: { channels: gone } });
+    this._flushSoon();
   }
 
   /**
@@ -247,7 +248,7 @@ export class RealtimeClient {
    * @returns {boolean} whether it was sent (false: not open, or over {@link MAX_MESSAGE_BYTES})
    */
   send(message) {
-    this._askNow(); // messages leave in the order they were asked for
+    this._flush(); // messages leave in the order they were asked for
     if (this.status !== "open" || !this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
     const text = JSON.stringify(message);
     if (new TextEncoder().encode(text).length > MAX_MESSAGE_BYTES) {
@@ -482,20 +483,34 @@ export class RealtimeClient {
     target.dispatchEvent(new CustomEvent("realtime:resync", { detail: data }));
   }
 
-  /** Send the SUBSCRIBE that {@link RealtimeClient#subscribe} calls of this task left for the end of it. */
-  _askNow() {
-    if (!this.toAsk.size) return;
-    const names = [...this.toAsk].filter((name) => this.refs.has(name));
+  // One UNSUBSCRIBE and one SUBSCRIBE (per flavour) for all the subscribe and unsubscribe calls of a
+  // task: an htmx swap that brings or removes 50 fragments would otherwise send 50 messages, over the
+  // server's burst of 40, and it closes the socket with 1008.
+  _flushSoon() {
+    if (this.flushQueued || !(this.toAsk.size || this.toDrop.size)) return;
+    this.flushQueued = true;
+    queueMicrotask(() => this._flush());
+  }
+
+  /** Send what this task's subscribe and unsubscribe calls left for the end of it. */
+  _flush() {
+    this.flushQueued = false;
+    // Each side only what is still true at the end of the task, so the two never name one channel
+    // and their order does not matter: dropped then taken again is still held (the SUBSCRIBE answers
+    // it, its last value too), taken then dropped is not (the UNSUBSCRIBE removes nothing).
+    const drop = [...this.toDrop].filter((name) => !this.refs.has(name));
+    const ask = [...this.toAsk].filter((name) => this.refs.has(name));
+    this.toDrop.clear();
     this.toAsk.clear();
-    this._sendSubscribe(names);
+    for (const some of inChunks(drop)) this.send({ type: "UNSUBSCRIBE", data: { channels: some } });
+    this._sendSubscribe(ask);
   }
 
   _sendSubscribe(names) {
     const last = names.filter((name) => this.wantsLast.has(name));
     const plain = names.filter((name) => !this.wantsLast.has(name));
     for (const [group, flags] of [[plain, {}], [last, { last: true }]]) {
-      for (let at = 0; at < group.length; at += MAX_CHANNELS_PER_SUBSCRIBE) {
-        const some = group.slice(at, at + MAX_CHANNELS_PER_SUBSCRIBE);
+      for (const some of inChunks(group)) {
         this.send({ type: "SUBSCRIBE", data: { channels: some, ...flags } }); // not sent (no socket): the next CONNECTED sees it unanswered
         for (const name of some) this.unanswered.set(name, (this.unanswered.get(name) || 0) + 1);
       }

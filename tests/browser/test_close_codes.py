@@ -379,20 +379,47 @@ def test_fifty_subscribers_added_at_once_send_one_subscribe(live):
     assert errors == []
 
 
-def test_a_subscribe_and_an_unsubscribe_of_one_task_leave_in_that_order(live):
-    """The SUBSCRIBE waits for the end of the task; an UNSUBSCRIBE after it must not overtake it,
-    or the server would hold a channel nobody on the page wants."""
+def test_a_task_that_drops_a_channel_and_takes_it_again_keeps_it_and_one_that_takes_and_drops_does_not(live):
+    """What leaves at the end of a task is what is still true then: an htmx swap that removes a channel's
+    last fragment and brings a new one must not end with an UNSUBSCRIBE after the SUBSCRIBE."""
     page, sockets, errors = live
-    record(page, "UNSUBSCRIBED")
+    channel = "system:maintenance"
+    record(page, "SUBSCRIBED", "UNSUBSCRIBED")
+    page.evaluate(f"window.realtime.subscribe(['{channel}'])")
+    assert wait_for(lambda: page.evaluate("window.__got.length") == 1, timeout=10)
+    before = len(sockets.sent)
+    page.evaluate(f"() => {{ window.realtime.unsubscribe(['{channel}']); window.realtime.subscribe(['{channel}']); }}")
+    assert wait_for(lambda: page.evaluate("window.__got.length") == 2, timeout=10)
+    assert [m for m in sockets.sent[before:] if "SUBSCRIBE" in m] == [
+        f'{{"type":"SUBSCRIBE","data":{{"channels":["{channel}"]}}}}'
+    ]
     before = len(sockets.sent)
     page.evaluate(
-        "() => { window.realtime.subscribe(['system:maintenance']);"
-        " window.realtime.unsubscribe(['system:maintenance']); }"
+        "() => { window.realtime.subscribe(['system:announcements', 'user:bob:notifications']);"
+        " window.realtime.unsubscribe(['user:bob:notifications', 'system:announcements']); }"
     )
-    assert wait_for(lambda: page.evaluate("window.__got.length") == 1, timeout=10)
-    types = [m.split('"type":"')[1].split('"')[0] for m in sockets.sent[before:]]
-    assert types == ["SUBSCRIBE", "UNSUBSCRIBE"]
-    assert page.evaluate("window.__got[0].data.channels") == ["system:maintenance"]  # it was held, and is not
+    assert wait_for(lambda: page.evaluate("window.__got.length") == 3, timeout=10)
+    assert [m for m in sockets.sent[before:] if "SUBSCRIBE" in m] == [
+        '{"type":"UNSUBSCRIBE","data":{"channels":["user:bob:notifications"]}}'
+    ]
+    assert page.evaluate("window.__got[2].data.channels") == []  # never held: the server removed nothing
+    assert page.evaluate("window.realtime.channels").count("system:announcements") == 1  # site.js's own
+
+
+def test_fifty_subscribers_removed_at_once_send_one_unsubscribe(live):
+    """An htmx swap that removes fifty fragments, each the last of its channel: fifty UNSUBSCRIBEs would
+    be over the server's burst of 40 messages."""
+    page, sockets, errors = live
+    names = [f"clinic:c-{i}:queue" for i in range(50)]  # bob may read none of them: refused, still wanted
+    page.evaluate(f"window.realtime.subscribe({names!r})")
+    assert wait_for(lambda: page.evaluate("window.realtime.refused.size") == 50, timeout=10)
+    record(page, "UNSUBSCRIBED")
+    before = len(sockets.sent)
+    page.evaluate(f"() => {{ for (const name of {names!r}) window.realtime.unsubscribe([name]); }}")
+    assert wait_for(lambda: page.evaluate("window.__got.length") == 1 or retries(page), timeout=10)
+    assert retries(page) == [] and page.evaluate("window.realtime.status") == "open"
+    assert len([m for m in sockets.sent[before:] if "UNSUBSCRIBE" in m]) == 1
+    assert errors == []
 
 
 def test_more_channels_than_one_subscribe_may_name_are_asked_in_several(live):
@@ -405,6 +432,10 @@ def test_more_channels_than_one_subscribe_may_name_are_asked_in_several(live):
     assert wait_for(lambda: page.evaluate("window.realtime.refused.size") == 250, timeout=10)
     assert {m["data"]["code"] for m in page.evaluate("window.__got")} == {"forbidden_channel"}
     assert page.evaluate("window.realtime.unanswered.size") == 0
+    record(page, "UNSUBSCRIBED", "ERROR")
+    page.evaluate(f"window.realtime.unsubscribe({names!r})")
+    assert wait_for(lambda: page.evaluate("window.__got.length") == 2, timeout=10)
+    assert [m["type"] for m in page.evaluate("window.__got")] == ["UNSUBSCRIBED", "UNSUBSCRIBED"]
 
 
 def test_a_last_value_asked_while_a_plain_subscribe_was_unanswered_is_asked_again_after_a_drop(live):
