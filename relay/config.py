@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("WS_TOKEN_SECRET", "WS_ADMIN_SECRET", "SECRET_KEY")
@@ -389,8 +389,29 @@ def _redis_url(raw: str) -> str | None:
     if not raw:
         return None
     if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {raw.split('@')[-1]!r}.")
+        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {redacted(raw)!r}.")
     return raw
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, fit for logs and /health.
+
+    redis-py also takes the credentials from the query string (``redis://host/0?password=pw``):
+    those are masked too, and so is anything else there that names one.
+    """
+    base, mark, query = url.partition("?")
+    parts = urlsplit(base)
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        base = urlunsplit(parts._replace(netloc=netloc))
+    if query:
+        pairs = [(key, "***" if _names_a_credential(key) else value) for key, value in parse_qsl(query, True)]
+        query = urlencode(pairs, safe="*")
+    return base + mark + query
+
+
+def _names_a_credential(key: str) -> bool:
+    return any(word in key.lower() for word in ("password", "user", "secret", "token", "key"))
 
 
 def _origins(raw: str, production: bool, warnings: list[str]) -> tuple[str, ...]:

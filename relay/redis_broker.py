@@ -38,13 +38,12 @@ import socket
 import time
 import uuid
 from typing import NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 from gevent.event import Event
 
 from .broker import BrokerUnavailable, Control, Deliver, Delivery, Pending, Resync, Stats
-from .config import ConfigError
+from .config import ConfigError, redacted
 from .envelope import Envelope
 from .eventlog import event
 
@@ -64,15 +63,6 @@ log = logging.getLogger("relay.redis")
 def _require_redis() -> None:
     if not HAVE_REDIS:
         raise ConfigError("REDIS_URL is set but the redis package is missing: pip install '.[redis]'")
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, fit for logs and /health."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def check_reachable(url: str, timeout: float = 3.0) -> None:

@@ -24,6 +24,18 @@ def test_an_unreachable_redis_stops_start_up_naming_redis_url(start_server):
     assert "hunter2-secret" not in log
 
 
+def test_a_redis_password_in_the_query_string_is_masked_on_health_and_in_the_log(start_server, redis_server):
+    """redis-py takes credentials from the query string too; /health is public (found by review)."""
+    import redis
+
+    redis.Redis(port=redis_server.port).config_set("requirepass", "hunter3-secret")
+    srv = start_server(REDIS_URL=f"{redis_server.url}?password=hunter3-secret&health_check_interval=5")
+    shown = srv.health()["broker"]["url"]
+    assert shown == f"{redis_server.url}?password=***&health_check_interval=5"
+    assert srv.announce("through a guarded Redis")["delivered"] == 0
+    assert "hunter3-secret" not in srv.log_text()
+
+
 def test_three_workers_300_clients_one_broadcast_exactly_once(start_server, redis_server, crowd):
     srv = start_server("-w", "3", REDIS_URL=redis_server.url, WS_MAX_CONNECTIONS_PER_USER=1000)
     assert wait_for(lambda: srv.health()["workers"] == 3)

@@ -91,6 +91,15 @@ def test_bad_values_stop_start_up_with_a_message_naming_the_variable(tmp_path, e
     assert fragment in str(problem.value)
 
 
+def test_a_refused_redis_url_is_shown_without_its_credentials(tmp_path):
+    with pytest.raises(ConfigError) as problem:
+        Settings.from_env(
+            {"REDIS_URL": "http://u:pw1@redis:6379/0?password=pw2", "REALTIME_INSTANCE_PATH": str(tmp_path)}
+        )
+    assert "pw1" not in str(problem.value) and "pw2" not in str(problem.value)
+    assert "'http://u:***@redis:6379/0?password=***'" in str(problem.value)
+
+
 def test_settings_repr_never_shows_secrets(tmp_path):
     settings = Settings.from_env(prod_env(REALTIME_INSTANCE_PATH=str(tmp_path)))
     assert settings.token_secret == STRONG
