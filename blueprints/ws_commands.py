@@ -76,8 +76,11 @@ def broadcast(url, timeout, message, message_type, channels, users, clinics, rol
     except ServiceError as err:
         raise click.ClickException(str(err)) from None
     if status != 200:
-        error = body.get("error", {})
+        error = body.get("error")
+        error = error if isinstance(error, dict) else {}
         raise click.ClickException(f"HTTP {status}: {error.get('code')}: {error.get('message')}")
+    if "delivered" not in body or "id" not in body:
+        raise click.ClickException(f"HTTP 200, but not this service's answer to a broadcast: {str(body)[:200]}")
     click.echo(f"delivered to {body['delivered']} connection(s), id {body['id']}")
 
 

@@ -45,6 +45,20 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The admin secret goes to ``--url`` and nowhere else: urllib follows a redirect with every header
+    of the request, ``Authorization`` included, to whatever host it names."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 (urllib's signature)
+        raise ServiceError(
+            f"{req.full_url} answered {code}, a redirect to {newurl}: not followed, so that the admin secret "
+            "is not sent there; give the address it names as --url if that is the server"
+        )
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
 @dataclass
 class OpsClient:
     base_url: str
@@ -69,7 +83,7 @@ class OpsClient:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _opener.open(req, timeout=self.timeout) as resp:
                 return resp.status, _json(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, _json(err.read())

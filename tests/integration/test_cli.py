@@ -55,6 +55,52 @@ def test_a_url_that_is_not_one_is_a_usage_error_not_a_traceback(server: Server, 
     assert "Traceback" not in done.stderr
 
 
+def test_a_redirect_is_not_followed_with_the_admin_secret(server: Server):
+    """A proxy at --url that redirects elsewhere: urllib would send the Authorization header along."""
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (urllib follows a 301 to a POST with a GET, headers and all)
+            seen.append(self.headers.get("Authorization", ""))
+            self.send_response(200)
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    class Redirector(Elsewhere):
+        def do_POST(self):  # noqa: N802
+            self.send_response(301)
+            self.send_header("Location", f"http://127.0.0.1:{elsewhere.server_port}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    elsewhere = http.server.HTTPServer(("127.0.0.1", 0), Elsewhere)
+    redirector = http.server.HTTPServer(("127.0.0.1", 0), Redirector)
+    for one in (elsewhere, redirector):
+        threading.Thread(target=one.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{redirector.server_port}"
+        done = flask_cli(server, "ws", "broadcast", "--url", url, "--message", "hello")
+        # And a server there that is not this service: a clear error, not a traceback.
+        other = flask_cli(
+            server, "ws", "broadcast", "--url", f"http://127.0.0.1:{elsewhere.server_port}", "--message", "x"
+        )
+    finally:
+        for one in (elsewhere, redirector):
+            one.shutdown()
+            one.server_close()
+    assert done.returncode == 1 and "answered 301, a redirect to" in done.stderr, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(seen) == 1  # only the request made to it directly
+    assert other.returncode == 1 and "not this service's answer to a broadcast" in other.stderr, other.stderr
+
+
 def test_health_and_broadcast_commands(server: Server):
     done = flask_cli(server, "ws", "health", "--url", server.url)
     assert done.returncode == 0 and '"ok": true' in done.stdout
