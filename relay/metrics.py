@@ -40,9 +40,10 @@ from .codes import Close, Error
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Label values that exist from the start at 0, so that a dashboard or an alert rule sees the series
 # (and a rate over it) before the first event of its kind; other values appear when they happen.
-AUTH_FAILURE_REASONS = (
+AUTH_FAILURE_REASONS = (  # every TokenError reason, then the user's
     "missing",
     "too_long",
+    "not_base64",
     "not_json",
     "not_object",
     "missing_field",
@@ -53,6 +54,7 @@ AUTH_FAILURE_REASONS = (
     "unknown_user",
     "user_disabled",
     "directory_unavailable",
+    "disconnected",
 )
 CLOSE_CODES = tuple(sorted({str(v) for k, v in vars(Close).items() if k.isupper()} | {"1001", "1005", "1006"}))
 ERROR_CODES = tuple(v for k, v in vars(Error).items() if k.isupper())

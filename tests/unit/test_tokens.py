@@ -148,3 +148,22 @@ def test_a_signature_starts_from_the_key_alone_every_time():
         json.loads(base64.b64decode(rotating.mint("bob", NOW)))["signature"]
         == signed(timestamp=NOW, secret="n" * 40)["signature"]
     )
+
+
+def test_every_reason_a_socket_is_refused_for_has_its_metric_series_from_the_start():
+    """A dashboard's rate over realtime_auth_failures_total{reason=...} needs the series before the first
+    failure: every reason the code can give is listed (read from the source, so a new one cannot be missed)."""
+    import re
+    from pathlib import Path
+
+    from relay.metrics import AUTH_FAILURE_REASONS
+
+    relay = Path(__file__).resolve().parents[2] / "relay"
+    given = set(re.findall(r'TokenError\("([a-z0-9_]+)"', (relay / "tokens.py").read_text()))
+    service = (relay / "service.py").read_text()
+    given |= set(re.findall(r'auth_failed\("([a-z0-9_]+)"\)', service))
+    given |= {
+        word for pair in re.findall(r'reason = "([a-z0-9_]+)" if .* else "([a-z0-9_]+)"', service) for word in pair
+    }
+    assert {"not_base64", "unknown_user", "user_disabled", "disconnected", "directory_unavailable"} <= given
+    assert given <= set(AUTH_FAILURE_REASONS), given - set(AUTH_FAILURE_REASONS)
