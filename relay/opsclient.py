@@ -49,7 +49,7 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
     """The admin secret goes to ``--url`` and nowhere else: urllib follows a redirect with every header
     of the request, ``Authorization`` included, to whatever host it names."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 (urllib's signature)
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         raise ServiceError(
             f"{req.full_url} answered {code}, a redirect to {newurl}: not followed, so that the admin secret "
             "is not sent there; give the address it names as --url if that is the server"
