@@ -201,7 +201,8 @@ export class RealtimeClient {
   }
 
   /**
-   * Subscribe to channels; each call must be matched by one unsubscribe.
+   * Subscribe to channels; each call must be matched by one unsubscribe. What the calls of one task
+   * ask for leaves at its end, as one message (see {@link RealtimeClient#_flush}).
    * `{last: true}`: the server first sends the latest message of each channel
    * (within its last-value TTL), marked `last: true`, and does so again after
    * every resync. A channel the page already holds is asked for again, so a
