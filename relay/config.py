@@ -401,8 +401,8 @@ def redacted(url: str) -> str:
     """
     base, mark, query = url.partition("?")
     parts = urlsplit(base)
-    if parts.password is not None:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    if parts.password is not None:  # the host as written (a port that is not a number is shown, not raised)
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
         base = urlunsplit(parts._replace(netloc=netloc))
     if query:
         pairs = [(key, "***" if _names_a_credential(key) else value) for key, value in parse_qsl(query, True)]

@@ -234,7 +234,6 @@ export class RealtimeClient {
         if (count === 1) this.toDrop.add(name);
         this.refs.delete(name);
         this.wantsLast.delete(name);
-        this.unanswered.delete(name);
         this.refused.delete(name);
       } else {
         this.refs.set(name, count - 1);
@@ -440,6 +439,9 @@ export class RealtimeClient {
 
   _connected(data, reconnect) {
     if (data.recovered !== true) this.shownAhead.clear(); // a new position: nothing is ahead of it yet
+    // Asked for by a listener of the status change just before this (the socket is new): counted below.
+    const pending = [...this.toAsk].filter((name) => this.refs.has(name));
+    this.toAsk.clear();
     if (typeof data.epoch !== "string" || typeof data.offset !== "number") {
       this.position = null; // this server keeps no history: nothing to resume
     } else if (data.recovered === true) {
@@ -460,9 +462,9 @@ export class RealtimeClient {
       // Held by the session, but refused on the last socket (a drop the dying worker never saved, and
       // access given back since): its broadcasts meanwhile were not replayed.
       const regained = [...restored].filter((name) => this.refused.delete(name));
-      this._sendSubscribe([...lacking, ...again]);
-      const extra = [...restored].filter((name) => !this.refs.has(name)); // dropped while we were away
-      if (extra.length) this.send({ type: "UNSUBSCRIBE", data: { channels: extra } });
+      this._sendSubscribe([...new Set([...lacking, ...again, ...pending])]);
+      for (const name of restored) if (!this.refs.has(name)) this.toDrop.add(name); // dropped while we were away
+      this._flush();
       if (away.length) this._resync({ ...data, reason: "not_restored", channels: away });
       if (regained.length) this._resync({ ...data, reason: "granted", channels: regained });
       return;
@@ -471,6 +473,7 @@ export class RealtimeClient {
     }
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this.unanswered.clear();
+    this.toDrop.clear(); // a new session holds nothing
     this._sendSubscribe([...this.refs.keys()]);
     // A reconnect that is not a recovery missed whatever was sent meanwhile, with or without history:
     // every page must refetch its state.
@@ -496,6 +499,7 @@ export class RealtimeClient {
   /** Send what this task's subscribe and unsubscribe calls left for the end of it. */
   _flush() {
     this.flushQueued = false;
+    if (!this.toAsk.size && !this.toDrop.size) return;
     // Each side only what is still true at the end of the task, so the two never name one channel
     // and their order does not matter: dropped then taken again is still held (the SUBSCRIBE answers
     // it, its last value too), taken then dropped is not (the UNSUBSCRIBE removes nothing).

@@ -98,6 +98,9 @@ def test_a_refused_redis_url_is_shown_without_its_credentials(tmp_path):
         )
     assert "pw1" not in str(problem.value) and "pw2" not in str(problem.value)
     assert "'http://u:***@redis:6379/0?password=***'" in str(problem.value)
+    with pytest.raises(ConfigError) as problem:  # a port that is not one is shown, not a traceback
+        Settings.from_env({"REDIS_URL": "http://u:pw1@redis:abc/0", "REALTIME_INSTANCE_PATH": str(tmp_path)})
+    assert "'http://u:***@redis:abc/0'" in str(problem.value)
 
 
 def test_settings_repr_never_shows_secrets(tmp_path):
