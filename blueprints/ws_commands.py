@@ -16,7 +16,7 @@ from flask import Blueprint
 from relay.broadcast_log import LogQuery, LogUnavailable, csv_text, iso, parse_when
 from relay.clock import now_iso, now_ms
 from relay.directory import DirectoryUnavailable
-from relay.opsclient import OpsClient, ServiceError, smoke
+from relay.opsclient import OpsClient, ServiceError, error_text, smoke
 
 from .auth import realtime
 
@@ -76,9 +76,7 @@ def broadcast(url, timeout, message, message_type, channels, users, clinics, rol
     except ServiceError as err:
         raise click.ClickException(str(err)) from None
     if status != 200:
-        error = body.get("error")
-        error = error if isinstance(error, dict) else {}
-        raise click.ClickException(f"HTTP {status}: {error.get('code')}: {error.get('message')}")
+        raise click.ClickException(f"HTTP {status}{error_text(body)}")
     if "delivered" not in body or "id" not in body:
         raise click.ClickException(f"HTTP 200, but not this service's answer to a broadcast: {str(body)[:200]}")
     click.echo(f"delivered to {body['delivered']} connection(s), id {body['id']}")

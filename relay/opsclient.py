@@ -173,7 +173,7 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
             if not step(
                 "broadcast",
                 status == 200 and body.get("delivered", 0) >= 1,
-                f"HTTP {status}, delivered {body.get('delivered')}" + _error_text(body),
+                f"HTTP {status}, delivered {body.get('delivered')}" + error_text(body),
             ):
                 return steps
             got = _next_of(ws, ("SMOKE_TEST",), client.timeout, lambda m: m.get("data", {}).get("nonce") == nonce)
@@ -209,6 +209,7 @@ def _json(raw: bytes) -> dict:
     return value if isinstance(value, dict) else {"value": value}
 
 
-def _error_text(body: dict) -> str:
+def error_text(body: dict) -> str:
+    """`` — code: message`` from an answer's ``{"error": {...}}``, or nothing if it has none."""
     error = body.get("error")
     return f" — {error.get('code')}: {error.get('message')}" if isinstance(error, dict) else ""
