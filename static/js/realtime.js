@@ -439,9 +439,8 @@ export class RealtimeClient {
 
   _connected(data, reconnect) {
     if (data.recovered !== true) this.shownAhead.clear(); // a new position: nothing is ahead of it yet
-    // Asked for by a listener of the status change just before this (the socket is new): counted below.
-    const pending = [...this.toAsk].filter((name) => this.refs.has(name));
-    this.toAsk.clear();
+    // Either way what this socket must be asked joins what the page asked since the status changed (a
+    // listener of "open" runs just before this), and leaves in one flush.
     if (typeof data.epoch !== "string" || typeof data.offset !== "number") {
       this.position = null; // this server keeps no history: nothing to resume
     } else if (data.recovered === true) {
@@ -462,7 +461,7 @@ export class RealtimeClient {
       // Held by the session, but refused on the last socket (a drop the dying worker never saved, and
       // access given back since): its broadcasts meanwhile were not replayed.
       const regained = [...restored].filter((name) => this.refused.delete(name));
-      this._sendSubscribe([...new Set([...lacking, ...again, ...pending])]);
+      for (const name of [...lacking, ...again]) this.toAsk.add(name);
       for (const name of restored) if (!this.refs.has(name)) this.toDrop.add(name); // dropped while we were away
       this._flush();
       if (away.length) this._resync({ ...data, reason: "not_restored", channels: away });
@@ -474,7 +473,8 @@ export class RealtimeClient {
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this.unanswered.clear();
     this.toDrop.clear(); // a new session holds nothing
-    this._sendSubscribe([...this.refs.keys()]);
+    for (const name of this.refs.keys()) this.toAsk.add(name);
+    this._flush();
     // A reconnect that is not a recovery missed whatever was sent meanwhile, with or without history:
     // every page must refetch its state.
     if (reconnect) this._resync(data);

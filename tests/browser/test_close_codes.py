@@ -372,6 +372,23 @@ def record(page, *types: str) -> None:
     )
 
 
+def subscribed(channel: str) -> str:
+    """A script: whether a recorded SUBSCRIBED names ``channel``."""
+    return f"window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('{channel}'))"
+
+
+RESUMED = "window.__got.filter((m) => m.type === 'CONNECTED' && m.data.recovered)"  # a script: recorded resumes
+
+
+def resume(page, sockets) -> tuple[int, dict]:
+    """End the page's socket with 1012 and wait for its recovered CONNECTED (recorded): how many messages
+    the page had sent before, and that CONNECTED's data."""
+    before = len(sockets.sent)
+    sockets.close(Close.SERVICE_RESTART)
+    assert wait_for(lambda: page.evaluate(RESUMED), timeout=15)
+    return before, page.evaluate(RESUMED)[0]["data"]
+
+
 def test_fifty_subscribers_added_at_once_send_one_subscribe(live):
     """An htmx swap that brings fifty fragments of one channel, each asking for its last value: fifty
     SUBSCRIBEs would be over the server's burst of 40 messages, and it closes such a socket with 1008."""
@@ -394,7 +411,7 @@ def test_a_task_that_drops_a_channel_and_takes_it_again_keeps_it_and_one_that_ta
     page, sockets, errors = live
     channel = "system:maintenance"
     record(page, "SUBSCRIBED", "UNSUBSCRIBED")
-    answered = f"window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('{channel}'))"
+    answered = subscribed(channel)
     page.evaluate(f"window.realtime.subscribe(['{channel}'])")
     assert wait_for(lambda: page.evaluate(answered), timeout=10)
     page.evaluate("window.__got.length = 0")
@@ -466,13 +483,9 @@ def test_a_last_value_asked_while_a_plain_subscribe_was_unanswered_is_asked_agai
     )
     sockets.hold = sockets.drop = lambda m: False
     sockets.release()  # the plain one reaches the server, which answers it
-    subscribed = f"window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('{channel}'))"
-    assert wait_for(lambda: page.evaluate(subscribed), timeout=10)
-    before = len(sockets.sent)
-    sockets.close(Close.SERVICE_RESTART)
-    resumed = "window.__got.filter((m) => m.type === 'CONNECTED' && m.data.recovered)"
-    assert wait_for(lambda: page.evaluate(resumed), timeout=15)
-    assert channel in page.evaluate(resumed)[0]["data"]["channels"]  # held all along: not resubscribed as lacking
+    assert wait_for(lambda: page.evaluate(subscribed(channel)), timeout=10)
+    before, hello = resume(page, sockets)
+    assert channel in hello["channels"]  # held all along: not resubscribed as lacking
     assert wait_for(
         lambda: page.wait_for_timeout(20) or any('"last":true' in m and channel in m for m in sockets.sent[before:]),
         timeout=10,
@@ -492,8 +505,7 @@ def test_a_channel_the_resumed_session_may_no_longer_read_is_not_refetched(live,
     )
     record(page, "SUBSCRIBED", "CONNECTED")
     page.evaluate(f"window.realtime.subscribe(['{QUEUE}'])")
-    held = f"window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('{QUEUE}'))"
-    assert wait_for(lambda: page.evaluate(held), timeout=10)
+    assert wait_for(lambda: page.evaluate(subscribed(QUEUE)), timeout=10)
     # Offline: the page closes its socket, and the server's side goes too (a socket still open there when
     # bob moves would lose the queue from its session at once, and the resume would find nothing to refuse).
     page.context.set_offline(True)  # (Playwright forwards the close only while the test calls it: hence the wait)
@@ -501,13 +513,11 @@ def test_a_channel_the_resumed_session_may_no_longer_read_is_not_refetched(live,
     moved = flask_cli(site, "users", "set-clinic", "bob", "clinic-2")
     assert moved.returncode == 0, moved.stderr
     page.context.set_offline(False)
-    resumed = "window.__got.filter((m) => m.type === 'CONNECTED' && m.data.recovered)"
-    assert wait_for(lambda: page.evaluate(resumed), timeout=15)
-    assert page.evaluate(resumed)[0]["data"].get("refused") == [QUEUE], page.evaluate("window.__got")
+    assert wait_for(lambda: page.evaluate(RESUMED), timeout=15)
+    assert page.evaluate(RESUMED)[0]["data"].get("refused") == [QUEUE], page.evaluate("window.__got")
     assert wait_for(lambda: page.evaluate(f"window.realtime.refused.has('{QUEUE}')"), timeout=10)
     page.evaluate("window.realtime.subscribe(['system:maintenance'])")  # answered after all of the resume's
-    later = "window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('system:maintenance'))"
-    assert wait_for(lambda: page.evaluate(later), timeout=10)
+    assert wait_for(lambda: page.evaluate(subscribed("system:maintenance")), timeout=10)
     assert page.evaluate("window.__resyncs") == []
 
 
@@ -531,13 +541,9 @@ def test_a_channel_dropped_and_taken_again_in_one_task_still_waits_for_the_answe
     )
     sockets.drop = lambda m: False
     sockets.release()  # the first is answered
-    subscribed = f"window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('{channel}'))"
-    assert wait_for(lambda: page.evaluate(subscribed), timeout=10)
-    before = len(sockets.sent)
-    sockets.close(Close.SERVICE_RESTART)
-    resumed = "window.__got.filter((m) => m.type === 'CONNECTED' && m.data.recovered)"
-    assert wait_for(lambda: page.evaluate(resumed), timeout=15)
-    assert channel in page.evaluate(resumed)[0]["data"]["channels"]
+    assert wait_for(lambda: page.evaluate(subscribed(channel)), timeout=10)
+    before, hello = resume(page, sockets)
+    assert channel in hello["channels"]
     asked = lambda: any('"last":true' in m and channel in m for m in sockets.sent[before:])  # noqa: E731
     assert wait_for(lambda: page.wait_for_timeout(20) or asked(), timeout=10)
 
@@ -552,12 +558,8 @@ def test_a_subscribe_made_when_the_socket_opens_is_sent_once(live):
         "() => { window.realtime.onStatus((s) => s === 'open' && window.__late"
         f" && window.realtime.subscribe([window.__late])); window.__late = '{channel}'; }}"
     )
-    before = len(sockets.sent)
-    sockets.close(Close.SERVICE_RESTART)
-    resumed = "window.__got.filter((m) => m.type === 'CONNECTED' && m.data.recovered)"
-    assert wait_for(lambda: page.evaluate(resumed), timeout=15)
-    subscribed = f"window.__got.some((m) => m.type === 'SUBSCRIBED' && m.data.channels.includes('{channel}'))"
-    assert wait_for(lambda: page.evaluate(subscribed), timeout=10)
+    before, _ = resume(page, sockets)
+    assert wait_for(lambda: page.evaluate(subscribed(channel)), timeout=10)
     page.evaluate("window.realtime.send({type: 'PING'})")  # after anything the resume sent
     assert wait_for(lambda: page.wait_for_timeout(20) or any('"PING"' in m for m in sockets.sent[before:]), timeout=10)
     assert len([m for m in sockets.sent[before:] if '"SUBSCRIBE"' in m and channel in m]) == 1
