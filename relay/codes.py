@@ -26,6 +26,7 @@ class Close(IntEnum):
     UNAUTHORIZED = 4401  # token missing, malformed, forged or expired; fetch a new token, then reconnect
     FORBIDDEN = 4403  # the user is unknown or disabled; do not reconnect
     KEEPALIVE_TIMEOUT = 4408  # no answer to the server's pings; reconnect with backoff
+    REPLACED = 4409  # this socket's session was resumed on a newer socket; nothing to do if you did that
     TOO_MANY_CONNECTIONS = 4429  # this user has WS_MAX_CONNECTIONS_PER_USER sockets already; back off, retry later
 
 

@@ -79,11 +79,17 @@ class Idempotency:
 
 @dataclass(frozen=True)
 class Session:
-    """A client's session as recovery restores it: whose it is and what it was subscribed to."""
+    """A client's session as recovery restores it: whose it is and what it was subscribed to.
+
+    ``open``: its socket was still open when this copy was written. A resume of such a session from
+    another worker tells the one holding that socket to close it (a client that came back before the
+    server noticed its old connection had died), see ``Realtime._replace``.
+    """
 
     client_id: str
     user_id: str
     channels: tuple[str, ...]
+    open: bool = False
 
 
 class History(Protocol):

@@ -10,8 +10,8 @@ Keys (all under ``{prefix}:``):
   that channel, expiring after the last-value TTL;
 - ``idem:<key>``: the first request's place (and, once known, its answer),
   expiring after the window;
-- ``session:<client id>``: ``{"user", "channels"}``, expiring the window after
-  the client left.
+- ``session:<client id>``: ``{"user", "channels"}`` (and ``"open": true``
+  while its socket is open), expiring the window after the client left.
 
 An append is one Lua script, so the offset is assigned, the entry written,
 the last values and the idempotency key set atomically: a broadcast answered
@@ -209,8 +209,10 @@ class RedisHistory(RedisStore):
             return
         pipe = self._client.pipeline(transaction=False)
         for session in sessions:
-            doc = json.dumps({"user": session.user_id, "channels": list(session.channels)})
-            pipe.set(self.session_prefix + session.client_id, doc, pxat=expires_at_ms)
+            doc: dict = {"user": session.user_id, "channels": list(session.channels)}
+            if session.open:
+                doc["open"] = True
+            pipe.set(self.session_prefix + session.client_id, json.dumps(doc), pxat=expires_at_ms)
         self._call(pipe.execute)
 
     def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:
@@ -226,7 +228,7 @@ class RedisHistory(RedisStore):
         if raw is None:
             return None
         doc = json.loads(raw)
-        return Session(client_id, doc["user"], tuple(doc["channels"]))
+        return Session(client_id, doc["user"], tuple(doc["channels"]), bool(doc.get("open")))
 
     def delete_sessions(self, client_ids: list[str]) -> None:
         if client_ids:

@@ -82,6 +82,9 @@ class _OnItsWay:
         self.joining = False  # past the capacity checks: counted in Realtime._joining until it is in
 
 
+REPLACED = "resumed on another socket"  # the reason of a 4409 (see Realtime._replace)
+
+
 def _disconnect(conn: Connection) -> None:
     event("ws.revoked", level="warning", clientId=conn.id, userId=conn.user_id, reason="disconnected")
     conn.close(Close.FORBIDDEN, "disconnected by an administrator")
@@ -263,6 +266,13 @@ class Realtime:
         if kind == "identity":
             gevent.spawn(self.identities.refresh, [user_id])  # may wait on the directory: not here
             return len(self.hub.connections_of(user_id))
+        if kind == "replaced":  # see _replace
+            for conn in self.hub.connections_of(user_id):
+                if conn.id == message.get("clientId"):
+                    if self.sessions is not None:
+                        self.sessions.resumed(conn.id)  # restored elsewhere: this socket leaves no session
+                    conn.close(Close.REPLACED, REPLACED)
+                    return 1
         return 0
 
     def _heartbeat(self) -> dict:
@@ -550,6 +560,9 @@ class Realtime:
         # otherwise all pass it before the first joined the hub.
         ahead = self._on_the_way[user_id].index(arriving)
         held = self.hub.connection_count(user_id) + ahead + self.broker.connections_elsewhere(user_id)
+        replacing = self._still_open_here(user_id, resume)
+        if replacing is not None:
+            held -= 1  # the socket it comes back from, closed once this one is in (_replace)
         if held >= self.settings.max_connections_per_user:
             event("ws.refused", level="warning", reason="too_many_connections", userId=user_id, held=held)
             self.telemetry.refused("too_many_connections")
@@ -610,6 +623,7 @@ class Realtime:
             if isinstance(outcome, Prepared):
                 self.sessions.resumed(outcome.session.client_id)
         conn.start(pending)
+        self._replace(user_id, replacing, outcome)
         resumed: dict[str, object] = {}
         if resume is not None:
             resumed.update(recovered=isinstance(outcome, Prepared), replayed=len(replay))
@@ -650,6 +664,37 @@ class Realtime:
             )
             outcome.refused += refused
         return True
+
+    def _still_open_here(self, user_id: str, resume: ResumeRequest | str | None) -> Connection | None:
+        """The user's socket a resume comes back from, if this worker still holds it open."""
+        if not isinstance(resume, ResumeRequest):
+            return None
+        for conn in self.hub.connections_of(user_id):
+            if conn.id == resume.client_id:
+                return conn
+        return None
+
+    def _replace(self, user_id: str, replacing: Connection | None, outcome: Prepared | str | None) -> None:
+        """Close the socket a resume came back from, on whichever worker still holds it (4409).
+
+        A client whose network died reconnects before the server notices (the
+        keep-alive takes up to two ping intervals): until then its old socket
+        counts toward the user's sockets and is written to for nobody. Its
+        client moved on, whether or not the resume was honoured. Another
+        worker is asked only when the stored session says its socket was open
+        (not after a drain, where every socket closed before its session was
+        written), and without waiting: this admission is done.
+        """
+        if replacing is not None:
+            replacing.close(Close.REPLACED, REPLACED)
+        elif isinstance(outcome, Prepared) and outcome.session.open:
+            gevent.spawn(self._replace_elsewhere, user_id, outcome.session.client_id)
+
+    def _replace_elsewhere(self, user_id: str, client_id: str) -> None:
+        try:
+            self.broker.control({"kind": "replaced", "userId": user_id, "clientId": client_id})
+        except BrokerUnavailable as down:  # the old socket stays until the keep-alive ends it, as before
+            event("ws.replace_undelivered", level="warning", clientId=client_id, userId=user_id, error=str(down))
 
     def _refused_while_draining(self, conn: Connection) -> bool:
         """Close ``conn`` with 1012 if this worker drains (the client comes back to another worker)."""

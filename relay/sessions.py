@@ -96,7 +96,7 @@ class SessionKeeper:
     def closed(self, conn: Connection) -> None:
         if self._live.pop(conn.id, None) is not None:
             self._changed.discard(conn.id)
-            self._ended[conn.id] = self._session_of(conn)
+            self._ended[conn.id] = self._session_of(conn, open=False)
             self._ended_at[conn.id] = time.monotonic()
 
     def pending(self, client_id: str) -> Session | None:
@@ -106,10 +106,14 @@ class SessionKeeper:
             if ended is not None:
                 return ended
         conn = self._live.get(client_id)
-        return self._session_of(conn) if conn is not None else None
+        return self._session_of(conn, open=True) if conn is not None else None
 
     def resumed(self, client_id: str) -> None:
-        """A session was restored into a new connection: it may not be restored twice (see :meth:`taken`)."""
+        """A session was restored into a new connection, here or on another worker: it may not be restored
+        twice (see :meth:`taken`). If its old socket is still open here, it closes without a session of its
+        own to leave behind (the store would offer it again)."""
+        if self._live.pop(client_id, None) is not None:
+            self._changed.discard(client_id)
         self._ended.pop(client_id, None)
         self._ended_at.pop(client_id, None)
         self._forget.append(client_id)
@@ -161,7 +165,7 @@ class SessionKeeper:
                 # storm thousands are pending, and making all their sessions at once held the
                 # loop for over 8 ms (gevent's blocking monitor caught it mid-fan-out). One that
                 # closed meanwhile is an ended session now, written by the next flush.
-                batch = [self._session_of(self._live[c]) for c in ids if c in self._live]
+                batch = [self._session_of(self._live[c], open=True) for c in ids if c in self._live]
                 self.store.save_sessions(batch, now + self.window_ms + 2 * self.refresh_ms)
         except Exception:
             self._changed |= {c for c in changed if c in self._live}
@@ -178,8 +182,8 @@ class SessionKeeper:
             self._ended.pop(client_id, None)
 
     @staticmethod
-    def _session_of(conn: Connection) -> Session:
-        return Session(conn.id, str(conn.user_id), tuple(sorted(conn.channels)))
+    def _session_of(conn: Connection, *, open: bool) -> Session:
+        return Session(conn.id, str(conn.user_id), tuple(sorted(conn.channels)), open)
 
     def refresh(self, patient_until: float = 0.0) -> None:
         """Push every live session's expiry ahead (their connections are still open); waits as flush does."""

@@ -19,12 +19,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from .codes import Close
+
 MINUTES = 60
 # Broadcast durations (POST to answer), milliseconds: the upper bound of each histogram bin.
 DURATION_BINS_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 75, 100, 250, 500, 1000, 2500, 5000, 10_000)
 # Closes that are part of normal life: the server or the page ended it, or a deploy restarted the worker.
 NORMAL_CLOSES = frozenset({"1000", "1001", "1012"})
-KNOWN_CLOSES = frozenset({*(str(c) for c in range(1000, 1016)), "4401", "4403", "4408", "4429"})
+KNOWN_CLOSES = frozenset({*(str(c) for c in range(1000, 1016)), *(str(int(c)) for c in Close)})
 
 
 def close_label(code: int | None) -> str:

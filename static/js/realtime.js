@@ -74,6 +74,7 @@ const CLOSE_ACTIONS = Object.freeze({
   4401: "token", // token missing, malformed, forged or expired
   4403: "forbidden", // unknown or disabled user
   4408: "backoff", // no answer to the server's pings
+  4409: "backoff", // this socket's session was resumed by another socket (on one this client replaced, never seen)
   4429: "crowded", // this user has too many sockets open (other tabs): back off, from a longer first wait
 });
 const MESSAGE_TOO_BIG = 1009;

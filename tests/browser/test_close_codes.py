@@ -99,7 +99,14 @@ def live(site, web):
     return page, sockets, errors
 
 
-BACKOFF = [Close.NORMAL, Close.POLICY_VIOLATION, Close.INTERNAL_ERROR, Close.TRY_AGAIN_LATER, Close.KEEPALIVE_TIMEOUT]
+BACKOFF = [
+    Close.NORMAL,
+    Close.POLICY_VIOLATION,
+    Close.INTERNAL_ERROR,
+    Close.TRY_AGAIN_LATER,
+    Close.KEEPALIVE_TIMEOUT,
+    Close.REPLACED,  # on the page's current socket: some other copy resumed its session
+]
 
 
 @pytest.mark.parametrize("code", BACKOFF, ids=[str(int(c)) for c in BACKOFF])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import pytest
@@ -120,6 +121,33 @@ def test_sessions_are_saved_loaded_extended_and_forgotten(make):
     assert store.load_session("c-1") is not None
     store.delete_sessions(["c-1"])
     assert store.load_session("c-1") is None and store.load_session("nobody") is None
+
+
+def test_a_session_says_whether_its_socket_was_open_when_written(make):
+    store = make()
+    expires = int(time.time() * 1000) + 60_000
+    store.save_sessions([Session("c-1", "bob", ("a",), open=True), Session("c-2", "bob", ("a",))], expires)
+    assert store.load_session("c-1").open is True and store.load_session("c-2").open is False
+    store.save_sessions([Session("c-1", "bob", ("a",), open=False)], expires)  # then it closed
+    assert store.load_session("c-1") == Session("c-1", "bob", ("a",), open=False)
+
+
+def test_an_embedded_history_from_before_open_sessions_is_upgraded_in_place(tmp_path):
+    """A history.db written by the previous release keeps its sessions, which resume as closed ones."""
+    path = str(tmp_path / "history.db")
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE sessions (client_id TEXT PRIMARY KEY, user_id TEXT NOT NULL,"
+        " channels TEXT NOT NULL, expires_at INTEGER NOT NULL) WITHOUT ROWID"
+    )
+    db.execute("INSERT INTO sessions VALUES ('c-1', 'bob', '[\"a\"]', ?)", (int(time.time() * 1000) + 60_000,))
+    db.commit()
+    db.close()
+    store = SqliteHistory(path, window_ms=WINDOW, last_value_ttl_ms=3_600_000)
+    assert store.load_session("c-1") == Session("c-1", "bob", ("a",), open=False)
+    store.save_sessions([Session("c-2", "bob", (), open=True)], int(time.time() * 1000) + 60_000)
+    assert store.load_session("c-2").open is True
+    store.close()
 
 
 def test_trim_drops_broadcasts_older_than_the_window_and_keeps_the_rest(make):

@@ -9,8 +9,9 @@ import time
 
 import pytest
 import requests
-from support import Resumer, Server, make_users, wait_for
+from support import Client, Resumer, Server, make_users, wait_for
 
+from relay.codes import Close
 from relay.recovery import Reason
 
 ANN = "system:announcements"
@@ -204,6 +205,59 @@ def test_a_resumed_session_cannot_be_resumed_twice(site):
     assert twin.connect()["reason"] == Reason.NO_SESSION
     twin.close()
     bob.close()
+
+
+def back_while_the_old_socket_is_open(srv: Server, first: Resumer) -> tuple[Client, Resumer]:
+    """``first``'s network died unnoticed: it comes back to ``srv`` while the server still holds its
+    old socket open. The old socket (as a Client) and the client now on the new one."""
+    again = Resumer(srv, first.user_id)
+    again.client_id, again.epoch, again.offset = first.client_id, first.epoch, first.offset
+    return Client(first.ws), again
+
+
+def test_a_resume_closes_the_socket_it_comes_back_from_4409(site):
+    bob = Resumer(site, "bob", [ANN])
+    bob.connect()
+    old, again = back_while_the_old_socket_is_open(site, bob)
+    assert again.connect()["recovered"] is True
+    assert old.closed_with() == (Close.REPLACED, "resumed on another socket")
+    assert site.wait_clients(1)["clients"] == 1
+    live = sent(site, "after", channels=[ANN])
+    assert [m["id"] for m in again.read()] == [live["id"]]
+    time.sleep(0.5)  # the keeper has written what it would: the closed socket left no session behind
+    twin = Resumer(site, "bob")
+    twin.client_id, twin.epoch, twin.offset = bob.client_id, bob.epoch, bob.offset
+    assert twin.connect()["reason"] == Reason.NO_SESSION
+    twin.close()
+    again.close()
+
+
+def test_a_resume_is_admitted_when_the_socket_it_replaces_is_the_users_last_allowed_one(start_server):
+    srv = start_server(WS_MAX_CONNECTIONS_PER_USER=1)
+    bob = Resumer(srv, "bob", [ANN])
+    bob.connect()
+    old, again = back_while_the_old_socket_is_open(srv, bob)
+    assert again.connect()["recovered"] is True  # not 4429: the old socket is on its way out
+    assert old.closed_with()[0] == Close.REPLACED
+    with srv.open(srv.token("bob")) as third:  # but a second socket beside it is one too many
+        assert third.closed_with()[0] == Close.TOO_MANY_CONNECTIONS
+    again.close()
+
+
+def test_a_resume_on_another_instance_closes_the_socket_the_first_still_holds(pair):
+    host_a, host_b = pair
+    bob = Resumer(host_a, "bob", [ANN])
+    bob.connect()
+    time.sleep(0.6)  # the session keeper has written the session (every 0.25 s), as open
+    old, again = back_while_the_old_socket_is_open(host_b, bob)
+    assert again.connect()["recovered"] is True
+    assert old.closed_with() == (Close.REPLACED, "resumed on another socket")
+    time.sleep(0.6)  # host a's keeper has written what it would: the closed socket left no session behind
+    twin = Resumer(host_a, "bob")
+    twin.client_id, twin.epoch, twin.offset = bob.client_id, bob.epoch, bob.offset
+    assert twin.connect()["reason"] == Reason.NO_SESSION
+    twin.close()
+    again.close()
 
 
 def test_resume_across_a_sighup_reload(site):

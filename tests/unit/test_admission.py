@@ -516,3 +516,39 @@ def test_a_resync_does_not_take_the_worker_back_to_a_stream_it_left_while_the_st
     rt.history.head = newer_stream_arrives_meanwhile
     rt._resync()
     assert rt.sequencer.epoch == "newer"
+
+
+# -- a resume while the old socket is still open (4409) -------------------------------------
+
+
+def test_a_worker_told_a_session_was_resumed_elsewhere_closes_its_socket_4409_and_keeps_no_session(service):
+    rt = service()
+    ours, theirs = socket.socketpair()
+    conn = rt.open_socket(ours, rt.tokens.mint("u-1"), "test")
+    received = ServerFrames(theirs)
+    assert first_frame(received) == "CONNECTED"
+    message = {"kind": "replaced", "userId": "u-1", "clientId": conn.id}
+    assert rt._on_control({**message, "clientId": "someone-else"}) == 0
+    assert rt._on_control(message) == 1
+    assert received.close_code() == (Close.REPLACED, "resumed on another socket")
+    assert rt.sessions.taken(conn.id) and rt.sessions.pending(conn.id) is None
+    theirs.close()
+
+
+@pytest.mark.parametrize("was_open", [True, False])
+def test_a_resume_asks_the_other_workers_to_close_the_old_socket_only_if_it_was_open(service, was_open):
+    """A session written open: its worker may still hold the socket. Written as ended (a drain, a close):
+    nobody does, and a reload's ten thousand resumes send nothing."""
+    rt = service()
+    assert rt._prime()
+    rt.history.save_sessions([Session(CLIENT, "u-1", (), open=was_open)], int(time.time() * 1000) + 60_000)
+    asked = []
+    control = rt.broker.control
+    rt.broker.control = lambda message: asked.append(message) or control(message)
+    ours, theirs = socket.socketpair()
+    resume = ResumeRequest(CLIENT, rt.sequencer.epoch, rt.sequencer.position)
+    rt.open_socket(ours, rt.tokens.mint("u-1"), "test", resume=resume)
+    assert ServerFrames(theirs).json()["data"]["recovered"] is True
+    gevent.sleep(0.05)
+    assert asked == ([{"kind": "replaced", "userId": "u-1", "clientId": CLIENT}] if was_open else [])
+    theirs.close()

@@ -17,6 +17,7 @@ class Store:
 
     def __init__(self, write_s: float = 0.0) -> None:
         self.saved: list[str] = []
+        self.last: dict[str, Session] = {}  # each session as last written
         self.touched: list[str] = []
         self.deleted: list[str] = []
         self.write_s = write_s  # a write that yields, as a Redis round trip does
@@ -25,6 +26,7 @@ class Store:
         if self.write_s:
             gevent.sleep(self.write_s)
         self.saved += [s.client_id for s in sessions]
+        self.last.update((s.client_id, s) for s in sessions)
 
     def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:
         self.touched += client_ids
@@ -138,3 +140,31 @@ def test_while_the_store_is_down_ended_sessions_are_kept_for_the_window_not_fore
         keeper.flush()
     assert keeper.pending("c-0") is None and keeper.pending("c-9") is not None
     assert keeper.status()["pending"] == 1
+
+
+def test_a_live_session_is_written_as_open_and_one_that_ended_as_not():
+    """A resume on another worker asks the worker holding an open one to close its socket (4409)."""
+    keeper = SessionKeeper(Store(), window_ms=60_000)  # type: ignore[arg-type]
+    conn = Conn(1)
+    keeper.opened(conn)  # type: ignore[arg-type]
+    keeper.flush()
+    assert keeper.store.last["c-1"].open is True and keeper.pending("c-1").open is True
+    keeper.closed(conn)  # type: ignore[arg-type]
+    assert keeper.pending("c-1").open is False
+    keeper.flush()
+    assert keeper.store.last["c-1"].open is False
+
+
+def test_a_session_resumed_while_its_socket_is_still_open_here_leaves_nothing_when_that_socket_closes():
+    """Else the old socket's close would write the session again, and it could be restored twice."""
+    keeper = SessionKeeper(Store(), window_ms=60_000)  # type: ignore[arg-type]
+    conn = Conn(1)
+    keeper.opened(conn)  # type: ignore[arg-type]
+    keeper.flush()
+    keeper.resumed("c-1")  # on another socket, here or on another worker
+    keeper.flush()
+    keeper.closed(conn)  # type: ignore[arg-type]  # then the old socket is closed (4409)
+    keeper.flush()
+    keeper.refresh()
+    assert keeper.store.saved == ["c-1"] and keeper.store.deleted == ["c-1"] and keeper.store.touched == []
+    assert keeper.pending("c-1") is None and keeper.taken("c-1") is False

@@ -63,10 +63,11 @@ def test_only_the_last_hour_is_kept():
 
 
 def test_close_codes_are_a_bounded_label_set():
-    assert [close_label(c) for c in (1000, 1006, 4401, 4429, None, 3999, 4999)] == [
+    assert [close_label(c) for c in (1000, 1006, 4401, 4409, 4429, None, 3999, 4999)] == [
         "1000",
         "1006",
         "4401",
+        "4409",
         "4429",
         "1005",
         "other",
