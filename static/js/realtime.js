@@ -82,6 +82,17 @@ const MESSAGE_TOO_BIG = 1009;
 export const MAX_MESSAGE_BYTES = 64 * 1024;
 /** The most channels one SUBSCRIBE or UNSUBSCRIBE may name: the server refuses the whole message beyond it. */
 const MAX_CHANNELS_PER_MESSAGE = 200;
+/**
+ * What a channel name can be at all: printable ASCII, at most relay.channels.MAX_CHANNEL_CHARS (200)
+ * characters (a test keeps the two equal). Any other name is refused here, alone: one the server cannot
+ * even read (an unpaired surrogate) makes it refuse the whole message, and the channels sent with it;
+ * 200 names of this length always fit in one message.
+ */
+const POSSIBLE_CHANNEL = /^[\x20-\x7e]{1,200}$/;
+
+function isPossibleChannel(name) {
+  return typeof name === "string" && POSSIBLE_CHANNEL.test(name);
+}
 
 function* inChunks(names) {
   for (let at = 0; at < names.length; at += MAX_CHANNELS_PER_MESSAGE) yield names.slice(at, at + MAX_CHANNELS_PER_MESSAGE);
@@ -504,12 +515,23 @@ export class RealtimeClient {
     // Each side only what is still true at the end of the task, so the two never name one channel
     // and their order does not matter: dropped then taken again is still held (the SUBSCRIBE answers
     // it, its last value too), taken then dropped is not (the UNSUBSCRIBE removes nothing).
-    const drop = [...this.toDrop].filter((name) => !this.refs.has(name));
-    const ask = [...this.toAsk].filter((name) => this.refs.has(name));
+    const drop = [...this.toDrop].filter((name) => !this.refs.has(name) && isPossibleChannel(name));
+    const ask = [];
+    for (const name of this.toAsk) {
+      if (!this.refs.has(name)) continue;
+      if (isPossibleChannel(name)) ask.push(name);
+      else this._refusedHere(name);
+    }
     this.toDrop.clear();
     this.toAsk.clear();
     for (const some of inChunks(drop)) this.send({ type: "UNSUBSCRIBE", data: { channels: some } });
     this._sendSubscribe(ask);
+  }
+
+  /** A name no channel can have (see POSSIBLE_CHANNEL): never sent, counted refused as the server would. */
+  _refusedHere(name) {
+    this.refused.add(name);
+    console.error(`realtime: no channel can be named ${JSON.stringify(String(name)).slice(0, 80)}; not subscribed`);
   }
 
   _sendSubscribe(names) {

@@ -458,6 +458,22 @@ def test_fifty_subscribers_removed_at_once_send_one_unsubscribe(live):
     assert errors == []
 
 
+def test_a_name_no_channel_can_have_is_refused_by_the_page_alone_and_the_rest_of_its_task_is_subscribed(live):
+    """Sent, a name the server cannot read (an unpaired surrogate) makes it refuse the whole message: the
+    channels of every fragment swapped in with it would be neither held nor refused, and never answered."""
+    page, sockets, errors = live
+    record(page, "SUBSCRIBED", "ERROR")
+    before = len(sockets.sent)
+    page.evaluate("window.realtime.subscribe(['system:maintenance', 'clinic:\\ud800:queue', 'x'.repeat(201), 42])")
+    assert wait_for(lambda: page.evaluate(subscribed("system:maintenance")), timeout=10)
+    assert page.evaluate("window.realtime.refused.size") == 3 and page.evaluate("window.realtime.unanswered.size") == 0
+    assert [m for m in sockets.sent[before:] if "SUBSCRIBE" in m] == [
+        '{"type":"SUBSCRIBE","data":{"channels":["system:maintenance"]}}'
+    ]
+    assert len(errors) == 3 and all("no channel can be named" in error for error in errors), errors
+    assert [m for m in page.evaluate("window.__got") if m["type"] == "ERROR"] == []  # the server saw none of them
+
+
 def test_more_channels_than_one_subscribe_may_name_are_asked_in_several(live):
     """Over 200 names the server refuses the whole SUBSCRIBE without naming any channel: the page would
     not know which were refused. Sent 200 at a time, each is answered by name."""
