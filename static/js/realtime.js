@@ -151,7 +151,7 @@ export class RealtimeClient {
     this.status = "idle";
     this.ws = null;
     this.refs = new Map(); // channel -> number of subscribers on the page
-    this.wantsLast = new Set(); // channels subscribed with {last: true}
+    this.wantsLast = new Map(); // channel -> number of its subscribers that asked for {last: true}
     this.position = null; // {clientId, epoch, offset}: where to resume from, once connected
     this.resyncListeners = new Set();
     this.messageListeners = new Set();
@@ -228,18 +228,20 @@ export class RealtimeClient {
     for (const name of names) {
       const count = this.refs.get(name) || 0;
       this.refs.set(name, count + 1);
-      if (last) this.wantsLast.add(name);
+      if (last) this.wantsLast.set(name, (this.wantsLast.get(name) || 0) + 1);
       if (count === 0 || (last && ask)) this.toAsk.add(name);
     }
     this._flushSoon();
   }
 
   /**
-   * Undo one {@link RealtimeClient#subscribe} of these channels; the server is told when the last
-   * subscriber of a channel on the page is gone.
+   * Undo one {@link RealtimeClient#subscribe} of these channels, with the same `last`; the server is
+   * told when the last subscriber of a channel on the page is gone.
    * @param {string[]} names
+   * @param {{last?: boolean}} [options] `last: true` undoes a subscribe with `{last: true}`: once no
+   *   subscriber of a channel wants its last value, resubscriptions stop asking for it
    */
-  unsubscribe(names) {
+  unsubscribe(names, { last = false } = {}) {
     for (const name of names) {
       const count = this.refs.get(name) || 0;
       if (count <= 1) {
@@ -249,6 +251,9 @@ export class RealtimeClient {
         this.refused.delete(name);
       } else {
         this.refs.set(name, count - 1);
+        const wanting = this.wantsLast.get(name) || 0;
+        if (last && wanting <= 1) this.wantsLast.delete(name);
+        else if (last) this.wantsLast.set(name, wanting - 1);
       }
     }
     this._flushSoon();

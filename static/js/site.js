@@ -95,7 +95,7 @@ export function toast(title, text, at) {
 
 // -- channel subscribers -----------------------------------------------------------
 
-const subscribed = new Map(); // element -> channels it subscribed
+const subscribed = new Map(); // element -> {names, last}: what it subscribed, and whether to last values
 
 function channelsOf(element) {
   return (element.dataset.realtimeChannels || "").split(/\s+/).filter(Boolean);
@@ -115,20 +115,21 @@ function likeness(element) {
 function attach(rt, element, swappedOut = new Set()) {
   if (subscribed.has(element) || !element.isConnected) return;
   const names = channelsOf(element);
-  subscribed.set(element, names);
+  const last = element.dataset.realtimeLast === "true";
+  subscribed.set(element, { names, last });
   // Swapped in for a subscriber like it (an htmx swap of the fragment, or of a parent around it): it
   // was rendered with the state, and asking for the last value again would re-render every fragment of
   // those channels, and one re-rendered on each message of its channel would ask forever. (So a parent's
   // render must give it its state, as the queue page does, not a placeholder.)
   const replacing = swappedOut.has(likeness(element));
-  rt.subscribe(names, { last: element.dataset.realtimeLast === "true", ask: !replacing });
+  rt.subscribe(names, { last, ask: !replacing });
 }
 
 function detach(rt, element) {
-  const names = subscribed.get(element);
-  if (!names || element.isConnected) return;
+  const held = subscribed.get(element);
+  if (!held || element.isConnected) return;
   subscribed.delete(element);
-  rt.unsubscribe(names);
+  rt.unsubscribe(held.names, { last: held.last });
 }
 
 function watchSubscribers(rt) {
@@ -149,7 +150,7 @@ function watchSubscribers(rt) {
 function clearStaleFragments() {
   document.body.addEventListener("realtime:resync", (event) => {
     const only = event.detail && event.detail.channels; // a resync for some channels only
-    for (const [element, names] of subscribed) {
+    for (const [element, { names }] of subscribed) {
       const text = element.dataset.realtimeResync;
       if (!text || (only && !names.some((name) => only.includes(name)))) continue;
       const where = element.dataset.realtimeTarget;

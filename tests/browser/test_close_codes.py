@@ -352,6 +352,25 @@ def test_a_subscriber_swapped_for_an_equal_one_does_not_ask_for_the_last_value_a
     assert page.evaluate(f"window.realtime.wantsLast.has('{QUEUE}')")
 
 
+def test_once_no_subscriber_wants_a_channels_last_value_resubscriptions_stop_asking_for_it(site, web):
+    """A fragment that asked for it left while a plain subscriber of the channel stays: each later
+    resubscription would otherwise bring the last value again, marked ``last``, as if it were news."""
+    page = web(site, "bob", "about:blank")
+    page.goto(site.url + "/clinics/clinic-1/queue")
+    wait_live(page)
+    fragments = f'[data-realtime-channels="{QUEUE}"][data-realtime-last="true"]'
+    wanting = page.evaluate(f"document.querySelectorAll('{fragments}').length")
+    assert wanting >= 1 and page.evaluate(f"window.realtime.wantsLast.get('{QUEUE}')") == wanting
+    page.evaluate(
+        f"() => {{ window.realtime.subscribe(['{QUEUE}']); window.realtime.subscribe(['{QUEUE}'], {{ last: true }}); }}"
+    )
+    page.evaluate(f"window.realtime.unsubscribe(['{QUEUE}'], {{ last: true }})")
+    assert page.evaluate(f"window.realtime.wantsLast.get('{QUEUE}')") == wanting  # the fragments still want it
+    page.evaluate(f"() => document.querySelectorAll('{fragments}').forEach((element) => element.remove())")
+    page.wait_for_function(f"() => !window.realtime.wantsLast.has('{QUEUE}')", timeout=5000)  # site.js saw them go
+    assert page.evaluate(f"window.realtime.refs.has('{QUEUE}')")  # the plain subscriber keeps the channel
+
+
 def test_a_channel_refused_then_allowed_is_refetched(live, site):
     """The user could not read it (another clinic's queue), then could: what the page shows of it is from
     before, and no replay covered it (found by review)."""
