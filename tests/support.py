@@ -28,6 +28,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from relay.sqlite_directory import SqliteDirectory  # noqa: E402
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_the_tests() -> None:
+    """Run in each server's child process before it starts: SIGTERM it when the test process ends.
+
+    A test that times out ends the run at once (pytest-timeout's thread method calls ``os._exit``), with
+    no fixture teardown: the gunicorn and redis-server it started would be left running on the machine.
+    (Tied to the thread that started the child: servers are started from the test's own thread.)
+    """
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 from relay.tokens import TokenService  # noqa: E402
 
 TOKEN_SECRET = "test-token-secret-0123456789-abcdefghijklmnop"
@@ -121,6 +137,7 @@ class Server:
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_end_with_the_tests,
         )
         if wait:
             self.wait_ready()
@@ -313,6 +330,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_end_with_the_tests,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
