@@ -67,6 +67,10 @@ class Broker(Protocol):
     def control(self, message: dict) -> Delivery:
         """Run a control message on every worker; ``delivered`` is the sum of what they returned."""
 
+    def notify(self, message: dict) -> None:
+        """Run a control message on every worker without waiting for any: best effort (a worker whose
+        listener is away never gets it), for a message nobody needs an answer to. Raises BrokerUnavailable."""
+
     def connections_elsewhere(self, user_id: str) -> int:
         """The user's connections on the other workers (as far as this worker knows; 0 for one process)."""
 
@@ -115,6 +119,9 @@ class MemoryBroker:
         if self._deliver is None:
             raise BrokerUnavailable("the broker is stopped")
         return Delivery(delivered=self._control(message) if self._control is not None else 0)
+
+    def notify(self, message: dict) -> None:
+        self.control(message)
 
     def connections_elsewhere(self, user_id: str) -> int:
         return 0  # there is no elsewhere

@@ -83,7 +83,10 @@ class Session:
 
     ``open``: its socket was still open when this copy was written. A resume of such a session from
     another worker tells the one holding that socket to close it (a client that came back before the
-    server noticed its old connection had died), see ``Realtime._replace``.
+    server noticed its old connection had died), see ``Realtime._replace``. Kept by a store that
+    several workers share (Redis); the embedded one, which one worker uses at a time (and, during a
+    reload, a draining one whose sockets are all closed), keeps its schema and answers False, so
+    that a release before this one still reads and writes the same file.
     """
 
     client_id: str
@@ -128,7 +131,7 @@ class History(Protocol):
         """The latest broadcast addressed to each channel, if published within ``max_age_ms``."""
 
     def save_sessions(self, sessions: list[Session], expires_at_ms: int) -> None:
-        """Create or replace these sessions, each kept until ``expires_at_ms``."""
+        """Create or replace these sessions, each kept until ``expires_at_ms`` (``open`` where shared, see Session)."""
 
     def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:
         """Extend live sessions (their connections are still open)."""

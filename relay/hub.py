@@ -109,6 +109,14 @@ class Hub:
         with self._lock:
             return list(self._by_user)
 
+    def connection(self, user_id: str, client_id: object) -> Connection | None:
+        """The user's connection with this id, if it is here."""
+        with self._lock:
+            for conn in self._by_user.get(user_id, ()):
+                if conn.id == client_id:
+                    return conn
+        return None
+
     def connection_count(self, user_id: str) -> int:
         with self._lock:
             return len(self._by_user.get(user_id, ()))

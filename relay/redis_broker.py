@@ -223,6 +223,16 @@ class RedisBroker:
         finally:
             del self._waiters[message_id]
 
+    def notify(self, message: dict) -> None:
+        """Run ``message`` on every worker (this one included), waiting for none: no id, no ``replyTo``."""
+        try:
+            self._client.publish(self.control_channel, json.dumps({"control": message, "from": self.worker_id}))
+        except (redis.RedisError, OSError) as problem:
+            self._failed(problem)
+            raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
+        if self._control is not None:
+            self._control(message)
+
     def connections_elsewhere(self, user_id: str) -> int:
         """This user's connections on the other workers, as their last heartbeats said (best effort)."""
         return self._elsewhere.get(user_id, 0)
@@ -346,11 +356,13 @@ class RedisBroker:
                 return
             if doc.get("from") == self.worker_id:
                 return  # our own: the sender already handled it here
-            reply_to = doc["replyTo"]
             if "control" in doc:
                 if self._control is not None:
-                    self._reply(reply_to, doc["id"], self._control(doc["control"]))
+                    done = self._control(doc["control"])
+                    if "replyTo" in doc:  # not from notify(), whose sender waits for nobody
+                        self._reply(doc["replyTo"], doc["id"], done)
                 return
+            reply_to = doc["replyTo"]
             envelope = Envelope.from_json(doc["envelope"])
         except (ValueError, KeyError, TypeError, AttributeError) as problem:
             log.warning("ignored a malformed message on %s: %s", channel, problem)

@@ -267,12 +267,16 @@ class Realtime:
             gevent.spawn(self.identities.refresh, [user_id])  # may wait on the directory: not here
             return len(self.hub.connections_of(user_id))
         if kind == "replaced":  # see _replace
-            for conn in self.hub.connections_of(user_id):
-                if conn.id == message.get("clientId"):
-                    if self.sessions is not None:
-                        self.sessions.resumed(conn.id)  # restored elsewhere: this socket leaves no session
-                    conn.close(Close.REPLACED, REPLACED)
-                    return 1
+            client_id = message.get("clientId")
+            if self.sessions is not None and isinstance(client_id, str):
+                # Restored elsewhere: nothing of it may be written here again, whether its socket is still
+                # open or closed a moment ago (its ended session would land after the resume deleted it).
+                self.sessions.resumed(client_id)
+            replaced = self.hub.connection(user_id, client_id)
+            if replaced is None:
+                return 0
+            replaced.close(Close.REPLACED, REPLACED)
+            return 1
         return 0
 
     def _heartbeat(self) -> dict:
@@ -549,8 +553,12 @@ class Realtime:
             self.telemetry.auth_failed(reason)
             conn.reject(Close.FORBIDDEN, reason.replace("_", " "))
             return
+        # The socket a resume comes back from, if it is still open here: it is on its way out (_replace),
+        # so it is not counted against this one.
+        replacing = self.hub.connection(user_id, resume.client_id) if isinstance(resume, ResumeRequest) else None
+        leaving = 0 if replacing is None else 1
         # Counting those admitted ahead of it that have not joined yet (they may wait, see _OnItsWay).
-        if len(self.hub) + self._joining >= self.hub.max_clients:
+        if len(self.hub) + self._joining - leaving >= self.hub.max_clients:
             event("ws.refused", level="warning", reason="server_full", userId=user_id, clients=len(self.hub))
             self.telemetry.refused("server_full")
             conn.reject(Close.TRY_AGAIN_LATER, "server full")
@@ -559,10 +567,7 @@ class Realtime:
         # after this check (for its session, up to half a second), and a burst of them would
         # otherwise all pass it before the first joined the hub.
         ahead = self._on_the_way[user_id].index(arriving)
-        held = self.hub.connection_count(user_id) + ahead + self.broker.connections_elsewhere(user_id)
-        replacing = self._still_open_here(user_id, resume)
-        if replacing is not None:
-            held -= 1  # the socket it comes back from, closed once this one is in (_replace)
+        held = self.hub.connection_count(user_id) - leaving + ahead + self.broker.connections_elsewhere(user_id)
         if held >= self.settings.max_connections_per_user:
             event("ws.refused", level="warning", reason="too_many_connections", userId=user_id, held=held)
             self.telemetry.refused("too_many_connections")
@@ -665,25 +670,18 @@ class Realtime:
             outcome.refused += refused
         return True
 
-    def _still_open_here(self, user_id: str, resume: ResumeRequest | str | None) -> Connection | None:
-        """The user's socket a resume comes back from, if this worker still holds it open."""
-        if not isinstance(resume, ResumeRequest):
-            return None
-        for conn in self.hub.connections_of(user_id):
-            if conn.id == resume.client_id:
-                return conn
-        return None
-
     def _replace(self, user_id: str, replacing: Connection | None, outcome: Prepared | str | None) -> None:
         """Close the socket a resume came back from, on whichever worker still holds it (4409).
 
         A client whose network died reconnects before the server notices (the
         keep-alive takes up to two ping intervals): until then its old socket
-        counts toward the user's sockets and is written to for nobody. Its
-        client moved on, whether or not the resume was honoured. Another
-        worker is asked only when the stored session says its socket was open
-        (not after a drain, where every socket closed before its session was
-        written), and without waiting: this admission is done.
+        counts toward the user's sockets and is written to for nobody. Here,
+        it is closed whether or not the resume was honoured (its client moved
+        on). The other workers are told only of a restored session that was
+        stored open (not after a drain, whose sockets all closed before their
+        sessions were written), without waiting for them: a worker killed with
+        its sockets open leaves every session open, and its clients' resumes
+        must not each wait for its answer.
         """
         if replacing is not None:
             replacing.close(Close.REPLACED, REPLACED)
@@ -692,7 +690,7 @@ class Realtime:
 
     def _replace_elsewhere(self, user_id: str, client_id: str) -> None:
         try:
-            self.broker.control({"kind": "replaced", "userId": user_id, "clientId": client_id})
+            self.broker.notify({"kind": "replaced", "userId": user_id, "clientId": client_id})
         except BrokerUnavailable as down:  # the old socket stays until the keep-alive ends it, as before
             event("ws.replace_undelivered", level="warning", clientId=client_id, userId=user_id, error=str(down))
 

@@ -8,6 +8,7 @@ the ``websockets`` sync client with the few verbs the protocol needs.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -30,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 from relay.sqlite_directory import SqliteDirectory  # noqa: E402
 
 _PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: in the forked child, only called
+_TEST_PROCESS = os.getpid()
 
 
 def _end_with_the_tests() -> None:
@@ -37,11 +40,12 @@ def _end_with_the_tests() -> None:
 
     A test that times out ends the run at once (pytest-timeout's thread method calls ``os._exit``), with
     no fixture teardown: the gunicorn and redis-server it started would be left running on the machine.
-    (Tied to the thread that started the child: servers are started from the test's own thread.)
+    (Tied to the thread that started the child: servers are started from the test's own thread.) Between
+    fork and here the tests may have ended already: then the child ends itself.
     """
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != _TEST_PROCESS:
+        os._exit(1)
 
 
 from relay.tokens import TokenService  # noqa: E402

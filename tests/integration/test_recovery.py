@@ -215,6 +215,20 @@ def back_while_the_old_socket_is_open(srv: Server, first: Resumer) -> tuple[Clie
     return Client(first.ws), again
 
 
+def saved(srv: Server) -> bool:
+    """Whether the server's session keeper has written every change it had (it writes every 0.25 s)."""
+    return srv.health()["stream"]["sessions"]["pending"] == 0
+
+
+def resumed_again(srv: Server, first: Resumer) -> dict:
+    """A second resume of the session ``first`` had when it last connected: CONNECTED's data."""
+    twin = Resumer(srv, first.user_id)
+    twin.client_id, twin.epoch, twin.offset = first.client_id, first.epoch, first.offset
+    hello = twin.connect()
+    twin.close()
+    return hello
+
+
 def test_a_resume_closes_the_socket_it_comes_back_from_4409(site):
     bob = Resumer(site, "bob", [ANN])
     bob.connect()
@@ -224,11 +238,8 @@ def test_a_resume_closes_the_socket_it_comes_back_from_4409(site):
     assert site.wait_clients(1)["clients"] == 1
     live = sent(site, "after", channels=[ANN])
     assert [m["id"] for m in again.read()] == [live["id"]]
-    time.sleep(0.5)  # the keeper has written what it would: the closed socket left no session behind
-    twin = Resumer(site, "bob")
-    twin.client_id, twin.epoch, twin.offset = bob.client_id, bob.epoch, bob.offset
-    assert twin.connect()["reason"] == Reason.NO_SESSION
-    twin.close()
+    assert wait_for(lambda: saved(site))  # what the closed socket would have left behind is written by now
+    assert resumed_again(site, bob)["reason"] == Reason.NO_SESSION
     again.close()
 
 
@@ -248,15 +259,12 @@ def test_a_resume_on_another_instance_closes_the_socket_the_first_still_holds(pa
     host_a, host_b = pair
     bob = Resumer(host_a, "bob", [ANN])
     bob.connect()
-    time.sleep(0.6)  # the session keeper has written the session (every 0.25 s), as open
+    assert wait_for(lambda: saved(host_a))  # the session is in Redis, as open
     old, again = back_while_the_old_socket_is_open(host_b, bob)
     assert again.connect()["recovered"] is True
     assert old.closed_with() == (Close.REPLACED, "resumed on another socket")
-    time.sleep(0.6)  # host a's keeper has written what it would: the closed socket left no session behind
-    twin = Resumer(host_a, "bob")
-    twin.client_id, twin.epoch, twin.offset = bob.client_id, bob.epoch, bob.offset
-    assert twin.connect()["reason"] == Reason.NO_SESSION
-    twin.close()
+    assert wait_for(lambda: saved(host_a) and saved(host_b))  # what the closed socket left is written by now
+    assert resumed_again(host_a, bob)["reason"] == Reason.NO_SESSION
     again.close()
 
 

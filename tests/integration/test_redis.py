@@ -287,6 +287,37 @@ def test_a_control_message_counts_a_worker_whose_listener_is_away_as_missing(red
         here.close()
 
 
+def test_notify_publishes_a_control_message_nobody_answers_and_waits_for_none(redis_server):
+    """For a message nobody needs an answer to (a resumed session's old socket, see Realtime._replace):
+    a worker alive by its heartbeat whose listener is away does not hold the sender for the reply timeout."""
+    import json
+
+    import redis as redis_client
+
+    from relay.redis_broker import RedisBroker
+
+    here = RedisBroker(redis_server.url, worker_id="here", prefix="t", reply_timeout=2.0)
+    raw = redis_client.Redis.from_url(redis_server.url)
+    listener = raw.pubsub()
+    try:
+        raw.sadd("t:workers", "away")  # alive (its record has not expired), and it will never answer
+        raw.set(here._record_key("away"), json.dumps({"worker": "away", "clients": 3}), px=10_000)
+        listener.subscribe(here.control_channel)
+        assert listener.get_message(timeout=5)["type"] == "subscribe"
+        started = time.monotonic()
+        here.notify({"kind": "replaced", "userId": "bob", "clientId": "c-1"})
+        assert time.monotonic() - started < 1.0  # control() would wait the 2 s for "away"
+        published = listener.get_message(timeout=5)
+        assert json.loads(published["data"]) == {
+            "control": {"kind": "replaced", "userId": "bob", "clientId": "c-1"},
+            "from": "here",  # no id, no replyTo: the other workers run it and answer nothing
+        }
+    finally:
+        listener.close()
+        raw.close()
+        here.close()
+
+
 def test_a_broadcast_stored_but_not_published_is_answered_200_and_reaches_every_worker(
     start_server, redis_server, crowd
 ):

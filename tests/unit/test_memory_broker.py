@@ -25,3 +25,17 @@ def test_a_delivery_held_past_the_wait_is_answered_not_raised():
     broker.start(lambda envelope: AsyncResult(), lambda: {})  # never delivered
     delivery = broker.publish(Envelope("ANNOUNCEMENT", {}, Filter()))
     assert (delivery.delivered, delivery.workers, delivery.missing) == (0, 0, 1)
+
+
+def test_notify_runs_the_control_message_here_and_a_stopped_broker_refuses_it():
+    import pytest
+
+    from relay.broker import BrokerUnavailable
+
+    ran = []
+    broker = MemoryBroker("w1")
+    broker.start(lambda envelope: None, lambda: {}, control=lambda message: ran.append(message) or 1)
+    assert broker.notify({"kind": "replaced"}) is None and ran == [{"kind": "replaced"}]
+    broker.close()
+    with pytest.raises(BrokerUnavailable):
+        broker.notify({"kind": "replaced"})

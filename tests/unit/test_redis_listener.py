@@ -41,3 +41,16 @@ def test_a_message_whose_delivery_fails_does_not_stop_the_listener(caplog):
     with caplog.at_level(logging.ERROR, logger="relay.redis"):
         broker._pump(Subscription())
     assert delivered == [1, 2] and "handling a message from" in caplog.text
+
+
+def test_a_control_message_is_answered_unless_it_came_from_notify():
+    """control() waits for every worker's answer; notify() sends no replyTo, and nobody answers it."""
+    broker = RedisBroker("redis://127.0.0.1:9/0", worker_id="here")  # never connects in this test
+    ran, answered = [], []
+    broker._control = lambda message: ran.append(message) or 1
+    broker._reply = lambda reply_to, message_id, delivered: answered.append((reply_to, message_id, delivered))
+    asked = {"control": {"kind": "disconnect", "userId": "bob"}, "id": "m-1", "replyTo": "r", "from": "there"}
+    told = {"control": {"kind": "replaced", "userId": "bob", "clientId": "c-1"}, "from": "there"}
+    for doc in (asked, told):
+        broker._on_message(broker.control_channel.encode(), json.dumps(doc).encode())
+    assert ran == [asked["control"], told["control"]] and answered == [("r", "m-1", 1)]
