@@ -415,6 +415,21 @@ def resume(page, sockets) -> tuple[int, dict]:
     return before, page.evaluate(RESUMED)[0]["data"]
 
 
+def test_the_socket_a_page_comes_back_from_is_closed_by_the_server_4409_not_left_open(live, site):
+    """The page's side ended, the server's still open (a network that died unnoticed): until a keep-alive
+    ping went unanswered, up to a minute, it counted among the user's sockets, written to for nobody."""
+    page, sockets, errors = live
+    record(page, "CONNECTED")
+    assert wait_for(lambda: site.health()["clients"] == 1)
+    old = page.evaluate("window.realtime.position.clientId")
+    _, hello = resume(page, sockets)
+    assert hello["recovered"] is True
+    closed = site.wait_for_event("ws.disconnect", lambda e: e["clientId"] == old, timeout=10)
+    assert (closed["code"], closed["reason"]) == (Close.REPLACED, "resumed on another socket")
+    assert site.health()["clients"] == 1
+    assert page.evaluate("window.realtime.status") == "open" and errors == []
+
+
 def test_fifty_subscribers_added_at_once_send_one_subscribe(live):
     """An htmx swap that brings fifty fragments of one channel, each asking for its last value: fifty
     SUBSCRIBEs would be over the server's burst of 40 messages, and it closes such a socket with 1008."""
