@@ -535,6 +535,7 @@ export class RealtimeClient {
 
   /** A name no channel can have (see POSSIBLE_CHANNEL): never sent, counted refused as the server would. */
   _refusedHere(name) {
+    if (this.refused.has(name)) return; // said already (a resume asks again for what it did not restore)
     this.refused.add(name);
     console.error(`realtime: no channel can be named ${JSON.stringify(String(name)).slice(0, 80)}; not subscribed`);
   }

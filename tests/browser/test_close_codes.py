@@ -506,6 +506,9 @@ def test_a_name_no_channel_can_have_is_refused_by_the_page_alone_and_the_rest_of
     ]
     assert len(errors) == 3 and all("no channel can be named" in error for error in errors), errors
     assert [m for m in page.evaluate("window.__got") if m["type"] == "ERROR"] == []  # the server saw none of them
+    record(page, "CONNECTED")
+    resume(page, sockets)  # which asks again for what the session lacks: refused again, not said again
+    assert page.evaluate("window.realtime.refused.size") == 3 and len(errors) == 3, errors
 
 
 def test_more_channels_than_one_subscribe_may_name_are_asked_in_several(live):
