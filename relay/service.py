@@ -269,9 +269,7 @@ class Realtime:
         if kind == "replaced":  # see _replace
             client_id = message.get("clientId")
             if self.sessions is not None and isinstance(client_id, str):
-                # Restored elsewhere: nothing of it may be written here again, whether its socket is still
-                # open or closed a moment ago (its ended session would land after the resume deleted it).
-                self.sessions.resumed(client_id)
+                self.sessions.resumed_elsewhere(client_id, user_id)  # its socket open, or closed a moment ago
             replaced = self.hub.connection(user_id, client_id)
             if replaced is None:
                 return 0

@@ -119,6 +119,14 @@ class SessionKeeper:
         self._forget.append(client_id)
         self._resumed.add(client_id)
 
+    def resumed_elsewhere(self, client_id: str, user_id: str) -> None:
+        """Another worker restored this session. If this one holds it (its socket still open, or ended and
+        not written yet, or being written), it is forgotten as :meth:`resumed`: else its socket's close, or
+        the write under way, would put it back in the store after that worker deleted it."""
+        held = self.pending(client_id)
+        if held is not None and held.user_id == user_id:
+            self.resumed(client_id)
+
     def taken(self, client_id: str) -> bool:
         """Whether the session was restored here already: until its deletion is written, the store
         (and another copy being written) would still offer it."""

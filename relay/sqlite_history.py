@@ -209,7 +209,10 @@ class SqliteHistory(SqliteStore):
         with self._lock:
             db = self._conn()
             with transaction(db):
-                db.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)", rows)
+                db.executemany(
+                    "INSERT OR REPLACE INTO sessions (client_id, user_id, channels, expires_at) VALUES (?, ?, ?, ?)",
+                    rows,
+                )
 
     @_store_errors
     def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:

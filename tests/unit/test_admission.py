@@ -530,6 +530,7 @@ def test_a_worker_told_a_session_was_resumed_elsewhere_closes_its_socket_4409_an
     message = {"kind": "replaced", "userId": "u-1", "clientId": conn.id}
     assert rt._on_control({**message, "clientId": "someone-else"}) == 0
     assert rt._on_control({**message, "userId": "u-2"}) == 0 and conn.state == "open"  # only the user's own
+    assert rt.sessions.pending(conn.id) is not None and not rt.sessions.taken(conn.id)  # left as it was
     assert rt._on_control(message) == 1
     assert received.close_code() == (Close.REPLACED, "resumed on another socket")
     assert rt.sessions.taken(conn.id) and rt.sessions.pending(conn.id) is None
