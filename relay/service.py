@@ -566,6 +566,12 @@ class Realtime:
         # otherwise all pass it before the first joined the hub.
         ahead = self._on_the_way[user_id].index(arriving)
         held = self.hub.connection_count(user_id) - leaving + ahead + self.broker.connections_elsewhere(user_id)
+        open_elsewhere = False
+        if held >= self.settings.max_connections_per_user and replacing is None and isinstance(resume, ResumeRequest):
+            # At the limit, a socket the user left open on another worker would keep them out until its
+            # keep-alive ends it (a minute): that worker is told to close it (_replace), so it is not counted.
+            open_elsewhere = self._stored_open(user_id, resume.client_id)
+            held -= 1 if open_elsewhere else 0
         if held >= self.settings.max_connections_per_user:
             event("ws.refused", level="warning", reason="too_many_connections", userId=user_id, held=held)
             self.telemetry.refused("too_many_connections")
@@ -626,7 +632,9 @@ class Realtime:
             if isinstance(outcome, Prepared):
                 self.sessions.resumed(outcome.session.client_id)
         conn.start(pending)
-        self._replace(user_id, replacing, outcome)
+        if isinstance(outcome, Prepared) and outcome.session.open:
+            open_elsewhere = True
+        self._replace(user_id, resume, replacing, open_elsewhere)
         resumed: dict[str, object] = {}
         if resume is not None:
             resumed.update(recovered=isinstance(outcome, Prepared), replayed=len(replay))
@@ -668,23 +676,36 @@ class Realtime:
             outcome.refused += refused
         return True
 
-    def _replace(self, user_id: str, replacing: Connection | None, outcome: Prepared | str | None) -> None:
+    def _replace(
+        self, user_id: str, resume: ResumeRequest | str | None, replacing: Connection | None, open_elsewhere: bool
+    ) -> None:
         """Close the socket a resume came back from, on whichever worker still holds it (4409).
 
         A client whose network died reconnects before the server notices (the
         keep-alive takes up to two ping intervals): until then its old socket
         counts toward the user's sockets and is written to for nobody. Here,
         it is closed whether or not the resume was honoured (its client moved
-        on). The other workers are told only of a restored session that was
-        stored open (not after a drain, whose sockets all closed before their
-        sessions were written), without waiting for them: a worker killed with
+        on). The other workers are told (``open_elsewhere``) of a session
+        stored open that was restored, or that let the resume in at the
+        user's limit; not after a drain, whose sockets all closed before their
+        sessions were written. Without waiting for them: a worker killed with
         its sockets open leaves every session open, and its clients' resumes
         must not each wait for its answer.
         """
         if replacing is not None:
             replacing.close(Close.REPLACED, REPLACED)
-        elif isinstance(outcome, Prepared) and outcome.session.open:
-            gevent.spawn(self._replace_elsewhere, user_id, outcome.session.client_id)
+        elif open_elsewhere and isinstance(resume, ResumeRequest):
+            gevent.spawn(self._replace_elsewhere, user_id, resume.client_id)
+
+    def _stored_open(self, user_id: str, client_id: str) -> bool:
+        """Whether the user's session ``client_id`` was stored with its socket open on another worker (may wait)."""
+        if self.history is None or not self.broker.connections_elsewhere(user_id):
+            return False
+        try:
+            session = self.history.load_session(client_id)
+        except Exception:  # a store that does not answer: the socket is counted, as it always was
+            return False
+        return session is not None and session.user_id == user_id and session.open
 
     def _replace_elsewhere(self, user_id: str, client_id: str) -> None:
         try:

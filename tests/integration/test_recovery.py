@@ -269,6 +269,24 @@ def test_a_resume_on_another_instance_closes_the_socket_the_first_still_holds(pa
     again.close()
 
 
+def test_a_user_at_the_limit_comes_back_on_another_instance_while_the_first_still_holds_their_socket(pairs):
+    """The old socket counted toward the limit there (as of the last heartbeat), and kept the user out with
+    4429 until its keep-alive ended it, up to a minute: it is told to close instead, and not counted."""
+    host_a, host_b = pairs(WS_CLOSE_TIMEOUT_MS=500, WS_MAX_CONNECTIONS_PER_USER=1, REDIS_HEARTBEAT_MS=200)
+    bob = Resumer(host_a, "bob", [ANN])
+    bob.connect()
+    pid_a = host_a.health()["pid"]
+    assert wait_for(lambda: any(m["pid"] == pid_a and m["clients"] == 1 for m in host_b.health()["cluster"]))
+    time.sleep(0.5)  # and host b has counted it in its next heartbeats (every 0.2 s)
+    with host_b.open(host_b.token("bob")) as beside:  # a second socket is refused there
+        assert beside.closed_with()[0] == Close.TOO_MANY_CONNECTIONS
+    assert wait_for(lambda: saved(host_a))
+    old, again = back_while_the_old_socket_is_open(host_b, bob)
+    assert again.connect()["recovered"] is True
+    assert old.closed_with() == (Close.REPLACED, "resumed on another socket")
+    again.close()
+
+
 def test_resume_across_a_sighup_reload(site):
     bob = Resumer(site, "bob", [ANN])
     bob.connect()
@@ -327,17 +345,28 @@ def test_resume_across_sigterm_and_a_new_start_on_the_same_data(site):
 
 
 @pytest.fixture
-def pair(tmp_path, redis_server):
-    """Two instances (hosts) sharing one Redis and one identity store."""
+def pairs(tmp_path, redis_server):
+    """``pairs(**env)``: two instances (hosts) sharing one Redis and one identity store."""
     make_users(tmp_path / "realtime.db")
-    shared = {"REDIS_URL": redis_server.url, "REALTIME_DB": str(tmp_path / "realtime.db"), "WS_CLOSE_TIMEOUT_MS": 500}
     servers = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        servers.append(Server(tmp_path / name, shared).start())
-    yield servers
+
+    def start(**env):
+        shared = {"REDIS_URL": redis_server.url, "REALTIME_DB": str(tmp_path / "realtime.db"), **env}
+        started = []
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            started.append(Server(tmp_path / name, shared).start())
+            servers.append(started[-1])
+        return started
+
+    yield start
     for srv in servers:
         srv.stop()
+
+
+@pytest.fixture
+def pair(pairs):
+    return pairs(WS_CLOSE_TIMEOUT_MS=500)
 
 
 def test_resume_on_another_instance_after_the_first_was_killed(pair):
