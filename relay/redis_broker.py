@@ -199,18 +199,10 @@ class RedisBroker:
     def control(self, message: dict) -> Delivery:
         """Run ``message`` on every worker (this one included); the total of what each handler returned."""
         message_id = uuid.uuid4().hex
-        payload = json.dumps(
-            {"control": message, "id": message_id, "replyTo": self.reply_channel, "from": self.worker_id}
-        )
         waiter = self._waiters[message_id] = _Waiter()
         try:
             listening = self._listening
-            try:
-                receivers = self._client.publish(self.control_channel, payload)
-            except (redis.RedisError, OSError) as problem:
-                self._failed(problem)
-                raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
-            local = self._control(message) if self._control is not None else 0
+            receivers, local = self._run_everywhere(message, id=message_id, replyTo=self.reply_channel)
             # Redis counts only the listeners subscribed at this instant: a worker whose listener is
             # reconnecting is not among them, and would never run this (control messages are not
             # kept). Its heartbeat record still says it is alive: count it as missing, so that the
@@ -225,13 +217,19 @@ class RedisBroker:
 
     def notify(self, message: dict) -> None:
         """Run ``message`` on every worker (this one included), waiting for none: no id, no ``replyTo``."""
+        self._run_everywhere(message)
+
+    def _run_everywhere(self, message: dict, **reply: str) -> tuple[int, int]:
+        """Publish a control message (with ``reply``'s ``id`` and ``replyTo`` if answers are wanted), then
+        run it here: how many listeners Redis handed it to, and what it returned here."""
         try:
-            self._client.publish(self.control_channel, json.dumps({"control": message, "from": self.worker_id}))
+            receivers = self._client.publish(
+                self.control_channel, json.dumps({"control": message, **reply, "from": self.worker_id})
+            )
         except (redis.RedisError, OSError) as problem:
             self._failed(problem)
             raise BrokerUnavailable(f"Redis is unreachable ({problem})") from None
-        if self._control is not None:
-            self._control(message)
+        return receivers, self._control(message) if self._control is not None else 0
 
     def connections_elsewhere(self, user_id: str) -> int:
         """This user's connections on the other workers, as their last heartbeats said (best effort)."""
