@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from relay.sqlite_directory import SqliteDirectory  # noqa: E402
+from relay.tokens import TokenService  # noqa: E402
 
 _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: in the forked child, only called
@@ -47,8 +48,6 @@ def _end_with_the_tests() -> None:
     if os.getppid() != _TEST_PROCESS:
         os._exit(1)
 
-
-from relay.tokens import TokenService  # noqa: E402
 
 TOKEN_SECRET = "test-token-secret-0123456789-abcdefghijklmnop"
 ADMIN_SECRET = "test-admin-secret-0123456789-abcdefghijklmnop"
@@ -427,6 +426,13 @@ class Resumer:
         self.offset: int | None = None
         self.received: list[dict] = []
         self.ws = None
+
+    def at_its_place(self, srv: Server | None = None, user_id: str | None = None) -> Resumer:
+        """Another client holding this one's client id, epoch and offset (a resume of its session), on ``srv``
+        as ``user_id`` (by default this one's)."""
+        other = Resumer(srv or self.srv, user_id or self.user_id)
+        other.client_id, other.epoch, other.offset = self.client_id, self.epoch, self.offset
+        return other
 
     def connect(self, *, resuming: bool = True, **params) -> dict:
         """Open a socket (resuming where it was, if it has been connected before); returns CONNECTED's data.

@@ -26,7 +26,7 @@ class Sockets:
     """The page's sockets, each proxied to the real server; ``close(code)`` ends the newest from the server's side.
 
     Playwright's sync API runs the proxy's handlers only while the test calls Playwright: a wait on
-    ``sent`` or ``held`` calls it too (``page.wait_for_timeout``), or it may see nothing arrive.
+    ``sent`` or ``held`` calls it too (:func:`proxied`), or it may see nothing arrive.
     """
 
     def __init__(self, page):
@@ -64,6 +64,11 @@ class Sockets:
     def close(self, code: int, reason: str = "from the test") -> None:
         """The page's side only: the server's stays open, as with a network that died unnoticed."""
         self.routes[-1].close(code=code, reason=reason)
+
+
+def proxied(page, predicate, timeout: float = 10):
+    """``wait_for(predicate)``, calling Playwright at each try: the proxy's handlers run only then (see Sockets)."""
+    return wait_for(lambda: page.wait_for_timeout(20) or predicate(), timeout=timeout)
 
 
 def wait_live(page) -> None:
@@ -305,7 +310,7 @@ def test_a_subscribe_lost_with_its_socket_is_refetched_after_a_recovered_resume(
     assert wait_for(lambda: len(page.evaluate("window.__errors")) == 1, timeout=10)
     sockets.drop = lambda message: QUEUE in message
     page.evaluate(f"window.realtime.subscribe(['{QUEUE}'])")
-    assert wait_for(lambda: page.wait_for_timeout(20) or any(QUEUE in m for m in sockets.sent), timeout=10)
+    assert proxied(page, lambda: any(QUEUE in m for m in sockets.sent))
     sockets.drop = lambda message: False
     sockets.close(Close.SERVICE_RESTART)
     assert wait_for(lambda: page.evaluate("window.__resyncs") == [["not_restored", [QUEUE]]], timeout=10)
@@ -321,21 +326,17 @@ def test_a_subscriber_swapped_for_an_equal_one_does_not_ask_for_the_last_value_a
     sockets = Sockets(page)
     page.goto(site.url + "/clinics/clinic-1/queue")
     wait_live(page)
-    assert wait_for(
-        lambda: page.wait_for_timeout(20) or any('"last":true' in m and QUEUE in m for m in sockets.sent), timeout=10
-    )
+    assert proxied(page, lambda: any('"last":true' in m and QUEUE in m for m in sockets.sent))
     before = len(sockets.sent)
     page.evaluate(
         f"() => {{ const old = document.querySelector('[data-realtime-channels=\"{QUEUE}\"]');"
         " old.replaceWith(old.cloneNode(true)); }"
     )
     page.evaluate("window.realtime.send({type: 'PING'})")  # after whatever the swap made the page send
-    assert wait_for(lambda: page.wait_for_timeout(20) or any('"PING"' in m for m in sockets.sent[before:]), timeout=10)
+    assert proxied(page, lambda: any('"PING"' in m for m in sockets.sent[before:]))
     assert [m for m in sockets.sent[before:] if "SUBSCRIBE" in m] == []
     page.evaluate(f"window.realtime.subscribe(['{QUEUE}'], {{ last: true }})")  # a second subscriber still asks
-    assert wait_for(
-        lambda: page.wait_for_timeout(20) or any('"last":true' in m for m in sockets.sent[before:]), timeout=10
-    )
+    assert proxied(page, lambda: any('"last":true' in m for m in sockets.sent[before:]))
     # Nor does one inside a parent re-rendered around it (one re-rendered on each message of its channel
     # would ask forever), and the channel's last value is still asked for after a reconnect.
     page.evaluate(
@@ -347,7 +348,7 @@ def test_a_subscriber_swapped_for_an_equal_one_does_not_ask_for_the_last_value_a
         "() => { const p = document.querySelector('#queue').parentElement; p.replaceWith(p.cloneNode(true)); }"
     )
     page.evaluate("window.realtime.send({type: 'PING'})")
-    assert wait_for(lambda: page.wait_for_timeout(20) or any('"PING"' in m for m in sockets.sent[before:]), timeout=10)
+    assert proxied(page, lambda: any('"PING"' in m for m in sockets.sent[before:]))
     assert [m for m in sockets.sent[before:] if "SUBSCRIBE" in m and QUEUE in m] == []
     assert page.evaluate(f"window.realtime.wantsLast.has('{QUEUE}')")
 
@@ -535,21 +536,16 @@ def test_a_last_value_asked_while_a_plain_subscribe_was_unanswered_is_asked_agai
     record(page, "SUBSCRIBED", "CONNECTED")
     sockets.hold = lambda m: '"SUBSCRIBE"' in m and channel in m and '"last"' not in m
     page.evaluate(f"window.realtime.subscribe(['{channel}'])")
-    assert wait_for(lambda: page.wait_for_timeout(20) or len(sockets.held) == 1, timeout=10)
+    assert proxied(page, lambda: len(sockets.held) == 1)
     sockets.drop = lambda m: '"last":true' in m and channel in m
     page.evaluate(f"window.realtime.subscribe(['{channel}'], {{ last: true }})")
-    assert wait_for(
-        lambda: page.wait_for_timeout(20) or any('"last":true' in m and channel in m for m in sockets.sent), timeout=10
-    )
+    assert proxied(page, lambda: any('"last":true' in m and channel in m for m in sockets.sent))
     sockets.hold = sockets.drop = lambda m: False
     sockets.release()  # the plain one reaches the server, which answers it
     assert wait_for(lambda: page.evaluate(subscribed(channel)), timeout=10)
     before, hello = resume(page, sockets)
     assert channel in hello["channels"]  # held all along: not resubscribed as lacking
-    assert wait_for(
-        lambda: page.wait_for_timeout(20) or any('"last":true' in m and channel in m for m in sockets.sent[before:]),
-        timeout=10,
-    )
+    assert proxied(page, lambda: any('"last":true' in m and channel in m for m in sockets.sent[before:]))
 
 
 def test_a_channel_the_resumed_session_may_no_longer_read_is_not_refetched(live, site):
@@ -589,23 +585,21 @@ def test_a_channel_dropped_and_taken_again_in_one_task_still_waits_for_the_answe
     record(page, "SUBSCRIBED", "CONNECTED")
     sockets.hold = lambda m: '"SUBSCRIBE"' in m and channel in m
     page.evaluate(f"window.realtime.subscribe(['{channel}'], {{ last: true }})")
-    assert wait_for(lambda: page.wait_for_timeout(20) or len(sockets.held) == 1, timeout=10)
+    assert proxied(page, lambda: len(sockets.held) == 1)
     sockets.hold = lambda m: False
     sockets.drop = lambda m: '"SUBSCRIBE"' in m and channel in m  # the second is lost with the socket
     page.evaluate(
         f"() => {{ window.realtime.unsubscribe(['{channel}']);"
         f" window.realtime.subscribe(['{channel}'], {{ last: true }}); }}"
     )
-    assert wait_for(
-        lambda: page.wait_for_timeout(20) or len([m for m in sockets.sent if channel in m]) == 2, timeout=10
-    )
+    assert proxied(page, lambda: len([m for m in sockets.sent if channel in m]) == 2)
     sockets.drop = lambda m: False
     sockets.release()  # the first is answered
     assert wait_for(lambda: page.evaluate(subscribed(channel)), timeout=10)
     before, hello = resume(page, sockets)
     assert channel in hello["channels"]
     asked = lambda: any('"last":true' in m and channel in m for m in sockets.sent[before:])  # noqa: E731
-    assert wait_for(lambda: page.wait_for_timeout(20) or asked(), timeout=10)
+    assert proxied(page, asked)
 
 
 def test_a_subscribe_made_when_the_socket_opens_is_sent_once(live):
@@ -621,5 +615,5 @@ def test_a_subscribe_made_when_the_socket_opens_is_sent_once(live):
     before, _ = resume(page, sockets)
     assert wait_for(lambda: page.evaluate(subscribed(channel)), timeout=10)
     page.evaluate("window.realtime.send({type: 'PING'})")  # after anything the resume sent
-    assert wait_for(lambda: page.wait_for_timeout(20) or any('"PING"' in m for m in sockets.sent[before:]), timeout=10)
+    assert proxied(page, lambda: any('"PING"' in m for m in sockets.sent[before:]))
     assert len([m for m in sockets.sent[before:] if '"SUBSCRIBE"' in m and channel in m]) == 1

@@ -132,8 +132,7 @@ def test_another_users_session_is_never_restored(site):
     bob = Resumer(site, "bob", [Q1])
     bob.connect()
     bob.drop()
-    thief = Resumer(site, "carol")  # carol, holding bob's client id, epoch and offset
-    thief.client_id, thief.epoch, thief.offset = bob.client_id, bob.epoch, bob.offset
+    thief = bob.at_its_place(user_id="carol")  # carol, holding bob's client id, epoch and offset
     sent(site, "for clinic 1", channels=[Q1])
     hello = thief.connect()
     assert (hello["recovered"], hello["reason"]) == (False, Reason.NO_SESSION)
@@ -196,11 +195,9 @@ def test_after_the_window_the_session_is_gone(start_server):
 def test_a_resumed_session_cannot_be_resumed_twice(site):
     bob = Resumer(site, "bob", [ANN])
     bob.connect()
-    old = (bob.client_id, bob.epoch, bob.offset)
+    twin = bob.at_its_place()
     bob.drop()
     assert bob.connect()["recovered"] is True
-    twin = Resumer(site, "bob")
-    twin.client_id, twin.epoch, twin.offset = old
     time.sleep(0.5)  # the keeper forgets the resumed session
     assert twin.connect()["reason"] == Reason.NO_SESSION
     twin.close()
@@ -210,9 +207,7 @@ def test_a_resumed_session_cannot_be_resumed_twice(site):
 def back_while_the_old_socket_is_open(srv: Server, first: Resumer) -> tuple[Client, Resumer]:
     """``first``'s network died unnoticed: it comes back to ``srv`` while the server still holds its
     old socket open. The old socket (as a Client) and the client now on the new one."""
-    again = Resumer(srv, first.user_id)
-    again.client_id, again.epoch, again.offset = first.client_id, first.epoch, first.offset
-    return Client(first.ws), again
+    return Client(first.ws), first.at_its_place(srv)
 
 
 def saved(srv: Server) -> bool:
@@ -223,8 +218,7 @@ def saved(srv: Server) -> bool:
 
 def resumed_again(srv: Server, first: Resumer) -> dict:
     """A second resume of the session ``first`` had when it last connected: CONNECTED's data."""
-    twin = Resumer(srv, first.user_id)
-    twin.client_id, twin.epoch, twin.offset = first.client_id, first.epoch, first.offset
+    twin = first.at_its_place(srv)
     hello = twin.connect()
     twin.close()
     return hello
