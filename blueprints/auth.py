@@ -20,6 +20,8 @@ from flask.typing import ResponseReturnValue
 from relay.clock import now_ms
 from relay.codes import HttpError
 from relay.config import MAX_SESSION_HOURS
+from relay.devices import COOKIE as DEVICE_COOKIE
+from relay.devices import MAX_AGE_S as DEVICE_MAX_AGE_S
 from relay.directory import AccessTokenInvalid, AccessTokensUnsupported, DirectoryUnavailable, Identity
 from relay.eventlog import event
 from relay.service import Realtime
@@ -200,22 +202,26 @@ def login():
     try:
         # One count per account, however its name was typed (an email or an id).
         account = realtime().directory.account_of(login_name)
+        # A browser that signed in to this account before is counted apart (see relay.devices).
+        device = realtime().devices.device_of(request.cookies.get(DEVICE_COOKIE), account)
+        known = device is not None
         # Counted before the password is checked (see relay.throttle): parallel guesses cannot slip through.
-        attempt = throttle.attempt(account, address)
+        attempt = throttle.attempt(account, address, device=device)
         if attempt.wait > 0:  # refused before the password is even looked at: the right one too
             retry = ceil(attempt.wait)
-            event("login.throttled", level="warning", login=login_name[:120], remote=address, retryAfter=retry)
+            fields = {"login": login_name[:120], "remote": address, "knownDevice": known, "retryAfter": retry}
+            event("login.throttled", level="warning", **fields)
             return _too_many(attempt.wait)
         try:
             user = realtime().directory.authenticate(login_name, password)
         except DirectoryUnavailable:
-            throttle.withdraw(account, address, attempt)  # nobody's fault: not a failure
+            throttle.withdraw(attempt)  # nobody's fault: not a failure
             raise
         if user is None:
-            earned = ceil(attempt.earned)
-            event("login_failed", level="warning", login=login_name[:120], remote=address, waitS=earned)
+            fields = {"login": login_name[:120], "remote": address, "knownDevice": known}
+            event("login_failed", level="warning", **fields, waitS=ceil(attempt.earned))
             return _login_page("Wrong email or password.", 401)
-        throttle.succeeded(account, address, attempt)
+        throttle.succeeded(attempt)
     except (DirectoryUnavailable, ThrottleUnavailable):
         return _login_page("Sign-in is unavailable right now. Try again shortly.", 503)
     session.clear()  # a new session (new CSRF token): nothing from before the sign-in carries over
@@ -225,8 +231,15 @@ def login():
     # To the millisecond, for a sign-out everywhere: the sign-ins before it end, the one right after
     # it holds. A field of its own: hosts still running older code read "since" as whole seconds.
     session["since_ms"] = checked_from_ms
-    event("login", userId=user.user_id, role=user.role)
-    return redirect(_safe_next(request.args.get("next")))
+    event("login", userId=user.user_id, role=user.role, knownDevice=known)
+    response = redirect(_safe_next(request.args.get("next")))
+    # Kept through sign-outs (it grants nothing but the throttle's trust): see relay.devices.
+    cookie = realtime().devices.remember(request.cookies.get(DEVICE_COOKIE), account)
+    secure = current_app.config["SESSION_COOKIE_SECURE"]
+    response.set_cookie(
+        DEVICE_COOKIE, cookie, max_age=DEVICE_MAX_AGE_S, path="/login", secure=secure, httponly=True, samesite="Strict"
+    )
+    return response
 
 
 def _login_page(error: str, status: int, headers: dict | None = None) -> ResponseReturnValue:

@@ -36,6 +36,7 @@ from .broker import Broker, BrokerUnavailable, Delivery, MemoryBroker, Pending
 from .codes import Close, Error
 from .config import MAX_SESSION_HOURS, Settings
 from .connection import Connection
+from .devices import KnownDevices
 from .directory import Directory, DirectoryUnavailable, Identity
 from .envelope import Envelope
 from .eventlog import event
@@ -146,6 +147,7 @@ class Realtime:
         self.broker = broker or _make_broker(settings, self.worker_id)
         self.broadcaster = Broadcaster(self.broker, self.history, telemetry=self.telemetry, log=self.broadcast_log)
         self.throttle = LoginThrottle(_make_throttle_store(settings))
+        self.devices = KnownDevices(settings.secret_key)
         self.signouts = _make_signout_store(settings)
         self.identities = IdentityWatcher(
             self.directory,

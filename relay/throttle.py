@@ -15,6 +15,14 @@ address. Accounts are independent: hammering one does not lock out another,
 except through the address limit, which is higher (a clinic's users share
 one address).
 
+A browser that has signed in to the account before (it shows a device cookie
+the server signed: :mod:`relay.devices`) is counted apart: its attempts count
+against that browser alone, with the account's limit, and neither the
+account's block nor the address's applies to it. Without that, anyone who
+knows a person's email could keep them out for good, one wrong password per
+block; with it the guesser is still held to the account's pace, and the
+person signs in from their usual browser.
+
 An attempt is counted **before** the password is checked, atomically with
 the check for a block (:meth:`LoginThrottle.attempt`): a hundred guesses sent
 at the same instant are counted one by one, and all but the free ones are
@@ -35,7 +43,7 @@ import threading
 import time
 import unicodedata
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from .redis_store import RedisStore
@@ -55,12 +63,14 @@ class Limit:
 @dataclass(frozen=True)
 class Attempt:
     """What :meth:`LoginThrottle.attempt` decided: ``wait`` > 0 means refused (nothing was counted);
-    otherwise ``id`` names the attempt, counted as a failure until :meth:`LoginThrottle.succeeded`
-    takes it back, and ``earned`` is the block it will have cost if the password is wrong."""
+    otherwise ``id`` names the attempt, counted as a failure under ``keys`` (the account's or the
+    browser's first) until :meth:`LoginThrottle.succeeded` takes it back, and ``earned`` is the block it
+    will have cost if the password is wrong."""
 
     wait: float
     id: str | None = None
     earned: float = 0.0
+    keys: tuple[str, ...] = ()
 
 
 class ThrottleStore(Protocol):
@@ -94,36 +104,55 @@ class LoginThrottle:
         self.account = account
         self.address = address
 
-    def attempt(self, login: str, address: str | None, now: float | None = None) -> Attempt:
-        """Before checking a password: refused (``wait`` > 0), or counted as a failure until it succeeds."""
+    def attempt(
+        self, login: str, address: str | None, now: float | None = None, *, device: str | None = None
+    ) -> Attempt:
+        """Before checking a password: refused (``wait`` > 0), or counted as a failure until it succeeds.
+
+        ``device`` is the id a valid device cookie of this account carries (:mod:`relay.devices`):
+        the attempt is then counted against that browser alone, with the account's limit.
+        """
         now = time.time() if now is None else now
-        keys = [(_key("account", login), self.account)]
-        if address:
-            keys.append((_key("address", address), self.address))
-        return self.store.attempt(keys, now, self.window, self.memory)
+        keys = self._limits(login, address, device)
+        decided = self.store.attempt(keys, now, self.window, self.memory)
+        return replace(decided, keys=tuple(key for key, _ in keys)) if decided.id is not None else decided
 
-    def succeeded(self, login: str, address: str | None, attempt: Attempt) -> None:
-        """The right password: the account starts afresh; the address forgets this attempt only."""
+    def succeeded(self, attempt: Attempt) -> None:
+        """The right password: the account (or the browser) starts afresh; the address forgets this
+        attempt only."""
         if attempt.id is not None:
-            self.store.withdraw(self._keys(login, address), attempt.id, reset_first=True)
+            self.store.withdraw(list(attempt.keys), attempt.id, reset_first=True)
 
-    def withdraw(self, login: str, address: str | None, attempt: Attempt) -> None:
+    def withdraw(self, attempt: Attempt) -> None:
         """The password could not be checked (the identity source is down): the attempt does not count."""
         if attempt.id is not None:
-            self.store.withdraw(self._keys(login, address), attempt.id, reset_first=False)
+            self.store.withdraw(list(attempt.keys), attempt.id, reset_first=False)
 
-    @staticmethod
-    def _keys(login: str, address: str | None) -> list[str]:
-        return [_key("account", login)] + ([_key("address", address)] if address else [])
+    def _limits(self, login: str, address: str | None, device: str | None) -> list[tuple[str, Limit]]:
+        if device is not None:
+            return [(_key("device", device), self.account)]
+        return [(account_key(login), self.account)] + ([(_key("address", address), self.address)] if address else [])
 
-    def wait(self, login: str, address: str | None, now: float | None = None) -> float:
-        """Seconds before this account may try from this address (0: go ahead); counts nothing."""
+    def wait(self, login: str, address: str | None, now: float | None = None, *, device: str | None = None) -> float:
+        """Seconds before this account may try from this address, or from this browser (0: go ahead);
+        counts nothing."""
         now = time.time() if now is None else now
-        return max(0.0, max(self.store.blocked_until(key) for key in self._keys(login, address)) - now)
+        keys = [key for key, _ in self._limits(login, address, device)]
+        return max(0.0, max(self.store.blocked_until(key) for key in keys) - now)
+
+
+def account_key(login: str) -> str:
+    """The account's name in the stores (and in device cookies): a digest of its canonical spelling."""
+    return _key("account", login)
 
 
 def _key(kind: str, value: str) -> str:
-    canonical = _account(value) if kind == "account" else _address(value)
+    if kind == "account":
+        canonical = _account(value)
+    elif kind == "address":
+        canonical = _address(value)
+    else:  # a device id: random, one spelling
+        canonical = value
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:32]
     return f"{kind}:{digest}"
 

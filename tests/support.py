@@ -294,6 +294,13 @@ def sign_in(
     return session
 
 
+def set_cookie(response: requests.Response, name: str) -> str:
+    """The ``Set-Cookie`` header of the answer that sets cookie ``name`` (requests joins them all)."""
+    found = [h for h in response.raw.headers.getlist("Set-Cookie") if h.startswith(name + "=")]
+    assert len(found) == 1, found
+    return found[0]
+
+
 class RedisServer:
     """``redis-server`` on 127.0.0.1 with persistence off; killed and restarted by PID in tests."""
 

@@ -9,8 +9,9 @@ import signal
 import time
 
 import pytest
+import requests
 from playwright.sync_api import expect
-from support import Server
+from support import PASSWORD, Server, sign_in
 
 from relay.channels import channels
 
@@ -299,3 +300,24 @@ def test_the_dashboard_shows_its_figures_without_javascript(site, web):
     expect(rates).to_have_count(3)
     expect(page.locator("table.minutes tbody tr").first).to_contain_text("1")
     expect(page.locator("table.minutes")).to_contain_text("The last 15 minutes")
+
+
+def test_a_guesser_who_knows_the_email_does_not_lock_out_the_browser_its_owner_signed_in_from(site, web):
+    """Chromium keeps the device cookie through a sign-out and sends it back with the sign-in form
+    (Path=/login, SameSite=Strict), so the account's block does not apply to it (relay.devices)."""
+    own = web(site, "erin")
+    own.click("form[action='/logout'] button[type=submit]")
+    own.wait_for_url(site.url + "/login")
+    guesser = requests.Session()
+    for _ in range(5):
+        assert sign_in(site, "erin@example.test", "guess", session=guesser).last.status_code == 401
+    stranger = web(site, None, "/login")  # another browser, the right password: blocked
+    stranger.fill("input[name=login]", "erin@example.test")
+    stranger.fill("input[name=password]", PASSWORD)
+    stranger.click("button[type=submit]")
+    expect(stranger.locator("body")).to_contain_text("Too many failed sign-ins")
+    own.goto(site.url + "/clinics/clinic-1/queue")  # sent to /login?next=..., as after a session ends
+    own.fill("input[name=login]", "erin@example.test")
+    own.fill("input[name=password]", PASSWORD)
+    own.click("button[type=submit]")
+    own.wait_for_url(site.url + "/clinics/clinic-1/queue")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import requests
-from support import PASSWORD, PRODUCTION, Server, csrf_of, make_users, sign_in, wait_for
+from support import PASSWORD, PRODUCTION, Server, csrf_of, make_users, set_cookie, sign_in, wait_for
 
 from relay.codes import Close
 from relay.tokens import TokenService
@@ -29,6 +29,38 @@ def test_after_five_wrong_passwords_even_the_right_one_waits_and_other_accounts_
     record = server.wait_for_event("login.throttled", lambda e: e.get("login") == "erin@example.test")
     assert record["remote"] == "127.0.0.1" and record["retryAfter"] == 30 and "password" not in record
     assert "wrong guess" not in server.log_text() and PASSWORD not in server.log_text()
+
+
+def test_a_browser_that_signed_in_before_is_not_locked_out_by_a_guesser(start_server):
+    """The device cookie (relay.devices): a guesser who knows the email blocks every other browser,
+    not the one the person signed in from before, signed out since; that one keeps a limit of its own."""
+    srv = start_server()
+    laptop = sign_in(srv, "bob@example.test")
+    assert laptop.last.status_code == 302
+    device_cookie = set_cookie(laptop.last, "clinic_device")
+    assert "bob" not in device_cookie
+    for attribute in ("HttpOnly", "Path=/login", "SameSite=Strict", "Max-Age=7776000"):
+        assert attribute in device_cookie, device_cookie
+    home = laptop.get(srv.url + "/", timeout=5)
+    laptop.post(srv.url + "/logout", data={"csrf_token": csrf_of(home.text)}, timeout=5)
+    assert laptop.cookies.get("clinic_device")  # a sign-out keeps it: it grants nothing else
+
+    guesser = requests.Session()
+    for _ in range(5):
+        assert sign_in(srv, "bob@example.test", "wrong guess", session=guesser).last.status_code == 401
+    assert sign_in(srv, "bob@example.test", PASSWORD, session=guesser).last.status_code == 429
+    assert sign_in(srv, "bob@example.test", PASSWORD, session=laptop).last.status_code == 302
+    record = srv.wait_for_event("login", lambda e: e.get("userId") == "bob" and e.get("knownDevice"))
+    assert "clinic_device" not in srv.log_text() and laptop.cookies["clinic_device"] not in srv.log_text()
+
+    for _ in range(5):  # the laptop's own mistakes count against the laptop
+        assert sign_in(srv, "bob@example.test", "typo", session=laptop).last.status_code == 401
+    assert sign_in(srv, "bob@example.test", PASSWORD, session=laptop).last.status_code == 429
+    failed = srv.wait_for_event("login_failed", lambda e: e.get("knownDevice") is True)
+    assert failed["login"] == "bob@example.test" and record["knownDevice"] is True
+    other_account = sign_in(srv, "carol@example.test", "wrong", session=guesser)  # its cookie is for bob only
+    assert other_account.last.status_code == 401
+    assert srv.wait_for_event("login_failed", lambda e: e.get("login") == "carol@example.test")["knownDevice"] is False
 
 
 def test_the_throttle_is_shared_by_every_instance_with_redis(start_server, redis_server):

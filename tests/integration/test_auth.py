@@ -4,7 +4,7 @@ import json
 
 import pytest
 import requests
-from support import PASSWORD, PRODUCTION, Server, csrf_of, sign_in
+from support import PASSWORD, PRODUCTION, Server, csrf_of, set_cookie, sign_in
 
 from relay.codes import Close
 
@@ -182,15 +182,25 @@ def test_staff_cannot_render_another_clinics_fragments(server: Server):
 
 
 def test_the_session_cookie_is_httponly_and_samesite_lax_and_not_secure_over_http_in_development(server: Server):
-    cookie = sign_in(server, "bob").last.headers["Set-Cookie"]
-    assert cookie.startswith("clinic_session=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
-    assert "Secure" not in cookie
+    answer = sign_in(server, "bob").last
+    cookie = set_cookie(answer, "clinic_session")
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
+    assert "Secure" not in set_cookie(answer, "clinic_device")
 
 
-def test_in_production_the_session_cookie_is_secure(start_server):
+def test_in_production_the_session_and_device_cookies_are_secure(start_server):
     srv = start_server(**PRODUCTION)
-    cookie = sign_in(srv, "bob").last.headers["Set-Cookie"]
+    page = requests.get(srv.url + "/login", timeout=5)
+    cookie = set_cookie(page, "clinic_session")
     assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    # Sent by hand: a client keeps a Secure cookie off plain http, as it should.
+    form = {"login": "bob", "password": PASSWORD, "csrf_token": csrf_of(page.text)}
+    headers = {"Cookie": cookie.split(";")[0]}
+    answer = requests.post(srv.url + "/login", data=form, headers=headers, timeout=10, allow_redirects=False)
+    assert answer.status_code == 302
+    assert "Secure" in set_cookie(answer, "clinic_session")
+    device = set_cookie(answer, "clinic_device")
+    assert "Secure" in device and "HttpOnly" in device and "SameSite=Strict" in device
 
 
 def test_the_largest_inputs_the_pages_allow_fit_their_routes_body_limits(server: Server):

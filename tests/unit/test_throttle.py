@@ -34,12 +34,12 @@ def throttle():
     return policy(MemoryThrottleStore())
 
 
-def fail(throttle, times, login=BOB, address=HOME, at=None, step=1.0) -> list[float]:
+def fail(throttle, times, login=BOB, address=HOME, at=None, step=1.0, device=None) -> list[float]:
     """``times`` wrong passwords; the block each one earned (or -1 for an attempt refused outright)."""
     at = T0 if at is None else at
     earned = []
     for n in range(times):
-        attempt = throttle.attempt(login, address, now=at + n * step)
+        attempt = throttle.attempt(login, address, now=at + n * step, device=device)
         earned.append(-1 if attempt.wait > 0 else attempt.earned)
     return earned
 
@@ -76,7 +76,7 @@ def test_a_success_clears_the_account_and_takes_back_only_its_own_attempt_from_t
     fail(throttle, 4, step=0)
     right = throttle.attempt(BOB, HOME, now=T0 + 1)
     assert right.earned == 30  # had it been wrong
-    throttle.succeeded(BOB, HOME, right)
+    throttle.succeeded(right)
     assert throttle.wait(BOB, HOME, now=T0 + 2) == 0
     assert fail(throttle, 4, at=T0 + 2) == [0, 0, 0, 0]  # the account starts afresh
     # the address still holds its eight failures: twelve more from it reach its limit of twenty
@@ -89,14 +89,14 @@ def test_a_success_at_the_address_limit_lifts_the_block_it_caused(throttle):
         fail(throttle, 1, login=f"user-{n}@x")
     right = throttle.attempt("carol@x", HOME, now=T0 + 1)
     assert right.earned == 30  # the twentieth failure from this address, had it been one
-    throttle.succeeded("carol@x", HOME, right)
+    throttle.succeeded(right)
     assert throttle.wait("dora@x", HOME, now=T0 + 2) == 0
 
 
 def test_an_attempt_whose_password_could_not_be_checked_does_not_count(throttle):
     fail(throttle, 4, step=0)
     unchecked = throttle.attempt(BOB, HOME, now=T0 + 1)
-    throttle.withdraw(BOB, HOME, unchecked)
+    throttle.withdraw(unchecked)
     assert throttle.wait(BOB, HOME, now=T0 + 2) == 0
     assert fail(throttle, 1, at=T0 + 2) == [30]  # still the fifth failure, not the sixth
 
@@ -177,3 +177,42 @@ def test_a_refused_attempt_counts_nothing():
         assert throttle.attempt(BOB, None, now=T0 + 1).wait > 0
     later = throttle.attempt(BOB, None, now=T0 + 31)
     assert later.wait == 0 and later.earned == 60  # the next level, not five levels up
+
+
+# -- a browser that signed in to the account before (a device cookie: relay.devices) ------------
+
+
+def test_a_known_browser_signs_in_while_the_account_is_blocked_for_everyone_else(throttle):
+    """The lockout a guesser who knows an email could otherwise keep up for good, one failure per block."""
+    assert fail(throttle, 5, step=0)[-1] == 30
+    assert throttle.attempt(BOB, "10.7.7.7", now=T0 + 1).wait > 0  # any other browser: blocked
+    mine = throttle.attempt(BOB, HOME, now=T0 + 1, device="my-laptop")
+    assert mine.wait == 0 and mine.earned == 0
+    throttle.succeeded(mine)
+    assert throttle.wait(BOB, "10.7.7.7", now=T0 + 2) > 0  # its success does not free the guesser
+
+
+def test_a_known_browser_has_the_accounts_limit_of_its_own(throttle):
+    assert fail(throttle, 5, step=0, address=None)[-1] == 30  # the guesser, from nowhere in particular
+    assert fail(throttle, 6, at=T0 + 1, device="stolen-copy") == [0, 0, 0, 0, 30, -1]
+    assert throttle.wait(BOB, HOME, now=T0 + 7, device="my-laptop") == 0  # another browser is not held
+    throttle.succeeded(throttle.attempt(BOB, HOME, now=T0 + 7, device="my-laptop"))
+    assert throttle.attempt(BOB, HOME, now=T0 + 8, device="stolen-copy").wait > 0
+
+
+def test_a_known_browser_is_not_held_by_its_address_nor_counted_there(throttle):
+    """A clinic's shared address blocked by a guesser among its users does not keep the staff out."""
+    for n in range(19):
+        throttle.attempt(f"user-{n}@x", HOME, now=T0)
+    assert fail(throttle, 4, login="carol@x", at=T0 + 1, device="front-desk") == [0, 0, 0, 0]
+    assert fail(throttle, 1, login="someone-new@x", at=T0 + 5) == [30]  # the address's 20th: the four were not
+    assert throttle.wait("dora@x", HOME, now=T0 + 6) > 0
+    assert throttle.attempt("carol@x", HOME, now=T0 + 6, device="front-desk").wait == 0
+
+
+def test_a_known_browsers_success_clears_only_that_browser(throttle):
+    fail(throttle, 3, step=0)
+    assert fail(throttle, 4, at=T0 + 1, device="my-laptop") == [0, 0, 0, 0]
+    throttle.succeeded(throttle.attempt(BOB, HOME, now=T0 + 5, device="my-laptop"))
+    assert fail(throttle, 5, at=T0 + 6, step=0, device="my-laptop") == [0, 0, 0, 0, 30]  # afresh
+    assert fail(throttle, 2, at=T0 + 6, step=0) == [0, 30]  # the account kept its three failures
