@@ -10,18 +10,23 @@ throttle then counts its attempts against that browser alone
 usual browser while a guesser elsewhere stays blocked.
 
 The cookie grants nothing else: no session, no access, no password check
-skipped. It names no one: per account it holds a digest of the account's
-key (:func:`relay.throttle.account_key`), the device id and when it was
-issued; at most :data:`MAX_ACCOUNTS` accounts (a shared clinic computer),
-the most recent first. An entry is honoured for :data:`MAX_AGE_S` after the
-sign-in that wrote it; each sign-in writes its account's entry anew, with a
-new id (a copy taken before counts apart, with its own limit). Signed with
-``SECRET_KEY`` under a salt of its own; without a secret (a development
-server that has not created its secrets yet) no browser is known.
+skipped. It holds no readable name: per account a digest of the account's
+key (:func:`relay.throttle.account_key`) keyed with the secret (a plain
+hash would let whoever holds the cookie test guessed emails against it), the
+device id and when it was issued; at most :data:`MAX_ACCOUNTS` accounts (a
+shared clinic computer), the most recent first. An entry is honoured for
+:data:`MAX_AGE_S` after the sign-in that wrote it. A sign-in keeps the id
+its browser already holds for the account and dates it anew: the id is the
+browser's, so copies of the cookie share one limit, and signing in again
+and again gives nobody more guesses. Signed with ``SECRET_KEY`` under a salt
+of its own; without a secret (a development server that has not created
+its secrets yet) no browser is known.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import time
 
@@ -39,23 +44,29 @@ _SALT = "relay.device-cookie"
 class KnownDevices:
     def __init__(self, secret: str | None, *, max_age_s: float = MAX_AGE_S):
         self._serializer = URLSafeSerializer(secret, salt=_SALT) if secret else None
+        self._digest_key = hashlib.sha256(f"{_SALT}:{secret}".encode()).digest() if secret else b""
         self.max_age_s = max_age_s
 
     def device_of(self, cookie: str | None, login: str, now: float | None = None) -> str | None:
         """The device id ``cookie`` holds for this account, if it is ours, unaltered and not too old."""
         now = time.time() if now is None else now
-        account = _digest(login)
+        account = self._digest(login)
         return next((device for digest, device, _ in self._entries(cookie, now) if digest == account), None)
 
     def remember(self, cookie: str | None, login: str, now: float | None = None) -> str:
-        """The cookie to set after a sign-in to this account: a new id for it, first; the others kept."""
+        """The cookie to set after a sign-in to this account: its entry first, dated now (with the id it
+        had, or a new one), the others kept."""
         if self._serializer is None:
             raise RuntimeError("device cookies need SECRET_KEY")
         now = time.time() if now is None else now
-        account = _digest(login)
-        others = [entry for entry in self._entries(cookie, now) if entry[0] != account]
-        fresh = [account, secrets.token_urlsafe(12), int(now)]
-        return self._serializer.dumps([fresh, *others][:MAX_ACCOUNTS])
+        account = self._digest(login)
+        entries = self._entries(cookie, now)
+        device = next((entry[1] for entry in entries if entry[0] == account), None) or secrets.token_urlsafe(12)
+        others = [entry for entry in entries if entry[0] != account]
+        return self._serializer.dumps([[account, device, int(now)], *others][:MAX_ACCOUNTS])
+
+    def _digest(self, login: str) -> str:
+        return hmac.new(self._digest_key, account_key(login).encode(), hashlib.sha256).hexdigest()[:32]
 
     def _entries(self, cookie: str | None, now: float) -> list[list]:
         """The cookie's well-formed entries still in date; anything else (not ours, altered, from an
@@ -78,7 +89,3 @@ class KnownDevices:
             and isinstance(entry[2], int)
             and now - self.max_age_s < entry[2] <= now + CLOCK_SLACK_S
         ]
-
-
-def _digest(login: str) -> str:
-    return account_key(login).partition(":")[2]

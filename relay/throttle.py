@@ -17,11 +17,12 @@ one address).
 
 A browser that has signed in to the account before (it shows a device cookie
 the server signed: :mod:`relay.devices`) is counted apart: its attempts count
-against that browser alone, with the account's limit, and neither the
-account's block nor the address's applies to it. Without that, anyone who
-knows a person's email could keep them out for good, one wrong password per
-block; with it the guesser is still held to the account's pace, and the
-person signs in from their usual browser.
+against that browser, with the account's limit, and against its address among
+known browsers only (100 free); neither the account's block nor the address's
+applies to it. Without that, anyone who knows a person's email could keep
+them out for good, one wrong password per block; with it the guesser is
+still held to the account's pace, and the person signs in from their usual
+browser.
 
 An attempt is counted **before** the password is checked, atomically with
 the check for a block (:meth:`LoginThrottle.attempt`): a hundred guesses sent
@@ -97,12 +98,17 @@ class LoginThrottle:
         memory: float = 86_400.0,
         account: Limit = Limit(free=5),
         address: Limit = Limit(free=20),
+        known_address: Limit = Limit(free=100),
     ):
         self.store = store
         self.window = window
         self.memory = memory
         self.account = account
         self.address = address
+        # Known browsers' failures per address, apart from the others': a guesser among a clinic's users
+        # cannot block them, and one who signs in to their own account again and again, for a new device
+        # id each time, cannot fill the store with keys.
+        self.known_address = known_address
 
     def attempt(
         self, login: str, address: str | None, now: float | None = None, *, device: str | None = None
@@ -129,9 +135,12 @@ class LoginThrottle:
             self.store.withdraw(list(attempt.keys), attempt.id, reset_first=False)
 
     def _limits(self, login: str, address: str | None, device: str | None) -> list[tuple[str, Limit]]:
-        if device is not None:
-            return [(_key("device", device), self.account)]
-        return [(account_key(login), self.account)] + ([(_key("address", address), self.address)] if address else [])
+        """The keys an attempt counts under, the one a success clears first."""
+        if device is not None:  # a known browser (see the module's docstring)
+            first, (kind, limit) = (_key("device", device), self.account), ("known-address", self.known_address)
+        else:
+            first, (kind, limit) = (account_key(login), self.account), ("address", self.address)
+        return [first, (_key(kind, address), limit)] if address else [first]
 
     def wait(self, login: str, address: str | None, now: float | None = None, *, device: str | None = None) -> float:
         """Seconds before this account may try from this address, or from this browser (0: go ahead);
@@ -149,7 +158,7 @@ def account_key(login: str) -> str:
 def _key(kind: str, value: str) -> str:
     if kind == "account":
         canonical = _account(value)
-    elif kind == "address":
+    elif kind in ("address", "known-address"):
         canonical = _address(value)
     else:  # a device id: random, one spelling
         canonical = value

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from itsdangerous import URLSafeSerializer
 
 from relay.devices import MAX_ACCOUNTS, MAX_AGE_S, KnownDevices
+from relay.throttle import account_key
 
 SECRET = "s" * 32
 T0 = 1_800_000_000.0
@@ -24,18 +27,24 @@ def test_a_browser_that_signed_in_is_known_for_that_account_only(devices):
     assert devices.device_of(cookie, " BOB@X", now=T0 + 60) == device  # the throttle's one account
 
 
-def test_the_cookie_names_no_one(devices):
+def test_the_cookie_holds_no_readable_name_not_even_a_hash_to_test_guesses_against(devices):
     cookie = devices.remember(None, "bob@x", now=T0)
-    assert "bob" not in URLSafeSerializer(SECRET, salt="relay.device-cookie").loads(cookie)[0][0]
-    assert "bob" not in cookie
+    digest = URLSafeSerializer(SECRET, salt="relay.device-cookie").loads(cookie)[0][0]
+    plain = account_key("bob@x").partition(":")[2]
+    assert "bob" not in cookie and plain not in cookie and hashlib.sha256(b"bob@x").hexdigest()[:32] != digest
+    other_key = KnownDevices("t" * 32).remember(None, "bob@x", now=T0)
+    assert URLSafeSerializer("t" * 32, salt="relay.device-cookie").loads(other_key)[0][0] != digest
 
 
-def test_each_sign_in_gives_the_account_a_new_id_and_keeps_the_others(devices):
+def test_a_sign_in_keeps_the_browsers_id_for_the_account_and_dates_it_anew(devices):
+    """The id is the browser's: signing in again gives no new limit, and the entry lasts 90 days from then."""
     first = devices.remember(None, "bob@x", now=T0)
     second = devices.remember(first, "carol@x", now=T0 + 10)
-    third = devices.remember(second, "bob@x", now=T0 + 20)
-    assert devices.device_of(third, "carol@x", now=T0 + 30) == devices.device_of(second, "carol@x", now=T0 + 30)
-    assert devices.device_of(third, "bob@x", now=T0 + 30) != devices.device_of(first, "bob@x", now=T0 + 30)
+    third = devices.remember(second, "bob@x", now=T0 + MAX_AGE_S - 5)
+    assert devices.device_of(third, "bob@x", now=T0 + MAX_AGE_S + 60) == devices.device_of(first, "bob@x", now=T0)
+    assert devices.device_of(third, "carol@x", now=T0 + 20) == devices.device_of(second, "carol@x", now=T0 + 20)
+    elsewhere = devices.remember(None, "bob@x", now=T0)  # another browser
+    assert devices.device_of(elsewhere, "bob@x", now=T0) != devices.device_of(first, "bob@x", now=T0)
 
 
 def test_a_shared_computer_keeps_the_most_recent_accounts(devices):

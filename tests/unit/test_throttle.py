@@ -210,6 +210,16 @@ def test_a_known_browser_is_not_held_by_its_address_nor_counted_there(throttle):
     assert throttle.attempt("carol@x", HOME, now=T0 + 6, device="front-desk").wait == 0
 
 
+def test_known_browsers_at_one_address_share_a_larger_limit_of_their_own(throttle):
+    """Someone signing in to their own account again and again, for a new device id each time, and
+    failing with each: bounded per address like everyone, without touching the others' limit."""
+    earned = [e for n in range(25) for e in fail(throttle, 4, login=f"mine-{n}@x", at=T0 + n, device=f"new-{n}")]
+    assert earned == [0] * 99 + [30]  # four each: no browser reached its own limit
+    assert throttle.attempt("mine-99@x", HOME, now=T0 + 30, device="fresh-99").wait > 0
+    assert throttle.attempt("mine-99@x", "10.0.0.2", now=T0 + 30, device="fresh-99").wait == 0
+    assert throttle.attempt("carol@x", HOME, now=T0 + 30).wait == 0  # strangers have their own limit
+
+
 def test_a_known_browsers_success_clears_only_that_browser(throttle):
     fail(throttle, 3, step=0)
     assert fail(throttle, 4, at=T0 + 1, device="my-laptop") == [0, 0, 0, 0]
