@@ -13,7 +13,6 @@ from relay.broadcast import MAX_BODY_BYTES, BroadcastError, idempotency_key, par
 from relay.broker import BrokerUnavailable
 from relay.channels import is_valid_id
 from relay.codes import HttpError
-from relay.directory import DirectoryUnavailable
 from relay.eventlog import event
 from relay.history import IdempotencyConflict
 from relay.signouts import SignoutsUnavailable
@@ -72,7 +71,7 @@ def disconnect_user(user_id: str) -> ResponseReturnValue:
         return error_response(400, HttpError.INVALID_BODY, f"user id {user_id[:80]!r} is not a valid id")
     # The source's spelling, as its sockets are keyed; unknown to it (deleted already) or out of reach:
     # as given, since the sockets may still be open.
-    target, _ = _spelled_by_source(user_id)
+    target, _ = realtime().spelled_by_source(user_id)
     try:
         done = realtime().disconnect_user(target)
     except BrokerUnavailable as down:
@@ -81,16 +80,6 @@ def disconnect_user(user_id: str) -> ResponseReturnValue:
     return jsonify(
         ok=True, userId=target, disconnected=done.delivered, workers=done.workers, missingWorkers=done.missing
     )
-
-
-def _spelled_by_source(user_id: str) -> tuple[str, bool | None]:
-    """The id as the identity source spells it (a Supabase id typed in capitals is the same user), and
-    whether the source knows the user (None: it could not be asked)."""
-    try:
-        user = realtime().directory.get(user_id)
-    except DirectoryUnavailable:
-        return user_id, None
-    return (user.user_id, True) if user is not None else (user_id, False)
 
 
 @bp.post("/api/users/<user_id>/sign-out")
@@ -105,7 +94,7 @@ def sign_out_user(user_id: str) -> ResponseReturnValue:
     """
     if not is_valid_id(user_id):
         return error_response(400, HttpError.INVALID_BODY, f"user id {user_id[:80]!r} is not a valid id")
-    target, known = _spelled_by_source(user_id)
+    target, known = realtime().spelled_by_source(user_id)
     if known is False:
         return error_response(404, HttpError.UNKNOWN_USER, f"no user {user_id!r}; nobody was signed out")
     try:

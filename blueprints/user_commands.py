@@ -9,7 +9,6 @@ import click
 from flask import Blueprint
 
 from relay.channels import is_valid_id
-from relay.directory import DirectoryUnavailable
 from relay.opsclient import OpsClient, ServiceError
 from relay.signouts import SignoutsUnavailable
 from relay.sqlite_directory import DEMO_USERS, SqliteDirectory, UserError
@@ -121,14 +120,15 @@ def sign_out(user_id, url):
     if not is_valid_id(user_id):
         raise click.ClickException(f"{user_id[:80]!r} is not a user id; nobody was signed out")
     server = _admin_client(url)
-    try:
-        user = realtime().directory.get(user_id)
-    except DirectoryUnavailable as down:
-        click.echo(f"could not check that {user_id} exists ({down}); signing out {user_id!r} as typed", err=True)
-    else:
-        if user is None:
-            raise click.ClickException(f"no user {user_id!r} in {realtime().directory.name}; nobody was signed out")
-        user_id = user.user_id  # the source's spelling (a Supabase id typed in capitals)
+    spelled, known = realtime().spelled_by_source(user_id)
+    if known is None:
+        source = realtime().directory.name
+        click.echo(
+            f"could not check that {user_id} exists ({source} is down); signing out {user_id!r} as typed", err=True
+        )
+    elif not known:
+        raise click.ClickException(f"no user {user_id!r} in {realtime().directory.name}; nobody was signed out")
+    user_id = spelled
     try:
         realtime().end_sign_ins(user_id, by="cli")
     except SignoutsUnavailable as down:

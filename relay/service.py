@@ -221,6 +221,16 @@ class Realtime:
             )
         return len(conns)
 
+    def spelled_by_source(self, user_id: str) -> tuple[str, bool | None]:
+        """The id as the identity source spells it (a Supabase id typed in capitals is the same user,
+        and its sockets and sign-outs are keyed by the source's spelling), and whether the source knows
+        the user: None when it could not be asked (then the id as given)."""
+        try:
+            user = self.directory.get(user_id)
+        except DirectoryUnavailable:
+            return user_id, None
+        return (user.user_id, True) if user is not None else (user_id, False)
+
     def disconnect_user(self, user_id: str) -> Delivery:
         """Close the user's sockets on every worker and host (an incident); ``delivered`` counts them."""
         return self.broker.control({"kind": "disconnect", "userId": user_id})
