@@ -507,7 +507,16 @@ class Connection:
 
     def _leave_open(self) -> None:
         self.state = CLOSING
-        self._handler.on_closing(self)
+        self._tell(self._handler.on_closing)
+
+    def _tell(self, callback: Callable[[Connection], None]) -> None:
+        """The handler's ``on_closing``/``on_closed``: a failure is logged and the teardown goes on.
+        They run inside watcher callbacks too (a close timer, a failed read), where an exception
+        would escape into gevent's hub and the socket would be left half torn down."""
+        try:
+            callback(self)
+        except Exception:
+            log.exception("close handler failed for %s", self.id)
 
     def _arm_close_timer(self) -> None:
         if self._timer is None and self.state is not CLOSED:
@@ -529,7 +538,10 @@ class Connection:
             self._finish()
 
     def _on_close_timeout(self) -> None:
-        self.abort("close_timeout")
+        try:
+            self.abort("close_timeout")
+        except Exception:
+            log.exception("close timer failed for %s", self.id)
 
     def _finish(self) -> None:
         if self.state is CLOSED:
@@ -547,7 +559,7 @@ class Connection:
             self._sock.close()
         except OSError:
             pass
-        self._handler.on_closed(self)
+        self._tell(self._handler.on_closed)
 
 
 def push_all(conns: list[Connection], frame: bytes) -> int:

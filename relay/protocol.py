@@ -42,6 +42,7 @@ from .telemetry import Telemetry
 MAX_BACKLOG = 64  # messages held behind one still being answered (a SUBSCRIBE with last)
 MAX_BACKLOG_CHARS = 256 * 1024  # and their size: 64 of 64 KiB would be 4 MiB a socket while the store is slow
 MAX_CHANNELS_PER_REQUEST = 200
+LOGGED_REFUSALS = 10  # names a ws.subscribe_denied line shows (it counts them all)
 
 
 def encode(message_type: str, data: object) -> bytes:
@@ -164,7 +165,7 @@ class ClientProtocol:
         if not isinstance(last, bool):
             self.error(conn, Error.INVALID_DATA, '"last" must be true or false')
             return
-        allowed = []
+        allowed, denied = [], []
         for name in names:
             refusal = channel_rules.refusal(conn, name)
             if refusal is None:
@@ -177,13 +178,19 @@ class ClientProtocol:
                 else f"you may not subscribe to {shown!r}"
             )
             self.error(conn, refusal, text, channel=name, now=False)
+            denied.append((shown, refusal))
+        if denied:
+            # One line per SUBSCRIBE, not per channel: a client may ask for 200 a message, 20 messages
+            # a second, and each line is a write to stderr from the event loop.
             event(
                 "ws.subscribe_denied",
                 level="warning",
                 clientId=conn.id,
                 userId=conn.user_id,
-                channel=shown,
-                code=refusal,
+                channel=denied[0][0],
+                code=denied[0][1],
+                refused=len(denied),
+                channels=[name for name, _ in denied[:LOGGED_REFUSALS]],
             )
         if last and self.last_values is not None:
             # The last values are in the store: fetch them in a greenlet, and hold this

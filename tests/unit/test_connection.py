@@ -241,6 +241,43 @@ def test_a_handler_exception_closes_1011_and_is_logged(pair, caplog):
     assert "handler failed" in caplog.text and "a bug in a handler" in caplog.text
 
 
+class BrokenOnClose(Recorder):
+    def on_closing(self, conn):
+        super().on_closing(conn)
+        raise RuntimeError("a bug in on_closing")
+
+    def on_closed(self, conn):
+        super().on_closed(conn)
+        raise RuntimeError("a bug in on_closed")
+
+
+@pytest.fixture
+def hub_errors(monkeypatch):
+    """What reached gevent's hub from a callback: nothing may (it prints and moves on, mid-teardown)."""
+    seen = []
+    hub = gevent.get_hub()
+    monkeypatch.setattr(hub, "handle_error", lambda context, kind, value, tb: seen.append(value))
+    return seen
+
+
+@pytest.mark.parametrize("ending", ["lost", "close_timer"])
+def test_close_handlers_that_fail_are_logged_and_the_socket_is_still_torn_down(pair, caplog, hub_errors, ending):
+    conn, handler, _, peer = pair(BrokenOnClose(), close_timeout=0.1)
+    bystander, bystander_handler, _, bystander_peer = pair()
+    with caplog.at_level(logging.ERROR, logger="relay.connection"):
+        if ending == "lost":
+            peer.close()  # the read callback finds the end of the stream
+        else:
+            conn.close(Close.NORMAL, "bye")  # the client never answers: the close timer ends it
+        run_loop(0.3)
+    assert conn.state is CLOSED and handler.closing == 1 and handler.closed == 1
+    assert "a bug in on_closing" in caplog.text and "a bug in on_closed" in caplog.text
+    assert hub_errors == []
+    bystander_peer.send(text("still fine"))
+    run_loop()
+    assert bystander_handler.texts == ["still fine"]
+
+
 def test_a_handler_that_blocks_is_reported_by_name_and_only_its_connection_closes(pair, caplog):
     """The event-loop rule, enforced: a sleep inside a frame handler is named in the log, never silent."""
 

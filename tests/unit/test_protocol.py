@@ -187,6 +187,19 @@ def test_a_long_refused_name_is_shortened_in_the_log_and_the_message(protocol, b
     assert len(error["data"]["message"]) < 300 and len(logged[0]["channel"]) == 200
 
 
+def test_a_subscribe_with_many_refused_channels_is_one_log_line(protocol, bob, monkeypatch):
+    """200 forbidden names a message, 20 messages a second: 20 lines a second, not 4,000."""
+    logged = []
+    monkeypatch.setattr(protocol_module, "event", lambda name, **fields: logged.append((name, fields)))
+    names = [f"clinic:other-{n}:queue" for n in range(MAX_CHANNELS_PER_REQUEST - 1)] + ["system:secrets"]
+    reply = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": names}})
+    assert len(reply) == MAX_CHANNELS_PER_REQUEST + 1  # still one ERROR each for the client
+    [(name, fields)] = logged
+    assert name == "ws.subscribe_denied" and fields["refused"] == MAX_CHANNELS_PER_REQUEST
+    assert fields["channel"] == names[0] and fields["code"] == Error.FORBIDDEN_CHANNEL
+    assert fields["channels"] == names[:10]
+
+
 def test_a_128_character_id_is_a_real_channel(protocol):
     admin = FakeConn("alice", "admin", None)
     protocol.hub.add(admin)
