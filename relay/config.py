@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("WS_TOKEN_SECRET", "WS_ADMIN_SECRET", "SECRET_KEY")
@@ -390,24 +390,37 @@ def _redis_url(raw: str) -> str | None:
         return None
     if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {redacted(raw)!r}.")
+    try:
+        urlsplit(raw).port  # what redis-py reads too: it would fail later, quoting part of the password
+    except ValueError:
+        raise ConfigError(
+            f"REDIS_URL={redacted(raw)} has no valid host and port: percent-encode a '/', '#', '?' or '@' "
+            "in the password (a '/' as %2F)."
+        ) from None
     return raw
 
 
 def redacted(url: str) -> str:
     """The URL without its password, fit for logs and /health.
 
-    redis-py also takes the credentials from the query string (``redis://host/0?password=pw``):
-    those are masked too, and so is anything else there that names one.
+    Everything between ``://`` and the last ``@`` is the credentials, found
+    without parsing: a password with an unescaped ``/``, ``#`` or ``?``
+    (base64 ones have ``/``) is not one to a URL parser, which would then show
+    it as part of the host. redis-py also takes the credentials from the query
+    string (``redis://host/0?password=pw``): those are masked too, and so is
+    anything else there that names one.
     """
-    base, mark, query = url.partition("?")
-    parts = urlsplit(base)
-    if parts.password is not None:  # the host as written (a port that is not a number is shown, not raised)
-        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-        base = urlunsplit(parts._replace(netloc=netloc))
+    scheme, sep, rest = url.partition("://")
+    shown = scheme + sep
+    if sep and "@" in rest:
+        credentials, _, rest = rest.rpartition("@")
+        user, colon, _ = credentials.partition(":")
+        shown += f"{user}:***@" if colon else "***@"
+    base, mark, query = rest.partition("?")
     if query:
         pairs = [(key, "***" if _names_a_credential(key) else value) for key, value in parse_qsl(query, True)]
         query = urlencode(pairs, safe="*")
-    return base + mark + query
+    return shown + base + mark + query
 
 
 def _names_a_credential(key: str) -> bool:

@@ -74,7 +74,13 @@ def check_reachable(url: str, timeout: float = 3.0) -> None:
         )
         client.ping()
         client.close()
-    except (redis.RedisError, OSError, ValueError) as problem:
+    except ValueError:
+        # Not its message: redis-py quotes the part it could not read, which may be the password's start.
+        raise ConfigError(
+            f"REDIS_URL={redacted(url)} is not a URL redis-py can read "
+            "(percent-encode a '/', '#', '?' or '@' in the password, e.g. '/' as %2F)"
+        ) from None
+    except (redis.RedisError, OSError) as problem:
         raise ConfigError(f"Redis at REDIS_URL={redacted(url)} is unreachable: {problem}") from None
 
 

@@ -3,10 +3,11 @@
 import json
 import os
 import stat
+from urllib.parse import quote
 
 import pytest
 
-from relay.config import DEV_SECRETS_FILE, SECRET_NAMES, ConfigError, Settings, prepare_instance
+from relay.config import DEV_SECRETS_FILE, SECRET_NAMES, ConfigError, Settings, prepare_instance, redacted
 
 STRONG = "x" * 32
 
@@ -101,6 +102,37 @@ def test_a_refused_redis_url_is_shown_without_its_credentials(tmp_path):
     with pytest.raises(ConfigError) as problem:  # a port that is not one is shown, not a traceback
         Settings.from_env({"REDIS_URL": "http://u:pw1@redis:abc/0", "REALTIME_INSTANCE_PATH": str(tmp_path)})
     assert "'http://u:***@redis:abc/0'" in str(problem.value)
+
+
+@pytest.mark.parametrize("password", ["s3cr/et+Ab==", "pa#ss", "pa?ss"])
+def test_a_password_a_url_parser_cannot_find_is_never_shown(tmp_path, password):
+    """A base64 password has '/', which ends a URL's host: parsed, it looked like the host and was shown."""
+    url = f"redis://:{password}@redis.internal:6379/0"
+    assert (
+        redacted(url)
+        == redacted(f"redis://:{password}@x@redis.internal:6379/0")
+        == "redis://:***@redis.internal:6379/0"
+    )
+    with pytest.raises(ConfigError) as problem:
+        Settings.from_env({"REDIS_URL": url, "REALTIME_INSTANCE_PATH": str(tmp_path)})
+    assert password[:3] not in str(problem.value) and "percent-encode" in str(problem.value)
+    encoded = f"redis://:{quote(password, safe='')}@redis.internal:6379/0"  # what the message says to do
+    assert Settings.from_env({"REDIS_URL": encoded, "REALTIME_INSTANCE_PATH": str(tmp_path)}).redis_url == encoded
+    assert quote(password, safe="") not in redacted(encoded)
+
+
+@pytest.mark.parametrize(
+    "url,shown",
+    [
+        ("redis://user:pw@h:6379/0", "redis://user:***@h:6379/0"),
+        ("redis://token@h/0", "redis://***@h/0"),  # a lone credential is a password to redis-py
+        ("redis://h:6379/0?password=pw&db=1", "redis://h:6379/0?password=***&db=1"),
+        ("unix:///run/redis.sock?password=pw", "unix:///run/redis.sock?password=***"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_redacted_urls(url, shown):
+    assert redacted(url) == shown
 
 
 def test_settings_repr_never_shows_secrets(tmp_path):
