@@ -25,6 +25,8 @@ _CODES = {
     403: HttpError.FORBIDDEN,
     404: HttpError.NOT_FOUND,
     405: HttpError.METHOD_NOT_ALLOWED,
+    408: HttpError.REQUEST_TIMEOUT,
+    413: HttpError.BODY_TOO_LARGE,  # werkzeug's own limits too (more than 1,000 parts in a form)
     503: HttpError.UNAVAILABLE,
 }
 _MESSAGES = {
@@ -55,7 +57,8 @@ def http_error(error: HTTPException) -> ResponseReturnValue:
     status = error.code or 500
     if wants_json():
         message = error.description or error.name
-        return error_response(status, _CODES.get(status, HttpError.INTERNAL), message)
+        fallback = HttpError.INVALID_BODY if status < 500 else HttpError.INTERNAL  # the client's, or ours
+        return error_response(status, _CODES.get(status, fallback), message)
     html = render_template(
         "error.html", status=status, title=error.name, message=_MESSAGES.get(status, error.description)
     )
