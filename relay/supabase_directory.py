@@ -47,6 +47,8 @@ DEFAULT_ROLE = "user"  # least privilege when neither the profile nor app_metada
 LIST_PAGE = 1000  # auth users per admin-API page when re-checking many at once
 MAX_LIST_PAGES = 200  # at most 200,000 users listed per re-check
 PROFILE_BATCH = 100  # ids per PostgREST "in" query (kept well under URL limits)
+# Supabase's access tokens are 1-2 KB; a longer one is refused here, not sent on to be refused by a gateway.
+MAX_ACCESS_TOKEN_CHARS = 4096
 
 
 def is_uuid(value: str) -> bool:
@@ -165,6 +167,8 @@ class SupabaseDirectory:
         """The user id of a Supabase access token (JWT), verified locally or by Supabase."""
         if not token.isascii():  # a JWT is ASCII; httpx would refuse to put anything else in a header
             raise AccessTokenInvalid("the access token is malformed")
+        if len(token) > MAX_ACCESS_TOKEN_CHARS:
+            raise AccessTokenInvalid(f"the access token is over {MAX_ACCESS_TOKEN_CHARS} characters")
         if self._jwt_secret:
             try:
                 claims = jwt.decode(
@@ -182,11 +186,13 @@ class SupabaseDirectory:
         try:
             with self._deadline():
                 response = self._admin.auth.get_user(token)
-        except AuthApiError as refused:
-            if refused.status in (401, 403, 404):
-                raise AccessTokenInvalid(f"Supabase refused the access token: {refused}") from None
-            raise self._unavailable(refused) from None
-        except (AuthError, httpx.HTTPError, OSError) as problem:
+        except (AuthError, httpx.HTTPError, OSError, ValueError) as problem:
+            # Refused (a 4xx from Supabase, or from a gateway in front of it, whose page may not be JSON:
+            # supabase-py then raises the JSON error) is the token's fault, not an outage: anyone can
+            # send a bad token, and an outage turns /health degraded and logs an error.
+            status = _http_status(problem)
+            if status is not None and 400 <= status < 500 and status != 429:
+                raise AccessTokenInvalid(f"Supabase refused the access token (HTTP {status})") from None
             raise self._unavailable(problem) from None
         self._up()
         if response is None or response.user is None:
@@ -360,3 +366,17 @@ def _banned(until: str | dt.datetime | None) -> bool:
     if until.tzinfo is None:
         until = until.replace(tzinfo=dt.UTC)
     return until > dt.datetime.now(dt.UTC)
+
+
+def _http_status(problem: BaseException) -> int | None:
+    """The HTTP status behind a supabase-py error: its own, or that of the response it failed to read."""
+    seen: BaseException | None = problem
+    for _ in range(5):  # bounded: a chain of causes is short
+        if seen is None:
+            return None
+        if isinstance(seen, AuthApiError) and seen.status:
+            return seen.status
+        if isinstance(seen, httpx.HTTPStatusError):
+            return seen.response.status_code
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -90,6 +90,8 @@ class FakeSupabase:
         self.mode = "ok"
         self.hang_seconds = 10.0
         self.delay = 0.0  # answer correctly, but this much later (to make lookups overlap)
+        # The gateway in front of a project refuses a header this long with a page of its own, not JSON.
+        self.gateway_header_limit = 16 * 1024
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -178,6 +180,13 @@ class FakeSupabase:
                     time.sleep(fake.delay)
                 if fake.mode in ("error", "hang"):
                     return self._reply(500, {"code": 500, "msg": "Internal Server Error"})
+                if any(len(value) > fake.gateway_header_limit for value in self.headers.values()):
+                    page = b"<html><body><h1>400 Request Header Or Cookie Too Large</h1></body></html>"
+                    self.send_response(400)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    return self.wfile.write(page)
                 if not self.headers.get("apikey"):
                     return self._reply(401, {"message": "No API key found in request"})
                 if self.headers.get("apikey") not in (SERVICE_KEY, ANON_KEY):

@@ -206,6 +206,27 @@ def test_bearer_access_tokens_valid_expired_and_forged(site, supabase, people, v
     assert asked_supabase == (0 if verify == "locally" else 5)
 
 
+def test_a_bearer_token_supabase_or_its_gateway_refuses_is_401_not_an_outage(site, supabase, people):
+    """Anyone can send a bad token: one refused with a status Supabase rarely uses, or by the gateway in
+    front of it with an HTML page, answered 503, turned /health degraded and logged an error."""
+    srv = site()
+    supabase.gateway_header_limit = 2000
+
+    def ws_auth(token):
+        return requests.get(srv.url + "/api/ws/auth", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    refused_by_gateway = ws_auth("x" * 3000)
+    assert refused_by_gateway.status_code == 401, refused_by_gateway.text
+    assert refused_by_gateway.json()["error"]["code"] == "unauthorized"
+    supabase.reset_calls()
+    too_long = ws_auth("x" * 5000)  # never sent on
+    assert too_long.status_code == 401 and supabase.calls("/auth/v1/user") == []
+    assert srv.health()["identity"]["state"] == "ok"
+    assert "identity.unavailable" not in srv.log_text()
+    supabase.mode = "error"  # a real outage is still one
+    assert ws_auth(supabase.access_token(people["staff"])).status_code == 503
+
+
 def test_bearer_tokens_from_another_origin_get_cors_headers(site, supabase, people):
     srv = site(WS_ALLOWED_ORIGINS="https://app.example.com")
     token = supabase.access_token(people["staff"])
