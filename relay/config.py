@@ -391,7 +391,7 @@ def _redis_url(raw: str) -> str | None:
     if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {redacted(raw)!r}.")
     try:
-        urlsplit(raw).port  # what redis-py reads too: it would fail later, quoting part of the password
+        _ = urlsplit(raw).port  # what redis-py reads too: it would fail later, quoting part of the password
     except ValueError:
         raise ConfigError(
             f"REDIS_URL={redacted(raw)} has no valid host and port: percent-encode a '/', '#', '?' or '@' "
