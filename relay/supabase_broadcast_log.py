@@ -40,6 +40,8 @@ def from_iso(text: str) -> int:
 
 
 T = TypeVar("T")
+PAGE_ROWS = 1000  # rows asked for at once: Supabase's default max-rows
+MAX_PAGES = 50  # bounded, whatever max-rows a project has set (a smaller one takes more pages)
 
 
 class SupabaseBroadcastLog:
@@ -87,6 +89,18 @@ class SupabaseBroadcastLog:
         )
 
     def query(self, query: LogQuery) -> list[LoggedBroadcast]:
+        """Read in pages until ``query.limit`` rows or the end: PostgREST cuts every answer to its
+        ``max-rows`` (1,000 on Supabase) without saying so, and the CSV export asks for 10,000."""
+        rows: list[dict] = []
+        for _ in range(MAX_PAGES):
+            start = query.offset + len(rows)
+            page = self._page(query, start, min(PAGE_ROWS, query.limit - len(rows)))
+            rows += page
+            if not page or len(rows) >= query.limit:
+                break
+        return self._parse(rows)
+
+    def _page(self, query: LogQuery, start: int, count: int) -> list[dict]:
         def ask():
             request = self._client.table(self.table).select("*")
             if query.type:
@@ -100,9 +114,11 @@ class SupabaseBroadcastLog:
             if query.until is not None:
                 request = request.lte("at", to_iso(query.until))
             request = request.order("at", desc=True).order("id", desc=True)
-            return request.range(query.offset, query.offset + query.limit - 1).execute()
+            return request.range(start, start + count - 1).execute()
 
-        found = self._run("read", ask)
+        return list(self._run("read", ask).data)
+
+    def _parse(self, found: list[dict]) -> list[LoggedBroadcast]:
         try:
             return [
                 LoggedBroadcast(
@@ -117,7 +133,7 @@ class SupabaseBroadcastLog:
                     size=int(row["size"]),
                     preview=str(row["preview"]),
                 )
-                for row in found.data
+                for row in found
             ]
         except (KeyError, TypeError, ValueError) as bad:
             raise LogUnavailable(f"the {self.table} table has an unexpected shape: {bad}") from None

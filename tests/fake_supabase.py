@@ -92,6 +92,7 @@ class FakeSupabase:
         self.delay = 0.0  # answer correctly, but this much later (to make lookups overlap)
         # The gateway in front of a project refuses a header this long with a page of its own, not JSON.
         self.gateway_header_limit = 16 * 1024
+        self.max_rows = 1000  # PostgREST's max-rows, as Supabase sets it: longer answers are cut, silently
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -306,7 +307,7 @@ class FakeSupabase:
             if column:
                 rows.sort(key=lambda row, c=column: _sortable(row.get(c)), reverse=direction.startswith("desc"))
         start = int(query.get("offset", ["0"])[0])
-        rows = rows[start : start + int(query.get("limit", ["1000"])[0])]
+        rows = rows[start : start + min(self.max_rows, int(query.get("limit", [str(self.max_rows)])[0]))]
         return 200, rows, {}
 
 
