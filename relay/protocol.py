@@ -75,8 +75,12 @@ class ClientProtocol:
         sessions: SessionKeeper | None = None,
         last_values: LastValues | None = None,
         telemetry: Telemetry | None = None,
+        stream: Callable[[], tuple[str | None, int]] | None = None,
     ):
         self.hub = hub
+        # (epoch, offset): the stream's epoch and the last offset whose fan-out has finished here
+        # (Sequencer.delivered). None without a history (no offsets anywhere).
+        self.stream = stream
         self.telemetry = telemetry
         self.max_subscriptions = max_subscriptions
         self.rate_burst = rate_burst
@@ -154,7 +158,15 @@ class ClientProtocol:
     # -- messages ------------------------------------------------------------------
 
     def _ping(self, conn: Connection, data: object) -> None:
-        conn.send_now(encode("PONG", {"timestamp": int(time.time() * 1000)}))
+        """PONG, with the stream's position when there is one: every broadcast up to ``offset`` that this
+        connection is to get is queued ahead of this PONG (its fan-out finished), so a client whose
+        channels are quiet may resume from there, not from an offset the history has dropped since."""
+        answer: dict = {"timestamp": int(time.time() * 1000)}
+        if self.stream is not None:
+            epoch, offset = self.stream()
+            if epoch is not None:
+                answer.update(epoch=epoch, offset=offset)
+        conn.send_now(encode("PONG", answer))
 
     def _subscribe(self, conn: Connection, data: object) -> None:
         names = self._channel_list(conn, data)

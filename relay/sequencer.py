@@ -23,7 +23,8 @@ would resume after 6 and never get 5, so the hub must see offsets in order:
 ``position`` moves to an envelope's offset *before* its fan-out takes the
 recipients' snapshot, so a connection admitted while a fan-out pauses is told
 that offset as its start (``CONNECTED.offset``) and, consistently, does not
-get it live. The last ``recent`` envelopes delivered are kept for resumes and
+get it live. ``delivered`` moves once the fan-out is done: what a PONG tells
+a connection it has been sent everything up to. The last ``recent`` envelopes delivered are kept for resumes and
 last values (``recent_after``).
 
 :meth:`offer` never waits for other broadcasts; what it returns tells when
@@ -64,7 +65,11 @@ class Sequencer:
         recent_bytes: int = 16 << 20,
     ):
         self.epoch: str | None = None
-        self.position = 0  # the last offset delivered here
+        self.position = 0  # the last offset delivered here (set as its fan-out begins)
+        # The last offset whose fan-out has finished: every broadcast up to it that a connection here is
+        # to get is already in its queue (a PONG says so; see ClientProtocol). Not moved past a skipped
+        # gap until its sockets are closed (the drain waits for on_gap).
+        self.delivered = 0
         self.skipped = 0  # offsets given up on (not in the history any more)
         self._deliver = deliver
         self._fetch = fetch
@@ -83,7 +88,7 @@ class Sequencer:
 
     def prime(self, epoch: str, head: int) -> None:
         """Start from the stream's head: what came before was delivered by someone else, or to no one."""
-        self.epoch, self.position = epoch, head
+        self.epoch, self.position, self.delivered = epoch, head, head
 
     def restart(self, epoch: str, head: int) -> None:
         """The store says the stream has a new epoch (its history was lost): start over there."""
@@ -206,6 +211,7 @@ class Sequencer:
                 kept = self._recent.add(envelope)
                 try:
                     count = self._deliver(envelope)
+                    self.delivered = self.position
                 except Exception:
                     log.exception("delivering offset %s failed", envelope.offset)
                     count = 0
@@ -268,7 +274,7 @@ class Sequencer:
         self._parked.clear()
         self._recent.clear()
         old = self.epoch
-        self.epoch, self.position = epoch, position
+        self.epoch, self.position, self.delivered = epoch, position, position
         if epoch in self._retired:  # told it is the stream (the service starts one it left over instead)
             self._retired.remove(epoch)
         if old is not None:

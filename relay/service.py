@@ -143,6 +143,7 @@ class Realtime:
             sessions=self.sessions,
             last_values=last_values,
             telemetry=self.telemetry,
+            stream=(lambda: (self.sequencer.epoch, self.sequencer.delivered)) if self.history is not None else None,
         )
         self.broker = broker or _make_broker(settings, self.worker_id)
         self.broadcaster = Broadcaster(self.broker, self.history, telemetry=self.telemetry, log=self.broadcast_log)

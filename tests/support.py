@@ -223,7 +223,7 @@ class Server:
         client = self.open(self.token(user_id), **kwargs)
         try:
             hello = client.expect("CONNECTED")
-            client.client_id = hello["data"]["clientId"]
+            client.client_id, client.hello = hello["data"]["clientId"], hello["data"]
             if channels:
                 client.subscribe(channels)
         except BaseException:

@@ -390,6 +390,7 @@ export class RealtimeClient {
     } else if (message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
       this._refusedOne(message.data.channel);
     } else if (message.type === "PONG") {
+      this._caughtUp(message.data);
       return;
     }
     notifyAll(this.messageListeners, message, "message");
@@ -411,10 +412,25 @@ export class RealtimeClient {
       return true;
     }
     if (message.offset <= this.position.offset) return false;
-    this.position.offset = message.offset;
     const shown = this.shownAhead.delete(message.id);
-    for (const [id, offset] of this.shownAhead) if (offset <= message.offset) this.shownAhead.delete(id);
+    this._advance(message.offset);
     return !shown;
+  }
+
+  /**
+   * A PONG carries the stream's position, with every broadcast for this client up to it sent before
+   * the PONG: a page whose channels are quiet resumes from there, not from an offset the history has
+   * dropped since (it would be told `history_gone` and refetch everything after a deploy).
+   */
+  _caughtUp(data) {
+    const at = this.position;
+    if (at && data && data.epoch === at.epoch && typeof data.offset === "number") this._advance(data.offset);
+  }
+
+  _advance(offset) {
+    if (offset <= this.position.offset) return;
+    this.position.offset = offset;
+    for (const [id, ahead] of this.shownAhead) if (ahead <= offset) this.shownAhead.delete(id);
   }
 
   _admitted(data) {

@@ -298,3 +298,30 @@ def test_a_channel_the_server_refused_does_not_resync_the_page_at_every_reconnec
     announce(site, "after the drops")
     expect(page.locator("#toasts .toast-text").last).to_have_text("after the drops")
     assert page.evaluate("window.__resyncs") == []
+
+
+def test_a_page_whose_channels_were_quiet_still_resumes_through_a_deploy(start_server, web):
+    """Its position moved only with its own broadcasts, so after a quiet spell longer than the recovery
+    window the history no longer reached back to it, and a deploy made it refetch everything
+    (history_gone), though it had missed nothing. Now each PONG carries the position (found by review)."""
+    srv = start_server(WS_RECOVERY_WINDOW_MS=2000, WS_CLIENT_IDLE_MS=300, WS_CLOSE_TIMEOUT_MS=500)
+    page = web(srv, "bob")
+    wait_live(page)
+    page.evaluate(
+        "() => { window.__resyncs = []; window.realtime.onResync((d) => window.__resyncs.push(d.reason));"
+        " window.realtime.onMessage((m) => { if (m.type === 'CONNECTED') window.__hello = m.data; }); }"
+    )
+    elsewhere = {"message": {"type": "QUEUE_UPDATE", "data": {}}, "filter": {"channels": ["clinic:clinic-2:queue"]}}
+    for _ in range(3):  # another clinic's queue: the stream moves on, this page hears nothing
+        assert srv.broadcast(elsewhere).json()["delivered"] == 0
+    head = srv.health()["stream"]["head"]
+    assert wait_for(lambda: page.evaluate("window.realtime.position.offset") == head, timeout=10)  # a PONG
+    assert wait_for(lambda: srv.health()["stream"]["retained"] == 0, timeout=20)  # the window has passed
+    old = srv.health()["pid"]
+    srv.proc.send_signal(signal.SIGHUP)  # a deploy: a new worker, whose memory holds no recent broadcasts
+    assert wait_for(lambda: srv.health()["pid"] != old, timeout=30)
+    hello = wait_for(lambda: page.evaluate("window.__hello || null"), timeout=30)
+    assert hello["recovered"] is True, hello
+    assert page.evaluate("window.__resyncs") == []  # nothing to refetch
+    announce(srv, "after the deploy")
+    expect(page.locator("#toasts .toast-text").last).to_have_text("after the deploy")

@@ -96,6 +96,18 @@ def test_ping_gets_pong_with_a_timestamp(server: Server):
         assert abs(pong["data"]["timestamp"] - time.time() * 1000) < 5000
 
 
+def test_pong_carries_the_streams_position_past_broadcasts_meant_for_others(server: Server):
+    """A client whose channels are quiet learns how far the stream went: its resume position stays
+    inside the recovery window (README, "The window")."""
+    with server.connect("bob") as client:
+        hello = client.hello
+        sent = server.announce("for clinic 2 only", channels=["clinic:clinic-2:queue"])
+        assert sent["delivered"] == 0
+        client.send({"type": "PING"})
+        pong = client.expect("PONG")["data"]
+        assert pong["epoch"] == hello["epoch"] and pong["offset"] >= sent["offset"] > hello["offset"]
+
+
 def test_subscribe_and_unsubscribe_report_what_took_effect(server: Server):
     with server.connect("bob") as client:
         reply = client.subscribe(["system:announcements", "clinic:clinic-1:queue", "system:announcements"])

@@ -79,6 +79,19 @@ def say(protocol, conn, message) -> list[dict]:
 def test_ping_answers_pong_with_the_time(protocol, bob):
     [pong] = say(protocol, bob, {"type": "PING"})
     assert pong["type"] == "PONG" and isinstance(pong["data"]["timestamp"], int)
+    assert set(pong["data"]) == {"timestamp"}  # no history: no position anywhere
+
+
+def test_with_a_history_pong_carries_the_position_everything_before_it_was_sent_to(clock):
+    stream = {"at": ("e1", 41)}
+    protocol = ClientProtocol(Hub(max_clients=10, ping_interval=30), clock=clock, stream=lambda: stream["at"])
+    bob = FakeConn()
+    protocol.hub.add(bob)
+    [pong] = say(protocol, bob, {"type": "PING"})
+    assert pong["data"]["epoch"] == "e1" and pong["data"]["offset"] == 41
+    stream["at"] = (None, 0)  # not primed yet: nothing to say
+    [pong] = say(protocol, bob, {"type": "PING"})
+    assert set(pong["data"]) == {"timestamp"}
 
 
 def test_subscribe_answers_what_took_effect_and_unsubscribe_what_was_removed(protocol, bob):

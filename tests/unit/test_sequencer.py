@@ -271,6 +271,30 @@ def test_the_position_moves_before_the_fan_out_so_a_connection_joining_mid_fan_o
     assert seen == [("joiner sees", 1), ("resume replays", [1])]
 
 
+def test_delivered_moves_only_once_a_fan_out_is_done():
+    """What a PONG reports: a connection told 1 mid-fan-out would drop 1 when it arrived, as already seen."""
+    sequencer = Sequencer(lambda e: gevent.sleep(0.01) or 1, lambda a, n: [], on_reset=lambda e: None)
+    sequencer.prime(EPOCH, 5)
+    assert sequencer.delivered == 5
+    job = gevent.spawn(sequencer.offer, env(6))
+    gevent.sleep(0.001)  # the fan-out of 6 has started and paused
+    assert (sequencer.position, sequencer.delivered) == (6, 5)
+    job.join()
+    assert sequencer.delivered == 6
+    sequencer.restart("e2", 40)
+    assert (sequencer.position, sequencer.delivered) == (40, 40)
+
+
+def test_delivered_does_not_pass_a_skipped_gap_until_the_service_has_handled_it():
+    """The sockets open during the gap are closed by on_gap: none may be told it has what follows it."""
+    world = World()
+    seen = []
+    world.sequencer._on_gap = lambda after, upto: seen.append(world.sequencer.delivered)
+    world.sequencer.offer(env(1))
+    assert world.sequencer.offer(env(3)).get(timeout=2) == 13
+    assert seen == [1] and world.sequencer.delivered == 3
+
+
 def test_a_resume_while_a_skipped_gap_is_being_handled_is_not_told_the_window_is_whole():
     """Between the skip and the first delivery past it the window ends before the position: a resume
     then must read the history (and be told the gap), not be handed the window (found by review)."""
