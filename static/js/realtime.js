@@ -328,10 +328,14 @@ export class RealtimeClient {
     this.fetching = true;
     try {
       this.stats.authFetches += 1;
+      // Bounded: a network that died without an "offline" event would leave the request waiting for
+      // minutes, and every other way back in (online, the tab visible again) waits behind it.
+      const { idleMs, pongTimeoutMs } = this.options;
       const response = await fetch(this.options.authUrl, {
         credentials: "same-origin",
         cache: "no-store",
         headers: { Accept: "application/json" },
+        signal: AbortSignal.timeout(idleMs + pongTimeoutMs),
       });
       if (response.status === 401 || response.status === 403) return this.stop("unauthorized");
       if (!response.ok) throw new Error(`token endpoint answered ${response.status}`);
@@ -386,7 +390,7 @@ export class RealtimeClient {
     } else if (message.type === "CONNECTED") {
       this._admitted(message.data || {});
     } else if (message.type === "SUBSCRIBED") {
-      this._subscribed((message.data && message.data.channels) || []);
+      this._subscribed(list(message.data && message.data.channels));
     } else if (message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
       this._refusedOne(message.data.channel);
     } else if (message.type === "PONG") {
@@ -435,12 +439,12 @@ export class RealtimeClient {
 
   _admitted(data) {
     const reconnect = this.everOpened;
-    // Not the backoff (attempt): a server that admits and then closes at once, again and again
-    // (1013, 1011, 1008), must see this client slow down. It starts over once a connection lasted.
+    // Not the backoff (attempt), nor the quick restarts: a server that admits and then closes at once,
+    // again and again (1013, 1011, 1008, 1012), must see this client slow down. Both start over once a
+    // connection lasted (_socketEnded).
     clearTimeout(this.admitTimer);
     this.connectedAt = Date.now();
     this.authFailures = 0;
-    this.restarts = 0;
     this.everOpened = true;
     this._setStatus("open"); // before _connected: send() needs it (its listeners cannot throw past here)
     this._startWatchdog();
@@ -479,10 +483,10 @@ export class RealtimeClient {
     } else if (data.recovered === true) {
       // Restored: the missed broadcasts follow, then live ones. Keep our offset until they arrive.
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: this.position.offset };
-      const restored = new Set(data.channels || []);
+      const restored = new Set(list(data.channels));
       // Held by the session, but no longer allowed (the user's role or clinic changed while away): the
       // ERRORs saying so come after this frame, too late for the decision below.
-      for (const name of data.refused || []) if (this.refs.has(name)) this.refused.add(name);
+      for (const name of list(data.refused)) if (this.refs.has(name)) this.refused.add(name);
       const lacking = [...this.refs.keys()].filter((name) => !restored.has(name));
       // The replay covered the channels the session held. One it lacks that the server did not refuse
       // (its SUBSCRIBE never left, or went down with the socket, or the worker died before it saved
@@ -603,7 +607,10 @@ export class RealtimeClient {
   _socketEnded() {
     this._stopWatchdog();
     clearTimeout(this.admitTimer);
-    if (this.connectedAt && Date.now() - this.connectedAt >= this.options.stableMs) this.attempt = 0;
+    if (this.connectedAt && Date.now() - this.connectedAt >= this.options.stableMs) {
+      this.attempt = 0;
+      this.restarts = 0;
+    }
     this.connectedAt = 0;
   }
 
@@ -700,6 +707,11 @@ export class RealtimeClient {
     this.status = status;
     notifyAll(this.statusListeners, status, "status");
   }
+}
+
+/** A list the server sent, or none: a field of another type must not stop the client halfway. */
+function list(value) {
+  return Array.isArray(value) ? value : [];
 }
 
 /** Call each listener; one that throws is logged and cannot stop the others, or the client. */

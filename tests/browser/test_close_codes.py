@@ -146,6 +146,60 @@ def test_repeated_1012_without_getting_in_falls_back_to_backoff(live):
     assert wait_retry(page, 1)[0]["action"] == "backoff"
 
 
+def test_a_server_that_admits_then_closes_1012_again_and_again_sees_the_client_back_off(live):
+    """Getting in did not count the quick restarts over: a worker closing every socket with 1012 (a
+    stream gap, again and again) had all its clients back within a second, every time (found by review)."""
+    page, sockets, errors = live
+    limit = page.evaluate("window.realtime.options.maxQuickRestarts")
+    for _ in range(limit + 1):
+        count = len(retries(page)) + 1
+        sockets.close(Close.SERVICE_RESTART, "stream gap")
+        wait_retry(page, count)
+        wait_live(page)  # admitted again (CONNECTED), then closed again at once
+    assert [d["action"] for d in retries(page)] == ["restart"] * limit + ["backoff"]
+
+
+def test_quick_restarts_start_over_once_a_connection_lasted(live):
+    page, sockets, errors = live
+    page.evaluate("window.realtime.options.stableMs = 300")
+    limit = page.evaluate("window.realtime.options.maxQuickRestarts")
+    for _ in range(limit + 1):
+        time.sleep(0.5)  # longer than stableMs: a deploy now and then, not a storm
+        count = len(retries(page)) + 1
+        sockets.close(Close.SERVICE_RESTART, "service restart")
+        wait_retry(page, count)
+        wait_live(page)
+    assert [d["action"] for d in retries(page)] == ["restart"] * (limit + 1)
+
+
+def test_a_token_request_that_never_answers_is_given_up_and_retried(live):
+    """A network that died without an offline event: the request would wait for minutes, and every other
+    way back in with it (found by review)."""
+    page, sockets, errors = live
+    page.evaluate("window.realtime.options.idleMs = 300; window.realtime.options.pongTimeoutMs = 300")
+    held: list = []
+    page.route("**/api/ws/auth", lambda route: held.append(route))  # never answered
+    sockets.close(Close.SERVICE_RESTART)
+    decisions = wait_retry(page, 2)
+    assert [(d["code"], d["action"]) for d in decisions[:2]] == [(Close.SERVICE_RESTART, "restart"), (None, "backoff")]
+    assert held  # it was asked, and given up on
+    page.unroute("**/api/ws/auth")
+    wait_live(page)
+
+
+def test_a_server_frame_with_a_field_of_another_type_does_not_stop_the_client(live):
+    """The server never sends these; a list that is not one must still not throw halfway through."""
+    page, sockets, errors = live
+    page_errors: list[str] = []
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    sockets.routes[-1].send('{"type":"SUBSCRIBED","data":{"channels":5}}')
+    sockets.routes[-1].send('{"type":"SUBSCRIBED","data":{"channels":{"a":1}}}')
+    page.evaluate("window.realtime.subscribe(['clinic:clinic-1:alerts'])")
+    proxied(page, lambda: any("clinic:clinic-1:alerts" in message for message in sockets.sent))
+    page.wait_for_timeout(200)
+    assert page_errors == [] and page.evaluate("window.realtime.status") == "open"
+
+
 @pytest.mark.parametrize("code", [Close.PROTOCOL_ERROR, Close.INVALID_PAYLOAD], ids=["1002", "1007"])
 def test_protocol_errors_stop_show_an_error_status_and_tell_the_developer(live, code):
     page, sockets, errors = live
