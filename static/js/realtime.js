@@ -438,7 +438,9 @@ export class RealtimeClient {
   }
 
   _admitted(data) {
-    const reconnect = this.everOpened;
+    // A first connection that took more than one attempt came well after the page was rendered: what was
+    // broadcast meanwhile is missing from it, as after a reconnect.
+    const reconnect = this.everOpened || this.retries.length > 0;
     // Not the backoff (attempt), nor the quick restarts: a server that admits and then closes at once,
     // again and again (1013, 1011, 1008, 1012), must see this client slow down. Both start over once a
     // connection lasted (_socketEnded).

@@ -187,6 +187,19 @@ def test_a_token_request_that_never_answers_is_given_up_and_retried(live):
     wait_live(page)
 
 
+def test_a_first_connection_that_took_several_attempts_tells_the_page_to_refetch(site, web):
+    """The page was rendered before the socket could open: what was broadcast meanwhile is not on it."""
+    page = web(site, "bob", "about:blank")
+    page.route("**/api/ws/auth", lambda route: route.fulfill(status=503, body="{}"))
+    page.goto(site.url + "/")
+    proxied(page, lambda: len(retries(page)) >= 1)
+    page.evaluate("() => { window.__resyncs = 0; window.realtime.onResync(() => window.__resyncs++); }")
+    page.unroute("**/api/ws/auth")
+    wait_live(page)
+    assert proxied(page, lambda: page.evaluate("window.__resyncs") == 1)
+    assert page.evaluate("window.realtime.retries[0].action") == "backoff"
+
+
 def test_a_server_frame_with_a_field_of_another_type_does_not_stop_the_client(live):
     """The server never sends these; a list that is not one must still not throw halfway through."""
     page, sockets, errors = live
