@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -385,37 +386,55 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
     )
 
 
+REDIS_URL_HINT = "percent-encode a '/', '#', '?' or '@' in the password (a '/' as %2F)"
+
+
 def _redis_url(raw: str) -> str | None:
     if not raw:
         return None
-    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {redacted(raw)!r}.")
     try:
-        _ = urlsplit(raw).port  # what redis-py reads too: it would fail later, quoting part of the password
+        _ = parts.port  # what redis-py reads too: it would fail later, quoting part of the password
+        # A password with an unescaped delimiter moves the host a parser finds (redis-py's included) away
+        # from the one written after the last "@": it would connect there, and its errors name that "host".
+        readable = parts.scheme == "unix" or parts.netloc.rpartition("@")[2] == _written_host(raw)
     except ValueError:
-        raise ConfigError(
-            f"REDIS_URL={redacted(raw)} has no valid host and port: percent-encode a '/', '#', '?' or '@' "
-            "in the password (a '/' as %2F)."
-        ) from None
+        readable = False
+    if not readable:
+        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {REDIS_URL_HINT}.")
     return raw
+
+
+def _written_host(url: str) -> str:
+    """The host (and port) as written: after the last "@" before any "?" or "#", up to the path."""
+    authority = re.split(r"[?#]", url.partition("://")[2], maxsplit=1)[0]
+    return authority.rpartition("@")[2].partition("/")[0]
 
 
 def redacted(url: str) -> str:
     """The URL without its password, fit for logs and /health.
 
-    Everything between ``://`` and the last ``@`` is the credentials, found
-    without parsing: a password with an unescaped ``/``, ``#`` or ``?``
-    (base64 ones have ``/``) is not one to a URL parser, which would then show
-    it as part of the host. redis-py also takes the credentials from the query
-    string (``redis://host/0?password=pw``): those are masked too, and so is
+    The credentials are everything between ``://`` and the last ``@``, found
+    without parsing: a password with an unescaped ``/`` (base64 ones have
+    them) is not one to a URL parser, which would show it as part of the
+    host. An ``@`` only after a ``?`` or ``#`` may end a password holding one
+    of those or sit in the query: nothing after the scheme is shown then.
+    redis-py also takes the credentials from the query string
+    (``redis://host/0?password=pw``): those are masked too, and so is
     anything else there that names one.
     """
     scheme, sep, rest = url.partition("://")
     shown = scheme + sep
     if sep and "@" in rest:
-        credentials, _, rest = rest.rpartition("@")
+        authority = re.split(r"[?#]", rest, maxsplit=1)[0]
+        if "@" not in authority:
+            return shown + "***"
+        credentials, _, after = authority.rpartition("@")
         user, colon, _ = credentials.partition(":")
         shown += f"{user}:***@" if colon else "***@"
+        rest = after + rest[len(authority) :]
     base, mark, query = rest.partition("?")
     if query:
         pairs = [(key, "***" if _names_a_credential(key) else value) for key, value in parse_qsl(query, True)]
