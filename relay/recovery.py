@@ -23,6 +23,7 @@ The work is split in two, around the event-loop rule:
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +37,7 @@ from .sequencer import Sequencer
 from .sessions import SessionKeeper
 from .timeslice import pause
 
+log = logging.getLogger("relay.recovery")
 _CLIENT_ID = re.compile(r"[0-9a-f-]{1,64}")
 _EPOCH = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _OFFSET = re.compile(r"[0-9]{1,18}")  # ASCII digits: str.isdigit() also takes '²', which int() refuses
@@ -212,11 +214,17 @@ class Recovery:
 
     def _reach(self, offset: int) -> bool:
         """Wait (briefly) until this worker has delivered ``offset``: the client may come from a worker that
-        was ahead of this one. False if the stream never had that offset."""
+        was ahead of this one. Then, if it is still behind (its listener may be reconnecting: the
+        follower notices within seconds), read what it lacks from the history, once. False if the
+        stream never had that offset."""
         deadline = time.monotonic() + self.catch_up_timeout
         while offset > self.sequencer.position:
             if time.monotonic() > deadline:
-                return False
+                try:
+                    self.sequencer.catch_up_once()
+                except Exception as problem:  # the store is away: the offset cannot be checked
+                    log.warning("catching up for a resume failed: %s", problem)
+                return offset <= self.sequencer.position
             gevent.sleep(0.01)
         return True
 

@@ -82,6 +82,7 @@ class Sequencer:
         self._gap: gevent.Greenlet | None = None
         self._recent = RecentWindow(recent, recent_bytes)
         self._backfilling = gevent.lock.Semaphore()
+        self._catching_up = gevent.lock.Semaphore()
         self._retired: list[str] = []  # epochs this worker left: a straggler of one must not bring it back
 
     # -- positions ----------------------------------------------------------------------------
@@ -174,6 +175,15 @@ class Sequencer:
         if self._parked and self._gap is None:
             self._gap = gevent.spawn_later(self.gap_timeout, self._fill)
         return result
+
+    def catch_up_once(self) -> None:
+        """:meth:`catch_up` by one greenlet at a time: one that comes while it runs waits for it and does not
+        read again (a reconnect storm's resumes, each finding this worker behind)."""
+        if self._catching_up.locked():
+            with self._catching_up:
+                return
+        with self._catching_up:
+            self.catch_up()
 
     def catch_up(self) -> None:
         """Deliver whatever the history has beyond ``position`` (after a listener was away). May wait."""

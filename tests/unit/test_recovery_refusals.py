@@ -209,3 +209,22 @@ def test_equal_filters_that_are_not_shared_are_each_checked_and_decided_alike(st
     checked = []
     replay = prepared.replay(sequencer, lambda flt: checked.append(flt) or True, 100)
     assert len(checked) == 3 and len(replay) == 3
+
+
+def test_a_resume_from_past_this_workers_position_catches_up_from_the_history_before_refusing(stream):
+    """A client that learnt the head from another worker (a PONG, a CONNECTED) comes to one whose listener
+    is behind (reconnecting): the history has the offsets, so the resume is honoured, not refused."""
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    recovery.catch_up_timeout = 0.05
+    start = sequencer.position
+    publish(stream, 3)  # appended by another worker; this one's listener never told it
+    prepared = resume(recovery, sequencer, start + 3)
+    assert isinstance(prepared, Prepared) and sequencer.position == start + 3
+
+
+def test_an_offset_the_stream_never_had_is_still_refused_after_catching_up(stream):
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    recovery.catch_up_timeout = 0.05
+    assert resume(recovery, sequencer, sequencer.position + 50) == Reason.INVALID

@@ -340,3 +340,14 @@ def test_a_gap_read_from_a_stream_that_started_over_is_not_skipped(world):
     assert world.sequencer.skipped == 0 and ("gap", 1, 2) not in world.told and not parked.ready()
     world.sequencer.offer(env(3, "e2"))
     assert parked.get(timeout=1) == 0 and world.resets == ["e2"]
+
+
+def test_resumes_that_find_the_worker_behind_read_the_history_once_between_them(world):
+    """A reconnect storm's resumes each find this worker behind: one reads, the others wait for it."""
+    for n in (1, 2, 3):
+        world.history[n] = env(n)
+    real_fetch = world.sequencer._fetch
+    world.sequencer._fetch = lambda after, limit: gevent.sleep(0.05) or real_fetch(after, limit)
+    jobs = [gevent.spawn(world.sequencer.catch_up_once) for _ in range(5)]
+    gevent.joinall(jobs, timeout=5)
+    assert world.delivered == [1, 2, 3] and world.fetches == [(0, 500)]  # one catch-up: one short page
