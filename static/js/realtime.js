@@ -161,6 +161,7 @@ export class RealtimeClient {
     this.restarts = 0; // consecutive 1012 closes
     this.retries = []; // the last 20 decisions {code, action, delayMs, windowMs}, for diagnostics and tests
     this.everOpened = false;
+    this.delayed = false; // the first connection did not come at the first attempt (a retry, or offline)
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
     this.unanswered = new Map(); // channel -> SUBSCRIBEs of it with no SUBSCRIBED or ERROR back yet
@@ -325,17 +326,21 @@ export class RealtimeClient {
 
     // A fresh token for every attempt: the last one may have expired meanwhile.
     let auth;
+    let giveUp = null;
     this.fetching = true;
     try {
       this.stats.authFetches += 1;
       // Bounded: a network that died without an "offline" event would leave the request waiting for
       // minutes, and every other way back in (online, the tab visible again) waits behind it.
+      // (AbortController and a timer, not AbortSignal.timeout: Safari before 16 has no such thing.)
       const { idleMs, pongTimeoutMs } = this.options;
+      const abort = new AbortController();
+      giveUp = setTimeout(() => abort.abort(), idleMs + pongTimeoutMs);
       const response = await fetch(this.options.authUrl, {
         credentials: "same-origin",
         cache: "no-store",
         headers: { Accept: "application/json" },
-        signal: AbortSignal.timeout(idleMs + pongTimeoutMs),
+        signal: abort.signal,
       });
       if (response.status === 401 || response.status === 403) return this.stop("unauthorized");
       if (!response.ok) throw new Error(`token endpoint answered ${response.status}`);
@@ -343,6 +348,7 @@ export class RealtimeClient {
     } catch (error) {
       return this._retry(); // the token endpoint is unreachable or failing
     } finally {
+      clearTimeout(giveUp);
       this.fetching = false;
     }
     if (this.stopped || this.ws) return;
@@ -438,9 +444,9 @@ export class RealtimeClient {
   }
 
   _admitted(data) {
-    // A first connection that took more than one attempt came well after the page was rendered: what was
-    // broadcast meanwhile is missing from it, as after a reconnect.
-    const reconnect = this.everOpened || this.retries.length > 0;
+    // A first connection that did not come at the first attempt came well after the page was rendered:
+    // what was broadcast meanwhile is missing from it, as after a reconnect.
+    const reconnect = this.everOpened || this.delayed;
     // Not the backoff (attempt), nor the quick restarts: a server that admits and then closes at once,
     // again and again (1013, 1011, 1008, 1012), must see this client slow down. Both start over once a
     // connection lasted (_socketEnded).
@@ -638,6 +644,7 @@ export class RealtimeClient {
   }
 
   _retryIn(code, action, delayMs, windowMs) {
+    this.delayed = true;
     this._setStatus(this.everOpened ? "reconnecting" : "connecting");
     this.retries.push({ code, action, delayMs, windowMs });
     if (this.retries.length > 20) this.retries.shift();
@@ -657,6 +664,7 @@ export class RealtimeClient {
 
   _goOffline() {
     if (this.stopped) return;
+    this.delayed = true;
     this._setStatus("offline");
     if (this.ws) this._dropSocket(4000, "browser offline");
     clearTimeout(this.retryTimer); // the "online" event restarts us

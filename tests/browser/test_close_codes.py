@@ -10,6 +10,7 @@ server can produce a code, a test makes it do so (1009 from an oversized frame,
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -200,6 +201,22 @@ def test_a_first_connection_that_took_several_attempts_tells_the_page_to_refetch
     assert page.evaluate("window.realtime.retries[0].action") == "backoff"
 
 
+def test_a_first_connection_made_once_the_browser_is_back_online_tells_the_page_to_refetch(site, web):
+    """Started offline: no attempt was made, so none failed, but the page is older than its socket."""
+    page = web(site, "bob")
+    page.context.set_offline(True)
+    page.evaluate(
+        "async () => { const { RealtimeClient } = await import('/static/js/realtime.js');"
+        " window.__second = new RealtimeClient({ target: document.createElement('div') });"
+        " window.__resyncs = 0; window.__second.onResync(() => window.__resyncs++); window.__second.start(); }"
+    )
+    assert page.evaluate("window.__second.status") == "offline"
+    page.context.set_offline(False)
+    assert proxied(page, lambda: page.evaluate("window.__second.status") == "open")
+    assert proxied(page, lambda: page.evaluate("window.__resyncs") == 1)
+    page.evaluate("window.__second.stop()")
+
+
 def test_a_server_frame_with_a_field_of_another_type_does_not_stop_the_client(live):
     """The server never sends these; a list that is not one must still not throw halfway through."""
     page, sockets, errors = live
@@ -207,6 +224,9 @@ def test_a_server_frame_with_a_field_of_another_type_does_not_stop_the_client(li
     page.on("pageerror", lambda error: page_errors.append(str(error)))
     sockets.routes[-1].send('{"type":"SUBSCRIBED","data":{"channels":5}}')
     sockets.routes[-1].send('{"type":"SUBSCRIBED","data":{"channels":{"a":1}}}')
+    epoch = page.evaluate("window.realtime.position.epoch")
+    hello = {"clientId": "c", "epoch": epoch, "offset": 1, "recovered": True, "channels": 5, "refused": {"a": 1}}
+    sockets.routes[-1].send(json.dumps({"type": "CONNECTED", "data": hello}))
     page.evaluate("window.realtime.subscribe(['clinic:clinic-1:alerts'])")
     proxied(page, lambda: any("clinic:clinic-1:alerts" in message for message in sockets.sent))
     page.wait_for_timeout(200)
