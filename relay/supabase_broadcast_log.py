@@ -40,8 +40,7 @@ def from_iso(text: str) -> int:
 
 
 T = TypeVar("T")
-PAGE_ROWS = 1000  # rows asked for at once: Supabase's default max-rows
-MAX_PAGES = 50  # bounded, whatever max-rows a project has set (a smaller one takes more pages)
+PAGE_ROWS = 1000  # rows asked for at once: Supabase's default max-rows (a smaller one takes more pages)
 
 
 class SupabaseBroadcastLog:
@@ -90,15 +89,22 @@ class SupabaseBroadcastLog:
 
     def query(self, query: LogQuery) -> list[LoggedBroadcast]:
         """Read in pages until ``query.limit`` rows or the end: PostgREST cuts every answer to its
-        ``max-rows`` (1,000 on Supabase) without saying so, and the CSV export asks for 10,000."""
-        rows: list[dict] = []
-        for _ in range(MAX_PAGES):
-            start = query.offset + len(rows)
-            page = self._page(query, start, min(PAGE_ROWS, query.limit - len(rows)))
-            rows += page
+        ``max-rows`` (1,000 on Supabase) without saying so, and the CSV export asks for 10,000.
+
+        A row written meanwhile above the rows read so far (a newer one, or one written late) pushes
+        them down the order: the next page then begins with a row already read. Rows are kept once
+        by id, and reading goes on until the limit or the end.
+        """
+        rows: dict[str, dict] = {}
+        read = 0
+        for _ in range(query.limit + 1):  # bounded: each round reads a row at least, or stops
+            page = self._page(query, query.offset + read, min(PAGE_ROWS, query.limit - len(rows)))
+            read += len(page)
+            for row in page:
+                rows.setdefault(str(row.get("id")), row)
             if not page or len(rows) >= query.limit:
                 break
-        return self._parse(rows)
+        return self._parse(list(rows.values()))
 
     def _page(self, query: LogQuery, start: int, count: int) -> list[dict]:
         def ask():

@@ -65,6 +65,25 @@ def test_a_long_read_comes_back_whole_past_postgrests_row_cap(store):
     assert len(store.query(LogQuery(limit=5000))) == 1000
 
 
+def test_rows_written_while_a_long_read_pages_are_not_read_twice(store):
+    """Newer rows arriving between two pages push the older ones down the order (offset paging)."""
+    if hasattr(store, "fake"):
+        store.fake.max_rows = 100
+    store.write([entry(n, at=T0 + n) for n in range(1, 301)])
+    if hasattr(store, "fake"):
+        real_page = store._page
+
+        def page_then_write(query, start, count):
+            found = real_page(query, start, count)
+            if start < 200:  # during the first two pages: one newer than everything read, each time
+                store.write([entry(1000 + start, at=T0 + 10_000 + start)])
+            return found
+
+        store._page = page_then_write
+    found = store.query(LogQuery(limit=250))
+    assert [r.id for r in found] == [f"b{n:03d}" for n in range(300, 50, -1)]
+
+
 def test_writing_an_id_twice_keeps_the_first(store):
     store.write([entry(1)])
     store.write([entry(1, type_="CHANGED"), entry(2)])
