@@ -2,7 +2,7 @@
 
 Client -> server (JSON text frames)::
 
-    {"type": "PING"}                                      -> PONG {timestamp}
+    {"type": "PING"}                                      -> PONG {timestamp[, epoch, offset]}
     {"type": "SUBSCRIBE",   "data": {"channels": [...]}}  -> ERROR per refused channel, then SUBSCRIBED {channels}
     {"type": "SUBSCRIBE",   "data": {"channels": [...], "last": true}}
                                                           -> ... and each channel's last value, before SUBSCRIBED

@@ -191,7 +191,7 @@ class SupabaseDirectory:
             # supabase-py then raises the JSON error) is the token's fault, not an outage: anyone can
             # send a bad token, and an outage turns /health degraded and logs an error.
             status = _http_status(problem)
-            if status is not None and 400 <= status < 500 and status != 429:
+            if status is not None and 400 <= status < 500 and status not in (408, 429):  # 408/429: theirs
                 raise AccessTokenInvalid(f"Supabase refused the access token (HTTP {status})") from None
             raise self._unavailable(problem) from None
         self._up()

@@ -18,7 +18,7 @@ one address).
 A browser that has signed in to the account before (it shows a device cookie
 the server signed: :mod:`relay.devices`) is counted apart: its attempts count
 against that browser, with the account's limit, and against its address among
-known browsers only (100 free); neither the account's block nor the address's
+known browsers only (99 free); neither the account's block nor the address's
 applies to it. Without that, anyone who knows a person's email could keep
 them out for good, one wrong password per block; with it the guesser is
 still held to the account's pace, and the person signs in from their usual

@@ -93,6 +93,7 @@ class FakeSupabase:
         # The gateway in front of a project refuses a header this long with a page of its own, not JSON.
         self.gateway_header_limit = 16 * 1024
         self.max_rows = 1000  # PostgREST's max-rows, as Supabase sets it: longer answers are cut, silently
+        self.user_status: int | None = None  # set: GET /auth/v1/user answers this status, whatever the token
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -256,6 +257,8 @@ class FakeSupabase:
                 rows = rows[: int(query["limit"][0])]
             return 200, rows
         if method == "GET" and path == "/auth/v1/user":
+            if self.user_status is not None:
+                return self.user_status, {"code": self.user_status, "msg": "as the test said"}
             try:
                 claims = jwt.decode(bearer, JWT_SECRET, algorithms=["HS256"], audience="authenticated")
             except jwt.ExpiredSignatureError:

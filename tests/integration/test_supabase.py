@@ -223,8 +223,13 @@ def test_a_bearer_token_supabase_or_its_gateway_refuses_is_401_not_an_outage(sit
     assert too_long.status_code == 401 and supabase.calls("/auth/v1/user") == []
     assert srv.health()["identity"]["state"] == "ok"
     assert "identity.unavailable" not in srv.log_text()
-    supabase.mode = "error"  # a real outage is still one
-    assert ws_auth(supabase.access_token(people["staff"])).status_code == 503
+    token = supabase.access_token(people["staff"])
+    supabase.user_status = 422  # a status Supabase rarely answers a token with: still a refusal
+    assert ws_auth(token).status_code == 401 and srv.health()["identity"]["state"] == "ok"
+    supabase.user_status = 408  # the gateway gave up waiting for Supabase: an outage, not the token
+    assert ws_auth(token).status_code == 503
+    supabase.user_status, supabase.mode = None, "error"  # and so is a 500
+    assert ws_auth(token).status_code == 503
 
 
 def test_bearer_tokens_from_another_origin_get_cors_headers(site, supabase, people):

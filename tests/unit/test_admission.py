@@ -85,6 +85,16 @@ def test_an_admitted_socket_first_receives_connected(service, sockets):
     assert rt.hub.stats()["byClinic"] == {"c-1": 1}
 
 
+def test_a_pong_reports_the_last_finished_fan_out_not_the_one_under_way(service):
+    """The offset a PONG carries is Sequencer.delivered: one mid-fan-out would make the client drop
+    that broadcast as already seen when it arrived."""
+    rt = service()
+    rt.sequencer.position, rt.sequencer.delivered = 9, 7  # the fan-out of 8 and 9 under way
+    assert rt.protocol.stream is not None and rt.protocol.stream() == (rt.sequencer.epoch, 7)
+    assert rt.sequencer.epoch is not None
+    assert service(WS_RECOVERY_WINDOW_MS="0").protocol.stream is None  # no history: no position
+
+
 @pytest.mark.parametrize(
     "get,code",
     [
