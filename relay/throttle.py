@@ -137,10 +137,14 @@ class LoginThrottle:
     def _limits(self, login: str, address: str | None, device: str | None) -> list[tuple[str, Limit]]:
         """The keys an attempt counts under, the one a success clears first."""
         if device is not None:  # a known browser (see the module's docstring)
-            first, (kind, limit) = (_key("device", device), self.account), ("known-address", self.known_address)
+            keys = [(_key("device", device), self.account)]
+            if address:
+                keys.append((_key("known-address", address), self.known_address))
         else:
-            first, (kind, limit) = (account_key(login), self.account), ("address", self.address)
-        return [first, (_key(kind, address), limit)] if address else [first]
+            keys = [(account_key(login), self.account)]
+            if address:
+                keys.append((_key("address", address), self.address))
+        return keys
 
     def wait(self, login: str, address: str | None, now: float | None = None, *, device: str | None = None) -> float:
         """Seconds before this account may try from this address, or from this browser (0: go ahead);
