@@ -869,7 +869,7 @@ class Realtime:
         return {
             "enabled": True,
             **stored,
-            "delivered": self.sequencer.position,
+            "delivered": self.sequencer.delivered,
             "skipped": self.sequencer.skipped,
             "windowMs": self.settings.recovery_window_ms,
             "sessions": {"stored": stored.get("sessions"), **keeper},
