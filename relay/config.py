@@ -195,7 +195,7 @@ class Settings:
             close_timeout_ms=reader.integer("WS_CLOSE_TIMEOUT_MS", 2000, low=10),
             drain_timeout_ms=reader.integer("WS_DRAIN_TIMEOUT_MS", 5000, low=100),
             instance_path=instance_path,
-            log_level=reader.text("LOG_LEVEL", "INFO").upper(),
+            log_level=_log_level(reader.text("LOG_LEVEL", "INFO"), warnings),
             web_concurrency=reader.integer("WEB_CONCURRENCY", 1, low=1, high=256),
             worker_connections=reader.integer("WS_WORKER_CONNECTIONS", 12_000, low=10),
             http_request_timeout_ms=reader.integer("HTTP_REQUEST_TIMEOUT_MS", 10_000, low=100),
@@ -384,6 +384,18 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
         cache_size=reader.integer("SUPABASE_CACHE_SIZE", 10_000, low=1),
         broadcast_log_table=log_table,
     )
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
+
+
+def _log_level(raw: str, warnings: list[str]) -> str:
+    """A level the logging module names (a typo is INFO, said at start-up, not a crash or silence)."""
+    level = raw.strip().upper()
+    if level in LOG_LEVELS:
+        return level
+    warnings.append(f"LOG_LEVEL={raw[:40]!r} is not one of {', '.join(LOG_LEVELS)}: logging at INFO")
+    return "INFO"
 
 
 REDIS_URL_HINT = "percent-encode a '/', '#', '?' or '@' in the password (a '/' as %2F)"

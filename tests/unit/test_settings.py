@@ -157,3 +157,19 @@ def test_the_previous_token_secret_follows_the_production_rules_and_must_differ(
         Settings.from_env({**base, "WS_TOKEN_SECRET_PREVIOUS": "short-pw"})
     with pytest.raises(ConfigError, match="same as WS_TOKEN_SECRET"):
         Settings.from_env({**base, "WS_TOKEN_SECRET_PREVIOUS": STRONG})
+
+
+@pytest.mark.parametrize(
+    "raw,level", [("debug", "DEBUG"), (" Warning ", "WARNING"), ("warn", "WARN"), ("ERROR", "ERROR")]
+)
+def test_log_level_takes_the_names_logging_knows_in_any_case(tmp_path, raw, level):
+    settings = Settings.from_env({"LOG_LEVEL": raw, "REALTIME_INSTANCE_PATH": str(tmp_path)})
+    assert settings.log_level == level and not any("LOG_LEVEL" in w for w in settings.warnings)
+
+
+@pytest.mark.parametrize("raw", ["verbose", "basic_format", "10"])
+def test_a_log_level_logging_does_not_know_is_info_with_a_warning(tmp_path, raw):
+    """basic_format is a name in the logging module, not a level: setLevel would have raised."""
+    settings = Settings.from_env({"LOG_LEVEL": raw, "REALTIME_INSTANCE_PATH": str(tmp_path)})
+    assert settings.log_level == "INFO"
+    assert any(f"LOG_LEVEL='{raw}' is not one of" in w for w in settings.warnings)
