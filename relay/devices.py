@@ -42,6 +42,8 @@ _SALT = "relay.device-cookie"
 
 
 class KnownDevices:
+    """Reads and writes the device cookie (signed with ``secret``); holds nothing itself."""
+
     def __init__(self, secret: str | None, *, max_age_s: float = MAX_AGE_S):
         self._serializer = URLSafeSerializer(secret, salt=_SALT) if secret else None
         self._digest_key = hashlib.sha256(f"{_SALT}:{secret}".encode()).digest() if secret else b""
