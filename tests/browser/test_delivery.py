@@ -207,19 +207,29 @@ def test_a_last_value_shown_ahead_of_the_position_is_not_shown_again_by_the_repl
     page = web(site, "bob")  # the home page: announcements only
     wait_live(page)
     sent = queue_update(site, "Somchai")  # the page holds no queue channel yet: its position stays before
+    # Every frame that reaches the client carrying it (the raw socket, before the client decides), what
+    # the page was shown, and the answer to the resume.
     page.evaluate(
-        "() => { window.__seen = [];"
-        " window.realtime.onMessage((m) => { if (m.type === 'QUEUE_UPDATE') window.__seen.push(m.id); });"
-        f" window.realtime.subscribe(['{QUEUE}'], {{ last: true }}); }}"
+        "(id) => { window.__seen = []; window.__raw = 0; const rt = window.realtime;"
+        " const read = rt._onSocketMessage.bind(rt);"
+        " rt._onSocketMessage = (ws, event) => {"
+        "   if (String(event.data).includes(id)) window.__raw++;"
+        "   read(ws, event); };"
+        " rt.onMessage((m) => { if (m.type === 'QUEUE_UPDATE') window.__seen.push(m.id);"
+        "   if (m.type === 'CONNECTED') window.__hello = m.data; });"
+        f" rt.subscribe(['{QUEUE}'], {{ last: true }}); }}",
+        sent["id"],
     )
     assert wait_for(lambda: page.evaluate("window.__seen") == [sent["id"]], timeout=10)  # as its last value
     page.context.set_offline(True)
     expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
     page.context.set_offline(False)
     wait_live(page)
-    announce(site, "after the drop")  # the replay, if any, comes before this
+    announce(site, "after the drop")  # the replay comes before this
     expect(page.locator("#toasts .toast-text").last).to_have_text("after the drop")
-    assert page.evaluate("window.__seen") == [sent["id"]]  # once, not twice
+    assert page.evaluate("window.__hello.recovered") is True
+    assert page.evaluate("window.__raw") == 2  # the last value, then the replay...
+    assert page.evaluate("window.__seen") == [sent["id"]]  # ...shown once, not twice
 
 
 def test_a_second_subscriber_of_a_channel_the_page_holds_gets_its_current_value_too(site, web):

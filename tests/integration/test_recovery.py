@@ -90,7 +90,9 @@ def test_the_restored_channels_are_subscribed_again_without_asking(site):
     bob = Resumer(site, "bob", [Q1])
     bob.connect()
     bob.drop()
-    bob.connect()
+    bob.channels = []  # the helper would subscribe after a resume that failed: it must not be needed
+    hello = bob.connect()
+    assert hello["recovered"] is True and hello["channels"] == [Q1]
     bob.ws.send('{"type": "PING"}')
     result = sent(site, "queue moved", channels=[Q1])
     assert result["delivered"] == 1 and bob.read()[-1]["id"] == result["id"]
@@ -389,11 +391,11 @@ def test_a_redis_that_lost_its_data_starts_a_new_epoch_and_nobody_is_replayed_wr
     redis_server.start()  # empty: no persistence
     assert wait_for(lambda: publish(srv, "first of the new stream", channels=[ANN]).status_code == 200, timeout=20)
     # The worker saw a new epoch: its clients are told to reconnect, and cannot resume the old stream.
+    bob.channels = []  # no SUBSCRIBE from the helper: whatever arrives after CONNECTED is the server's own
     hello = wait_for(lambda: _reconnect(bob), timeout=20)
     assert (hello["recovered"], hello["reason"]) == (False, Reason.EPOCH)
     assert hello["epoch"] != old["epoch"] and "channels" not in hello
-    replayed = len(bob.received)
-    assert bob.read(quiet=0.5) == [] and len(bob.received) == replayed  # nothing replayed after CONNECTED
+    assert bob.read(quiet=0.5) == []  # nothing replayed after CONNECTED
     bob.close()
 
 

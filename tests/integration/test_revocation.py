@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 
 import pytest
 import requests
@@ -28,9 +27,8 @@ def site(start_server):
 def test_a_user_disabled_with_the_cli_is_closed_4403_within_seconds(site):
     with site.connect("bob", [Q1]) as bob, site.connect("carol", [Q2]) as carol:
         users_cli(site, "disable", "bob")
-        started = time.monotonic()
+        # The change log is polled every second; without it only the re-check would close it, at 60 s.
         assert bob.closed_with(timeout=5) == (Close.FORBIDDEN, "user disabled")
-        assert time.monotonic() - started < 5  # a hang guard: the poll runs every second
         carol.send({"type": "PING"})
         assert carol.expect("PONG")  # nobody else was touched
     site.wait_for_event("ws.revoked", lambda e: e["userId"] == "bob")

@@ -223,11 +223,23 @@ def test_recent_after_will_not_answer_across_a_skipped_gap(world):
     assert [e.offset for e in world.sequencer.recent_after(2)] == [3, 4]  # past the gap: whole
 
 
+def test_a_backfill_extends_the_window_back_once_for_every_resume():
+    """The control for the two tests around it: a whole run from one stream is kept."""
+    world = World(head=10)
+    world.history = {n: env(n) for n in range(1, 11)}
+    assert world.sequencer.recent_after(4) is None  # a worker that just started holds nothing
+    world.sequencer.backfill(4)
+    world.sequencer.backfill(4)  # the next resume finds it there
+    assert [e.offset for e in world.sequencer.recent_after(4)] == [5, 6, 7, 8, 9, 10]
+    assert world.fetches == [(4, 6)]
+
+
 def test_a_backfill_of_pages_with_a_hole_is_not_kept():
     world = World(head=10)
     world.history = {n: env(n) for n in range(1, 11) if n != 7}  # 7 trimmed between two pages, say
     world.sequencer.backfill(4)
-    assert world.sequencer.recent_after(4) is None  # not kept: a resume reads the history itself
+    assert world.fetches and world.sequencer._recent.first is None  # read, and not kept
+    assert world.sequencer.recent_after(4) is None  # a resume reads the history itself
 
 
 def test_a_straggler_of_an_epoch_left_behind_does_not_bring_it_back(world):

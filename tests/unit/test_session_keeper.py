@@ -103,7 +103,7 @@ def test_a_session_that_ended_is_found_here_while_it_is_being_written():
     assert keeper.store.saved == ["c-7"] and keeper.pending("c-7") is None  # now the store has it
 
 
-def test_a_drain_while_the_keeper_waits_leaves_no_session_unwritten(keeper):
+def test_a_drain_while_the_keeper_waits_leaves_no_session_unwritten(keeper, busy):
     left_before = Conn(5)
     keeper.opened(left_before)  # type: ignore[arg-type]
     keeper.closed(left_before)  # type: ignore[arg-type]
@@ -113,7 +113,9 @@ def test_a_drain_while_the_keeper_waits_leaves_no_session_unwritten(keeper):
         keeper.closed(keeper._live[f"c-{n}"])
     keeper.flush()
     assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2", "c-5"]  # nothing held back by the waiting flush
-    waiting.kill()  # the worker exits
+    busy[0] = False  # had the worker not exited yet, the waiting flush goes on...
+    waiting.join(timeout=2)
+    assert waiting.dead and all(keeper.store.last[f"c-{n}"].open is False for n in (0, 1, 2, 5))  # ...writing none open
 
 
 class DownStore(Store):
