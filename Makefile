@@ -47,7 +47,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python bench/run.py --connect-storm --floor --reps 3
 	$(BIN)/python bench/run.py --storm --reps 1
 
-# The connect storm alone, project and floor (~3 min).
+# The connect storm alone, project and floor (~2 min).
 bench-connect: $(STAMP) system-deps
 	$(BIN)/python bench/run.py --connect-storm --brokers memory --reps 3 $(BENCH_ARGS)
 	$(BIN)/python bench/run.py --connect-storm --floor --reps 3
@@ -55,7 +55,7 @@ bench-connect: $(STAMP) system-deps
 bench-quick: $(STAMP) system-deps
 	$(BIN)/python bench/run.py --quick
 
-# The reload storm: 10,000 clients, 50 broadcasts/s, a SIGHUP, /health polled; both brokers (~2 min).
+# The reload storm: 10,000 clients, 50 broadcasts/s, a SIGHUP, /health polled; both brokers (~1 min).
 bench-storm: $(STAMP) system-deps
 	$(BIN)/python bench/run.py --storm --reps 1 $(BENCH_ARGS)
 
