@@ -24,8 +24,8 @@ would resume after 6 and never get 5, so the hub must see offsets in order:
 recipients' snapshot, so a connection admitted while a fan-out pauses is told
 that offset as its start (``CONNECTED.offset``) and, consistently, does not
 get it live. ``delivered`` moves once the fan-out is done: what a PONG tells
-a connection it has been sent everything up to. The last ``recent`` envelopes delivered are kept for resumes and
-last values (``recent_after``).
+a connection it has been sent everything up to. The last ``recent`` envelopes
+delivered are kept for resumes and last values (``recent_after``).
 
 :meth:`offer` never waits for other broadcasts; what it returns tells when
 this one was delivered, and to how many connections. It may be called from
@@ -221,6 +221,8 @@ class Sequencer:
                 kept = self._recent.add(envelope)
                 try:
                     count = self._deliver(envelope)
+                    # The position, not this offset: a new epoch may have begun while the fan-out paused
+                    # (_reset), and a PONG must not tell its clients an offset of the old stream.
                     self.delivered = self.position
                 except Exception:
                     log.exception("delivering offset %s failed", envelope.offset)

@@ -297,6 +297,17 @@ def test_delivered_moves_only_once_a_fan_out_is_done():
     assert (sequencer.position, sequencer.delivered) == (40, 40)
 
 
+def test_a_fan_out_that_ends_after_the_stream_started_over_reports_the_new_streams_position():
+    """A PONG then says (e2, 0): the old stream's offset 6 in the new epoch would skip e2's first six."""
+    sequencer = Sequencer(lambda e: gevent.sleep(0.01) or 1, lambda a, n: [], on_reset=lambda e: None)
+    sequencer.prime(EPOCH, 5)
+    job = gevent.spawn(sequencer.offer, env(6))
+    gevent.sleep(0.001)  # the fan-out of 6 has started and paused
+    sequencer.restart("e2", 0)  # the store lost its history meanwhile
+    job.join()
+    assert (sequencer.epoch, sequencer.position, sequencer.delivered) == ("e2", 0, 0)
+
+
 def test_delivered_does_not_pass_a_skipped_gap_until_the_service_has_handled_it():
     """The sockets open during the gap are closed by on_gap: none may be told it has what follows it."""
     world = World()
