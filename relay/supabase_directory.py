@@ -147,11 +147,9 @@ class SupabaseDirectory:
         try:
             with self._deadline():
                 result = client.auth.sign_in_with_password({"email": login, "password": password})
-        except AuthApiError as refused:
-            if refused.status and 400 <= refused.status < 500 and refused.status != 429:
+        except (AuthError, httpx.HTTPError, OSError, ValueError) as problem:
+            if _refused(problem) is not None:
                 return None
-            raise self._unavailable(refused) from None
-        except (AuthError, httpx.HTTPError, OSError) as problem:
             raise self._unavailable(problem) from None
         self._up()
         if result.user is None:
@@ -187,11 +185,8 @@ class SupabaseDirectory:
             with self._deadline():
                 response = self._admin.auth.get_user(token)
         except (AuthError, httpx.HTTPError, OSError, ValueError) as problem:
-            # Refused (a 4xx from Supabase, or from a gateway in front of it, whose page may not be JSON:
-            # supabase-py then raises the JSON error) is the token's fault, not an outage: anyone can
-            # send a bad token, and an outage turns /health degraded and logs an error.
-            status = _http_status(problem)
-            if status is not None and 400 <= status < 500 and status not in (408, 429):  # 408/429: theirs
+            status = _refused(problem)
+            if status is not None:
                 raise AccessTokenInvalid(f"Supabase refused the access token (HTTP {status})") from None
             raise self._unavailable(problem) from None
         self._up()
@@ -368,8 +363,17 @@ def _banned(until: str | dt.datetime | None) -> bool:
     return until > dt.datetime.now(dt.UTC)
 
 
+def _refused(problem: BaseException) -> int | None:
+    """The status when Supabase (or a gateway in front of it) refused the request itself, with a 4xx
+    other than 408 and 429 (a wrong password, a bad token): the caller's fault, not an outage. Anyone
+    can send either, and an outage turns /health degraded and logs an error. None otherwise."""
+    status = _http_status(problem)
+    return status if status is not None and 400 <= status < 500 and status not in (408, 429) else None
+
+
 def _http_status(problem: BaseException) -> int | None:
-    """The HTTP status behind a supabase-py error: its own, or that of the response it failed to read."""
+    """The HTTP status behind a supabase-py error: its own, or that of the response it failed to read
+    (a gateway's page that is not JSON makes supabase-py raise the JSON error)."""
     seen: BaseException | None = problem
     for _ in range(5):  # bounded: a chain of causes is short
         if seen is None:

@@ -94,6 +94,7 @@ class FakeSupabase:
         self.gateway_header_limit = 16 * 1024
         self.max_rows = 1000  # PostgREST's max-rows, as Supabase sets it: longer answers are cut, silently
         self.user_status: int | None = None  # set: GET /auth/v1/user answers this status, whatever the token
+        self.gateway_status: int | None = None  # set: the gateway answers every request so, with a page of its own
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -183,12 +184,9 @@ class FakeSupabase:
                 if fake.mode in ("error", "hang"):
                     return self._reply(500, {"code": 500, "msg": "Internal Server Error"})
                 if any(len(value) > fake.gateway_header_limit for value in self.headers.values()):
-                    page = b"<html><body><h1>400 Request Header Or Cookie Too Large</h1></body></html>"
-                    self.send_response(400)
-                    self.send_header("Content-Type", "text/html")
-                    self.send_header("Content-Length", str(len(page)))
-                    self.end_headers()
-                    return self.wfile.write(page)
+                    return self._gateway_page(400, "Request Header Or Cookie Too Large")
+                if fake.gateway_status is not None:
+                    return self._gateway_page(fake.gateway_status, "from the gateway")
                 if not self.headers.get("apikey"):
                     return self._reply(401, {"message": "No API key found in request"})
                 if self.headers.get("apikey") not in (SERVICE_KEY, ANON_KEY):
@@ -206,6 +204,14 @@ class FakeSupabase:
                 except Exception as error:  # a bug in the fake must show up, not hang the client
                     status, payload = 500, {"msg": f"fake error: {error}"}
                 self._reply(status, payload, headers)
+
+            def _gateway_page(self, status: int, title: str) -> None:
+                page = f"<html><body><h1>{status} {title}</h1></body></html>".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
 
             def _reply(self, status: int, payload, headers: dict | None = None) -> None:
                 data = b"" if payload is None else json.dumps(payload).encode()

@@ -341,6 +341,19 @@ def test_a_custom_profiles_table(site, supabase):
     assert supabase.calls("/rest/v1/staff_directory") and not supabase.calls("/rest/v1/profiles")
 
 
+def test_a_sign_in_the_gateway_times_out_is_unavailable_and_one_it_refuses_is_a_wrong_password(site, supabase, people):
+    """The token check's rule, shared: a 408 was taken for a wrong password (and counted against the
+    account), and a refusal on a page that is not JSON was a 500."""
+    srv = site()
+    supabase.gateway_status = 408
+    for _ in range(6):  # none of these counts: a sixth wrong password would block the account
+        assert sign_in(srv, "nurse@clinic.test", "pw-correct-horse").last.status_code == 503
+    supabase.gateway_status = 400
+    assert sign_in(srv, "nurse@clinic.test", "pw-correct-horse").last.status_code == 401
+    supabase.gateway_status = None
+    assert sign_in(srv, "nurse@clinic.test", "pw-correct-horse").last.status_code == 302
+
+
 def test_sign_in_and_tokens_answer_503_while_supabase_is_down(site, supabase, people):
     srv = site(SUPABASE_CACHE_TTL_MS=0)
     supabase.mode = "error"
