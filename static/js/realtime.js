@@ -229,7 +229,7 @@ export class RealtimeClient {
     for (const name of names) {
       const count = this.refs.get(name) || 0;
       this.refs.set(name, count + 1);
-      if (last) this.wantsLast.set(name, (this.wantsLast.get(name) || 0) + 1);
+      if (last) countUp(this.wantsLast, name);
       if (count === 0 || (last && ask)) this.toAsk.add(name);
     }
     this._flushSoon();
@@ -252,9 +252,7 @@ export class RealtimeClient {
         this.refused.delete(name);
       } else {
         this.refs.set(name, count - 1);
-        const wanting = this.wantsLast.get(name) || 0;
-        if (last && wanting <= 1) this.wantsLast.delete(name);
-        else if (last) this.wantsLast.set(name, wanting - 1);
+        if (last) countDown(this.wantsLast, name);
       }
     }
     this._flushSoon();
@@ -477,9 +475,7 @@ export class RealtimeClient {
 
   /** One SUBSCRIBE of this channel was answered (a plain one's answer says nothing of a `last` one's). */
   _answered(name) {
-    const waiting = this.unanswered.get(name) || 0;
-    if (waiting > 1) this.unanswered.set(name, waiting - 1);
-    else this.unanswered.delete(name);
+    countDown(this.unanswered, name);
   }
 
   _connected(data, reconnect) {
@@ -574,7 +570,7 @@ export class RealtimeClient {
     for (const [group, flags] of [[plain, {}], [last, { last: true }]]) {
       for (const some of inChunks(group)) {
         this.send({ type: "SUBSCRIBE", data: { channels: some, ...flags } }); // not sent (no socket): the next CONNECTED sees it unanswered
-        for (const name of some) this.unanswered.set(name, (this.unanswered.get(name) || 0) + 1);
+        for (const name of some) countUp(this.unanswered, name);
       }
     }
   }
@@ -717,6 +713,18 @@ export class RealtimeClient {
     this.status = status;
     notifyAll(this.statusListeners, status, "status");
   }
+}
+
+/** One more of `key` in a map of counts. */
+function countUp(counts, key) {
+  counts.set(key, (counts.get(key) || 0) + 1);
+}
+
+/** One fewer of `key` in a map of counts; none left is no entry. */
+function countDown(counts, key) {
+  const left = (counts.get(key) || 0) - 1;
+  if (left > 0) counts.set(key, left);
+  else counts.delete(key);
 }
 
 /** A list the server sent, or none: a field of another type must not stop the client halfway. */
