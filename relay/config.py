@@ -421,8 +421,12 @@ def _redis_url(raw: str) -> str | None:
 
 def _written_host(url: str) -> str:
     """The host (and port) as written: after the last "@" before any "?" or "#", up to the path."""
-    authority = re.split(r"[?#]", url.partition("://")[2], maxsplit=1)[0]
-    return authority.rpartition("@")[2].partition("/")[0]
+    return _before_query(url.partition("://")[2]).rpartition("@")[2].partition("/")[0]
+
+
+def _before_query(rest: str) -> str:
+    """What comes after ``scheme://`` up to the first ``?`` or ``#``: the credentials, host and path."""
+    return re.split(r"[?#]", rest, maxsplit=1)[0]
 
 
 def redacted(url: str) -> str:
@@ -440,7 +444,7 @@ def redacted(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     shown = scheme + sep
     if sep and "@" in rest:
-        authority = re.split(r"[?#]", rest, maxsplit=1)[0]
+        authority = _before_query(rest)
         if "@" not in authority:
             return shown + "***"
         credentials, _, after = authority.rpartition("@")
