@@ -114,8 +114,8 @@ def sign_out(user_id, url):
 
     The sign-ins end in the sign-out store itself (their pages and /api/ws/auth ask them to sign in
     again, on every host that shares it); the sockets are closed by the server at --url. Exits 1 if
-    either could not be done. A connection token already handed out still opens a socket until it
-    expires (WS_TOKEN_TTL_MS).
+    either could not be done. Connection tokens minted before are refused from then on; a socket
+    opened with one is closed at the next identity re-check (WS_IDENTITY_RECHECK_MS).
     """
     if not is_valid_id(user_id):
         raise click.ClickException(f"{user_id[:80]!r} is not a user id; nobody was signed out")

@@ -128,6 +128,7 @@ class Connection:
         "user_id",
         "role",
         "clinic_id",
+        "token_ms",
         "channels",
         "opened_at",
         "heard",
@@ -173,6 +174,7 @@ class Connection:
         self.user_id: str | None = None  # set once admitted (see identify)
         self.role: str | None = None
         self.clinic_id: str | None = None
+        self.token_ms = 0  # when the token it was admitted with was minted (a sign-out everywhere ends it)
         self.channels: set[str] = set()
         self.rate_tokens = 0.0
         self.rate_at = 0.0

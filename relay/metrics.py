@@ -55,6 +55,7 @@ AUTH_FAILURE_REASONS = (  # every TokenError reason, then the user's
     "user_disabled",
     "directory_unavailable",
     "disconnected",
+    "signed_out",
 )
 CLOSE_CODES = tuple(sorted({str(v) for k, v in vars(Close).items() if k.isupper()} | {"1001", "1005", "1006"}))
 ERROR_CODES = tuple(v for k, v in vars(Error).items() if k.isupper())

@@ -13,7 +13,9 @@ noticing, in a greenlet of each worker:
   the interval (``Directory.get_many``, each batch the size the directory
   asks for: a SQLite IN list of 500, or for Supabase all of them in one pass
   over its user list, so that a re-check costs a page per thousand users,
-  never a call per user or a pass per batch).
+  never a call per user or a pass per batch). Each batch is also read from
+  the sign-out store (``sign_outs``, :meth:`Realtime.recheck_sign_outs`): a
+  sign-out everywhere whose close a worker never heard ends its sockets here.
 
 What a change does (``Realtime.apply_identity``): a disabled or deleted user's
 sockets are closed with 4403; a user whose role or clinic changed is moved
@@ -33,6 +35,7 @@ import gevent
 
 from .directory import Directory, DirectoryUnavailable, Identity
 from .eventlog import event
+from .signouts import SignoutsUnavailable
 
 log = logging.getLogger("relay.revocation")
 
@@ -46,12 +49,14 @@ class IdentityWatcher:
         *,
         recheck_interval: float,
         poll_interval: float = 1.0,
+        sign_outs: Callable[[list[str]], object] | None = None,
     ):
         self.directory = directory
         self.users = users
         self.apply = apply
         self.recheck_interval = recheck_interval
         self.poll_interval = poll_interval
+        self.sign_outs = sign_outs
         self.rechecks = 0
         self.applied = 0
         self.errors = 0
@@ -107,17 +112,31 @@ class IdentityWatcher:
             # Spread the batches over half the interval: a steady trickle, never a burst.
             pause = (self.recheck_interval / 2) / max(1, len(batches))
             for batch in batches:
-                try:
-                    self.refresh(batch)
-                except DirectoryUnavailable as down:
-                    self.errors += 1
-                    log.warning("identity re-check skipped a batch: %s", down)
-                except Exception:
-                    self.errors += 1
-                    log.exception("identity re-check failed")
+                self._recheck(batch)
                 gevent.sleep(min(pause, 1.0))
             self.rechecks += 1
             event("identity.rechecked", users=len(users), seconds=round(time.monotonic() - started, 3))
+
+    def _recheck(self, batch: list[str]) -> None:
+        """One batch of the re-check: the directory, then the sign-outs (either may be down alone)."""
+        try:
+            self.refresh(batch)
+        except DirectoryUnavailable as down:
+            self.errors += 1
+            log.warning("identity re-check skipped a batch: %s", down)
+        except Exception:
+            self.errors += 1
+            log.exception("identity re-check failed")
+        if self.sign_outs is None:
+            return
+        try:
+            self.sign_outs(batch)
+        except SignoutsUnavailable as down:
+            self.errors += 1
+            log.warning("sign-out re-check skipped a batch: %s", down)
+        except Exception:
+            self.errors += 1
+            log.exception("sign-out re-check failed")
 
     def status(self) -> dict:
         return {

@@ -33,6 +33,7 @@ from . import channels as channel_rules
 from .broadcast import Broadcaster, BroadcastRequest, Receipt
 from .broadcast_log import BroadcastLog, LogWriter
 from .broker import Broker, BrokerUnavailable, Delivery, MemoryBroker, Pending
+from .clock import now_ms
 from .codes import Close, Error
 from .config import MAX_SESSION_HOURS, Settings
 from .connection import Connection
@@ -49,7 +50,7 @@ from .recovery import Prepared, Recovery, ResumeRequest, split_by_refusal
 from .revocation import IdentityWatcher
 from .sequencer import Sequencer
 from .sessions import SessionKeeper
-from .signouts import SignoutStore, SqliteSignouts
+from .signouts import SignoutStore, SignoutsUnavailable, SqliteSignouts
 from .sqlite import start_checkpoints
 from .sqlite_broadcast_log import SqliteBroadcastLog
 from .sqlite_directory import SqliteDirectory
@@ -74,9 +75,10 @@ class _OnItsWay:
     user in that time is noted here, and applied to it before it joins (``Realtime._caught_up``); and
     the limits count the sockets on their way ahead of it, not only those in the hub."""
 
-    __slots__ = ("changed", "identity", "disconnected", "joining")
+    __slots__ = ("user_id", "changed", "identity", "disconnected", "joining")
 
-    def __init__(self) -> None:
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id  # the key it is listed under in Realtime._on_the_way
         self.changed = False
         self.identity: Identity | None = None
         self.disconnected = False
@@ -155,6 +157,7 @@ class Realtime:
             self.hub.user_ids,
             self.apply_identity,
             recheck_interval=settings.identity_recheck_ms / 1000,
+            sign_outs=self.recheck_sign_outs,
         )
         self.started = False
         self._greenlets: list[gevent.Greenlet] = []
@@ -162,6 +165,9 @@ class Realtime:
         # capacity checks (WS_MAX_CLIENTS counts them): see _OnItsWay.
         self._on_the_way: dict[str, list[_OnItsWay]] = {}
         self._joining = 0
+        # Users signed out everywhere, by the source's spelling: a token minted before that time (ms) is
+        # refused here (4401). Kept while such a token could still be in date (see apply_sign_outs).
+        self._signed_out: dict[str, int] = {}
 
     def start(self) -> None:
         """Begin serving: the broker's listener, the keep-alive, the session keeper, the trimmer. Idempotent."""
@@ -222,6 +228,37 @@ class Realtime:
             )
         return len(conns)
 
+    def recheck_sign_outs(self, user_ids: list[str]) -> int:
+        """Read from the sign-out store whether these users were signed out everywhere, and apply it
+        (:meth:`apply_sign_outs`); may wait on the store, and raises ``SignoutsUnavailable``.
+
+        The backstop of :meth:`sign_out_everywhere`: its close reaches the workers listening at that
+        moment (a worker whose Redis listener was reconnecting never hears it), and a token minted
+        before it still opens a socket until it expires. The identity re-check reads every
+        connected user here (``WS_IDENTITY_RECHECK_MS``); a worker told to close a user's sockets
+        reads that user at once.
+        """
+        return self.apply_sign_outs(self.signouts.signed_out_before(user_ids, time.time()))
+
+    def apply_sign_outs(self, signed_out: dict[str, int]) -> int:
+        """Users signed out everywhere, each with the time (epoch ms) their tokens had to be minted after:
+        this worker refuses older tokens from now on, and closes the sockets opened with one (4403,
+        as the sign-out's own close). Returns how many it closed."""
+        horizon = now_ms() - self.settings.token_ttl_ms  # a token minted before this has expired
+        for user_id, before in signed_out.items():
+            if before > max(horizon, self._signed_out.get(user_id, 0)):
+                self._signed_out[user_id] = before
+        for user_id in [user_id for user_id, before in self._signed_out.items() if before <= horizon]:
+            del self._signed_out[user_id]
+        closed = 0
+        for user_id, before in signed_out.items():
+            for conn in self.hub.connections_of(user_id):
+                if conn.token_ms < before:
+                    event("ws.revoked", level="warning", clientId=conn.id, userId=user_id, reason="signed_out")
+                    conn.close(Close.FORBIDDEN, "signed out everywhere")
+                    closed += 1
+        return closed
+
     def spelled_by_source(self, user_id: str) -> tuple[str, bool | None]:
         """The id as the identity source spells it (a Supabase id typed in capitals is the same user,
         and its sockets and sign-outs are keyed by the source's spelling), and whether the source knows
@@ -250,8 +287,9 @@ class Realtime:
     def sign_out_everywhere(self, user_id: str, *, by: str) -> Delivery | None:
         """:meth:`end_sign_ins`, then close the user's sockets on every worker and host (4403, as
         :meth:`disconnect_user`): a password change, a lost laptop. Returns that delivery, or None
-        when the broker could not carry it (the sign-ins have ended regardless). A connection token
-        already handed out still opens a socket until it expires (``WS_TOKEN_TTL_MS``).
+        when the broker could not carry it (the sign-ins have ended regardless). Each worker that
+        closes them refuses from then on the user's connection tokens minted before (4401); one that
+        did not hear it learns it at its next identity re-check (:meth:`recheck_sign_outs`).
         """
         self.end_sign_ins(user_id, by=by)
         try:
@@ -275,6 +313,8 @@ class Realtime:
             conns = self.hub.connections_of(user_id)
             for conn in conns:
                 _disconnect(conn)
+            # Maybe a sign-out everywhere: its tokens handed out before are refused from now on.
+            gevent.spawn(self._read_sign_out, user_id)  # may wait on the store: not here
             return len(conns)
         if kind == "identity":
             gevent.spawn(self.identities.refresh, [user_id])  # may wait on the directory: not here
@@ -289,6 +329,12 @@ class Realtime:
             replaced.close(Close.REPLACED, REPLACED)
             return 1
         return 0
+
+    def _read_sign_out(self, user_id: str) -> None:
+        try:
+            self.recheck_sign_outs([user_id])
+        except SignoutsUnavailable as down:  # the identity re-check reads it again
+            log.warning("sign-out of %s not read: %s", user_id, down)
 
     def _heartbeat(self) -> dict:
         """What this worker publishes for the cluster: the hub's figures, and who holds several sockets here."""
@@ -508,7 +554,7 @@ class Realtime:
         if self.tokens is None:
             raise RuntimeError("no WS_TOKEN_SECRET: this process cannot verify tokens")
         try:
-            user_id = self.tokens.verify(token)
+            user_id, issued_ms = self.tokens.claims(token)
         except TokenError as refused:
             event(
                 "ws.auth_failed",
@@ -522,15 +568,13 @@ class Realtime:
             self.telemetry.auth_failed(refused.reason)
             conn.reject(Close.UNAUTHORIZED, f"token {refused.reason.replace('_', ' ')}")
             return
-        arriving = _OnItsWay()
-        on_the_way = self._on_the_way.setdefault(user_id, [])
-        on_the_way.append(arriving)
+        arriving = _OnItsWay(user_id)
+        self._on_the_way.setdefault(user_id, []).append(arriving)
         try:
+            conn.token_ms = issued_ms
             self._admit_user(conn, user_id, arriving, remote, pending, resume)
         finally:
-            on_the_way.remove(arriving)
-            if not on_the_way:
-                self._on_the_way.pop(user_id, None)
+            self._off_the_way(arriving)
             if arriving.joining:
                 self._joining -= 1
 
@@ -563,6 +607,20 @@ class Realtime:
             self.hub.counters["auth_failures"] += 1
             self.telemetry.auth_failed(reason)
             conn.reject(Close.FORBIDDEN, reason.replace("_", " "))
+            return
+        if identity.user_id != user_id:
+            # The token spells the id otherwise (a Supabase id in capitals): from here the source's
+            # spelling, under which the hub counts the user's sockets and disconnects name them.
+            self._off_the_way(arriving)
+            user_id = arriving.user_id = identity.user_id
+            self._on_the_way.setdefault(user_id, []).append(arriving)
+        if conn.token_ms < self._signed_out.get(user_id, 0):
+            # Minted before its user was signed out everywhere: the browser asks for a new one, which
+            # only a sign-in since can get (a copy of a session cookie from before cannot).
+            event("ws.auth_failed", level="warning", reason="signed_out", userId=user_id, remote=remote)
+            self.hub.counters["auth_failures"] += 1
+            self.telemetry.auth_failed("signed_out")
+            conn.reject(Close.UNAUTHORIZED, "token signed out")
             return
         # The socket a resume comes back from, if it is still open here: it is on its way out (_replace),
         # so it is not counted against this one.
@@ -665,6 +723,12 @@ class Realtime:
         if resume is not None:
             self.recovery.count(outcome)
             self.telemetry.recovery(isinstance(outcome, Prepared))
+
+    def _off_the_way(self, arriving: _OnItsWay) -> None:
+        on_the_way = self._on_the_way[arriving.user_id]
+        on_the_way.remove(arriving)
+        if not on_the_way:
+            del self._on_the_way[arriving.user_id]
 
     def _caught_up(
         self, conn: Connection, arriving: _OnItsWay, outcome: Prepared | str | None, remote: str | None

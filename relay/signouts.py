@@ -26,8 +26,12 @@ survive on a host whose clock is ahead.
 
 A request asks once (``auth.current_user``): two primary-key reads in one
 statement, ~10 us in SQLite, or one round trip to Redis (``MGET``), on the
-pages and ``/api/ws/auth`` only; the socket authenticates with its token and
-never asks.
+pages and ``/api/ws/auth`` only. A socket authenticates with its token and
+does not ask when it connects (a read per connect would slow a reconnect
+storm): a sign-out everywhere closes the user's sockets, and each worker then
+refuses the user's tokens minted before it; the workers that did not hear
+that close (a Redis listener reconnecting, a worker started since) learn it
+from :meth:`SignoutStore.signed_out_before` at the next identity re-check.
 """
 
 from __future__ import annotations
@@ -63,6 +67,14 @@ class SignoutStore(Protocol):
         the time the ``until`` of either is compared with.
         """
 
+    def signed_out_before(self, user_ids: list[str], now: float) -> dict[str, int]:
+        """For those of ``user_ids`` signed out everywhere (and still remembered at ``now``), the time
+        (epoch ms) every sign-in and connection token of theirs had to start after; the others are absent.
+
+        The socket side (``Realtime``): read for every connected user at each identity re-check,
+        and when a worker is told to close a user's sockets.
+        """
+
     def close(self) -> None: ...
 
 
@@ -80,6 +92,7 @@ CREATE TABLE IF NOT EXISTS user_signouts (
 """
 
 
+_BATCH = 500  # users per statement or MGET: under SQLite's 999 parameters, one modest Redis reply
 _store_errors = errors_become(SignoutsUnavailable, "the sign-out store cannot be used")
 
 
@@ -123,6 +136,24 @@ class SqliteSignouts(SqliteStore):
             )
         return bool(row[0])
 
+    @_store_errors
+    def signed_out_before(self, user_ids: list[str], now: float) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(user_ids), _BATCH):
+            batch = user_ids[start : start + _BATCH]
+            marks = ",".join("?" * len(batch))
+            with self._lock:
+                rows = (
+                    self._conn()
+                    .execute(
+                        f"SELECT user_id, ended_before_ms FROM user_signouts WHERE until > ? AND user_id IN ({marks})",
+                        (now, *batch),
+                    )
+                    .fetchall()
+                )
+            found.update(rows)
+        return found
+
 
 class RedisSignouts(RedisStore):
     """One key per signed-out session, ``<prefix>:signout:<id>``, and per user signed out everywhere,
@@ -149,6 +180,14 @@ class RedisSignouts(RedisStore):
             self._client.mget, [self.prefix + session_id, self.user_prefix + user_id]
         )
         return signed_out is not None or (everywhere_before is not None and started_ms < int(everywhere_before))
+
+    def signed_out_before(self, user_ids: list[str], now: float) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(user_ids), _BATCH):
+            batch = user_ids[start : start + _BATCH]
+            values = self._call(self._client.mget, [self.user_prefix + user_id for user_id in batch])
+            found.update((user, int(value)) for user, value in zip(batch, values, strict=True) if value is not None)
+        return found
 
 
 def _ttl_ms(until: float) -> int:

@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import hmac
 import json
+from typing import NamedTuple
 
 from .clock import now_ms
 from .jsonsafe import encodable
@@ -35,6 +36,13 @@ class TokenError(Exception):
         super().__init__(detail)
         self.reason = reason
         self.user_id = user_id  # set only once the signature has been verified
+
+
+class Claims(NamedTuple):
+    """What a verified token says: whose it is, and when it was minted (ms since the epoch)."""
+
+    user_id: str
+    issued_ms: int
 
 
 class TokenService:
@@ -67,6 +75,10 @@ class TokenService:
 
     def verify(self, token: str | None, now: int | None = None) -> str:
         """Return the token's user id, or raise :class:`TokenError`."""
+        return self.claims(token, now).user_id
+
+    def claims(self, token: str | None, now: int | None = None) -> Claims:
+        """Return the token's user id and minting time, or raise :class:`TokenError`."""
         if not token:
             raise TokenError("missing", "no token was given")
         if len(token) > MAX_TOKEN_CHARS:
@@ -108,7 +120,7 @@ class TokenService:
             raise TokenError("expired", f"the token expired {age - self.ttl_ms} ms ago", user_id)
         if -age > MAX_FUTURE_MS:
             raise TokenError("future", f"the token is dated {-age} ms in the future", user_id)
-        return user_id
+        return Claims(user_id, timestamp)
 
 
 def _signature(keyed: hmac.HMAC, user_id: str, timestamp: int) -> str:

@@ -1,6 +1,7 @@
 """Signing out ends the session on the server: a copy of the cookie taken before is refused
 (relay.signouts), across a restart with the embedded store, across workers with Redis."""
 
+import pytest
 import requests
 from support import ADMIN_SECRET, Server, csrf_of, flask_cli, make_users, sign_in
 
@@ -185,3 +186,40 @@ def test_the_sign_out_everywhere_button_ends_every_sign_in_and_socket_of_that_pe
     )
     assert replayed.status_code == 302
     assert ws_auth(srv, again) == 200
+
+
+def test_a_token_minted_before_a_sign_out_everywhere_opens_no_socket_after_it(start_server):
+    srv = start_server()
+    # Handed out before (a fetch still in flight, or a thief's copy), not yet used.
+    bobs, carols = srv.token("bob"), srv.token("carol")
+    done = requests.post(
+        srv.url + "/api/users/bob/sign-out", headers={"Authorization": f"Bearer {ADMIN_SECRET}"}, timeout=5
+    )
+    assert done.status_code == 200, done.text
+    assert srv.open(bobs).closed_with() == (4401, "token signed out")
+    srv.wait_for_event("ws.auth_failed", lambda e: e.get("reason") == "signed_out" and e.get("userId") == "bob")
+    assert srv.open(carols).expect("CONNECTED")["data"]["userId"] == "carol"  # nobody else's
+    assert srv.connect("bob").hello["userId"] == "bob"  # minted since: a sign-in after it
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_a_socket_opened_with_a_token_from_before_a_sign_out_its_worker_never_heard_closes_at_the_recheck(
+    start_server, tmp_path, broker, request
+):
+    """The close of a sign-out everywhere reaches the workers listening then: one that was not (its
+    Redis listener reconnecting, the CLI not reaching it) learns it from the store at its re-check."""
+    env = {"WS_IDENTITY_RECHECK_MS": "1000"}
+    if broker == "redis":
+        env["REDIS_URL"] = request.getfixturevalue("redis_server").url
+    srv = start_server(**env)
+    old = srv.token("bob")
+    bob, carol = srv.open(old), srv.connect("carol")
+    assert bob.expect("CONNECTED")["data"]["userId"] == "bob"
+    # Recorded in the store only, as the CLI does when it cannot reach the server: nobody closed bob's socket.
+    away = flask_cli(srv, "users", "sign-out", "bob", "--url", "http://127.0.0.1:9")
+    assert away.returncode == 1 and "every sign-in of bob has ended" in away.stdout
+    assert bob.closed_with(timeout=10) == (4403, "signed out everywhere")
+    srv.wait_for_event("ws.revoked", lambda e: e.get("reason") == "signed_out" and e.get("userId") == "bob")
+    assert carol.nothing_within(0.3)
+    assert srv.open(old).closed_with() == (4401, "token signed out")  # and its token opens nothing more
+    assert srv.connect("bob").hello["userId"] == "bob"

@@ -134,3 +134,24 @@ def test_redis_that_is_down_is_unavailable(redis_server):
     with pytest.raises(SignoutsUnavailable):
         store.end_all("bob", STARTED, time.time() + 60)
     store.close()
+
+
+def test_the_users_signed_out_everywhere_are_read_in_one_call_with_their_times(store):
+    now, at = time.time(), int(time.time() * 1000)
+    store.end_all("bob", at, now + 3600)
+    store.end_all("eve", at - 5_000, now + 3600)
+    store.end("carol", now + 3600)  # a session of that name signed out: not a user signed out everywhere
+    assert store.signed_out_before(["bob", "carol", "dan", "eve"], now) == {"bob": at, "eve": at - 5_000}
+    assert store.signed_out_before([], now) == {}
+    # More users than one statement or MGET takes: read in batches, none lost.
+    many = [f"u{i}" for i in range(1_200)]
+    store.end_all("u1100", at, now + 3600)
+    assert store.signed_out_before(many, now) == {"u1100": at}
+
+
+def test_a_user_signed_out_everywhere_is_no_longer_read_once_it_is_forgotten(store):
+    at = int(time.time() * 1000)
+    store.end_all("bob", at, time.time() + 0.3)
+    assert store.signed_out_before(["bob"], time.time()) == {"bob": at}
+    time.sleep(0.6)
+    assert store.signed_out_before(["bob"], time.time()) == {}

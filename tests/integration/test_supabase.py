@@ -399,3 +399,21 @@ def test_disconnect_and_sign_out_find_an_id_typed_in_capitals(site, people):
     assert gone.status_code == 200 and gone.json()["disconnected"] == 0  # unknown: as given, nothing open
     signed_out = requests.post(f"{srv.url}/api/users/{user.id.upper()}/sign-out", headers=admin, timeout=10)
     assert signed_out.status_code == 200 and signed_out.json()["userId"] == user.id
+
+
+def test_a_token_that_spells_the_id_in_capitals_is_the_same_user_for_the_limits_and_the_sign_outs(site, people):
+    """Sockets are counted and signed out under the source's spelling; one admitted under the token's
+    was counted apart (the per-user limit passed by one socket per spelling; found by review)."""
+    from support import ADMIN_SECRET
+
+    srv = site(WS_MAX_CONNECTIONS_PER_USER="1")
+    user = people["staff"]
+    with srv.connect(user.id):
+        shouting = srv.open(srv.token(user.id.upper()))
+        assert shouting.closed_with(timeout=10)[0] == Close.TOO_MANY_CONNECTIONS
+    with srv.connect(user.id.upper()) as client:
+        assert client.hello["userId"] == user.id  # as the source spells it
+    before = srv.token(user.id.upper())
+    admin = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+    assert requests.post(f"{srv.url}/api/users/{user.id}/sign-out", headers=admin, timeout=10).status_code == 200
+    assert srv.open(before).closed_with(timeout=10) == (Close.UNAUTHORIZED, "token signed out")

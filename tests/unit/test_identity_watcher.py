@@ -6,6 +6,7 @@ import gevent
 
 from relay.directory import DirectoryUnavailable, Identity
 from relay.revocation import IdentityWatcher
+from relay.signouts import SignoutsUnavailable
 
 
 class Flaky:
@@ -60,3 +61,28 @@ def test_the_recheck_runs_every_interval_from_the_start_of_the_last_round():
     # Every 0.1 s; the old loop waited the interval after the round as well (0.2 s). A loaded machine
     # only stretches gaps, so the shortest one says what the loop asks for.
     assert gaps and min(gaps) < 0.15, gaps
+
+
+def test_the_recheck_reads_each_batch_from_the_sign_out_store_too_and_either_may_fail_alone():
+    read: list[list[str]] = []
+
+    def sign_outs(batch):
+        read.append(batch)
+        if len(read) == 1:
+            raise SignoutsUnavailable("Redis is unreachable")
+
+    class Batches(Flaky):
+        recheck_batch = 2
+
+        def changes_since(self, cursor):
+            return 1, []
+
+    users = ["ann", "bob", "cat"]
+    directory = Batches(fails=1)  # the first batch's identities cannot be read: its sign-outs still are
+    watcher = IdentityWatcher(
+        directory, lambda: users, lambda *a: None, recheck_interval=0.2, poll_interval=60, sign_outs=sign_outs
+    )
+    watcher.start()
+    gevent.sleep(0.5)
+    assert read[:3] == [["ann", "bob"], ["cat"], ["ann", "bob"]], read
+    assert watcher.errors == 2  # one each, and neither stopped the round

@@ -32,6 +32,13 @@ def test_minted_token_is_base64_json_with_hmac_of_user_and_timestamp():
     assert service.verify(token, now=NOW) == "bob"
 
 
+def test_a_token_says_whose_it_is_and_when_it_was_minted():
+    assert service.claims(raw_token(signed("bob", NOW - 5_000)), now=NOW) == ("bob", NOW - 5_000)
+    assert service.claims(service.mint("carol", NOW), now=NOW).issued_ms == NOW
+    with pytest.raises(TokenError):
+        service.claims(raw_token({**signed("bob"), "timestamp": NOW - 1}), now=NOW)  # the signature is of NOW
+
+
 @pytest.mark.parametrize(
     "encode",
     [
