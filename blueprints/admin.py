@@ -21,9 +21,10 @@ from relay.clock import now_iso, now_ms
 from relay.envelope import Filter
 
 from .auth import admin_required, csrf_ok, csrf_required, realtime, signed_in
-from .pages import triggering_message
+from .pages import note_stream_position, triggering_message
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+bp.before_request(note_stream_position)  # see there: before the view reads its data
 
 # What the form offers, and the message type each channel carries.
 CHANNEL_TYPES = {"system:announcements": "ANNOUNCEMENT", "system:maintenance": "MAINTENANCE"}

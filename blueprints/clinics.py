@@ -9,9 +9,10 @@ from flask import Blueprint, abort, redirect, render_template, request, url_for
 from relay.channels import channels, is_valid_id
 
 from .auth import csrf_required, login_required, realtime, signed_in
-from .pages import triggering_message
+from .pages import note_stream_position, triggering_message
 
 bp = Blueprint("clinics", __name__, url_prefix="/clinics")
+bp.before_request(note_stream_position)  # see there: before the view reads its data
 
 
 def _check_access(clinic_id: str) -> None:

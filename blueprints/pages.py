@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, render_template, request
+from flask import Blueprint, g, render_template, request
 
 from relay import jsonsafe
 
-from .auth import login_required, signed_in
+from .auth import login_required, realtime, signed_in
 
 bp = Blueprint("pages", __name__)
 MAX_MESSAGE_CHARS = 64 * 1024
+
+
+def note_stream_position() -> None:
+    """Before a page's view reads what it shows: the stream's position (``g.stream_at``), which
+    ``base.html`` renders into ``<body>`` for realtime.js to subscribe ``since`` it. What is broadcast
+    between this render and the page's subscription is then replayed, not lost. Taken before the view
+    reads anything: a broadcast just after may be shown twice (rendered, then replayed), never missed.
+    Registered on the blueprints of pages (not on ``/ws``, whose every upgrade would pay for it)."""
+    g.stream_at = realtime().stream_position()
+
+
+bp.before_request(note_stream_position)
 
 
 @bp.get("/")

@@ -6,6 +6,9 @@ Client -> server (JSON text frames)::
     {"type": "SUBSCRIBE",   "data": {"channels": [...]}}  -> ERROR per refused channel, then SUBSCRIBED {channels}
     {"type": "SUBSCRIBE",   "data": {"channels": [...], "last": true}}
                                                           -> ... and each channel's last value, before SUBSCRIBED
+    {"type": "SUBSCRIBE",   "data": {"channels": [...], "since": {"epoch": E, "offset": N}}}
+                                                          -> ... and what these channels add that was
+                                                             broadcast after N, before SUBSCRIBED {recovered}
     {"type": "UNSUBSCRIBE", "data": {"channels": [...]}}  -> UNSUBSCRIBED {channels}
 
 A connection's messages are answered in the order they came: while one waits
@@ -36,6 +39,8 @@ from .envelope import Envelope
 from .eventlog import event
 from .hub import Hub
 from .lastvalues import LastValues
+from .recovery import Reason
+from .sequencer import Sequencer
 from .sessions import SessionKeeper
 from .telemetry import Telemetry
 
@@ -49,6 +54,18 @@ def encode(message_type: str, data: object) -> bytes:
     """A server message as a ready-to-send text frame."""
     payload = jsonsafe.compact({"type": message_type, "data": data})
     return frames.text(payload.encode())
+
+
+def _since(value: object) -> tuple[str, int] | None:
+    """A SUBSCRIBE's ``since`` as (epoch, offset), None when absent; ValueError when malformed."""
+    if value is None:
+        return None
+    epoch, offset = (value.get("epoch"), value.get("offset")) if isinstance(value, dict) else (None, None)
+    if not isinstance(epoch, str) or not 0 < len(epoch) <= 64:
+        raise ValueError("since.epoch")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError("since.offset")
+    return epoch, offset
 
 
 def error_frame(code: str, message: str, **extra: object) -> bytes:
@@ -75,12 +92,14 @@ class ClientProtocol:
         sessions: SessionKeeper | None = None,
         last_values: LastValues | None = None,
         telemetry: Telemetry | None = None,
-        stream: Callable[[], tuple[str | None, int]] | None = None,
+        stream: Sequencer | None = None,
+        max_replay: int = 1000,
     ):
         self.hub = hub
-        # (epoch, offset): the stream's epoch and the last offset whose fan-out has finished here
-        # (Sequencer.delivered). None without a history (no offsets anywhere).
+        # The stream's position (PONG and SUBSCRIBED tell it) and its recent broadcasts (what a
+        # SUBSCRIBE ``since`` replays). None without a history (no offsets anywhere).
         self.stream = stream
+        self.max_replay = max_replay
         self.telemetry = telemetry
         self.max_subscriptions = max_subscriptions
         self.rate_burst = rate_burst
@@ -162,11 +181,15 @@ class ClientProtocol:
         connection is to get is queued ahead of this PONG (its fan-out finished), so a client whose
         channels are quiet may resume from there, not from an offset the history has dropped since."""
         answer: dict = {"timestamp": int(time.time() * 1000)}
-        if self.stream is not None:
-            epoch, offset = self.stream()
-            if epoch is not None:
-                answer.update(epoch=epoch, offset=offset)
+        self._tell_position(answer)
         conn.send_now(encode("PONG", answer))
+
+    def _tell_position(self, answer: dict) -> None:
+        """Add the stream's ``epoch`` and ``offset`` (``Sequencer.delivered``) to a PONG or SUBSCRIBED:
+        every broadcast up to it that this connection is to get is queued ahead of the answer."""
+        stream = self.stream
+        if stream is not None and stream.epoch is not None:
+            answer.update(epoch=stream.epoch, offset=stream.delivered)
 
     def _subscribe(self, conn: Connection, data: object) -> None:
         names = self._channel_list(conn, data)
@@ -176,6 +199,11 @@ class ClientProtocol:
         last = data.get("last", False)
         if not isinstance(last, bool):
             self.error(conn, Error.INVALID_DATA, '"last" must be true or false')
+            return
+        try:
+            since = _since(data.get("since"))
+        except ValueError:
+            self.error(conn, Error.INVALID_DATA, '"since" must be {"epoch": string, "offset": integer >= 0}')
             return
         allowed, denied = [], []
         for name in names:
@@ -208,11 +236,11 @@ class ClientProtocol:
             # The last values are in the store: fetch them in a greenlet, and hold this
             # connection's later messages until this one is answered.
             conn.backlog = []
-            conn.defer(self._subscribe_with_last, conn, allowed)
+            conn.defer(self._subscribe_with_last, conn, allowed, since)
             return
-        self._take(conn, allowed, {})
+        self._take(conn, allowed, {}, since)
 
-    def _subscribe_with_last(self, conn: Connection, names: list[str]) -> None:
+    def _subscribe_with_last(self, conn: Connection, names: list[str], since: tuple[str, int] | None) -> None:
         """Deferred (may wait): fetch each channel's last value, then subscribe and answer."""
         assert self.last_values is not None
         found = self.last_values.fetch(names)  # waits on the store
@@ -222,7 +250,7 @@ class ClientProtocol:
             # And authorized again: the user may have moved clinic while the store answered
             # (Realtime.apply_identity), which re-checked the channels held, not these.
             still = [name for name in names if self._still_allowed(conn, name)]
-            self._take(conn, still, self.last_values.settle(found))
+            self._take(conn, still, self.last_values.settle(found), since)
         self._answer_backlog(conn)
 
     def _still_allowed(self, conn: Connection, name: str) -> bool:
@@ -241,12 +269,14 @@ class ClientProtocol:
                 conn.backlog.extend(waiting[index + 1 :])
                 return
 
-    def _take(self, conn: Connection, allowed: list[str], last: dict) -> None:
-        """Subscribe to already-authorized channels, send their last values, answer SUBSCRIBED.
+    def _take(self, conn: Connection, allowed: list[str], last: dict, since: tuple[str, int] | None = None) -> None:
+        """Subscribe to already-authorized channels, send their last values (and, with ``since``, what
+        they add after it), answer SUBSCRIBED.
 
         A channel already held gets its last value too: the page's second subscriber of a channel
         (one more fragment showing the queue) asks for it, and the first gets a repeat it can
         tell by ``"last": true``."""
+        held = frozenset(conn.channels) if since is not None else frozenset()
         taken, over = self.hub.subscribe(conn, allowed, self.max_subscriptions)
         for name in over:
             self.error(
@@ -256,15 +286,64 @@ class ClientProtocol:
                 channel=name,
                 now=False,
             )
+        answer: dict = {"channels": taken}
+        replay: list[Envelope] | str | None = None
+        newest_shown = None  # with a replay, a last value newer than ``since`` comes with it, in order
+        if since is not None:
+            replay = self._replay(conn, held, since)
+            if isinstance(replay, list):
+                answer["recovered"], newest_shown = True, since[1]
+            else:
+                answer.update(recovered=False, reason=replay)
         for name in taken:
             envelope = last.get(name)
-            if envelope is not None and self._admits(conn, envelope):
+            if envelope is None or (newest_shown is not None and (envelope.offset or 0) > newest_shown):
+                continue
+            if self._admits(conn, envelope):
                 conn.push(envelope.last_frame())
+        if isinstance(replay, list) and replay:
+            conn.push_owed([envelope.frame() for envelope in replay])
         if taken:
             event("ws.subscribe", clientId=conn.id, userId=conn.user_id, channels=taken)
             if self.sessions is not None:
                 self.sessions.changed(conn)
-        conn.send_now(encode("SUBSCRIBED", {"channels": taken}))
+        self._tell_position(answer)
+        conn.send_now(encode("SUBSCRIBED", answer))
+
+    def _replay(self, conn: Connection, held: frozenset[str], since: tuple[str, int]) -> list[Envelope] | str:
+        """The broadcasts after ``since`` meant for this connection that it was not sent: from before
+        it joined (``start_offset``), and those the channels just taken add (the channels it ``held``
+        and its user, role and clinic brought it the others live); from the recent window, or why not
+        (a :class:`relay.recovery.Reason`).
+
+        For a page rendered at ``since``: what was broadcast between the render and its subscription,
+        which it would otherwise never see. Live frames may have reached the client before these
+        (realtime.js holds them until SUBSCRIBED and puts them in order). Called with no pause
+        between the subscription and the answer: everything up to ``Sequencer.position`` is
+        replayed, and later ones come live."""
+        stream = self.stream
+        epoch, offset = since
+        if stream is None or stream.epoch is None:
+            return Reason.DISABLED
+        if epoch != stream.epoch:
+            return Reason.EPOCH
+        recent = stream.recent_after(offset)
+        if recent is None:  # from before this worker's window (a worker started since the render)
+            return Reason.GONE
+        who = (conn.user_id, conn.role, conn.clinic_id)
+        # Per audience (envelopes share interned filters, see Prepared.replay): (meant for it, sent live
+        # once it had joined).
+        verdicts: dict[int, tuple[bool, bool]] = {}
+        replay = []
+        for envelope in recent:
+            flt = envelope.filter
+            verdict = verdicts.get(id(flt))
+            if verdict is None:
+                verdict = verdicts[id(flt)] = (flt.admits(*who, conn.channels), flt.admits(*who, held))
+            meant, sent = verdict
+            if meant and not (sent and (envelope.offset or 0) > conn.start_offset):
+                replay.append(envelope)
+        return Reason.TOO_MANY if len(replay) > self.max_replay else replay
 
     @staticmethod
     def _admits(conn: Connection, envelope: Envelope) -> bool:

@@ -145,7 +145,8 @@ class Realtime:
             sessions=self.sessions,
             last_values=last_values,
             telemetry=self.telemetry,
-            stream=(lambda: (self.sequencer.epoch, self.sequencer.delivered)) if self.history is not None else None,
+            stream=self.sequencer if self.history is not None else None,
+            max_replay=settings.recovery_max_messages,
         )
         self.broker = broker or _make_broker(settings, self.worker_id)
         self.broadcaster = Broadcaster(self.broker, self.history, telemetry=self.telemetry, log=self.broadcast_log)
@@ -341,6 +342,14 @@ class Realtime:
         return {**self.hub.stats(), "busyUsers": self.hub.busy_users()}
 
     # -- the stream ---------------------------------------------------------------------
+
+    def stream_position(self) -> tuple[str, int] | None:
+        """(epoch, offset) of the last broadcast whose fan-out finished here, for a page to render and
+        subscribe ``since`` (see ``blueprints.pages``); None without a history, or before the stream
+        was first read."""
+        if self.history is None or self.sequencer.epoch is None:
+            return None
+        return self.sequencer.epoch, self.sequencer.delivered
 
     def _prime(self) -> bool:
         """Start the sequencer at the stream's head (once; retried at the next admission if the store is down)."""
@@ -682,7 +691,8 @@ class Realtime:
                 replay = settled
         hello: dict = {"clientId": conn.id, "userId": user_id}
         if self.history is not None:
-            hello.update(epoch=self.sequencer.epoch, offset=self.sequencer.position)
+            conn.start_offset = self.sequencer.position
+            hello.update(epoch=self.sequencer.epoch, offset=conn.start_offset)
         if isinstance(outcome, Prepared):
             hello.update(recovered=True, channels=outcome.channels)
             if outcome.refused:  # told here too, so a client knows them before it decides what to refetch

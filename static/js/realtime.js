@@ -112,6 +112,10 @@ function* inChunks(names) {
  * @property {number} maxAuthFailures 4401s with fresh tokens in a row before giving up ("unauthorized")
  * @property {number} stableMs a connection open at least this long resets the backoff when it closes
  * @property {?Element} target the element that receives the `realtime:*` DOM events (default document.body)
+ * @property {?{epoch: string, offset: number}} since the stream's position the page was rendered at
+ *   (base.html puts it on `<body>` as `data-realtime-epoch` and `data-realtime-offset`): the first
+ *   connection's SUBSCRIBEs ask for what was broadcast after it, so nothing sent between the render
+ *   and the subscription is missed; if it cannot be replayed, `realtime:resync` says so
  */
 
 /** @type {Readonly<RealtimeOptions>} */
@@ -127,6 +131,7 @@ export const DEFAULTS = Object.freeze({
   maxAuthFailures: 5, // rejected fresh tokens in a row before giving up
   stableMs: 30000, // a connection that lasted this long starts the backoff over when it ends
   target: null, // element that receives the DOM events (document.body)
+  since: null, // {epoch, offset}: the stream's position the page was rendered at (see the option's doc)
 });
 
 /**
@@ -163,6 +168,9 @@ export class RealtimeClient {
     this.everOpened = false;
     this.delayed = false; // the first connection did not come at the first attempt (a retry, or offline)
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
+    this.since = positionOf(this.options.since); // the page's render position, until the first CONNECTED
+    this.replayFrom = null; // set while the first connection's SUBSCRIBEs are sent: they carry it
+    this.holding = null; // {waiting, frames, missed}: broadcasts held until the SUBSCRIBEs `since` are answered
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
     this.unanswered = new Map(); // channel -> SUBSCRIBEs of it with no SUBSCRIBED or ERROR back yet
     this.toAsk = new Set(); // channels to subscribe at the end of this task, in one SUBSCRIBE...
@@ -390,21 +398,40 @@ export class RealtimeClient {
     // The server's own frames carry no id; every broadcast has one (its type may be anything, even
     // CONNECTED or PONG: a producer chose it).
     if (typeof message.id === "string") {
+      if (this.holding) return void this.holding.frames.push(message);
       if (!this._firstTime(message)) return;
     } else if (message.type === "CONNECTED") {
       this._admitted(message.data || {});
     } else if (message.type === "SUBSCRIBED") {
-      this._subscribed(list(message.data && message.data.channels));
+      this._subscribed(message.data || {});
     } else if (message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
       this._refusedOne(message.data.channel);
     } else if (message.type === "PONG") {
       this._caughtUp(message.data);
       return;
     }
+    this._show(message);
+  }
+
+  _show(message) {
     notifyAll(this.messageListeners, message, "message");
     const target = this.options.target || document.body;
     target.dispatchEvent(new CustomEvent("realtime:message", { detail: message }));
     target.dispatchEvent(new CustomEvent(`realtime:${message.type}`, { detail: message }));
+  }
+
+  /**
+   * The broadcasts held while the first SUBSCRIBEs' replay was on its way, in offset order: a live
+   * one (for the user, their role, a channel answered already) may have come before older replayed
+   * ones, and would have made them look already seen.
+   */
+  _release() {
+    const held = this.holding;
+    this.holding = null;
+    if (!held) return;
+    const ordered = held.frames.map((message, index) => ({ message, index }));
+    ordered.sort((a, b) => (a.message.offset ?? Infinity) - (b.message.offset ?? Infinity) || a.index - b.index);
+    for (const { message } of ordered) if (this._firstTime(message)) this._show(message);
   }
 
   /** Whether a broadcast is to be shown: each once, in offset order (false: already processed). */
@@ -457,7 +484,22 @@ export class RealtimeClient {
     this._connected(data, reconnect);
   }
 
-  _subscribed(names) {
+  _subscribed(data) {
+    const names = list(data.channels);
+    const held = this.holding;
+    if (held) {
+      if (data.recovered !== true) held.missed = data.reason || "not_replayed";
+      if ((held.waiting -= 1) <= 0) {
+        this._release(); // every SUBSCRIBE `since` is answered: the replay is all here
+        // Not replayed (the page was rendered on a worker gone since, or too long ago): refetch all of
+        // it, as after a reconnect (also what came for the user, their role and clinic before CONNECTED).
+        if (held.missed) this._resync({ clientId: this.position.clientId, epoch: data.epoch, reason: held.missed });
+      }
+    }
+    // As a PONG's: every broadcast up to it for this client came before, and those of a channel just
+    // taken from before it are not coming (a resume would otherwise replay them, older than its last
+    // value). Not while broadcasts are held: they are below it, and would look already seen.
+    if (!this.holding) this._caughtUp(data);
     const granted = names.filter((name) => {
       this._answered(name);
       return this.refused.delete(name);
@@ -479,6 +521,8 @@ export class RealtimeClient {
   }
 
   _connected(data, reconnect) {
+    const rendered = this.since;
+    this.since = null; // the page's position serves its first connection; later ones resume
     if (data.recovered !== true) this.shownAhead.clear(); // a new position: nothing is ahead of it yet
     // Either way what this socket must be asked joins what the page asked since the status changed (a
     // listener of "open" runs just before this), and leaves in one flush.
@@ -509,13 +553,27 @@ export class RealtimeClient {
       if (regained.length) this._resync({ ...data, reason: "granted", channels: regained });
       return;
     } else {
-      this.position = { clientId: data.clientId, epoch: data.epoch, offset: data.offset };
+      // The page's first connection, in the stream it was rendered in: its SUBSCRIBEs ask for what was
+      // broadcast since the render (the broadcasts held meanwhile are put in order with it).
+      this.replayFrom = rendered && rendered.epoch === data.epoch ? rendered : null;
+      const from = this.replayFrom ? this.replayFrom.offset : data.offset;
+      this.position = { clientId: data.clientId, epoch: data.epoch, offset: from };
+      if (rendered && !this.replayFrom) reconnect = true; // rendered in a stream that is gone since
+      if (this.replayFrom) this.holding = { waiting: 0, frames: [], missed: null };
     }
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this.unanswered.clear();
     this.toDrop.clear(); // a new session holds nothing
     for (const name of this.refs.keys()) this.toAsk.add(name);
+    const replaying = this.replayFrom !== null;
     this._flush();
+    this.replayFrom = null;
+    if (this.holding && this.holding.waiting === 0) {
+      this.holding = null; // nothing subscribed: nothing to replay it with
+      if (data.offset > this.position.offset) reconnect = true;
+    } else if (replaying) {
+      return; // what was missed comes replayed, or SUBSCRIBED says it cannot (see _subscribed)
+    }
     // A reconnect that is not a recovery missed whatever was sent meanwhile, with or without history:
     // every page must refetch its state.
     if (reconnect) this._resync(data);
@@ -567,9 +625,12 @@ export class RealtimeClient {
   _sendSubscribe(names) {
     const last = names.filter((name) => this.wantsLast.has(name));
     const plain = names.filter((name) => !this.wantsLast.has(name));
+    const from = this.replayFrom ? { since: { epoch: this.replayFrom.epoch, offset: this.replayFrom.offset } } : {};
     for (const [group, flags] of [[plain, {}], [last, { last: true }]]) {
       for (const some of inChunks(group)) {
-        this.send({ type: "SUBSCRIBE", data: { channels: some, ...flags } }); // not sent (no socket): the next CONNECTED sees it unanswered
+        // Not sent (no socket): the next CONNECTED sees it unanswered.
+        const sent = this.send({ type: "SUBSCRIBE", data: { channels: some, ...flags, ...from } });
+        if (sent && this.holding && this.replayFrom) this.holding.waiting += 1;
         for (const name of some) countUp(this.unanswered, name);
       }
     }
@@ -609,6 +670,7 @@ export class RealtimeClient {
 
   /** Every way a socket ends comes through here: the watchdog, and the backoff's fresh start. */
   _socketEnded() {
+    this._release(); // what came before it closed is shown (the resume goes on from there)
     this._stopWatchdog();
     clearTimeout(this.admitTimer);
     if (this.connectedAt && Date.now() - this.connectedAt >= this.options.stableMs) {
@@ -728,6 +790,13 @@ function countDown(counts, key) {
 }
 
 /** A list the server sent, or none: a field of another type must not stop the client halfway. */
+/** A position `{epoch, offset}` as the server writes it, or null. */
+function positionOf(value) {
+  if (!value || typeof value.epoch !== "string" || !value.epoch) return null;
+  const offset = Number(value.offset);
+  return Number.isSafeInteger(offset) && offset >= 0 ? { epoch: value.epoch, offset } : null;
+}
+
 function list(value) {
   return Array.isArray(value) ? value : [];
 }

@@ -31,6 +31,9 @@ function clientOptions(body) {
   ]) {
     if (body.dataset[attr]) options[key] = Number(body.dataset[attr]);
   }
+  // Where the stream was when this page was rendered: what is broadcast from then until the page has
+  // subscribed is replayed to it (see the `since` option of realtime.js).
+  if (body.dataset.realtimeEpoch) options.since = { epoch: body.dataset.realtimeEpoch, offset: Number(body.dataset.realtimeOffset) };
   return options;
 }
 

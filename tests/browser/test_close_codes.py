@@ -15,8 +15,9 @@ import re
 import time
 
 import pytest
+import requests
 from playwright.sync_api import expect
-from support import wait_for
+from support import ADMIN_SECRET, wait_for
 
 from relay.codes import Close
 
@@ -188,17 +189,34 @@ def test_a_token_request_that_never_answers_is_given_up_and_retried(live):
     wait_live(page)
 
 
-def test_a_first_connection_that_took_several_attempts_tells_the_page_to_refetch(site, web):
-    """The page was rendered before the socket could open: what was broadcast meanwhile is not on it."""
+def test_a_first_connection_that_took_several_attempts_is_given_what_was_broadcast_meanwhile(site, web):
+    """The page was rendered before the socket could open: what was broadcast meanwhile is not on it.
+    The page's client knows where the stream was at the render, and is replayed what came after; a
+    client that does not (no ``since``) tells its page to refetch."""
     page = web(site, "bob", "about:blank")
     page.route("**/api/ws/auth", lambda route: route.fulfill(status=503, body="{}"))
     page.goto(site.url + "/")
     proxied(page, lambda: len(retries(page)) >= 1)
-    page.evaluate("() => { window.__resyncs = 0; window.realtime.onResync(() => window.__resyncs++); }")
+    page.evaluate(
+        "async () => { const { RealtimeClient } = await import('/static/js/realtime.js');"
+        " window.__second = new RealtimeClient({ target: document.createElement('div') });"
+        " window.__second.subscribe(['system:announcements']); window.__second.start();"
+        " window.__resyncs = [0, 0]; window.realtime.onResync(() => window.__resyncs[0]++);"
+        " window.__second.onResync(() => window.__resyncs[1]++); }"
+    )
+    proxied(page, lambda: len(page.evaluate("window.__second.retries")) >= 1)
+    body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "while you waited"}}, "filter": {}}
+    sent = requests.post(
+        site.url + "/broadcast", json=body, headers={"Authorization": f"Bearer {ADMIN_SECRET}"}, timeout=10
+    )
+    assert sent.status_code == 200 and sent.json()["delivered"] == 0
     page.unroute("**/api/ws/auth")
     wait_live(page)
-    assert proxied(page, lambda: page.evaluate("window.__resyncs") == 1)
+    expect(page.locator("#toasts .toast-text")).to_have_text("while you waited")
+    assert proxied(page, lambda: page.evaluate("window.__second.status") == "open")
+    assert proxied(page, lambda: page.evaluate("window.__resyncs") == [0, 1])
     assert page.evaluate("window.realtime.retries[0].action") == "backoff"
+    page.evaluate("window.__second.stop()")
 
 
 def test_a_first_connection_made_once_the_browser_is_back_online_tells_the_page_to_refetch(site, web):

@@ -228,8 +228,10 @@ def test_a_last_value_shown_ahead_of_the_position_is_not_shown_again_by_the_repl
     announce(site, "after the drop")  # the replay comes before this
     expect(page.locator("#toasts .toast-text").last).to_have_text("after the drop")
     assert page.evaluate("window.__hello.recovered") is True
-    assert page.evaluate("window.__raw") == 2  # the last value, then the replay...
-    assert page.evaluate("window.__seen") == [sent["id"]]  # ...shown once, not twice
+    # The last value only: SUBSCRIBED moved the page's position past it, so the resume did not replay
+    # it (before, the replay brought it again, and the client had to recognise it: shownAhead).
+    assert page.evaluate("window.__raw") == 1
+    assert page.evaluate("window.__seen") == [sent["id"]]  # shown once, not twice
 
 
 def test_a_second_subscriber_of_a_channel_the_page_holds_gets_its_current_value_too(site, web):
@@ -335,3 +337,87 @@ def test_a_page_whose_channels_were_quiet_still_resumes_through_a_deploy(start_s
     assert page.evaluate("window.__resyncs") == []  # nothing to refetch
     announce(srv, "after the deploy")
     expect(page.locator("#toasts .toast-text").last).to_have_text("after the deploy")
+
+
+def test_what_is_broadcast_between_a_page_render_and_its_subscription_reaches_the_page(site, web):
+    """The page renders the stream's position; its first SUBSCRIBEs ask for what came after it. Before,
+    an alert sent while the page's token request (or upgrade, in a reload storm) was on its way was
+    never shown, and nothing said so."""
+    page = web(site, "bob")
+    wait_live(page)
+    held = []
+    page.route("**/api/ws/auth", lambda route: held.append(route))  # the next page's token request waits here
+    page.goto(site.url + "/clinics/clinic-1/queue")
+    assert int(page.locator("body").get_attribute("data-realtime-offset")) >= 0
+    assert wait_for(lambda: page.wait_for_timeout(20) or held, timeout=10)
+    alert = site.broadcast(
+        {
+            "message": {"type": "CLINIC_ALERT", "data": {"message": "Room 3 needs a nurse"}},
+            "filter": {"channels": ["clinic:clinic-1:alerts"]},
+        }
+    )
+    assert alert.status_code == 200 and alert.json()["delivered"] == 0  # nobody could get it live
+    announce(site, "Flu vaccines have arrived")
+    page.evaluate(
+        "() => { window.__resyncs = 0; document.body.addEventListener('realtime:resync', () => window.__resyncs++); }"
+    )
+    held[0].continue_()
+    page.unroute("**/api/ws/auth")
+    wait_live(page)
+    expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse")
+    expect(page.locator("#toasts .toast-text")).to_have_text("Flu vaccines have arrived")
+    assert page.evaluate("window.__resyncs") == 0  # replayed: nothing to refetch
+
+
+def test_a_live_broadcast_ahead_of_the_first_replay_waits_for_it_and_both_are_shown_in_order(site, web):
+    """Between CONNECTED and the answer to the page's first SUBSCRIBEs, a broadcast for the user comes
+    live, ahead of older ones the replay brings: it would have made them look already seen."""
+    from test_close_codes import Sockets, proxied
+
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    sockets.hold = lambda message: '"since"' in message  # the page's first SUBSCRIBEs wait here
+    page.goto(site.url + "/clinics/clinic-1/queue")
+    assert proxied(page, lambda: len(sockets.held) == 2)  # plain, and with last (the queue)
+    older = site.broadcast(
+        {
+            "message": {"type": "CLINIC_ALERT", "data": {"message": "Room 3 needs a nurse"}},
+            "filter": {"channels": ["clinic:clinic-1:alerts"]},
+        }
+    ).json()
+    newer = site.broadcast(
+        {"message": {"type": "ANNOUNCEMENT", "data": {"message": "For Bob only"}}, "filter": {"userIds": ["bob"]}}
+    ).json()
+    assert older["delivered"] == 0 and newer["delivered"] == 1 and newer["offset"] > older["offset"]
+    page.evaluate(
+        "() => { window.__shown = []; window.realtime.onMessage((m) => m.id && window.__shown.push(m.offset)); }"
+    )
+    page.wait_for_timeout(300)  # the live one reaches the page first
+    sockets.release()
+    expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse")
+    expect(page.locator("#toasts .toast-text")).to_have_text("For Bob only")
+    assert page.evaluate("window.__shown") == [older["offset"], newer["offset"]]
+
+
+def test_a_resume_does_not_replay_a_channel_older_than_the_last_value_it_was_given(site, web):
+    """SUBSCRIBED carries the stream's position, as PONG does: a resume after a drop replayed the
+    channel's broadcasts from before the subscription, the older after its newer last value (found by
+    review: the queue showed the update before the current one, and said nothing)."""
+    page = web(site, "bob")  # the home page: announcements only
+    wait_live(page)
+    older, newer = queue_update(site, "Somchai"), queue_update(site, "Somchai", "Malee")
+    page.evaluate(
+        "() => { window.__shown = []; window.realtime.onMessage((m) => { if (m.type === 'QUEUE_UPDATE')"
+        " window.__shown.push(m.id); if (m.type === 'CONNECTED') window.__hello = m.data; });"
+        f" window.realtime.subscribe(['{QUEUE}'], {{ last: true }}); }}"
+    )
+    assert wait_for(lambda: page.evaluate("window.__shown") == [newer["id"]], timeout=10)  # its last value
+    assert page.evaluate("window.realtime.position.offset") == newer["offset"]
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    page.context.set_offline(False)
+    wait_live(page)
+    announce(site, "after the drop")  # a replay would come before this
+    expect(page.locator("#toasts .toast-text").last).to_have_text("after the drop")
+    assert page.evaluate("window.__hello.recovered") is True
+    assert page.evaluate("window.__shown") == [newer["id"]], older["id"]

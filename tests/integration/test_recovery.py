@@ -618,3 +618,43 @@ def test_health_reports_the_stream(server: Server):
     assert stream["enabled"] is True and stream["kind"] == "sqlite" and stream["head"] >= 1
     assert stream["retained"] >= 1 and stream["oldest"]["offset"] >= 1 and stream["delivered"] == stream["head"]
     assert stream["windowMs"] == 120_000
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_subscribe_since_replays_what_the_page_missed_and_a_last_value_only_if_the_replay_does_not(
+    start_server, request, broker
+):
+    """A page rendered at a position subscribes ``since`` it: what its channels got after it is
+    replayed before SUBSCRIBED; a last value the replay brings comes once, in its place, not also as
+    a last value ahead of older frames."""
+    env = {"REDIS_URL": request.getfixturevalue("redis_server").url} if broker == "redis" else {}
+    srv = start_server(**env)
+    channel = "clinic:clinic-1:queue"
+
+    def update(n: int) -> dict:
+        body = {"message": {"type": "QUEUE_UPDATE", "data": {"n": n}}, "filter": {"channels": [channel]}}
+        answer = srv.broadcast(body)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    first, second = update(1), update(2)
+    with srv.connect("bob") as client:
+        epoch = client.hello["epoch"]
+        since = {"epoch": epoch, "offset": first["offset"]}  # rendered between the two
+        client.send({"type": "SUBSCRIBE", "data": {"channels": [channel], "last": True, "since": since}})
+        replayed = client.recv()
+        assert replayed["id"] == second["id"] and "last" not in replayed  # once, as the broadcast it was
+        answer = client.expect("SUBSCRIBED")["data"]
+        assert answer == {"channels": [channel], "recovered": True, "epoch": epoch, "offset": second["offset"]}
+    with srv.connect("bob") as client:
+        since = {"epoch": client.hello["epoch"], "offset": second["offset"]}  # rendered after both
+        client.send({"type": "SUBSCRIBE", "data": {"channels": [channel], "last": True, "since": since}})
+        last = client.recv()
+        assert last["id"] == second["id"] and last["last"] is True  # nothing to replay: the last value
+        assert client.expect("SUBSCRIBED")["data"]["recovered"] is True
+        third = update(3)
+        assert client.recv()["id"] == third["id"]  # then live
+    with srv.connect("bob") as client:
+        client.send({"type": "SUBSCRIBE", "data": {"channels": [channel], "since": {"epoch": "gone", "offset": 0}}})
+        answer = client.expect("SUBSCRIBED")["data"]
+        assert answer["recovered"] is False and answer["reason"] == Reason.EPOCH

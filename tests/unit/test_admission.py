@@ -90,8 +90,10 @@ def test_a_pong_reports_the_last_finished_fan_out_not_the_one_under_way(service)
     that broadcast as already seen when it arrived."""
     rt = service()
     rt.sequencer.position, rt.sequencer.delivered = 9, 7  # the fan-out of 8 and 9 under way
-    assert rt.protocol.stream is not None and rt.protocol.stream() == (rt.sequencer.epoch, 7)
-    assert rt.sequencer.epoch is not None
+    told: dict = {}
+    rt.protocol._tell_position(told)  # what PONG and SUBSCRIBED say
+    assert rt.sequencer.epoch is not None and told == {"epoch": rt.sequencer.epoch, "offset": 7}
+    assert rt.stream_position() == (rt.sequencer.epoch, 7)  # and what a page renders
     assert service(WS_RECOVERY_WINDOW_MS="0").protocol.stream is None  # no history: no position
 
 

@@ -10,8 +10,10 @@ import pytest
 
 import relay.protocol as protocol_module
 from relay.codes import Close, Error
+from relay.envelope import Envelope, Filter
 from relay.hub import Hub
 from relay.protocol import MAX_BACKLOG, MAX_BACKLOG_CHARS, MAX_CHANNELS_PER_REQUEST, ClientProtocol
+from relay.sequencer import Sequencer
 
 ANN = "system:announcements"
 
@@ -26,6 +28,7 @@ class FakeConn:
         self.channels: set[str] = set()
         self.rate_tokens = 0.0
         self.rate_at = 0.0
+        self.start_offset = 0
         self.backlog = None
         self.state = "open"
         self.sent: list[dict] = []
@@ -40,6 +43,10 @@ class FakeConn:
     def close(self, code: int, reason: str = "") -> None:
         self.closed = (code, reason)
         self.state = "closing"
+
+    def push_owed(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            self.push(frame)
 
     def take(self) -> list[dict]:
         sent, self.sent = self.sent, []
@@ -83,15 +90,15 @@ def test_ping_answers_pong_with_the_time(protocol, bob):
 
 
 def test_with_a_history_pong_carries_the_position_everything_before_it_was_sent_to(clock):
-    stream = {"at": ("e1", 41)}
-    protocol = ClientProtocol(Hub(max_clients=10, ping_interval=30), clock=clock, stream=lambda: stream["at"])
+    stream = Sequencer(lambda e: 0, lambda a, n: [], on_reset=lambda e: None)
+    protocol = ClientProtocol(Hub(max_clients=10, ping_interval=30), clock=clock, stream=stream)
     bob = FakeConn()
     protocol.hub.add(bob)
     [pong] = say(protocol, bob, {"type": "PING"})
-    assert pong["data"]["epoch"] == "e1" and pong["data"]["offset"] == 41
-    stream["at"] = (None, 0)  # not primed yet: nothing to say
+    assert set(pong["data"]) == {"timestamp"}  # not primed yet: nothing to say
+    stream.prime("e1", 41)
     [pong] = say(protocol, bob, {"type": "PING"})
-    assert set(pong["data"]) == {"timestamp"}
+    assert pong["data"]["epoch"] == "e1" and pong["data"]["offset"] == 41
 
 
 def test_subscribe_answers_what_took_effect_and_unsubscribe_what_was_removed(protocol, bob):
@@ -303,3 +310,129 @@ def test_messages_piling_up_behind_a_slow_subscribe_with_last_are_bounded_in_siz
     [refused] = say(protocol, bob, big)
     assert refused["data"]["code"] == Error.RATE_LIMITED and bob.closed[0] == Close.POLICY_VIOLATION
     last_values.answer.set()
+
+
+# -- SUBSCRIBE since: what a page rendered at a position would otherwise never see -------------------
+
+QUEUE = "clinic:clinic-1:queue"
+
+
+def stream_of(*filters: Filter, start: int = 0) -> Sequencer:
+    """A stream in epoch e1 whose broadcasts start + 1, + 2, ... had these audiences (delivered to
+    nobody here; this worker began at ``start``)."""
+    stream = Sequencer(lambda e: 0, lambda a, n: [], on_reset=lambda e: None)
+    stream.prime("e1", start)
+    for offset, flt in enumerate(filters, start=start + 1):
+        stream.offer(Envelope("T", {"n": offset}, flt, id=f"id-{offset}").placed("e1", offset))
+    return stream
+
+
+def since_protocol(clock, stream, **kwargs) -> ClientProtocol:
+    return ClientProtocol(Hub(max_clients=10, ping_interval=30), clock=clock, stream=stream, **kwargs)
+
+
+def test_subscribe_since_replays_what_the_connection_was_not_sent_then_answers_recovered(clock):
+    stream = stream_of(
+        Filter(channels=frozenset({QUEUE})),  # 1: the channel it takes now
+        Filter(),  # 2: everyone, before it joined
+        Filter(channels=frozenset({ANN})),  # 3: a channel it holds, at the offset it joined at
+        Filter(user_ids=frozenset({"bob"})),  # 4: for bob, after it joined: it came live
+        Filter(channels=frozenset({"clinic:clinic-2:queue"})),  # 5: another clinic's
+        Filter(channels=frozenset({ANN})),  # 6: the channel it held, after it joined: it came live
+        Filter(channels=frozenset({QUEUE}), roles=frozenset({"doctor"})),  # 7: the channel, another role
+    )
+    protocol = since_protocol(clock, stream)
+    bob = FakeConn()
+    bob.start_offset = 3
+    protocol.hub.add(bob)
+    protocol.hub.subscribe(bob, [ANN], 10)
+    sent = say(
+        protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [QUEUE], "since": {"epoch": "e1", "offset": 0}}}
+    )
+    assert [frame.get("id") for frame in sent] == ["id-1", "id-2", "id-3", None]
+    assert [frame["offset"] for frame in sent[:3]] == [1, 2, 3]
+    assert sent[3] == {
+        "type": "SUBSCRIBED",
+        "data": {"channels": [QUEUE], "recovered": True, "epoch": "e1", "offset": 7},
+    }
+    # From a later position, only what came after it; with nothing after it, nothing.
+    carol = FakeConn_subscribed(protocol, "carol")
+    carol.start_offset = 7  # joined just now, as a page's first connection does
+    again = say(
+        protocol,
+        carol,
+        {"type": "SUBSCRIBE", "data": {"channels": [QUEUE], "since": {"epoch": "e1", "offset": 1}}},
+    )
+    assert [frame.get("id") for frame in again] == ["id-2", None]  # everyone's, from before it joined
+    late = say(
+        protocol,
+        FakeConn_subscribed(protocol, "dan"),
+        {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": {"epoch": "e1", "offset": 9}}},
+    )
+    assert late == [{"type": "SUBSCRIBED", "data": {"channels": [ANN], "recovered": True, "epoch": "e1", "offset": 7}}]
+
+
+def FakeConn_subscribed(protocol, user_id):  # noqa: N802 (reads as the class it builds)
+    conn = FakeConn(user_id)
+    protocol.hub.add(conn)
+    return conn
+
+
+@pytest.mark.parametrize(
+    "since,reason",
+    [
+        ({"epoch": "e0", "offset": 0}, "epoch_changed"),  # rendered in a stream that is gone
+        ({"epoch": "e1", "offset": 1}, "history_gone"),  # from before this worker began (at 2)
+    ],
+)
+def test_subscribe_since_that_cannot_be_replayed_says_why_and_replays_nothing(clock, since, reason):
+    stream = stream_of(Filter(), start=2)
+    protocol = since_protocol(clock, stream)
+    bob = FakeConn_subscribed(protocol, "bob")
+    sent = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": since}})
+    assert sent == [
+        {
+            "type": "SUBSCRIBED",
+            "data": {"channels": [ANN], "recovered": False, "reason": reason, "epoch": "e1", "offset": 3},
+        }
+    ]
+    assert bob.channels == {ANN}  # subscribed all the same: the client refetches
+
+
+def test_subscribe_since_with_more_to_replay_than_allowed_or_without_a_history_replays_nothing(clock):
+    protocol = since_protocol(clock, stream_of(Filter(), Filter(), Filter()), max_replay=2)
+    bob = FakeConn_subscribed(protocol, "bob")
+    bob.start_offset = 3
+    sent = say(
+        protocol,
+        bob,
+        {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": {"epoch": "e1", "offset": 0}}},
+    )
+    assert [frame["type"] for frame in sent] == ["SUBSCRIBED"] and sent[0]["data"]["reason"] == "too_many_missed"
+    plain = ClientProtocol(Hub(max_clients=10, ping_interval=30), clock=clock)
+    sent = say(
+        plain,
+        FakeConn_subscribed(plain, "bob"),
+        {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": {"epoch": "e1", "offset": 0}}},
+    )
+    assert sent == [{"type": "SUBSCRIBED", "data": {"channels": [ANN], "recovered": False, "reason": "disabled"}}]
+
+
+@pytest.mark.parametrize(
+    "since",
+    [
+        7,
+        "e1:0",
+        {"epoch": "e1"},
+        {"offset": 0},
+        {"epoch": "", "offset": 0},
+        {"epoch": "e1", "offset": -1},
+        {"epoch": "e1", "offset": True},
+        {"epoch": "e1", "offset": 1.5},
+        {"epoch": "e" * 65, "offset": 0},
+    ],
+)
+def test_a_malformed_since_is_an_error_and_subscribes_nothing(protocol, bob, since):
+    [error] = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": since}})
+    assert error["data"]["code"] == Error.INVALID_DATA and '"since"' in error["data"]["message"]
+    assert bob.channels == set()
