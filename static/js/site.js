@@ -147,9 +147,10 @@ function watchSubscribers(rt) {
   }).observe(document.body, { childList: true, subtree: true });
 }
 
-// After a resync (what was missed could not be replayed), a fragment rendered from messages
-// (post= with last=true) may be stale: show that it is waiting until the channel's last value,
-// which the resubscription asks for, renders it again. With no last value it stays waiting.
+// After a resync (what was missed could not be replayed), a fragment rendered from messages (post=)
+// may be stale. With last=true: show that it is waiting until the channel's last value, which the
+// resubscription asks for, renders it again (with no last value it stays waiting). Without: say that
+// messages sent meanwhile may be missing, until the next one is rendered.
 function clearStaleFragments() {
   document.body.addEventListener("realtime:resync", (event) => {
     const only = event.detail && event.detail.channels; // a resync for some channels only
@@ -161,7 +162,7 @@ function clearStaleFragments() {
       if (!target) continue;
       const note = document.createElement("p");
       note.className = "muted";
-      note.dataset.resyncState = "waiting";
+      note.dataset.resyncState = element.dataset.realtimeLast === "true" ? "waiting" : "missing";
       note.textContent = text;
       target.replaceChildren(note);
     }
@@ -206,6 +207,14 @@ function announce(message) {
 rt.onMessage((message) => {
   // A last value is the state a fragment shows, not news: no toast (another subscriber asked for it).
   if (message.type === "ANNOUNCEMENT" && !message.last) announce(message);
+});
+// Announcements that could not be replayed (away past the recovery window, a history lost): say so
+// once, rather than let the silence say there were none.
+rt.onResync((detail) => {
+  const only = detail && detail.channels;
+  if (only && !only.includes(channels.system.announcements)) return;
+  const item = toast("Reconnected", "Announcements sent while this page was disconnected may be missing.");
+  if (item) item.classList.add("toast-resync");
 });
 passMessagesToHtmx();
 clearStaleFragments();

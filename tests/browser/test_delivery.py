@@ -133,6 +133,34 @@ def test_when_nothing_can_be_replayed_the_page_resyncs_and_shows_the_current_que
         again.stop()
 
 
+def test_after_a_resync_the_page_says_that_alerts_and_announcements_may_be_missing(site, web):
+    """Fragments rendered from messages without a last value (the latest alert) and the announcement
+    toasts cannot be refetched: the page says what it cannot show, rather than let the silence say
+    there was nothing (found by review)."""
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    alert = {"type": "CLINIC_ALERT", "data": {"message": "Room 3 needs a nurse"}}
+    assert site.broadcast({"message": alert, "filter": {"channels": ["clinic:clinic-1:alerts"]}}).status_code == 200
+    expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse")
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    again = restart_without_history(site)
+    try:
+        page.context.set_offline(False)
+        wait_live(page)
+        expect(page.locator("#alerts [data-resync-state=missing]")).to_contain_text("may be missing")
+        expect(page.locator("#alerts")).not_to_contain_text("Room 3 needs a nurse")  # not shown as the latest
+        expect(page.locator("#toasts .toast-resync .toast-text")).to_contain_text("Announcements sent while")
+        later = {"type": "CLINIC_ALERT", "data": {"message": "Room 5 is free"}}
+        assert (
+            again.broadcast({"message": later, "filter": {"channels": ["clinic:clinic-1:alerts"]}}).status_code == 200
+        )
+        expect(page.locator("#alerts")).to_contain_text("Room 5 is free")
+        expect(page.locator("#alerts [data-resync-state]")).to_have_count(0)
+    finally:
+        again.stop()
+
+
 def test_after_a_resync_with_no_last_value_the_queue_never_shows_stale_data(site, web):
     queue_update(site, "Before")
     page = web(site, "bob", "/clinics/clinic-1/queue")
