@@ -64,7 +64,7 @@ bench-storm: $(STAMP) system-deps
 bench-history: $(STAMP) system-deps
 	$(BIN)/python bench/run.py --configs "1000:2000:0 5000:200:0 10000:100:0" --history on,off --reps 5 $(BENCH_ARGS)
 
-# Side by side with node-ws, flask-sock-naive, c-limit and c-limit-coalesce in the shared harness (~20 min).
+# Side by side with node-ws, flask-sock-naive, c-limit and c-limit-coalesce in the shared harness (~7 min).
 bench-peers: $(STAMP)
 	bench/peers.sh $(PEERS_ARGS)
 

@@ -325,6 +325,9 @@ def ws_auth():
     session), else the session's user, else ``WS_TEST_USER_ID`` in development.
     """
     rt = realtime()
+    # Dated from before the session is checked: a sign-out everywhere that lands while this request waits
+    # (the identity lookup) ends this token too, as it does the session (see Realtime.apply_sign_outs).
+    issued_ms = now_ms()
     access_token = bearer_token()
     if access_token is not None:
         try:
@@ -345,7 +348,7 @@ def ws_auth():
         return error_response(401, HttpError.UNAUTHORIZED, "sign in first; connection tokens are per user")
     if rt.tokens is None:  # a serving process always has the secret (start-up refuses otherwise)
         return error_response(503, HttpError.UNAVAILABLE, "connection tokens are not configured (WS_TOKEN_SECRET)")
-    response = jsonify(wsUrl=socket_url(), token=rt.tokens.mint(user_id), userId=user_id)
+    response = jsonify(wsUrl=socket_url(), token=rt.tokens.mint(user_id, issued_ms), userId=user_id)
     response.headers["Cache-Control"] = "no-store"
     return response
 

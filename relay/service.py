@@ -623,13 +623,7 @@ class Realtime:
             self._off_the_way(arriving)
             user_id = arriving.user_id = identity.user_id
             self._on_the_way.setdefault(user_id, []).append(arriving)
-        if conn.token_ms < self._signed_out.get(user_id, 0):
-            # Minted before its user was signed out everywhere: the browser asks for a new one, which
-            # only a sign-in since can get (a copy of a session cookie from before cannot).
-            event("ws.auth_failed", level="warning", reason="signed_out", userId=user_id, remote=remote)
-            self.hub.counters["auth_failures"] += 1
-            self.telemetry.auth_failed("signed_out")
-            conn.reject(Close.UNAUTHORIZED, "token signed out")
+        if self._refused_signed_out(conn, user_id, remote):
             return
         # The socket a resume comes back from, if it is still open here: it is on its way out (_replace),
         # so it is not counted against this one.
@@ -671,6 +665,9 @@ class Realtime:
         # A drain may have begun while this admission waited (the directory, the session, the
         # history): it closed the sockets it had, not this one, which would stay open past it.
         if self._refused_while_draining(conn):
+            return
+        # Or a re-check learnt that the user was signed out everywhere.
+        if self._refused_signed_out(conn, user_id, remote):
             return
         # So may the user have changed (disabled, moved, disconnected): the socket joins as who they
         # are now, and a resume replays only what that user may read.
@@ -733,6 +730,18 @@ class Realtime:
         if resume is not None:
             self.recovery.count(outcome)
             self.telemetry.recovery(isinstance(outcome, Prepared))
+
+    def _refused_signed_out(self, conn: Connection, user_id: str, remote: str | None) -> bool:
+        """Refuse (4401) a socket whose token was minted before its user was signed out everywhere: the
+        browser asks for a new one, which only a sign-in since can get (a copy of a session cookie from
+        before cannot)."""
+        if conn.token_ms >= self._signed_out.get(user_id, 0):
+            return False
+        event("ws.auth_failed", level="warning", reason="signed_out", userId=user_id, remote=remote)
+        self.hub.counters["auth_failures"] += 1
+        self.telemetry.auth_failed("signed_out")
+        conn.reject(Close.UNAUTHORIZED, "token signed out")
+        return True
 
     def _off_the_way(self, arriving: _OnItsWay) -> None:
         on_the_way = self._on_the_way[arriving.user_id]

@@ -170,7 +170,7 @@ export class RealtimeClient {
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.since = positionOf(this.options.since); // the page's render position, until the first CONNECTED
     this.replayFrom = null; // set while the first connection's SUBSCRIBEs are sent: they carry it
-    this.holding = null; // {waiting, frames, missed}: broadcasts held until the SUBSCRIBEs `since` are answered
+    this.holding = null; // {waiting, frames, missed, from}: broadcasts held until the SUBSCRIBEs `since` are answered
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
     this.unanswered = new Map(); // channel -> SUBSCRIBEs of it with no SUBSCRIBED or ERROR back yet
     this.toAsk = new Set(); // channels to subscribe at the end of this task, in one SUBSCRIBE...
@@ -406,6 +406,9 @@ export class RealtimeClient {
       this._subscribed(message.data || {});
     } else if (message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
       this._refusedOne(message.data.channel);
+    } else if (message.type === "ERROR" && this.holding) {
+      // A SUBSCRIBE refused whole (answered in order, in place of its SUBSCRIBED): nothing replayed.
+      this._subscribed({ recovered: false, reason: "not_replayed" });
     } else if (message.type === "PONG") {
       this._caughtUp(message.data);
       return;
@@ -559,7 +562,7 @@ export class RealtimeClient {
       const from = this.replayFrom ? this.replayFrom.offset : data.offset;
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: from };
       if (rendered && !this.replayFrom) reconnect = true; // rendered in a stream that is gone since
-      if (this.replayFrom) this.holding = { waiting: 0, frames: [], missed: null };
+      if (this.replayFrom) this.holding = { waiting: 0, frames: [], missed: null, from: rendered };
     }
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this.unanswered.clear();
@@ -670,7 +673,14 @@ export class RealtimeClient {
 
   /** Every way a socket ends comes through here: the watchdog, and the backoff's fresh start. */
   _socketEnded() {
-    this._release(); // what came before it closed is shown (the resume goes on from there)
+    // The first connection ended before its replay was all here: the next one is a first connection
+    // again, subscribing since the render (its session may hold none of the channels). What was held is
+    // dropped, not shown: a newer one would move the position past older ones the replay never brought.
+    if (this.holding) {
+      this.since = this.holding.from;
+      this.position = null;
+      this.holding = null;
+    }
     this._stopWatchdog();
     clearTimeout(this.admitTimer);
     if (this.connectedAt && Date.now() - this.connectedAt >= this.options.stableMs) {

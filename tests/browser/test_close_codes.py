@@ -38,6 +38,7 @@ class Sockets:
         self.silent = False  # set: new sockets open, but nothing reaches the server or comes back from it
         self.drop = lambda message: False  # page -> server messages for which this is true are lost
         self.hold = lambda message: False  # ...are held back until release()
+        self.rewrite = lambda message: message  # ...and reach the server as this returns them
         self.held: list[tuple] = []
         self.sent: list[str] = []  # every page -> server message
         page.route_web_socket(SOCKET, self._route)
@@ -56,7 +57,7 @@ class Sockets:
         if self.hold(message):
             self.held.append((server, message))
         elif not self.drop(message):
-            server.send(message)
+            server.send(self.rewrite(message))
 
     def release(self) -> None:
         held, self.held = self.held, []

@@ -449,3 +449,60 @@ def test_a_resume_does_not_replay_a_channel_older_than_the_last_value_it_was_giv
     expect(page.locator("#toasts .toast-text").last).to_have_text("after the drop")
     assert page.evaluate("window.__hello.recovered") is True
     assert page.evaluate("window.__shown") == [newer["id"]], older["id"]
+
+
+def test_a_socket_that_ends_while_broadcasts_are_held_resumes_from_the_render_and_misses_none(site, web):
+    """Broadcasts held for the first replay are dropped, not shown, when the socket ends before it:
+    shown, a newer live one moved the position past older ones the replay never brought, and the
+    resume skipped them (found by review)."""
+    from test_close_codes import Sockets, proxied
+
+    from relay.codes import Close
+
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    sockets.hold = lambda message: '"since"' in message  # the first SUBSCRIBEs never reach the server
+    page.goto(site.url + "/clinics/clinic-1/queue")
+    assert proxied(page, lambda: len(sockets.held) == 2)
+    older = site.broadcast(
+        {
+            "message": {"type": "CLINIC_ALERT", "data": {"message": "Room 3 needs a nurse"}},
+            "filter": {"channels": ["clinic:clinic-1:alerts"]},
+        }
+    ).json()
+    newer = site.broadcast(
+        {"message": {"type": "ANNOUNCEMENT", "data": {"message": "For Bob only"}}, "filter": {"userIds": ["bob"]}}
+    ).json()
+    assert newer["delivered"] == 1  # live, and held by the page
+    page.evaluate(
+        "() => { window.__shown = []; window.realtime.onMessage((m) => m.id && window.__shown.push(m.offset)); }"
+    )
+    page.wait_for_timeout(300)
+    sockets.hold = lambda message: False
+    sockets.held.clear()  # lost with the socket
+    sockets.close(Close.SERVICE_RESTART)
+    expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse", timeout=15_000)
+    expect(page.locator("#toasts .toast-text")).to_have_text("For Bob only")
+    assert page.evaluate("window.__shown") == [older["offset"], newer["offset"]]
+
+
+def test_a_first_subscribe_refused_whole_does_not_leave_the_page_holding_broadcasts_for_good(site, web):
+    """An ERROR in place of the SUBSCRIBED the client waits for (a SUBSCRIBE refused whole) ends the
+    wait, and says nothing could be replayed; broadcasts are shown again (found by review: they
+    piled up unseen while the status said "open")."""
+    from test_close_codes import Sockets
+
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    # The plain one (announcements, alerts) reaches the server with a "since" it cannot read.
+    sockets.rewrite = lambda m: m.replace('"since":{"epoch"', '"since":{"era"') if '"last"' not in m else m
+    page.goto(site.url + "/clinics/clinic-1/queue")
+    wait_live(page)
+    expect(page.locator("#toasts .toast-resync")).to_have_count(1)  # the page was told: nothing replayed
+    expect(page.locator("#alerts [data-resync-state=missing]")).to_have_count(1)
+    assert page.evaluate("window.realtime.holding") is None
+    sent = site.broadcast(
+        {"message": {"type": "ANNOUNCEMENT", "data": {"message": "still shown"}}, "filter": {"userIds": ["bob"]}}
+    )
+    assert sent.status_code == 200
+    expect(page.locator("#toasts .toast-text").last).to_have_text("still shown")

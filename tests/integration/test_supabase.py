@@ -417,3 +417,28 @@ def test_a_token_that_spells_the_id_in_capitals_is_the_same_user_for_the_limits_
     admin = {"Authorization": f"Bearer {ADMIN_SECRET}"}
     assert requests.post(f"{srv.url}/api/users/{user.id}/sign-out", headers=admin, timeout=10).status_code == 200
     assert srv.open(before).closed_with(timeout=10) == (Close.UNAUTHORIZED, "token signed out")
+
+
+def test_a_token_asked_for_before_a_sign_out_everywhere_and_answered_after_it_opens_no_socket(site, supabase, people):
+    """The token is dated from before the session was checked: minted after the identity lookup, it
+    outlived a sign-out everywhere that landed while the lookup waited (found by review)."""
+    import threading
+
+    from support import csrf_of
+
+    srv = site(SUPABASE_CACHE_TTL_MS="0")
+    laptop = sign_in(srv, "nurse@clinic.test", "pw-correct-horse")
+    phone = sign_in(srv, "nurse@clinic.test", "pw-correct-horse")
+    home = phone.get(srv.url + "/", timeout=10)
+    supabase.delay = 0.8  # the laptop's token request waits on its identity lookup...
+    answers: list = []
+    asking = threading.Thread(target=lambda: answers.append(laptop.get(srv.url + "/api/ws/auth", timeout=20)))
+    asking.start()
+    time.sleep(0.3)  # ...while the phone signs out everywhere
+    done = phone.post(srv.url + "/logout", data={"csrf_token": csrf_of(home.text), "everywhere": "1"}, timeout=20)
+    assert done.status_code == 200 and done.url.endswith("/login")
+    asking.join(30)
+    supabase.delay = 0
+    assert answers and answers[0].status_code == 200, answers[0].text  # it passed the check before the sign-out
+    token = answers[0].json()["token"]
+    assert srv.open(token).closed_with(timeout=10) == (Close.UNAUTHORIZED, "token signed out")

@@ -13,6 +13,7 @@ import pytest
 from wsframes import ServerFrames
 
 from relay.broadcast import BroadcastRequest
+from relay.clock import now_ms
 from relay.codes import Close
 from relay.config import Settings
 from relay.directory import DirectoryUnavailable, Identity
@@ -255,6 +256,13 @@ def resume_on_its_way(service):
 def test_a_resume_of_a_user_disabled_meanwhile_replays_nothing(resume_on_its_way):
     received = resume_on_its_way(lambda rt: rt.apply_identity("u-1", None))
     assert first_frame(received) == (Close.FORBIDDEN, "user disabled")
+
+
+def test_a_resume_whose_user_a_recheck_finds_signed_out_meanwhile_is_refused_4401(resume_on_its_way):
+    """Past the token check, waiting for its session, when the identity re-check learns of a sign-out
+    everywhere (its store said so, not a close this worker heard): refused before CONNECTED."""
+    received = resume_on_its_way(lambda rt: rt.apply_sign_outs({"u-1": now_ms()}))
+    assert first_frame(received) == (Close.UNAUTHORIZED, "token signed out")
 
 
 def test_a_resume_of_a_user_moved_meanwhile_replays_only_what_they_may_read_now(resume_on_its_way):

@@ -340,6 +340,7 @@ def test_subscribe_since_replays_what_the_connection_was_not_sent_then_answers_r
         Filter(channels=frozenset({"clinic:clinic-2:queue"})),  # 5: another clinic's
         Filter(channels=frozenset({ANN})),  # 6: the channel it held, after it joined: it came live
         Filter(channels=frozenset({QUEUE}), roles=frozenset({"doctor"})),  # 7: the channel, another role
+        Filter(channels=frozenset({QUEUE})),  # 8: the channel it takes now, after it joined
     )
     protocol = since_protocol(clock, stream)
     bob = FakeConn()
@@ -349,27 +350,27 @@ def test_subscribe_since_replays_what_the_connection_was_not_sent_then_answers_r
     sent = say(
         protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [QUEUE], "since": {"epoch": "e1", "offset": 0}}}
     )
-    assert [frame.get("id") for frame in sent] == ["id-1", "id-2", "id-3", None]
-    assert [frame["offset"] for frame in sent[:3]] == [1, 2, 3]
-    assert sent[3] == {
+    assert [frame.get("id") for frame in sent] == ["id-1", "id-2", "id-3", "id-8", None]
+    assert [frame["offset"] for frame in sent[:4]] == [1, 2, 3, 8]
+    assert sent[4] == {
         "type": "SUBSCRIBED",
-        "data": {"channels": [QUEUE], "recovered": True, "epoch": "e1", "offset": 7},
+        "data": {"channels": [QUEUE], "recovered": True, "epoch": "e1", "offset": 8},
     }
     # From a later position, only what came after it; with nothing after it, nothing.
     carol = FakeConn_subscribed(protocol, "carol")
-    carol.start_offset = 7  # joined just now, as a page's first connection does
+    carol.start_offset = 8  # joined just now, as a page's first connection does
     again = say(
         protocol,
         carol,
         {"type": "SUBSCRIBE", "data": {"channels": [QUEUE], "since": {"epoch": "e1", "offset": 1}}},
     )
-    assert [frame.get("id") for frame in again] == ["id-2", None]  # everyone's, from before it joined
+    assert [frame.get("id") for frame in again] == ["id-2", "id-8", None]  # everyone's, and the channel's
     late = say(
         protocol,
         FakeConn_subscribed(protocol, "dan"),
         {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": {"epoch": "e1", "offset": 9}}},
     )
-    assert late == [{"type": "SUBSCRIBED", "data": {"channels": [ANN], "recovered": True, "epoch": "e1", "offset": 7}}]
+    assert late == [{"type": "SUBSCRIBED", "data": {"channels": [ANN], "recovered": True, "epoch": "e1", "offset": 8}}]
 
 
 def FakeConn_subscribed(protocol, user_id):  # noqa: N802 (reads as the class it builds)
