@@ -119,24 +119,22 @@ class IdentityWatcher:
 
     def _recheck(self, batch: list[str]) -> None:
         """One batch of the re-check: the directory, then the sign-outs (either may be down alone)."""
+        self._guarded("identity", self.refresh, batch, DirectoryUnavailable)
+        if self.sign_outs is not None:
+            self._guarded("sign-out", self.sign_outs, batch, SignoutsUnavailable)
+
+    def _guarded(
+        self, what: str, check: Callable[[list[str]], object], batch: list[str], unavailable: type[Exception]
+    ) -> None:
+        """``check(batch)``: its store down is a warning, a bug a logged exception; neither stops the round."""
         try:
-            self.refresh(batch)
-        except DirectoryUnavailable as down:
+            check(batch)
+        except unavailable as down:
             self.errors += 1
-            log.warning("identity re-check skipped a batch: %s", down)
+            log.warning("%s re-check skipped a batch: %s", what, down)
         except Exception:
             self.errors += 1
-            log.exception("identity re-check failed")
-        if self.sign_outs is None:
-            return
-        try:
-            self.sign_outs(batch)
-        except SignoutsUnavailable as down:
-            self.errors += 1
-            log.warning("sign-out re-check skipped a batch: %s", down)
-        except Exception:
-            self.errors += 1
-            log.exception("sign-out re-check failed")
+            log.exception("%s re-check failed", what)
 
     def status(self) -> dict:
         return {

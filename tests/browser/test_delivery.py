@@ -397,14 +397,15 @@ def test_what_is_broadcast_between_a_page_render_and_its_subscription_reaches_th
     assert page.evaluate("window.__resyncs") == 0  # replayed: nothing to refetch
 
 
-def test_a_live_broadcast_ahead_of_the_first_replay_waits_for_it_and_both_are_shown_in_order(site, web):
-    """Between CONNECTED and the answer to the page's first SUBSCRIBEs, a broadcast for the user comes
-    live, ahead of older ones the replay brings: it would have made them look already seen."""
+def first_subscribes_held_then_an_older_and_a_newer_broadcast(site, web):
+    """A queue page whose first SUBSCRIBEs (``since``) wait in the test's proxy while an alert (only the
+    replay can bring it) and then an announcement for the user (it comes live, and is held) are sent.
+    Returns the page, its sockets and the two broadcasts' answers."""
     from test_close_codes import Sockets, proxied
 
     page = web(site, "bob", "about:blank")
     sockets = Sockets(page)
-    sockets.hold = lambda message: '"since"' in message  # the page's first SUBSCRIBEs wait here
+    sockets.hold = lambda message: '"since"' in message
     page.goto(site.url + "/clinics/clinic-1/queue")
     assert proxied(page, lambda: len(sockets.held) == 2)  # plain, and with last (the queue)
     older = site.broadcast(
@@ -420,64 +421,27 @@ def test_a_live_broadcast_ahead_of_the_first_replay_waits_for_it_and_both_are_sh
     page.evaluate(
         "() => { window.__shown = []; window.realtime.onMessage((m) => m.id && window.__shown.push(m.offset)); }"
     )
-    page.wait_for_timeout(300)  # the live one reaches the page first
+    page.wait_for_timeout(300)  # the live one reaches the page
+    return page, sockets, older, newer
+
+
+def test_a_live_broadcast_ahead_of_the_first_replay_waits_for_it_and_both_are_shown_in_order(site, web):
+    """Between CONNECTED and the answer to the page's first SUBSCRIBEs, a broadcast for the user comes
+    live, ahead of older ones the replay brings: it would have made them look already seen."""
+    page, sockets, older, newer = first_subscribes_held_then_an_older_and_a_newer_broadcast(site, web)
     sockets.release()
     expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse")
     expect(page.locator("#toasts .toast-text")).to_have_text("For Bob only")
     assert page.evaluate("window.__shown") == [older["offset"], newer["offset"]]
 
 
-def test_a_resume_does_not_replay_a_channel_older_than_the_last_value_it_was_given(site, web):
-    """SUBSCRIBED carries the stream's position, as PONG does: a resume after a drop replayed the
-    channel's broadcasts from before the subscription, the older after its newer last value (found by
-    review: the queue showed the update before the current one, and said nothing)."""
-    page = web(site, "bob")  # the home page: announcements only
-    wait_live(page)
-    older, newer = queue_update(site, "Somchai"), queue_update(site, "Somchai", "Malee")
-    page.evaluate(
-        "() => { window.__shown = []; window.realtime.onMessage((m) => { if (m.type === 'QUEUE_UPDATE')"
-        " window.__shown.push(m.id); if (m.type === 'CONNECTED') window.__hello = m.data; });"
-        f" window.realtime.subscribe(['{QUEUE}'], {{ last: true }}); }}"
-    )
-    assert wait_for(lambda: page.evaluate("window.__shown") == [newer["id"]], timeout=10)  # its last value
-    assert page.evaluate("window.realtime.position.offset") == newer["offset"]
-    page.context.set_offline(True)
-    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
-    page.context.set_offline(False)
-    wait_live(page)
-    announce(site, "after the drop")  # a replay would come before this
-    expect(page.locator("#toasts .toast-text").last).to_have_text("after the drop")
-    assert page.evaluate("window.__hello.recovered") is True
-    assert page.evaluate("window.__shown") == [newer["id"]], older["id"]
-
-
 def test_a_socket_that_ends_while_broadcasts_are_held_resumes_from_the_render_and_misses_none(site, web):
-    """Broadcasts held for the first replay are dropped, not shown, when the socket ends before it:
-    shown, a newer live one moved the position past older ones the replay never brought, and the
-    resume skipped them (found by review)."""
-    from test_close_codes import Sockets, proxied
-
+    """Broadcasts held for the first replay are dropped, not shown, when the socket ends before it, and
+    the next connection subscribes since the render again: shown, a newer live one moved the position
+    past older ones the replay never brought, and the resume skipped them (found by review)."""
     from relay.codes import Close
 
-    page = web(site, "bob", "about:blank")
-    sockets = Sockets(page)
-    sockets.hold = lambda message: '"since"' in message  # the first SUBSCRIBEs never reach the server
-    page.goto(site.url + "/clinics/clinic-1/queue")
-    assert proxied(page, lambda: len(sockets.held) == 2)
-    older = site.broadcast(
-        {
-            "message": {"type": "CLINIC_ALERT", "data": {"message": "Room 3 needs a nurse"}},
-            "filter": {"channels": ["clinic:clinic-1:alerts"]},
-        }
-    ).json()
-    newer = site.broadcast(
-        {"message": {"type": "ANNOUNCEMENT", "data": {"message": "For Bob only"}}, "filter": {"userIds": ["bob"]}}
-    ).json()
-    assert newer["delivered"] == 1  # live, and held by the page
-    page.evaluate(
-        "() => { window.__shown = []; window.realtime.onMessage((m) => m.id && window.__shown.push(m.offset)); }"
-    )
-    page.wait_for_timeout(300)
+    page, sockets, older, newer = first_subscribes_held_then_an_older_and_a_newer_broadcast(site, web)
     sockets.hold = lambda message: False
     sockets.held.clear()  # lost with the socket
     sockets.close(Close.SERVICE_RESTART)
