@@ -397,6 +397,30 @@ def test_what_is_broadcast_between_a_page_render_and_its_subscription_reaches_th
     assert page.evaluate("window.__resyncs") == 0  # replayed: nothing to refetch
 
 
+def test_a_resume_does_not_replay_a_channel_older_than_the_last_value_it_was_given(site, web):
+    """SUBSCRIBED carries the stream's position, as PONG does: a resume after a drop replayed the
+    channel's broadcasts from before the subscription, the older after its newer last value (found by
+    review: the queue showed the update before the current one, and said nothing)."""
+    page = web(site, "bob")  # the home page: announcements only
+    wait_live(page)
+    older, newer = queue_update(site, "Somchai"), queue_update(site, "Somchai", "Malee")
+    page.evaluate(
+        "() => { window.__shown = []; window.realtime.onMessage((m) => { if (m.type === 'QUEUE_UPDATE')"
+        " window.__shown.push(m.id); if (m.type === 'CONNECTED') window.__hello = m.data; });"
+        f" window.realtime.subscribe(['{QUEUE}'], {{ last: true }}); }}"
+    )
+    assert wait_for(lambda: page.evaluate("window.__shown") == [newer["id"]], timeout=10)  # its last value
+    assert page.evaluate("window.realtime.position.offset") == newer["offset"]
+    page.context.set_offline(True)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "offline")
+    page.context.set_offline(False)
+    wait_live(page)
+    announce(site, "after the drop")  # a replay would come before this
+    expect(page.locator("#toasts .toast-text").last).to_have_text("after the drop")
+    assert page.evaluate("window.__hello.recovered") is True
+    assert page.evaluate("window.__shown") == [newer["id"]], older["id"]
+
+
 def first_subscribes_held_then_an_older_and_a_newer_broadcast(site, web):
     """A queue page whose first SUBSCRIBEs (``since``) wait in the test's proxy while an alert (only the
     replay can bring it) and then an announcement for the user (it comes live, and is held) are sent.
