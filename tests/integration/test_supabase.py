@@ -424,17 +424,19 @@ def test_a_token_asked_for_before_a_sign_out_everywhere_and_answered_after_it_op
     outlived a sign-out everywhere that landed while the lookup waited (found by review)."""
     import threading
 
-    from support import csrf_of
+    from support import csrf_of, wait_for
 
     srv = site(SUPABASE_CACHE_TTL_MS="0")
     laptop = sign_in(srv, "nurse@clinic.test", "pw-correct-horse")
     phone = sign_in(srv, "nurse@clinic.test", "pw-correct-horse")
     home = phone.get(srv.url + "/", timeout=10)
     supabase.delay = 0.8  # the laptop's token request waits on its identity lookup...
+    looked_up = len(supabase.calls("/auth/v1/admin/users/"))
     answers: list = []
     asking = threading.Thread(target=lambda: answers.append(laptop.get(srv.url + "/api/ws/auth", timeout=20)))
     asking.start()
-    time.sleep(0.3)  # ...while the phone signs out everywhere
+    # ...past its session check, once its lookup has reached Supabase; while it waits, the phone signs out.
+    assert wait_for(lambda: len(supabase.calls("/auth/v1/admin/users/")) > looked_up, timeout=10, interval=0.01)
     done = phone.post(srv.url + "/logout", data={"csrf_token": csrf_of(home.text), "everywhere": "1"}, timeout=20)
     assert done.status_code == 200 and done.url.endswith("/login")
     asking.join(30)

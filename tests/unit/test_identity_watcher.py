@@ -83,6 +83,10 @@ def test_the_recheck_reads_each_batch_from_the_sign_out_store_too_and_either_may
         directory, lambda: users, lambda *a: None, recheck_interval=0.2, poll_interval=60, sign_outs=sign_outs
     )
     watcher.start()
-    gevent.sleep(0.5)
+    for _ in range(500):  # a second round has begun (within 5 s: a hang guard, not a timing)
+        if len(read) >= 3:
+            break
+        gevent.sleep(0.01)
+    gevent.killall(watcher._greenlets)
     assert read[:3] == [["ann", "bob"], ["cat"], ["ann", "bob"]], read
     assert watcher.errors == 2  # one each, and neither stopped the round
