@@ -169,7 +169,6 @@ export class RealtimeClient {
     this.delayed = false; // the first connection did not come at the first attempt (a retry, or offline)
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.since = positionOf(this.options.since); // the page's render position, until the first CONNECTED
-    this.replayFrom = null; // set while the first connection's SUBSCRIBEs are sent: they carry it
     this.holding = null; // {waiting, frames, missed, from}: broadcasts held until the SUBSCRIBEs `since` are answered
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
     this.unanswered = new Map(); // channel -> SUBSCRIBEs of it with no SUBSCRIBED or ERROR back yet
@@ -524,6 +523,7 @@ export class RealtimeClient {
   }
 
   _connected(data, reconnect) {
+    let since = null; // the render's position, when this first connection's SUBSCRIBEs ask from it
     const rendered = this.since;
     this.since = null; // the page's position serves its first connection; later ones resume
     if (data.recovered !== true) this.shownAhead.clear(); // a new position: nothing is ahead of it yet
@@ -558,23 +558,20 @@ export class RealtimeClient {
     } else {
       // The page's first connection, in the stream it was rendered in: its SUBSCRIBEs ask for what was
       // broadcast since the render (the broadcasts held meanwhile are put in order with it).
-      this.replayFrom = rendered && rendered.epoch === data.epoch ? rendered : null;
-      const from = this.replayFrom ? this.replayFrom.offset : data.offset;
-      this.position = { clientId: data.clientId, epoch: data.epoch, offset: from };
-      if (rendered && !this.replayFrom) reconnect = true; // rendered in a stream that is gone since
-      if (this.replayFrom) this.holding = { waiting: 0, frames: [], missed: null, from: rendered };
+      since = rendered && rendered.epoch === data.epoch ? rendered : null;
+      this.position = { clientId: data.clientId, epoch: data.epoch, offset: since ? since.offset : data.offset };
+      if (rendered && !since) reconnect = true; // rendered in a stream that is gone since
+      if (since) this.holding = { waiting: 0, frames: [], missed: null, from: since };
     }
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this.unanswered.clear();
     this.toDrop.clear(); // a new session holds nothing
     for (const name of this.refs.keys()) this.toAsk.add(name);
-    const replaying = this.replayFrom !== null;
-    this._flush();
-    this.replayFrom = null;
+    this._flush(since);
     if (this.holding && this.holding.waiting === 0) {
       this.holding = null; // nothing subscribed: nothing to replay it with
       if (data.offset > this.position.offset) reconnect = true;
-    } else if (replaying) {
+    } else if (since) {
       return; // what was missed comes replayed, or SUBSCRIBED says it cannot (see _subscribed)
     }
     // A reconnect that is not a recovery missed whatever was sent meanwhile, with or without history:
@@ -598,8 +595,12 @@ export class RealtimeClient {
     queueMicrotask(() => this._flush());
   }
 
-  /** Send what this task's subscribe and unsubscribe calls left for the end of it. */
-  _flush() {
+  /**
+   * Send what this task's subscribe and unsubscribe calls left for the end of it.
+   * @param {?{epoch: string, offset: number}} [since] the SUBSCRIBEs ask for what came after it (and
+   *   broadcasts are held until they are answered: see _connected)
+   */
+  _flush(since = null) {
     this.flushQueued = false;
     if (!this.toAsk.size && !this.toDrop.size) return;
     // Each side only what is still true at the end of the task, so the two never name one channel
@@ -615,7 +616,7 @@ export class RealtimeClient {
     this.toDrop.clear();
     this.toAsk.clear();
     for (const some of inChunks(drop)) this.send({ type: "UNSUBSCRIBE", data: { channels: some } });
-    this._sendSubscribe(ask);
+    this._sendSubscribe(ask, since);
   }
 
   /** A name no channel can have (see POSSIBLE_CHANNEL): never sent, counted refused as the server would. */
@@ -625,15 +626,15 @@ export class RealtimeClient {
     console.error(`realtime: no channel can be named ${JSON.stringify(String(name)).slice(0, 80)}; not subscribed`);
   }
 
-  _sendSubscribe(names) {
+  _sendSubscribe(names, since) {
     const last = names.filter((name) => this.wantsLast.has(name));
     const plain = names.filter((name) => !this.wantsLast.has(name));
-    const from = this.replayFrom ? { since: { epoch: this.replayFrom.epoch, offset: this.replayFrom.offset } } : {};
+    const from = since ? { since: { epoch: since.epoch, offset: since.offset } } : {};
     for (const [group, flags] of [[plain, {}], [last, { last: true }]]) {
       for (const some of inChunks(group)) {
         // Not sent (no socket): the next CONNECTED sees it unanswered.
         const sent = this.send({ type: "SUBSCRIBE", data: { channels: some, ...flags, ...from } });
-        if (sent && this.holding && this.replayFrom) this.holding.waiting += 1;
+        if (sent && since) this.holding.waiting += 1;
         for (const name of some) countUp(this.unanswered, name);
       }
     }
