@@ -127,6 +127,28 @@ def test_an_identity_outage_is_1013_not_4403(service, sockets):
     assert sockets(rt, rt.tokens.mint("u-1")).close_code() == (Close.TRY_AGAIN_LATER, "identity service unavailable")
 
 
+def counted_refusals(rt) -> tuple[int, dict]:
+    """What /health's counters and the dashboard's current minute say of refused tokens and users."""
+    return rt.hub.counters["auth_failures"], rt.telemetry.timeline._now().auth_failures
+
+
+def test_every_refusal_for_a_token_or_a_user_counts_once_in_health_and_in_the_minute(service, sockets):
+    """/health's counter counts what realtime_auth_failures_total counts (the two used to disagree)."""
+
+    def down(uid):
+        raise DirectoryUnavailable("Supabase did not answer")
+
+    for get, token, reason in [
+        (nurse, "***", "not_base64"),
+        (lambda uid: None, None, "unknown_user"),
+        (lambda uid: Identity(uid, None, None, "nurse", "c-1", active=False), None, "user_disabled"),
+        (down, None, "directory_unavailable"),
+    ]:
+        rt = service(get)
+        sockets(rt, token or rt.tokens.mint("u-1")).close_code()
+        assert counted_refusals(rt) == (1, {reason: 1}), reason
+
+
 def test_a_bug_while_admitting_ends_in_close_1011_not_a_hang(service, sockets):
     def broken(uid):
         raise RuntimeError("a bug in a directory")
@@ -204,6 +226,7 @@ def test_a_user_disconnected_while_their_socket_is_on_its_way_is_closed_4403_ins
     rt, conn, received = on_its_way(lambda rt: rt.disconnect_user("u-1"))
     assert first_frame(received) == (Close.FORBIDDEN, "disconnected by an administrator")
     assert len(rt.hub) == 0
+    assert counted_refusals(rt) == (1, {"disconnected": 1})
 
 
 def test_a_user_moved_while_their_socket_is_on_its_way_joins_where_they_are_now(on_its_way):
