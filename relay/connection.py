@@ -317,15 +317,20 @@ class Connection:
         return True
 
     def push_owed(self, frames: list[bytes]) -> None:
-        """Queue what the client is owed at once (a resume's replay, bounded by WS_RECOVERY_MAX_MESSAGES).
+        """Queue what the client is owed at once (a replay, bounded by WS_RECOVERY_MAX_MESSAGES).
 
-        The queue limit stretches to hold it until it has been written: a
-        client is not a slow consumer for being sent what it missed.
+        The queue limit stretches to hold it until the queue has been written:
+        a client is not a slow consumer for being sent what it missed. One
+        replay at a time: one owed while another is still unwritten counts
+        against the limit as it stands (a client that asks for replays and
+        reads none would otherwise stretch it without end: ``SUBSCRIBE
+        since`` again and again).
         """
         if self.state is not OPEN or not frames:
             return
         owed = b"".join(frames)  # one queue entry: a replay is hundreds of frames
-        self._queue_limit = self._pending_bytes + len(owed) + self._max_queue
+        if self._queue_limit == self._max_queue:
+            self._queue_limit = self._pending_bytes + len(owed) + self._max_queue
         self._enqueue(owed)
 
     def send_now(self, frame: bytes) -> bool:
