@@ -129,7 +129,7 @@ class Connection:
         "role",
         "clinic_id",
         "token_ms",
-        "start_offset",
+        "sent_after",
         "channels",
         "opened_at",
         "heard",
@@ -176,7 +176,9 @@ class Connection:
         self.role: str | None = None
         self.clinic_id: str | None = None
         self.token_ms = 0  # when the token it was admitted with was minted (a sign-out everywhere ends it)
-        self.start_offset = 0  # the stream's position when it joined: later broadcasts reach it live
+        # Every broadcast after this offset meant for the channels it holds has been sent: from the stream's
+        # position when it joined (later ones reach it live), or from a SUBSCRIBE since's, once replayed.
+        self.sent_after = 0
         self.channels: set[str] = set()
         self.rate_tokens = 0.0
         self.rate_at = 0.0

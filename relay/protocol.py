@@ -293,6 +293,9 @@ class ClientProtocol:
             replay = self._replay(conn, held, since)
             if isinstance(replay, list):
                 answer["recovered"], newest_shown = True, since[1]
+                # From here its channels have everything after ``since``: another SUBSCRIBE since (a page's
+                # second, with "last") replays only what its own channels add, not all of this again.
+                conn.sent_after = min(conn.sent_after, since[1])
             else:
                 answer.update(recovered=False, reason=replay)
         for name in taken:
@@ -312,9 +315,9 @@ class ClientProtocol:
 
     def _replay(self, conn: Connection, held: frozenset[str], since: tuple[str, int]) -> list[Envelope] | str:
         """The broadcasts after ``since`` meant for this connection that it was not sent: from before
-        it joined (``start_offset``), and those the channels just taken add (the channels it ``held``
-        and its user, role and clinic brought it the others live); from the recent window, or why not
-        (a :class:`relay.recovery.Reason`).
+        ``sent_after`` (it joined, or an earlier replay's ``since``), and those the channels just taken
+        add (the channels it ``held`` and its user, role and clinic brought it the others); from the
+        recent window, or why not (a :class:`relay.recovery.Reason`).
 
         For a page rendered at ``since``: what was broadcast between the render and its subscription,
         which it would otherwise never see. Live frames may have reached the client before these
@@ -341,7 +344,7 @@ class ClientProtocol:
             if verdict is None:
                 verdict = verdicts[id(flt)] = (flt.admits(*who, conn.channels), flt.admits(*who, held))
             meant, sent = verdict
-            if meant and not (sent and (envelope.offset or 0) > conn.start_offset):
+            if meant and not (sent and (envelope.offset or 0) > conn.sent_after):
                 replay.append(envelope)
         return Reason.TOO_MANY if len(replay) > self.max_replay else replay
 

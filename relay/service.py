@@ -670,8 +670,8 @@ class Realtime:
                 replay = settled
         hello: dict = {"clientId": conn.id, "userId": user_id}
         if self.history is not None:
-            conn.start_offset = self.sequencer.position
-            hello.update(epoch=self.sequencer.epoch, offset=conn.start_offset)
+            conn.sent_after = self.sequencer.position
+            hello.update(epoch=self.sequencer.epoch, offset=conn.sent_after)
         if isinstance(outcome, Prepared):
             hello.update(recovered=True, channels=outcome.channels)
             if outcome.refused:  # told here too, so a client knows them before it decides what to refetch

@@ -28,7 +28,7 @@ class FakeConn:
         self.channels: set[str] = set()
         self.rate_tokens = 0.0
         self.rate_at = 0.0
-        self.start_offset = 0
+        self.sent_after = 0
         self.backlog = None
         self.state = "open"
         self.sent: list[dict] = []
@@ -344,7 +344,7 @@ def test_subscribe_since_replays_what_the_connection_was_not_sent_then_answers_r
     )
     protocol = since_protocol(clock, stream)
     bob = FakeConn()
-    bob.start_offset = 3
+    bob.sent_after = 3
     protocol.hub.add(bob)
     protocol.hub.subscribe(bob, [ANN], 10)
     sent = say(
@@ -358,7 +358,7 @@ def test_subscribe_since_replays_what_the_connection_was_not_sent_then_answers_r
     }
     # From a later position, only what came after it; with nothing after it, nothing.
     carol = FakeConn_subscribed(protocol, "carol")
-    carol.start_offset = 8  # joined just now, as a page's first connection does
+    carol.sent_after = 8  # joined just now, as a page's first connection does
     again = say(
         protocol,
         carol,
@@ -371,6 +371,30 @@ def test_subscribe_since_replays_what_the_connection_was_not_sent_then_answers_r
         {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": {"epoch": "e1", "offset": 9}}},
     )
     assert late == [{"type": "SUBSCRIBED", "data": {"channels": [ANN], "recovered": True, "epoch": "e1", "offset": 8}}]
+
+
+def test_a_second_subscribe_since_replays_only_what_its_own_channels_add(clock):
+    """A page's first connection sends two (plain, then with "last"); the first replayed the user's and
+    its channels' broadcasts, and sending those again would be for nothing (and a way to make a worker
+    scan and copy its window for every message)."""
+    stream = stream_of(
+        Filter(user_ids=frozenset({"bob"})),  # 1: for bob
+        Filter(channels=frozenset({ANN})),  # 2: the first SUBSCRIBE's channel
+        Filter(channels=frozenset({QUEUE})),  # 3: the second's
+    )
+    protocol = since_protocol(clock, stream)
+    bob = FakeConn_subscribed(protocol, "bob")
+    bob.sent_after = 3  # joined after all three
+    since = {"epoch": "e1", "offset": 0}
+    first = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": since}})
+    assert [frame.get("id") for frame in first] == ["id-1", "id-2", None]
+    second = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [QUEUE], "since": since}})
+    assert [frame.get("id") for frame in second] == ["id-3", None] and second[-1]["data"]["recovered"] is True
+    assert say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": since}})[0].get("id") is None
+    # Unsubscribed and taken again: its broadcasts may have been dropped with it, and come again.
+    say(protocol, bob, {"type": "UNSUBSCRIBE", "data": {"channels": [ANN]}})
+    again = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": since}})
+    assert [frame.get("id") for frame in again] == ["id-2", None]
 
 
 def FakeConn_subscribed(protocol, user_id):  # noqa: N802 (reads as the class it builds)
@@ -403,7 +427,7 @@ def test_subscribe_since_that_cannot_be_replayed_says_why_and_replays_nothing(cl
 def test_subscribe_since_with_more_to_replay_than_allowed_or_without_a_history_replays_nothing(clock):
     protocol = since_protocol(clock, stream_of(Filter(), Filter(), Filter()), max_replay=2)
     bob = FakeConn_subscribed(protocol, "bob")
-    bob.start_offset = 3
+    bob.sent_after = 3
     sent = say(
         protocol,
         bob,
