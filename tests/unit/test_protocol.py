@@ -397,6 +397,22 @@ def test_a_second_subscribe_since_replays_only_what_its_own_channels_add(clock):
     assert [frame.get("id") for frame in again] == ["id-2", None]
 
 
+def test_subscribe_since_pays_in_the_rate_limit_for_the_broadcasts_it_looks_through(clock):
+    """Looking through the recent window costs ~60 plain SUBSCRIBEs per 4,096: a client that sends since
+    again and again is slowed down (and closed 1008) as one that sends anything too fast."""
+    protocol = since_protocol(clock, stream_of(*[Filter(user_ids=frozenset({"someone-else"}))] * 1024))
+    with_since = {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": {"epoch": "e1", "offset": 0}}}
+    bob = FakeConn_subscribed(protocol, "bob")
+    for _ in range(8):  # 1 + 1024 // 256 = 5 messages each: the burst of 40
+        assert say(protocol, bob, with_since)[-1]["type"] == "SUBSCRIBED"
+    assert say(protocol, bob, with_since)[0]["data"]["code"] == Error.RATE_LIMITED
+    assert bob.closed == (Close.POLICY_VIOLATION, "rate limit exceeded")
+    carol = FakeConn_subscribed(protocol, "carol")
+    for _ in range(9):  # the same without since: one message each
+        assert say(protocol, carol, {"type": "SUBSCRIBE", "data": {"channels": [ANN]}})[-1]["type"] == "SUBSCRIBED"
+    assert carol.closed is None
+
+
 def FakeConn_subscribed(protocol, user_id):  # noqa: N802 (reads as the class it builds)
     conn = FakeConn(user_id)
     protocol.hub.add(conn)
