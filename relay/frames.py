@@ -27,8 +27,11 @@ _DATA = frozenset({OP_TEXT, OP_BINARY})
 # Close codes a peer may put on the wire (RFC 6455 7.4.1; 1004-1006 and 1015 are reserved).
 _VALID_CLOSE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 MAX_CONTROL_PAYLOAD = 125
-# Frames one message may arrive in: its byte limit in 16-byte pieces (4,096 for the service's 64 KiB).
-FRAGMENT_BYTES = 16
+# Continuation frames one message may have: its byte limit in 256-byte pieces (256 for the service's 64 KiB),
+# so that no message costs more to parse in fragments than whole (measured: 256 empty fragments 0.26 ms, one
+# 64 KiB frame 0.23 ms; 4,096 took 4.4 ms, at the rate limit's 20 a second). Autobahn's 9.3.1 (4 MiB in
+# 64-byte pieces, to an endpoint that takes 16 MiB) sends a first frame and 65,536 continuations: the bound.
+FRAGMENT_BYTES = 256
 MAX_CLOSE_REASON_BYTES = 123
 
 
@@ -168,9 +171,9 @@ class FrameParser:
                 raise ProtocolViolation(Close.PROTOCOL_ERROR, "continuation frame without a message")
             self._fragment_size += len(payload)
             most = self.max_message // FRAGMENT_BYTES
-            if len(self._fragments) >= most:
+            if len(self._fragments) > most:  # the first frame and ``most`` continuations
                 # Bytes alone do not bound a message: endless empty fragments cost memory and time.
-                raise ProtocolViolation(Close.MESSAGE_TOO_BIG, f"message in more than {most} fragments")
+                raise ProtocolViolation(Close.MESSAGE_TOO_BIG, f"message in more than {most} continuation frames")
             if self._text is not None:
                 self._fragments.append(self._decode(payload, final=bool(fin)))
             else:
