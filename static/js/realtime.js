@@ -169,7 +169,10 @@ export class RealtimeClient {
     this.delayed = false; // the first connection did not come at the first attempt (a retry, or offline)
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.since = positionOf(this.options.since); // the page's render position, until the first CONNECTED
-    this.holding = null; // {waiting, frames, missed, from}: broadcasts held until the SUBSCRIBEs `since` are answered
+    // {waiting, frames, missed, from, ahead}: broadcasts held until the SUBSCRIBEs `since` are answered
+    this.holding = null;
+    this.sentAhead = 0; // messages sent from listeners of "open", ahead of the first SUBSCRIBEs
+    this.countingAhead = false;
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
     this.unanswered = new Map(); // channel -> SUBSCRIBEs of it with no SUBSCRIBED or ERROR back yet
     this.toAsk = new Set(); // channels to subscribe at the end of this task, in one SUBSCRIBE...
@@ -280,6 +283,7 @@ export class RealtimeClient {
       return false;
     }
     this.ws.send(text);
+    if (this.countingAhead) this.sentAhead += 1;
     return true;
   }
 
@@ -402,17 +406,31 @@ export class RealtimeClient {
     } else if (message.type === "CONNECTED") {
       this._admitted(message.data || {});
     } else if (message.type === "SUBSCRIBED") {
-      this._subscribed(message.data || {});
+      this._subscribed(message.data || {}, this._answersAhead());
     } else if (message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
       this._refusedOne(message.data.channel);
     } else if (message.type === "ERROR" && this.holding) {
       // A SUBSCRIBE refused whole (answered in order, in place of its SUBSCRIBED): nothing replayed.
-      this._subscribed({ recovered: false, reason: "not_replayed" });
+      if (!this._answersAhead()) this._subscribed({ recovered: false, reason: "not_replayed" });
     } else if (message.type === "PONG") {
-      this._caughtUp(message.data);
+      // Not while broadcasts are held: they are below its position, and would look already seen.
+      if (!this._answersAhead() && !this.holding) this._caughtUp(message.data);
       return;
+    } else if (message.type === "UNSUBSCRIBED") {
+      this._answersAhead();
     }
     this._show(message);
+  }
+
+  /**
+   * Whether this answer (PONG, SUBSCRIBED, UNSUBSCRIBED, an ERROR naming no channel) is to a message
+   * sent ahead of the first SUBSCRIBEs `since` (a listener of "open" may send one), not to one of them:
+   * the server answers in order, so those come first.
+   */
+  _answersAhead() {
+    if (!this.holding || this.holding.ahead === 0) return false;
+    this.holding.ahead -= 1;
+    return true;
   }
 
   _show(message) {
@@ -481,14 +499,19 @@ export class RealtimeClient {
     this.connectedAt = Date.now();
     this.authFailures = 0;
     this.everOpened = true;
-    this._setStatus("open"); // before _connected: send() needs it (its listeners cannot throw past here)
+    // Before _connected: send() needs it (its listeners cannot throw past here). What they send leaves
+    // ahead of the first SUBSCRIBEs, and is answered ahead of them (counted: _answersAhead).
+    this.sentAhead = 0;
+    this.countingAhead = true;
+    this._setStatus("open");
+    this.countingAhead = false;
     this._startWatchdog();
     this._connected(data, reconnect);
   }
 
-  _subscribed(data) {
+  _subscribed(data, answersAhead = false) {
     const names = list(data.channels);
-    const held = this.holding;
+    const held = answersAhead ? null : this.holding;
     if (held) {
       if (data.recovered !== true) held.missed = data.reason || "not_replayed";
       if ((held.waiting -= 1) <= 0) {
@@ -561,7 +584,7 @@ export class RealtimeClient {
       since = rendered && rendered.epoch === data.epoch ? rendered : null;
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: since ? since.offset : data.offset };
       if (rendered && !since) reconnect = true; // rendered in a stream that is gone since
-      if (since) this.holding = { waiting: 0, frames: [], missed: null, from: since };
+      if (since) this.holding = { waiting: 0, frames: [], missed: null, from: since, ahead: this.sentAhead };
     }
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this.unanswered.clear();

@@ -459,6 +459,55 @@ def test_a_live_broadcast_ahead_of_the_first_replay_waits_for_it_and_both_are_sh
     assert page.evaluate("window.__shown") == [older["offset"], newer["offset"]]
 
 
+# A page script that sends as soon as the socket is open (a PING, and a message of no known type), from a
+# listener registered before the first connection.
+SENDS_WHEN_OPEN = """
+Object.defineProperty(window, "realtime", {
+  configurable: true,
+  set(rt) {
+    Object.defineProperty(window, "realtime", { value: rt, writable: true, configurable: true });
+    rt.onStatus((status) => {
+      if (status === "open") { rt.send({ type: "PING" }); rt.send({ type: "NOPE" }); }
+    });
+  },
+});
+"""
+
+
+def test_what_a_page_sends_as_its_socket_opens_does_not_end_the_wait_for_the_first_replay(site, web):
+    """Its answers come ahead of the first SUBSCRIBEs' (in order): a PONG carried a position past the
+    broadcasts held for the replay, and they were all dropped as already seen, silently; an ERROR ended
+    the wait as if a SUBSCRIBE had been refused (found by review)."""
+    from test_close_codes import Sockets, proxied
+
+    page = web(site, "bob", "about:blank")
+    page.add_init_script(SENDS_WHEN_OPEN)
+    sockets = Sockets(page)
+    sockets.hold = lambda message: '"since"' in message or '"PING"' in message or '"NOPE"' in message
+    page.goto(site.url + "/clinics/clinic-1/queue")
+    assert proxied(page, lambda: len(sockets.held) == 4)  # PING, NOPE, then plain and with last
+    older = site.broadcast(
+        {
+            "message": {"type": "CLINIC_ALERT", "data": {"message": "Room 3 needs a nurse"}},
+            "filter": {"channels": ["clinic:clinic-1:alerts"]},
+        }
+    ).json()
+    newer = site.broadcast(
+        {"message": {"type": "ANNOUNCEMENT", "data": {"message": "For Bob only"}}, "filter": {"userIds": ["bob"]}}
+    ).json()
+    assert older["delivered"] == 0 and newer["delivered"] == 1
+    page.evaluate(
+        "() => { window.__shown = []; window.realtime.onMessage((m) => m.id && window.__shown.push(m.offset));"
+        " window.__resyncs = 0; document.body.addEventListener('realtime:resync', () => window.__resyncs++); }"
+    )
+    page.wait_for_timeout(300)  # the live one reaches the page, and is held
+    sockets.release()  # the PONG (its offset past both) and the ERROR come back first
+    expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse")
+    expect(page.locator("#toasts .toast-text")).to_have_text("For Bob only")
+    assert page.evaluate("window.__shown") == [older["offset"], newer["offset"]]
+    assert page.evaluate("window.__resyncs") == 0  # replayed: nothing to refetch
+
+
 def test_a_socket_that_ends_while_broadcasts_are_held_resumes_from_the_render_and_misses_none(site, web):
     """Broadcasts held for the first replay are dropped, not shown, when the socket ends before it, and
     the next connection subscribes since the render again: shown, a newer live one moved the position
