@@ -592,7 +592,8 @@ class Realtime:
         try:
             identity = self.directory.get(user_id)
         except DirectoryUnavailable as down:
-            message, reason = "identity service unavailable", "directory_unavailable"
+            reason = "directory_unavailable"
+            message = "identity service unavailable"
             self._refuse(conn, Close.TRY_AGAIN_LATER, message, reason, user_id, remote, level="error", detail=str(down))
             return
         if identity is None or not identity.active:

@@ -169,8 +169,11 @@ def test_every_reason_a_socket_is_refused_for_has_its_metric_series_from_the_sta
     given = set(re.findall(r'TokenError\("([a-z0-9_]+)"', (relay / "tokens.py").read_text()))
     service = (relay / "service.py").read_text()
     given |= set(re.findall(r'auth_failed\("([a-z0-9_]+)"\)', service))
+    given |= set(re.findall(r'reason = "([a-z0-9_]+)"$', service, re.MULTILINE))
+    given |= set(re.findall(r'_refuse\(conn, Close\.[A-Z_]+, "[^"]*", "([a-z0-9_]+)"', service))
     given |= {
         word for pair in re.findall(r'reason = "([a-z0-9_]+)" if .* else "([a-z0-9_]+)"', service) for word in pair
     }
-    assert {"not_base64", "unknown_user", "user_disabled", "disconnected", "directory_unavailable"} <= given
+    expected = {"not_base64", "unknown_user", "user_disabled", "disconnected", "directory_unavailable", "signed_out"}
+    assert expected <= given
     assert given <= set(AUTH_FAILURE_REASONS), given - set(AUTH_FAILURE_REASONS)
