@@ -61,7 +61,7 @@ class HttpError:
     INVALID_BODY = "invalid_body"  # JSON of the wrong shape (400)
     INVALID_QUERY = "invalid_query"  # a query parameter of the wrong form (400)
     BODY_TOO_LARGE = "body_too_large"  # body over its route's limit (400 on /broadcast, 413 elsewhere)
-    INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"  # Idempotency-Key not 1-200 printable ASCII (400)
+    INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"  # Idempotency-Key not 1-200 visible ASCII, no space (400)
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"  # the key was first used with another broadcast: new key (422)
     FOREIGN_ORIGIN = "foreign_origin"  # WebSocket from an origin not allowed (403)
     BAD_UPGRADE = "bad_upgrade"  # a WebSocket upgrade missing what RFC 6455 requires (400, or 426 for the version)

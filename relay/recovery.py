@@ -176,7 +176,12 @@ class Recovery:
             return Reason.UNAVAILABLE
         if session is None or session.user_id != user_id:
             return Reason.NO_SESSION
-        if not self._reach(request.offset):
+        try:
+            reached = self._reach(request.offset)
+        except Exception as problem:  # the store is away: whether the stream had that offset cannot be told
+            log.warning("catching up for a resume failed: %s", problem)
+            return Reason.UNAVAILABLE
+        if not reached:
             return Reason.INVALID  # an offset this stream never had
         channels, refused = split_by_refusal(session.channels, refusal)
         prepared = Prepared(session, channels, refused, request.epoch, read_upto=self.sequencer.position)
@@ -216,14 +221,11 @@ class Recovery:
         """Wait (briefly) until this worker has delivered ``offset``: the client may come from a worker that
         was ahead of this one. Then, if it is still behind (its listener may be reconnecting: the
         follower notices within seconds), read what it lacks from the history, once. False if the
-        stream never had that offset."""
+        stream never had that offset; raises if the history cannot be read."""
         deadline = time.monotonic() + self.catch_up_timeout
         while offset > self.sequencer.position:
             if time.monotonic() > deadline:
-                try:
-                    self.sequencer.catch_up_once()
-                except Exception as problem:  # the store is away: the offset cannot be checked
-                    log.warning("catching up for a resume failed: %s", problem)
+                self.sequencer.catch_up_once()
                 return offset <= self.sequencer.position
             gevent.sleep(0.01)
         return True

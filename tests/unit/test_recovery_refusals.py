@@ -5,7 +5,7 @@ import time
 import pytest
 
 from relay.envelope import Envelope, Filter
-from relay.history import Session
+from relay.history import HistoryUnavailable, Session
 from relay.recovery import Prepared, Reason, Recovery, ResumeRequest
 from relay.sequencer import Sequencer
 from relay.sessions import SessionKeeper
@@ -228,3 +228,17 @@ def test_an_offset_the_stream_never_had_is_still_refused_after_catching_up(strea
     recovery, sequencer = recovery_over(stream)
     recovery.catch_up_timeout = 0.05
     assert resume(recovery, sequencer, sequencer.position + 50) == Reason.INVALID
+
+
+def test_a_resume_past_this_workers_position_while_the_store_is_away_is_unavailable_not_invalid(stream):
+    """Whether the stream had the offset cannot be told: the client is told the store is away, not that its
+    position was wrong (found by review)."""
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    recovery.catch_up_timeout = 0.05
+
+    def away(after, limit):
+        raise HistoryUnavailable("the store is away")
+
+    sequencer._fetch = away
+    assert resume(recovery, sequencer, sequencer.position + 3) == Reason.UNAVAILABLE
