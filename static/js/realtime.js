@@ -547,6 +547,7 @@ export class RealtimeClient {
 
   _connected(data, reconnect) {
     let since = null; // the render's position, when this first connection's SUBSCRIBEs ask from it
+    let from = null; // where its SUBSCRIBEs ask from: the render's position, or CONNECTED's
     const rendered = this.since;
     this.since = null; // the page's position serves its first connection; later ones resume
     if (data.recovered !== true) this.shownAhead.clear(); // a new position: nothing is ahead of it yet
@@ -582,15 +583,18 @@ export class RealtimeClient {
       // The page's first connection, in the stream it was rendered in: its SUBSCRIBEs ask for what was
       // broadcast since the render (the broadcasts held meanwhile are put in order with it).
       since = rendered && rendered.epoch === data.epoch ? rendered : null;
-      this.position = { clientId: data.clientId, epoch: data.epoch, offset: since ? since.offset : data.offset };
       if (rendered && !since) reconnect = true; // rendered in a stream that is gone since
-      if (since) this.holding = { waiting: 0, frames: [], missed: null, from: since, ahead: this.sentAhead };
+      // Any other: since CONNECTED. A channel's broadcast between the admission and its SUBSCRIBE would
+      // otherwise reach neither this socket nor a refetch that read the page's state just before it.
+      from = since || { epoch: data.epoch, offset: data.offset };
+      this.position = { clientId: data.clientId, epoch: data.epoch, offset: from.offset };
+      this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead };
     }
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this.unanswered.clear();
     this.toDrop.clear(); // a new session holds nothing
     for (const name of this.refs.keys()) this.toAsk.add(name);
-    this._flush(since);
+    this._flush(from);
     if (this.holding && this.holding.waiting === 0) {
       this.holding = null; // nothing subscribed: nothing to replay it with
       if (data.offset > this.position.offset) reconnect = true;
@@ -697,9 +701,10 @@ export class RealtimeClient {
 
   /** Every way a socket ends comes through here: the watchdog, and the backoff's fresh start. */
   _socketEnded() {
-    // The first connection ended before its replay was all here: the next one is a first connection
-    // again, subscribing since the render (its session may hold none of the channels). What was held is
-    // dropped, not shown: a newer one would move the position past older ones the replay never brought.
+    // A connection ended before the replay of its SUBSCRIBEs `since` was all here: the next one is a
+    // first connection again, subscribing since the same position (the render's, or the CONNECTED's its
+    // page refetched after: its session may hold none of the channels). What was held is dropped, not
+    // shown: a newer one would move the position past older ones the replay never brought.
     if (this.holding) {
       this.since = this.holding.from;
       this.position = null;

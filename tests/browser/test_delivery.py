@@ -523,6 +523,32 @@ def test_a_socket_that_ends_while_broadcasts_are_held_resumes_from_the_render_an
     assert page.evaluate("window.__shown") == [older["offset"], newer["offset"]]
 
 
+def test_a_channels_broadcast_between_a_reconnects_admission_and_its_subscribe_reaches_the_page(site, web):
+    """A reconnect that is not a resume subscribes again and makes the page refetch; a broadcast to a
+    channel between its CONNECTED and its SUBSCRIBE reached neither the socket nor a refetch that read
+    the page's state just before it. Its SUBSCRIBEs now ask since CONNECTED's position (found by review)."""
+    from test_close_codes import Sockets, proxied
+
+    from relay.codes import Close
+
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    page.goto(site.url + "/clinics/clinic-1/queue")
+    wait_live(page)
+    # A session the server does not have: the next socket is told no_session, and subscribes anew.
+    page.evaluate("window.realtime.position.clientId = '00000000-0000-4000-8000-000000000000'")
+    sockets.hold = lambda message: '"SUBSCRIBE"' in message
+    sockets.close(Close.SERVICE_RESTART)
+    assert proxied(page, lambda: len(sockets.held) == 2, timeout=15)  # plain, and with last (the queue)
+    alert = {"type": "CLINIC_ALERT", "data": {"message": "Room 3 needs a nurse"}}
+    # Delivered only to the old socket, whose page side is gone (the server has not noticed yet).
+    assert site.broadcast({"message": alert, "filter": {"channels": ["clinic:clinic-1:alerts"]}}).status_code == 200
+    sockets.hold = lambda message: False
+    sockets.release()
+    expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse")
+    assert page.evaluate("window.realtime.holding") is None
+
+
 def test_a_first_subscribe_refused_whole_does_not_leave_the_page_holding_broadcasts_for_good(site, web):
     """An ERROR in place of the SUBSCRIBED the client waits for (a SUBSCRIBE refused whole) ends the
     wait, and says nothing could be replayed; broadcasts are shown again (found by review: they
