@@ -24,6 +24,7 @@ import uuid
 from collections import OrderedDict
 
 import gevent
+import gevent.lock
 from gevent.event import AsyncResult
 
 from .config import ConfigError
@@ -49,6 +50,11 @@ MAX_LIST_PAGES = 200  # at most 200,000 users listed per re-check
 PROFILE_BATCH = 100  # ids per PostgREST "in" query (kept well under URL limits)
 # Supabase's access tokens are 1-2 KB; a longer one is refused here, not sent on to be refused by a gateway.
 MAX_ACCESS_TOKEN_CHARS = 4096
+# Access tokens Supabase checks for this worker at once (without SUPABASE_JWT_SECRET). Anyone can send
+# one, and each is a call on the HTTP client the identity lookups share: a flood of junk tokens must not
+# take its connections (100) from the sockets and pages being admitted. Past this, a request waits for a
+# turn, up to the timeout, then is answered 503.
+MAX_TOKEN_CHECKS = 8
 
 
 def is_uuid(value: str) -> bool:
@@ -96,6 +102,7 @@ class SupabaseDirectory:
         self._cache: OrderedDict[str, tuple[float, Identity | None, int]] = OrderedDict()
         self._reads = 0
         self._inflight: dict[str, AsyncResult] = {}
+        self._token_checks = gevent.lock.BoundedSemaphore(MAX_TOKEN_CHECKS)
         self.stats = {"hits": 0, "misses": 0, "upstream": 0, "errors": 0}
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -181,6 +188,8 @@ class SupabaseDirectory:
             except jwt.InvalidTokenError as bad:
                 raise AccessTokenInvalid(f"the access token is invalid: {bad}") from None
             return str(claims["sub"])
+        if not self._token_checks.acquire(timeout=self.timeout):
+            raise DirectoryUnavailable(f"over {MAX_TOKEN_CHECKS} access tokens are being checked; try again shortly")
         try:
             with self._deadline():
                 response = self._admin.auth.get_user(token)
@@ -189,6 +198,8 @@ class SupabaseDirectory:
             if status is not None:
                 raise AccessTokenInvalid(f"Supabase refused the access token (HTTP {status})") from None
             raise self._unavailable(problem) from None
+        finally:
+            self._token_checks.release()
         self._up()
         if response is None or response.user is None:
             raise AccessTokenInvalid("Supabase knows no user for this access token")

@@ -87,6 +87,8 @@ class FakeSupabase:
         self.log_table = "broadcast_log"  # rows of the broadcast log, by id, as PostgREST would keep them
         self.log_rows: dict[str, dict] = {}
         self.requests: list[Recorded] = []
+        self.at_once: dict[str, int] = {}  # path -> requests being answered now
+        self.most_at_once: dict[str, int] = {}  # path -> the most answered at once so far
         self.mode = "ok"
         self.hang_seconds = 10.0
         self.delay = 0.0  # answer correctly, but this much later (to make lookups overlap)
@@ -177,6 +179,15 @@ class FakeSupabase:
                             method, parts.path, parse_qs(parts.query), {k.lower(): v for k, v in self.headers.items()}
                         )
                     )
+                    now = fake.at_once[parts.path] = fake.at_once.get(parts.path, 0) + 1
+                    fake.most_at_once[parts.path] = max(now, fake.most_at_once.get(parts.path, 0))
+                try:
+                    self._answer(method, parts, body)
+                finally:
+                    with fake.lock:
+                        fake.at_once[parts.path] -= 1
+
+            def _answer(self, method: str, parts, body: bytes) -> None:
                 if fake.mode == "hang":
                     time.sleep(fake.hang_seconds)
                 elif fake.delay:

@@ -444,3 +444,32 @@ def test_a_token_asked_for_before_a_sign_out_everywhere_and_answered_after_it_op
     assert answers and answers[0].status_code == 200, answers[0].text  # it passed the check before the sign-out
     token = answers[0].json()["token"]
     assert srv.open(token).closed_with(timeout=10) == (Close.UNAUTHORIZED, "token signed out")
+
+
+def test_a_flood_of_junk_bearer_tokens_is_checked_a_few_at_a_time_and_sockets_are_still_admitted(
+    site, supabase, people
+):
+    """Anyone can send a bearer token, and each was a call to Supabase on the HTTP client the identity
+    lookups share: thirty at once took thirty of its connections, a flood all of them (found by review).
+    Now a worker checks at most MAX_TOKEN_CHECKS at once; the rest wait their turn (or get 503)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from relay.supabase_directory import MAX_TOKEN_CHECKS
+
+    srv = site()
+    supabase.delay = 0.3
+
+    def junk(n: int) -> int:
+        headers = {"Authorization": f"Bearer junk-{n}"}
+        return requests.get(srv.url + "/api/ws/auth", headers=headers, timeout=30).status_code
+
+    with ThreadPoolExecutor(30) as pool:
+        answers = [pool.submit(junk, n) for n in range(30)]
+        deadline = time.monotonic() + 10
+        while not supabase.at_once.get("/auth/v1/user") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with srv.connect(people["staff"].id):  # a socket admitted meanwhile (its lookup is not a token check)
+            pass
+        statuses = [answer.result() for answer in answers]
+    assert set(statuses) <= {401, 503} and statuses.count(401) >= MAX_TOKEN_CHECKS, statuses
+    assert supabase.most_at_once["/auth/v1/user"] <= MAX_TOKEN_CHECKS
