@@ -12,7 +12,8 @@ Client -> server (JSON text frames)::
     {"type": "UNSUBSCRIBE", "data": {"channels": [...]}}  -> UNSUBSCRIBED {channels}
 
 A connection's messages are answered in the order they came: while one waits
-for the store (``last``), the ones behind it wait too.
+for the store (``last``, or a ``since`` from before this worker's recent
+window), the ones behind it wait too.
 
 Server -> client: ``CONNECTED {clientId, userId, epoch, offset}`` first, then
 replies, broadcasts ``{type, data, id, offset}``, and ``ERROR {code, message[, channel]}``
@@ -28,6 +29,7 @@ through the connection (see ``relay.connection`` and ``docs/architecture.md``).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 
@@ -44,7 +46,9 @@ from .sequencer import Sequencer
 from .sessions import SessionKeeper
 from .telemetry import Telemetry
 
-MAX_BACKLOG = 64  # messages held behind one still being answered (a SUBSCRIBE with last)
+log = logging.getLogger("relay.protocol")
+
+MAX_BACKLOG = 64  # messages held behind one still being answered (a SUBSCRIBE with last, or since)
 MAX_BACKLOG_CHARS = 256 * 1024  # and their size: 64 of 64 KiB would be 4 MiB a socket while the store is slow
 MAX_CHANNELS_PER_REQUEST = 200
 LOGGED_REFUSALS = 10  # names a ws.subscribe_denied line shows (it counts them all)
@@ -235,25 +239,44 @@ class ClientProtocol:
                 refused=len(denied),
                 channels=[name for name, _ in denied[:LOGGED_REFUSALS]],
             )
-        if last and self.last_values is not None:
-            # The last values are in the store: fetch them in a greenlet, and hold this
+        wants_last = last and self.last_values is not None
+        # From before this worker's recent window (it started after the page was rendered: a deploy),
+        # but not by more than its size: the broadcasts after ``since`` are read back from the store.
+        stream = self.stream
+        backfill = (
+            since is not None and stream is not None and since[0] == stream.epoch and stream.can_backfill(since[1])
+        )
+        if wants_last or backfill:
+            # What the answer needs is in the store: read it in a greenlet, and hold this
             # connection's later messages until this one is answered.
             conn.backlog = []
-            conn.defer(self._subscribe_with_last, conn, allowed, since)
+            conn.defer(self._subscribe_from_store, conn, allowed, since, backfill, wants_last)
             return
         self._take(conn, allowed, {}, since)
 
-    def _subscribe_with_last(self, conn: Connection, names: list[str], since: tuple[str, int] | None) -> None:
-        """Deferred (may wait): fetch each channel's last value, then subscribe and answer."""
-        assert self.last_values is not None
-        found = self.last_values.fetch(names)  # waits on the store
+    def _subscribe_from_store(
+        self, conn: Connection, names: list[str], since: tuple[str, int] | None, backfill: bool, last: bool
+    ) -> None:
+        """Deferred (may wait): extend the recent window back to ``since`` if ``backfill``, fetch each
+        channel's last value if ``last``, then subscribe and answer."""
+        if backfill:
+            assert self.stream is not None and since is not None
+            try:
+                self.stream.backfill(since[1])  # once for every connection that needs it, like resumes
+            except Exception as problem:  # the store is away: SUBSCRIBED says nothing could be replayed
+                log.warning("reading back the broadcasts after a SUBSCRIBE since failed: %s", problem)
+        found = None
+        if last:
+            assert self.last_values is not None
+            found = self.last_values.fetch(names)  # waits on the store
         if conn.state == "open":
             # No pause from here until SUBSCRIBED: the newest value is chosen and sent before any
             # live frame of these channels can be, so a last value never follows a newer one.
             # And authorized again: the user may have moved clinic while the store answered
             # (Realtime.apply_identity), which re-checked the channels held, not these.
             still = [name for name in names if self._still_allowed(conn, name)]
-            self._take(conn, still, self.last_values.settle(found), since)
+            values = self.last_values.settle(found) if found is not None and self.last_values is not None else {}
+            self._take(conn, still, values, since)
         self._answer_backlog(conn)
 
     def _still_allowed(self, conn: Connection, name: str) -> bool:

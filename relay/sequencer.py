@@ -116,8 +116,8 @@ class Sequencer:
         """
         with self._backfilling:
             epoch = self.epoch
-            upto = self._recent.first - 1 if self._recent.first is not None else self.position
-            if offset >= upto or upto - offset > self._recent.max_count:
+            upto = self._backfill_upto(offset)
+            if upto is None:
                 return
             older: list[Envelope] = []
             cursor = offset
@@ -135,6 +135,17 @@ class Sequencer:
             whole = [_offset(e) for e in older] == list(range(offset + 1, upto + 1))
             if whole and same_stream and self._recent.first in (None, upto + 1):
                 self._recent.prepend(older)
+
+    def can_backfill(self, offset: int) -> bool:
+        """Whether :meth:`backfill` would read anything: the window starts after ``offset``, by no more
+        than its size (a worker started since ``offset``)."""
+        return self._backfill_upto(offset) is not None
+
+    def _backfill_upto(self, offset: int) -> int | None:
+        """The last offset a backfill back to ``offset`` would read, or None if there is nothing to read:
+        the window reaches back already, or the gap is wider than the window."""
+        upto = self._recent.first - 1 if self._recent.first is not None else self.position
+        return None if offset >= upto or upto - offset > self._recent.max_count else upto
 
     def recent_after(self, offset: int) -> list[Envelope] | None:
         """Delivered envelopes with offsets above ``offset``, or None if they are not all still kept here."""

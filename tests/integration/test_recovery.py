@@ -658,3 +658,25 @@ def test_subscribe_since_replays_what_the_page_missed_and_a_last_value_only_if_t
         client.send({"type": "SUBSCRIBE", "data": {"channels": [channel], "since": {"epoch": "gone", "offset": 0}}})
         answer = client.expect("SUBSCRIBED")["data"]
         assert answer["recovered"] is False and answer["reason"] == Reason.EPOCH
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_subscribe_since_a_render_from_before_a_reload_is_replayed_by_the_new_worker(start_server, request, broker):
+    """A page rendered on the old worker whose socket reaches the new one: that worker's recent window
+    begins at its start, after the render. What was broadcast in between is read back from the history
+    and replayed (it used to be refused, history_gone, and every such page refetched)."""
+    env = {"REDIS_URL": request.getfixturevalue("redis_server").url} if broker == "redis" else {}
+    srv = start_server(**env)
+    channel = "clinic:clinic-1:alerts"
+    with srv.connect("bob") as client:
+        rendered = {"epoch": client.hello["epoch"], "offset": client.hello["offset"]}
+    body = {"message": {"type": "CLINIC_ALERT", "data": {"message": "Room 3"}}, "filter": {"channels": [channel]}}
+    alert = srv.broadcast(body).json()
+    old = srv.health()["pid"]
+    srv.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: srv.health()["pid"] != old, timeout=30)
+    with srv.connect("bob") as client:
+        assert client.hello["offset"] >= alert["offset"]  # the new worker began after the alert
+        client.send({"type": "SUBSCRIBE", "data": {"channels": [channel], "since": rendered}})
+        assert client.recv()["id"] == alert["id"]
+        assert client.expect("SUBSCRIBED")["data"]["recovered"] is True

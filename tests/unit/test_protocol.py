@@ -48,6 +48,9 @@ class FakeConn:
         for frame in frames:
             self.push(frame)
 
+    def defer(self, work, *args) -> None:  # at once, here (a test that needs it waiting spawns it instead)
+        work(*args)
+
     def take(self) -> list[dict]:
         sent, self.sent = self.sent, []
         return sent
@@ -411,6 +414,65 @@ def test_subscribe_since_pays_in_the_rate_limit_for_the_broadcasts_it_looks_thro
     for _ in range(9):  # the same without since: one message each
         assert say(protocol, carol, {"type": "SUBSCRIBE", "data": {"channels": [ANN]}})[-1]["type"] == "SUBSCRIBED"
     assert carol.closed is None
+
+
+def test_subscribe_since_from_before_this_workers_window_reads_it_back_from_the_store(clock):
+    """A page rendered just before a deploy whose socket lands on the new worker: its window begins at
+    the worker's start, after the render. The broadcasts in between are read back from the store (once,
+    for every such page, as resumes do) and replayed; they used to be refused (history_gone: refetch)."""
+    history = [
+        Envelope("T", {"n": offset}, flt, id=f"id-{offset}").placed("e1", offset)
+        for offset, flt in enumerate(
+            [Filter(), Filter(channels=frozenset({QUEUE})), Filter(user_ids=frozenset({"carol"})), Filter()], start=1
+        )
+    ]
+    reads = []
+
+    def fetch(after, limit):
+        reads.append(after)
+        return [e for e in history if e.offset > after][:limit]
+
+    stream = Sequencer(lambda e: 0, fetch, on_reset=lambda e: None)
+    stream.prime("e1", 4)  # this worker began after all four
+    protocol = since_protocol(clock, stream)
+    bob = FakeConn_subscribed(protocol, "bob")
+    bob.sent_after = 4
+    waiting = gevent.event.Event()
+    bob.defer = lambda work, *args: gevent.spawn(lambda: (waiting.wait(5), work(*args)))
+    since = {"epoch": "e1", "offset": 1}
+    protocol.on_text(bob, json.dumps({"type": "SUBSCRIBE", "data": {"channels": [QUEUE], "since": since}}))
+    protocol.on_text(bob, json.dumps({"type": "PING"}))  # waits behind it
+    assert bob.take() == [] and bob.backlog is not None
+    waiting.set()
+    for _ in range(500):  # bounded: 5 s
+        if bob.backlog is None:
+            break
+        gevent.sleep(0.01)
+    sent = bob.take()
+    assert [frame.get("id") for frame in sent[:3]] == ["id-2", "id-4", None]  # not carol's
+    assert sent[2]["type"] == "SUBSCRIBED" and sent[2]["data"]["recovered"] is True
+    assert sent[3]["type"] == "PONG"  # answered after it, in order
+    # Once read, the window reaches back: another page's SUBSCRIBE since is answered at once.
+    carol = FakeConn_subscribed(protocol, "carol")
+    carol.sent_after = 4
+    reads.clear()
+    again = say(protocol, carol, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": since}})
+    assert [frame.get("id") for frame in again] == ["id-3", "id-4", None] and reads == []
+
+
+def test_subscribe_since_whose_broadcasts_the_store_cannot_give_back_is_history_gone(clock):
+    def fetch(after, limit):
+        raise RuntimeError("the store is away")
+
+    stream = Sequencer(lambda e: 0, fetch, on_reset=lambda e: None)
+    stream.prime("e1", 4)
+    protocol = since_protocol(clock, stream)
+    bob = FakeConn_subscribed(protocol, "bob")
+    sent = say(
+        protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [QUEUE], "since": {"epoch": "e1", "offset": 1}}}
+    )
+    assert [frame["type"] for frame in sent] == ["SUBSCRIBED"] and sent[0]["data"]["reason"] == "history_gone"
+    assert bob.channels == {QUEUE}  # subscribed all the same: the client refetches
 
 
 def FakeConn_subscribed(protocol, user_id):  # noqa: N802 (reads as the class it builds)
