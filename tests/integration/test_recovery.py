@@ -675,6 +675,7 @@ def test_subscribe_since_a_render_from_before_a_reload_is_replayed_by_the_new_wo
     old = srv.health()["pid"]
     srv.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: srv.health()["pid"] != old, timeout=30)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{old}"), timeout=30)  # no socket lands on its drain
     with srv.connect("bob") as client:
         assert client.hello["offset"] >= alert["offset"]  # the new worker began after the alert
         client.send({"type": "SUBSCRIBE", "data": {"channels": [channel], "since": rendered}})
