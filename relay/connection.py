@@ -55,6 +55,7 @@ OPEN = "open"
 CLOSING = "closing"
 CLOSED = "closed"
 ABNORMAL = 1006  # never sent: what a close without a close frame is reported as
+MAX_OWED_UNREAD = 2  # replays the queue limit stretches for before the client has read (push_owed)
 _READ = 1
 _WRITE = 2
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -155,6 +156,7 @@ class Connection:
         "_close_when_flushed",
         "_max_queue",
         "_queue_limit",
+        "_stretched",
         "_close_timeout",
     )
 
@@ -176,8 +178,10 @@ class Connection:
         self.role: str | None = None
         self.clinic_id: str | None = None
         self.token_ms = 0  # when the token it was admitted with was minted (a sign-out everywhere ends it)
-        # Every broadcast after this offset meant for the channels it holds has been sent: from the stream's
-        # position when it joined (later ones reach it live), or from a SUBSCRIBE since's, once replayed.
+        # The offset after which it was sent every broadcast meant for its user, role, clinic and the channels
+        # it held at the time: the stream's position when it joined, moved back to a SUBSCRIBE since's once
+        # that is replayed. A later SUBSCRIBE since replays only what its own new channels add (a channel
+        # taken in between without since counts as taken then, as it asked).
         self.sent_after = 0
         self.channels: set[str] = set()
         self.rate_tokens = 0.0
@@ -205,6 +209,7 @@ class Connection:
         self._close_when_flushed = False
         self._max_queue = max_queue
         self._queue_limit = max_queue  # stretched while a replay is being written (push_owed)
+        self._stretched = 0  # replays it was stretched for since the queue was last written whole
         self._close_timeout = close_timeout
 
     def __repr__(self) -> str:
@@ -322,16 +327,18 @@ class Connection:
         """Queue what the client is owed at once (a replay, bounded by WS_RECOVERY_MAX_MESSAGES).
 
         The queue limit stretches to hold it until the queue has been written:
-        a client is not a slow consumer for being sent what it missed. One
-        replay at a time: one owed while another is still unwritten counts
-        against the limit as it stands (a client that asks for replays and
-        reads none would otherwise stretch it without end: ``SUBSCRIBE
-        since`` again and again).
+        a client is not a slow consumer for being sent what it missed. For
+        two replays at most (a page's first SUBSCRIBEs since: plain, and with
+        last): one more owed before the queue was written counts against the
+        limit as it stands (a client that asks for replays and reads none
+        would otherwise stretch it without end: ``SUBSCRIBE since`` again and
+        again).
         """
         if self.state is not OPEN or not frames:
             return
         owed = b"".join(frames)  # one queue entry: a replay is hundreds of frames
-        if self._queue_limit == self._max_queue:
+        if self._stretched < MAX_OWED_UNREAD:
+            self._stretched += 1
             self._queue_limit = self._pending_bytes + len(owed) + self._max_queue
         self._enqueue(owed)
 
@@ -385,6 +392,7 @@ class Connection:
             self._pending = None
             self._pending_bytes = 0
             self._queue_limit = self._max_queue
+            self._stretched = 0
             if self._blocked and self._write_watch is not None:
                 self._write_watch.stop()
                 self._blocked = False

@@ -52,9 +52,12 @@ MAX_BACKLOG = 64  # messages held behind one still being answered (a SUBSCRIBE w
 MAX_BACKLOG_CHARS = 256 * 1024  # and their size: 64 of 64 KiB would be 4 MiB a socket while the store is slow
 MAX_CHANNELS_PER_REQUEST = 200
 LOGGED_REFUSALS = 10  # names a ws.subscribe_denied line shows (it counts them all)
-# A SUBSCRIBE since looks through the recent broadcasts after it: ~0.2 us each, ~0.9 ms for a window of 4,096,
-# where a plain SUBSCRIBE costs ~16 us. It counts as one more message per this many looked through.
-SINCE_SCANNED_PER_MESSAGE = 256
+# A SUBSCRIBE since looks through the recent broadcasts after it: ~0.15-0.2 us each, 0.6-0.9 ms for a window of
+# 4,096, where a plain SUBSCRIBE costs ~16 us. It counts as one more message per this many, at most
+# SINCE_MOST_MESSAGES more: a page's first two SUBSCRIBEs (plain, and with last) fit in the burst of 40
+# with room to spare, one that sends since again and again is slowed down.
+SINCE_SCANNED_PER_MESSAGE = 512
+SINCE_MOST_MESSAGES = 8
 
 
 def encode(message_type: str, data: object) -> bytes:
@@ -259,16 +262,18 @@ class ClientProtocol:
     ) -> None:
         """Deferred (may wait): extend the recent window back to ``since`` if ``backfill``, fetch each
         channel's last value if ``last``, then subscribe and answer."""
+        found = None
+        if last:
+            assert self.last_values is not None
+            found = self.last_values.fetch(names)  # waits on the store
         if backfill:
+            # Last, with no other wait before the answer: a broadcast in between could trim what was read
+            # back (the window is past its size for a moment).
             assert self.stream is not None and since is not None
             try:
                 self.stream.backfill(since[1])  # once for every connection that needs it, like resumes
             except Exception as problem:  # the store is away: SUBSCRIBED says nothing could be replayed
                 log.warning("reading back the broadcasts after a SUBSCRIBE since failed: %s", problem)
-        found = None
-        if last:
-            assert self.last_values is not None
-            found = self.last_values.fetch(names)  # waits on the store
         if conn.state == "open":
             # No pause from here until SUBSCRIBED: the newest value is chosen and sent before any
             # live frame of these channels can be, so a last value never follows a newer one.
@@ -361,7 +366,7 @@ class ClientProtocol:
             return Reason.GONE
         # Paid for in the rate limit (it may go below zero: the messages after it wait), so that a client
         # that sends since again and again is slowed down as one that sends anything too fast.
-        conn.rate_tokens -= len(recent) // SINCE_SCANNED_PER_MESSAGE
+        conn.rate_tokens -= min(SINCE_MOST_MESSAGES, len(recent) // SINCE_SCANNED_PER_MESSAGE)
         who = (conn.user_id, conn.role, conn.clinic_id)
         # Per audience (envelopes share interned filters, see Prepared.replay): (meant for it, sent live
         # once it had joined).

@@ -71,6 +71,7 @@ class Sequencer:
         # gap until its sockets are closed (the drain waits for on_gap).
         self.delivered = 0
         self.skipped = 0  # offsets given up on (not in the history any more)
+        self._began = 0  # the position this worker started from (or its stream started over at)
         self._deliver = deliver
         self._fetch = fetch
         self._on_reset = on_reset
@@ -83,13 +84,14 @@ class Sequencer:
         self._recent = RecentWindow(recent, recent_bytes)
         self._backfilling = gevent.lock.Semaphore()
         self._catching_up = gevent.lock.Semaphore()
+        self._catch_up_failed: Exception | None = None  # what the last catch_up_once raised, for its waiters
         self._retired: list[str] = []  # epochs this worker left: a straggler of one must not bring it back
 
     # -- positions ----------------------------------------------------------------------------
 
     def prime(self, epoch: str, head: int) -> None:
         """Start from the stream's head: what came before was delivered by someone else, or to no one."""
-        self.epoch, self.position, self.delivered = epoch, head, head
+        self.epoch, self.position, self.delivered, self._began = epoch, head, head, head
 
     def restart(self, epoch: str, head: int) -> None:
         """The store says the stream has a new epoch (its history was lost): start over there."""
@@ -137,9 +139,13 @@ class Sequencer:
                 self._recent.prepend(older)
 
     def can_backfill(self, offset: int) -> bool:
-        """Whether :meth:`backfill` would read anything: the window starts after ``offset``, by no more
-        than its size (a worker started since ``offset``)."""
-        return self._backfill_upto(offset) is not None
+        """Whether :meth:`backfill` would bring ``offset`` into the window of a worker started after it (a
+        deploy): the window still begins where the worker began (nothing trimmed, nothing read back yet),
+        by no more than its size after ``offset``. A busy worker's window, trimmed since, is not extended:
+        the next broadcasts would trim what was read back before it was used."""
+        first = self._recent.first
+        untouched = first is None or first == self._began + 1
+        return untouched and self._backfill_upto(offset) is not None
 
     def _backfill_upto(self, offset: int) -> int | None:
         """The last offset a backfill back to ``offset`` would read, or None if there is nothing to read:
@@ -189,12 +195,19 @@ class Sequencer:
 
     def catch_up_once(self) -> None:
         """:meth:`catch_up` by one greenlet at a time: one that comes while it runs waits for it and does not
-        read again (a reconnect storm's resumes, each finding this worker behind)."""
+        read again (a reconnect storm's resumes, each finding this worker behind), and raises what it raised."""
         if self._catching_up.locked():
             with self._catching_up:
+                if self._catch_up_failed is not None:
+                    raise self._catch_up_failed
                 return
         with self._catching_up:
-            self.catch_up()
+            self._catch_up_failed = None
+            try:
+                self.catch_up()
+            except Exception as problem:
+                self._catch_up_failed = problem
+                raise
 
     def catch_up(self) -> None:
         """Deliver whatever the history has beyond ``position`` (after a listener was away). May wait."""
@@ -297,7 +310,7 @@ class Sequencer:
         self._parked.clear()
         self._recent.clear()
         old = self.epoch
-        self.epoch, self.position, self.delivered = epoch, position, position
+        self.epoch, self.position, self.delivered, self._began = epoch, position, position, position
         if epoch in self._retired:  # told it is the stream (the service starts one it left over instead)
             self._retired.remove(epoch)
         if old is not None:

@@ -567,7 +567,13 @@ class Realtime:
         except TokenError as refused:
             message = f"token {refused.reason.replace('_', ' ')}"
             self._refuse(
-                conn, Close.UNAUTHORIZED, message, refused.reason, refused.user_id, remote, detail=str(refused)
+                conn,
+                Close.UNAUTHORIZED,
+                reason=refused.reason,
+                message=message,
+                user_id=refused.user_id,
+                remote=remote,
+                detail=str(refused),
             )
             return
         arriving = _OnItsWay(user_id)
@@ -592,13 +598,22 @@ class Realtime:
         try:
             identity = self.directory.get(user_id)
         except DirectoryUnavailable as down:
-            reason = "directory_unavailable"
-            message = "identity service unavailable"
-            self._refuse(conn, Close.TRY_AGAIN_LATER, message, reason, user_id, remote, level="error", detail=str(down))
+            self._refuse(
+                conn,
+                Close.TRY_AGAIN_LATER,
+                reason="directory_unavailable",
+                message="identity service unavailable",
+                user_id=user_id,
+                remote=remote,
+                level="error",
+                detail=str(down),
+            )
             return
         if identity is None or not identity.active:
             reason = "unknown_user" if identity is None else "user_disabled"
-            self._refuse(conn, Close.FORBIDDEN, reason.replace("_", " "), reason, user_id, remote)
+            self._refuse(
+                conn, Close.FORBIDDEN, reason=reason, message=reason.replace("_", " "), user_id=user_id, remote=remote
+            )
             return
         if identity.user_id != user_id:
             # The token spells the id otherwise (a Supabase id in capitals): from here the source's
@@ -720,18 +735,20 @@ class Realtime:
         before cannot)."""
         if conn.token_ms >= self._signed_out.get(user_id, 0):
             return False
-        self._refuse(conn, Close.UNAUTHORIZED, "token signed out", "signed_out", user_id, remote)
+        self._refuse(
+            conn, Close.UNAUTHORIZED, reason="signed_out", message="token signed out", user_id=user_id, remote=remote
+        )
         return True
 
     def _refuse(
         self,
         conn: Connection,
         close: Close,
-        message: str,
+        *,
         reason: str,
+        message: str,
         user_id: str | None,
         remote: str | None,
-        *,
         level: str = "warning",
         detail: str | None = None,
     ) -> None:
@@ -758,7 +775,7 @@ class Realtime:
         if arriving.disconnected or (arriving.changed and (identity is None or not identity.active)):
             reason = "disconnected" if arriving.disconnected else "user_disabled"
             message = "disconnected by an administrator" if arriving.disconnected else "user disabled"
-            self._refuse(conn, Close.FORBIDDEN, message, reason, conn.user_id, remote)
+            self._refuse(conn, Close.FORBIDDEN, reason=reason, message=message, user_id=conn.user_id, remote=remote)
             return False
         assert identity is not None
         conn.identify(identity)

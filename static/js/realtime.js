@@ -78,6 +78,8 @@ const CLOSE_ACTIONS = Object.freeze({
   4429: "crowded", // this user has too many sockets open (other tabs): back off, from a longer first wait
 });
 const MESSAGE_TOO_BIG = 1009;
+/** What the server answers each message with (or an ERROR naming no channel), in the order they were sent. */
+const ANSWER_TO = Object.freeze({ PING: "PONG", SUBSCRIBE: "SUBSCRIBED", UNSUBSCRIBE: "UNSUBSCRIBED" });
 /** The largest message a client may send, in UTF-8 bytes: the server closes with 1009 beyond it. */
 export const MAX_MESSAGE_BYTES = 64 * 1024;
 /** The most channels one SUBSCRIBE or UNSUBSCRIBE may name: the server refuses the whole message beyond it. */
@@ -171,7 +173,7 @@ export class RealtimeClient {
     this.since = positionOf(this.options.since); // the page's render position, until the first CONNECTED
     // {waiting, frames, missed, from, ahead}: broadcasts held until the SUBSCRIBEs `since` are answered
     this.holding = null;
-    this.sentAhead = 0; // messages sent from listeners of "open", ahead of the first SUBSCRIBEs
+    this.sentAhead = []; // the types of the messages sent from listeners of "open", ahead of the first SUBSCRIBEs
     this.countingAhead = false;
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
     this.unanswered = new Map(); // channel -> SUBSCRIBEs of it with no SUBSCRIBED or ERROR back yet
@@ -283,7 +285,7 @@ export class RealtimeClient {
       return false;
     }
     this.ws.send(text);
-    if (this.countingAhead) this.sentAhead += 1;
+    if (this.countingAhead) this.sentAhead.push(message && message.type);
     return true;
   }
 
@@ -406,30 +408,31 @@ export class RealtimeClient {
     } else if (message.type === "CONNECTED") {
       this._admitted(message.data || {});
     } else if (message.type === "SUBSCRIBED") {
-      this._subscribed(message.data || {}, this._answersAhead());
+      this._subscribed(message.data || {}, this._takeAnswerAhead("SUBSCRIBED"));
     } else if (message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
       this._refusedOne(message.data.channel);
     } else if (message.type === "ERROR" && this.holding) {
       // A SUBSCRIBE refused whole (answered in order, in place of its SUBSCRIBED): nothing replayed.
-      if (!this._answersAhead()) this._subscribed({ recovered: false, reason: "not_replayed" });
+      if (!this._takeAnswerAhead("ERROR")) this._subscribed({ recovered: false, reason: "not_replayed" });
     } else if (message.type === "PONG") {
       // Not while broadcasts are held: they are below its position, and would look already seen.
-      if (!this._answersAhead() && !this.holding) this._caughtUp(message.data);
+      if (!this._takeAnswerAhead("PONG") && !this.holding) this._caughtUp(message.data);
       return;
     } else if (message.type === "UNSUBSCRIBED") {
-      this._answersAhead();
+      this._takeAnswerAhead("UNSUBSCRIBED"); // or one the server sent unasked (the user's access changed)
     }
     this._show(message);
   }
 
   /**
-   * Whether this answer (PONG, SUBSCRIBED, UNSUBSCRIBED, an ERROR naming no channel) is to a message
-   * sent ahead of the first SUBSCRIBEs `since` (a listener of "open" may send one), not to one of them:
-   * the server answers in order, so those come first.
+   * Whether an answer of this type (PONG, SUBSCRIBED, UNSUBSCRIBED, an ERROR naming no channel) is to a
+   * message sent ahead of the first SUBSCRIBEs `since` (a listener of "open" may send one), not to one of
+   * them: the server answers in order, so those come first. If so, it is taken off the list.
    */
-  _answersAhead() {
-    if (!this.holding || this.holding.ahead === 0) return false;
-    this.holding.ahead -= 1;
+  _takeAnswerAhead(type) {
+    const ahead = this.holding ? this.holding.ahead : [];
+    if (!ahead.length || (type !== "ERROR" && type !== ANSWER_TO[ahead[0]])) return false;
+    ahead.shift();
     return true;
   }
 
@@ -500,8 +503,8 @@ export class RealtimeClient {
     this.authFailures = 0;
     this.everOpened = true;
     // Before _connected: send() needs it (its listeners cannot throw past here). What they send leaves
-    // ahead of the first SUBSCRIBEs, and is answered ahead of them (counted: _answersAhead).
-    this.sentAhead = 0;
+    // ahead of the first SUBSCRIBEs, and is answered ahead of them (counted: _takeAnswerAhead).
+    this.sentAhead = [];
     this.countingAhead = true;
     this._setStatus("open");
     this.countingAhead = false;

@@ -152,22 +152,24 @@ def test_a_client_owing_more_than_max_queue_is_closed_1013_without_tearing_a_fra
     assert len(seen) < pushed  # the frames behind the overflow were dropped
 
 
-def test_a_replay_stretches_the_queue_limit_once_and_a_second_one_unread_counts_against_it(pair):
-    """A client is not a slow consumer for being owed a replay larger than WS_MAX_QUEUE_BYTES; but one that
-    asks for replay after replay and reads none (SUBSCRIBE since, again and again) is one."""
+def test_replays_stretch_the_queue_limit_twice_and_a_third_one_unread_counts_against_it(pair):
+    """A client is not a slow consumer for being owed replays larger than WS_MAX_QUEUE_BYTES (a page's
+    first two SUBSCRIBEs since); but one that asks for replay after replay and reads none is one."""
     conn, handler, server, _ = pair(max_queue=64 * 1024, sndbuf=4096, rcvbuf=4096)
     owed = [frames.text(b"x" * 30_000)] * 10  # 300 KB, several times the limit
-    conn.push_owed(owed)
-    run_loop(0)
+    for _ in range(2):
+        conn.push_owed(owed)
+        run_loop(0)
     assert conn.state is OPEN
-    conn.push_owed(owed)  # the first is not read yet
+    conn.push_owed(owed)  # neither is read yet
     run_loop(0)
     assert conn.state is CLOSING and conn.close_code == Close.TRY_AGAIN_LATER and conn.overflowed
     # A client that reads what it was owed gets the stretch again for the next one.
     again, _, reader, _ = pair(max_queue=64 * 1024)
     for _ in range(3):
         again.push_owed(owed)
-        for _ in owed:
+        again.push_owed(owed)
+        for _ in owed * 2:
             assert reader.next() == (frames.OP_TEXT, b"x" * 30_000)
         run_loop(0)
     assert again.state is OPEN

@@ -234,6 +234,25 @@ def test_a_backfill_extends_the_window_back_once_for_every_resume():
     assert world.fetches == [(4, 6)]
 
 
+def test_only_the_window_of_a_worker_started_since_is_read_back_for_a_subscribe_since():
+    """A deploy's new worker, whose window begins at its start: yes, once. A busy worker whose window was
+    trimmed since: no (the next broadcasts would trim what was read before it was used, and each SUBSCRIBE
+    since could make it read the store again)."""
+    world = World(head=10)
+    world.history = {n: env(n) for n in range(1, 31)}
+    assert world.sequencer.can_backfill(4) and not world.sequencer.can_backfill(10)
+    world.sequencer.backfill(4)
+    assert not world.sequencer.can_backfill(2)  # read back once already
+    busy = World(head=0)
+    busy.sequencer = Sequencer(busy.deliver, busy.fetch, on_reset=busy.resets.append, recent=4)
+    busy.sequencer.prime(EPOCH, 0)
+    for n in range(1, 301):  # past the window's 4 and the 256 it may run over before a trim
+        busy.sequencer.offer(env(n))
+    first = busy.sequencer._recent.first
+    assert first is not None and first > 1  # trimmed
+    assert busy.sequencer.recent_after(first - 2) is None and not busy.sequencer.can_backfill(first - 2)
+
+
 def test_a_backfill_of_pages_with_a_hole_is_not_kept():
     world = World(head=10)
     world.history = {n: env(n) for n in range(1, 11) if n != 7}  # 7 trimmed between two pages, say
@@ -374,3 +393,16 @@ def test_resumes_that_find_the_worker_behind_read_the_history_once_between_them(
     jobs = [gevent.spawn(world.sequencer.catch_up_once) for _ in range(5)]
     gevent.joinall(jobs, timeout=5)
     assert world.delivered == [1, 2, 3] and world.fetches == [(0, 500)]  # one catch-up: one short page
+
+
+def test_resumes_that_wait_for_a_catch_up_that_failed_are_told_it_failed(world):
+    """Not that they are still behind: a resume is then refused as unavailable, not invalid_position."""
+
+    def away(after, limit):
+        gevent.sleep(0.05)
+        raise RuntimeError("the store is away")
+
+    world.sequencer._fetch = away
+    jobs = [gevent.spawn(world.sequencer.catch_up_once) for _ in range(3)]
+    gevent.joinall(jobs, timeout=5)
+    assert [type(job.exception).__name__ for job in jobs] == ["RuntimeError"] * 3

@@ -170,7 +170,7 @@ def test_every_reason_a_socket_is_refused_for_has_its_metric_series_from_the_sta
     service = (relay / "service.py").read_text()
     given |= set(re.findall(r'auth_failed\("([a-z0-9_]+)"\)', service))
     given |= set(re.findall(r'reason = "([a-z0-9_]+)"$', service, re.MULTILINE))
-    given |= set(re.findall(r'_refuse\(conn, Close\.[A-Z_]+, "[^"]*", "([a-z0-9_]+)"', service))
+    given |= set(re.findall(r'self\._refuse\(\s*conn,\s*Close\.[A-Z_]+,\s*reason="([a-z0-9_]+)"', service))
     given |= {
         word for pair in re.findall(r'reason = "([a-z0-9_]+)" if .* else "([a-z0-9_]+)"', service) for word in pair
     }
