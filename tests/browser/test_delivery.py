@@ -421,44 +421,6 @@ def test_a_resume_does_not_replay_a_channel_older_than_the_last_value_it_was_giv
     assert page.evaluate("window.__shown") == [newer["id"]], older["id"]
 
 
-def first_subscribes_held_then_an_older_and_a_newer_broadcast(site, web):
-    """A queue page whose first SUBSCRIBEs (``since``) wait in the test's proxy while an alert (only the
-    replay can bring it) and then an announcement for the user (it comes live, and is held) are sent.
-    Returns the page, its sockets and the two broadcasts' answers."""
-    from test_close_codes import Sockets, proxied
-
-    page = web(site, "bob", "about:blank")
-    sockets = Sockets(page)
-    sockets.hold = lambda message: '"since"' in message
-    page.goto(site.url + "/clinics/clinic-1/queue")
-    assert proxied(page, lambda: len(sockets.held) == 2)  # plain, and with last (the queue)
-    older = site.broadcast(
-        {
-            "message": {"type": "CLINIC_ALERT", "data": {"message": "Room 3 needs a nurse"}},
-            "filter": {"channels": ["clinic:clinic-1:alerts"]},
-        }
-    ).json()
-    newer = site.broadcast(
-        {"message": {"type": "ANNOUNCEMENT", "data": {"message": "For Bob only"}}, "filter": {"userIds": ["bob"]}}
-    ).json()
-    assert older["delivered"] == 0 and newer["delivered"] == 1 and newer["offset"] > older["offset"]
-    page.evaluate(
-        "() => { window.__shown = []; window.realtime.onMessage((m) => m.id && window.__shown.push(m.offset)); }"
-    )
-    page.wait_for_timeout(300)  # the live one reaches the page
-    return page, sockets, older, newer
-
-
-def test_a_live_broadcast_ahead_of_the_first_replay_waits_for_it_and_both_are_shown_in_order(site, web):
-    """Between CONNECTED and the answer to the page's first SUBSCRIBEs, a broadcast for the user comes
-    live, ahead of older ones the replay brings: it would have made them look already seen."""
-    page, sockets, older, newer = first_subscribes_held_then_an_older_and_a_newer_broadcast(site, web)
-    sockets.release()
-    expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse")
-    expect(page.locator("#toasts .toast-text")).to_have_text("For Bob only")
-    assert page.evaluate("window.__shown") == [older["offset"], newer["offset"]]
-
-
 # A page script that sends as soon as the socket is open (a PING, and a message of no known type), from a
 # listener registered before the first connection.
 SENDS_WHEN_OPEN = """
@@ -474,18 +436,21 @@ Object.defineProperty(window, "realtime", {
 """
 
 
-def test_what_a_page_sends_as_its_socket_opens_does_not_end_the_wait_for_the_first_replay(site, web):
-    """Its answers come ahead of the first SUBSCRIBEs' (in order): a PONG carried a position past the
-    broadcasts held for the replay, and they were all dropped as already seen, silently; an ERROR ended
-    the wait as if a SUBSCRIBE had been refused (found by review)."""
+def first_subscribes_held_then_an_older_and_a_newer_broadcast(site, web, *, sends_when_open: bool = False):
+    """A queue page whose first SUBSCRIBEs (``since``) wait in the test's proxy while an alert (only the
+    replay can bring it) and then an announcement for the user (it comes live, and is held) are sent;
+    with ``sends_when_open``, what SENDS_WHEN_OPEN sends ahead of them waits too. Returns the page, its
+    sockets and the two broadcasts' answers; the page counts its resyncs in ``window.__resyncs``."""
     from test_close_codes import Sockets, proxied
 
     page = web(site, "bob", "about:blank")
-    page.add_init_script(SENDS_WHEN_OPEN)
+    held = ['"since"'] + (['"PING"', '"NOPE"'] if sends_when_open else [])
+    if sends_when_open:
+        page.add_init_script(SENDS_WHEN_OPEN)
     sockets = Sockets(page)
-    sockets.hold = lambda message: '"since"' in message or '"PING"' in message or '"NOPE"' in message
+    sockets.hold = lambda message: any(word in message for word in held)
     page.goto(site.url + "/clinics/clinic-1/queue")
-    assert proxied(page, lambda: len(sockets.held) == 4)  # PING, NOPE, then plain and with last
+    assert proxied(page, lambda: len(sockets.held) == len(held) + 1)  # (PING, NOPE,) plain, and with last
     older = site.broadcast(
         {
             "message": {"type": "CLINIC_ALERT", "data": {"message": "Room 3 needs a nurse"}},
@@ -495,12 +460,32 @@ def test_what_a_page_sends_as_its_socket_opens_does_not_end_the_wait_for_the_fir
     newer = site.broadcast(
         {"message": {"type": "ANNOUNCEMENT", "data": {"message": "For Bob only"}}, "filter": {"userIds": ["bob"]}}
     ).json()
-    assert older["delivered"] == 0 and newer["delivered"] == 1
+    assert older["delivered"] == 0 and newer["delivered"] == 1 and newer["offset"] > older["offset"]
     page.evaluate(
         "() => { window.__shown = []; window.realtime.onMessage((m) => m.id && window.__shown.push(m.offset));"
         " window.__resyncs = 0; document.body.addEventListener('realtime:resync', () => window.__resyncs++); }"
     )
-    page.wait_for_timeout(300)  # the live one reaches the page, and is held
+    page.wait_for_timeout(300)  # the live one reaches the page
+    return page, sockets, older, newer
+
+
+def test_a_live_broadcast_ahead_of_the_first_replay_waits_for_it_and_both_are_shown_in_order(site, web):
+    """Between CONNECTED and the answer to the page's first SUBSCRIBEs, a broadcast for the user comes
+    live, ahead of older ones the replay brings: it would have made them look already seen."""
+    page, sockets, older, newer = first_subscribes_held_then_an_older_and_a_newer_broadcast(site, web)
+    sockets.release()
+    expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse")
+    expect(page.locator("#toasts .toast-text")).to_have_text("For Bob only")
+    assert page.evaluate("window.__shown") == [older["offset"], newer["offset"]]
+
+
+def test_what_a_page_sends_as_its_socket_opens_does_not_end_the_wait_for_the_first_replay(site, web):
+    """Its answers come ahead of the first SUBSCRIBEs' (in order): a PONG carried a position past the
+    broadcasts held for the replay, and they were all dropped as already seen, silently; an ERROR ended
+    the wait as if a SUBSCRIBE had been refused (found by review)."""
+    page, sockets, older, newer = first_subscribes_held_then_an_older_and_a_newer_broadcast(
+        site, web, sends_when_open=True
+    )
     sockets.release()  # the PONG (its offset past both) and the ERROR come back first
     expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse")
     expect(page.locator("#toasts .toast-text")).to_have_text("For Bob only")
