@@ -171,7 +171,7 @@ export class RealtimeClient {
     this.delayed = false; // the first connection did not come at the first attempt (a retry, or offline)
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.since = positionOf(this.options.since); // the page's render position, until the first CONNECTED
-    // {waiting, frames, missed, from, ahead}: broadcasts held until the SUBSCRIBEs `since` are answered
+    // {waiting, frames, missed, from, ahead, resumed}: broadcasts held until the SUBSCRIBEs `since` are answered
     this.holding = null;
     this.sentAhead = []; // the types of the messages sent from listeners of "open", ahead of the first SUBSCRIBEs
     this.countingAhead = false;
@@ -578,7 +578,12 @@ export class RealtimeClient {
       const regained = [...restored].filter((name) => this.refused.delete(name));
       for (const name of [...lacking, ...again]) this.toAsk.add(name);
       for (const name of restored) if (!this.refs.has(name)) this.toDrop.add(name); // dropped while we were away
-      this._flush();
+      // Those asked again ask since CONNECTED, as on any other connection (below); the resume's replay,
+      // which follows CONNECTED, is held with what they bring, and put in order with it.
+      const from = { epoch: data.epoch, offset: data.offset };
+      this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead, resumed: true };
+      this._flush(from);
+      if (this.holding.waiting === 0) this._release(); // nothing asked: nothing to wait for
       if (away.length) this._resync({ ...data, reason: "not_restored", channels: away });
       if (regained.length) this._resync({ ...data, reason: "granted", channels: regained });
       return;
@@ -704,13 +709,16 @@ export class RealtimeClient {
 
   /** Every way a socket ends comes through here: the watchdog, and the backoff's fresh start. */
   _socketEnded() {
-    // A connection ended before the replay of its SUBSCRIBEs `since` was all here: the next one is a
-    // first connection again, subscribing since the same position (the render's, or the CONNECTED's its
-    // page refetched after: its session may hold none of the channels). What was held is dropped, not
-    // shown: a newer one would move the position past older ones the replay never brought.
+    // A connection ended before the replay of its SUBSCRIBEs `since` was all here. What was held is
+    // dropped, not shown: a newer one would move the position past older ones the replay never brought.
+    // A resume's position did not move meanwhile: the next connection resumes from it again. Otherwise
+    // the next one is a first connection again, subscribing since the same position (the render's, or
+    // the CONNECTED's its page refetched after: its session may hold none of the channels).
     if (this.holding) {
-      this.since = this.holding.from;
-      this.position = null;
+      if (!this.holding.resumed) {
+        this.since = this.holding.from;
+        this.position = null;
+      }
       this.holding = null;
     }
     this._stopWatchdog();

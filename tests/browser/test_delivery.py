@@ -554,3 +554,32 @@ def test_a_first_subscribe_refused_whole_does_not_leave_the_page_holding_broadca
     )
     assert sent.status_code == 200
     expect(page.locator("#toasts .toast-text").last).to_have_text("still shown")
+
+
+def test_a_channel_taken_while_away_is_given_what_came_between_the_resume_and_its_subscribe(site, web):
+    """A resume restores the channels its session held; one the page took while the socket was down is
+    asked after CONNECTED, since its position: a broadcast to it in between comes replayed, where it
+    would otherwise have reached neither the socket nor the page's refetch of that channel."""
+    from test_close_codes import Sockets, proxied
+
+    from relay.codes import Close
+
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    page.goto(site.url + "/")  # announcements only
+    wait_live(page)
+    assert wait_for(lambda: site.health()["stream"]["sessions"]["stored"] >= 1, timeout=10)  # resumable
+    page.evaluate(
+        "() => { window.__shown = []; window.realtime.onMessage((m) => { if (m.id) window.__shown.push(m.id);"
+        " if (m.type === 'CONNECTED') window.__hello = m.data; }); }"
+    )
+    sockets.hold = lambda message: '"SUBSCRIBE"' in message and QUEUE in message
+    sockets.close(Close.SERVICE_RESTART)
+    page.evaluate(f"window.realtime.subscribe(['{QUEUE}'])")  # while the socket is down
+    assert proxied(page, lambda: len(sockets.held) == 1, timeout=15)
+    assert page.evaluate("window.__hello.recovered") is True
+    update = queue_update(site, "Somchai")
+    sockets.hold = lambda message: False
+    sockets.release()
+    assert proxied(page, lambda: update["id"] in page.evaluate("window.__shown"))
+    assert page.evaluate("window.realtime.holding") is None
