@@ -276,7 +276,9 @@ export class RealtimeClient {
    * @returns {boolean} whether it was sent (false: not open, or over {@link MAX_MESSAGE_BYTES})
    */
   send(message) {
-    this._flush(); // messages leave in the order they were asked for
+    // Messages leave in the order they were asked for; but not from a listener of "open": the
+    // subscriptions asked there leave in a moment with the others, asking `since` (_connected).
+    if (!this.countingAhead) this._flush();
     if (this.status !== "open" || !this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
     const text = JSON.stringify(message);
     if (new TextEncoder().encode(text).length > MAX_MESSAGE_BYTES) {
@@ -411,8 +413,9 @@ export class RealtimeClient {
       this._subscribed(message.data || {}, this._takeAnswerAhead("SUBSCRIBED"));
     } else if (message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
       this._refusedOne(message.data.channel);
-    } else if (message.type === "ERROR" && this.holding) {
+    } else if (message.type === "ERROR" && this.holding && !(message.data && message.data.code === "rate_limited")) {
       // A SUBSCRIBE refused whole (answered in order, in place of its SUBSCRIBED): nothing replayed.
+      // (Not rate_limited, which answers nothing: the close that follows ends the socket, and the wait.)
       if (!this._takeAnswerAhead("ERROR")) this._subscribed({ recovered: false, reason: "not_replayed" });
     } else if (message.type === "PONG") {
       // Not while broadcasts are held: they are below its position, and would look already seen.

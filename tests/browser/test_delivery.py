@@ -421,15 +421,19 @@ def test_a_resume_does_not_replay_a_channel_older_than_the_last_value_it_was_giv
     assert page.evaluate("window.__shown") == [newer["id"]], older["id"]
 
 
-# A page script that sends as soon as the socket is open (a PING, and a message of no known type), from a
-# listener registered before the first connection.
+# A page script that subscribes and sends as soon as the socket is open (a PING, and a message of no known
+# type), from a listener registered before the first connection.
 SENDS_WHEN_OPEN = """
 Object.defineProperty(window, "realtime", {
   configurable: true,
   set(rt) {
     Object.defineProperty(window, "realtime", { value: rt, writable: true, configurable: true });
     rt.onStatus((status) => {
-      if (status === "open") { rt.send({ type: "PING" }); rt.send({ type: "NOPE" }); }
+      if (status === "open") {
+        rt.subscribe(["system:maintenance"]);
+        rt.send({ type: "PING" });
+        rt.send({ type: "NOPE" });
+      }
     });
   },
 });
@@ -482,10 +486,13 @@ def test_a_live_broadcast_ahead_of_the_first_replay_waits_for_it_and_both_are_sh
 def test_what_a_page_sends_as_its_socket_opens_does_not_end_the_wait_for_the_first_replay(site, web):
     """Its answers come ahead of the first SUBSCRIBEs' (in order): a PONG carried a position past the
     broadcasts held for the replay, and they were all dropped as already seen, silently; an ERROR ended
-    the wait as if a SUBSCRIBE had been refused (found by review)."""
+    the wait as if a SUBSCRIBE had been refused; and a send() flushed the subscription asked just before
+    it without since (found by review)."""
     page, sockets, older, newer = first_subscribes_held_then_an_older_and_a_newer_broadcast(
         site, web, sends_when_open=True
     )
+    subscribes = [message for message in sockets.sent if '"SUBSCRIBE"' in message]
+    assert subscribes and all('"since"' in message for message in subscribes), subscribes
     sockets.release()  # the PONG (its offset past both) and the ERROR come back first
     expect(page.locator("#alerts")).to_contain_text("Room 3 needs a nurse")
     expect(page.locator("#toasts .toast-text")).to_have_text("For Bob only")
@@ -583,3 +590,31 @@ def test_a_channel_taken_while_away_is_given_what_came_between_the_resume_and_it
     sockets.release()
     assert proxied(page, lambda: update["id"] in page.evaluate("window.__shown"))
     assert page.evaluate("window.realtime.holding") is None
+
+
+def test_a_rate_limited_error_while_broadcasts_are_held_does_not_end_the_wait(site, web):
+    """ERROR rate_limited answers nothing (the close 1008 follows): taken for the answer to the page's one
+    SUBSCRIBE since, it released what was held, moved the position past what the replay never brought,
+    and the next connection resumed from there (found by review)."""
+    from test_close_codes import Sockets, proxied
+
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    sockets.hold = lambda message: '"since"' in message
+    page.goto(site.url + "/")  # one SUBSCRIBE since: announcements
+    assert proxied(page, lambda: len(sockets.held) == 1)
+    older = announce(site, "Sent before the subscription")
+    newer = site.broadcast(
+        {"message": {"type": "ANNOUNCEMENT", "data": {"message": "For Bob only"}}, "filter": {"userIds": ["bob"]}}
+    ).json()
+    assert older["delivered"] == 0 and newer["delivered"] == 1
+    page.evaluate(
+        "() => { window.__shown = []; window.realtime.onMessage((m) => m.id && window.__shown.push(m.offset));"
+        " window.__resyncs = 0; document.body.addEventListener('realtime:resync', () => window.__resyncs++);"
+        " for (let i = 0; i < 45; i++) window.realtime.send({ type: 'PING' }); }"  # past the burst of 40
+    )
+    assert proxied(page, lambda: any(r["code"] == 1008 for r in page.evaluate("window.realtime.retries")))
+    sockets.hold = lambda message: False
+    sockets.held.clear()  # lost with the socket
+    assert proxied(page, lambda: page.evaluate("window.__shown") == [older["offset"], newer["offset"]], timeout=20)
+    assert page.evaluate("window.__resyncs") == 0
