@@ -83,8 +83,7 @@ class Sequencer:
         self._gap: gevent.Greenlet | None = None
         self._recent = RecentWindow(recent, recent_bytes)
         self._backfilling = gevent.lock.Semaphore()
-        self._catching_up = gevent.lock.Semaphore()
-        self._catch_up_failed: Exception | None = None  # what the last catch_up_once raised, for its waiters
+        self._catching_up: AsyncResult | None = None  # the catch_up_once under way: its waiters get its result
         self._retired: list[str] = []  # epochs this worker left: a straggler of one must not bring it back
 
     # -- positions ----------------------------------------------------------------------------
@@ -196,18 +195,20 @@ class Sequencer:
     def catch_up_once(self) -> None:
         """:meth:`catch_up` by one greenlet at a time: one that comes while it runs waits for it and does not
         read again (a reconnect storm's resumes, each finding this worker behind), and raises what it raised."""
-        if self._catching_up.locked():
-            with self._catching_up:
-                if self._catch_up_failed is not None:
-                    raise self._catch_up_failed
-                return
-        with self._catching_up:
-            self._catch_up_failed = None
-            try:
-                self.catch_up()
-            except Exception as problem:
-                self._catch_up_failed = problem
-                raise
+        running = self._catching_up
+        if running is not None:
+            running.get()  # raises what it raised
+            return
+        running = self._catching_up = AsyncResult()
+        try:
+            self.catch_up()
+        except Exception as problem:
+            running.set_exception(problem)
+            raise
+        else:
+            running.set(None)
+        finally:
+            self._catching_up = None
 
     def catch_up(self) -> None:
         """Deliver whatever the history has beyond ``position`` (after a listener was away). May wait."""
