@@ -583,10 +583,7 @@ export class RealtimeClient {
       for (const name of restored) if (!this.refs.has(name)) this.toDrop.add(name); // dropped while we were away
       // Those asked again ask since CONNECTED, as on any other connection (below); the resume's replay,
       // which follows CONNECTED, is held with what they bring, and put in order with it.
-      const from = { epoch: data.epoch, offset: data.offset };
-      this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead, resumed: true };
-      this._flush(from);
-      if (this.holding.waiting === 0) this._release(); // nothing asked: nothing to wait for
+      this._askSince({ epoch: data.epoch, offset: data.offset }, true);
       if (away.length) this._resync({ ...data, reason: "not_restored", channels: away });
       if (regained.length) this._resync({ ...data, reason: "granted", channels: regained });
       return;
@@ -599,22 +596,35 @@ export class RealtimeClient {
       // otherwise reach neither this socket nor a refetch that read the page's state just before it.
       from = since || { epoch: data.epoch, offset: data.offset };
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: from.offset };
-      this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead };
     }
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this.unanswered.clear();
     this.toDrop.clear(); // a new session holds nothing
     for (const name of this.refs.keys()) this.toAsk.add(name);
-    this._flush(from);
-    if (this.holding && this.holding.waiting === 0) {
-      this.holding = null; // nothing subscribed: nothing to replay it with
-      if (data.offset > this.position.offset) reconnect = true;
+    if (!from) {
+      this._flush(); // no history: nothing to ask since
+    } else if (!this._askSince(from)) {
+      if (data.offset > this.position.offset) reconnect = true; // nothing subscribed: nothing to replay it with
     } else if (since) {
       return; // what was missed comes replayed, or SUBSCRIBED says it cannot (see _subscribed)
     }
     // A reconnect that is not a recovery missed whatever was sent meanwhile, with or without history:
     // every page must refetch its state.
     if (reconnect) this._resync(data);
+  }
+
+  /**
+   * Send what is to be asked, each SUBSCRIBE `since` `from`, and hold broadcasts until they are all
+   * answered (_subscribed). Whether any was sent: if not, nothing is held.
+   * @param {{epoch: string, offset: number}} from
+   * @param {boolean} [resumed] on a resumed session (see _socketEnded)
+   */
+  _askSince(from, resumed = false) {
+    this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead, resumed };
+    this._flush(from);
+    if (this.holding.waiting > 0) return true;
+    this._release(); // nothing held yet: nothing shown
+    return false;
   }
 
   _resync(data) {
