@@ -330,13 +330,20 @@ def ws_auth():
     issued_ms = now_ms()
     access_token = bearer_token()
     if access_token is not None:
+        address = request.remote_addr
         try:
+            # An address whose tokens keep being refused is not heard for a while (relay.throttle):
+            # each token checked may be a call to Supabase.
+            wait = ceil(rt.throttle.token_wait(address))
+            if wait > 0:
+                event("ws.token_throttled", level="warning", remote=address, retryAfter=wait)
+                message = f"too many refused access tokens from this address; try again in {wait} s"
+                return error_response(429, HttpError.TOO_MANY_ATTEMPTS, message, headers={"Retry-After": str(wait)})
             user_id = rt.directory.user_for_access_token(access_token)
             user = rt.directory.get(user_id)
         except (AccessTokenInvalid, AccessTokensUnsupported) as refused:
-            event("ws.token_refused", level="warning", reason=type(refused).__name__, detail=str(refused))
-            return error_response(401, HttpError.UNAUTHORIZED, str(refused))
-        except DirectoryUnavailable:
+            return _access_token_refused(refused, address)
+        except (DirectoryUnavailable, ThrottleUnavailable):
             message = "the identity service is unavailable; try again shortly"
             return error_response(503, HttpError.UNAVAILABLE, message, headers={"Retry-After": "5"})
         if user is None or not user.active:
@@ -351,6 +358,20 @@ def ws_auth():
     response = jsonify(wsUrl=socket_url(), token=rt.tokens.mint(user_id, issued_ms), userId=user_id)
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def _access_token_refused(refused: Exception, address: str | None) -> ResponseReturnValue:
+    """401 for a bearer access token that was checked and refused, counted against its address (a
+    server that takes no access tokens counts nothing: that is its configuration, not the client's)."""
+    earned = 0.0
+    if isinstance(refused, AccessTokenInvalid):
+        try:
+            earned = realtime().throttle.token_refused(address)
+        except ThrottleUnavailable:
+            pass  # refused all the same; only the count is lost
+    fields = {"reason": type(refused).__name__, "detail": str(refused), "remote": address}
+    event("ws.token_refused", level="warning", **fields, waitS=ceil(earned))
+    return error_response(401, HttpError.UNAUTHORIZED, str(refused))
 
 
 @bp.after_app_request

@@ -66,5 +66,6 @@ class HttpError:
     FOREIGN_ORIGIN = "foreign_origin"  # WebSocket from an origin not allowed (403)
     BAD_UPGRADE = "bad_upgrade"  # a WebSocket upgrade missing what RFC 6455 requires (400, or 426 for the version)
     REQUEST_TIMEOUT = "request_timeout"  # the request body did not arrive within HTTP_REQUEST_TIMEOUT_MS (408)
+    TOO_MANY_ATTEMPTS = "too_many_attempts"  # too many refused credentials from this address: wait Retry-After (429)
     UNAVAILABLE = "unavailable"  # broker, identity source, sign-out store down, or a draining worker (503)
     INTERNAL = "internal_error"  # a server bug (500)

@@ -24,6 +24,15 @@ them out for good, one wrong password per block; with it the guesser is
 still held to the account's pace, and the person signs in from their usual
 browser.
 
+Bearer access tokens sent to ``/api/ws/auth`` (a front end signed in with
+Supabase) are a credential too, and each one Supabase checks is a call to it:
+the tokens refused are counted per client address apart from passwords
+(:meth:`LoginThrottle.token_refused`, 99 free a window, then the same
+doubling blocks), and while an address is blocked its tokens are answered 429
+without being checked (:meth:`LoginThrottle.token_wait`). A token is counted
+after it is refused, not before: nothing is guessed here (a valid token cannot
+be found by trying), and a valid one costs a single look at the store.
+
 An attempt is counted **before** the password is checked, atomically with
 the check for a block (:meth:`LoginThrottle.attempt`): a hundred guesses sent
 at the same instant are counted one by one, and all but the free ones are
@@ -99,6 +108,7 @@ class LoginThrottle:
         account: Limit = Limit(free=5),
         address: Limit = Limit(free=20),
         known_address: Limit = Limit(free=100),
+        token_address: Limit = Limit(free=100),
     ):
         self.store = store
         self.window = window
@@ -109,6 +119,7 @@ class LoginThrottle:
         # cannot block them, and one who signs in to their own account again and again, for a new device
         # id each time, cannot fill the store with keys.
         self.known_address = known_address
+        self.token_address = token_address
 
     def attempt(
         self, login: str, address: str | None, now: float | None = None, *, device: str | None = None
@@ -153,6 +164,22 @@ class LoginThrottle:
         keys = [key for key, _ in self._limits(login, address, device)]
         return max(0.0, max(self.store.blocked_until(key) for key in keys) - now)
 
+    def token_wait(self, address: str | None, now: float | None = None) -> float:
+        """Seconds before a bearer access token from this address is checked again (0: go ahead);
+        counts nothing."""
+        if not address:
+            return 0.0
+        now = time.time() if now is None else now
+        return max(0.0, self.store.blocked_until(_key("token-address", address)) - now)
+
+    def token_refused(self, address: str | None, now: float | None = None) -> float:
+        """A bearer access token from this address was refused: counted; the block it earned (0: none)."""
+        if not address:
+            return 0.0
+        now = time.time() if now is None else now
+        keys = [(_key("token-address", address), self.token_address)]
+        return self.store.attempt(keys, now, self.window, self.memory).earned
+
 
 def account_key(login: str) -> str:
     """The account's name in the stores (and in device cookies): a digest of its canonical spelling."""
@@ -162,7 +189,7 @@ def account_key(login: str) -> str:
 def _key(kind: str, value: str) -> str:
     if kind == "account":
         canonical = _account(value)
-    elif kind in ("address", "known-address"):
+    elif kind in ("address", "known-address", "token-address"):
         canonical = _address(value)
     else:  # a device id: random, one spelling
         canonical = value

@@ -473,3 +473,28 @@ def test_a_flood_of_junk_bearer_tokens_is_checked_a_few_at_a_time_and_sockets_ar
         statuses = [answer.result() for answer in answers]
     assert set(statuses) <= {401, 503} and statuses.count(401) >= MAX_TOKEN_CHECKS, statuses
     assert supabase.most_at_once["/auth/v1/user"] <= MAX_TOKEN_CHECKS
+
+
+def test_an_address_whose_bearer_tokens_keep_being_refused_is_not_heard_for_a_while(site, supabase, people):
+    """A flood of junk tokens from one address stops reaching Supabase after a hundred refusals: the
+    address is answered 429 with Retry-After (a valid token too: it is not checked), others are heard."""
+    srv = site()
+    session = requests.Session()
+
+    def ws_auth(token):
+        return session.get(srv.url + "/api/ws/auth", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    valid = supabase.access_token(people["staff"])
+    assert ws_auth(valid).status_code == 200  # a valid token counts nothing
+    for n in range(100):
+        assert ws_auth(f"junk-{n}").status_code == 401
+    assert len(supabase.calls("/auth/v1/user")) == 101
+    for token in ("junk-more", valid):
+        throttled = ws_auth(token)
+        assert throttled.status_code == 429, throttled.text
+        assert throttled.json()["error"]["code"] == "too_many_attempts"
+        assert 25 <= int(throttled.headers["Retry-After"]) <= 30
+    assert len(supabase.calls("/auth/v1/user")) == 101  # neither was sent on
+    assert '"event": "ws.token_throttled"' in srv.log_text()
+    with srv.connect(people["staff"].id) as client:  # sockets and sign-in are not held by it
+        client.subscribe(["system:announcements"])
