@@ -11,6 +11,7 @@ A frame rebuilt from the history is byte for byte the frame sent live.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -48,6 +49,15 @@ class Filter:
         if self.roles and role not in self.roles:
             return False
         return not (self.channels and self.channels.isdisjoint(channels))
+
+    @property
+    def audience(self) -> str:
+        """Who, among a channel's subscribers, this filter reaches: the same for every filter that
+        differs only in its channels ("" for all of them). A channel keeps a last value per audience."""
+        if not (self.user_ids or self.clinic_ids or self.roles):
+            return ""
+        parts = (sorted(self.user_ids), sorted(self.clinic_ids), sorted(self.roles))
+        return hashlib.sha256(jsonsafe.compact(parts).encode()).hexdigest()[:32]
 
     def to_json(self) -> dict:
         out = {}

@@ -12,8 +12,10 @@ trusted). Beside the stream the store keeps what recovery needs:
   subscribed to, kept ``window`` after the client left;
 - **idempotency keys**: a producer's retry of a broadcast it already sent gets
   the first answer instead of a second broadcast;
-- **last values**: the latest broadcast addressed to each channel, for
-  ``SUBSCRIBE {"last": true}``.
+- **last values**: the latest broadcast addressed to each channel, one per
+  audience (:attr:`relay.envelope.Filter.audience`), for ``SUBSCRIBE
+  {"last": true}``: a broadcast to some of a channel's subscribers (one
+  user, one role) does not hide the channel's value from the others.
 
 Two implementations, behind this one interface and one shared conformance
 test: :class:`relay.sqlite_history.SqliteHistory` (the embedded default, a
@@ -31,6 +33,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .envelope import Envelope
+
+# Audiences a channel keeps a last value for; past that, the one broadcast to longest ago is dropped.
+# A channel's broadcasts go to a handful (everyone on it, a role, the odd single user).
+LAST_AUDIENCES = 16
 
 
 class HistoryUnavailable(Exception):
@@ -127,8 +133,10 @@ class History(Protocol):
     def oldest(self) -> int | None:
         """The offset of the oldest retained broadcast (None when none is retained)."""
 
-    def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, Envelope]:
-        """The latest broadcast addressed to each channel, if published within ``max_age_ms``."""
+    def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, list[Envelope]]:
+        """For each channel, the latest broadcast addressed to it for each audience, published within
+        ``max_age_ms``, newest first (channels with none are left out). A channel keeps its
+        ``LAST_AUDIENCES`` most recent audiences."""
 
     def save_sessions(self, sessions: list[Session], expires_at_ms: int) -> None:
         """Create or replace these sessions, each kept until ``expires_at_ms`` (``open`` where shared, see Session)."""

@@ -1,10 +1,14 @@
 """The last value of a channel: the latest broadcast addressed to it, for ``SUBSCRIBE {"last": true}``.
 
 A clinic's queue screen that is reloaded must not wait for the next update to
-show the queue. The history keeps, per channel, the latest broadcast whose
-``filter.channels`` names it (for ``WS_LAST_VALUE_TTL_MS``); a subscription
-that asks for it gets that original frame, plus ``"last": true``, before its
-``SUBSCRIBED``.
+show the queue. The history keeps, per channel and audience, the latest
+broadcast whose ``filter.channels`` names it (for ``WS_LAST_VALUE_TTL_MS``); a
+subscription that asks for it gets the newest of those its filter admits (what
+it would be showing had it been subscribed all along), the original frame plus
+``"last": true``, before its ``SUBSCRIBED``. A broadcast to some of the
+channel's subscribers (one user, one role) is the others' last value only if
+it was meant for them too: a smoke test sent to its own user on a clinic's
+queue does not empty that queue on everyone's reloaded screen.
 
 The store is read in a greenlet (:meth:`LastValues.fetch`, it waits), and the
 answer is settled with no pause before the channel joins the hub
@@ -17,6 +21,7 @@ older than a live frame already sent for its channel, and never a duplicate.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .envelope import Envelope
@@ -24,6 +29,7 @@ from .history import History
 from .sequencer import Sequencer
 
 log = logging.getLogger("relay.lastvalues")
+Who = tuple[str | None, str | None, str | None]  # a subscriber's user id, role and clinic id
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class Fetched:
 
     names: tuple[str, ...]
     position: int
-    stored: dict[str, Envelope]
+    stored: dict[str, list[Envelope]]
 
 
 class LastValues:
@@ -53,18 +59,25 @@ class LastValues:
             stored = {}
         return Fetched(tuple(names), position, stored)
 
-    def settle(self, fetched: Fetched) -> dict[str, Envelope]:
-        """The newest value of each channel this worker has delivered (no pause: see the module docstring)."""
+    def settle(self, fetched: Fetched, who: Who) -> dict[str, Envelope]:
+        """The newest value of each channel that this worker has delivered and that is meant for ``who``
+        (no pause: see the module docstring)."""
         position = self.sequencer.position
         newer = self.sequencer.recent_after(fetched.position) or []
         settled: dict[str, Envelope] = {}
         for name in fetched.names:
-            best = fetched.stored.get(name)
-            if best is not None and (best.offset or 0) > position:
-                best = None  # not delivered here yet: it comes live
-            for envelope in newer:
-                if name in envelope.filter.channels and (best is None or (envelope.offset or 0) > (best.offset or 0)):
-                    best = envelope
+            # Stored ones this worker has not delivered yet are left out: they come live.
+            stored = [e for e in fetched.stored.get(name, ()) if (e.offset or 0) <= position]
+            best = newest_for(stored + [e for e in newer if name in e.filter.channels], who, name)
             if best is not None:
                 settled[name] = best
         return settled
+
+
+def newest_for(values: Iterable[Envelope], who: Who, channel: str) -> Envelope | None:
+    """The newest of ``values`` (by offset) that a subscriber of ``channel`` who is ``who`` receives."""
+    best = None
+    for envelope in values:
+        if (best is None or (envelope.offset or 0) > (best.offset or 0)) and envelope.filter.admits(*who, (channel,)):
+            best = envelope
+    return best

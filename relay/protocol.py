@@ -280,7 +280,8 @@ class ClientProtocol:
             # And authorized again: the user may have moved clinic while the store answered
             # (Realtime.apply_identity), which re-checked the channels held, not these.
             still = [name for name in names if self._still_allowed(conn, name)]
-            values = self.last_values.settle(found) if found is not None and self.last_values is not None else {}
+            who = (conn.user_id, conn.role, conn.clinic_id)
+            values = self.last_values.settle(found, who) if found is not None and self.last_values is not None else {}
             self._take(conn, still, values, since)
         self._answer_backlog(conn)
 
@@ -331,10 +332,8 @@ class ClientProtocol:
                 answer.update(recovered=False, reason=replay)
         for name in taken:
             envelope = last.get(name)
-            if envelope is None or (newest_shown is not None and (envelope.offset or 0) > newest_shown):
-                continue
-            if self._admits(conn, envelope):
-                conn.push(envelope.last_frame())
+            if envelope is not None and (newest_shown is None or (envelope.offset or 0) <= newest_shown):
+                conn.push(envelope.last_frame())  # meant for this connection (LastValues.settle)
         if isinstance(replay, list) and replay:
             conn.push_owed([envelope.frame() for envelope in replay])
         if taken:
@@ -383,10 +382,6 @@ class ClientProtocol:
                 if len(replay) > self.max_replay:
                     return Reason.TOO_MANY
         return replay
-
-    @staticmethod
-    def _admits(conn: Connection, envelope: Envelope) -> bool:
-        return envelope.filter.admits(conn.user_id, conn.role, conn.clinic_id, conn.channels)
 
     def _unsubscribe(self, conn: Connection, data: object) -> None:
         names = self._channel_list(conn, data)

@@ -6,8 +6,12 @@ Keys (all under ``{prefix}:``):
 - ``stream``: a Redis Stream, one entry per broadcast, ID ``<offset>-0``,
   fields ``at`` and ``e`` (the envelope); trimmed to the window by time, and
   to ``max_entries`` whatever the rate;
-- ``last:<channel>``: ``<offset> <at> <envelope>`` of the latest broadcast to
-  that channel, expiring after the last-value TTL;
+- ``values:<channel>``: a hash, per audience (``Filter.audience``, "" for
+  every subscriber) ``<offset> <at> <envelope>`` of the latest broadcast to
+  that channel for it, the ``LAST_AUDIENCES`` most recent audiences, expiring
+  after the last-value TTL; ``last:<channel>`` (one value per channel) is what
+  releases before wrote: read until it expires, so an upgrade (a rolling one
+  too) keeps the channels' values;
 - ``idem:<key>``: the first request's place (and, once known, its answer),
   expiring after the window;
 - ``session:<client id>``: ``{"user", "channels"}`` (and ``"open": true``
@@ -32,11 +36,19 @@ from typing import Any
 
 from . import jsonsafe
 from .envelope import Envelope
-from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
+from .history import (
+    LAST_AUDIENCES,
+    Appended,
+    HistoryUnavailable,
+    Idempotency,
+    IdempotencyConflict,
+    Previous,
+    Session,
+)
 from .redis_store import RedisStore
 
-# KEYS: meta, stream, idem ('' for none)   ARGV: new_epoch, at, envelope, maxlen, last_prefix, last_ttl_ms,
-#       idem_ttl_ms, digest, envelope_id, channel...
+# KEYS: meta, stream, idem ('' for none)   ARGV: new_epoch, at, envelope, maxlen, values_prefix, last_ttl_ms,
+#       idem_ttl_ms, digest, envelope_id, audience, audiences kept, channel...
 _APPEND = """
 local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
 local epoch = redis.call('HGET', meta, 'epoch')
@@ -51,8 +63,18 @@ if idem ~= '' then
 end
 local offset = redis.call('HINCRBY', meta, 'head', 1)
 redis.call('XADD', stream, 'MAXLEN', '~', ARGV[4], offset .. '-0', 'at', ARGV[2], 'e', ARGV[3])
-for i = 10, #ARGV do
-  redis.call('SET', ARGV[5] .. ARGV[i], offset .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[6])
+for i = 12, #ARGV do
+  local values = ARGV[5] .. ARGV[i]
+  redis.call('HSET', values, ARGV[10], offset .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+  redis.call('PEXPIRE', values, ARGV[6])
+  if redis.call('HLEN', values) > tonumber(ARGV[11]) then  -- drop the audience broadcast to longest ago
+    local all, oldest, oldest_offset = redis.call('HGETALL', values), nil, nil
+    for j = 1, #all, 2 do
+      local kept = tonumber(string.match(all[j + 1], '^%d+'))
+      if oldest_offset == nil or kept < oldest_offset then oldest, oldest_offset = all[j], kept end
+    end
+    redis.call('HDEL', values, oldest)
+  end
 end
 if idem ~= '' then
   redis.call('SET', idem, '{"digest":"' .. ARGV[8] .. '","id":"' .. ARGV[9] .. '","offset":' .. offset .. '}',
@@ -110,7 +132,8 @@ class RedisHistory(RedisStore):
         self.max_entries = max_entries
         self.meta = f"{prefix}:stream:meta"
         self.stream = f"{prefix}:stream"
-        self.last_prefix = f"{prefix}:last:"
+        self.values_prefix = f"{prefix}:values:"
+        self.last_prefix = f"{prefix}:last:"  # written by releases before values: (see the module docstring)
         self.idem_prefix = f"{prefix}:idem:"
         self.session_prefix = f"{prefix}:session:"
         super().__init__(url)
@@ -141,11 +164,13 @@ class RedisHistory(RedisStore):
             envelope.at,
             stored,
             self.max_entries,
-            self.last_prefix,
+            self.values_prefix,
             self.last_value_ttl_ms,
             self.window_ms,
             idempotency.digest if idempotency else "",
             envelope.id,
+            envelope.filter.audience,
+            LAST_AUDIENCES,
             *sorted(envelope.filter.channels),
         ]
         kind, epoch, value = self._call(self._append, keys=keys, args=args)
@@ -188,18 +213,26 @@ class RedisHistory(RedisStore):
         first = self._call(self._client.xrange, self.stream, "-", "+", count=1)
         return int(first[0][0].split(b"-")[0]) if first else None
 
-    def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, Envelope]:
+    def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, list[Envelope]]:
         if not channels:
             return {}
-        epoch, raws = self._with_epoch(lambda pipe: pipe.mget([self.last_prefix + channel for channel in channels]))
+        pipe = self._client.pipeline(transaction=True)  # with the epoch, as _with_epoch does
+        pipe.hget(self.meta, "epoch")
+        for channel in channels:
+            pipe.hvals(self.values_prefix + channel)
+        pipe.mget([self.last_prefix + channel for channel in channels])
+        epoch_raw, *per_channel, legacy = self._call(pipe.execute)
+        epoch = epoch_raw.decode() if epoch_raw is not None else self.head()[0]
         oldest = int(time.time() * 1000) - max_age_ms
-        found = {}
-        for channel, raw in zip(channels, raws, strict=True):
-            if raw is None:
-                continue
-            offset, at, text = raw.split(b" ", 2)
-            if int(at) >= oldest:
-                found[channel] = Envelope.from_json(json.loads(text), offset=int(offset), epoch=epoch)
+        found: dict[str, list[Envelope]] = {}
+        for channel, raws, raw in zip(channels, per_channel, legacy, strict=True):
+            for value in [*raws, raw] if raw is not None else raws:
+                offset, at, text = value.split(b" ", 2)
+                if int(at) >= oldest:
+                    envelope = Envelope.from_json(json.loads(text), offset=int(offset), epoch=epoch)
+                    found.setdefault(channel, []).append(envelope)
+        for values in found.values():
+            values.sort(key=lambda envelope: envelope.offset or 0, reverse=True)
         return found
 
     # -- sessions -------------------------------------------------------------------------

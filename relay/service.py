@@ -43,7 +43,7 @@ from .envelope import Envelope
 from .eventlog import event
 from .history import History, HistoryUnavailable
 from .hub import Hub
-from .lastvalues import LastValues
+from .lastvalues import LastValues, newest_for
 from .outbox import Outbox
 from .protocol import ClientProtocol, encode
 from .recovery import Prepared, Recovery, ResumeRequest, split_by_refusal
@@ -854,13 +854,10 @@ class Realtime:
         if self.history is None:
             return None
         try:
-            found = self.history.last_values([channel], self.settings.last_value_ttl_ms).get(channel)
+            found = self.history.last_values([channel], self.settings.last_value_ttl_ms).get(channel, [])
         except HistoryUnavailable:
             return None
-        admitted = found is not None and found.filter.admits(
-            identity.user_id, identity.role, identity.clinic_id, [channel]
-        )
-        return found if admitted else None
+        return newest_for(found, (identity.user_id, identity.role, identity.clinic_id), channel)
 
     def drain(self, reason: str = "service restart") -> bool:
         """Close every socket with 1012 and refuse new ones (worker shutdown); sessions are saved first."""

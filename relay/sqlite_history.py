@@ -34,7 +34,15 @@ import time
 from . import jsonsafe
 from .envelope import Envelope
 from .eventlog import event
-from .history import Appended, HistoryUnavailable, Idempotency, IdempotencyConflict, Previous, Session
+from .history import (
+    LAST_AUDIENCES,
+    Appended,
+    HistoryUnavailable,
+    Idempotency,
+    IdempotencyConflict,
+    Previous,
+    Session,
+)
 from .sqlite import SqliteStore, errors_become, transaction
 
 SCHEMA = """
@@ -44,12 +52,22 @@ CREATE TABLE IF NOT EXISTS history (
     at       INTEGER NOT NULL,
     envelope TEXT NOT NULL
 );
+-- Written by releases before last values were kept per audience: read (and expired) until its rows
+-- are past WS_LAST_VALUE_TTL_MS, so that an upgrade keeps the channels' values. Nothing writes it now.
 CREATE TABLE IF NOT EXISTS last_values (
     channel  TEXT PRIMARY KEY,
     offset   INTEGER NOT NULL,
     at       INTEGER NOT NULL,
     envelope TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audience_values (
+    channel  TEXT NOT NULL,
+    audience TEXT NOT NULL,  -- Filter.audience
+    offset   INTEGER NOT NULL,
+    at       INTEGER NOT NULL,
+    envelope TEXT NOT NULL,
+    PRIMARY KEY (channel, audience)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency (
     key         TEXT PRIMARY KEY,
     digest      TEXT NOT NULL,
@@ -130,12 +148,18 @@ class SqliteHistory(SqliteStore):
                         return previous
                 offset = db.execute("INSERT INTO history (at, envelope) VALUES (?, ?)", (envelope.at, stored)).lastrowid
                 assert offset is not None
-                db.executemany(
-                    "INSERT INTO last_values (channel, offset, at, envelope) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (channel) DO UPDATE SET offset = excluded.offset, at = excluded.at,"
-                    " envelope = excluded.envelope WHERE excluded.offset > last_values.offset",
-                    [(channel, offset, envelope.at, stored) for channel in envelope.filter.channels],
-                )
+                audience = envelope.filter.audience
+                for channel in envelope.filter.channels:
+                    db.execute(
+                        "INSERT OR REPLACE INTO audience_values (channel, audience, offset, at, envelope)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (channel, audience, offset, envelope.at, stored),
+                    )
+                    db.execute(  # the channel's LAST_AUDIENCES most recent audiences
+                        "DELETE FROM audience_values WHERE channel = ? AND offset <= (SELECT offset"
+                        " FROM audience_values WHERE channel = ? ORDER BY offset DESC LIMIT 1 OFFSET ?)",
+                        (channel, channel, LAST_AUDIENCES),
+                    )
                 if idempotency is not None:
                     db.execute(
                         "INSERT OR REPLACE INTO idempotency (key, digest, envelope_id, offset, answer, expires_at)"
@@ -186,7 +210,7 @@ class SqliteHistory(SqliteStore):
         return row[0] if row and row[0] is not None else None
 
     @_store_errors
-    def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, Envelope]:
+    def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, list[Envelope]]:
         if not channels:
             return {}
         marks = ",".join("?" * len(channels))
@@ -194,10 +218,15 @@ class SqliteHistory(SqliteStore):
             db = self._conn()
             epoch = self._epoch_of(db)
             rows = db.execute(
-                f"SELECT channel, offset, envelope FROM last_values WHERE channel IN ({marks}) AND at >= ?",
-                (*channels, _now_ms() - max_age_ms),
+                f"SELECT channel, offset, envelope FROM audience_values WHERE channel IN ({marks}) AND at >= ?"
+                f" UNION ALL SELECT channel, offset, envelope FROM last_values WHERE channel IN ({marks}) AND at >= ?"
+                " ORDER BY offset DESC",
+                (*channels, _now_ms() - max_age_ms) * 2,
             ).fetchall()
-        return {ch: Envelope.from_json(json.loads(text), offset=offset, epoch=epoch) for ch, offset, text in rows}
+        found: dict[str, list[Envelope]] = {}
+        for channel, offset, text in rows:
+            found.setdefault(channel, []).append(Envelope.from_json(json.loads(text), offset=offset, epoch=epoch))
+        return found
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -267,6 +296,7 @@ class SqliteHistory(SqliteStore):
                     dropped += db.execute(
                         "DELETE FROM history WHERE offset <= ?", (head[0] - self.max_entries,)
                     ).rowcount
+                db.execute("DELETE FROM audience_values WHERE at < ?", (now_ms - self.last_value_ttl_ms,))
                 db.execute("DELETE FROM last_values WHERE at < ?", (now_ms - self.last_value_ttl_ms,))
                 db.execute("DELETE FROM idempotency WHERE expires_at < ?", (now_ms,))
                 db.execute("DELETE FROM sessions WHERE expires_at < ?", (now_ms,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 
@@ -85,10 +86,68 @@ def test_last_values_keep_the_newest_per_channel_and_respect_their_age(make):
     store.append(envelope(2, channels=["clinic:c-1:queue"]))
     store.append(envelope(3, channels=["system:announcements"]))
     last = store.last_values(["clinic:c-1:queue", "clinic:c-2:queue", "clinic:c-9:queue"], 60_000)
-    assert {name: e.data["n"] for name, e in last.items()} == {"clinic:c-1:queue": 2, "clinic:c-2:queue": 1}
-    assert last["clinic:c-1:queue"].offset == 2
+    assert numbers(last) == {"clinic:c-1:queue": [2], "clinic:c-2:queue": [1]}
+    assert last["clinic:c-1:queue"][0].offset == 2
     store.append(envelope(4, channels=["clinic:c-3:queue"], at=int(time.time() * 1000) - 120_000))
     assert store.last_values(["clinic:c-3:queue"], 60_000) == {}  # older than asked for
+
+
+def numbers(last: dict[str, list[Envelope]]) -> dict[str, list[int]]:
+    return {name: [e.data["n"] for e in values] for name, values in last.items()}
+
+
+def test_last_values_are_kept_per_audience_newest_first(make):
+    """A broadcast to some of a channel's subscribers (a user, a role) replaces only their value."""
+    store = make()
+    queue = ["clinic:c-1:queue"]
+    store.append(envelope(1, channels=queue))
+    store.append(envelope(2, channels=queue, user_ids=["bob"]))
+    store.append(envelope(3, channels=queue + ["clinic:c-2:queue"], roles=["admin"]))
+    store.append(envelope(4, channels=["clinic:c-1:queue", "system:announcements"]))  # everyone's again
+    store.append(envelope(5, channels=queue, roles=["admin"]))
+    last = store.last_values(queue + ["clinic:c-2:queue"], 60_000)
+    assert numbers(last) == {"clinic:c-1:queue": [5, 4, 2], "clinic:c-2:queue": [3]}
+    assert [e.filter for e in last["clinic:c-1:queue"]] == [
+        Filter(channels=frozenset(queue), roles=frozenset(["admin"])),
+        Filter(channels=frozenset(["clinic:c-1:queue", "system:announcements"])),
+        Filter(channels=frozenset(queue), user_ids=frozenset(["bob"])),
+    ]
+
+
+def test_a_channel_keeps_its_most_recent_audiences(make):
+    from relay.history import LAST_AUDIENCES
+
+    store = make()
+    queue = ["clinic:c-1:queue"]
+    store.append(envelope(0, channels=queue, user_ids=["first"]))
+    store.append(envelope(1, channels=queue))
+    for n in range(2, LAST_AUDIENCES + 1):  # one audience too many: the one broadcast to longest ago goes
+        store.append(envelope(n, channels=queue, user_ids=[f"user-{n}"]))
+    kept = numbers(store.last_values(queue, 60_000))["clinic:c-1:queue"]
+    assert kept == list(range(LAST_AUDIENCES, 0, -1))  # "first" went, everyone's (1) stayed
+    store.append(envelope(99, channels=queue))  # the everyone audience again: room for no one new
+    assert len(store.last_values(queue, 60_000)["clinic:c-1:queue"]) == LAST_AUDIENCES
+
+
+def test_a_last_value_written_by_the_release_before_is_read_until_it_expires(make):
+    """Before audiences, a channel kept one value (SQLite table last_values, Redis key last:<channel>):
+    an upgraded worker still offers it, beside the new ones, so queue screens reloaded after the
+    upgrade show the queue."""
+    store = make()
+    before = envelope(1, channels=["clinic:c-1:queue"]).placed("e", 1)
+    text = json.dumps(before.to_json())
+    now = int(time.time() * 1000)
+    if make.kind == "sqlite":
+        store.head()  # the file and its tables exist
+        with sqlite3.connect(store.path) as db:
+            db.execute("INSERT INTO last_values VALUES (?, ?, ?, ?)", ("clinic:c-1:queue", 1, now, text))
+            db.execute("INSERT INTO last_values VALUES (?, ?, ?, ?)", ("clinic:c-2:queue", 1, now - 120_000, text))
+    else:
+        store._client.set("t:last:clinic:c-1:queue", f"1 {now} {text}")
+        store._client.set("t:last:clinic:c-2:queue", f"1 {now - 120_000} {text}")
+    store.append(envelope(2, channels=["clinic:c-1:queue"], user_ids=["bob"]))
+    last = store.last_values(["clinic:c-1:queue", "clinic:c-2:queue"], 60_000)
+    assert numbers(last) == {"clinic:c-1:queue": [2, 1]} and last["clinic:c-1:queue"][1].id == before.id
 
 
 def test_an_idempotency_key_appends_once_and_gives_the_first_answer(make):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import requests
-from support import Client, Resumer, Server, make_users, wait_for
+from support import Client, Resumer, Server, make_users, sign_in, wait_for
 
 from relay.codes import Close
 from relay.recovery import Reason
@@ -568,9 +568,35 @@ def test_last_values_asked_for_not_asked_for_and_filtered_out(site):
         erin.send({"type": "SUBSCRIBE", "data": {"channels": [Q1]}})  # not asked for
         assert erin.expect("SUBSCRIBED") and erin.nothing_within(0.3)
     sent(site, "admins only", channels=[Q1], roles=["admin"])
-    with site.connect("bob") as bob:  # the newest one is not meant for bob: he gets none, not an older one
+    with site.connect("bob") as bob:  # the newest one is not meant for bob: the newest that was, as he saw it
         bob.send({"type": "SUBSCRIBE", "data": {"channels": [Q1], "last": True}})
+        assert bob.expect("ANNOUNCEMENT")["id"] == newest["id"]
         assert bob.expect("SUBSCRIBED") and bob.nothing_within(0.3)
+    with site.connect("alice") as alice:  # an admin
+        alice.send({"type": "SUBSCRIBE", "data": {"channels": [Q1], "last": True}})
+        assert alice.expect("ANNOUNCEMENT")["data"] == {"message": "admins only"}
+
+
+def test_a_broadcast_to_one_subscriber_of_a_channel_leaves_the_others_last_value(site):
+    """An operator's smoke test sent to its own user on a clinic's queue emptied the queue on every
+    screen reloaded after it: the channel kept one last value, and it was not meant for them."""
+    queue = sent(site, "the queue", channels=[Q1])
+    smoke = sent(site, "smoke", channels=[Q1], userIds=["bob"])
+    with site.connect("erin") as erin:
+        erin.send({"type": "SUBSCRIBE", "data": {"channels": [Q1], "last": True}})
+        assert erin.expect("ANNOUNCEMENT")["id"] == queue["id"]
+    with site.connect("bob") as bob:  # bob's own is the newest he would have seen
+        bob.send({"type": "SUBSCRIBE", "data": {"channels": [Q1], "last": True}})
+        assert bob.expect("ANNOUNCEMENT")["id"] == smoke["id"]
+
+
+def test_the_queue_page_renders_the_queue_after_a_broadcast_to_one_of_its_subscribers(site):
+    body = {"type": "QUEUE_UPDATE", "data": {"queue": [{"number": 12, "name": "Somchai"}]}}
+    assert site.broadcast({"message": body, "filter": {"channels": [Q1]}}).status_code == 200
+    smoke = {"message": {"type": "SMOKE_TEST", "data": {}}, "filter": {"channels": [Q1], "userIds": ["bob"]}}
+    assert site.broadcast(smoke).status_code == 200
+    page = sign_in(site, "erin").get(site.url + "/clinics/clinic-1/queue", timeout=10)
+    assert page.status_code == 200 and "Somchai" in page.text
 
 
 def test_last_values_survive_a_restart(site):

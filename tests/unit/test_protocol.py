@@ -149,7 +149,7 @@ class SlowLastValues:
         self.answer.wait(5)
         return names
 
-    def settle(self, fetched):
+    def settle(self, fetched, who):
         return {}
 
 
