@@ -151,7 +151,8 @@ class History(Protocol):
         """Forget sessions (resumed: each is restored at most once)."""
 
     def trim(self, now_ms: int) -> int:
-        """Drop what is older than the window; returns how many broadcasts were dropped."""
+        """Drop what is older than the window at ``now_ms`` (or by the store's own clock, where hosts
+        share it: Redis); returns how many broadcasts were dropped."""
 
     def status(self) -> dict:
         """For ``/health``: ``{"kind", "epoch", "head", "retained", "oldest": {"offset", "at"} | None}``."""

@@ -7,11 +7,14 @@ Keys (all under ``{prefix}:``):
   fields ``at`` and ``e`` (the envelope); trimmed to the window by time, and
   to ``max_entries`` whatever the rate;
 - ``values:<channel>``: a hash, per audience (``Filter.audience``, "" for
-  every subscriber) ``<offset> <at> <envelope>`` of the latest broadcast to
-  that channel for it, the ``LAST_AUDIENCES`` most recent audiences, expiring
-  after the last-value TTL; ``last:<channel>`` (one value per channel) is what
-  releases before wrote: read until it expires, so an upgrade (a rolling one
-  too) keeps the channels' values;
+  every subscriber) ``<epoch> <offset> <at> <envelope>`` of the latest
+  broadcast to that channel for it, the ``LAST_AUDIENCES`` most recent
+  audiences, expiring after the last-value TTL. A value of another epoch is
+  not offered: after a ``start_over`` it may be older than what clients were
+  shown (Redis back from a snapshot), and after the meta hash was lost its
+  offset no longer orders it. ``last:<channel>`` (one value per channel) is
+  what releases before wrote: read until it expires, so an upgrade (a rolling
+  one too) keeps the channels' values;
 - ``idem:<key>``: the first request's place (and, once known, its answer),
   expiring after the window;
 - ``session:<client id>``: ``{"user", "channels"}`` (and ``"open": true``
@@ -62,15 +65,17 @@ if idem ~= '' then
   if previous then return {'previous', epoch, previous} end
 end
 local offset = redis.call('HINCRBY', meta, 'head', 1)
-redis.call('XADD', stream, 'MAXLEN', '~', ARGV[4], offset .. '-0', 'at', ARGV[2], 'e', ARGV[3])
+local time = redis.call('TIME')  -- the stream's clock is Redis's, one for every host (see trim)
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('XADD', stream, 'MAXLEN', '~', ARGV[4], offset .. '-0', 'at', now, 'e', ARGV[3])
 for i = 12, #ARGV do
   local values = ARGV[5] .. ARGV[i]
-  redis.call('HSET', values, ARGV[10], offset .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+  redis.call('HSET', values, ARGV[10], epoch .. ' ' .. offset .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
   redis.call('PEXPIRE', values, ARGV[6])
   if redis.call('HLEN', values) > tonumber(ARGV[11]) then  -- drop the audience broadcast to longest ago
     local all, oldest, oldest_offset = redis.call('HGETALL', values), nil, nil
     for j = 1, #all, 2 do
-      local kept = tonumber(string.match(all[j + 1], '^%d+'))
+      local kept = tonumber(string.match(all[j + 1], '^%S+ (%d+)'))
       if oldest_offset == nil or kept < oldest_offset then oldest, oldest_offset = all[j], kept end
     end
     redis.call('HDEL', values, oldest)
@@ -108,6 +113,28 @@ end
 return {redis.call('HGET', KEYS[1], 'epoch'), redis.call('HGET', KEYS[1], 'head')}
 """
 
+# KEYS: stream   ARGV: window_ms, count. Drop the leading entries older than the window by Redis's clock,
+# up to count of them; returns how many. Only a leading run, never a hole: an entry is kept while one
+# before it is.
+_TRIM = """
+local time = redis.call('TIME')
+local cutoff = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) - tonumber(ARGV[1])
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[2])
+local expired = 0
+for _, entry in ipairs(entries) do
+  local fields, at = entry[2], nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'at' then at = tonumber(fields[i + 1]) end
+  end
+  if at == nil or at >= cutoff then break end
+  expired = expired + 1
+end
+if expired == 0 then return 0 end
+local last = tonumber(string.match(entries[expired][1], '^%d+'))
+redis.call('XTRIM', KEYS[1], 'MINID', (last + 1) .. '-0')
+return expired
+"""
+
 # KEYS: idem   ARGV: digest, answer json, ttl_ms
 _COMPLETE = """
 local previous = redis.call('GET', KEYS[1])
@@ -141,6 +168,7 @@ class RedisHistory(RedisStore):
         self._complete = self._client.register_script(_COMPLETE)
         self._claim = self._client.register_script(_CLAIM)
         self._start_over = self._client.register_script(_START_OVER)
+        self._trim = self._client.register_script(_TRIM)
 
     # -- the stream ---------------------------------------------------------------------
 
@@ -197,16 +225,26 @@ class RedisHistory(RedisStore):
             for entry_id, fields in entries
         ]
 
-    def _with_epoch(self, command: Callable[[Any], object]) -> tuple[str, Any]:
-        """The stream's epoch and ``command(pipeline)``'s answer, read in one transaction (MULTI/EXEC):
-        with two round trips a store that started over between them would label the new stream's
-        entries with the old stream's epoch, and a resume would replay them as what it missed."""
+    def _with_epoch(
+        self, command: Callable[[Any], object], *, many: bool = False, again: bool = False
+    ) -> tuple[str, Any]:
+        """The stream's epoch and ``command(pipeline)``'s answer (with ``many``, the list of the answers
+        to the commands it queued), read in one transaction (MULTI/EXEC): with two round trips a store
+        that started over between them would label the new stream's entries with the old stream's
+        epoch, and a resume would replay them as what it missed."""
         pipe = self._client.pipeline(transaction=True)
         pipe.hget(self.meta, "epoch")
         command(pipe)
-        epoch, answer = self._call(pipe.execute)
-        if epoch is None:  # nothing appended yet in this Redis: claim the epoch (head() does)
-            return self.head()[0], answer
+        epoch, *answers = self._call(pipe.execute)
+        answer = answers if many else answers[0]
+        if epoch is None:
+            # Nothing appended yet in this Redis, or its meta hash was lost (evicted, deleted): claim an
+            # epoch (head() does; that drops a stream without one) and read again, as what was just read
+            # belonged to no epoch and must not pass for the new one's.
+            self.head()
+            if not again:
+                return self._with_epoch(command, many=many, again=True)
+            raise HistoryUnavailable("the history's epoch keeps vanishing from Redis (evicted? see README)")
         return epoch.decode(), answer
 
     def oldest(self) -> int | None:
@@ -216,18 +254,21 @@ class RedisHistory(RedisStore):
     def last_values(self, channels: list[str], max_age_ms: int) -> dict[str, list[Envelope]]:
         if not channels:
             return {}
-        pipe = self._client.pipeline(transaction=True)  # with the epoch, as _with_epoch does
-        pipe.hget(self.meta, "epoch")
-        for channel in channels:
-            pipe.hvals(self.values_prefix + channel)
-        pipe.mget([self.last_prefix + channel for channel in channels])
-        epoch_raw, *per_channel, legacy = self._call(pipe.execute)
-        epoch = epoch_raw.decode() if epoch_raw is not None else self.head()[0]
+
+        def reads(pipe: Any) -> None:
+            for channel in channels:
+                pipe.hvals(self.values_prefix + channel)
+            pipe.mget([self.last_prefix + channel for channel in channels])
+
+        epoch, (*per_channel, legacy) = self._with_epoch(reads, many=True)
         oldest = int(time.time() * 1000) - max_age_ms
         found: dict[str, list[Envelope]] = {}
-        for channel, raws, raw in zip(channels, per_channel, legacy, strict=True):
-            for value in [*raws, raw] if raw is not None else raws:
-                offset, at, text = value.split(b" ", 2)
+        for channel, values, before in zip(channels, per_channel, legacy, strict=True):
+            kept = [value.split(b" ", 3) for value in values]
+            fields = [(offset, at, text) for of, offset, at, text in kept if of.decode() == epoch]
+            if before is not None:  # written by the release before (no epoch)
+                fields.append(tuple(before.split(b" ", 2)))
+            for offset, at, text in fields:
                 if int(at) >= oldest:
                     envelope = Envelope.from_json(json.loads(text), offset=int(offset), epoch=epoch)
                     found.setdefault(channel, []).append(envelope)
@@ -245,7 +286,7 @@ class RedisHistory(RedisStore):
             doc: dict = {"user": session.user_id, "channels": list(session.channels)}
             if session.open:
                 doc["open"] = True
-            pipe.set(self.session_prefix + session.client_id, json.dumps(doc), pxat=expires_at_ms)
+            pipe.set(self.session_prefix + session.client_id, json.dumps(doc), px=_ms_until(expires_at_ms))
         self._call(pipe.execute)
 
     def touch_sessions(self, client_ids: list[str], expires_at_ms: int) -> None:
@@ -253,7 +294,7 @@ class RedisHistory(RedisStore):
             return
         pipe = self._client.pipeline(transaction=False)
         for client_id in client_ids:
-            pipe.pexpireat(self.session_prefix + client_id, expires_at_ms)
+            pipe.pexpire(self.session_prefix + client_id, _ms_until(expires_at_ms))
         self._call(pipe.execute)
 
     def load_session(self, client_id: str) -> Session | None:
@@ -270,21 +311,15 @@ class RedisHistory(RedisStore):
     # -- upkeep -----------------------------------------------------------------------------
 
     def trim(self, now_ms: int) -> int:
-        """Drop stream entries older than the window, a few hundred at a time (keys expire on their own)."""
-        cutoff = now_ms - self.window_ms
+        """Drop stream entries older than the window, a few hundred at a time (keys expire on their own).
+
+        By Redis's clock, not ``now_ms``: the entries are stamped with it (``_APPEND``), so hosts whose
+        clocks disagree neither trim what is still in the window nor keep what is not."""
         dropped = 0
         for _ in range(20):  # bounded: at most 20 x 500 entries per call; the next call goes on
-            entries = self._call(self._client.xrange, self.stream, "-", "+", count=500)
-            expired = [entry_id for entry_id, fields in entries if int(fields[b"at"]) < cutoff]
-            if not expired:
-                break
-            if len(expired) < len(entries):
-                self._call(self._client.xtrim, self.stream, minid=entries[len(expired)][0], approximate=False)
-            else:
-                last = int(expired[-1].split(b"-")[0])
-                self._call(self._client.xtrim, self.stream, minid=f"{last + 1}-0", approximate=False)
-            dropped += len(expired)
-            if len(expired) < len(entries):
+            expired = int(self._call(self._trim, keys=[self.stream], args=[self.window_ms, 500]))
+            dropped += expired
+            if expired < 500:
                 break
         return dropped
 
@@ -303,3 +338,9 @@ class RedisHistory(RedisStore):
         if record["digest"] != idempotency.digest:
             raise IdempotencyConflict("this Idempotency-Key was first used with a different broadcast")
         return Previous(epoch, int(record["offset"]), record["id"], record.get("answer"))
+
+
+def _ms_until(at_ms: int) -> int:
+    """Milliseconds from now to ``at_ms`` (at least 1), both by this host's clock: Redis is given the
+    duration, not the moment, as its clock may disagree with ours."""
+    return max(1, at_ms - int(time.time() * 1000))

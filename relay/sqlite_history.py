@@ -176,6 +176,10 @@ class SqliteHistory(SqliteStore):
                 current = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
                 if current == epoch:
                     current = self._new_epoch(db)
+                    # The store went back in time: its last values may be older than what clients were
+                    # shown, and a resync must not bring those back as the current state.
+                    db.execute("DELETE FROM audience_values")
+                    db.execute("DELETE FROM last_values")
                 row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'history'").fetchone()
             self._epoch = current  # once committed
             return current, int(row[0]) if row else 0
@@ -354,7 +358,7 @@ class SqliteHistory(SqliteStore):
     def _new_epoch(db: sqlite3.Connection) -> str:
         """Drop the stream under a new epoch (inside the caller's transaction). Offsets go on from the
         old head (AUTOINCREMENT). Last values and idempotency keys are left to expire: they carry
-        content, not positions (as in Redis)."""
+        content, not positions (``start_over`` drops the last values, which may have gone back too)."""
         epoch = secrets.token_hex(8)
         db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (epoch,))
         db.execute("DELETE FROM history")

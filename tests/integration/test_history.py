@@ -209,10 +209,10 @@ def test_the_embedded_sessions_table_is_still_the_one_the_previous_release_write
 
 
 def test_trim_drops_broadcasts_older_than_the_window_and_keeps_the_rest(make):
-    store = make(window_ms=1000)
-    old = int(time.time() * 1000) - 5000
+    store = make(window_ms=300)
     for n in range(3):
-        store.append(envelope(n, at=old))
+        store.append(envelope(n))
+    time.sleep(0.5)  # by the store's clock, which may be its own (Redis's)
     store.append(envelope(9))
     assert store.trim(int(time.time() * 1000)) == 3
     assert [e.offset for e in store.read(0, 10)] == [4] and store.oldest() == 4
@@ -289,6 +289,18 @@ def test_an_embedded_file_last_written_before_this_boot_is_a_new_epoch(tmp_path)
     store = reopened()  # the next process of this boot keeps it
     assert store.head() == (new_epoch, head + 1)
     store.close()
+
+
+def test_starting_over_forgets_the_last_values_which_may_have_gone_back_too(make):
+    """Redis back from a snapshot: its last values are the snapshot's, older than what clients were
+    shown; the resync that follows must not bring them back as the current state (review)."""
+    store = make()
+    store.append(envelope(1, channels=["clinic:c-1:queue"]))
+    epoch, _ = store.head()
+    store.start_over(epoch)
+    assert store.last_values(["clinic:c-1:queue"], 60_000) == {}
+    store.append(envelope(2, channels=["clinic:c-1:queue"]))
+    assert numbers(store.last_values(["clinic:c-1:queue"], 60_000)) == {"clinic:c-1:queue": [2]}
 
 
 def test_starting_over_drops_the_stream_under_a_new_epoch_once(make):
@@ -380,3 +392,54 @@ def test_a_redis_read_labels_what_it_read_with_that_streams_epoch_even_if_redis_
         other.close()
     finally:
         store.close()
+
+
+# -- Redis alone: several hosts' clocks, keys lost one by one ------------------------------------
+
+
+@pytest.fixture
+def redis_history(redis_server):
+    store = RedisHistory(redis_server.url, prefix="t", window_ms=WINDOW, last_value_ttl_ms=3_600_000)
+    yield store
+    store.close()
+
+
+def test_a_stream_whose_epoch_was_lost_is_not_read_back_as_the_new_epochs(redis_history):
+    """Its meta hash evicted or deleted, the stream's entries belong to no epoch: read under the epoch
+    claimed next, a worker took them for the new stream's and dropped the new broadcasts at those
+    offsets as duplicates (review)."""
+    for n in range(3):
+        redis_history.append(envelope(n))
+    redis_history._client.delete("t:stream:meta")
+    assert redis_history.read(0, 10) == []
+    new_epoch, head = redis_history.head()
+    placed = redis_history.append(envelope(9))
+    assert (placed.epoch, placed.offset) == (new_epoch, head + 1)
+    assert [e.data["n"] for e in redis_history.read(0, 10)] == [9]
+
+
+def test_last_values_of_another_epoch_are_not_offered(redis_history):
+    redis_history.append(envelope(1, channels=["clinic:c-1:queue"]))
+    redis_history._client.delete("t:stream:meta")  # offsets start again from 1: they no longer order
+    redis_history.append(envelope(2, channels=["clinic:c-2:queue"]))
+    assert redis_history.last_values(["clinic:c-1:queue"], 60_000) == {}
+
+
+def test_the_window_is_kept_by_redis_clock_whatever_a_hosts_clock_says(redis_history):
+    """A broadcast stamped by a host whose clock is behind, a trim by one whose clock is ahead: neither
+    drops what is still in the window (an entry's time is Redis's, and so is the trim's)."""
+    now = int(time.time() * 1000)
+    redis_history.append(envelope(1, at=now - 10 * WINDOW))
+    redis_history.append(envelope(2))
+    assert redis_history.trim(now + 10 * WINDOW) == 0
+    assert [e.data["n"] for e in redis_history.read(0, 10)] == [1, 2]
+
+
+def test_sessions_are_kept_for_the_window_by_this_hosts_clock_not_redis(redis_history, monkeypatch):
+    """A host whose clock is behind Redis's gave its sessions an absolute end already past for Redis: they
+    vanished as they were written, and every resume there was no_session (review)."""
+    behind = time.time() - 150
+    monkeypatch.setattr("relay.redis_history.time.time", lambda: behind)
+    redis_history.save_sessions([Session("c-1", "bob", ("a",))], int(behind * 1000) + WINDOW)
+    redis_history.touch_sessions(["c-1"], int(behind * 1000) + WINDOW)
+    assert redis_history.load_session("c-1") == Session("c-1", "bob", ("a",))
