@@ -43,7 +43,10 @@ class Hub:
         self.ping_interval = ping_interval
         self._push_all = push_all
         self.draining = False
-        self.counters: Counter[str] = Counter()
+        # Every one from the start, at 0: /health shows them all (a reader looking one up must find it).
+        self.counters: Counter[str] = Counter(
+            dict.fromkeys(("connections", "broadcasts", "messages", "auth_failures"), 0)
+        )
         self._lock = threading.Lock()
         # Held for a whole fan-out, which yields to the event loop every few milliseconds
         # (relay.timeslice): the next broadcast waits, so no client sees two out of order.

@@ -30,3 +30,15 @@ def test_health_does_not_ask_a_broker_whose_heartbeat_fails_for_the_cluster(tmp_
         assert health["status"] == "degraded" and health["ok"] is False
     finally:
         rt.drain()
+
+
+def test_every_counter_is_in_health_from_the_start(tmp_path):
+    """A fresh worker said ``"counters": {}`` and later left out the ones still at 0: a check reading
+    ``counters.auth_failures`` broke until the first refusal (ops review)."""
+    settings = Settings.from_env({**SECRETS, "REALTIME_INSTANCE_PATH": str(tmp_path)})
+    rt = Realtime(settings)
+    rt.start()
+    try:
+        assert rt.health()["counters"] == {"connections": 0, "broadcasts": 0, "messages": 0, "auth_failures": 0}
+    finally:
+        rt.drain()
