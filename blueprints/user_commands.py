@@ -8,7 +8,7 @@ from collections.abc import Callable
 import click
 from flask import Blueprint
 
-from relay.channels import is_valid_id
+from relay.channels import ADMIN_ROLE, is_valid_id
 from relay.opsclient import OpsClient, ServiceError
 from relay.signouts import SignoutsUnavailable
 from relay.sqlite_directory import DEMO_USERS, SqliteDirectory, UserError
@@ -54,6 +54,7 @@ def add(user_id, email, password, role, clinic_id, display_name, no_password):
     except UserError as problem:
         raise click.ClickException(str(problem)) from None
     click.echo(f"added {user.user_id} ({user.email or 'no email'}), role {user.role}, clinic {user.clinic_id or '-'}")
+    _note_new_role(user.user_id, user.role)
 
 
 @bp.cli.command("list")
@@ -76,6 +77,18 @@ def set_role(user_id, role):
     """Change a user's role (open sockets follow within about a second: subscriptions it no longer allows end)."""
     _apply(_store().set_role, user_id, role)
     click.echo(f"{user_id} is now {role}")
+    _note_new_role(user_id, role)
+
+
+def _note_new_role(user_id: str, role: str) -> None:
+    """Roles are free words (a clinic has its own): one that nobody else has may be a typo ("admn"),
+    which would quietly take the user's access away. Said, not refused."""
+    others = {user.role for user in _store().list_users() if user.user_id != user_id}
+    if others and role not in others:
+        click.echo(
+            f"note: no other user has role {role!r} (roles in use: {', '.join(sorted(others))}); "
+            f"only {ADMIN_ROLE!r} may use the admin pages, and a broadcast to roles names them exactly"
+        )
 
 
 @bp.cli.command("set-clinic")

@@ -277,6 +277,10 @@ def _check_user_fields(user_id: str, role: str, clinic_id: str | None) -> None:
         raise UserError(f"user id {user_id!r} must match {ID_PATTERN}")
     if not _ROLE.fullmatch(role or ""):
         raise UserError(f"role {role!r} must be one word of letters, digits, _ or -, e.g. admin or sales_staff")
+    if role.lower() == ADMIN_ROLE and role != ADMIN_ROLE:  # would look like one, and be nobody's admin
+        raise UserError(
+            f"role {role!r} is not {ADMIN_ROLE!r}: roles are case-sensitive, and only {ADMIN_ROLE!r} is admin"
+        )
     if clinic_id and not is_valid_id(clinic_id):
         raise UserError(f"clinic id {clinic_id!r} must match {ID_PATTERN}")
 

@@ -200,6 +200,7 @@ def test_users_input_that_would_lock_someone_out_or_mislead_is_refused(cli):
         (["users", "add", "carol", "--email", " ", "--role", "nurse", "--no-password"], "is not an email address"),
         (["users", "add", "carol", "--role", "nurse", "--password", ""], "a password cannot be empty"),
         (["users", "set-role", "alice", "admin "], "must be one word"),
+        (["users", "set-role", "alice", "Admin"], "roles are case-sensitive"),
     ]
     for args, message in cases:
         result = cli.invoke(args=args)
@@ -353,3 +354,15 @@ def test_a_fresh_start_with_no_secrets_and_no_database_given(start_server, tmp_p
             assert client.expect("CONNECTED")["data"]["userId"] == "newbie"
     finally:
         again.stop()
+
+
+def test_a_role_no_other_user_has_is_set_with_a_note_that_may_catch_a_typo(cli):
+    """ "admn" answered "is now admn", exit 0, and the user had quietly lost the admin pages (ops review)."""
+    for user_id, role in (("ann", "admin"), ("bo", "nurse")):
+        assert cli.invoke(args=["users", "add", user_id, "--role", role, "--no-password"]).exit_code == 0
+    typo = cli.invoke(args=["users", "set-role", "ann", "admn"])
+    assert typo.exit_code == 0 and "no other user has role 'admn' (roles in use: nurse)" in typo.output
+    usual = cli.invoke(args=["users", "set-role", "ann", "nurse"])
+    assert usual.exit_code == 0 and "note:" not in usual.output
+    added = cli.invoke(args=["users", "add", "cy", "--role", "nurse_", "--no-password"])
+    assert added.exit_code == 0 and "no other user has role 'nurse_'" in added.output
