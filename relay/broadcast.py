@@ -26,7 +26,7 @@ from . import jsonsafe
 from .broadcast_log import LogWriter, record_of, source_kind
 from .broker import Broker, BrokerUnavailable
 from .codes import HttpError
-from .envelope import FILTER_FIELDS, Envelope, Filter, interned
+from .envelope import FILTER_FIELDS, TYPE_PATTERN, Envelope, Filter, interned
 from .eventlog import event
 from .history import History, HistoryUnavailable, Idempotency, Previous
 from .telemetry import Telemetry
@@ -34,7 +34,6 @@ from .telemetry import Telemetry
 MAX_BODY_BYTES = 64 * 1024
 MAX_FILTER_VALUES = 1000
 MAX_FILTER_VALUE_CHARS = 256
-TYPE_PATTERN = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 class BroadcastError(ValueError):

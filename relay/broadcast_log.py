@@ -31,6 +31,7 @@ from gevent.event import Event
 
 from . import jsonsafe
 from .clock import now_ms
+from .envelope import TYPE_PATTERN
 from .eventlog import event
 
 log = logging.getLogger("relay.broadcast_log")
@@ -149,6 +150,13 @@ class LogQuery:
                 raise ValueError(f"{name} may not contain control characters")
         if self.channel is not None and "," in self.channel:  # no channel name has one; a store could split it
             raise ValueError("channel names one channel (no commas)")
+        if self.type is not None and not TYPE_PATTERN.fullmatch(self.type):
+            hint = f": did you mean {self.type.upper()}?" if TYPE_PATTERN.fullmatch(self.type.upper()) else ""
+            raise ValueError(
+                f"type {self.type[:64]!r} is no message type (they are upper case, e.g. ANNOUNCEMENT){hint}"
+            )
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise ValueError("since is after until: no broadcast can be in that window")
 
 
 CSV_COLUMNS = ("at", "id", "offset", "source", "sender", "type", "channels", "filter", "delivered", "size", "preview")

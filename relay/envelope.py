@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from . import frames, jsonsafe
 from .clock import now_ms
 
 FILTER_FIELDS = ("userIds", "clinicIds", "roles", "channels")
+TYPE_PATTERN = re.compile(r"[A-Z][A-Z0-9_]{0,63}")  # what a message type can be (upper case, digits, _)
 
 
 @dataclass(frozen=True)

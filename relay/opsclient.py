@@ -158,9 +158,13 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
             ):
                 return steps
             ws.send(json.dumps({"type": "SUBSCRIBE", "data": {"channels": [channel]}}))
-            reply = _next_of(ws, ("SUBSCRIBED",), client.timeout)
+            reply = _next_of(ws, ("SUBSCRIBED", "ERROR"), client.timeout)
+            refused = ""
+            if reply.get("type") == "ERROR":  # the channel refused (ahead of SUBSCRIBED): say why
+                refused = error_text(reply)
+                reply = _next_of(ws, ("SUBSCRIBED",), client.timeout)
             taken = reply.get("data", {}).get("channels", [])
-            if not step("subscribe", channel in taken, f"SUBSCRIBED {taken}"):
+            if not step("subscribe", channel in taken, f"SUBSCRIBED {taken}{refused}"):
                 return steps
             nonce = secrets.token_hex(8)
             try:
@@ -210,6 +214,7 @@ def _json(raw: bytes) -> dict:
 
 
 def error_text(body: dict) -> str:
-    """`` — code: message`` from an answer's ``{"error": {...}}``, or nothing if it has none."""
-    error = body.get("error")
+    """`` — code: message`` from an answer's ``{"error": {...}}`` (or an ERROR frame's ``data``), or
+    nothing if it has none."""
+    error = body.get("data") if body.get("type") == "ERROR" else body.get("error")
     return f" — {error.get('code')}: {error.get('message')}" if isinstance(error, dict) else ""

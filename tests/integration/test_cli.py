@@ -35,6 +35,14 @@ def test_smoke_fails_loudly_with_the_step_that_broke(server: Server):
     assert "smoke test FAILED" in done.stderr
 
 
+def test_smoke_says_why_a_channel_was_refused(server: Server):
+    """It printed ``FAIL subscribe SUBSCRIBED []`` without the reason the server gave (ops review)."""
+    done = flask_cli(
+        server, "ws", "smoke", "--url", server.url, "--user", "carol", "--channel", "clinic:clinic-1:queue"
+    )
+    assert done.returncode == 1 and "FAIL subscribe" in done.stdout and "forbidden_channel" in done.stdout
+
+
 def test_smoke_against_nothing_fails_at_health(server: Server):
     done = flask_cli(server, "ws", "smoke", "--url", "http://127.0.0.1:9", "--user", "carol")
     assert done.returncode == 1 and "FAIL health" in done.stdout

@@ -247,3 +247,18 @@ def test_rows_for_postgres_carry_no_nul_which_it_refuses_in_text_and_jsonb():
         {"preview": "x\ufffdy", "filter": {"userIds": ["u\ufffd"]}, "size": 3, "channels": ["a"]}
     ]
     assert _without_nul("a literal \\u0000 stays as typed") == "a literal \\u0000 stays as typed"
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"type": "announcement"}, "did you mean ANNOUNCEMENT?"),
+        ({"type": "not a type"}, "is no message type"),
+        ({"since": 2_000, "until": 1_000}, "since is after until"),
+    ],
+)
+def test_a_log_query_no_broadcast_could_match_says_why(fields, says):
+    """``--type announcement`` and a window given backwards answered "no broadcasts in that window" as if
+    there had been none (ops review)."""
+    with pytest.raises(ValueError, match=says):
+        LogQuery(**fields)
