@@ -131,6 +131,11 @@ def login_required(view):
         if current_user() is None:
             if wants_json():
                 return error_response(401, HttpError.UNAUTHORIZED, "sign in first")
+            if request.headers.get("HX-Request") == "true":
+                # A fragment's update, not a page: a redirect would be followed and the sign-in page
+                # swapped into the fragment (and a sign-in then sent to a POST-only address). site.js
+                # reloads the page on a 401, which then goes to the sign-in page and back.
+                return error_response(401, HttpError.UNAUTHORIZED, "signed out: reload the page to sign in again")
             return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
         return view(*args, **kwargs)
 
@@ -176,7 +181,8 @@ def csrf_required(view):
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
         if not csrf_ok():
-            return error_response(403, HttpError.CSRF_FAILED, "missing or wrong X-CSRF-Token header")
+            message = "this page's CSRF token is missing or out of date (signed in again since?): reload the page"
+            return error_response(403, HttpError.CSRF_FAILED, message)
         return view(*args, **kwargs)
 
     return wrapped

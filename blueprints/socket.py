@@ -80,7 +80,10 @@ def guard_upgrade():
     allowed = current_app.extensions["realtime"].settings.allowed_origins
     if origin and not origin_allowed(origin, request.host, allowed):
         event("ws.origin_refused", level="warning", origin=origin[:200], remote=request.remote_addr)
-        return error_response(403, HttpError.FOREIGN_ORIGIN, f"origin {origin[:200]!r} may not open sockets here")
+        message = (
+            f"origin {origin[:200]!r} may not open sockets here (the server's WS_ALLOWED_ORIGINS lists those that may)"
+        )
+        return error_response(403, HttpError.FOREIGN_ORIGIN, message)
     _keep_only_handshake_headers(request.environ)
     return None
 

@@ -5,7 +5,10 @@
 //     it is on the page (the channel_subscriber macro), and unsubscribes when
 //     it is removed;
 //   - hands the message that triggered an htmx request to the server, so a
-//     fragment can be rendered from it (see templates/_realtime.html).
+//     fragment can be rendered from it (see templates/_realtime.html);
+//   - never lets a request fail in silence: a fragment's update refused
+//     because the page's sign-in changed reloads the page, another failure
+//     says so in the fragment; a form's failure says so in a toast.
 // Message text is always inserted as text, never as HTML.
 
 import { getClient, channels } from "./realtime.js";
@@ -178,6 +181,65 @@ function passMessagesToHtmx() {
   });
 }
 
+// A fragment's update that fails is not swapped in (htmx-config in base.html), which alone would leave a
+// queue screen showing old state under a "Live" status. Refused for the page's sign-in (401: signed out
+// since it was loaded; 403: signed in again elsewhere, so its CSRF token is stale), a reload brings a
+// fresh page (or the sign-in page): once a minute at most, so a reload that does not help cannot loop.
+// Anything else (a server error, the network) says in the fragment that it may be out of date, until
+// its next update replaces it.
+const RELOAD_KEY = "realtime-reloaded-at";
+const RELOAD_EVERY_MS = 60000;
+
+function fragmentNote(target, state, text) {
+  const note = document.createElement("p");
+  note.className = "muted fragment-error";
+  note.dataset.fragmentState = state;
+  note.textContent = text;
+  target.querySelectorAll(":scope > .fragment-error").forEach((old) => old.remove());
+  target.prepend(note);
+}
+
+function showFailedUpdates() {
+  const failed = (event) => {
+    const element = event.detail.elt;
+    if (!element || !subscribed.has(element)) return;
+    const target = event.detail.target || element;
+    const status = event.detail.xhr ? event.detail.xhr.status : 0;
+    if (status === 401 || status === 403) {
+      const last = Number(sessionStorage.getItem(RELOAD_KEY) || 0);
+      if (Date.now() - last > RELOAD_EVERY_MS) {
+        sessionStorage.setItem(RELOAD_KEY, String(Date.now()));
+        location.reload();
+        return;
+      }
+      fragmentNote(target, "signed-out", "This page can no longer be updated: reload it (you may need to sign in again).");
+      return;
+    }
+    const why = status ? `the server answered ${status}` : "the server could not be reached";
+    fragmentNote(target, "stale", `Not up to date: the latest update could not be shown (${why}). Reload the page to be sure.`);
+  };
+  document.body.addEventListener("htmx:responseError", failed);
+  document.body.addEventListener("htmx:sendError", failed);
+}
+
+// Any other htmx request that fails (a form: the admin broadcast form, whose answer is swapped in only
+// when it is a 2xx or a 422 with what to fix) would otherwise just give its button back.
+function showFailedRequests() {
+  const failed = (event) => {
+    if (subscribed.has(event.detail.elt)) return; // showFailedUpdates
+    const status = event.detail.xhr ? event.detail.xhr.status : 0;
+    const why = !status
+      ? "the server could not be reached. Check the connection and try again."
+      : status >= 500
+        ? `the server answered ${status} (it may be restarting, or a service it needs is down). Try again in a moment.`
+        : `the server answered ${status}. Reload the page and try again.`;
+    const item = toast("Not done", `That did not go through: ${why}`);
+    if (item) item.classList.add("toast-error");
+  };
+  document.body.addEventListener("htmx:responseError", failed);
+  document.body.addEventListener("htmx:sendError", failed);
+}
+
 // -- start --------------------------------------------------------------------------
 
 const rt = getClient(clientOptions(document.body));
@@ -217,5 +279,7 @@ rt.onResync((detail) => {
   if (item) item.classList.add("toast-resync");
 });
 passMessagesToHtmx();
+showFailedUpdates();
+showFailedRequests();
 clearStaleFragments();
 watchSubscribers(rt);

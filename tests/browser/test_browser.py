@@ -321,3 +321,90 @@ def test_a_guesser_who_knows_the_email_does_not_lock_out_the_browser_its_owner_s
     own.fill("input[name=password]", PASSWORD)
     own.click("button[type=submit]")
     own.wait_for_url(site.url + "/clinics/clinic-1/queue")
+
+
+def queue_body(*names: str) -> dict:
+    entries = [{"number": n, "name": name} for n, name in enumerate(names, 1)]
+    return {
+        "message": {"type": "QUEUE_UPDATE", "data": {"queue": entries}},
+        "filter": {"channels": ["clinic:clinic-1:queue"]},
+    }
+
+
+def test_a_queue_page_whose_sign_in_changed_in_another_tab_reloads_instead_of_freezing(site, web):
+    """Signed in again in another tab, the page's CSRF token was stale: every update of its queue was
+    refused 403 and not swapped in, under a "Live" status, with nothing said (ops review). It reloads,
+    once a minute at most, and after that says so in the fragment."""
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    assert broadcast_until_delivered(site, queue_body("Somchai"))["delivered"] == 1
+    expect(page.locator("#queue ol.queue li")).to_have_text(["1 Somchai"])
+    page.evaluate("window.__before_reload = true")
+
+    def sign_in_again():
+        other = page.context.new_page()
+        other.goto(site.url + "/login")
+        other.fill("input[name=login]", "bob")
+        other.fill("input[name=password]", PASSWORD)
+        other.click("form[action='/login'] button[type=submit]")  # (the top bar has Sign out buttons)
+        other.wait_for_url(site.url + "/")
+        other.close()
+
+    sign_in_again()
+    site.broadcast(queue_body("Somchai", "Malee"))
+    page.wait_for_function("window.__before_reload === undefined")  # reloaded, fresh token
+    wait_live(page)
+    expect(page.locator("#queue ol.queue li")).to_have_count(2)  # rendered from the last value
+    sign_in_again()  # and again within the minute: no second reload, the fragment says what to do
+    page.evaluate("window.__before_reload = true")
+    assert broadcast_until_delivered(site, queue_body("Somchai", "Malee", "Niran"))["delivered"] == 1
+    expect(page.locator("#queue [data-fragment-state=signed-out]")).to_contain_text("reload it")
+    assert page.evaluate("window.__before_reload") is True
+
+
+def test_a_queue_page_signed_out_in_another_tab_goes_to_the_sign_in_page_on_its_next_update(site, web):
+    """A fragment's update without a session was redirected to the sign-in page, which htmx followed:
+    the sign-in form was swapped into the queue card, and signing in there went to a POST-only address
+    (405). The update is now a 401, and the page reloads to the sign-in page, then back to the queue."""
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    other = page.context.new_page()
+    other.goto(site.url + "/")
+    other.click("form[action='/logout'] button[type=submit]")
+    other.wait_for_url("**/login**")
+    other.close()
+    broadcast_until_delivered(site, queue_body("Somchai"))  # the socket stays open after a plain sign-out
+    page.wait_for_url("**/login?next=/clinics/clinic-1/queue")
+    page.fill("input[name=login]", "bob")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(site.url + "/clinics/clinic-1/queue")
+    expect(page.locator("#queue ol.queue li")).to_have_text(["1 Somchai"])
+
+
+def test_a_form_that_fails_says_so_and_keeps_what_was_typed(start_server, redis_server, web):
+    """Its 503 answer was never swapped in by htmx: the button came back and nothing was said (ops review)."""
+    site = start_server(REDIS_URL=redis_server.url)
+    admin = web(site, "alice", "/admin/broadcast")
+    wait_live(admin)
+    redis_server.stop()
+    admin.fill("textarea[name=message]", "Lunch at noon")
+    admin.click("#broadcast-panel button[type=submit]")
+    expect(admin.locator("#toasts .toast-error")).to_contain_text("the server answered 503")
+    expect(admin.locator("textarea[name=message]")).to_have_value("Lunch at noon")  # kept, to send again
+
+
+def test_a_fragment_update_that_fails_says_the_fragment_may_be_out_of_date_until_the_next(site, web):
+    """A proxy's 502 (or the network) on a fragment's update left the old queue under a "Live" status."""
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    assert broadcast_until_delivered(site, queue_body("Somchai"))["delivered"] == 1
+    expect(page.locator("#queue ol.queue li")).to_have_text(["1 Somchai"])
+    page.route("**/queue/render", lambda route: route.fulfill(status=502, body="bad gateway"))
+    site.broadcast(queue_body("Somchai", "Malee"))
+    expect(page.locator("#queue [data-fragment-state=stale]")).to_contain_text("the server answered 502")
+    expect(page.locator("#queue ol.queue li")).to_have_text(["1 Somchai"])  # still shown, marked out of date
+    page.unroute("**/queue/render")
+    site.broadcast(queue_body("Somchai", "Malee", "Niran"))
+    expect(page.locator("#queue ol.queue li")).to_have_count(3)
+    expect(page.locator("#queue [data-fragment-state]")).to_have_count(0)
