@@ -339,16 +339,29 @@ def ws_auth():
         address = request.remote_addr
         try:
             # An address whose tokens keep being refused is not heard for a while (relay.throttle):
-            # each token checked may be a call to Supabase.
-            wait = ceil(rt.throttle.token_wait(address))
-            if wait > 0:
+            # each token checked may be a call to Supabase. Counted before the check, as passwords are.
+            attempt = rt.throttle.token_attempt(address)
+            if attempt.wait > 0:
+                wait = ceil(attempt.wait)
                 event("ws.token_throttled", level="warning", remote=address, retryAfter=wait)
                 message = f"too many refused access tokens from this address; try again in {wait} s"
                 return error_response(429, HttpError.TOO_MANY_ATTEMPTS, message, headers={"Retry-After": str(wait)})
-            user_id = rt.directory.user_for_access_token(access_token)
-            user = rt.directory.get(user_id)
-        except (AccessTokenInvalid, AccessTokensUnsupported) as refused:
-            return _access_token_refused(refused, address)
+            refused = None
+            try:
+                user_id = rt.directory.user_for_access_token(access_token)
+                user = rt.directory.get(user_id)
+            except AccessTokenInvalid as bad:
+                refused = bad
+            finally:  # only a refused token counts (not a good one, nor one that could not be checked)
+                if refused is None:
+                    rt.throttle.withdraw(attempt)
+            if refused is not None:
+                fields = {"reason": type(refused).__name__, "detail": str(refused), "remote": address}
+                event("ws.token_refused", level="warning", **fields, waitS=ceil(attempt.earned))
+                return error_response(401, HttpError.UNAUTHORIZED, str(refused))
+        except AccessTokensUnsupported as unsupported:  # this server's configuration: nothing counted
+            event("ws.token_refused", level="warning", reason=type(unsupported).__name__, detail=str(unsupported))
+            return error_response(401, HttpError.UNAUTHORIZED, str(unsupported))
         except (DirectoryUnavailable, ThrottleUnavailable):
             message = "the identity service is unavailable; try again shortly"
             return error_response(503, HttpError.UNAVAILABLE, message, headers={"Retry-After": "5"})
@@ -364,20 +377,6 @@ def ws_auth():
     response = jsonify(wsUrl=socket_url(), token=rt.tokens.mint(user_id, issued_ms), userId=user_id)
     response.headers["Cache-Control"] = "no-store"
     return response
-
-
-def _access_token_refused(refused: Exception, address: str | None) -> ResponseReturnValue:
-    """401 for a bearer access token that was checked and refused, counted against its address (a
-    server that takes no access tokens counts nothing: that is its configuration, not the client's)."""
-    earned = 0.0
-    if isinstance(refused, AccessTokenInvalid):
-        try:
-            earned = realtime().throttle.token_refused(address)
-        except ThrottleUnavailable:
-            pass  # refused all the same; only the count is lost
-    fields = {"reason": type(refused).__name__, "detail": str(refused), "remote": address}
-    event("ws.token_refused", level="warning", **fields, waitS=ceil(earned))
-    return error_response(401, HttpError.UNAUTHORIZED, str(refused))
 
 
 @bp.after_app_request

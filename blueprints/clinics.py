@@ -39,8 +39,8 @@ def queue(clinic_id):
     """The queue as it is now: the channel's last QUEUE_UPDATE is rendered at once (no JavaScript needed),
     and the page's subscription asks for it again (``last``), so nothing is missed in between."""
     _check_access(clinic_id)
-    last = realtime().last_value(channels.clinic.queue(clinic_id), signed_in())
-    view = queue_view(last.message()) if last is not None and last.type == "QUEUE_UPDATE" else None
+    last = realtime().last_value(channels.clinic.queue(clinic_id), signed_in(), "QUEUE_UPDATE")
+    view = queue_view(last.message()) if last is not None else None
     return render_template("clinics/queue.html", clinic_id=clinic_id, view=view)
 
 

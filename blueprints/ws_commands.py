@@ -83,7 +83,9 @@ def broadcast(url, timeout, message, message_type, channels, users, clinics, rol
 
 
 @bp.cli.command("log")
-@click.option("--since", default="1h", show_default=True, help="30m, 2h, 7d, or an ISO time (UTC unless given).")
+@click.option(
+    "--since", default=None, help="30m, 2h, 7d, or an ISO time (UTC unless given); default: 1 h before --until."
+)
 @click.option("--until", default=None, help="The same forms; default now.")
 @click.option("--type", "message_type", default=None, help="Only this message type.")
 @click.option("--channel", default=None, help="Only broadcasts sent to this channel.")
@@ -94,12 +96,13 @@ def log_command(since, until, message_type, channel, sender, limit, as_csv):
     """Print the broadcast log (from the store, every worker's broadcasts), newest first."""
     now = now_ms()
     try:
+        end = parse_when(until, now) if until else None
         query = LogQuery(
             type=message_type,
             channel=channel,
             sender=sender,
-            since=parse_when(since, now) if since else None,
-            until=parse_when(until, now) if until else None,
+            since=parse_when(since, now) if since else (end or now) - 3_600_000,  # the hour before
+            until=end,
             limit=limit,
         )
         rows = realtime().broadcast_log.store.query(query)

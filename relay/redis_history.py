@@ -12,9 +12,12 @@ Keys (all under ``{prefix}:``):
   audiences, expiring after the last-value TTL. A value of another epoch is
   not offered: after a ``start_over`` it may be older than what clients were
   shown (Redis back from a snapshot), and after the meta hash was lost its
-  offset no longer orders it. ``last:<channel>`` (one value per channel) is
-  what releases before wrote: read until it expires, so an upgrade (a rolling
-  one too) keeps the channels' values;
+  offset no longer orders it. ``last:<channel>``: ``<offset> <at> <envelope>``
+  of the latest broadcast to the channel, whatever its audience, as releases
+  before kept it: still written, for their workers during a rolling deploy or
+  after a rollback, and read for what they wrote, unless it is from before the
+  epoch began (the meta hash's ``began``, by Redis's clock, against the
+  broadcast's ``at``: such a key has no epoch of its own);
 - ``idem:<key>``: the first request's place (and, once known, its answer),
   expiring after the window;
 - ``session:<client id>``: ``{"user", "channels"}`` (and ``"open": true``
@@ -51,35 +54,45 @@ from .history import (
 from .redis_store import RedisStore
 
 # KEYS: meta, stream, idem ('' for none)   ARGV: new_epoch, at, envelope, maxlen, values_prefix, last_ttl_ms,
-#       idem_ttl_ms, digest, envelope_id, audience, audiences kept, channel...
+#       idem_ttl_ms, digest, envelope_id, audience, audiences kept, last_prefix, channel...
 _APPEND = """
 local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
+local time = redis.call('TIME')  -- Redis's clock, one for every host (see trim)
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
   epoch = ARGV[1]
   redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', epoch, 'head', 0)
+  redis.call('HSET', meta, 'epoch', epoch, 'head', 0, 'began', now)
 end
 if idem ~= '' then
   local previous = redis.call('GET', idem)
   if previous then return {'previous', epoch, previous} end
 end
 local offset = redis.call('HINCRBY', meta, 'head', 1)
-local time = redis.call('TIME')  -- the stream's clock is Redis's, one for every host (see trim)
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 redis.call('XADD', stream, 'MAXLEN', '~', ARGV[4], offset .. '-0', 'at', now, 'e', ARGV[3])
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   local values = ARGV[5] .. ARGV[i]
   redis.call('HSET', values, ARGV[10], epoch .. ' ' .. offset .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
   redis.call('PEXPIRE', values, ARGV[6])
-  if redis.call('HLEN', values) > tonumber(ARGV[11]) then  -- drop the audience broadcast to longest ago
-    local all, oldest, oldest_offset = redis.call('HGETALL', values), nil, nil
+  if redis.call('HLEN', values) > tonumber(ARGV[11]) then
+    -- Over the cap: drop every value of another epoch (never offered again), else the audience
+    -- broadcast to longest ago.
+    local all, oldest, oldest_offset, dropped = redis.call('HGETALL', values), nil, nil, 0
     for j = 1, #all, 2 do
-      local kept = tonumber(string.match(all[j + 1], '^%S+ (%d+)'))
-      if oldest_offset == nil or kept < oldest_offset then oldest, oldest_offset = all[j], kept end
+      local of, kept = string.match(all[j + 1], '^(%S+) (%d+)')
+      if of ~= epoch then
+        redis.call('HDEL', values, all[j])
+        dropped = dropped + 1
+      elseif oldest_offset == nil or tonumber(kept) < oldest_offset then
+        oldest, oldest_offset = all[j], tonumber(kept)
+      end
     end
-    redis.call('HDEL', values, oldest)
+    if dropped == 0 then redis.call('HDEL', values, oldest) end
   end
+  -- The value as releases before keep it (one per channel), for workers of the release before
+  -- that share this Redis during a rolling deploy or after a rollback.
+  redis.call('SET', ARGV[12] .. ARGV[i], offset .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[6])
 end
 if idem ~= '' then
   redis.call('SET', idem, '{"digest":"' .. ARGV[8] .. '","id":"' .. ARGV[9] .. '","offset":' .. offset .. '}',
@@ -94,8 +107,10 @@ _CLAIM = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0, 'began', now)
 end
 return {epoch, redis.call('HGET', KEYS[1], 'head')}
 """
@@ -109,6 +124,8 @@ if epoch == ARGV[1] or not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
   redis.call('HSETNX', KEYS[1], 'head', 0)
+  local time = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'began', tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000))
 end
 return {redis.call('HGET', KEYS[1], 'epoch'), redis.call('HGET', KEYS[1], 'head')}
 """
@@ -160,7 +177,7 @@ class RedisHistory(RedisStore):
         self.meta = f"{prefix}:stream:meta"
         self.stream = f"{prefix}:stream"
         self.values_prefix = f"{prefix}:values:"
-        self.last_prefix = f"{prefix}:last:"  # written by releases before values: (see the module docstring)
+        self.last_prefix = f"{prefix}:last:"  # as releases before kept them (see the module docstring)
         self.idem_prefix = f"{prefix}:idem:"
         self.session_prefix = f"{prefix}:session:"
         super().__init__(url)
@@ -199,6 +216,7 @@ class RedisHistory(RedisStore):
             envelope.id,
             envelope.filter.audience,
             LAST_AUDIENCES,
+            self.last_prefix,
             *sorted(envelope.filter.channels),
         ]
         kind, epoch, value = self._call(self._append, keys=keys, args=args)
@@ -256,18 +274,22 @@ class RedisHistory(RedisStore):
             return {}
 
         def reads(pipe: Any) -> None:
+            pipe.hget(self.meta, "began")
             for channel in channels:
                 pipe.hvals(self.values_prefix + channel)
             pipe.mget([self.last_prefix + channel for channel in channels])
 
-        epoch, (*per_channel, legacy) = self._with_epoch(reads, many=True)
+        epoch, (began, *per_channel, legacy) = self._with_epoch(reads, many=True)
+        began = int(began or 0)  # a Redis whose epoch was claimed by a release before: no such field
         oldest = int(time.time() * 1000) - max_age_ms
         found: dict[str, list[Envelope]] = {}
         for channel, values, before in zip(channels, per_channel, legacy, strict=True):
             kept = [value.split(b" ", 3) for value in values]
             fields = [(offset, at, text) for of, offset, at, text in kept if of.decode() == epoch]
-            if before is not None:  # written by the release before (no epoch)
-                fields.append(tuple(before.split(b" ", 2)))
+            if before is not None:  # see the module docstring
+                offset, at, text = before.split(b" ", 2)
+                if int(at) > began and offset not in {field[0] for field in fields}:
+                    fields.append((offset, at, text))
             for offset, at, text in fields:
                 if int(at) >= oldest:
                     envelope = Envelope.from_json(json.loads(text), offset=int(offset), epoch=epoch)

@@ -849,14 +849,17 @@ class Realtime:
             raise BrokerUnavailable("this worker is restarting; retry in a moment")
         return self.broadcaster.send(request, source=source, scope=scope, key=key)
 
-    def last_value(self, channel: str, identity: Identity) -> Envelope | None:
-        """The latest broadcast to ``channel`` meant for ``identity`` (for pages that render it at once)."""
+    def last_value(self, channel: str, identity: Identity, message_type: str | None = None) -> Envelope | None:
+        """The latest broadcast to ``channel`` meant for ``identity``, of ``message_type`` if given (for
+        pages that render it at once: the queue page shows a QUEUE_UPDATE, not a smoke test's message)."""
         if self.history is None:
             return None
         try:
             found = self.history.last_values([channel], self.settings.last_value_ttl_ms).get(channel, [])
         except HistoryUnavailable:
             return None
+        if message_type is not None:
+            found = [envelope for envelope in found if envelope.type == message_type]
         return newest_for(found, (identity.user_id, identity.role, identity.clinic_id), channel)
 
     def drain(self, reason: str = "service restart") -> bool:

@@ -52,8 +52,9 @@ CREATE TABLE IF NOT EXISTS history (
     at       INTEGER NOT NULL,
     envelope TEXT NOT NULL
 );
--- Written by releases before last values were kept per audience: read (and expired) until its rows
--- are past WS_LAST_VALUE_TTL_MS, so that an upgrade keeps the channels' values. Nothing writes it now.
+-- The latest broadcast to each channel, whatever its audience, as releases before kept it (they read
+-- only this): still written, for a draining worker of the release before during a reload, or after a
+-- rollback; and read, beside audience_values, for what such a worker wrote.
 CREATE TABLE IF NOT EXISTS last_values (
     channel  TEXT PRIMARY KEY,
     offset   INTEGER NOT NULL,
@@ -160,6 +161,12 @@ class SqliteHistory(SqliteStore):
                         " FROM audience_values WHERE channel = ? ORDER BY offset DESC LIMIT 1 OFFSET ?)",
                         (channel, channel, LAST_AUDIENCES),
                     )
+                db.executemany(
+                    "INSERT INTO last_values (channel, offset, at, envelope) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (channel) DO UPDATE SET offset = excluded.offset, at = excluded.at,"
+                    " envelope = excluded.envelope WHERE excluded.offset > last_values.offset",
+                    [(channel, offset, envelope.at, stored) for channel in envelope.filter.channels],
+                )
                 if idempotency is not None:
                     db.execute(
                         "INSERT OR REPLACE INTO idempotency (key, digest, envelope_id, offset, answer, expires_at)"
@@ -223,7 +230,7 @@ class SqliteHistory(SqliteStore):
             epoch = self._epoch_of(db)
             rows = db.execute(
                 f"SELECT channel, offset, envelope FROM audience_values WHERE channel IN ({marks}) AND at >= ?"
-                f" UNION ALL SELECT channel, offset, envelope FROM last_values WHERE channel IN ({marks}) AND at >= ?"
+                f" UNION SELECT channel, offset, envelope FROM last_values WHERE channel IN ({marks}) AND at >= ?"
                 " ORDER BY offset DESC",
                 (*channels, _now_ms() - max_age_ms) * 2,
             ).fetchall()
@@ -358,7 +365,9 @@ class SqliteHistory(SqliteStore):
     def _new_epoch(db: sqlite3.Connection) -> str:
         """Drop the stream under a new epoch (inside the caller's transaction). Offsets go on from the
         old head (AUTOINCREMENT). Last values and idempotency keys are left to expire: they carry
-        content, not positions (``start_over`` drops the last values, which may have gone back too)."""
+        content, not positions. On a new boot (see the module docstring) that keeps the channels'
+        values across a clean reboot, at the price of one a second old after a power cut (SQLite's
+        last commits); ``start_over``, for a store known to have gone back, drops them."""
         epoch = secrets.token_hex(8)
         db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (epoch,))
         db.execute("DELETE FROM history")

@@ -26,12 +26,12 @@ browser.
 
 Bearer access tokens sent to ``/api/ws/auth`` (a front end signed in with
 Supabase) are a credential too, and each one Supabase checks is a call to it:
-the tokens refused are counted per client address apart from passwords
-(:meth:`LoginThrottle.token_refused`, 99 free a window, then the same
-doubling blocks), and while an address is blocked its tokens are answered 429
-without being checked (:meth:`LoginThrottle.token_wait`). A token is counted
-after it is refused, not before: nothing is guessed here (a valid token cannot
-be found by trying), and a valid one costs a single look at the store.
+they are counted per client address apart from passwords, the same way
+(:meth:`LoginThrottle.token_attempt`: counted before the check, taken back
+when the token was good; 99 free a window, then the same doubling blocks),
+and while an address is blocked its tokens are answered 429 without being
+checked. Counted before, not after: a burst sent at once would otherwise all
+be checked before the first refusal was counted.
 
 An attempt is counted **before** the password is checked, atomically with
 the check for a block (:meth:`LoginThrottle.attempt`): a hundred guesses sent
@@ -164,21 +164,15 @@ class LoginThrottle:
         keys = [key for key, _ in self._limits(login, address, device)]
         return max(0.0, max(self.store.blocked_until(key) for key in keys) - now)
 
-    def token_wait(self, address: str | None, now: float | None = None) -> float:
-        """Seconds before a bearer access token from this address is checked again (0: go ahead);
-        counts nothing."""
+    def token_attempt(self, address: str | None, now: float | None = None) -> Attempt:
+        """Before a bearer access token from this address is checked: refused (``wait`` > 0), or counted
+        as refused until :meth:`withdraw` takes it back (the token was good, or could not be checked)."""
         if not address:
-            return 0.0
-        now = time.time() if now is None else now
-        return max(0.0, self.store.blocked_until(_key("token-address", address)) - now)
-
-    def token_refused(self, address: str | None, now: float | None = None) -> float:
-        """A bearer access token from this address was refused: counted; the block it earned (0: none)."""
-        if not address:
-            return 0.0
+            return Attempt(0.0)
         now = time.time() if now is None else now
         keys = [(_key("token-address", address), self.token_address)]
-        return self.store.attempt(keys, now, self.window, self.memory).earned
+        decided = self.store.attempt(keys, now, self.window, self.memory)
+        return replace(decided, keys=tuple(key for key, _ in keys)) if decided.id is not None else decided
 
 
 def account_key(login: str) -> str:

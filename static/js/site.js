@@ -181,12 +181,14 @@ function passMessagesToHtmx() {
   });
 }
 
-// A fragment's update that fails is not swapped in (htmx-config in base.html), which alone would leave a
-// queue screen showing old state under a "Live" status. Refused for the page's sign-in (401: signed out
-// since it was loaded; 403: signed in again elsewhere, so its CSRF token is stale), a reload brings a
-// fresh page (or the sign-in page): once a minute at most, so a reload that does not help cannot loop.
-// Anything else (a server error, the network) says in the fragment that it may be out of date, until
-// its next update replaces it.
+// A request that fails is not swapped in (htmx-config in base.html), which alone would leave a queue
+// screen showing old state under a "Live" status, or a form giving its button back without a word.
+// - A fragment (a channel subscriber's update, the dashboard's polled figures) refused for the page's
+//   sign-in (401: signed out since it was loaded; 403: signed in again elsewhere, so its CSRF token is
+//   stale): a reload brings a fresh page (or the sign-in page), once a minute at most, so a reload that
+//   does not help cannot loop; after that the fragment says to reload. Any other failure (a server
+//   error, the network) says in the fragment that it may be out of date, until its next update.
+// - A form: a toast says it did not go through (what was typed stays).
 const RELOAD_KEY = "realtime-reloaded-at";
 const RELOAD_EVERY_MS = 60000;
 
@@ -199,12 +201,22 @@ function fragmentNote(target, state, text) {
   target.prepend(note);
 }
 
-function showFailedUpdates() {
+function showFailures() {
   const failed = (event) => {
     const element = event.detail.elt;
-    if (!element || !subscribed.has(element)) return;
-    const target = event.detail.target || element;
+    if (!element) return;
     const status = event.detail.xhr ? event.detail.xhr.status : 0;
+    if (element.closest("form")) {
+      const why = !status
+        ? "the server could not be reached. Check the connection and try again."
+        : status >= 500
+          ? `the server answered ${status} (it may be restarting, or a service it needs is down). Try again in a moment.`
+          : `the server answered ${status}. Reload the page and try again.`;
+      const item = toast("Not done", `That did not go through: ${why}`);
+      if (item) item.classList.add("toast-error");
+      return;
+    }
+    const target = event.detail.target || element;
     if (status === 401 || status === 403) {
       const last = Number(sessionStorage.getItem(RELOAD_KEY) || 0);
       if (Date.now() - last > RELOAD_EVERY_MS) {
@@ -217,24 +229,6 @@ function showFailedUpdates() {
     }
     const why = status ? `the server answered ${status}` : "the server could not be reached";
     fragmentNote(target, "stale", `Not up to date: the latest update could not be shown (${why}). Reload the page to be sure.`);
-  };
-  document.body.addEventListener("htmx:responseError", failed);
-  document.body.addEventListener("htmx:sendError", failed);
-}
-
-// Any other htmx request that fails (a form: the admin broadcast form, whose answer is swapped in only
-// when it is a 2xx or a 422 with what to fix) would otherwise just give its button back.
-function showFailedRequests() {
-  const failed = (event) => {
-    if (subscribed.has(event.detail.elt)) return; // showFailedUpdates
-    const status = event.detail.xhr ? event.detail.xhr.status : 0;
-    const why = !status
-      ? "the server could not be reached. Check the connection and try again."
-      : status >= 500
-        ? `the server answered ${status} (it may be restarting, or a service it needs is down). Try again in a moment.`
-        : `the server answered ${status}. Reload the page and try again.`;
-    const item = toast("Not done", `That did not go through: ${why}`);
-    if (item) item.classList.add("toast-error");
   };
   document.body.addEventListener("htmx:responseError", failed);
   document.body.addEventListener("htmx:sendError", failed);
@@ -279,7 +273,6 @@ rt.onResync((detail) => {
   if (item) item.classList.add("toast-resync");
 });
 passMessagesToHtmx();
-showFailedUpdates();
-showFailedRequests();
+showFailures();
 clearStaleFragments();
 watchSubscribers(rt);

@@ -408,3 +408,16 @@ def test_a_fragment_update_that_fails_says_the_fragment_may_be_out_of_date_until
     site.broadcast(queue_body("Somchai", "Malee", "Niran"))
     expect(page.locator("#queue ol.queue li")).to_have_count(3)
     expect(page.locator("#queue [data-fragment-state]")).to_have_count(0)
+
+
+def test_the_dashboards_figures_that_cannot_be_polled_say_so_in_place_not_in_toasts(site, web):
+    """Every failed poll (each 2 s) would have stacked a toast (review of the toasts for failed forms)."""
+    admin = web(site, "alice", "/admin")
+    wait_live(admin)
+    admin.route("**/admin/stats*", lambda route: route.fulfill(status=503, body="restarting"))
+    expect(admin.locator("#stats [data-fragment-state=stale]")).to_contain_text("the server answered 503")
+    admin.wait_for_timeout(2500)  # another poll or two
+    expect(admin.locator("#toasts .toast")).to_have_count(0)
+    expect(admin.locator("#stats [data-fragment-state]")).to_have_count(1)
+    admin.unroute("**/admin/stats*")
+    expect(admin.locator("#stats [data-fragment-state]")).to_have_count(0)

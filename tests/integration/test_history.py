@@ -129,25 +129,35 @@ def test_a_channel_keeps_its_most_recent_audiences(make):
     assert len(store.last_values(queue, 60_000)["clinic:c-1:queue"]) == LAST_AUDIENCES
 
 
-def test_a_last_value_written_by_the_release_before_is_read_until_it_expires(make):
-    """Before audiences, a channel kept one value (SQLite table last_values, Redis key last:<channel>):
-    an upgraded worker still offers it, beside the new ones, so queue screens reloaded after the
-    upgrade show the queue."""
+def test_last_values_are_kept_for_the_release_before_and_what_it_writes_is_read(make):
+    """Before audiences, a channel kept one value (SQLite table last_values, Redis key last:<channel>),
+    and workers of that release (a rolling deploy, a rollback) read only that: it is still written.
+    What such a worker writes there is read too, until it expires."""
     store = make()
-    before = envelope(1, channels=["clinic:c-1:queue"]).placed("e", 1)
-    text = json.dumps(before.to_json())
+    store.append(envelope(1, channels=["clinic:c-1:queue"]))
+    store.append(envelope(2, channels=["clinic:c-1:queue"], user_ids=["bob"]))
+    time.sleep(0.01)  # a moment after the epoch began (Redis tells its values from before by their time)
     now = int(time.time() * 1000)
     if make.kind == "sqlite":
-        store.head()  # the file and its tables exist
         with sqlite3.connect(store.path) as db:
-            db.execute("INSERT INTO last_values VALUES (?, ?, ?, ?)", ("clinic:c-1:queue", 1, now, text))
-            db.execute("INSERT INTO last_values VALUES (?, ?, ?, ?)", ("clinic:c-2:queue", 1, now - 120_000, text))
+            kept = db.execute("SELECT offset FROM last_values WHERE channel = 'clinic:c-1:queue'").fetchone()[0]
     else:
-        store._client.set("t:last:clinic:c-1:queue", f"1 {now} {text}")
-        store._client.set("t:last:clinic:c-2:queue", f"1 {now - 120_000} {text}")
-    store.append(envelope(2, channels=["clinic:c-1:queue"], user_ids=["bob"]))
+        kept = int(store._client.get("t:last:clinic:c-1:queue").split(b" ")[0])
+    assert kept == 2  # the latest to the channel, whatever its audience, as the release before keeps it
+
+    def written_by_the_release_before(channel: str, offset: int, at: int, n: int) -> None:
+        text = json.dumps(envelope(n, channels=[channel]).placed("e", offset).to_json())
+        if make.kind == "sqlite":
+            with sqlite3.connect(store.path) as db:
+                db.execute("INSERT OR REPLACE INTO last_values VALUES (?, ?, ?, ?)", (channel, offset, at, text))
+        else:
+            store._client.hincrby("t:stream:meta", "head", 1)  # its append took the offset
+            store._client.set(f"t:last:{channel}", f"{offset} {at} {text}")
+
+    written_by_the_release_before("clinic:c-1:queue", 3, now, 3)
+    written_by_the_release_before("clinic:c-2:queue", 4, now - 120_000, 4)  # too old
     last = store.last_values(["clinic:c-1:queue", "clinic:c-2:queue"], 60_000)
-    assert numbers(last) == {"clinic:c-1:queue": [2, 1]} and last["clinic:c-1:queue"][1].id == before.id
+    assert numbers(last) == {"clinic:c-1:queue": [3, 2, 1]}
 
 
 def test_an_idempotency_key_appends_once_and_gives_the_first_answer(make):
@@ -423,6 +433,29 @@ def test_last_values_of_another_epoch_are_not_offered(redis_history):
     redis_history._client.delete("t:stream:meta")  # offsets start again from 1: they no longer order
     redis_history.append(envelope(2, channels=["clinic:c-2:queue"]))
     assert redis_history.last_values(["clinic:c-1:queue"], 60_000) == {}
+
+
+def test_an_old_release_value_of_a_lost_epoch_is_not_offered(redis_history):
+    """A last:<channel> key has no epoch: one above the stream's head (its meta hash lost, offsets
+    counting from 1 again) cannot be this epoch's, and would outrank every value of it."""
+    for n in range(5):
+        redis_history.append(envelope(n, channels=["clinic:c-1:queue"]))
+    redis_history._client.delete("t:stream:meta")
+    redis_history.append(envelope(9, channels=["clinic:c-2:queue"]))
+    assert redis_history.last_values(["clinic:c-1:queue"], 60_000) == {}
+
+
+def test_a_channel_at_its_audience_cap_makes_room_from_another_epoch_first(redis_history):
+    """After the meta hash was lost the new epoch's offsets are the lowest: a cap dropping the lowest
+    offset deleted each new value as it was written (review)."""
+    from relay.history import LAST_AUDIENCES
+
+    for n in range(LAST_AUDIENCES):
+        redis_history.append(envelope(n, channels=["clinic:c-1:queue"], user_ids=[f"u{n}"]))
+    redis_history._client.delete("t:stream:meta")
+    redis_history.append(envelope(100, channels=["clinic:c-1:queue"], user_ids=["newbie"]))
+    redis_history.append(envelope(101, channels=["clinic:c-1:queue"]))
+    assert numbers(redis_history.last_values(["clinic:c-1:queue"], 60_000)) == {"clinic:c-1:queue": [101, 100]}
 
 
 def test_the_window_is_kept_by_redis_clock_whatever_a_hosts_clock_says(redis_history):

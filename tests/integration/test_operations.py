@@ -394,6 +394,11 @@ def test_the_log_command_prints_the_last_hour(start_server):
     assert bad.returncode == 2 and "use 30m, 2h, 7d" in bad.stderr
     two = flask_cli(srv, "ws", "log", "--channel", f"{ANN},system:maintenance")
     assert two.returncode == 2 and "channel names one channel" in two.stderr
+    lower = flask_cli(srv, "ws", "log", "--type", "announcement")
+    assert lower.returncode == 2 and "did you mean ANNOUNCEMENT?" in lower.stderr
+    earlier = flask_cli(srv, "ws", "log", "--until", "2h")  # the hour before it (was refused: since 1h)
+    assert earlier.returncode == 0 and "no broadcasts in that window" in earlier.stderr
+    assert flask_cli(srv, "ws", "log", "--until", "0m").stdout.count("visible in the log") == 1
 
 
 @pytest.fixture

@@ -229,33 +229,45 @@ def test_a_known_browsers_success_clears_only_that_browser(throttle):
 
 
 def refuse_tokens(throttle, times, address=HOME, at=None) -> list[float]:
-    """``times`` bearer access tokens refused from ``address``; the block each one earned."""
+    """``times`` bearer access tokens refused from ``address``; the block each one earned (-1: the
+    address was blocked, the token not even checked)."""
     at = T0 if at is None else at
-    return [throttle.token_refused(address, now=at) for _ in range(times)]
+    earned = []
+    for _ in range(times):
+        attempt = throttle.token_attempt(address, now=at)
+        earned.append(-1 if attempt.wait > 0 else attempt.earned)
+    return earned
 
 
 def test_refused_access_tokens_cost_nothing_until_the_address_has_had_a_hundred():
     throttle = LoginThrottle(MemoryThrottleStore())  # the limits as shipped
     assert refuse_tokens(throttle, 99) == [0] * 99
-    assert throttle.token_wait(HOME, now=T0) == 0
     assert refuse_tokens(throttle, 1) == [30]
-    assert throttle.token_wait(HOME, now=T0 + 1) == pytest.approx(29)
-    assert throttle.token_wait("10.0.0.2", now=T0 + 1) == 0  # other addresses are heard
+    refused = throttle.token_attempt(HOME, now=T0 + 1)
+    assert refused.id is None and refused.wait == pytest.approx(29)
+    assert throttle.token_attempt("10.0.0.2", now=T0 + 1).wait == 0  # other addresses are heard
 
 
-def test_while_blocked_an_address_counts_no_more_and_each_next_block_doubles(throttle):
+def test_a_burst_of_tokens_sent_at_once_is_counted_one_by_one(throttle):
+    """Counted before the check: a burst all checked before the first refusal came back was let through
+    whole (review)."""
     throttle.token_address = Limit(free=3)
-    assert refuse_tokens(throttle, 3) == [0, 0, 30]
-    assert refuse_tokens(throttle, 5, at=T0 + 10) == [0] * 5  # refused tokens that raced the block
-    assert throttle.token_wait(HOME, now=T0 + 10) == pytest.approx(20)
-    assert refuse_tokens(throttle, 1, at=T0 + 31) == [60]  # the next refusal after a block blocks again
+    burst = [throttle.token_attempt(HOME, now=T0) for _ in range(10)]  # none answered yet
+    assert [attempt.wait > 0 for attempt in burst] == [False] * 3 + [True] * 7
 
 
-def test_checking_whether_an_address_may_send_a_token_counts_nothing(throttle):
+def test_a_good_token_or_one_that_could_not_be_checked_is_taken_back(throttle):
     throttle.token_address = Limit(free=3)
     for _ in range(10):
-        assert throttle.token_wait(HOME, now=T0) == 0
-    assert refuse_tokens(throttle, 2) == [0, 0]
+        throttle.withdraw(throttle.token_attempt(HOME, now=T0))
+    assert refuse_tokens(throttle, 3) == [0, 0, 30]
+
+
+def test_each_block_of_an_address_for_its_tokens_doubles(throttle):
+    throttle.token_address = Limit(free=3)
+    assert refuse_tokens(throttle, 3) == [0, 0, 30]
+    assert refuse_tokens(throttle, 5, at=T0 + 10) == [-1] * 5
+    assert refuse_tokens(throttle, 1, at=T0 + 31) == [60]  # the next refusal after a block blocks again
 
 
 def test_refused_access_tokens_and_wrong_passwords_are_counted_apart(throttle):
@@ -265,5 +277,5 @@ def test_refused_access_tokens_and_wrong_passwords_are_counted_apart(throttle):
     for n in range(19):  # with bob's, the address's twentieth wrong password blocks sign-in there
         throttle.attempt(f"user{n}@x", HOME, now=T0 + 2)
     assert throttle.wait("dora@x", HOME, now=T0 + 31) > 0
-    assert throttle.token_wait(HOME, now=T0 + 31) == 0  # but not its tokens, whose own block is over
-    assert throttle.token_wait(None) == 0 and throttle.token_refused(None) == 0  # no address: not counted
+    assert throttle.token_attempt(HOME, now=T0 + 31).wait == 0  # but not its tokens, whose own block is over
+    assert throttle.token_attempt(None).wait == 0  # no address: not counted
