@@ -53,12 +53,18 @@ from .history import (
 )
 from .redis_store import RedisStore
 
+# Every script that needs the time takes Redis's (one clock for every host: see trim), as ``now`` in ms.
+_NOW = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+"""
+
 # KEYS: meta, stream, idem ('' for none)   ARGV: new_epoch, at, envelope, maxlen, values_prefix, last_ttl_ms,
 #       idem_ttl_ms, digest, envelope_id, audience, audiences kept, last_prefix, channel...
-_APPEND = """
+_APPEND = (
+    _NOW
+    + """
 local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
-local time = redis.call('TIME')  -- Redis's clock, one for every host (see trim)
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
   epoch = ARGV[1]
@@ -100,42 +106,47 @@ if idem ~= '' then
 end
 return {'appended', epoch, tostring(offset)}
 """
+)
 
 # KEYS: meta, stream   ARGV: new_epoch. The stream's epoch, claimed if there is none; a stream without
 # one (its meta hash lost: evicted, deleted) is dropped, or its entries would pass as the new epoch's.
-_CLAIM = """
+_CLAIM = (
+    _NOW
+    + """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
-  local time = redis.call('TIME')
-  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0, 'began', now)
 end
 return {epoch, redis.call('HGET', KEYS[1], 'head')}
 """
+)
 
 # KEYS: meta, stream   ARGV: old_epoch, new_epoch. Start over if the stream is still old_epoch (or has
 # no epoch at all). Offsets go on from the head, as in SQLite: last values and idempotency keys, left
 # to expire, keep offsets that no broadcast of the new epoch will take.
-_START_OVER = """
+_START_OVER = (
+    _NOW
+    + """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if epoch == ARGV[1] or not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
   redis.call('HSETNX', KEYS[1], 'head', 0)
-  local time = redis.call('TIME')
-  redis.call('HSET', KEYS[1], 'began', tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000))
+  redis.call('HSET', KEYS[1], 'began', now)
 end
 return {redis.call('HGET', KEYS[1], 'epoch'), redis.call('HGET', KEYS[1], 'head')}
 """
+)
 
 # KEYS: stream   ARGV: window_ms, count. Drop the leading entries older than the window by Redis's clock,
 # up to count of them; returns how many. Only a leading run, never a hole: an entry is kept while one
 # before it is.
-_TRIM = """
-local time = redis.call('TIME')
-local cutoff = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) - tonumber(ARGV[1])
+_TRIM = (
+    _NOW
+    + """
+local cutoff = now - tonumber(ARGV[1])
 local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[2])
 local expired = 0
 for _, entry in ipairs(entries) do
@@ -151,6 +162,7 @@ local last = tonumber(string.match(entries[expired][1], '^%d+'))
 redis.call('XTRIM', KEYS[1], 'MINID', (last + 1) .. '-0')
 return expired
 """
+)
 
 # KEYS: idem   ARGV: digest, answer json, ttl_ms
 _COMPLETE = """
@@ -231,39 +243,35 @@ class RedisHistory(RedisStore):
         )
 
     def previous(self, idempotency: Idempotency) -> Previous | None:
-        epoch, raw = self._with_epoch(lambda pipe: pipe.get(self.idem_prefix + idempotency.key))
+        epoch, (raw,) = self._with_epoch(lambda pipe: pipe.get(self.idem_prefix + idempotency.key))
         if raw is None:
             return None
         return self._previous_of(epoch, raw, idempotency)
 
     def read(self, after: int, limit: int) -> list[Envelope]:
-        epoch, entries = self._with_epoch(lambda pipe: pipe.xrange(self.stream, f"{after + 1}-0", "+", count=limit))
+        epoch, (entries,) = self._with_epoch(lambda pipe: pipe.xrange(self.stream, f"{after + 1}-0", "+", count=limit))
         return [
             Envelope.from_json(json.loads(fields[b"e"]), offset=int(entry_id.split(b"-")[0]), epoch=epoch)
             for entry_id, fields in entries
         ]
 
-    def _with_epoch(
-        self, command: Callable[[Any], object], *, many: bool = False, again: bool = False
-    ) -> tuple[str, Any]:
-        """The stream's epoch and ``command(pipeline)``'s answer (with ``many``, the list of the answers
-        to the commands it queued), read in one transaction (MULTI/EXEC): with two round trips a store
-        that started over between them would label the new stream's entries with the old stream's
-        epoch, and a resume would replay them as what it missed."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hget(self.meta, "epoch")
-        command(pipe)
-        epoch, *answers = self._call(pipe.execute)
-        answer = answers if many else answers[0]
-        if epoch is None:
+    def _with_epoch(self, command: Callable[[Any], object]) -> tuple[str, list[Any]]:
+        """The stream's epoch and the answers to the commands ``command(pipeline)`` queued, read in one
+        transaction (MULTI/EXEC): with two round trips a store that started over between them would
+        label the new stream's entries with the old stream's epoch, and a resume would replay them as
+        what it missed."""
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hget(self.meta, "epoch")
+            command(pipe)
+            epoch, *answers = self._call(pipe.execute)
+            if epoch is not None:
+                return epoch.decode(), answers
             # Nothing appended yet in this Redis, or its meta hash was lost (evicted, deleted): claim an
             # epoch (head() does; that drops a stream without one) and read again, as what was just read
             # belonged to no epoch and must not pass for the new one's.
             self.head()
-            if not again:
-                return self._with_epoch(command, many=many, again=True)
-            raise HistoryUnavailable("the history's epoch keeps vanishing from Redis (evicted? see README)")
-        return epoch.decode(), answer
+        raise HistoryUnavailable("the history's epoch keeps vanishing from Redis (evicted? see README)")
 
     def oldest(self) -> int | None:
         first = self._call(self._client.xrange, self.stream, "-", "+", count=1)
@@ -279,7 +287,7 @@ class RedisHistory(RedisStore):
                 pipe.hvals(self.values_prefix + channel)
             pipe.mget([self.last_prefix + channel for channel in channels])
 
-        epoch, (began, *per_channel, legacy) = self._with_epoch(reads, many=True)
+        epoch, (began, *per_channel, legacy) = self._with_epoch(reads)
         began = int(began or 0)  # a Redis whose epoch was claimed by a release before: no such field
         oldest = int(time.time() * 1000) - max_age_ms
         found: dict[str, list[Envelope]] = {}
