@@ -346,19 +346,17 @@ def ws_auth():
                 event("ws.token_throttled", level="warning", remote=address, retryAfter=wait)
                 message = f"too many refused access tokens from this address; try again in {wait} s"
                 return error_response(429, HttpError.TOO_MANY_ATTEMPTS, message, headers={"Retry-After": str(wait)})
-            refused = None
             try:
                 user_id = rt.directory.user_for_access_token(access_token)
-                user = rt.directory.get(user_id)
-            except AccessTokenInvalid as bad:
-                refused = bad
-            finally:  # only a refused token counts (not a good one, nor one that could not be checked)
-                if refused is None:
-                    rt.throttle.withdraw(attempt)
-            if refused is not None:
+            except AccessTokenInvalid as refused:  # counted, as a wrong password is
                 fields = {"reason": type(refused).__name__, "detail": str(refused), "remote": address}
                 event("ws.token_refused", level="warning", **fields, waitS=ceil(attempt.earned))
                 return error_response(401, HttpError.UNAUTHORIZED, str(refused))
+            except BaseException:  # no verdict on the token (a server without them, an outage): not counted
+                rt.throttle.withdraw(attempt)
+                raise
+            rt.throttle.withdraw(attempt)  # a good token
+            user = rt.directory.get(user_id)
         except AccessTokensUnsupported as unsupported:  # this server's configuration: nothing counted
             event("ws.token_refused", level="warning", reason=type(unsupported).__name__, detail=str(unsupported))
             return error_response(401, HttpError.UNAUTHORIZED, str(unsupported))

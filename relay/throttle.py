@@ -129,10 +129,7 @@ class LoginThrottle:
         ``device`` is the id a valid device cookie of this account carries (:mod:`relay.devices`):
         the attempt is then counted against that browser alone, with the account's limit.
         """
-        now = time.time() if now is None else now
-        keys = self._limits(login, address, device)
-        decided = self.store.attempt(keys, now, self.window, self.memory)
-        return replace(decided, keys=tuple(key for key, _ in keys)) if decided.id is not None else decided
+        return self._counted(self._limits(login, address, device), now)
 
     def succeeded(self, attempt: Attempt) -> None:
         """The right password: the account (or the browser) starts afresh; the address forgets this
@@ -169,8 +166,11 @@ class LoginThrottle:
         as refused until :meth:`withdraw` takes it back (the token was good, or could not be checked)."""
         if not address:
             return Attempt(0.0)
+        return self._counted([(_key("token-address", address), self.token_address)], now)
+
+    def _counted(self, keys: list[tuple[str, Limit]], now: float | None) -> Attempt:
+        """Refused, or counted under ``keys`` (named in the attempt, for :meth:`withdraw`)."""
         now = time.time() if now is None else now
-        keys = [(_key("token-address", address), self.token_address)]
         decided = self.store.attempt(keys, now, self.window, self.memory)
         return replace(decided, keys=tuple(key for key, _ in keys)) if decided.id is not None else decided
 
