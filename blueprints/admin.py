@@ -48,6 +48,16 @@ def dashboard():
     return render_template("admin/dashboard.html", stats=report, minutes=report["history"][-15:][::-1], iso=iso)
 
 
+@bp.get("/last-hour")
+@admin_required
+def last_hour():
+    """The dashboard's charts: the last hour as /health?history=1 reports it (there behind the
+    monitoring token in production; here behind an admin's sign-in)."""
+    response = make_response(realtime().last_hour())
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 @bp.get("/stats")
 @admin_required
 def stats():

@@ -19,16 +19,28 @@ from relay.signouts import SignoutsUnavailable
 
 from .auth import admin_required, bearer_token, csrf_required, realtime, signed_in
 from .errors import error_response
+from .metrics import metrics_token_refusal
 
 bp = Blueprint("api", __name__)
 
 
 @bp.get("/health")
 def health():
+    """The summary for anyone; the full report in development, with ``HEALTH_PUBLIC=1``, or for the
+    monitoring token. A request that asks for more (a bearer token, ``history=1``) and may not have
+    it is told why instead of being handed the summary in silence."""
     wanted = request.args.get("history", "0").strip().lower()
     if wanted not in ("0", "1", "true", "false", ""):
         return error_response(400, HttpError.INVALID_QUERY, "history must be 1 or 0")
-    report = realtime().health(history=wanted in ("1", "true"))
+    history = wanted in ("1", "true")
+    settings = realtime().settings
+    full = not settings.production or settings.health_public
+    if not full and (history or bearer_token() is not None):
+        refusal = metrics_token_refusal("/health's full report (and history=1)")
+        if refusal is not None:
+            return refusal
+        full = True
+    report = realtime().health(full=full, history=history)
     response = jsonify(report)
     # 503 only while draining: a degraded broker affects every worker alike, and taking them
     # all out of the load balancer would cut the sockets that still work.

@@ -25,10 +25,11 @@ bp = Blueprint("ws", __name__, cli_group="ws")
 
 def ops_client(url: str | None, timeout: float) -> OpsClient:
     """A client of the server at ``url`` (default: this host's ``WS_PORT``) with this environment's
-    admin secret; a ``url`` that is not one is a usage error, said before anything is done."""
+    admin secret and metrics token; a ``url`` that is not one is a usage error, said before anything is done."""
     settings = realtime().settings
     try:
-        return OpsClient(url or f"http://127.0.0.1:{settings.port}", settings.admin_secret, timeout)
+        base = url or f"http://127.0.0.1:{settings.port}"
+        return OpsClient(base, settings.admin_secret, timeout, settings.metrics_token)
     except ValueError as problem:
         raise click.ClickException(str(problem)) from None
 

@@ -87,6 +87,8 @@ class Settings:
     # Operations: /metrics access, and how long the broadcast log keeps a row.
     metrics_token: str | None = field(repr=False)
     metrics_public: bool
+    # /health's full report for everyone (production: otherwise only with the metrics token).
+    health_public: bool
     broadcast_log_days: int
     # How long a sign-in lasts (the admin pages' session cookie), in seconds.
     session_lifetime_s: int
@@ -163,6 +165,12 @@ class Settings:
             _require_strong("METRICS_TOKEN", metrics_token)
         if production and metrics_token is None and not metrics_public:
             notices.append("/metrics is closed: set METRICS_TOKEN (or METRICS_PUBLIC=1 behind a private network)")
+        health_public = reader.text("HEALTH_PUBLIC", "0").lower() in ("1", "true", "yes")
+        if production and metrics_token is None and not health_public:
+            notices.append(
+                "/health answers its summary only: set METRICS_TOKEN to read the full report "
+                "(or HEALTH_PUBLIC=1 behind a private network)"
+            )
 
         test_user_id = reader.text("WS_TEST_USER_ID", "") or None
         if test_user_id and production:
@@ -208,6 +216,7 @@ class Settings:
             last_value_ttl_ms=reader.integer("WS_LAST_VALUE_TTL_MS", 86_400_000, low=1000),
             metrics_token=metrics_token,
             metrics_public=metrics_public,
+            health_public=health_public,
             broadcast_log_days=reader.integer("BROADCAST_LOG_DAYS", 30, low=1, high=3650),
             session_lifetime_s=reader.integer("SESSION_LIFETIME_HOURS", 12, low=1, high=MAX_SESSION_HOURS) * 3600,
             notices=tuple(notices),

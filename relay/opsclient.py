@@ -64,6 +64,7 @@ class OpsClient:
     base_url: str
     admin_secret: str | None = field(default=None, repr=False)
     timeout: float = 5.0
+    metrics_token: str | None = field(default=None, repr=False)  # for /health's full report
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -91,7 +92,9 @@ class OpsClient:
             raise ServiceError(f"cannot reach {self.base_url}: {getattr(err, 'reason', err)}") from None
 
     def health(self) -> tuple[int, dict]:
-        return self.request("GET", "/health")
+        """``/health``: the full report with this environment's ``METRICS_TOKEN``, the summary without."""
+        headers = {"Authorization": f"Bearer {self.metrics_token}"} if self.metrics_token else None
+        return self.request("GET", "/health", None, headers)
 
     def broadcast(self, message_type: str, data: object, flt: dict | None = None) -> tuple[int, dict]:
         body = {"message": {"type": message_type, "data": data}, "filter": flt or {}}

@@ -885,11 +885,13 @@ class Realtime:
 
     # -- health ---------------------------------------------------------------------
 
-    def health(self, *, history: bool = False) -> dict:
+    def health(self, *, full: bool = True, history: bool = False) -> dict:
         """This worker's health plus the cluster's totals (every live worker, every host).
 
-        ``history``: also the last hour by minute and the error rates, merged over every worker
-        that shared its timeline (Redis), or this worker's own.
+        ``full=False``: the summary anyone may read in production (:data:`HEALTH_SUMMARY`: the
+        original server's fields, the status and whether this worker drains); the full report
+        names hosts, pids, files and errors. ``history``: also the last hour by minute and the
+        error rates, merged over every worker that shared its timeline (Redis), or this worker's own.
         """
         local = self.hub.stats()
         me = {
@@ -922,30 +924,38 @@ class Realtime:
             "uptime": round(time.time() - self.started_at, 3),
             "memory": {"rss": _rss_bytes(), "maxRss": usage.ru_maxrss * 1024},
             **_totals(members),
-            "workers": len(members),
-            "version": __version__,
-            "env": self.settings.app_env,
-            "pid": os.getpid(),
             "draining": self.hub.draining,
-            "worker": {"id": self.worker_id, "pid": os.getpid(), **local},
-            "cluster": [
-                {key: m.get(key) for key in ("worker", "host", "pid", "clients", "subscriptions", "at")}
-                for m in sorted(members, key=lambda m: str(m.get("worker")))
-            ],
-            "counters": dict(self.hub.counters),
-            "outbox": self.outbox.status(),
-            "broker": broker,
-            "identity": identity,
-            "stream": self._stream_status(),
-            "identityWatch": self.identities.status(),
-            "recoveries": self.recovery.status(),
-            "broadcastLog": self.broadcast_log.status(),
         }
+        if not full:
+            return {**{key: out[key] for key in HEALTH_SUMMARY}, "report": "summary"}
+        out.update(
+            {
+                "report": "full",
+                "workers": len(members),
+                "version": __version__,
+                "env": self.settings.app_env,
+                "pid": os.getpid(),
+                "worker": {"id": self.worker_id, "pid": os.getpid(), **local},
+                "cluster": [
+                    {key: m.get(key) for key in ("worker", "host", "pid", "clients", "subscriptions", "at")}
+                    for m in sorted(members, key=lambda m: str(m.get("worker")))
+                ],
+                "counters": dict(self.hub.counters),
+                "outbox": self.outbox.status(),
+                "broker": broker,
+                "identity": identity,
+                "stream": self._stream_status(),
+                "identityWatch": self.identities.status(),
+                "recoveries": self.recovery.status(),
+                "broadcastLog": self.broadcast_log.status(),
+            }
+        )
         if history:
-            out.update(self._history())
+            out.update(self.last_hour())
         return out
 
-    def _history(self) -> dict:
+    def last_hour(self) -> dict:
+        """``history`` (the last hour by minute), ``errorRates`` and ``historyScope``, as /health's ``history=1``."""
         scope = "worker" if isinstance(self.timelines, LocalShare) else "cluster"
         try:
             shared = self.timelines.collect()
@@ -1005,6 +1015,11 @@ def _make_directory(settings: Settings) -> Directory:
         jwt_secret=supabase.jwt_secret,
         jwt_audience=supabase.jwt_audience,
     )
+
+
+# What /health tells anyone in production: the original server's fields, the status, and whether
+# this worker drains (a load balancer's question). The rest names hosts, pids, files and errors.
+HEALTH_SUMMARY = ("ok", "status", "uptime", "memory", "clients", "byRole", "byClinic", "draining")
 
 
 def _totals(members: list[dict]) -> dict:

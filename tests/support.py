@@ -246,7 +246,10 @@ class Server:
         return response.json()
 
     def health(self) -> dict:
-        return requests.get(self.url + "/health", timeout=5).json()
+        """The full report: in production with the server's METRICS_TOKEN (the summary without one)."""
+        token = self.env.get("METRICS_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        return requests.get(self.url + "/health", headers=headers, timeout=5).json()
 
     def wait_clients(self, count: int, timeout: float = 10) -> dict:
         deadline = time.monotonic() + timeout

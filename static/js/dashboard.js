@@ -1,4 +1,5 @@
-// The admin dashboard's charts: the last hour, per minute, from GET /health?history=1.
+// The admin dashboard's charts: the last hour, per minute, from GET /admin/last-hour (what
+// /health?history=1 reports, behind the admin's sign-in).
 //
 // Polled every few seconds rather than pushed over the page's socket: the figures are
 // per-minute and cluster-wide (any worker merges every worker's timeline), and stats

@@ -208,6 +208,68 @@ def test_a_weak_metrics_token_is_refused_at_start_in_production(start_server):
     assert "METRICS_TOKEN" in srv.log_text() and "short" not in srv.log_text()
 
 
+# -- /health: the summary for anyone, the full report for the monitoring token -------------------
+
+SUMMARY = {"ok", "status", "uptime", "memory", "clients", "byRole", "byClinic", "draining", "report"}
+
+
+def test_in_production_health_tells_anyone_its_summary_and_the_metrics_token_its_full_report(start_server):
+    """The full report names hosts, pids, files and errors, and history=1 merges every worker's hour
+    (from Redis): an open port gave both to whoever asked. The original's fields stay public."""
+    token = "m" * 40
+    srv = start_server(**PRODUCTION, METRICS_TOKEN=token)
+    bob = srv.connect("bob", [ANN])
+    summary = requests.get(srv.url + "/health", timeout=5)
+    assert summary.status_code == 200 and summary.headers["Cache-Control"] == "no-store"
+    assert set(summary.json()) == SUMMARY
+    assert summary.json()["report"] == "summary" and summary.json()["ok"] is True
+    assert summary.json()["clients"] == 1 and summary.json()["byRole"] == {"sales_staff": 1}
+    full = requests.get(srv.url + "/health", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+    assert full["report"] == "full" and SUMMARY < set(full)
+    assert {"cluster", "stream", "broker", "identity", "counters"} <= set(full) and "history" not in full
+    with_history = requests.get(srv.url + "/health?history=1", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    assert len(with_history.json()["history"]) == 60
+    for asked in ({"Authorization": "Bearer " + "x" * 40}, {}):  # a wrong token; history=1 without one
+        path = "/health" if asked else "/health?history=1"
+        refused = requests.get(srv.url + path, headers=asked, timeout=5)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        assert "METRICS_TOKEN" in refused.json()["error"]["message"]
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    bob.close()
+    done = flask_cli(srv, "ws", "health", "--url", srv.url)  # the operator's command sends the token it has
+    assert done.returncode == 0 and '"report": "full"' in done.stdout, done.stdout + done.stderr
+
+    closed = start_server(**PRODUCTION)  # no METRICS_TOKEN: the summary, and nobody gets more
+    assert set(requests.get(closed.url + "/health", timeout=5).json()) == SUMMARY
+    refused = requests.get(closed.url + "/health?history=1", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    assert refused.status_code == 403 and "METRICS_TOKEN" in refused.json()["error"]["message"]
+    assert "/health answers its summary only" in closed.log_text()
+    done = flask_cli(closed, "ws", "health", "--url", closed.url)
+    assert done.returncode == 0 and '"report": "summary"' in done.stdout, done.stdout + done.stderr
+    public = start_server(**PRODUCTION, HEALTH_PUBLIC="1")
+    assert requests.get(public.url + "/health?history=1", timeout=5).json()["report"] == "full"
+
+
+def test_the_dashboards_last_hour_is_for_admins(server: Server):
+    """The charts read the last hour from /admin/last-hour, behind the admin's sign-in, so that they
+    work in production where /health's history needs the monitoring token."""
+    json_please = {"Accept": "application/json"}
+    anonymous = requests.get(server.url + "/admin/last-hour", headers=json_please, timeout=5)
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
+    staff = sign_in(server, "bob@example.test").get(server.url + "/admin/last-hour", headers=json_please, timeout=5)
+    assert staff.status_code == 403 and staff.json()["error"]["code"] == "forbidden"
+    server.announce("counted")
+    alice = sign_in(server, "alice@example.test")
+    assert (
+        'data-history-url="/admin/last-hour"' in alice.get(server.url + "/admin", timeout=5).text
+    )  # what the charts read
+    admin = alice.get(server.url + "/admin/last-hour", headers=json_please, timeout=5)
+    assert admin.status_code == 200 and admin.headers["Cache-Control"] == "no-store"
+    report = admin.json()
+    assert len(report["history"]) == 60 and report["historyScope"] == "worker"
+    assert sum(minute["broadcasts"] for minute in report["history"]) == 1
+
+
 # -- /health?history=1 ------------------------------------------------------------------------
 
 

@@ -34,10 +34,10 @@ def test_production_refuses_missing_or_weak_secrets_and_logs_none_of_them(start_
 
 
 def test_production_starts_with_strong_secrets_and_ignores_the_test_user(start_server):
-    srv = start_server(WS_TEST_USER_ID="bob", **prod_env())
+    srv = start_server(WS_TEST_USER_ID="bob", **prod_env(METRICS_TOKEN=STRONG + "m"))
     assert requests.get(srv.url + "/api/ws/auth", timeout=5).status_code == 401
     assert "WS_TEST_USER_ID is ignored because APP_ENV=production" in srv.log_text()
-    assert srv.health()["env"] == "production"
+    assert srv.health()["env"] == "production"  # the full report, for the metrics token
 
 
 def test_preload_is_refused_because_greenlets_belong_to_workers(start_server):

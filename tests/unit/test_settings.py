@@ -173,3 +173,18 @@ def test_a_log_level_logging_does_not_know_is_info_with_a_warning(tmp_path, raw)
     settings = Settings.from_env({"LOG_LEVEL": raw, "REALTIME_INSTANCE_PATH": str(tmp_path)})
     assert settings.log_level == "INFO"
     assert any(f"LOG_LEVEL='{raw}' is not one of" in w for w in settings.warnings)
+
+
+@pytest.mark.parametrize(
+    "changes, public, told",
+    [
+        ({}, False, True),  # production, no token: the summary for all, and start-up says how to read more
+        ({"METRICS_TOKEN": STRONG + "m"}, False, False),
+        ({"HEALTH_PUBLIC": "1"}, True, False),
+        ({"HEALTH_PUBLIC": "yes", "METRICS_TOKEN": STRONG + "m"}, True, False),
+    ],
+)
+def test_health_public_is_off_unless_said_and_a_closed_report_is_noted(tmp_path, changes, public, told):
+    settings = Settings.from_env({**prod_env(**changes), "REALTIME_INSTANCE_PATH": str(tmp_path)})
+    assert settings.health_public is public
+    assert any("/health answers its summary only" in notice for notice in settings.notices) is told
