@@ -65,13 +65,22 @@ def health(url, timeout):
 @click.option("--users", multiple=True, help="User ids, comma-separated; repeatable.")
 @click.option("--clinics", multiple=True, help="Clinic ids, comma-separated; repeatable.")
 @click.option("--roles", multiple=True, help="Roles, comma-separated; repeatable.")
-def broadcast(url, timeout, message, message_type, channels, users, clinics, roles):
+@click.option("--everyone", is_flag=True, help="Send it with no filter: to every connected client.")
+def broadcast(url, timeout, message, message_type, channels, users, clinics, roles, everyone):
     """Send {type, data: {message, at}} through POST /broadcast."""
     flt = {
         key: _split(values)
         for key, values in (("channels", channels), ("userIds", users), ("clinicIds", clinics), ("roles", roles))
-        if values
+        if _split(values)
     }
+    if not flt and not everyone:
+        # A forgotten --channels (or one given as ",") would reach every screen of every clinic.
+        raise click.UsageError(
+            "no --channels, --users, --clinics or --roles: this would reach every connected client. "
+            "Add --everyone to mean that."
+        )
+    if flt and everyone:
+        raise click.UsageError("--everyone sends with no filter: leave it out, or leave out the filters")
     try:
         status, body = ops_client(url, timeout).broadcast(message_type, {"message": message, "at": now_iso()}, flt)
     except ServiceError as err:

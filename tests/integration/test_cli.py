@@ -94,10 +94,17 @@ def test_a_redirect_is_not_followed_with_the_admin_secret(server: Server):
         threading.Thread(target=one.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{redirector.server_port}"
-        done = flask_cli(server, "ws", "broadcast", "--url", url, "--message", "hello")
+        done = flask_cli(server, "ws", "broadcast", "--url", url, "--message", "hello", "--everyone")
         # And a server there that is not this service: a clear error, not a traceback.
         other = flask_cli(
-            server, "ws", "broadcast", "--url", f"http://127.0.0.1:{elsewhere.server_port}", "--message", "x"
+            server,
+            "ws",
+            "broadcast",
+            "--url",
+            f"http://127.0.0.1:{elsewhere.server_port}",
+            "--message",
+            "x",
+            "--everyone",
         )
     finally:
         for one in (elsewhere, redirector):
@@ -135,8 +142,22 @@ def test_health_and_broadcast_commands(server: Server):
 
 
 def test_broadcast_command_reports_validation_errors(server: Server):
-    done = flask_cli(server, "ws", "broadcast", "--url", server.url, "--message", "x", "--type", "lower")
+    done = flask_cli(server, "ws", "broadcast", "--url", server.url, "--message", "x", "--type", "lower", "--everyone")
     assert done.returncode != 0 and "invalid_body" in done.stderr
+
+
+def test_broadcast_command_sends_to_everyone_only_when_told(server: Server):
+    """A forgotten --channels sent the message to every connected client of every clinic (ops review)."""
+    with server.connect("erin", ["clinic:clinic-1:queue"]) as erin:
+        for forgot in ((), ("--channels", " , ")):
+            done = flask_cli(server, "ws", "broadcast", "--url", server.url, "--message", "oops", *forgot)
+            assert done.returncode == 2 and "--everyone" in done.stderr, done.stdout + done.stderr
+        both = ("--channels", "system:announcements", "--everyone")
+        done = flask_cli(server, "ws", "broadcast", "--url", server.url, "--message", "oops", *both)
+        assert done.returncode == 2 and "leave it out" in done.stderr
+        done = flask_cli(server, "ws", "broadcast", "--url", server.url, "--message", "to all", "--everyone")
+        assert done.returncode == 0 and "delivered to 1 connection(s)" in done.stdout, done.stderr
+        assert erin.expect("ANNOUNCEMENT")["data"]["message"] == "to all"  # the first message it got
 
 
 @pytest.fixture
