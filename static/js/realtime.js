@@ -171,7 +171,10 @@ export class RealtimeClient {
     this.delayed = false; // the first connection did not come at the first attempt (a retry, or offline)
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.since = positionOf(this.options.since); // the page's render position, until the first CONNECTED
-    // {waiting, frames, missed, from, ahead, resumed}: broadcasts held until the SUBSCRIBEs `since` are answered
+    this.socketFrom = 0; // the offset this socket's first SUBSCRIBEs asked since (see _flushLive)
+    this.sinceOf = new Map(); // channel -> {epoch, offset}: subscribe's `since` for a channel new to the page, until asked
+    // {waiting, frames, missed, from, ahead, resumed, below, channels}: broadcasts held until the SUBSCRIBEs
+    // `since` are answered (below, channels: a hold that began on an open socket, see _flushLive)
     this.holding = null;
     this.sentAhead = []; // the types of the messages sent from listeners of "open", ahead of the first SUBSCRIBEs
     this.countingAhead = false;
@@ -234,17 +237,37 @@ export class RealtimeClient {
    * second subscriber gets the current value too (the others get it as well,
    * marked `last: true`).
    * @param {string[]} names channel names (see {@link channels})
-   * @param {{last?: boolean, ask?: boolean}} [options] `ask: false`: for a channel already held, only
-   *   remember that its last value is wanted (on later resubscriptions), without asking for it now
+   * @param {{last?: boolean, ask?: boolean, since?: ?{epoch: string, offset: number}}} [options] `ask:
+   *   false`: for a channel already held, only remember that its last value is wanted (on later
+   *   resubscriptions), without asking for it now. `since`: the stream's position the caller's view of
+   *   these channels was read at (a fragment's render, as `<body>`'s for the page): for a channel the
+   *   page does not hold yet, what was broadcast to it after that position is delivered too, or
+   *   `realtime:resync` names it when that cannot be (the stream is gone since, a position from before
+   *   this socket's start, the socket dropped before the replay came). Without it, the channel's
+   *   broadcasts are delivered from the moment the server has the SUBSCRIBE.
    */
-  subscribe(names, { last = false, ask = true } = {}) {
+  subscribe(names, { last = false, ask = true, since = null } = {}) {
+    const from = positionOf(since);
     for (const name of names) {
       const count = this.refs.get(name) || 0;
       this.refs.set(name, count + 1);
       if (last) countUp(this.wantsLast, name);
       if (count === 0 || (last && ask)) this.toAsk.add(name);
+      if (count === 0 && from) this._askFrom(name, from);
     }
     this._flushSoon();
+  }
+
+  /** A channel new to the page is to be asked since `from` (the oldest such position asked wins). */
+  _askFrom(name, from) {
+    if (!this.position) {
+      // Not connected yet (or starting over): the first connection asks every channel since one
+      // position. The older one covers both (a broadcast may be shown twice, never missed).
+      if (!this.since || (this.since.epoch === from.epoch && from.offset < this.since.offset)) this.since = from;
+      return;
+    }
+    const had = this.sinceOf.get(name);
+    if (!had || had.epoch !== from.epoch || from.offset < had.offset) this.sinceOf.set(name, from);
   }
 
   /**
@@ -457,7 +480,15 @@ export class RealtimeClient {
     if (!held) return;
     const ordered = held.frames.map((message, index) => ({ message, index }));
     ordered.sort((a, b) => (a.message.offset ?? Infinity) - (b.message.offset ?? Infinity) || a.index - b.index);
-    for (const { message } of ordered) if (this._firstTime(message)) this._show(message);
+    const replayedBelow = new Set(); // ids of frames at or below `below` shown (see _flushLive)
+    for (const { message } of ordered) {
+      if (held.below !== undefined && !message.last && message.offset <= held.below) {
+        if (!replayedBelow.has(message.id)) this._show(message);
+        replayedBelow.add(message.id);
+      } else if (this._firstTime(message)) {
+        this._show(message);
+      }
+    }
   }
 
   /** Whether a broadcast is to be shown: each once, in offset order (false: already processed). */
@@ -517,14 +548,19 @@ export class RealtimeClient {
 
   _subscribed(data, answersAhead = false) {
     const names = list(data.channels);
-    const held = answersAhead ? null : this.holding;
+    // Only an answer to a SUBSCRIBE `since` says `recovered`: a plain one's, sent after those, is not waited for.
+    const held = answersAhead || !("recovered" in data) ? null : this.holding;
     if (held) {
       if (data.recovered !== true) held.missed = data.reason || "not_replayed";
       if ((held.waiting -= 1) <= 0) {
         this._release(); // every SUBSCRIBE `since` is answered: the replay is all here
         // Not replayed (the page was rendered on a worker gone since, or too long ago): refetch all of
         // it, as after a reconnect (also what came for the user, their role and clinic before CONNECTED).
-        if (held.missed) this._resync({ clientId: this.position.clientId, epoch: data.epoch, reason: held.missed });
+        if (held.missed) {
+          // A hold that began on an open socket (see _flushLive) missed only what its channels did.
+          const scope = held.channels ? { channels: held.channels } : {};
+          this._resync({ clientId: this.position.clientId, epoch: data.epoch, reason: held.missed, ...scope });
+        }
       }
     }
     // As a PONG's: every broadcast up to it for this client came before, and those of a channel just
@@ -556,6 +592,7 @@ export class RealtimeClient {
     let from = null; // where its SUBSCRIBEs ask from: the render's position, or CONNECTED's
     const rendered = this.since;
     this.since = null; // the page's position serves its first connection; later ones resume
+    this.sinceOf.clear(); // a channel given one while the socket was down is asked as the others (and refetched)
     if (data.recovered !== true) this.shownAhead.clear(); // a new position: nothing is ahead of it yet
     // Either way what this socket must be asked joins what the page asked since the status changed (a
     // listener of "open" runs just before this), and leaves in one flush.
@@ -583,6 +620,7 @@ export class RealtimeClient {
       for (const name of restored) if (!this.refs.has(name)) this.toDrop.add(name); // dropped while we were away
       // Those asked again ask since CONNECTED, as on any other connection (below); the resume's replay,
       // which follows CONNECTED, is held with what they bring, and put in order with it.
+      this.socketFrom = data.offset;
       this._askSince({ epoch: data.epoch, offset: data.offset }, true);
       if (away.length) this._resync({ ...data, reason: "not_restored", channels: away });
       if (regained.length) this._resync({ ...data, reason: "granted", channels: regained });
@@ -596,6 +634,7 @@ export class RealtimeClient {
       // otherwise reach neither this socket nor a refetch that read the page's state just before it.
       from = since || { epoch: data.epoch, offset: data.offset };
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: from.offset };
+      this.socketFrom = from.offset;
     }
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this.unanswered.clear();
@@ -651,6 +690,8 @@ export class RealtimeClient {
   _flush(since = null) {
     this.flushQueued = false;
     if (!this.toAsk.size && !this.toDrop.size) return;
+    const open = this.position && this.ws && this.ws.readyState === WebSocket.OPEN && this.status === "open";
+    if (!since && open && [...this.toAsk].some((name) => this.sinceOf.has(name))) return this._flushLive();
     // Each side only what is still true at the end of the task, so the two never name one channel
     // and their order does not matter: dropped then taken again is still held (the SUBSCRIBE answers
     // it, its last value too), taken then dropped is not (the UNSUBSCRIBE removes nothing).
@@ -664,7 +705,54 @@ export class RealtimeClient {
     this.toDrop.clear();
     this.toAsk.clear();
     for (const some of inChunks(drop)) this.send({ type: "UNSUBSCRIBE", data: { channels: some } });
+    for (const name of ask) this.sinceOf.delete(name);
     this._sendSubscribe(ask, since);
+    return { drop, ask };
+  }
+
+  /**
+   * A flush on an open socket of the channels given a `since` (subscribe's option: a fragment's render):
+   * their SUBSCRIBE asks since the oldest of those positions, and broadcasts are held until it is
+   * answered, as on a connection's first SUBSCRIBEs. What it replays from before the page's position is
+   * of channels the page did not hold (the server sends only what this socket was not sent): shown,
+   * though below the position (`below`), which it does not move. A position from before this socket's
+   * own start cannot be asked (the server would repeat what the socket's first replay or the socket
+   * before it brought), nor one from another stream: those channels are subscribed as the others, and
+   * the page told to refetch them. The others are subscribed plainly, after it.
+   */
+  _flushLive() {
+    const at = this.position;
+    const early = new Map(); // channel -> the position its view was read at
+    const cannot = [];
+    for (const name of this.toAsk) {
+      const from = this.sinceOf.get(name);
+      this.sinceOf.delete(name);
+      if (!from) continue;
+      if (from.epoch === at.epoch && from.offset >= this.socketFrom) early.set(name, from.offset);
+      else cannot.push(name);
+    }
+    const plain = [...this.toAsk].filter((name) => !early.has(name));
+    if (early.size) {
+      this.toAsk = new Set(early.keys());
+      const oldest = Math.min(...early.values());
+      const own = !this.holding;
+      if (own) {
+        const from = { epoch: at.epoch, offset: at.offset };
+        this.holding = { waiting: 0, frames: [], missed: null, from, ahead: [], resumed: true, channels: [] };
+      }
+      const hold = this.holding;
+      if (oldest < at.offset) hold.below = Math.max(hold.below ?? -1, at.offset);
+      const sent = this._flush({ epoch: at.epoch, offset: oldest });
+      // A hold of its own says which channels a missed replay concerns; one joined (a connection's first
+      // SUBSCRIBEs still on their way) resyncs the whole page if its replay is missed, these included.
+      if (own && sent) hold.channels.push(...sent.ask);
+      if (hold.waiting <= 0) this._release(); // nothing was sent: nothing to wait for
+    }
+    this.toAsk = new Set(plain);
+    this._flush();
+    if (cannot.length) {
+      this._resync({ clientId: at.clientId, epoch: at.epoch, reason: "not_replayed", channels: cannot });
+    }
   }
 
   /** A name no channel can have (see POSSIBLE_CHANNEL): never sent, counted refused as the server would. */
@@ -728,11 +816,15 @@ export class RealtimeClient {
     // the next one is a first connection again, subscribing since the same position (the render's, or
     // the CONNECTED's its page refetched after: its session may hold none of the channels).
     if (this.holding) {
-      if (!this.holding.resumed) {
-        this.since = this.holding.from;
+      const held = this.holding;
+      if (!held.resumed) {
+        this.since = held.from;
         this.position = null;
       }
       this.holding = null;
+      // A hold that began on an open socket (_flushLive): the position did not move, and the next
+      // connection resumes from it; but its channels' replay from before it never came: refetch them.
+      if (held.channels && held.channels.length) this._resync({ reason: "not_replayed", channels: held.channels });
     }
     this._stopWatchdog();
     clearTimeout(this.admitTimer);

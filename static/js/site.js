@@ -128,7 +128,11 @@ function attach(rt, element, swappedOut = new Set()) {
   // those channels, and one re-rendered on each message of its channel would ask forever. (So a parent's
   // render must give it its state, as the queue page does, not a placeholder.)
   const replacing = swappedOut.has(likeness(element));
-  rt.subscribe(names, { last, ask: !replacing });
+  // Where the stream was when the element was rendered (the macro puts it there): a fragment swapped in
+  // later, for a channel the page did not hold, is given what was broadcast to it since.
+  const { realtimeEpoch: epoch, realtimeOffset: offset } = element.dataset;
+  const since = epoch ? { epoch, offset: Number(offset) } : null;
+  rt.subscribe(names, { last, ask: !replacing, since });
 }
 
 function detach(rt, element) {

@@ -618,3 +618,66 @@ def test_a_rate_limited_error_while_broadcasts_are_held_does_not_end_the_wait(si
     sockets.held.clear()  # lost with the socket
     assert proxied(page, lambda: page.evaluate("window.__shown") == [older["offset"], newer["offset"]], timeout=20)
     assert page.evaluate("window.__resyncs") == 0
+
+
+ALERTS = "clinic:clinic-1:alerts"
+RECORD_ALERTS = (
+    "() => { window.__alerts = []; window.__resyncs = [];"
+    " document.body.addEventListener('realtime:CLINIC_ALERT', (e) => window.__alerts.push(e.detail.data.message));"
+    " document.body.addEventListener('realtime:resync', (e) => window.__resyncs.push(e.detail)); }"
+)
+
+
+def clinic_alert(srv: Server, text: str) -> dict:
+    response = srv.broadcast(
+        {"message": {"type": "CLINIC_ALERT", "data": {"message": text}}, "filter": {"channels": [ALERTS]}}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_fragment_swapped_in_later_is_given_what_was_broadcast_to_its_channel_since_its_render(site, web):
+    """Found by review: a subscriber that came after CONNECTED (an htmx swap bringing a channel the page
+    did not hold) was subscribed with no `since`: what was broadcast to its channel between the fragment's
+    render and its SUBSCRIBE reached nobody, and nothing said so. The macro renders the fragment's
+    position on it, site.js passes it on, and the client asks since it."""
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    subscriber = page.locator("#queue")
+    assert subscriber.get_attribute("data-realtime-epoch") == page.locator("body").get_attribute("data-realtime-epoch")
+    assert int(subscriber.get_attribute("data-realtime-offset")) >= 0  # the macro renders its request's position
+    page.goto(site.url + "/")
+    wait_live(page)
+    settled(page)
+    page.evaluate(RECORD_ALERTS)
+    rendered = page.evaluate("({...window.realtime.position})")  # as a fragment rendered now would carry
+    assert clinic_alert(site, "Room 3 needs a nurse")["delivered"] == 0  # the page does not hold the channel yet
+    announce(site, "meanwhile")  # the page's position moves past the alert: its replay comes from below it
+    page.wait_for_function(f"() => window.realtime.position.offset > {rendered['offset'] + 1}", timeout=10_000)
+    page.evaluate(
+        """([channel, epoch, offset]) => {
+             const fragment = document.createElement('div');
+             const position = {realtimeEpoch: epoch, realtimeOffset: String(offset)};
+             Object.assign(fragment.dataset, {realtimeChannels: channel, ...position});
+             document.querySelector('main').append(fragment);
+           }""",
+        [ALERTS, rendered["epoch"], rendered["offset"]],
+    )
+    page.wait_for_function("() => window.__alerts.length === 1", timeout=10_000)
+    assert page.evaluate("window.__alerts") == ["Room 3 needs a nurse"]
+    clinic_alert(site, "Room 4 too")  # live from here on, once
+    page.wait_for_function("() => window.__alerts.length === 2", timeout=10_000)
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.__alerts") == ["Room 3 needs a nurse", "Room 4 too"]
+    assert page.evaluate("window.__resyncs") == [] and page.evaluate("window.realtime.holding") is None
+    # A fragment rendered in a stream that is gone since: nothing can be replayed; the page is told.
+    page.evaluate(
+        """(channel) => {
+             const fragment = document.createElement('div');
+             Object.assign(fragment.dataset, {realtimeChannels: channel, realtimeEpoch: 'gone', realtimeOffset: '3'});
+             document.querySelector('main').append(fragment);
+           }""",
+        QUEUE,
+    )
+    page.wait_for_function("() => window.__resyncs.length === 1", timeout=10_000)
+    resync = page.evaluate("window.__resyncs[0]")
+    assert resync["reason"] == "not_replayed" and resync["channels"] == [QUEUE]
