@@ -435,7 +435,7 @@ export class RealtimeClient {
     } else if (message.type === "SUBSCRIBED") {
       this._subscribed(message.data || {}, this._takeAnswerAhead("SUBSCRIBED"));
     } else if (message.type === "ERROR" && message.data && typeof message.data.channel === "string") {
-      this._refusedOne(message.data.channel);
+      this._refusedOne(message.data.channel, message.data);
     } else if (message.type === "ERROR" && this.holding && !(message.data && message.data.code === "rate_limited")) {
       // A SUBSCRIBE refused whole (answered in order, in place of its SUBSCRIBED): nothing replayed.
       // (Not rate_limited, which answers nothing: the close that follows ends the socket, and the wait.)
@@ -577,9 +577,14 @@ export class RealtimeClient {
   }
 
   /** An ERROR naming a channel: refused, or dropped since (the user's role or clinic changed). */
-  _refusedOne(name) {
+  _refusedOne(name, data = {}) {
+    // No SUBSCRIBE of it awaits an answer: not a refusal but a revocation (the user's role or clinic
+    // changed; the server ends the subscription and says UNSUBSCRIBED next). What the page shows of it
+    // will not move again: tell it, by channel, or it would stay frozen under "Live".
+    const revoked = this.refs.has(name) && !this.unanswered.get(name) && data.code === "forbidden_channel";
     this._answered(name);
     if (this.refs.has(name)) this.refused.add(name);
+    if (revoked) this._resync({ reason: "revoked", channels: [name] });
   }
 
   /** One SUBSCRIBE of this channel was answered (a plain one's answer says nothing of a `last` one's). */

@@ -158,9 +158,14 @@ function watchSubscribers(rt) {
 // may be stale. With last=true: show that it is waiting until the channel's last value, which the
 // resubscription asks for, renders it again (with no last value it stays waiting). Without: say that
 // messages sent meanwhile may be missing, until the next one is rendered.
+// A channel revoked on the open socket (the user's role or clinic changed): its fragment will not
+// move again, so it says so instead of showing what it showed under "Live".
+const REVOKED_TEXT = "This is no longer available to you (your role or clinic changed): reload the page.";
+
 function clearStaleFragments() {
   document.body.addEventListener("realtime:resync", (event) => {
     const only = event.detail && event.detail.channels; // a resync for some channels only
+    const revoked = event.detail && event.detail.reason === "revoked";
     for (const [element, { names }] of subscribed) {
       const text = element.dataset.realtimeResync;
       if (!text || (only && !names.some((name) => only.includes(name)))) continue;
@@ -169,8 +174,9 @@ function clearStaleFragments() {
       if (!target) continue;
       const note = document.createElement("p");
       note.className = "muted";
-      note.dataset.resyncState = element.dataset.realtimeLast === "true" ? "waiting" : "missing";
-      note.textContent = text;
+      if (revoked) note.dataset.resyncState = "revoked";
+      else note.dataset.resyncState = element.dataset.realtimeLast === "true" ? "waiting" : "missing";
+      note.textContent = revoked ? REVOKED_TEXT : text;
       target.replaceChildren(note);
     }
   });

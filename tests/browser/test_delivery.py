@@ -681,3 +681,24 @@ def test_a_fragment_swapped_in_later_is_given_what_was_broadcast_to_its_channel_
     page.wait_for_function("() => window.__resyncs.length === 1", timeout=10_000)
     resync = page.evaluate("window.__resyncs[0]")
     assert resync["reason"] == "not_replayed" and resync["channels"] == [QUEUE]
+
+
+def test_a_channel_revoked_on_the_open_socket_says_so_in_its_fragment(site, web):
+    """The user's clinic changed while the queue was on screen: the server ended the subscription
+    (ERROR forbidden_channel, UNSUBSCRIBED), and the queue stayed as it was under "Live", never to move
+    again (review). The page is told, by channel, and the fragment says why it stopped."""
+    from support import flask_cli
+
+    queue_update(site, "Somchai")
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    settled(page)
+    expect(page.locator("#queue ol.queue li")).to_have_count(1)
+    page.evaluate(RECORD_ALERTS)
+    moved = flask_cli(site, "users", "set-clinic", "bob", "clinic-2")
+    assert moved.returncode == 0, moved.stderr
+    expect(page.locator("#queue [data-resync-state=revoked]")).to_contain_text("no longer available to you")
+    resyncs = page.evaluate("window.__resyncs")
+    assert {"reason": "revoked", "channels": [QUEUE]} in resyncs
+    assert all(r["reason"] == "revoked" for r in resyncs)  # nothing else: the socket itself is fine
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "open")
