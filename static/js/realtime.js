@@ -621,7 +621,10 @@ export class RealtimeClient {
       // Held by the session, but refused on the last socket (a drop the dying worker never saved, and
       // access given back since): its broadcasts meanwhile were not replayed.
       const regained = [...restored].filter((name) => this.refused.delete(name));
-      for (const name of [...lacking, ...again]) this.toAsk.add(name);
+      // ...and its subscribers that show the channel's state from its last value are told to refetch
+      // (below), and wait for that value: ask for it.
+      const stateless = regained.filter((name) => this.wantsLast.has(name) && !again.includes(name));
+      for (const name of [...lacking, ...again, ...stateless]) this.toAsk.add(name);
       for (const name of restored) if (!this.refs.has(name)) this.toDrop.add(name); // dropped while we were away
       // Those asked again ask since CONNECTED, as on any other connection (below); the resume's replay,
       // which follows CONNECTED, is held with what they bring, and put in order with it.

@@ -702,3 +702,29 @@ def test_a_channel_revoked_on_the_open_socket_says_so_in_its_fragment(site, web)
     assert {"reason": "revoked", "channels": [QUEUE]} in resyncs
     assert all(r["reason"] == "revoked" for r in resyncs)  # nothing else: the socket itself is fine
     expect(page.locator("#rt-status")).to_have_attribute("data-status", "open")
+
+
+def test_a_channel_regained_by_a_resume_gets_its_last_value_again(site, web):
+    """Held by the session, but refused on the last socket (a drop the dying worker never saved, and access
+    given back since): the page was told to refetch it, and its queue fragment then waited for a last value
+    nobody asked for, until the channel's next broadcast (review). Here the refusal is the page's own
+    record, set by hand: the server's session holds the channel, as after such a drop."""
+    from test_close_codes import Sockets
+
+    from relay.codes import Close
+
+    queue_update(site, "Somchai", "Malee")
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    page.goto(site.url + "/clinics/clinic-1/queue")
+    wait_live(page)
+    settled(page)
+    page.evaluate(RECORD_ALERTS)
+    page.evaluate(f"window.realtime.refused.add('{QUEUE}')")
+    sockets.close(Close.SERVICE_RESTART)
+    page.wait_for_function("() => window.__resyncs.some((r) => r.reason === 'granted')", timeout=15_000)
+    wait_live(page)
+    assert [(r["reason"], r["channels"]) for r in page.evaluate("window.__resyncs")] == [("granted", [QUEUE])]
+    items = page.locator("#queue ol.queue li")
+    expect(items).to_have_count(2)  # the last value, asked for again, rendered it
+    expect(page.locator("#queue [data-resync-state]")).to_have_count(0)
