@@ -46,13 +46,13 @@ def _url_problem(url: str) -> str | None:
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """The admin secret goes to ``--url`` and nowhere else: urllib follows a redirect with every header
-    of the request, ``Authorization`` included, to whatever host it names."""
+    """The admin secret (and the metrics token) go to ``--url`` and nowhere else: urllib follows a redirect
+    with every header of the request, ``Authorization`` included, to whatever host it names."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         raise ServiceError(
             f"{req.full_url} answered {code}, a redirect to {newurl}: not followed, so that the admin secret "
-            "is not sent there; give the address it names as --url if that is the server"
+            "(or metrics token) is not sent there; give the address it names as --url if that is the server"
         )
 
 

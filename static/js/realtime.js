@@ -171,10 +171,11 @@ export class RealtimeClient {
     this.delayed = false; // the first connection did not come at the first attempt (a retry, or offline)
     this.shownAhead = new Map(); // id -> offset of last values shown ahead of the position
     this.since = positionOf(this.options.since); // the page's render position, until the first CONNECTED
-    this.socketFrom = 0; // the offset this socket's first SUBSCRIBEs asked since (see _flushLive)
+    this.socketFrom = 0; // where this socket's replays may start: CONNECTED's offset, or the render's once replayed from
+    this.revoked = new Set(); // channels the server ended on a socket (the user's access changed), until taken again
     this.sinceOf = new Map(); // channel -> {epoch, offset}: subscribe's `since` for a channel new to the page, until asked
     // {waiting, frames, missed, from, ahead, resumed, below, channels}: broadcasts held until the SUBSCRIBEs
-    // `since` are answered (below, channels: a hold that began on an open socket, see _flushLive)
+    // `since` are answered (below, channels: a hold that began on an open socket, see _subscribeLive)
     this.holding = null;
     this.sentAhead = []; // the types of the messages sent from listeners of "open", ahead of the first SUBSCRIBEs
     this.countingAhead = false;
@@ -285,6 +286,7 @@ export class RealtimeClient {
         this.refs.delete(name);
         this.wantsLast.delete(name);
         this.refused.delete(name);
+        this.revoked.delete(name);
       } else {
         this.refs.set(name, count - 1);
         if (last) countDown(this.wantsLast, name);
@@ -480,14 +482,10 @@ export class RealtimeClient {
     if (!held) return;
     const ordered = held.frames.map((message, index) => ({ message, index }));
     ordered.sort((a, b) => (a.message.offset ?? Infinity) - (b.message.offset ?? Infinity) || a.index - b.index);
-    const replayedBelow = new Set(); // ids of frames at or below `below` shown (see _flushLive)
     for (const { message } of ordered) {
-      if (held.below !== undefined && !message.last && message.offset <= held.below) {
-        if (!replayedBelow.has(message.id)) this._show(message);
-        replayedBelow.add(message.id);
-      } else if (this._firstTime(message)) {
-        this._show(message);
-      }
+      // At or below `below`: replayed for a channel the page did not hold (see _subscribeLive).
+      const replayedBelow = held.below !== undefined && !message.last && message.offset <= held.below;
+      if (replayedBelow || this._firstTime(message)) this._show(message);
     }
   }
 
@@ -552,12 +550,14 @@ export class RealtimeClient {
     const held = answersAhead || !("recovered" in data) ? null : this.holding;
     if (held) {
       if (data.recovered !== true) held.missed = data.reason || "not_replayed";
+      // As the server does: a replay from the render's position makes the socket's start that position.
+      else if (!held.channels) this.socketFrom = Math.min(this.socketFrom, held.from.offset);
       if ((held.waiting -= 1) <= 0) {
         this._release(); // every SUBSCRIBE `since` is answered: the replay is all here
         // Not replayed (the page was rendered on a worker gone since, or too long ago): refetch all of
         // it, as after a reconnect (also what came for the user, their role and clinic before CONNECTED).
         if (held.missed) {
-          // A hold that began on an open socket (see _flushLive) missed only what its channels did.
+          // A hold that began on an open socket (see _subscribeLive) missed only what its channels did.
           const scope = held.channels ? { channels: held.channels } : {};
           this._resync({ clientId: this.position.clientId, epoch: data.epoch, reason: held.missed, ...scope });
         }
@@ -569,6 +569,7 @@ export class RealtimeClient {
     if (!this.holding) this._caughtUp(data);
     const granted = names.filter((name) => {
       this._answered(name);
+      this.revoked.delete(name);
       return this.refused.delete(name);
     });
     // Refused before (the user's role or clinic changed, and changed back): what the page shows of
@@ -581,10 +582,18 @@ export class RealtimeClient {
     // No SUBSCRIBE of it awaits an answer: not a refusal but a revocation (the user's role or clinic
     // changed; the server ends the subscription and says UNSUBSCRIBED next). What the page shows of it
     // will not move again: tell it, by channel, or it would stay frozen under "Live".
-    const revoked = this.refs.has(name) && !this.unanswered.get(name) && data.code === "forbidden_channel";
+    // Refused again after that (a reconnect that subscribes anew): said again, as a resync for the whole
+    // page came in between.
+    const revoked =
+      this.refs.has(name) &&
+      data.code === "forbidden_channel" &&
+      (!this.unanswered.get(name) || this.revoked.has(name));
     this._answered(name);
     if (this.refs.has(name)) this.refused.add(name);
-    if (revoked) this._resync({ reason: "revoked", channels: [name] });
+    if (revoked) {
+      this.revoked.add(name);
+      this._resync({ reason: "revoked", channels: [name] });
+    }
   }
 
   /** One SUBSCRIBE of this channel was answered (a plain one's answer says nothing of a `last` one's). */
@@ -642,7 +651,7 @@ export class RealtimeClient {
       // otherwise reach neither this socket nor a refetch that read the page's state just before it.
       from = since || { epoch: data.epoch, offset: data.offset };
       this.position = { clientId: data.clientId, epoch: data.epoch, offset: from.offset };
-      this.socketFrom = from.offset;
+      this.socketFrom = data.offset; // lowered to the render's once its replay is answered (_subscribed)
     }
     this.refused.clear(); // every channel is asked again, and the page refetches them all at once
     this.unanswered.clear();
@@ -698,8 +707,6 @@ export class RealtimeClient {
   _flush(since = null) {
     this.flushQueued = false;
     if (!this.toAsk.size && !this.toDrop.size) return;
-    const open = this.position && this.ws && this.ws.readyState === WebSocket.OPEN && this.status === "open";
-    if (!since && open && [...this.toAsk].some((name) => this.sinceOf.has(name))) return this._flushLive();
     // Each side only what is still true at the end of the task, so the two never name one channel
     // and their order does not matter: dropped then taken again is still held (the SUBSCRIBE answers
     // it, its last value too), taken then dropped is not (the UNSUBSCRIBE removes nothing).
@@ -713,51 +720,53 @@ export class RealtimeClient {
     this.toDrop.clear();
     this.toAsk.clear();
     for (const some of inChunks(drop)) this.send({ type: "UNSUBSCRIBE", data: { channels: some } });
+    const open = this.position && this.ws && this.ws.readyState === WebSocket.OPEN && this.status === "open";
+    if (!since && open && ask.some((name) => this.sinceOf.has(name))) return this._subscribeLive(ask);
     for (const name of ask) this.sinceOf.delete(name);
     this._sendSubscribe(ask, since);
-    return { drop, ask };
   }
 
   /**
-   * A flush on an open socket of the channels given a `since` (subscribe's option: a fragment's render):
-   * their SUBSCRIBE asks since the oldest of those positions, and broadcasts are held until it is
-   * answered, as on a connection's first SUBSCRIBEs. What it replays from before the page's position is
-   * of channels the page did not hold (the server sends only what this socket was not sent): shown,
-   * though below the position (`below`), which it does not move. A position from before this socket's
-   * own start cannot be asked (the server would repeat what the socket's first replay or the socket
-   * before it brought), nor one from another stream: those channels are subscribed as the others, and
-   * the page told to refetch them. The others are subscribed plainly, after it.
+   * Subscribe on an open socket, where some channels were given a `since` (subscribe's option: a
+   * fragment's render). Those are asked since the oldest of their positions, and broadcasts are held
+   * until that is answered, as on a connection's first SUBSCRIBEs. What it replays from before the
+   * page's position is of channels the page did not hold (the server sends only what this socket was
+   * not sent): shown, though below the position (`below`), which it does not move. A position from
+   * before this socket's own start cannot be asked (the server would repeat what the socket's first
+   * replay, or the socket before it, brought), nor one from another stream: those channels are
+   * subscribed with the others, plainly, and the page told to refetch them.
+   * @param {string[]} ask
    */
-  _flushLive() {
+  _subscribeLive(ask) {
     const at = this.position;
     const early = new Map(); // channel -> the position its view was read at
+    const plain = [];
     const cannot = [];
-    for (const name of this.toAsk) {
+    for (const name of ask) {
       const from = this.sinceOf.get(name);
       this.sinceOf.delete(name);
-      if (!from) continue;
-      if (from.epoch === at.epoch && from.offset >= this.socketFrom) early.set(name, from.offset);
-      else cannot.push(name);
+      if (from && from.epoch === at.epoch && from.offset >= this.socketFrom) {
+        early.set(name, from.offset);
+      } else {
+        plain.push(name);
+        if (from) cannot.push(name);
+      }
     }
-    const plain = [...this.toAsk].filter((name) => !early.has(name));
     if (early.size) {
-      this.toAsk = new Set(early.keys());
       const oldest = Math.min(...early.values());
-      const own = !this.holding;
-      if (own) {
+      if (!this.holding) {
+        // Its own hold: `channels` says which a missed replay concerns. One joined (a connection's first
+        // SUBSCRIBEs still on their way) resyncs the whole page if its replay is missed, these included.
         const from = { epoch: at.epoch, offset: at.offset };
         this.holding = { waiting: 0, frames: [], missed: null, from, ahead: [], resumed: true, channels: [] };
       }
       const hold = this.holding;
       if (oldest < at.offset) hold.below = Math.max(hold.below ?? -1, at.offset);
-      const sent = this._flush({ epoch: at.epoch, offset: oldest });
-      // A hold of its own says which channels a missed replay concerns; one joined (a connection's first
-      // SUBSCRIBEs still on their way) resyncs the whole page if its replay is missed, these included.
-      if (own && sent) hold.channels.push(...sent.ask);
+      if (hold.channels) hold.channels.push(...early.keys());
+      this._sendSubscribe([...early.keys()], { epoch: at.epoch, offset: oldest });
       if (hold.waiting <= 0) this._release(); // nothing was sent: nothing to wait for
     }
-    this.toAsk = new Set(plain);
-    this._flush();
+    this._sendSubscribe(plain, null);
     if (cannot.length) {
       this._resync({ clientId: at.clientId, epoch: at.epoch, reason: "not_replayed", channels: cannot });
     }
@@ -830,7 +839,7 @@ export class RealtimeClient {
         this.position = null;
       }
       this.holding = null;
-      // A hold that began on an open socket (_flushLive): the position did not move, and the next
+      // A hold that began on an open socket (_subscribeLive): the position did not move, and the next
       // connection resumes from it; but its channels' replay from before it never came: refetch them.
       if (held.channels && held.channels.length) this._resync({ reason: "not_replayed", channels: held.channels });
     }

@@ -658,7 +658,7 @@ def test_a_last_value_asked_while_a_plain_subscribe_was_unanswered_is_asked_agai
 def test_a_channel_the_resumed_session_may_no_longer_read_is_not_refetched(live, site):
     """Moved to another clinic while away: the session comes back without the old clinic's queue, which
     CONNECTED names as refused. Nothing of it is to be refetched (the ERRORs saying so come after CONNECTED,
-    too late for the client's decision)."""
+    too late for the client's decision); the page is told, once, that the channel is no longer the user's."""
     from support import flask_cli
 
     page, sockets, errors = live
@@ -681,7 +681,7 @@ def test_a_channel_the_resumed_session_may_no_longer_read_is_not_refetched(live,
     assert wait_for(lambda: page.evaluate(f"window.realtime.refused.has('{QUEUE}')"), timeout=10)
     page.evaluate("window.realtime.subscribe(['system:maintenance'])")  # answered after all of the resume's
     assert wait_for(lambda: page.evaluate(subscribed("system:maintenance")), timeout=10)
-    assert page.evaluate("window.__resyncs") == []
+    assert page.evaluate("window.__resyncs") == [["revoked", [QUEUE]]]
 
 
 def test_a_channel_dropped_and_taken_again_in_one_task_still_waits_for_the_answer_to_its_new_subscribe(live):

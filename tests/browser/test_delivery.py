@@ -686,22 +686,40 @@ def test_a_fragment_swapped_in_later_is_given_what_was_broadcast_to_its_channel_
 def test_a_channel_revoked_on_the_open_socket_says_so_in_its_fragment(site, web):
     """The user's clinic changed while the queue was on screen: the server ended the subscription
     (ERROR forbidden_channel, UNSUBSCRIBED), and the queue stayed as it was under "Live", never to move
-    again (review). The page is told, by channel, and the fragment says why it stopped."""
+    again (review). The page is told, by channel, and the fragment says why it stopped; a reconnect that
+    makes the page refetch everything later does not turn that into "waiting" for good."""
     from support import flask_cli
+    from test_close_codes import Sockets
+
+    from relay.codes import Close
 
     queue_update(site, "Somchai")
-    page = web(site, "bob", "/clinics/clinic-1/queue")
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    page.goto(site.url + "/clinics/clinic-1/queue")
     wait_live(page)
     settled(page)
     expect(page.locator("#queue ol.queue li")).to_have_count(1)
     page.evaluate(RECORD_ALERTS)
     moved = flask_cli(site, "users", "set-clinic", "bob", "clinic-2")
     assert moved.returncode == 0, moved.stderr
-    expect(page.locator("#queue [data-resync-state=revoked]")).to_contain_text("no longer available to you")
+    revoked = page.locator("#queue [data-resync-state=revoked]")
+    expect(revoked).to_contain_text("no longer available to you")
     resyncs = page.evaluate("window.__resyncs")
     assert {"reason": "revoked", "channels": [QUEUE]} in resyncs
     assert all(r["reason"] == "revoked" for r in resyncs)  # nothing else: the socket itself is fine
     expect(page.locator("#rt-status")).to_have_attribute("data-status", "open")
+    # A session the server does not have: the next socket subscribes anew and the whole page refetches.
+    page.evaluate("window.realtime.position.clientId = '00000000-0000-4000-8000-000000000000'")
+    sockets.close(Close.SERVICE_RESTART)
+    page.wait_for_function("() => window.__resyncs.some((r) => !r.channels)", timeout=15_000)
+    wait_live(page)
+    # The whole page's resync came first (the fragment said "waiting"), then the refusal of its SUBSCRIBE.
+    told = f"() => window.__resyncs.filter((r) => r.reason === 'revoked' && r.channels[0] === '{QUEUE}')"
+    page.wait_for_function(f"() => ({told})().length === 2", timeout=15_000)
+    order = [(r["reason"], (r.get("channels") or ["*"])[0]) for r in page.evaluate("window.__resyncs")]
+    assert order.index(("no_session", "*")) < len(order) - 1 - order[::-1].index(("revoked", QUEUE)), order
+    expect(revoked).to_contain_text("no longer available to you")  # said again once refused again
 
 
 def test_a_channel_regained_by_a_resume_gets_its_last_value_again(site, web):
@@ -728,3 +746,78 @@ def test_a_channel_regained_by_a_resume_gets_its_last_value_again(site, web):
     items = page.locator("#queue ol.queue li")
     expect(items).to_have_count(2)  # the last value, asked for again, rendered it
     expect(page.locator("#queue [data-resync-state]")).to_have_count(0)
+
+
+def test_overlapping_subscribes_from_fragments_refetch_the_one_whose_replay_was_missed(start_server, web):
+    """Two fragments of new channels swapped in one after the other while the first one's SUBSCRIBE was
+    unanswered: the second joined the first's hold, and when only its own replay could not be made the
+    page was told to refetch the first channel, not the second (review)."""
+    from test_close_codes import Sockets, proxied
+
+    site = start_server(WS_CLOSE_TIMEOUT_MS=500, WS_RECOVERY_MAX_MESSAGES=3)
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    page.goto(site.url + "/")
+    wait_live(page)
+    settled(page)
+    page.evaluate(RECORD_ALERTS)
+    before = page.evaluate("({...window.realtime.position})")
+    for n in range(5):  # more than the server replays to one SUBSCRIBE
+        clinic_alert(site, f"alert {n}")
+    now = page.evaluate("() => window.realtime.send({type: 'PING'})")
+    assert now
+    page.wait_for_function(f"() => window.realtime.position.offset >= {before['offset'] + 5}", timeout=10_000)
+    current = page.evaluate("({...window.realtime.position})")
+    sockets.hold = lambda message: '"SUBSCRIBE"' in message
+    page.evaluate(
+        "([queue, at]) => window.realtime.subscribe([queue], {since: at})", [QUEUE, current]
+    )  # nothing to replay
+    assert proxied(page, lambda: len(sockets.held) == 1)
+    page.evaluate("([alerts, at]) => window.realtime.subscribe([alerts], {since: at})", [ALERTS, before])
+    assert proxied(page, lambda: len(sockets.held) == 2)
+    sockets.hold = lambda message: False
+    sockets.release()
+    assert proxied(page, lambda: len(page.evaluate("window.__resyncs")) == 1)
+    resync = page.evaluate("window.__resyncs[0]")
+    assert resync["reason"] == "too_many_missed" and ALERTS in resync["channels"]
+    assert page.evaluate("window.__alerts") == [] and page.evaluate("window.realtime.holding") is None
+
+
+def test_a_fragment_from_before_a_socket_whose_first_replay_failed_is_refetched_not_replayed(start_server, web):
+    """The page's first replay could not be made (too many missed): the server's socket starts at
+    CONNECTED, not at the render. A fragment rendered between the two asked since its render, and the server
+    replayed everything the socket had not been sent from there, the page's own channels too: old
+    announcements shown again after the page had refetched (review). It is refetched instead."""
+    site = start_server(WS_CLOSE_TIMEOUT_MS=500, WS_RECOVERY_MAX_MESSAGES=3)
+    page = web(site, "bob")
+    wait_live(page)
+    held = []
+    page.route("**/api/ws/auth", lambda route: held.append(route))  # the next page's token request waits here
+    page.goto(site.url + "/")
+    rendered = {
+        "epoch": page.locator("body").get_attribute("data-realtime-epoch"),
+        "offset": int(page.locator("body").get_attribute("data-realtime-offset")),
+    }
+    assert wait_for(lambda: page.wait_for_timeout(20) or held, timeout=10)
+    for n in range(5):  # more than the page's first SUBSCRIBE may replay: it refetches instead
+        announce(site, f"while connecting {n}")
+    page.evaluate(RECORD_ALERTS)
+    held[0].continue_()
+    page.unroute("**/api/ws/auth")
+    wait_live(page)
+    page.wait_for_function("() => window.__resyncs.some((r) => r.reason === 'too_many_missed')", timeout=10_000)
+    settled(page)
+    toasts = page.locator("#toasts .toast")
+    shown = toasts.count()
+    page.evaluate(
+        """([channel, epoch, offset]) => {
+             const fragment = document.createElement('div');
+             Object.assign(fragment.dataset, {realtimeChannels: channel, realtimeEpoch: epoch, realtimeOffset: offset});
+             document.querySelector('main').append(fragment);
+           }""",
+        [ALERTS, rendered["epoch"], str(rendered["offset"] + 2)],
+    )
+    page.wait_for_function("() => window.__resyncs.some((r) => r.reason === 'not_replayed')", timeout=10_000)
+    assert page.evaluate("window.__resyncs.at(-1)")["channels"] == [ALERTS]
+    page.wait_for_timeout(500)
+    assert toasts.count() == shown  # no announcement from before came again
