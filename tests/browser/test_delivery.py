@@ -636,6 +636,20 @@ def clinic_alert(srv: Server, text: str) -> dict:
     return response.json()
 
 
+def watched_page(site: Server, web, path: str):
+    """``(page, sockets)``: bob's page at ``path``, its sockets through the test's proxy, live and settled,
+    recording CLINIC_ALERT messages (``window.__alerts``) and resyncs (``window.__resyncs``)."""
+    from test_close_codes import Sockets
+
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    page.goto(site.url + path)
+    wait_live(page)
+    settled(page)
+    page.evaluate(RECORD_ALERTS)
+    return page, sockets
+
+
 def test_a_fragment_swapped_in_later_is_given_what_was_broadcast_to_its_channel_since_its_render(site, web):
     """Found by review: a subscriber that came after CONNECTED (an htmx swap bringing a channel the page
     did not hold) was subscribed with no `since`: what was broadcast to its channel between the fragment's
@@ -689,18 +703,12 @@ def test_a_channel_revoked_on_the_open_socket_says_so_in_its_fragment(site, web)
     again (review). The page is told, by channel, and the fragment says why it stopped; a reconnect that
     makes the page refetch everything later does not turn that into "waiting" for good."""
     from support import flask_cli
-    from test_close_codes import Sockets
 
     from relay.codes import Close
 
     queue_update(site, "Somchai")
-    page = web(site, "bob", "about:blank")
-    sockets = Sockets(page)
-    page.goto(site.url + "/clinics/clinic-1/queue")
-    wait_live(page)
-    settled(page)
+    page, sockets = watched_page(site, web, "/clinics/clinic-1/queue")
     expect(page.locator("#queue ol.queue li")).to_have_count(1)
-    page.evaluate(RECORD_ALERTS)
     moved = flask_cli(site, "users", "set-clinic", "bob", "clinic-2")
     assert moved.returncode == 0, moved.stderr
     revoked = page.locator("#queue [data-resync-state=revoked]")
@@ -727,17 +735,10 @@ def test_a_channel_regained_by_a_resume_gets_its_last_value_again(site, web):
     given back since): the page was told to refetch it, and its queue fragment then waited for a last value
     nobody asked for, until the channel's next broadcast (review). Here the refusal is the page's own
     record, set by hand: the server's session holds the channel, as after such a drop."""
-    from test_close_codes import Sockets
-
     from relay.codes import Close
 
     queue_update(site, "Somchai", "Malee")
-    page = web(site, "bob", "about:blank")
-    sockets = Sockets(page)
-    page.goto(site.url + "/clinics/clinic-1/queue")
-    wait_live(page)
-    settled(page)
-    page.evaluate(RECORD_ALERTS)
+    page, sockets = watched_page(site, web, "/clinics/clinic-1/queue")
     page.evaluate(f"window.realtime.refused.add('{QUEUE}')")
     sockets.close(Close.SERVICE_RESTART)
     page.wait_for_function("() => window.__resyncs.some((r) => r.reason === 'granted')", timeout=15_000)
@@ -752,20 +753,14 @@ def test_overlapping_subscribes_from_fragments_refetch_the_one_whose_replay_was_
     """Two fragments of new channels swapped in one after the other while the first one's SUBSCRIBE was
     unanswered: the second joined the first's hold, and when only its own replay could not be made the
     page was told to refetch the first channel, not the second (review)."""
-    from test_close_codes import Sockets, proxied
+    from test_close_codes import proxied
 
     site = start_server(WS_CLOSE_TIMEOUT_MS=500, WS_RECOVERY_MAX_MESSAGES=3)
-    page = web(site, "bob", "about:blank")
-    sockets = Sockets(page)
-    page.goto(site.url + "/")
-    wait_live(page)
-    settled(page)
-    page.evaluate(RECORD_ALERTS)
+    page, sockets = watched_page(site, web, "/")
     before = page.evaluate("({...window.realtime.position})")
     for n in range(5):  # more than the server replays to one SUBSCRIBE
         clinic_alert(site, f"alert {n}")
-    now = page.evaluate("() => window.realtime.send({type: 'PING'})")
-    assert now
+    assert page.evaluate("() => window.realtime.send({type: 'PING'})")  # its PONG moves the position past them
     page.wait_for_function(f"() => window.realtime.position.offset >= {before['offset'] + 5}", timeout=10_000)
     current = page.evaluate("({...window.realtime.position})")
     sockets.hold = lambda message: '"SUBSCRIBE"' in message
