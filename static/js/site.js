@@ -36,8 +36,15 @@ function clientOptions(body) {
   }
   // Where the stream was when this page was rendered: what is broadcast from then until the page has
   // subscribed is replayed to it (see the `since` option of realtime.js).
-  if (body.dataset.realtimeEpoch) options.since = { epoch: body.dataset.realtimeEpoch, offset: Number(body.dataset.realtimeOffset) };
+  options.since = renderedAt(body);
   return options;
+}
+
+// The stream's position an element's request was rendered at (`data-realtime-epoch`/`-offset`, which
+// base.html puts on <body> and the channel_subscriber macro on each subscriber), or null.
+function renderedAt(element) {
+  const { realtimeEpoch: epoch, realtimeOffset: offset } = element.dataset;
+  return epoch ? { epoch, offset: Number(offset) } : null;
 }
 
 // -- status indicator ---------------------------------------------------------
@@ -128,11 +135,9 @@ function attach(rt, element, swappedOut = new Set()) {
   // those channels, and one re-rendered on each message of its channel would ask forever. (So a parent's
   // render must give it its state, as the queue page does, not a placeholder.)
   const replacing = swappedOut.has(likeness(element));
-  // Where the stream was when the element was rendered (the macro puts it there): a fragment swapped in
-  // later, for a channel the page did not hold, is given what was broadcast to it since.
-  const { realtimeEpoch: epoch, realtimeOffset: offset } = element.dataset;
-  const since = epoch ? { epoch, offset: Number(offset) } : null;
-  rt.subscribe(names, { last, ask: !replacing, since });
+  // A fragment swapped in later, for a channel the page did not hold, is given what was broadcast to it
+  // since its render.
+  rt.subscribe(names, { last, ask: !replacing, since: renderedAt(element) });
 }
 
 function detach(rt, element) {
