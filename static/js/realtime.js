@@ -22,7 +22,8 @@
 // message of each channel on every (re)subscription.
 //
 // Status: connecting → open → reconnecting (lost, retrying) | offline (the
-// browser is offline) | unauthorized (signed out, or the server refuses us) |
+// browser is offline) | unauthorized (signed out, or the server refuses us; tried
+// again when the person comes back to the tab: they may have signed in elsewhere) |
 // error (this client broke the protocol: a bug to report, so it stops; the
 // console says why and `realtime:error` is dispatched with {code, reason}).
 
@@ -196,6 +197,8 @@ export class RealtimeClient {
     this._onOnline = () => this._wake();
     this._onOffline = () => this._goOffline();
     this._onVisible = () => document.visibilityState === "visible" && this._wake();
+    // Back to a tab that was told "unauthorized" (its user may have signed in again elsewhere): once more.
+    this._onReturn = () => document.visibilityState === "visible" && this.status === "unauthorized" && this._tryAgain();
   }
 
   // -- public API ----------------------------------------------------------
@@ -207,6 +210,7 @@ export class RealtimeClient {
   start() {
     if (!this.stopped) return this;
     this.stopped = false;
+    this._forgetReturn();
     window.addEventListener("online", this._onOnline);
     window.addEventListener("offline", this._onOffline);
     document.addEventListener("visibilitychange", this._onVisible);
@@ -220,6 +224,7 @@ export class RealtimeClient {
    */
   stop(status = "idle") {
     this.stopped = true;
+    this._forgetReturn();
     clearTimeout(this.retryTimer);
     this._socketEnded();
     window.removeEventListener("online", this._onOnline);
@@ -380,7 +385,7 @@ export class RealtimeClient {
         headers: { Accept: "application/json" },
         signal: abort.signal,
       });
-      if (response.status === 401 || response.status === 403) return this.stop("unauthorized");
+      if (response.status === 401 || response.status === 403) return this._unauthorized();
       if (!response.ok) throw new Error(`token endpoint answered ${response.status}`);
       auth = await response.json();
     } catch (error) {
@@ -420,13 +425,13 @@ export class RealtimeClient {
     if (ws !== this.ws) return;
     this.lastHeard = Date.now();
     this.pingSentAt = 0;
-    let message;
+    let message = null;
     try {
       message = JSON.parse(event.data);
     } catch (error) {
-      return;
+      // below
     }
-    if (!message || typeof message.type !== "string") return;
+    if (!message || typeof message.type !== "string") return this._unreadable(event.data);
     // The server's own frames carry no id; every broadcast has one (its type may be anything, even
     // CONNECTED or PONG: a producer chose it).
     if (typeof message.id === "string") {
@@ -450,6 +455,18 @@ export class RealtimeClient {
       this._takeAnswerAhead("UNSUBSCRIBED"); // or one the server sent unasked (the user's access changed)
     }
     this._show(message);
+  }
+
+  /**
+   * A frame that is not a message (not JSON, no `type`): the server never sends one, so something
+   * between it and us mangled it. It may have been a broadcast: say so, as a resync of the whole page
+   * (a page refetches what it shows), rather than let it go unseen. Not a reconnect: a replay would
+   * bring the same frame again, and again.
+   */
+  _unreadable(data) {
+    const what = typeof data === "string" ? `${data.length} characters` : "binary";
+    console.error(`realtime: a frame that is not a message (${what}) was dropped; resynchronising the page`);
+    this._resync({ reason: "unreadable" });
   }
 
   /**
@@ -804,10 +821,10 @@ export class RealtimeClient {
       console.error("realtime: the server refused a message over its size limit (1009); it will not be resent");
     }
     if (action === "fatal") return this._fail(code, event.reason);
-    if (action === "forbidden") return this.stop("unauthorized");
+    if (action === "forbidden") return this._unauthorized();
     if (action === "token") {
       this.authFailures += 1;
-      if (this.authFailures >= this.options.maxAuthFailures) return this.stop("unauthorized");
+      if (this.authFailures >= this.options.maxAuthFailures) return this._unauthorized();
       // The usual cause is a token that aged out while offline: fetch a fresh one at once.
       // If fresh tokens are refused too, back off like any other failure.
       if (this.authFailures === 1) return this._retryIn(code, "token", 0, 0);
@@ -850,6 +867,28 @@ export class RealtimeClient {
       this.restarts = 0;
     }
     this.connectedAt = 0;
+  }
+
+  /**
+   * The server will not have us (signed out, the user disabled, fresh tokens refused): stop. But the
+   * person may sign in again in another tab or window, and this tab would stay "unauthorized", its page
+   * frozen, until reloaded: when they come back to it (the tab visible again, the window focused), try
+   * once more, resuming where it stopped. One try each time, whatever it answers.
+   */
+  _unauthorized() {
+    this.stop("unauthorized");
+    window.addEventListener("focus", this._onReturn);
+    document.addEventListener("visibilitychange", this._onReturn);
+  }
+
+  _tryAgain() {
+    this.authFailures = 0;
+    this.start();
+  }
+
+  _forgetReturn() {
+    window.removeEventListener("focus", this._onReturn);
+    document.removeEventListener("visibilitychange", this._onReturn);
   }
 
   _fail(code, reason) {
@@ -961,7 +1000,6 @@ function countDown(counts, key) {
   else counts.delete(key);
 }
 
-/** A list the server sent, or none: a field of another type must not stop the client halfway. */
 /** A position `{epoch, offset}` as the server writes it, or null. */
 function positionOf(value) {
   if (!value || typeof value.epoch !== "string" || !value.epoch) return null;
@@ -969,6 +1007,7 @@ function positionOf(value) {
   return Number.isSafeInteger(offset) && offset >= 0 ? { epoch: value.epoch, offset } : null;
 }
 
+/** A list the server sent, or none: a field of another type must not stop the client halfway. */
 function list(value) {
   return Array.isArray(value) ? value : [];
 }

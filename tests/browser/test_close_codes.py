@@ -17,7 +17,7 @@ import time
 import pytest
 import requests
 from playwright.sync_api import expect
-from support import ADMIN_SECRET, wait_for
+from support import ADMIN_SECRET, PASSWORD, wait_for
 
 from relay.codes import Close
 
@@ -250,6 +250,89 @@ def test_a_server_frame_with_a_field_of_another_type_does_not_stop_the_client(li
     assert proxied(page, lambda: any("clinic:clinic-1:alerts" in message for message in sockets.sent))
     page.wait_for_timeout(200)
     assert page_errors == [] and page.evaluate("window.realtime.status") == "open"
+
+
+@pytest.mark.parametrize(
+    "frame", ["not json {", '{"data": {}}', "null", "[1, 2]"], ids=["text", "no-type", "null", "list"]
+)
+def test_a_frame_that_is_not_a_message_is_reported_and_the_page_resynchronised(live, site, frame):
+    """It was dropped in silence: if a proxy mangled a broadcast, what it said was never shown and nothing
+    told the page. Now the console says so and the page refetches what it shows; the socket stays."""
+    page, sockets, errors = live
+    page.evaluate(
+        "window.__resyncs = []; document.body.addEventListener('realtime:resync', e => window.__resyncs.push(e.detail))"
+    )
+    sockets.routes[-1].send(frame)
+    assert proxied(page, lambda: page.evaluate("window.__resyncs") == [{"reason": "unreadable"}])
+    assert any("not a message" in e and "resynchronising" in e for e in errors), errors
+    expect(page.locator("#toasts .toast-resync")).to_have_count(1)  # the page's "may be missing" note
+    body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "still here"}}, "filter": {}}
+    assert site.broadcast(body).json()["delivered"] >= 1
+    expect(page.locator("#toasts .toast-text", has_text="still here")).to_have_count(1)
+    assert page.evaluate("window.realtime.stats.sockets") == 1  # the same socket: no reconnect
+
+
+def sign_in_elsewhere(page, site) -> None:
+    """Sign the page's browser in again from another tab (the two share their cookies)."""
+    other = page.context.new_page()
+    other.goto(site.url + "/login")
+    other.fill("input[name=login]", "bob")
+    other.fill("input[name=password]", PASSWORD)
+    other.click("form[action='/login'] button[type=submit]")  # (the top bar has Sign out buttons)
+    other.wait_for_url(site.url + "/")
+    other.close()
+
+
+def sign_out_elsewhere(page, site) -> None:
+    other = page.context.new_page()
+    other.goto(site.url + "/")
+    other.click("form[action='/logout'] button[type=submit]")
+    other.wait_for_url("**/login**")
+    other.close()
+
+
+def test_a_tab_told_signed_out_tries_again_when_its_person_comes_back_to_it(live, site):
+    """Signed out in another tab, the page's next connection was refused (401 from the token endpoint)
+    and the client stopped for good: signed in again elsewhere, this tab stayed "Signed out", its page
+    frozen, until reloaded. Now coming back to it (the window focused, the tab visible) tries once more;
+    still signed out, that one try is all."""
+    page, sockets, _ = live
+    sign_out_elsewhere(page, site)  # the open socket stays (a plain sign-out): a restart ends it
+    sockets.close(Close.SERVICE_RESTART, "deploy")
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "unauthorized")
+    fetches = page.evaluate("window.realtime.stats.authFetches")
+    page.evaluate("window.dispatchEvent(new Event('focus'))")  # back to the tab, still signed out
+    assert proxied(page, lambda: page.evaluate("window.realtime.stats.authFetches") == fetches + 1)
+    page.wait_for_timeout(1000)  # and nothing more
+    assert page.evaluate("window.realtime.stats") == {"authFetches": fetches + 1, "sockets": 1}
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "unauthorized")
+
+    body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "while away"}}, "filter": {}}
+    assert site.broadcast(body).status_code == 200
+    sign_in_elsewhere(page, site)
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # the tab shown again
+    wait_live(page)
+    assert page.evaluate("window.realtime.stats.sockets") == 2
+    expect(page.locator("#toasts .toast-text", has_text="while away")).to_have_count(1)  # resumed: replayed
+    body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "and after"}}, "filter": {}}
+    assert site.broadcast(body).json()["delivered"] >= 1
+    expect(page.locator("#toasts .toast-text", has_text="and after")).to_have_count(1)
+
+
+def test_a_tab_whose_user_was_disabled_tries_again_on_return_and_stops_again(live, site):
+    """4403 (the user disabled) is also "unauthorized": coming back tries once, and is refused once."""
+    page, sockets, _ = live
+    sockets.refuse_with = Close.FORBIDDEN
+    sockets.close(Close.FORBIDDEN, "user disabled")
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "unauthorized")
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    assert proxied(page, lambda: len(sockets.routes) == 2)
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", "unauthorized")
+    page.wait_for_timeout(1000)
+    assert len(sockets.routes) == 2 and retries(page) == []
+    sockets.refuse_with = None
+    page.evaluate("window.dispatchEvent(new Event('focus'))")  # enabled again meanwhile
+    wait_live(page)
 
 
 @pytest.mark.parametrize("code", [Close.PROTOCOL_ERROR, Close.INVALID_PAYLOAD], ids=["1002", "1007"])
