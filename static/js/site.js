@@ -167,6 +167,8 @@ function watchSubscribers(rt) {
 // move again, so it says so instead of showing what it showed under "Live".
 const REVOKED_TEXT = "This is no longer available to you (your role or clinic changed): reload the page.";
 
+// A fragment that adds each message (a list of alerts, swap= afterbegin or beforeend) keeps what it
+// showed, which is still true: the note goes where the next message will, marking the gap in place.
 function clearStaleFragments() {
   document.body.addEventListener("realtime:resync", (event) => {
     const only = event.detail && event.detail.channels; // a resync for some channels only
@@ -174,16 +176,53 @@ function clearStaleFragments() {
     for (const [element, { names }] of subscribed) {
       const text = element.dataset.realtimeResync;
       if (!text || (only && !names.some((name) => only.includes(name)))) continue;
-      const where = element.dataset.realtimeTarget;
-      const target = !where || where === "this" ? element : document.querySelector(where);
+      const target = targetOf(element);
       if (!target) continue;
+      const adding = !revoked && addsAt(element);
       const note = document.createElement("p");
       note.className = "muted";
       if (revoked) note.dataset.resyncState = "revoked";
       else note.dataset.resyncState = element.dataset.realtimeLast === "true" ? "waiting" : "missing";
       note.textContent = revoked ? REVOKED_TEXT : text;
-      target.replaceChildren(note);
+      if (!adding) {
+        target.replaceChildren(note);
+      } else if (!isMissingNote(adding === "afterbegin" ? target.firstElementChild : target.lastElementChild)) {
+        target.insertAdjacentElement(adding, note); // (a second resync with nothing in between: marked already)
+        keepNewest(element, target);
+      }
     }
+  });
+}
+
+function targetOf(element) {
+  const where = element.dataset.realtimeTarget;
+  return !where || where === "this" ? element : document.querySelector(where);
+}
+
+// Where a fragment that adds each message puts the next one ("afterbegin", "beforeend"), or null.
+function addsAt(element) {
+  const swap = element.dataset.realtimeSwap;
+  return swap === "afterbegin" || swap === "beforeend" ? swap : null;
+}
+
+function isMissingNote(node) {
+  return Boolean(node && node.dataset && node.dataset.resyncState === "missing");
+}
+
+// At most `keep` (data-realtime-keep) children in a fragment that adds each message: the oldest go.
+function keepNewest(element, target) {
+  const keep = Number(element.dataset.realtimeKeep);
+  const adding = addsAt(element);
+  if (!adding || !(keep > 0)) return;
+  while (target.children.length > keep) {
+    (adding === "afterbegin" ? target.lastElementChild : target.firstElementChild).remove();
+  }
+}
+
+function boundAddedLists() {
+  document.body.addEventListener("htmx:afterSwap", (event) => {
+    const element = event.detail.elt;
+    if (element && subscribed.has(element)) keepNewest(element, event.detail.target || targetOf(element));
   });
 }
 
@@ -290,4 +329,5 @@ rt.onResync((detail) => {
 passMessagesToHtmx();
 showFailures();
 clearStaleFragments();
+boundAddedLists();
 watchSubscribers(rt);

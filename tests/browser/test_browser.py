@@ -128,6 +128,29 @@ def test_clinic_alerts_appear_on_the_queue_page(site, web):
     assert broadcast_until_delivered(site, body)["delivered"] == 1
     expect(page.locator("#alerts .alert-text")).to_have_text("Fridge B is warm")
     expect(page.locator("#alerts strong")).to_have_text("Urgent:")
+    expect(page.locator("#alerts .rt-empty")).to_be_hidden()  # "No alerts yet." is not true any more
+
+
+def test_every_alert_of_a_burst_is_listed_newest_first_and_the_list_keeps_twenty(site, web):
+    """The panel showed only the latest alert, and of a burst htmx rendered only the first and the
+    last (it queues one request behind the one out): alerts a second apart were never on screen. Each
+    is listed now, in order, newest first, the oldest dropped past twenty."""
+    page = web(site, "erin", "/clinics/clinic-1/queue")
+    wait_live(page)
+    first = {
+        "message": {"type": "CLINIC_ALERT", "data": {"message": "Alert 1"}},
+        "filter": {"channels": ["clinic:clinic-1:alerts"]},
+    }
+    assert broadcast_until_delivered(site, first)["delivered"] == 1
+    expect(page.locator("#alerts .alert-text")).to_have_text(["Alert 1"])
+    for number in range(2, 26):  # back to back: each lands while the page is still rendering the one before
+        body = {
+            "message": {"type": "CLINIC_ALERT", "data": {"message": f"Alert {number}"}},
+            "filter": {"channels": ["clinic:clinic-1:alerts"]},
+        }
+        assert site.broadcast(body).json()["delivered"] == 1
+    expect(page.locator("#alerts .alert-text")).to_have_text([f"Alert {n}" for n in range(25, 5, -1)])
+    assert page.locator("#alerts > *").count() == 20  # the placeholder went first, then the oldest alerts
 
 
 def test_a_removed_channel_subscriber_unsubscribes(site, web):
