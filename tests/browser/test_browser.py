@@ -120,7 +120,7 @@ def test_the_queue_page_updates_for_its_own_clinic_only(site, web):
 def test_clinic_alerts_appear_on_the_queue_page(site, web):
     page = web(site, "erin", "/clinics/clinic-1/queue")
     wait_live(page)
-    expect(page.locator("#alerts")).to_contain_text("No alerts yet.")
+    expect(page.locator("#alerts")).to_contain_text("No alerts since this page was opened.")
     body = {
         "message": {"type": "CLINIC_ALERT", "data": {"message": "Fridge B is warm", "level": "urgent"}},
         "filter": {"channels": ["clinic:clinic-1:alerts"]},
@@ -128,7 +128,7 @@ def test_clinic_alerts_appear_on_the_queue_page(site, web):
     assert broadcast_until_delivered(site, body)["delivered"] == 1
     expect(page.locator("#alerts .alert-text")).to_have_text("Fridge B is warm")
     expect(page.locator("#alerts strong")).to_have_text("Urgent:")
-    expect(page.locator("#alerts .rt-empty")).to_be_hidden()  # "No alerts yet." is not true any more
+    expect(page.locator("#alerts .rt-empty")).to_be_hidden()  # its placeholder is not true any more
 
 
 def test_every_alert_of_a_burst_is_listed_newest_first_and_the_list_keeps_twenty(site, web):
