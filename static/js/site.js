@@ -88,21 +88,30 @@ export function toast(title, text, at) {
   close.className = "toast-close";
   close.setAttribute("aria-label", "Dismiss");
   close.textContent = "×";
-  close.addEventListener("click", () => item.remove());
   item.append(close);
 
-  // Auto-hide, but not while someone is reading it (hover or keyboard focus).
-  let timer = setTimeout(() => item.remove(), TOAST_MS);
+  // Auto-hide, but not while someone is reading it (hover or keyboard focus), nor while nobody can see
+  // it: one that came while the tab was in the background would have gone before anyone looked. The
+  // wait starts over when the tab is shown again.
+  let timer = null;
   const pause = () => clearTimeout(timer);
   const resume = () => {
     clearTimeout(timer);
-    timer = setTimeout(() => item.remove(), TOAST_MS);
+    if (document.visibilityState === "visible") timer = setTimeout(remove, TOAST_MS);
   };
+  const remove = () => {
+    clearTimeout(timer);
+    document.removeEventListener("visibilitychange", resume);
+    item.remove();
+  };
+  close.addEventListener("click", remove);
   item.addEventListener("mouseenter", pause);
   item.addEventListener("focusin", pause);
   item.addEventListener("mouseleave", resume);
   item.addEventListener("focusout", resume);
+  document.addEventListener("visibilitychange", resume);
   container.append(item);
+  resume();
   return item;
 }
 

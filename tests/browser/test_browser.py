@@ -56,6 +56,40 @@ def test_an_admin_announcement_pops_up_as_a_toast_for_staff(site, web):
     expect(toast).to_have_count(0)
 
 
+SET_VISIBILITY = """state => {
+    Object.defineProperty(document, "visibilityState", { configurable: true, get: () => state });
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
+def test_a_toast_that_comes_while_the_tab_is_hidden_waits_until_it_has_been_seen(site, web):
+    """Toasts hid after 10 s whoever looked: an announcement that came while the tab was in the
+    background was gone before its person came back to it. Its 10 s count only while the tab is shown."""
+    page = web(site, "bob", "about:blank")
+    page.clock.install()  # time flows as usual; fast_forward jumps it, running the timers on the way
+    page.goto(site.url + "/")
+    wait_live(page)
+    shown = page.locator("#toasts .toast-text", has_text="seen in time")
+    broadcast_until_delivered(site, {"message": {"type": "ANNOUNCEMENT", "data": {"message": "seen in time"}}})
+    expect(shown).to_have_count(1)
+    page.clock.fast_forward(11_000)
+    expect(shown).to_have_count(0)  # a shown tab's toast hides after 10 s, as before
+
+    page.evaluate(SET_VISIBILITY, "hidden")
+    hidden = page.locator("#toasts .toast-text", has_text="while in the background")
+    broadcast_until_delivered(
+        site, {"message": {"type": "ANNOUNCEMENT", "data": {"message": "while in the background"}}}
+    )
+    expect(hidden).to_have_count(1)
+    page.clock.fast_forward(60_000)
+    expect(hidden).to_have_count(1)  # nobody has seen it yet
+    page.evaluate(SET_VISIBILITY, "visible")
+    page.clock.fast_forward(8_000)
+    expect(hidden).to_have_count(1)  # shown for 8 s only
+    page.clock.fast_forward(3_000)
+    expect(hidden).to_have_count(0)
+
+
 def test_html_in_an_announcement_is_shown_as_text_and_runs_nothing(site, web):
     evil = '<img src=x onerror="window.__owned = 1"><b>bold?</b>'
     staff = web(site, "bob")
