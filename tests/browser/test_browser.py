@@ -90,6 +90,21 @@ def test_a_toast_that_comes_while_the_tab_is_hidden_waits_until_it_has_been_seen
     expect(hidden).to_have_count(0)
 
 
+def test_many_toasts_at_once_can_all_be_reached_and_dismissed(site, web):
+    """Kept until seen, toasts can pile up (a tab in the background for hours); the stack grew off the
+    top of the screen, where the oldest could not be read or closed. It scrolls instead."""
+    page = web(site, "bob")
+    page.set_viewport_size({"width": 800, "height": 400})
+    page.evaluate(
+        "async () => { const { toast } = await import('/static/js/site.js');"
+        " for (let n = 1; n <= 12; n++) toast('Announcement', `number ${n}`); }"
+    )
+    oldest = page.locator("#toasts .toast").first
+    expect(oldest.locator(".toast-text")).to_have_text("number 1")
+    oldest.locator(".toast-close").click(timeout=3_000)
+    expect(page.locator("#toasts .toast")).to_have_count(11)
+
+
 def test_html_in_an_announcement_is_shown_as_text_and_runs_nothing(site, web):
     evil = '<img src=x onerror="window.__owned = 1"><b>bold?</b>'
     staff = web(site, "bob")
