@@ -431,7 +431,7 @@ export class RealtimeClient {
     } catch (error) {
       // below
     }
-    if (!message || typeof message.type !== "string") return this._unreadable(event.data);
+    if (!message || typeof message.type !== "string") return this._unreadable(ws, event.data);
     // The server's own frames carry no id; every broadcast has one (its type may be anything, even
     // CONNECTED or PONG: a producer chose it).
     if (typeof message.id === "string") {
@@ -459,14 +459,15 @@ export class RealtimeClient {
 
   /**
    * A frame that is not a message (not JSON, no `type`): the server never sends one, so something
-   * between it and us mangled it. It may have been a broadcast: say so, as a resync of the whole page
-   * (a page refetches what it shows), rather than let it go unseen. Not a reconnect: a replay would
-   * bring the same frame again, and again.
+   * between it and us mangled it. It may have been a broadcast, or the answer a hold waits for: the
+   * socket cannot be trusted. Resume on a new one, which replays what this one was sent after the
+   * position (the mangled frame too: it moved nothing). Something that mangles every time makes this
+   * a loop, but a loud one, in the backoff: never a frame gone in silence.
    */
-  _unreadable(data) {
+  _unreadable(ws, data) {
     const what = typeof data === "string" ? `${data.length} characters` : "binary";
-    console.error(`realtime: a frame that is not a message (${what}) was dropped; resynchronising the page`);
-    this._resync({ reason: "unreadable" });
+    console.error(`realtime: a frame that is not a message (${what}) came on the socket; resuming on a new one`);
+    this._abandon(ws, "unreadable frame");
   }
 
   /**
@@ -883,6 +884,7 @@ export class RealtimeClient {
 
   _tryAgain() {
     this.authFailures = 0;
+    this.attempt = 0;
     this.start();
   }
 

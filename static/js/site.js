@@ -196,7 +196,10 @@ function clearStaleFragments() {
       if (!adding) {
         target.replaceChildren(note);
       } else if (!isMissingNote(adding === "afterbegin" ? target.firstElementChild : target.lastElementChild)) {
-        target.insertAdjacentElement(adding, note); // (a second resync with nothing in between: marked already)
+        // (A second resync with nothing in between: marked already.) One that gives a revoked channel
+        // back takes its "no longer available" away.
+        target.querySelectorAll(":scope > [data-resync-state=revoked]").forEach((old) => old.remove());
+        target.insertAdjacentElement(adding, note);
         keepNewest(element, target);
       }
     }
@@ -230,7 +233,8 @@ function keepNewest(element, target) {
 
 function boundAddedLists() {
   document.body.addEventListener("htmx:afterSwap", (event) => {
-    const element = event.detail.elt;
+    // Fired on the target: the subscriber that asked is the request's element.
+    const element = event.detail.requestConfig && event.detail.requestConfig.elt;
     if (element && subscribed.has(element)) keepNewest(element, event.detail.target || targetOf(element));
   });
 }
@@ -255,11 +259,19 @@ function passMessagesToHtmx() {
 const RELOAD_KEY = "realtime-reloaded-at";
 const RELOAD_EVERY_MS = 60000;
 
-function fragmentNote(target, state, text) {
+// In a fragment that adds each message (a list), the note goes where the message would have: it marks
+// the place of the one not shown, and stays, as the others do.
+function fragmentNote(element, target, state, text) {
   const note = document.createElement("p");
   note.className = "muted fragment-error";
   note.dataset.fragmentState = state;
   note.textContent = text;
+  const adding = addsAt(element);
+  if (adding) {
+    target.insertAdjacentElement(adding, note);
+    keepNewest(element, target);
+    return;
+  }
   target.querySelectorAll(":scope > .fragment-error").forEach((old) => old.remove());
   target.prepend(note);
 }
@@ -287,11 +299,11 @@ function showFailures() {
         location.reload();
         return;
       }
-      fragmentNote(target, "signed-out", "This page can no longer be updated: reload it (you may need to sign in again).");
+      fragmentNote(element, target, "signed-out", "This page can no longer be updated: reload it (you may need to sign in again).");
       return;
     }
     const why = status ? `the server answered ${status}` : "the server could not be reached";
-    fragmentNote(target, "stale", `Not up to date: the latest update could not be shown (${why}). Reload the page to be sure.`);
+    fragmentNote(element, target, "stale", `Not up to date: the latest update could not be shown (${why}). Reload the page to be sure.`);
   };
   document.body.addEventListener("htmx:responseError", failed);
   document.body.addEventListener("htmx:sendError", failed);
