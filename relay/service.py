@@ -36,7 +36,7 @@ from .broker import Broker, BrokerUnavailable, Delivery, MemoryBroker, Pending
 from .clock import now_ms
 from .codes import Close, Error
 from .config import MAX_SESSION_HOURS, Settings
-from .connection import Connection
+from .connection import OPEN, Connection
 from .devices import KnownDevices
 from .directory import Directory, DirectoryUnavailable, Identity
 from .envelope import Envelope
@@ -67,6 +67,9 @@ MAX_SUBSCRIPTIONS = 100
 TRIM_INTERVAL = 5.0  # seconds between history trims
 FOLLOW_INTERVAL = 2.0  # seconds between checks that this worker delivered what the stream holds
 SAMPLE_INTERVAL = 1.0  # seconds between gauge samples (and, every other one, timeline shares)
+# How long a disconnect is remembered for the workers that did not hear it: longer than any worker can be
+# cut off from Redis and still hold sockets worth closing.
+DISCONNECT_KEPT_S = 24 * 3600
 
 
 class _OnItsWay:
@@ -230,16 +233,19 @@ class Realtime:
         return len(conns)
 
     def recheck_sign_outs(self, user_ids: list[str]) -> int:
-        """Read from the sign-out store whether these users were signed out everywhere, and apply it
-        (:meth:`apply_sign_outs`); may wait on the store, and raises ``SignoutsUnavailable``.
+        """Read from the sign-out store whether these users were signed out everywhere or disconnected,
+        and apply it (:meth:`apply_sign_outs`, :meth:`apply_disconnects`); may wait on the store, and
+        raises ``SignoutsUnavailable``. Returns how many sockets it closed.
 
-        The backstop of :meth:`sign_out_everywhere`: its close reaches the workers listening at that
-        moment (a worker whose Redis listener was reconnecting never hears it), and a token minted
-        before it still opens a socket until it expires. The identity re-check reads every
-        connected user here (``WS_IDENTITY_RECHECK_MS``); a worker told to close a user's sockets
-        reads that user at once.
+        The backstop of :meth:`sign_out_everywhere` and :meth:`disconnect_user`: their close reaches
+        the workers listening at that moment (a worker whose Redis listener was reconnecting never
+        hears it), and a token minted before a sign-out still opens a socket until it expires. The
+        identity re-check reads every connected user here (``WS_IDENTITY_RECHECK_MS``); a worker told
+        to close a user's sockets reads that user at once.
         """
-        return self.apply_sign_outs(self.signouts.signed_out_before(user_ids, time.time()))
+        now = time.time()
+        closed = self.apply_sign_outs(self.signouts.signed_out_before(user_ids, now))
+        return closed + self.apply_disconnects(self.signouts.disconnected_before(user_ids, now))
 
     def apply_sign_outs(self, signed_out: dict[str, int]) -> int:
         """Users signed out everywhere, each with the time (epoch ms) their tokens had to be minted after:
@@ -260,6 +266,21 @@ class Realtime:
                     closed += 1
         return closed
 
+    def apply_disconnects(self, disconnected: dict[str, int]) -> int:
+        """Users an administrator disconnected, each with the moment (epoch ms): their sockets here that
+        were opened before it are closed (4403, as the disconnect's own close); those opened since (the
+        person came back) stay. Returns how many it closed."""
+        if not disconnected:
+            return 0
+        wall, monotonic = now_ms(), time.monotonic()
+        closed = 0
+        for user_id, before in disconnected.items():
+            for conn in self.hub.connections_of(user_id):
+                if conn.state is OPEN and wall - (monotonic - conn.opened_at) * 1000 < before:
+                    _disconnect(conn)
+                    closed += 1
+        return closed
+
     def spelled_by_source(self, user_id: str) -> tuple[str, bool | None]:
         """The id as the identity source spells it (a Supabase id typed in capitals is the same user,
         and its sockets and sign-outs are keyed by the source's spelling), and whether the source knows
@@ -271,7 +292,17 @@ class Realtime:
         return (user.user_id, True) if user is not None else (user_id, False)
 
     def disconnect_user(self, user_id: str) -> Delivery:
-        """Close the user's sockets on every worker and host (an incident); ``delivered`` counts them."""
+        """Close the user's sockets on every worker and host (an incident); ``delivered`` counts them.
+
+        Recorded first in the sign-out store, for a worker that does not hear the close (its Redis
+        listener reconnecting): it closes them at its next identity re-check (:meth:`recheck_sign_outs`).
+        That store down, the close is sent all the same (and the record's loss logged).
+        """
+        now = time.time()
+        try:
+            self.signouts.disconnect_all(user_id, int(now * 1000), now + DISCONNECT_KEPT_S)
+        except SignoutsUnavailable as down:
+            event("ws.disconnect_unrecorded", level="error", userId=user_id, error=str(down))
         return self.broker.control({"kind": "disconnect", "userId": user_id})
 
     def end_sign_ins(self, user_id: str, *, by: str) -> None:

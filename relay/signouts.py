@@ -32,6 +32,9 @@ storm): a sign-out everywhere closes the user's sockets, and each worker then
 refuses the user's tokens minted before it; the workers that did not hear
 that close (a Redis listener reconnecting, a worker started since) learn it
 from :meth:`SignoutStore.signed_out_before` at the next identity re-check.
+An administrator's disconnect (``Realtime.disconnect_user``) is kept here the
+same way, for those workers (:meth:`SignoutStore.disconnected_before`): it
+closes the sockets opened before it, and ends no sign-in.
 """
 
 from __future__ import annotations
@@ -75,6 +78,16 @@ class SignoutStore(Protocol):
         and when a worker is told to close a user's sockets.
         """
 
+    def disconnect_all(self, user_id: str, before_ms: int, until: float) -> None:
+        """Remember that every socket of ``user_id`` opened before ``before_ms`` (epoch ms) is to be closed:
+        an administrator's disconnect, for the workers that did not hear it. Sign-ins are not ended. A
+        later call moves that time only forward; it may be forgotten after ``until`` (epoch seconds)."""
+
+    def disconnected_before(self, user_ids: list[str], now: float) -> dict[str, int]:
+        """For those of ``user_ids`` disconnected (and still remembered at ``now``), the time (epoch ms)
+        their sockets had to be opened after; the others are absent. Read with
+        :meth:`signed_out_before`, at each identity re-check."""
+
     def close(self) -> None: ...
 
 
@@ -89,6 +102,11 @@ CREATE TABLE IF NOT EXISTS user_signouts (
     ended_before_ms INTEGER NOT NULL,
     until REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS user_disconnects (
+    user_id TEXT PRIMARY KEY,
+    ended_before_ms INTEGER NOT NULL,
+    until REAL NOT NULL
+);
 """
 
 
@@ -97,8 +115,8 @@ _store_errors = errors_become(SignoutsUnavailable, "the sign-out store cannot be
 
 
 class SqliteSignouts(SqliteStore):
-    """The instance database's ``signouts`` (sessions) and ``user_signouts`` (users signed out everywhere)
-    tables; rows past their ``until`` are deleted as new ones arrive."""
+    """The instance database's ``signouts`` (sessions), ``user_signouts`` (users signed out everywhere) and
+    ``user_disconnects`` (users disconnected) tables; rows past their ``until`` are deleted as new ones arrive."""
 
     name = "sqlite"
     schema = SCHEMA
@@ -111,12 +129,18 @@ class SqliteSignouts(SqliteStore):
             db.execute("DELETE FROM signouts WHERE until < ?", (time.time(),))
             db.execute("INSERT OR REPLACE INTO signouts (session_id, until) VALUES (?, ?)", (session_id, until))
 
-    @_store_errors
     def end_all(self, user_id: str, before_ms: int, until: float) -> None:
+        self._move_forward("user_signouts", user_id, before_ms, until)
+
+    def disconnect_all(self, user_id: str, before_ms: int, until: float) -> None:
+        self._move_forward("user_disconnects", user_id, before_ms, until)
+
+    @_store_errors
+    def _move_forward(self, table: str, user_id: str, before_ms: int, until: float) -> None:
         with self._lock, transaction(self._conn()) as db:
-            db.execute("DELETE FROM user_signouts WHERE until < ?", (time.time(),))
+            db.execute(f"DELETE FROM {table} WHERE until < ?", (time.time(),))
             db.execute(
-                "INSERT INTO user_signouts (user_id, ended_before_ms, until) VALUES (?, ?, ?)"
+                f"INSERT INTO {table} (user_id, ended_before_ms, until) VALUES (?, ?, ?)"
                 " ON CONFLICT (user_id) DO UPDATE SET"
                 " ended_before_ms = MAX(ended_before_ms, excluded.ended_before_ms), until = MAX(until, excluded.until)",
                 (user_id, before_ms, until),
@@ -136,8 +160,14 @@ class SqliteSignouts(SqliteStore):
             )
         return bool(row[0])
 
-    @_store_errors
     def signed_out_before(self, user_ids: list[str], now: float) -> dict[str, int]:
+        return self._times("user_signouts", user_ids, now)
+
+    def disconnected_before(self, user_ids: list[str], now: float) -> dict[str, int]:
+        return self._times("user_disconnects", user_ids, now)
+
+    @_store_errors
+    def _times(self, table: str, user_ids: list[str], now: float) -> dict[str, int]:
         found: dict[str, int] = {}
         for start in range(0, len(user_ids), _BATCH):
             batch = user_ids[start : start + _BATCH]
@@ -146,7 +176,7 @@ class SqliteSignouts(SqliteStore):
                 rows = (
                     self._conn()
                     .execute(
-                        f"SELECT user_id, ended_before_ms FROM user_signouts WHERE until > ? AND user_id IN ({marks})",
+                        f"SELECT user_id, ended_before_ms FROM {table} WHERE until > ? AND user_id IN ({marks})",
                         (now, *batch),
                     )
                     .fetchall()
@@ -156,8 +186,9 @@ class SqliteSignouts(SqliteStore):
 
 
 class RedisSignouts(RedisStore):
-    """One key per signed-out session, ``<prefix>:signout:<id>``, and per user signed out everywhere,
-    ``<prefix>:signout-user:<id>`` (holding the time in ms), each expiring at its ``until``."""
+    """One key per signed-out session, ``<prefix>:signout:<id>``, per user signed out everywhere,
+    ``<prefix>:signout-user:<id>``, and per user disconnected, ``<prefix>:disconnect-user:<id>`` (the last
+    two holding the time in ms), each expiring at its ``until``."""
 
     name = "redis"
     unavailable = SignoutsUnavailable
@@ -166,13 +197,20 @@ class RedisSignouts(RedisStore):
         super().__init__(url)
         self.prefix = f"{prefix}:signout:"
         self.user_prefix = f"{prefix}:signout-user:"
+        self.disconnect_prefix = f"{prefix}:disconnect-user:"
 
     def end(self, session_id: str, until: float) -> None:
         self._call(self._client.set, self.prefix + session_id, "1", px=_ttl_ms(until))
 
     def end_all(self, user_id: str, before_ms: int, until: float) -> None:
+        self._move_forward(self.user_prefix + user_id, before_ms, until)
+
+    def disconnect_all(self, user_id: str, before_ms: int, until: float) -> None:
+        self._move_forward(self.disconnect_prefix + user_id, before_ms, until)
+
+    def _move_forward(self, key: str, before_ms: int, until: float) -> None:
         # Only forward, in time and in expiry, as SQLite's MAX: one round trip, atomic in Redis.
-        self._call(self._client.eval, _MOVE_FORWARD, 1, self.user_prefix + user_id, before_ms, _ttl_ms(until))
+        self._call(self._client.eval, _MOVE_FORWARD, 1, key, before_ms, _ttl_ms(until))
 
     def ended(self, session_id: str, user_id: str, started_ms: int, now: float) -> bool:
         # Redis drops each key once its time is up; ``now`` is not needed here.
@@ -182,10 +220,17 @@ class RedisSignouts(RedisStore):
         return signed_out is not None or (everywhere_before is not None and started_ms < int(everywhere_before))
 
     def signed_out_before(self, user_ids: list[str], now: float) -> dict[str, int]:
+        return self._times(self.user_prefix, user_ids)
+
+    def disconnected_before(self, user_ids: list[str], now: float) -> dict[str, int]:
+        return self._times(self.disconnect_prefix, user_ids)
+
+    def _times(self, prefix: str, user_ids: list[str]) -> dict[str, int]:
+        # Redis drops each key once its time is up: no ``now`` here.
         found: dict[str, int] = {}
         for start in range(0, len(user_ids), _BATCH):
             batch = user_ids[start : start + _BATCH]
-            values = self._call(self._client.mget, [self.user_prefix + user_id for user_id in batch])
+            values = self._call(self._client.mget, [prefix + user_id for user_id in batch])
             found.update((user, int(value)) for user, value in zip(batch, values, strict=True) if value is not None)
         return found
 

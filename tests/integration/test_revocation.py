@@ -115,6 +115,52 @@ def test_an_admin_can_disconnect_a_user_everywhere(tmp_path, redis_server):
             srv.stop()
 
 
+def test_a_disconnect_a_host_did_not_hear_closes_its_sockets_at_its_recheck_and_no_later_ones(tmp_path, redis_server):
+    """The close of a disconnect reaches the hosts listening then: one whose Redis listener was
+    reconnecting never heard it, and the user's sockets there stayed open (the answer said
+    `missingWorkers`, call again). The disconnect is recorded in the sign-out store, and that host
+    closes them at its next identity re-check; a socket the user opened since stays."""
+    import redis as redis_client
+
+    make_users(tmp_path / "realtime.db")
+    shared = {
+        "REDIS_URL": redis_server.url,
+        "REALTIME_DB": str(tmp_path / "realtime.db"),
+        "WS_IDENTITY_RECHECK_MS": "1000",
+    }
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        servers.append(Server(tmp_path / name, shared).start())
+    host_a, host_b = servers
+    admin = redis_client.Redis.from_url(redis_server.url)
+    try:
+        on_a, on_b, other = host_a.connect("bob"), host_b.connect("bob"), host_b.connect("carol")
+        # Every listener cut off, and kept off: nobody hears a control message until SUBSCRIBE is back.
+        admin.execute_command("ACL", "SETUSER", "default", "-subscribe")
+        admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert wait_for(lambda: host_b.health()["broker"]["state"] != "ok", timeout=10)
+        done = requests.post(
+            host_a.url + "/api/users/bob/disconnect", headers={"Authorization": f"Bearer {ADMIN_SECRET}"}, timeout=10
+        ).json()
+        assert (done["disconnected"], done["missingWorkers"]) == (1, 1)  # host a's own; b did not answer
+        assert on_a.closed_with() == (Close.FORBIDDEN, "disconnected by an administrator")
+        admin.execute_command("ACL", "SETUSER", "default", "+subscribe")
+        assert on_b.closed_with(timeout=10) == (Close.FORBIDDEN, "disconnected by an administrator")
+        host_b.wait_for_event("ws.revoked", lambda e: e.get("reason") == "disconnected" and e.get("userId") == "bob")
+        again = host_b.connect("bob")  # the person came back: a socket opened since the disconnect
+        assert again.nothing_within(2.5)  # two re-checks later, still open
+        other.send({"type": "PING"})
+        assert other.expect("PONG")  # nobody else's
+        again.close()
+        other.close()
+    finally:
+        admin.execute_command("ACL", "SETUSER", "default", "+subscribe")
+        admin.close()
+        for srv in servers:
+            srv.stop()
+
+
 def test_a_user_banned_in_supabase_is_closed_within_the_recheck(start_server):
     from fake_supabase import FakeSupabase
 

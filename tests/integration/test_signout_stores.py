@@ -155,3 +155,38 @@ def test_a_user_signed_out_everywhere_is_no_longer_read_once_it_is_forgotten(sto
     assert store.signed_out_before(["bob"], time.time()) == {"bob": at}
     time.sleep(0.6)
     assert store.signed_out_before(["bob"], time.time()) == {}
+
+
+def test_a_disconnect_is_remembered_by_user_with_its_time_and_is_not_a_sign_out(store):
+    now, at = time.time(), int(time.time() * 1000)
+    store.disconnect_all("bob", at, now + 3600)
+    assert store.disconnected_before(["bob", "carol"], now) == {"bob": at}
+    assert store.signed_out_before(["bob"], now) == {}  # their sign-ins go on
+    assert not store.ended("s1", "bob", at - 1, now)
+    store.end_all("carol", at, now + 3600)
+    assert store.disconnected_before(["carol"], now) == {}  # and a sign-out everywhere is not one either
+    many = [f"u{i}" for i in range(1_200)]
+    store.disconnect_all("u1100", at, now + 3600)
+    assert store.disconnected_before(many, now) == {"u1100": at}  # read in batches, none lost
+
+
+def test_a_disconnect_only_moves_forward_and_is_forgotten_when_its_time_is_up(store):
+    now, at = time.time(), int(time.time() * 1000)
+    store.disconnect_all("bob", at, now + 0.3)
+    store.disconnect_all("bob", at - 100_000, now + 0.3)  # an older one arriving late moves nothing back
+    assert store.disconnected_before(["bob"], now) == {"bob": at}
+    time.sleep(0.6)
+    assert store.disconnected_before(["bob"], time.time()) == {}
+
+
+def test_a_disconnect_cannot_be_recorded_in_a_store_that_is_down(tmp_path, redis_server):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the database's folder should be")
+    redis_store = RedisSignouts(redis_server.url, prefix="test")
+    redis_server.stop()
+    for down in (SqliteSignouts(str(blocker / "realtime.db")), redis_store):
+        with pytest.raises(SignoutsUnavailable):
+            down.disconnect_all("bob", STARTED, time.time() + 60)
+        with pytest.raises(SignoutsUnavailable):
+            down.disconnected_before(["bob"], time.time())
+        down.close()
