@@ -308,7 +308,12 @@ class ClientProtocol:
         A channel already held gets its last value too: the page's second subscriber of a channel
         (one more fragment showing the queue) asks for it, and the first gets a repeat it can
         tell by ``"last": true``."""
-        held = frozenset(conn.channels) if since is not None else frozenset()
+        stream = self.stream
+        # A fan-out pausing (its offset is the position, not yet delivered) took its recipients before this
+        # SUBSCRIBE: what it sends that the channels taken now add would never come, and the next PONG,
+        # past it, would tell the client it had been sent (a SUBSCRIBE since replays it anyway).
+        mid_fan_out = since is None and stream is not None and stream.position > stream.delivered
+        held = frozenset(conn.channels) if since is not None or mid_fan_out else frozenset()
         taken, over = self.hub.subscribe(conn, allowed, self.max_subscriptions)
         for name in over:
             self.error(
@@ -330,6 +335,13 @@ class ClientProtocol:
                 conn.sent_after = min(conn.sent_after, since[1])
             else:
                 answer.update(recovered=False, reason=replay)
+        elif mid_fan_out and taken and stream is not None and stream.epoch is not None:
+            # Sent with this answer, as a replay's frames are (a last value newer than its start with them,
+            # in order); nothing from before the connection joined.
+            start = max(stream.delivered, conn.sent_after)
+            caught = self._replay(conn, held, (stream.epoch, start))
+            if isinstance(caught, list):
+                replay, newest_shown = caught, start
         for name in taken:
             envelope = last.get(name)
             if envelope is not None and (newest_shown is None or (envelope.offset or 0) <= newest_shown):

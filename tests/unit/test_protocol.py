@@ -552,3 +552,36 @@ def test_a_malformed_since_is_an_error_and_subscribes_nothing(protocol, bob, sin
     [error] = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": since}})
     assert error["data"]["code"] == Error.INVALID_DATA and '"since"' in error["data"]["message"]
     assert bob.channels == set()
+
+
+def test_a_plain_subscribe_made_while_a_fan_out_pauses_is_sent_what_it_adds_to_that_fan_out(clock):
+    """The fan-out's recipients were taken before the SUBSCRIBE, and it was answered with the offset
+    before: that broadcast to the channel never came, and the next PONG, past it, said it had (found by
+    review). It comes with the answer now; not to a connection that gets it live, nor to one that
+    joined during the pause (its start is that offset)."""
+    subscribe = {"type": "SUBSCRIBE", "data": {"channels": [QUEUE]}}
+    answers: dict[str, list[dict]] = {}
+    conns: dict[str, FakeConn] = {}
+
+    def deliver(envelope: Envelope) -> int:  # the fan-out of offset 1 pauses: messages are handled meanwhile
+        for name in ("bob", "carol", "dan"):
+            answers[name] = say(protocol, conns[name], subscribe)
+        return 0
+
+    stream = Sequencer(deliver, lambda a, n: [], on_reset=lambda e: None)
+    stream.prime("e1", 0)
+    protocol = since_protocol(clock, stream)
+    for name in ("bob", "carol", "dan"):
+        conns[name] = FakeConn_subscribed(protocol, name)
+    conns["carol"].channels.add(ANN)  # carol holds announcements: it reached her live (she is a recipient)
+    conns["dan"].sent_after = 1  # dan was admitted during the pause: his CONNECTED said offset 1
+    to_both = Filter(channels=frozenset({QUEUE, ANN}))
+    stream.offer(Envelope("T", {"n": 1}, to_both, id="id-1").placed("e1", 1))
+    subscribed = {"type": "SUBSCRIBED", "data": {"channels": [QUEUE], "epoch": "e1", "offset": 0}}
+    assert answers["bob"] == [{"type": "T", "data": {"n": 1}, "id": "id-1", "offset": 1}, subscribed]
+    assert answers["carol"] == [subscribed]
+    assert answers["dan"] == [subscribed]
+    # Once the fan-out is done, a SUBSCRIBE is plain again: nothing replayed.
+    assert say(protocol, FakeConn_subscribed(protocol, "erin"), subscribe) == [
+        {"type": "SUBSCRIBED", "data": {"channels": [QUEUE], "epoch": "e1", "offset": 1}}
+    ]
