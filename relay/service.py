@@ -376,9 +376,11 @@ class Realtime:
 
     def stream_position(self) -> tuple[str, int] | None:
         """(epoch, offset) of the last broadcast whose fan-out finished here, for a page to render and
-        subscribe ``since`` (see ``blueprints.pages``); None without a history, or before the stream
-        was first read."""
-        if self.history is None or self.sequencer.epoch is None:
+        subscribe ``since`` (see ``blueprints.pages``); None without a history, or while the store cannot
+        be read. May wait on the store (a request's greenlet only): a stream not read yet (the store was
+        down when the worker started) is read now, or a page rendered as it came back would carry no
+        position, and a broadcast before its socket subscribed would reach it neither live nor replayed."""
+        if self.history is None or not self._prime() or self.sequencer.epoch is None:
             return None
         return self.sequencer.epoch, self.sequencer.delivered
 

@@ -610,3 +610,14 @@ def test_a_resume_asks_the_other_workers_to_close_the_old_socket_only_if_it_was_
     gevent.sleep(0.05)
     assert asked == ([{"kind": "replaced", "userId": "u-1", "clientId": CLIENT}] if was_open else [])
     theirs.close()
+
+
+def test_a_page_rendered_before_the_stream_was_read_reads_it_and_carries_its_position(service):
+    """A worker whose store was down at start reads the stream at its next admission; a page rendered
+    before that carried no position, so a broadcast between its render and its socket's subscription
+    reached it neither live nor replayed (found by review). The page reads it itself now."""
+    rt = service()
+    epoch, head = rt.history.head()
+    rt.sequencer.epoch = None  # as it is when the store did not answer at start (not primed)
+    assert rt.stream_position() == (epoch, head)
+    assert rt.sequencer.primed
