@@ -52,6 +52,8 @@ class Hub:
         # (relay.timeslice): the next broadcast waits, so no client sees two out of order.
         # A gevent lock, because its holder yields (a plain lock would block the thread).
         self._delivering = gevent.lock.Semaphore()
+        self._sending: list | None = None  # the recipients of the fan-out under way (see sending_to)
+        self._sending_set: set | None = None
         self._clients: set = set()
         self._by_channel: dict[str, set] = {}
         self._by_user: dict[str, set] = {}
@@ -207,13 +209,25 @@ class Hub:
         delivered = 0
         with self._delivering:
             slice_ = TimeSlice()
-            recipients = self.recipients(envelope.filter)
-            for start in range(0, len(recipients), CHECK_EVERY):
-                delivered += self._push_all(recipients[start : start + CHECK_EVERY], frame)
-                slice_.check()
+            recipients = self._sending = self.recipients(envelope.filter)
+            try:
+                for start in range(0, len(recipients), CHECK_EVERY):
+                    delivered += self._push_all(recipients[start : start + CHECK_EVERY], frame)
+                    slice_.check()
+            finally:
+                self._sending = self._sending_set = None
         self.counters["broadcasts"] += 1
         self.counters["messages"] += delivered
         return delivered
+
+    def sending_to(self, conn: Connection) -> bool | None:
+        """While a fan-out pauses: whether ``conn`` is among its recipients (it gets that broadcast, live).
+        None when no fan-out is under way. (A set of them is made once per fan-out, for the first asker.)"""
+        if self._sending is None:
+            return None
+        if self._sending_set is None:
+            self._sending_set = set(self._sending)
+        return conn in self._sending_set
 
     # -- observation ------------------------------------------------------------
 

@@ -308,12 +308,11 @@ class ClientProtocol:
         A channel already held gets its last value too: the page's second subscriber of a channel
         (one more fragment showing the queue) asks for it, and the first gets a repeat it can
         tell by ``"last": true``."""
-        stream = self.stream
         # A fan-out pausing (its offset is the position, not yet delivered) took its recipients before this
-        # SUBSCRIBE: what it sends that the channels taken now add would never come, and the next PONG,
-        # past it, would tell the client it had been sent (a SUBSCRIBE since replays it anyway).
-        mid_fan_out = since is None and stream is not None and stream.position > stream.delivered
-        held = frozenset(conn.channels) if since is not None or mid_fan_out else frozenset()
+        # SUBSCRIBE: if this connection is not among them, what it sends that the channels taken now add
+        # would never come, and the next PONG, past it, would say it had been (a SUBSCRIBE since replays it).
+        missed_fan_out = since is None and self.stream is not None and self.hub.sending_to(conn) is False
+        held = frozenset(conn.channels) if since is not None else frozenset()
         taken, over = self.hub.subscribe(conn, allowed, self.max_subscriptions)
         for name in over:
             self.error(
@@ -335,12 +334,12 @@ class ClientProtocol:
                 conn.sent_after = min(conn.sent_after, since[1])
             else:
                 answer.update(recovered=False, reason=replay)
-        elif mid_fan_out and taken and stream is not None and stream.epoch is not None:
-            # Sent with this answer, as a replay's frames are (a last value newer than its start with them,
-            # in order); nothing from before the connection joined.
-            start = max(stream.delivered, conn.sent_after)
-            caught = self._replay(conn, held, (stream.epoch, start))
-            if isinstance(caught, list):
+        elif missed_fan_out and taken and self.stream is not None and self.stream.epoch is not None:
+            # Sent before this answer, as a replay's frames are (a last value it brings comes with it, in
+            # order, not before it); nothing from before the connection joined (one admitted meanwhile).
+            start = max(self.stream.delivered, conn.sent_after)
+            caught = self._replay(conn, held, (self.stream.epoch, start))
+            if isinstance(caught, list) and caught:
                 replay, newest_shown = caught, start
         for name in taken:
             envelope = last.get(name)

@@ -172,6 +172,10 @@ class Realtime:
         # Users signed out everywhere, by the source's spelling: a token minted before that time (ms) is
         # refused here (4401). Kept while such a token could still be in date (see apply_sign_outs).
         self._signed_out: dict[str, int] = {}
+        # user id -> the newest disconnect (epoch ms) whose close this worker heard and applied: its record
+        # is not applied again (a clock behind the recorder's would close sockets opened just after it).
+        self._heard_disconnects: dict[str, int] = {}
+        self._page_prime_at = float("-inf")  # when a page last tried to read the stream (see stream_position)
 
     def start(self) -> None:
         """Begin serving: the broker's listener, the keep-alive, the session keeper, the trimmer. Idempotent."""
@@ -273,8 +277,13 @@ class Realtime:
         if not disconnected:
             return 0
         wall, monotonic = now_ms(), time.monotonic()
+        heard = self._heard_disconnects
+        for user_id in [user_id for user_id, before in heard.items() if wall - before > DISCONNECT_KEPT_S * 1000]:
+            del heard[user_id]
         closed = 0
         for user_id, before in disconnected.items():
+            if heard.get(user_id, 0) >= before:
+                continue  # closed here when it was sent
             for conn in self.hub.connections_of(user_id):
                 if conn.state is OPEN and wall - (monotonic - conn.opened_at) * 1000 < before:
                     _disconnect(conn)
@@ -299,11 +308,12 @@ class Realtime:
         That store down, the close is sent all the same (and the record's loss logged).
         """
         now = time.time()
+        before = int(now * 1000)
         try:
-            self.signouts.disconnect_all(user_id, int(now * 1000), now + DISCONNECT_KEPT_S)
+            self.signouts.disconnect_all(user_id, before, now + DISCONNECT_KEPT_S)
         except SignoutsUnavailable as down:
             event("ws.disconnect_unrecorded", level="error", userId=user_id, error=str(down))
-        return self.broker.control({"kind": "disconnect", "userId": user_id})
+        return self.broker.control({"kind": "disconnect", "userId": user_id, "before": before})
 
     def end_sign_ins(self, user_id: str, *, by: str) -> None:
         """End every sign-in of the user: each session cookie of theirs that started before this
@@ -340,6 +350,9 @@ class Realtime:
         if not isinstance(user_id, str):
             return 0
         if kind == "disconnect":
+            before = message.get("before")
+            if isinstance(before, int) and before > self._heard_disconnects.get(user_id, 0):
+                self._heard_disconnects[user_id] = before  # its record, read at the re-check, is done here
             for arriving in self._on_the_way.get(user_id, ()):
                 arriving.disconnected = True
             conns = self.hub.connections_of(user_id)
@@ -380,7 +393,15 @@ class Realtime:
         be read. May wait on the store (a request's greenlet only): a stream not read yet (the store was
         down when the worker started) is read now, or a page rendered as it came back would carry no
         position, and a broadcast before its socket subscribed would reach it neither live nor replayed."""
-        if self.history is None or not self._prime() or self.sequencer.epoch is None:
+        if self.history is None:
+            return None
+        if not self.sequencer.primed:
+            # Each try may wait on a store that is down, and every page asks: once a second at most.
+            if time.monotonic() - self._page_prime_at < 1.0:
+                return None
+            self._page_prime_at = time.monotonic()
+            self._prime()
+        if self.sequencer.epoch is None:
             return None
         return self.sequencer.epoch, self.sequencer.delivered
 
@@ -391,7 +412,7 @@ class Realtime:
         try:
             epoch, head = self.history.head()
         except HistoryUnavailable as down:
-            log.warning("the history is unavailable at start: %s", down)
+            log.warning("the history is unavailable, the stream is not read yet: %s", down)
             return False
         if not self.sequencer.primed:  # a broadcast that arrived while the store answered started it already
             self.sequencer.prime(epoch, head)

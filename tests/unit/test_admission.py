@@ -619,5 +619,25 @@ def test_a_page_rendered_before_the_stream_was_read_reads_it_and_carries_its_pos
     rt = service()
     epoch, head = rt.history.head()
     rt.sequencer.epoch = None  # as it is when the store did not answer at start (not primed)
+    rt._page_prime_at = time.monotonic()  # a page tried a moment ago (each try may wait on a store that is down)
+    assert rt.stream_position() is None and not rt.sequencer.primed  # once a second at most
+    rt._page_prime_at -= 1.0
     assert rt.stream_position() == (epoch, head)
     assert rt.sequencer.primed
+
+
+def test_a_worker_that_heard_a_disconnect_does_not_apply_its_record_again_to_later_sockets(service, sockets):
+    """The record is for the workers that did not hear the close. One that did, with a clock behind the
+    recorder's, would have taken a socket the person opened just after the disconnect for one from
+    before it, and closed it 4403 (found by review). A worker that did not hear it applies it."""
+    rt = service()
+    later = now_ms() + 2_000  # the recorder's clock, 2 s ahead of this worker's
+    heard = sockets(rt, rt.tokens.mint("u-1"))
+    assert heard.json()["type"] == "CONNECTED"
+    rt._on_control({"kind": "disconnect", "userId": "u-1", "before": later})
+    assert heard.close_code() == (Close.FORBIDDEN, "disconnected by an administrator")
+    again = sockets(rt, rt.tokens.mint("u-1"))  # the person came back, "before" the recorder's moment here
+    assert again.json()["type"] == "CONNECTED"
+    assert rt.apply_disconnects({"u-1": later}) == 0  # the re-check reads the record: done here already
+    assert rt.apply_disconnects({"u-1": later + 1}) == 1  # a newer disconnect, not heard here: applied
+    assert again.close_code() == (Close.FORBIDDEN, "disconnected by an administrator")

@@ -12,6 +12,7 @@ import relay.protocol as protocol_module
 from relay.codes import Close, Error
 from relay.envelope import Envelope, Filter
 from relay.hub import Hub
+from relay.lastvalues import LastValues
 from relay.protocol import MAX_BACKLOG, MAX_BACKLOG_CHARS, MAX_CHANNELS_PER_REQUEST, ClientProtocol
 from relay.sequencer import Sequencer
 
@@ -554,34 +555,86 @@ def test_a_malformed_since_is_an_error_and_subscribes_nothing(protocol, bob, sin
     assert bob.channels == set()
 
 
+class StoredLastValues:
+    """A history whose last value of every channel asked is the one envelope given."""
+
+    def __init__(self, envelope: Envelope):
+        self.envelope = envelope
+
+    def last_values(self, names, max_age_ms):
+        return {name: [self.envelope] for name in names}
+
+
+def paused_fan_out(clock, pausing, *, last: Envelope | None = None):
+    """A protocol over a real hub and sequencer, whose fan-outs pause after taking their recipients and
+    before pushing to any: ``pausing()`` runs then (the messages handled meanwhile)."""
+
+    def push_all(conns, frame) -> int:
+        pausing()
+        for conn in conns:
+            conn.push(frame)
+        return len(conns)
+
+    hub = Hub(max_clients=10, ping_interval=30, push_all=push_all)
+    stream = Sequencer(hub.deliver, lambda a, n: [], on_reset=lambda e: None)
+    stream.prime("e1", 0)
+    last_values = LastValues(StoredLastValues(last), stream, ttl_ms=60_000) if last is not None else None
+    return ClientProtocol(hub, clock=clock, stream=stream, last_values=last_values), stream
+
+
 def test_a_plain_subscribe_made_while_a_fan_out_pauses_is_sent_what_it_adds_to_that_fan_out(clock):
     """The fan-out's recipients were taken before the SUBSCRIBE, and it was answered with the offset
     before: that broadcast to the channel never came, and the next PONG, past it, said it had (found by
-    review). It comes with the answer now; not to a connection that gets it live, nor to one that
-    joined during the pause (its start is that offset)."""
+    review). It comes with the answer now; not to a connection that gets it live (one that dropped the
+    channel and took it again meanwhile too), nor to one admitted during the pause (it starts after it)."""
     subscribe = {"type": "SUBSCRIBE", "data": {"channels": [QUEUE]}}
     answers: dict[str, list[dict]] = {}
     conns: dict[str, FakeConn] = {}
 
-    def deliver(envelope: Envelope) -> int:  # the fan-out of offset 1 pauses: messages are handled meanwhile
+    def pausing() -> None:
+        if answers:
+            return  # one pause is enough
         for name in ("bob", "carol", "dan"):
             answers[name] = say(protocol, conns[name], subscribe)
-        return 0
+        say(protocol, conns["eve"], {"type": "UNSUBSCRIBE", "data": {"channels": [QUEUE]}})
+        answers["eve"] = say(protocol, conns["eve"], subscribe)
 
-    stream = Sequencer(deliver, lambda a, n: [], on_reset=lambda e: None)
-    stream.prime("e1", 0)
-    protocol = since_protocol(clock, stream)
-    for name in ("bob", "carol", "dan"):
+    protocol, stream = paused_fan_out(clock, pausing)
+    for name in ("bob", "carol", "dan", "eve"):
         conns[name] = FakeConn_subscribed(protocol, name)
-    conns["carol"].channels.add(ANN)  # carol holds announcements: it reached her live (she is a recipient)
-    conns["dan"].sent_after = 1  # dan was admitted during the pause: his CONNECTED said offset 1
-    to_both = Filter(channels=frozenset({QUEUE, ANN}))
-    stream.offer(Envelope("T", {"n": 1}, to_both, id="id-1").placed("e1", 1))
+    protocol.hub.subscribe(conns["carol"], [ANN], 10)  # a recipient: it reaches her live
+    protocol.hub.subscribe(conns["eve"], [QUEUE], 10)  # a recipient, who drops the channel and takes it again
+    conns["dan"].sent_after = 1  # admitted during the pause: his CONNECTED said offset 1 (he starts after it)
+    stream.offer(Envelope("T", {"n": 1}, Filter(channels=frozenset({QUEUE, ANN})), id="id-1").placed("e1", 1))
+    frame = {"type": "T", "data": {"n": 1}, "id": "id-1", "offset": 1}
     subscribed = {"type": "SUBSCRIBED", "data": {"channels": [QUEUE], "epoch": "e1", "offset": 0}}
-    assert answers["bob"] == [{"type": "T", "data": {"n": 1}, "id": "id-1", "offset": 1}, subscribed]
-    assert answers["carol"] == [subscribed]
-    assert answers["dan"] == [subscribed]
+    assert answers["bob"] == [frame, subscribed]
+    assert answers["carol"] == [subscribed] and conns["carol"].take() == [frame]  # live, once
+    assert answers["dan"] == [subscribed] and conns["dan"].take() == []
+    assert answers["eve"] == [subscribed] and conns["eve"].take() == [frame]  # live, once
     # Once the fan-out is done, a SUBSCRIBE is plain again: nothing replayed.
     assert say(protocol, FakeConn_subscribed(protocol, "erin"), subscribe) == [
         {"type": "SUBSCRIBED", "data": {"channels": [QUEUE], "epoch": "e1", "offset": 1}}
     ]
+
+
+def test_a_second_subscriber_asking_the_last_value_while_it_is_being_sent_out_gets_it(clock):
+    """A page's second fragment of a channel it holds asks for its last value during that value's
+    fan-out: it was dropped as if the broadcast were replayed to it, and the fragment waited for the
+    next update (found by review of the change above)."""
+    answers: list[dict] = []
+    update = Envelope("T", {"n": 1}, Filter(channels=frozenset({QUEUE})), id="id-1").placed("e1", 1)
+
+    def pausing() -> None:
+        if not answers:
+            answers.extend(say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [QUEUE], "last": True}}))
+
+    protocol, stream = paused_fan_out(clock, pausing, last=update)
+    bob = FakeConn_subscribed(protocol, "bob")
+    protocol.hub.subscribe(bob, [QUEUE], 10)
+    stream.offer(update)
+    assert answers == [
+        {"type": "T", "data": {"n": 1}, "id": "id-1", "offset": 1, "last": True},
+        {"type": "SUBSCRIBED", "data": {"channels": [QUEUE], "epoch": "e1", "offset": 0}},
+    ]
+    assert bob.take() == [{"type": "T", "data": {"n": 1}, "id": "id-1", "offset": 1}]  # and live, as its own
