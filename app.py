@@ -27,6 +27,7 @@ from itsdangerous import URLSafeTimedSerializer
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from relay import eventlog
+from relay.broadcast_log import iso
 from relay.channels import channels
 from relay.config import Settings
 from relay.service import Realtime
@@ -95,6 +96,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         now_time=lambda: dt.datetime.now().astimezone().strftime("%H:%M:%S %Z"),
     )
     app.jinja_env.filters["when"] = _when
+    app.jinja_env.filters["iso_ms"] = iso  # epoch ms (an envelope's ``at``) as ISO 8601, for ``when``
     return app
 
 

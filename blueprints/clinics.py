@@ -9,7 +9,7 @@ from flask import Blueprint, abort, redirect, render_template, request, url_for
 from relay.channels import channels, is_valid_id
 
 from .auth import csrf_required, login_required, realtime, signed_in
-from .pages import note_stream_position, triggering_message
+from .pages import from_before_render, note_stream_position, triggering_message
 
 bp = Blueprint("clinics", __name__, url_prefix="/clinics")
 bp.before_request(note_stream_position)  # see there: before the view reads its data
@@ -37,11 +37,16 @@ def open_clinic():
 @login_required
 def queue(clinic_id):
     """The queue as it is now: the channel's last QUEUE_UPDATE is rendered at once (no JavaScript needed),
-    and the page's subscription asks for it again (``last``), so nothing is missed in between."""
+    and the page's subscription asks for it again (``last``), so nothing is missed in between. The alerts
+    list starts with the latest CLINIC_ALERT sent before the page (with when it was sent): later ones
+    are replayed to the page, and added above it."""
     _check_access(clinic_id)
     last = realtime().last_value(channels.clinic.queue(clinic_id), signed_in(), "QUEUE_UPDATE")
     view = queue_view(last.message()) if last is not None else None
-    return render_template("clinics/queue.html", clinic_id=clinic_id, view=view)
+    alert = realtime().last_value(channels.clinic.alerts(clinic_id), signed_in(), "CLINIC_ALERT")
+    if alert is not None and not from_before_render(alert):
+        alert = None
+    return render_template("clinics/queue.html", clinic_id=clinic_id, view=view, last_alert=alert)
 
 
 @bp.post("/<clinic_id>/queue/render")

@@ -7,6 +7,7 @@ import json
 from flask import Blueprint, g, render_template, request
 
 from relay import jsonsafe
+from relay.envelope import Envelope
 
 from .auth import login_required, realtime, signed_in
 
@@ -24,6 +25,13 @@ def note_stream_position() -> None:
 
 
 bp.before_request(note_stream_position)
+
+
+def from_before_render(envelope: Envelope) -> bool:
+    """Whether ``envelope`` is at or before the position this page renders (``g.stream_at``): one after
+    it is replayed to the page, and a list that rendered it too would show it twice."""
+    at = g.get("stream_at")
+    return at is None or envelope.epoch != at[0] or (envelope.offset or 0) <= at[1]
 
 
 @bp.get("/")

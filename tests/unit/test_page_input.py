@@ -89,3 +89,21 @@ def test_a_form_of_more_parts_than_werkzeug_reads_is_413_body_too_large_not_an_i
     answer = client.post("/api/admin/broadcast", data=body, content_type="multipart/form-data; boundary=b")
     assert answer.status_code == 413
     assert answer.get_json()["error"]["code"] == "body_too_large"
+
+
+def test_a_page_renders_a_last_value_only_from_before_its_position():
+    """The queue page lists the latest alert, and the page is replayed what came after its position: one
+    from after it, rendered too, would be listed twice."""
+    from flask import Flask, g
+
+    from blueprints.pages import from_before_render
+    from relay.envelope import Envelope
+
+    alert = Envelope("CLINIC_ALERT", {"message": "Fridge B is warm"})
+    with Flask("test").app_context():
+        g.stream_at = ("e1", 10)
+        assert from_before_render(alert.placed("e1", 10))
+        assert not from_before_render(alert.placed("e1", 11))  # replayed to the page: not rendered
+        assert from_before_render(alert.placed("e0", 99))  # a stream that ended before this one began
+        g.stream_at = None  # no position rendered: nothing is replayed
+        assert from_before_render(alert.placed("e1", 11))
