@@ -150,6 +150,30 @@ def sign_out(user_id, url):
     _close_sockets(server, user_id, again=f"flask users sign-out {user_id} --url {server.base_url}")
 
 
+@bp.cli.command("disconnect")
+@click.argument("user_id")
+@url_option
+def disconnect(user_id, url):
+    """Close every socket of a user, on every worker and host (4403), without ending their sign-ins.
+
+    Recorded in the sign-out store first, then asked of the server at --url: a server (or a worker)
+    that does not hear it closes them at its next identity re-check (WS_IDENTITY_RECHECK_MS). Exits 1
+    if the server did not confirm. Disable the user as well, or a new sign-in opens new sockets.
+    """
+    if not is_valid_id(user_id):
+        raise click.ClickException(f"{user_id[:80]!r} is not a user id; nobody was disconnected")
+    server = _admin_client(url)
+    user_id, _ = realtime().spelled_by_source(user_id)  # as their sockets are keyed; unknown: as typed
+    try:
+        realtime().record_disconnect(user_id)
+    except SignoutsUnavailable as down:
+        click.echo(f"not recorded ({down}): only the server can close their sockets now", err=True)
+    else:
+        every = realtime().settings.identity_recheck_ms
+        click.echo(f"recorded: a worker that does not hear the server closes them at its re-check (every {every} ms)")
+    _close_sockets(server, user_id, again=f"flask users disconnect {user_id} --url {server.base_url}")
+
+
 def _admin_client(url: str | None) -> OpsClient:
     """The running server, which holds the sockets, and the admin secret it wants: both checked
     before anything is changed (a password must not change and then leave the sockets open)."""

@@ -307,13 +307,21 @@ class Realtime:
         listener reconnecting): it closes them at its next identity re-check (:meth:`recheck_sign_outs`).
         That store down, the close is sent all the same (and the record's loss logged).
         """
-        now = time.time()
-        before = int(now * 1000)
         try:
-            self.signouts.disconnect_all(user_id, before, now + DISCONNECT_KEPT_S)
+            before = self.record_disconnect(user_id)
         except SignoutsUnavailable as down:
+            before = now_ms()
             event("ws.disconnect_unrecorded", level="error", userId=user_id, error=str(down))
         return self.broker.control({"kind": "disconnect", "userId": user_id, "before": before})
+
+    def record_disconnect(self, user_id: str) -> int:
+        """Record in the sign-out store that the user's sockets opened before now are to close: every
+        worker closes them at its next identity re-check. Returns that moment (epoch ms); raises
+        :class:`relay.signouts.SignoutsUnavailable` when it could not be recorded."""
+        now = time.time()
+        before = int(now * 1000)
+        self.signouts.disconnect_all(user_id, before, now + DISCONNECT_KEPT_S)
+        return before
 
     def end_sign_ins(self, user_id: str, *, by: str) -> None:
         """End every sign-in of the user: each session cookie of theirs that started before this

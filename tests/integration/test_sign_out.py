@@ -223,3 +223,30 @@ def test_a_socket_opened_with_a_token_from_before_a_sign_out_its_worker_never_he
     assert carol.nothing_within(0.3)
     assert srv.open(old).closed_with() == (4401, "token signed out")  # and its token opens nothing more
     assert srv.connect("bob").hello["userId"] == "bob"
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_the_cli_disconnects_a_user_and_a_server_it_cannot_reach_closes_their_sockets_at_the_recheck(
+    start_server, broker, request
+):
+    """`flask users disconnect`: the server at --url closes the sockets at once. One the CLI cannot reach
+    (or a worker that does not hear it) closes them at its re-check, from the record; sockets opened
+    since stay, and the user's sign-ins and tokens are untouched."""
+    env = {"WS_IDENTITY_RECHECK_MS": "1000"}
+    if broker == "redis":
+        env["REDIS_URL"] = request.getfixturevalue("redis_server").url
+    srv = start_server(**env)
+    bob, carol = srv.connect("bob"), srv.connect("carol")
+    done = flask_cli(srv, "users", "disconnect", "bob", "--url", srv.url)
+    assert done.returncode == 0, done.stderr
+    assert "1 open socket(s) closed" in done.stdout
+    assert bob.closed_with() == (4403, "disconnected by an administrator")
+    again, minted = srv.connect("bob"), srv.token("bob")
+    away = flask_cli(srv, "users", "disconnect", "bob", "--url", "http://127.0.0.1:9")
+    assert away.returncode == 1 and "recorded" in away.stdout and "flask users disconnect bob" in away.stderr
+    assert again.closed_with(timeout=10) == (4403, "disconnected by an administrator")
+    after = srv.open(minted)  # a socket opened since stays, even with a token minted before (not a sign-out)
+    assert after.expect("CONNECTED")["data"]["userId"] == "bob"
+    assert after.nothing_within(2.5) and carol.nothing_within(0.1)
+    bad = flask_cli(srv, "users", "disconnect", "a b", "--url", srv.url)
+    assert bad.returncode == 1 and "not a user id" in bad.stderr
