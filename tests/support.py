@@ -506,3 +506,23 @@ class Resumer:
     @property
     def ids(self) -> list[str]:
         return [message["id"] for message in self.received]
+
+
+def sign_in_elsewhere(page, srv: Server, login: str = "bob") -> None:
+    """Sign a browser page's user in again from another tab of its browser (the two share their cookies)."""
+    other = page.context.new_page()
+    other.goto(srv.url + "/login")
+    other.fill("input[name=login]", login)
+    other.fill("input[name=password]", PASSWORD)
+    other.click("form[action='/login'] button[type=submit]")  # (the top bar has Sign out buttons)
+    other.wait_for_url(srv.url + "/")
+    other.close()
+
+
+def sign_out_elsewhere(page, srv: Server) -> None:
+    """Sign a browser page's user out from another tab of its browser."""
+    other = page.context.new_page()
+    other.goto(srv.url + "/")
+    other.click("form[action='/logout'] button[type=submit]")
+    other.wait_for_url("**/login**")
+    other.close()

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 from playwright.sync_api import expect
-from support import PASSWORD, Server, sign_in, wait_for
+from support import PASSWORD, Server, sign_in, sign_in_elsewhere, sign_out_elsewhere, wait_for
 
 from relay.channels import channels
 
@@ -438,21 +438,12 @@ def test_a_queue_page_whose_sign_in_changed_in_another_tab_reloads_instead_of_fr
     expect(page.locator("#queue ol.queue li")).to_have_text(["1 Somchai"])
     page.evaluate("window.__before_reload = true")
 
-    def sign_in_again():
-        other = page.context.new_page()
-        other.goto(site.url + "/login")
-        other.fill("input[name=login]", "bob")
-        other.fill("input[name=password]", PASSWORD)
-        other.click("form[action='/login'] button[type=submit]")  # (the top bar has Sign out buttons)
-        other.wait_for_url(site.url + "/")
-        other.close()
-
-    sign_in_again()
+    sign_in_elsewhere(page, site)
     site.broadcast(queue_body("Somchai", "Malee"))
     page.wait_for_function("window.__before_reload === undefined")  # reloaded, fresh token
     wait_live(page)
     expect(page.locator("#queue ol.queue li")).to_have_count(2)  # rendered from the last value
-    sign_in_again()  # and again within the minute: no second reload, the fragment says what to do
+    sign_in_elsewhere(page, site)  # and again within the minute: no second reload, the fragment says what to do
     page.evaluate("window.__before_reload = true")
     assert broadcast_until_delivered(site, queue_body("Somchai", "Malee", "Niran"))["delivered"] == 1
     expect(page.locator("#queue [data-fragment-state=signed-out]")).to_contain_text("reload it")
@@ -465,11 +456,7 @@ def test_a_queue_page_signed_out_in_another_tab_goes_to_the_sign_in_page_on_its_
     (405). The update is now a 401, and the page reloads to the sign-in page, then back to the queue."""
     page = web(site, "bob", "/clinics/clinic-1/queue")
     wait_live(page)
-    other = page.context.new_page()
-    other.goto(site.url + "/")
-    other.click("form[action='/logout'] button[type=submit]")
-    other.wait_for_url("**/login**")
-    other.close()
+    sign_out_elsewhere(page, site)
     broadcast_until_delivered(site, queue_body("Somchai"))  # the socket stays open after a plain sign-out
     page.wait_for_url("**/login?next=/clinics/clinic-1/queue")
     page.fill("input[name=login]", "bob")

@@ -17,7 +17,7 @@ import time
 import pytest
 import requests
 from playwright.sync_api import expect
-from support import ADMIN_SECRET, PASSWORD, wait_for
+from support import ADMIN_SECRET, sign_in_elsewhere, sign_out_elsewhere, wait_for
 
 from relay.codes import Close
 
@@ -286,25 +286,6 @@ def test_a_mangled_frame_is_reported_and_what_it_was_is_replayed_on_a_new_socket
     assert page.evaluate("window.realtime.stats.sockets") == 2
     assert page.evaluate("window.__resyncs") == 0  # recovered: nothing to refetch
     wait_live(page)
-
-
-def sign_in_elsewhere(page, site) -> None:
-    """Sign the page's browser in again from another tab (the two share their cookies)."""
-    other = page.context.new_page()
-    other.goto(site.url + "/login")
-    other.fill("input[name=login]", "bob")
-    other.fill("input[name=password]", PASSWORD)
-    other.click("form[action='/login'] button[type=submit]")  # (the top bar has Sign out buttons)
-    other.wait_for_url(site.url + "/")
-    other.close()
-
-
-def sign_out_elsewhere(page, site) -> None:
-    other = page.context.new_page()
-    other.goto(site.url + "/")
-    other.click("form[action='/logout'] button[type=submit]")
-    other.wait_for_url("**/login**")
-    other.close()
 
 
 def test_a_tab_told_signed_out_tries_again_when_its_person_comes_back_to_it(live, site):
