@@ -5,6 +5,7 @@ server. On failure, screenshots of every open page land in test-artifacts/.
 """
 
 import os
+import re
 import signal
 import time
 
@@ -492,6 +493,31 @@ def test_a_fragment_update_that_fails_says_the_fragment_may_be_out_of_date_until
     site.broadcast(queue_body("Somchai", "Malee", "Niran"))
     expect(page.locator("#queue ol.queue li")).to_have_count(3)
     expect(page.locator("#queue [data-fragment-state]")).to_have_count(0)
+
+
+def test_an_alert_that_cannot_be_shown_is_marked_in_its_place_in_the_list(site, web):
+    """In a list, the failure note goes where the alert would have been, and stays there; the alerts
+    before it stay, and those after it go above it."""
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    answered(page)
+
+    def alert(text: str) -> dict:
+        body = {"message": {"type": "CLINIC_ALERT", "data": {"message": text}}}
+        return site.broadcast({**body, "filter": {"channels": ["clinic:clinic-1:alerts"]}}).json()
+
+    assert alert("first")["delivered"] == 1
+    expect(page.locator("#alerts .alert-text")).to_have_text(["first"])
+    page.route("**/alerts/render", lambda route: route.fulfill(status=502, body="bad gateway"))
+    alert("lost on the way")
+    shown = page.locator("#alerts > :not(.rt-empty)")
+    expect(shown).to_have_text([re.compile("the server answered 502"), re.compile("first")])
+    page.unroute("**/alerts/render")
+    alert("third")
+    expect(shown).to_have_text([re.compile("third"), re.compile("the server answered 502"), re.compile("first")])
+    page.route("**/alerts/render", lambda route: route.fulfill(status=503, body="unavailable"))
+    alert("lost again")  # marked in its own place: the first mark stays where it was
+    failed = [re.compile("answered 503"), re.compile("third"), re.compile("answered 502"), re.compile("first")]
+    expect(shown).to_have_text(failed)
 
 
 def test_the_dashboards_figures_that_cannot_be_polled_say_so_in_place_not_in_toasts(site, web):
