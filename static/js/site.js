@@ -94,24 +94,28 @@ export function toast(title, text, at) {
   // it: one that came while the tab was in the background would have gone before anyone looked. The
   // wait starts over when the tab is shown again.
   let timer = null;
-  const pause = () => clearTimeout(timer);
-  const resume = () => {
+  let reading = false; // the pointer is on it, or the keyboard's focus is in it
+  const wait = () => {
     clearTimeout(timer);
-    if (document.visibilityState === "visible") timer = setTimeout(remove, TOAST_MS);
+    if (!reading && document.visibilityState === "visible") timer = setTimeout(remove, TOAST_MS);
+  };
+  const read = (now) => () => {
+    reading = now;
+    wait();
   };
   const remove = () => {
     clearTimeout(timer);
-    document.removeEventListener("visibilitychange", resume);
+    document.removeEventListener("visibilitychange", wait);
     item.remove();
   };
   close.addEventListener("click", remove);
-  item.addEventListener("mouseenter", pause);
-  item.addEventListener("focusin", pause);
-  item.addEventListener("mouseleave", resume);
-  item.addEventListener("focusout", resume);
-  document.addEventListener("visibilitychange", resume);
+  item.addEventListener("mouseenter", read(true));
+  item.addEventListener("focusin", read(true));
+  item.addEventListener("mouseleave", read(false));
+  item.addEventListener("focusout", read(false));
+  document.addEventListener("visibilitychange", wait);
   container.append(item);
-  resume();
+  wait();
   return item;
 }
 
@@ -199,8 +203,7 @@ function clearStaleFragments() {
         // (A second resync with nothing in between: marked already.) One that gives a revoked channel
         // back takes its "no longer available" away.
         target.querySelectorAll(":scope > [data-resync-state=revoked]").forEach((old) => old.remove());
-        target.insertAdjacentElement(adding, note);
-        keepNewest(element, target);
+        addToList(element, target, note);
       }
     }
   });
@@ -211,10 +214,16 @@ function targetOf(element) {
   return !where || where === "this" ? element : document.querySelector(where);
 }
 
-// Where a fragment that adds each message puts the next one ("afterbegin", "beforeend"), or null.
+// Where a fragment that adds each message puts the next one ("afterbegin", "beforeend": the macro
+// renders data-realtime-swap for those only), or null.
 function addsAt(element) {
-  const swap = element.dataset.realtimeSwap;
-  return swap === "afterbegin" || swap === "beforeend" ? swap : null;
+  return element.dataset.realtimeSwap || null;
+}
+
+// A note put in a list where the next message would go, the oldest trimmed past `keep`.
+function addToList(element, target, node) {
+  target.insertAdjacentElement(addsAt(element), node);
+  keepNewest(element, target);
 }
 
 function isMissingNote(node) {
@@ -266,12 +275,7 @@ function fragmentNote(element, target, state, text) {
   note.className = "muted fragment-error";
   note.dataset.fragmentState = state;
   note.textContent = text;
-  const adding = addsAt(element);
-  if (adding) {
-    target.insertAdjacentElement(adding, note);
-    keepNewest(element, target);
-    return;
-  }
+  if (addsAt(element)) return addToList(element, target, note);
   target.querySelectorAll(":scope > .fragment-error").forEach((old) => old.remove());
   target.prepend(note);
 }

@@ -97,6 +97,17 @@ def test_a_toast_that_comes_while_the_tab_is_hidden_waits_until_it_has_been_seen
     page.clock.fast_forward(3_000)
     expect(hidden).to_have_count(0)
 
+    read = page.locator("#toasts .toast-text", has_text="being read")
+    broadcast_until_delivered(site, {"message": {"type": "ANNOUNCEMENT", "data": {"message": "being read"}}})
+    read.hover()  # the pointer on it: it stays, even when the tab is shown again meanwhile
+    page.evaluate(SET_VISIBILITY, "hidden")
+    page.evaluate(SET_VISIBILITY, "visible")
+    page.clock.fast_forward(30_000)
+    expect(read).to_have_count(1)
+    page.mouse.move(0, 0)
+    page.clock.fast_forward(11_000)
+    expect(read).to_have_count(0)
+
 
 def test_many_toasts_at_once_can_all_be_reached_and_dismissed(site, web):
     """Kept until seen, toasts can pile up (a tab in the background for hours); the stack grew off the
