@@ -187,14 +187,17 @@ def _admin_client(url: str | None) -> OpsClient:
 
 def _close_sockets(server: OpsClient, user_id: str, *, again: str) -> None:
     """Ask the server to close the user's sockets; exit 1 saying what is left if it did not."""
+    later = "each worker closes them at its next identity re-check (WS_IDENTITY_RECHECK_MS), or"
     try:
         status, body = server.disconnect(user_id)
     except ServiceError as unreachable:
-        raise click.ClickException(f"their open sockets were not closed ({unreachable}): run {again!r}") from None
+        raise click.ClickException(
+            f"their open sockets were not closed now ({unreachable}): {later} run {again!r}"
+        ) from None
     if status != 200:
         error = body.get("error")
         reason = error.get("message") if isinstance(error, dict) and error.get("message") else f"HTTP {status}"
-        raise click.ClickException(f"their open sockets were not closed ({reason}): run {again!r}")
+        raise click.ClickException(f"their open sockets were not closed now ({reason}): {later} run {again!r}")
     click.echo(f"{body.get('disconnected')} open socket(s) closed")
     missing = body.get("missingWorkers") or 0
     if missing:

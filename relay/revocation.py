@@ -15,7 +15,8 @@ noticing, in a greenlet of each worker:
   over its user list, so that a re-check costs a page per thousand users,
   never a call per user or a pass per batch). Each batch is also read from
   the sign-out store (``sign_outs``, :meth:`Realtime.recheck_sign_outs`): a
-  sign-out everywhere whose close a worker never heard ends its sockets here.
+  sign-out everywhere or an administrator's disconnect whose close a worker
+  never heard ends its sockets here.
 
 What a change does (``Realtime.apply_identity``): a disabled or deleted user's
 sockets are closed with 4403; a user whose role or clinic changed is moved

@@ -312,6 +312,11 @@ class Realtime:
         except SignoutsUnavailable as down:
             before = now_ms()
             event("ws.disconnect_unrecorded", level="error", userId=user_id, error=str(down))
+        return self._close_everywhere(user_id, before)
+
+    def _close_everywhere(self, user_id: str, before: int) -> Delivery:
+        """Close the user's sockets on every worker listening (4403); ``before`` (epoch ms) is the moment
+        recorded for the others, which the ones that heard it then do not apply again."""
         return self.broker.control({"kind": "disconnect", "userId": user_id, "before": before})
 
     def record_disconnect(self, user_id: str) -> int:
@@ -323,16 +328,18 @@ class Realtime:
         self.signouts.disconnect_all(user_id, before, now + DISCONNECT_KEPT_S)
         return before
 
-    def end_sign_ins(self, user_id: str, *, by: str) -> None:
+    def end_sign_ins(self, user_id: str, *, by: str) -> int:
         """End every sign-in of the user: each session cookie of theirs that started before this
         millisecond is refused from now on, on every host that shares the sign-out store. Sockets
         are not touched (:meth:`sign_out_everywhere` closes them too). ``by`` (``button``, ``api``,
-        ``cli``) goes into the log line. Raises :class:`relay.signouts.SignoutsUnavailable` when
-        the store cannot record it: then nothing was done.
+        ``cli``) goes into the log line. Returns that moment (epoch ms). Raises
+        :class:`relay.signouts.SignoutsUnavailable` when the store cannot record it: then nothing was done.
         """
         now = time.time()
-        self.signouts.end_all(user_id, int(now * 1000), now + MAX_SESSION_HOURS * 3600)
+        before = int(now * 1000)
+        self.signouts.end_all(user_id, before, now + MAX_SESSION_HOURS * 3600)
         event("logout.everywhere", level="warning", userId=user_id, by=by)
+        return before
 
     def sign_out_everywhere(self, user_id: str, *, by: str) -> Delivery | None:
         """:meth:`end_sign_ins`, then close the user's sockets on every worker and host (4403, as
@@ -341,9 +348,10 @@ class Realtime:
         closes them refuses from then on the user's connection tokens minted before (4401); one that
         did not hear it learns it at its next identity re-check (:meth:`recheck_sign_outs`).
         """
-        self.end_sign_ins(user_id, by=by)
+        before = self.end_sign_ins(user_id, by=by)
         try:
-            return self.disconnect_user(user_id)
+            # Not a disconnect record besides: the sign-out's own is the backstop (its tokens, its sockets).
+            return self._close_everywhere(user_id, before)
         except BrokerUnavailable as down:
             event("logout.everywhere_sockets_open", level="error", userId=user_id, error=str(down))
             return None
@@ -414,7 +422,8 @@ class Realtime:
         return self.sequencer.epoch, self.sequencer.delivered
 
     def _prime(self) -> bool:
-        """Start the sequencer at the stream's head (once; retried at the next admission if the store is down)."""
+        """Start the sequencer at the stream's head (once; while the store is down, retried by the next
+        admission, a page (at most once a second: see stream_position) and the follower's rounds)."""
         if self.history is None or self.sequencer.primed:
             return True
         try:

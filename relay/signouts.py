@@ -1,4 +1,5 @@
-"""Signed-out sessions: signing out ends the session on the server, not only in the browser.
+"""Signed-out sessions (and disconnected users): signing out ends the session on the server, not only
+in the browser.
 
 Flask's session is a signed cookie. Signing out clears it in the browser, but
 a copy taken before (a shared workstation's profile backup, a proxy's log, a
@@ -34,7 +35,9 @@ that close (a Redis listener reconnecting, a worker started since) learn it
 from :meth:`SignoutStore.signed_out_before` at the next identity re-check.
 An administrator's disconnect (``Realtime.disconnect_user``) is kept here the
 same way, for those workers (:meth:`SignoutStore.disconnected_before`): it
-closes the sockets opened before it, and ends no sign-in.
+closes the sockets opened before it, and ends no sign-in. Its moment is the
+recording host's clock, compared with the time each worker saw a socket
+open: the same agreement of clocks is needed.
 """
 
 from __future__ import annotations
