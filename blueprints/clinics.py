@@ -41,9 +41,10 @@ def queue(clinic_id):
     list starts with the latest CLINIC_ALERT sent before the page (with when it was sent): later ones
     are replayed to the page, and added above it."""
     _check_access(clinic_id)
-    last = realtime().last_value(channels.clinic.queue(clinic_id), signed_in(), "QUEUE_UPDATE")
-    view = queue_view(last.message()) if last is not None else None
-    alert = realtime().last_value(channels.clinic.alerts(clinic_id), signed_in(), "CLINIC_ALERT")
+    queue, alerts = channels.clinic.queue(clinic_id), channels.clinic.alerts(clinic_id)
+    latest = realtime().latest({queue: "QUEUE_UPDATE", alerts: "CLINIC_ALERT"}, signed_in())
+    view = queue_view(latest[queue].message()) if queue in latest else None
+    alert = latest.get(alerts)
     if alert is not None and not from_before_render(alert):
         alert = None
     return render_template("clinics/queue.html", clinic_id=clinic_id, view=view, last_alert=alert)

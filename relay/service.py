@@ -920,18 +920,24 @@ class Realtime:
             raise BrokerUnavailable("this worker is restarting; retry in a moment")
         return self.broadcaster.send(request, source=source, scope=scope, key=key)
 
-    def last_value(self, channel: str, identity: Identity, message_type: str | None = None) -> Envelope | None:
-        """The latest broadcast to ``channel`` meant for ``identity``, of ``message_type`` if given (for
-        pages that render it at once: the queue page shows a QUEUE_UPDATE, not a smoke test's message)."""
-        if self.history is None:
-            return None
+    def latest(self, wanted: dict[str, str | None], identity: Identity) -> dict[str, Envelope]:
+        """Per channel of ``wanted``, the latest broadcast to it meant for ``identity``, of the type given
+        (for pages that render it at once: the queue page shows a QUEUE_UPDATE, not a smoke test's
+        message; None: any); a channel with none is absent. One read of the store for all of them."""
+        if self.history is None or not wanted:
+            return {}
         try:
-            found = self.history.last_values([channel], self.settings.last_value_ttl_ms).get(channel, [])
+            stored = self.history.last_values(list(wanted), self.settings.last_value_ttl_ms)
         except HistoryUnavailable:
-            return None
-        if message_type is not None:
-            found = [envelope for envelope in found if envelope.type == message_type]
-        return newest_for(found, (identity.user_id, identity.role, identity.clinic_id), channel)
+            return {}
+        who = (identity.user_id, identity.role, identity.clinic_id)
+        found = {}
+        for channel, message_type in wanted.items():
+            values = [e for e in stored.get(channel, []) if message_type is None or e.type == message_type]
+            best = newest_for(values, who, channel)
+            if best is not None:
+                found[channel] = best
+        return found
 
     def drain(self, reason: str = "service restart") -> bool:
         """Close every socket with 1012 and refuse new ones (worker shutdown); sessions are saved first."""
