@@ -429,7 +429,7 @@ export class RealtimeClient {
     try {
       message = JSON.parse(event.data);
     } catch (error) {
-      // below
+      // not JSON: unreadable, as a message without a type is (below)
     }
     if (!message || typeof message.type !== "string") return this._unreadable(ws, event.data);
     // The server's own frames carry no id; every broadcast has one (its type may be anything, even
