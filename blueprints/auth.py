@@ -305,9 +305,12 @@ def logout():
 
 def _safe_next(target: str | None) -> str:
     """Only a path on this site. "//host", "http://host", a backslash, a space or a control character
-    are refused: URL parsers drop tabs and line breaks, so "/", a tab, "/host" would become "//host"."""
+    are refused: URL parsers drop tabs and line breaks, so "/", a tab, "/host" would become "//host".
+    So is anything not ASCII: no path here has it, and the server cannot put it in a header (a 500
+    after a good sign-in, its cookie never set)."""
     if (
         target
+        and target.isascii()
         and target.startswith("/")
         and not target.startswith("//")
         and "\\" not in target

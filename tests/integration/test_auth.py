@@ -73,6 +73,8 @@ def test_pages_redirect_to_sign_in(server: Server):
         ("/%09/evil.example", "/"),  # a tab, dropped by URL parsers: "//evil.example"
         ("/%0d/x", "/"),  # a line break (once a 500 after a good sign-in)
         ("/%0a/x", "/"),
+        ("/%E3%80%80", "/"),  # not ASCII: no header can carry it (a 500 after a good sign-in)
+        ("/caf%C3%A9", "/"),
         ("/admin/log%3Ftype%3DALERT", "/admin/log?type=ALERT"),  # a path of this site is kept
     ],
 )
