@@ -22,7 +22,13 @@ from relay.codes import HttpError
 from relay.config import MAX_SESSION_HOURS
 from relay.devices import COOKIE as DEVICE_COOKIE
 from relay.devices import MAX_AGE_S as DEVICE_MAX_AGE_S
-from relay.directory import AccessTokenInvalid, AccessTokensUnsupported, DirectoryUnavailable, Identity
+from relay.directory import (
+    AccessTokenInvalid,
+    AccessTokenOwner,
+    AccessTokensUnsupported,
+    DirectoryUnavailable,
+    Identity,
+)
 from relay.eventlog import event
 from relay.service import Realtime
 from relay.signouts import SignoutsUnavailable
@@ -350,7 +356,7 @@ def ws_auth():
                 message = f"too many refused access tokens from this address; try again in {wait} s"
                 return error_response(429, HttpError.TOO_MANY_ATTEMPTS, message, headers={"Retry-After": str(wait)})
             try:
-                user_id = rt.directory.user_for_access_token(access_token)
+                owner = rt.directory.user_for_access_token(access_token)
             except AccessTokenInvalid as refused:  # counted, as a wrong password is
                 fields = {"reason": type(refused).__name__, "detail": str(refused), "remote": address}
                 event("ws.token_refused", level="warning", **fields, waitS=ceil(attempt.earned))
@@ -359,15 +365,21 @@ def ws_auth():
                 rt.throttle.withdraw(attempt)
                 raise
             rt.throttle.withdraw(attempt)  # a good token
+            user_id = owner.user_id
             user = rt.directory.get(user_id)
+            issued_before_sign_out = user is not None and _issued_before_sign_out(owner, user.user_id)
         except AccessTokensUnsupported as unsupported:  # this server's configuration: nothing counted
             event("ws.token_refused", level="warning", reason=type(unsupported).__name__, detail=str(unsupported))
             return error_response(401, HttpError.UNAUTHORIZED, str(unsupported))
-        except (DirectoryUnavailable, ThrottleUnavailable):
+        except (DirectoryUnavailable, ThrottleUnavailable, SignoutsUnavailable):
             message = "the identity service is unavailable; try again shortly"
             return error_response(503, HttpError.UNAVAILABLE, message, headers={"Retry-After": "5"})
         if user is None or not user.active:
             return error_response(403, HttpError.FORBIDDEN, "this user may not connect")
+        if issued_before_sign_out:
+            event("ws.token_refused", level="warning", reason="signed_out", userId=user.user_id, remote=address)
+            message = "this access token was issued before you were signed out everywhere; sign in again"
+            return error_response(401, HttpError.UNAUTHORIZED, message)
     else:
         user = current_user()
         user_id = user.user_id if user else (rt.settings.test_user_id or "")
@@ -378,6 +390,18 @@ def ws_auth():
     response = jsonify(wsUrl=socket_url(), token=rt.tokens.mint(user_id, issued_ms), userId=user_id)
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def _issued_before_sign_out(owner: AccessTokenOwner, user_id: str) -> bool:
+    """Whether a Supabase access token was issued before its user was signed out everywhere (or carries
+    no ``iat`` while they were): Supabase cannot revoke one checked locally, so it would outlive the
+    sign-out for its hour. Compared to the second, as ``iat`` is: one issued in the sign-out's second
+    is taken to be after it, not before (a sign-in right after a sign-out must work). Raises
+    ``SignoutsUnavailable``."""
+    before = realtime().signouts.signed_out_before([user_id], time.time()).get(user_id)
+    if before is None:
+        return False
+    return owner.issued_ms is None or owner.issued_ms < before // 1000 * 1000
 
 
 @bp.after_app_request

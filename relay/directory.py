@@ -38,6 +38,15 @@ class Identity:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class AccessTokenOwner:
+    """Whom a front end's access token names, and when it was issued (its ``iat``, in epoch ms; None
+    when it carries none): a token issued before its user was signed out everywhere mints nothing."""
+
+    user_id: str
+    issued_ms: int | None
+
+
 class DirectoryUnavailable(Exception):
     """The identity source cannot answer right now (network, timeout, 5xx).
 
@@ -76,8 +85,8 @@ class Directory(Protocol):
         name that signs nobody in, anything stable. Raises DirectoryUnavailable.
         """
 
-    def user_for_access_token(self, token: str) -> str:
-        """The user id a front end's access token belongs to.
+    def user_for_access_token(self, token: str) -> AccessTokenOwner:
+        """The user a front end's access token belongs to, and when it was issued.
 
         Raises AccessTokenInvalid, AccessTokensUnsupported or DirectoryUnavailable.
         """

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id
-from .directory import AccessTokensUnsupported, DirectoryUnavailable, Identity
+from .directory import AccessTokenOwner, AccessTokensUnsupported, DirectoryUnavailable, Identity
 from .sqlite import SqliteStore, errors_become, transaction
 
 SCHEMA = """
@@ -122,7 +122,7 @@ class SqliteDirectory(SqliteStore):
         row = self._query_one(f"SELECT id FROM users WHERE {_SIGNS_IN}", (login, login))
         return f"id:{row[0]}" if row else f"name:{login}"
 
-    def user_for_access_token(self, token: str) -> str:
+    def user_for_access_token(self, token: str) -> AccessTokenOwner:
         raise AccessTokensUnsupported(
             "bearer access tokens are issued by Supabase; configure SUPABASE_URL to accept them"
         )

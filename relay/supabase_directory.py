@@ -28,7 +28,7 @@ import gevent.lock
 from gevent.event import AsyncResult
 
 from .config import ConfigError
-from .directory import AccessTokenInvalid, DirectoryUnavailable, Identity
+from .directory import AccessTokenInvalid, AccessTokenOwner, DirectoryUnavailable, Identity
 from .eventlog import event
 
 try:
@@ -168,8 +168,8 @@ class SupabaseDirectory:
         """Supabase signs in by email only, which it compares without case: the email is the account."""
         return login
 
-    def user_for_access_token(self, token: str) -> str:
-        """The user id of a Supabase access token (JWT), verified locally or by Supabase."""
+    def user_for_access_token(self, token: str) -> AccessTokenOwner:
+        """The user of a Supabase access token (JWT), verified locally or by Supabase, with its ``iat``."""
         if not token.isascii():  # a JWT is ASCII; httpx would refuse to put anything else in a header
             raise AccessTokenInvalid("the access token is malformed")
         if len(token) > MAX_ACCESS_TOKEN_CHARS:
@@ -187,7 +187,7 @@ class SupabaseDirectory:
                 raise AccessTokenInvalid("the access token has expired") from None
             except jwt.InvalidTokenError as bad:
                 raise AccessTokenInvalid(f"the access token is invalid: {bad}") from None
-            return str(claims["sub"])
+            return AccessTokenOwner(str(claims["sub"]), _issued_ms(claims))
         if not self._token_checks.acquire(timeout=self.timeout):
             raise DirectoryUnavailable(f"over {MAX_TOKEN_CHECKS} access tokens are being checked; try again shortly")
         try:
@@ -203,7 +203,11 @@ class SupabaseDirectory:
         self._up()
         if response is None or response.user is None:
             raise AccessTokenInvalid("Supabase knows no user for this access token")
-        return response.user.id
+        try:  # Supabase has verified it: its claims are read, not checked again
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            claims = {}
+        return AccessTokenOwner(response.user.id, _issued_ms(claims))
 
     def status(self) -> dict:
         return {
@@ -372,6 +376,14 @@ def _banned(until: str | dt.datetime | None) -> bool:
     if until.tzinfo is None:
         until = until.replace(tzinfo=dt.UTC)
     return until > dt.datetime.now(dt.UTC)
+
+
+def _issued_ms(claims: dict) -> int | None:
+    """A JWT's ``iat`` (epoch seconds) in epoch ms; None when it has none that is a number."""
+    issued = claims.get("iat")
+    if isinstance(issued, bool) or not isinstance(issued, (int, float)):
+        return None
+    return int(issued * 1000)
 
 
 def _refused(problem: BaseException) -> int | None:

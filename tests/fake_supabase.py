@@ -124,17 +124,20 @@ class FakeSupabase:
         return user
 
     def access_token(
-        self, user: FakeUser, *, expires_in: int = 3600, secret: str = JWT_SECRET, audience: str = "authenticated"
+        self,
+        user: FakeUser,
+        *,
+        expires_in: int = 3600,
+        secret: str = JWT_SECRET,
+        audience: str = "authenticated",
+        issued_at: int | None | str = "now",
     ) -> str:
+        """A signed access token as Supabase issues it; ``issued_at`` its ``iat`` (None: no ``iat``)."""
         now = int(time.time())
-        claims = {
-            "sub": user.id,
-            "aud": audience,
-            "role": "authenticated",
-            "email": user.email,
-            "iat": now,
-            "exp": now + expires_in,
-        }
+        claims: dict = {"sub": user.id, "aud": audience, "role": "authenticated", "email": user.email}
+        if issued_at is not None:
+            claims["iat"] = now if issued_at == "now" else issued_at
+        claims["exp"] = now + expires_in
         return jwt.encode(claims, secret, algorithm="HS256")
 
     def site_env(self) -> dict:

@@ -206,6 +206,34 @@ def test_bearer_access_tokens_valid_expired_and_forged(site, supabase, people, v
     assert asked_supabase == (0 if verify == "locally" else 5)
 
 
+@pytest.mark.parametrize("verify", ["by-supabase", "locally"])
+def test_a_bearer_token_issued_before_a_sign_out_everywhere_mints_no_connection_token(site, supabase, people, verify):
+    """Supabase cannot revoke an access token checked locally: one from before the sign-out kept minting
+    connection tokens for its hour (found by review). One issued since, or in the sign-out's second, works."""
+    from support import ADMIN_SECRET
+
+    srv = site(**({"SUPABASE_JWT_SECRET": JWT_SECRET} if verify == "locally" else {}))
+    user, other = people["staff"], people["admin"]
+
+    def ws_auth(token):
+        return requests.get(srv.url + "/api/ws/auth", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    earlier = int(time.time()) - 5
+    old, no_iat = supabase.access_token(user, issued_at=earlier), supabase.access_token(user, issued_at=None)
+    assert ws_auth(old).status_code == 200 and ws_auth(no_iat).status_code == 200  # not signed out yet
+    admin = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+    assert requests.post(f"{srv.url}/api/users/{user.id}/sign-out", headers=admin, timeout=10).status_code == 200
+    for stale in (old, no_iat):
+        refused = ws_auth(stale)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        assert "signed out everywhere" in refused.json()["error"]["message"]
+    fresh = ws_auth(supabase.access_token(user))  # a sign-in since
+    assert fresh.status_code == 200, fresh.text
+    with srv.open(fresh.json()["token"]) as client:
+        client.expect("CONNECTED")
+    assert ws_auth(supabase.access_token(other, issued_at=earlier)).status_code == 200  # nobody else's
+
+
 def test_a_bearer_token_supabase_or_its_gateway_refuses_is_401_not_an_outage(site, supabase, people):
     """Anyone can send a bad token: one refused with a status Supabase rarely uses, or by the gateway in
     front of it with an HTML page, answered 503, turned /health degraded and logged an error."""
