@@ -82,7 +82,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     blueprints = (request_ids, errors, security_headers, auth, socket, api, metrics, pages, admin, clinics)
     for module in (*blueprints, user_commands, ws_commands):
         app.register_blueprint(module.bp)
-    app.wsgi_app = request_limits.RequestLimits(app.wsgi_app, timeout=settings.http_request_timeout_ms / 1000)
+    app.wsgi_app = request_limits.RequestLimits(
+        app.wsgi_app,
+        timeout=settings.http_request_timeout_ms / 1000,
+        send_timeout=settings.http_send_timeout_ms / 1000,
+    )
     if settings.trusted_proxies:
         # Behind a load balancer every request comes from its address: the client's is the one the
         # proxies appended to X-Forwarded-For (the last N: never trust what the client itself sent).

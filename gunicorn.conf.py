@@ -13,6 +13,7 @@ from the environment once, here, the same way the app reads it:
   the master kill them with 1006 after the graceful timeout.
 """
 
+import logging
 import os
 import signal
 import sys
@@ -127,6 +128,21 @@ def _warm_up(realtime):
     Event().wait(0.001)
 
 
+class _AnswerNotTaken(logging.Filter):
+    """gunicorn logs an answer its client did not take within ``HTTP_SEND_TIMEOUT_MS`` (the socket
+    timeout ``blueprints/request_limits.py`` sets) as "Socket error processing request." with a
+    traceback; it is a client's doing, not ours: one ``http.send_timeout`` line instead."""
+
+    def filter(self, record):
+        problem = record.exc_info[1] if record.exc_info else None
+        if isinstance(problem, TimeoutError) and record.msg == "Socket error processing request.":
+            from relay.eventlog import event
+
+            event("http.send_timeout", level="warning", timeoutMs=_settings.http_send_timeout_ms)
+            return False
+        return True
+
+
 def post_worker_init(worker):
     """Start the service, and replace the worker's SIGTERM handler with drain-then-stop.
 
@@ -147,6 +163,7 @@ def post_worker_init(worker):
     # kernel's backlog (free), and everything else gets the loop between two upgrades.
     StreamServer.max_accept = 1
 
+    logging.getLogger("gunicorn.error").addFilter(_AnswerNotTaken())
     realtime = worker.wsgi.extensions["realtime"]
     realtime.start()
     _warm_up(realtime)

@@ -1,4 +1,5 @@
-"""Request bodies: whole within a deadline, and no bigger than their route needs, or refused unread.
+"""Request bodies: whole within a deadline, and no bigger than their route needs, or refused unread;
+and answers: taken by the client within a deadline, or the connection is closed.
 
 A WSGI middleware in front of the app. gunicorn bounds how long a request's
 headers (or an upgrade request) may take: its ``keepalive``, which
@@ -18,13 +19,27 @@ greenlet for a day, and a few thousand of them would starve real users. Here:
 A waiting body costs only a parked greenlet (no CPU), so while thousands
 trickle, other requests and sockets are served as usual until the deadline
 frees them. WebSocket upgrades carry no body and pass straight through.
+
+Nor does gunicorn bound writing the answer: its sockets have no timeout, so
+a client that asks for a large file (or many, pipelined) and never reads
+held its request slot for good once the kernel's send buffer was full (a
+closed receive window is kept open by the kernel as long as the client
+acknowledges its probes), and ``WS_WORKER_CONNECTIONS`` such clients kept
+everyone else out. Here every request's socket gets ``HTTP_SEND_TIMEOUT_MS``:
+one write of the answer (gunicorn's ``sendall`` of a page, or each 8 KiB of
+a file it sends) that the client has not taken by then raises in gunicorn's
+writer, which closes the connection (as nginx's ``send_timeout``).
+It is set when the answer starts, so it bounds no read of the request; an
+answered upgrade starts none (its socket is detached for the event loop,
+``blueprints/socket.py``, whose writer never waits).
 """
 
 from __future__ import annotations
 
 import io
 import json
-from typing import IO
+from collections.abc import Callable
+from typing import IO, Any
 from wsgiref.types import StartResponse, WSGIApplication
 
 import gevent
@@ -52,15 +67,16 @@ JSON_PATHS = ("/api/", "/broadcast", "/health", "/ws")
 
 
 class RequestLimits:
-    def __init__(self, app: WSGIApplication, *, timeout: float):
+    def __init__(self, app: WSGIApplication, *, timeout: float, send_timeout: float):
         self.app = app
         self.timeout = timeout
+        self.send_timeout = send_timeout
 
     def __call__(self, environ, start_response):
         length_text = environ.get("CONTENT_LENGTH") or ""
         chunked = "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower()
         if not chunked and length_text in ("", "0"):
-            return self.app(environ, start_response)  # no body: GETs, upgrades
+            return self.app(environ, self._answer_within(environ, start_response))  # no body: GETs, upgrades
         path = environ.get("PATH_INFO") or "/"
         limit = limit_for(path)
         try:
@@ -85,7 +101,23 @@ class RequestLimits:
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
-        return self.app(environ, start_response)
+        return self.app(environ, self._answer_within(environ, start_response))
+
+    def _answer_within(self, environ: dict, start_response: StartResponse) -> StartResponse:
+        """``start_response`` that first gives the socket its send timeout: set once the body has been
+        read (a slow body is the 408's business, not a write's), and never on an answered upgrade,
+        which starts no response (its socket leaves for the event loop). The refusals here do without:
+        a few hundred bytes, which the kernel's send buffer always takes."""
+        sock = environ.get("gunicorn.socket")
+        if sock is None:
+            return start_response
+        send_timeout = self.send_timeout
+
+        def answering(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], object]:
+            sock.settimeout(send_timeout)  # gevent's socket: an attribute its waits read, no system call
+            return start_response(status, headers, exc_info)
+
+        return answering
 
 
 def limit_for(path: str) -> int:

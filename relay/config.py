@@ -76,6 +76,7 @@ class Settings:
     web_concurrency: int
     worker_connections: int
     http_request_timeout_ms: int
+    http_send_timeout_ms: int  # how long one write of an answer may wait on a client that does not read
     identity_recheck_ms: int
     max_connections_per_user: int
     trusted_proxies: int  # reverse proxies in front that append X-Forwarded-For / -Proto
@@ -207,6 +208,7 @@ class Settings:
             web_concurrency=reader.integer("WEB_CONCURRENCY", 1, low=1, high=256),
             worker_connections=reader.integer("WS_WORKER_CONNECTIONS", 12_000, low=10),
             http_request_timeout_ms=reader.integer("HTTP_REQUEST_TIMEOUT_MS", 10_000, low=100),
+            http_send_timeout_ms=reader.integer("HTTP_SEND_TIMEOUT_MS", 30_000, low=100),
             identity_recheck_ms=reader.integer("WS_IDENTITY_RECHECK_MS", 30_000, low=100),
             max_connections_per_user=reader.integer("WS_MAX_CONNECTIONS_PER_USER", 20, low=1),
             trusted_proxies=reader.integer("TRUSTED_PROXIES", 0, low=0, high=5),

@@ -217,6 +217,57 @@ def test_hundreds_of_trickling_bodies_are_cut_off_and_real_clients_are_served_me
     assert 3.5 < min(cut_at) and max(cut_at) < 12  # at the 4 s deadline, though bytes kept arriving
 
 
+ASKED = 200  # requests for the 52 KB htmx file: 10 MB of answers
+
+
+def non_reader(port: int, requests_: int = ASKED) -> socket.socket:
+    """A client that asks for a large file many times over and never reads: its receive window closes,
+    and the server's write of the answers waits on it (past what the kernel's send buffer, up to 4 MB, holds)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", port))
+    ask = b"GET /static/vendor/htmx-2.0.11.min.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    sock.sendall(ask * requests_)
+    return sock
+
+
+def test_clients_that_never_read_their_answers_are_cut_off_and_do_not_fill_the_server(start_server):
+    """A write that waited forever (gunicorn's sockets have no timeout) held a request slot for good:
+    WS_WORKER_CONNECTIONS such clients, and nobody else was accepted (found by review)."""
+    srv = start_server(WS_WORKER_CONNECTIONS=10, HTTP_SEND_TIMEOUT_MS=1500)
+    stuck = [non_reader(srv.port) for _ in range(10)]
+    try:
+        time.sleep(0.5)  # every slot is taken by a write that cannot go on
+        started = time.monotonic()
+        assert requests.get(srv.url + "/health", timeout=20).status_code == 200  # once a slot frees
+        assert time.monotonic() - started < 10
+        with srv.connect("bob") as bob:  # and sockets too
+            bob.send({"type": "PING"})
+            bob.expect("PONG")
+        time.sleep(3)  # one accepted late (a slot was the harness's) is past its own deadline by now
+        for sock in stuck:  # each was closed mid-answer: far less than the answers asked for
+            received = 0
+            try:
+                while chunk := sock.recv(65536):
+                    received += len(chunk)
+            except OSError:
+                pass
+            assert received < ASKED * 52_000, received
+        # A body slower than that (and within HTTP_REQUEST_TIMEOUT_MS) is still read and answered.
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as slow_body:
+            slow_body.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 12\r\n\r\nlogin=")
+            time.sleep(2)
+            slow_body.sendall(b"x&pw=y")
+            assert read_response(slow_body).startswith("HTTP/1.1 4")  # answered (no CSRF token), not cut
+        cut = srv.wait_for_event("http.send_timeout", lambda e: True)
+        assert cut["level"] == "warning" and cut["timeoutMs"] == 1500
+        assert "Traceback" not in srv.log_text() and "Socket error" not in srv.log_text()
+    finally:
+        for sock in stuck:
+            sock.close()
+
+
 def test_slow_headers_and_idle_keep_alive_connections_are_closed(server: Server):
     """gunicorn's keepalive (5 s) bounds both: headers that never end, and a connection left idle."""
     slow = socket.create_connection(("127.0.0.1", server.port), timeout=15)
