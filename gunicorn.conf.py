@@ -163,7 +163,11 @@ def post_worker_init(worker):
     # kernel's backlog (free), and everything else gets the loop between two upgrades.
     StreamServer.max_accept = 1
 
+    from relay.eventlog import RedactUrls
+
     logging.getLogger("gunicorn.error").addFilter(_AnswerNotTaken())
+    for name in ("gunicorn.error", "gunicorn.access"):  # a socket's URL carries its token
+        logging.getLogger(name).addFilter(RedactUrls())
     realtime = worker.wsgi.extensions["realtime"]
     realtime.start()
     _warm_up(realtime)

@@ -17,8 +17,10 @@ import datetime as dt
 import functools
 import json
 import logging
+import re
 import sys
 import time
+from collections.abc import MutableMapping
 from contextvars import ContextVar, Token
 
 logger = logging.getLogger("relay.events")
@@ -93,6 +95,37 @@ class JsonFormatter(logging.Formatter):
             return _line(record.created, level, fields, record.msg, **extra)
         bound = _bound.get() or {}
         return _line(record.created, level, bound, logger=record.name, message=record.getMessage(), **extra)
+
+
+# A query parameter whose name looks like a secret's, with its value: "?token=abc" in "/ws?token=abc",
+# or at the start of a bare query string (the access log's %(q)s).
+_NAME_CHARS = r"[^=&;\s\"#]*"
+_SECRET_PARAMETER = re.compile(
+    rf"((?:^|[?&;]){_NAME_CHARS}?(?:{'|'.join(_SECRET_WORDS)}){_NAME_CHARS}=)[^&;\s\"#]*", re.IGNORECASE
+)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the value of every query parameter named like a secret replaced by ``[redacted]``."""
+    return _SECRET_PARAMETER.sub(r"\1[redacted]", text) if "=" in text else text
+
+
+class RedactUrls(logging.Filter):
+    """For other libraries' log lines that carry a request's URL: gunicorn's error log ("Error handling
+    request /ws?token=...") and its access log, if an operator turns it on. A socket's connection token
+    travels in its URL (the contract), and a token in a log is a live credential for its ten minutes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_url(record.msg)
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(redact_url(arg) if isinstance(arg, str) else arg for arg in args)
+        elif isinstance(args, MutableMapping):  # the access log's atoms
+            for key, value in list(args.items()):
+                if isinstance(value, str):
+                    args[key] = redact_url(value)
+        return True
 
 
 class JsonHandler(logging.StreamHandler):

@@ -3,7 +3,7 @@
 import json
 import signal
 
-from support import Server
+from support import Server, wait_for
 from websockets.exceptions import ConnectionClosed
 
 from relay.codes import Close
@@ -56,3 +56,18 @@ def test_every_documented_event_is_logged_as_one_json_line_with_its_fields(start
     for line in ours:
         record = json.loads(line)
         assert {"ts", "level"} <= record.keys() and record["level"] in ("debug", "info", "warning", "error")
+
+
+def test_a_sockets_token_is_redacted_from_gunicorns_own_logs(start_server):
+    """A socket's token travels in its URL (the contract): gunicorn's access log, if an operator turns
+    it on, and its error log ("Error handling request /ws?token=...") wrote it out, a live credential."""
+    import requests
+
+    srv: Server = start_server("--access-logfile", "-")
+    token = srv.token("bob")
+    with srv.open(token) as bob:  # answered: gunicorn logs no request for an upgrade it handed over
+        bob.expect("CONNECTED")
+    refused = requests.get(f"{srv.url}/ws?resume=1&token={token}", timeout=10)  # no upgrade: 400
+    assert refused.status_code == 400  # answered over HTTP: an access log line, with its URL
+    assert wait_for(lambda: "GET /ws?resume=1&token=[redacted] HTTP/1.1" in srv.log_text()), srv.log_text()[-2000:]
+    assert token not in srv.log_text()

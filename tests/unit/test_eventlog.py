@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
 
 import pytest
 
@@ -32,3 +33,31 @@ def test_a_line_is_one_json_object_with_secrets_redacted(monkeypatch):
     assert record["note"] == "naïve ✓" and "naïve" in line  # UTF-8, not \\u escapes
     assert record["at"] == "2026-01-02"  # anything else is written as its str()
     dt.datetime.fromisoformat(record["ts"])
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("/ws?token=abc.def-1", "/ws?token=[redacted]"),
+        ("GET /ws?resume=1&token=t0k&x=2 HTTP/1.1", "GET /ws?resume=1&token=[redacted]&x=2 HTTP/1.1"),
+        ("token=abc&offset=3", "token=[redacted]&offset=3"),  # the access log's bare query string
+        ("/x?access_token=a;b=1", "/x?access_token=[redacted];b=1"),
+        ("/x?Password=hunter2#top", "/x?Password=[redacted]#top"),
+        ("/ws?resume=abc&offset=3", "/ws?resume=abc&offset=3"),  # nothing secret: unchanged
+        ("Booting worker with pid: 7", "Booting worker with pid: 7"),
+    ],
+)
+def test_a_url_in_another_librarys_log_line_loses_its_secret_parameters(text, expected):
+    assert eventlog.redact_url(text) == expected
+
+
+def test_the_filter_redacts_gunicorns_error_and_access_records():
+    error = logging.LogRecord(
+        "gunicorn.error", logging.ERROR, "", 0, "Error handling request %s", ("/ws?token=T",), None
+    )
+    access = logging.LogRecord("gunicorn.access", logging.INFO, "", 0, '"%(r)s" %(s)s', None, None)
+    access.args = {"r": "GET /ws?token=T HTTP/1.1", "s": "400", "q": "token=T", "b": 12}
+    for record in (error, access):
+        assert eventlog.RedactUrls().filter(record) is True  # kept, redacted
+    assert error.getMessage() == "Error handling request /ws?token=[redacted]"
+    assert access.getMessage() == '"GET /ws?token=[redacted] HTTP/1.1" 400' and access.args["q"] == "token=[redacted]"
