@@ -75,7 +75,13 @@ def handle(sock, address) -> None:
     )
     raw = _socket.socket(fileno=sock.detach())  # the C socket underneath, as blueprints/socket.py does
     conn = Connection(
-        raw, outbox=outbox, handler=Echo(), max_message=MAX_MESSAGE, max_queue=64 << 20, close_timeout=2.0
+        raw,
+        outbox=outbox,
+        handler=Echo(),
+        max_message=MAX_MESSAGE,
+        max_queue=64 << 20,
+        close_timeout=2.0,
+        max_frames=1 << 20,  # Autobahn's 9.3.1 streams 65,536 fragments of 64 bytes
     )
     conn.start(rest)
 

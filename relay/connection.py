@@ -169,6 +169,7 @@ class Connection:
         max_message: int,
         max_queue: int,
         close_timeout: float,
+        max_frames: int = frames.MAX_FRAMES_PER_READ,
         loop: Any = None,  # gevent's libev loop (untyped); the current hub's by default
     ):
         sock.setblocking(False)
@@ -198,7 +199,7 @@ class Connection:
         self._loop = loop if loop is not None else gevent.get_hub().loop
         self._outbox = outbox
         self._handler = handler
-        self._parser: frames.FrameParser | None = frames.FrameParser(max_message)
+        self._parser: frames.FrameParser | None = frames.FrameParser(max_message, max_frames)
         self._read_watch: Watcher | None = None
         self._write_watch: Watcher | None = None
         self._timer: Watcher | None = None

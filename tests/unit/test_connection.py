@@ -245,6 +245,25 @@ def test_a_protocol_violation_closes_1002_half_closes_and_discards_until_the_cli
     assert conn.state is CLOSED and handler.closed == 1
 
 
+def test_a_refused_socket_flooded_with_frames_parses_no_more_than_one_reads_worth(pair):
+    """A socket told to close (a bad token: 4401) is read for its client's close answer, for up to
+    WS_CLOSE_TIMEOUT_MS: a flood of tiny frames meanwhile was parsed whole, 15 ms a 64 KiB read."""
+    conn, handler, server, peer = pair(close_timeout=5)
+    conn.close(Close.UNAUTHORIZED, "token expired")
+    run_loop()
+    assert server.close_code() == (Close.UNAUTHORIZED, "token expired")
+    ping = client_frame(frames.OP_PING, b"")
+    peer.send(ping * 1000)
+    run_loop()
+    assert conn._parser is None  # past 512 frames in one read: the rest is discarded unparsed
+    peer.send(close_frame(Close.UNAUTHORIZED))  # and so is a close answer after it: the timer ends it
+    run_loop()
+    assert conn.state is CLOSING and handler.closed == 0
+    peer.close()
+    run_loop()
+    assert conn.state is CLOSED and handler.closed_with == (Close.UNAUTHORIZED, "token expired")
+
+
 def test_a_lost_connection_is_reported_as_1006(pair):
     conn, handler, _, peer = pair()
     peer.close()

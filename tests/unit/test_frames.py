@@ -92,7 +92,27 @@ def test_a_larger_message_limit_allows_more_fragments():
     frames_ = [client_frame(frames.OP_BINARY, b"", fin=False)]
     frames_ += [client_frame(frames.OP_CONTINUATION, piece, fin=False)] * (65_536 - 1)
     frames_.append(client_frame(frames.OP_CONTINUATION, piece))
-    assert parse(b"".join(frames_), max_message=16 << 20) == [(frames.OP_BINARY, piece * 65_536)]
+    parser = FrameParser(16 << 20, max_frames=1 << 20)  # as conformance/echo_server.py has it
+    assert parser.feed(b"".join(frames_)) == [(frames.OP_BINARY, piece * 65_536)]
+
+
+def test_a_read_of_more_than_512_frames_stops_there_with_1008():
+    """A 64 KiB read of empty pings is 10,922 frames, 15 ms to parse: one socket kept a worker busy."""
+    ping = client_frame(frames.OP_PING, b"")
+    flood = ping * (65_536 // len(ping))
+    with pytest.raises(ProtocolViolation) as stopped:
+        FrameParser(1 << 16).feed(flood)
+    assert stopped.value.code == Close.POLICY_VIOLATION and "512 frames" in str(stopped.value)
+    assert stopped.value.messages == [(frames.OP_PING, b"")] * frames.MAX_FRAMES_PER_READ  # parsed before it
+    parser = FrameParser(1 << 16)  # 512 in one read, and again in the next: each read counts its own
+    assert len(parser.feed(ping * 512)) == 512 and len(parser.feed(ping * 512)) == 512
+    most = [client_frame(frames.OP_TEXT, b"", fin=False)]
+    most += [client_frame(frames.OP_CONTINUATION, b"x" * 256, fin=False)] * (MOST - 1)
+    most.append(client_frame(frames.OP_CONTINUATION, b"x" * 256))
+    assert (
+        FrameParser(1 << 16).feed(b"".join(most) + ping * 200)
+        == [(frames.OP_TEXT, "x" * 256 * MOST)] + [(frames.OP_PING, b"")] * 200
+    )  # a whole message in its most fragments, and more besides, in one read
 
 
 def test_endless_empty_fragments_fail_the_message_with_1009_not_memory():
