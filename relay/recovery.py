@@ -99,6 +99,9 @@ class Prepared:
     channels: list[str]
     refused: list[tuple[str, str]]  # (channel, error code): restored no more, for the user as they are now
     epoch: str  # the stream the client's offset and everything read here belong to
+    # From the recent window, every broadcast after the offset (the window's own envelopes); read from
+    # the store, only those meant for the connection as it was when prepared (a resume from far back
+    # would otherwise hold the whole range). The replay filters again, for the connection as it joins.
     missed: list[Envelope] = field(default_factory=list)
     read_upto: int = 0
 
@@ -147,6 +150,7 @@ class Recovery:
         self.session_wait = session_wait
         self.recovered = 0
         self.not_recovered: dict[str, int] = {}
+        self._preparing: set[str] = set()  # sessions a socket is resuming right now
 
     def count(self, outcome: Prepared | str | None) -> None:
         """Count a resume's outcome for /health: recovered, or not and why."""
@@ -170,6 +174,19 @@ class Recovery:
         # The epoch first: a position in a lost stream means nothing, whatever else survived.
         if request.epoch != self.sequencer.epoch:
             return Reason.EPOCH
+        if request.client_id in self._preparing:
+            # Another socket is resuming this session: only one can have it (the admission takes it
+            # with no pause after this returns), and each would read the missed broadcasts for nothing.
+            return Reason.NO_SESSION
+        self._preparing.add(request.client_id)
+        try:
+            return self._prepare(request, user_id, refusal, admits)
+        finally:
+            self._preparing.discard(request.client_id)
+
+    def _prepare(
+        self, request: ResumeRequest, user_id: str, refusal: Callable[[str], str | None], admits: AdmitsWith
+    ) -> Prepared | str:
         try:
             session = self._session(request.client_id)
         except Exception:
@@ -231,14 +248,14 @@ class Recovery:
         return True
 
     def _read(self, after: int, upto: int, admits: Admits) -> list[Envelope] | str:
-        """The history from ``after`` to ``upto``, whole (or a Reason): no offset may be missing."""
+        """What ``admits`` of the history from ``after`` to ``upto`` (or a Reason): no offset may be
+        missing, and no more than ``max_messages`` may be admitted."""
         assert self.history is not None
         try:
             oldest = self.history.oldest()
             if after < upto and (oldest is None or oldest > after + 1):
                 return Reason.GONE
             missed: list[Envelope] = []
-            matching = 0
             cursor = after
             while cursor < upto:
                 page = self.history.read(cursor, READ_PAGE)
@@ -250,10 +267,10 @@ class Recovery:
                     if envelope.place != cursor + 1:  # trimmed since oldest() was read, or a hole: not whole
                         return Reason.GONE
                     cursor = envelope.place
-                    missed.append(envelope)
-                    matching += admits(envelope.filter)
-                    if matching > self.max_messages:
-                        return Reason.TOO_MANY
+                    if admits(envelope.filter):
+                        missed.append(envelope)
+                        if len(missed) > self.max_messages:
+                            return Reason.TOO_MANY
                 pause()
         except Exception:
             return Reason.UNAVAILABLE

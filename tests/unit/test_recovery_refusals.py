@@ -242,3 +242,45 @@ def test_a_resume_past_this_workers_position_while_the_store_is_away_is_unavaila
 
     sequencer._fetch = away
     assert resume(recovery, sequencer, sequencer.position + 3) == Reason.UNAVAILABLE
+
+
+def test_a_resume_from_past_the_window_keeps_only_what_was_meant_for_it(tmp_path):
+    """Read from the store, every broadcast of the range was kept, everyone's: a resume from far back
+    held the whole history in memory, and a few at once from one user many times that (found by review)."""
+    history = SqliteHistory(str(tmp_path / "h.db"), window_ms=60_000, last_value_ttl_ms=60_000)
+    start = history.head()[1]
+    elsewhere, everyone = Filter(clinic_ids=frozenset({"clinic-2"})), Filter()
+    for i in range(30):
+        history.append(
+            Envelope("CLINIC_ALERT" if i % 10 else "ANNOUNCEMENT", {"n": i}, elsewhere if i % 10 else everyone)
+        )
+    saved(history)
+    recovery, sequencer = recovery_over(history)
+    sequencer._recent.max_count = 2  # a window shorter than the gap: the store is read
+    prepared = resume(recovery, sequencer, start)
+    assert isinstance(prepared, Prepared) and [e.data["n"] for e in prepared.missed] == [0, 10, 20]
+    assert [e.data["n"] for e in prepared.replay(sequencer, lambda flt: True, 100)] == [0, 10, 20]
+    history.close()
+
+
+def test_a_session_two_sockets_resume_at_once_is_read_for_one_of_them(stream):
+    """Both passed the session check before either took it, and each read the missed broadcasts."""
+    import gevent
+
+    start = stream.head()[1]
+    publish(stream, 2)
+    saved(stream)
+    recovery, sequencer = recovery_over(stream)
+    reads = []
+    load = stream.load_session
+
+    def slow_load(client_id):
+        reads.append(client_id)
+        gevent.sleep(0.05)  # the store answers after a moment: the other socket comes meanwhile
+        return load(client_id)
+
+    stream.load_session = slow_load
+    first, second = gevent.spawn(resume, recovery, sequencer, start), gevent.spawn(resume, recovery, sequencer, start)
+    gevent.joinall([first, second], timeout=5)
+    assert isinstance(first.value, Prepared) and second.value == Reason.NO_SESSION and reads == ["c-1"]
+    assert isinstance(resume(recovery, sequencer, start), Prepared)  # once it is done, it may be asked again
