@@ -302,14 +302,24 @@ class MemoryThrottleStore:
         """Make room: the least recently seen key that blocks no one and carries no back-off level, among
         the oldest few (bounded work); failing that, the least recently seen. Evicting a level gives its
         account the free guesses back, so an attacker who floods the store with new keys must not be
-        able to push out the one under attack."""
-        for count, (key, state) in enumerate(self._states.items()):
+        able to push out the one under attack: the keys with a level looked at on the way go to the back
+        (a second chance), or a few dozen leveled decoys ahead of it would leave it the oldest of the
+        next scan. To push it out, every key in the store must carry a level (100,000: 500,000 guesses)."""
+        spared: list[str] = []
+        free = None
+        for key, state in self._states.items():
             if state.blocked_until <= now and state.level_until <= now:
-                del self._states[key]
-                return
-            if count >= EVICTION_SCAN:
+                free = key
                 break
-        self._states.popitem(last=False)
+            spared.append(key)
+            if len(spared) > EVICTION_SCAN:
+                break
+        for key in spared:
+            self._states.move_to_end(key)
+        if free is not None:
+            del self._states[free]
+        else:  # every key looked at holds a level: the oldest after them
+            self._states.popitem(last=False)
 
 
 # KEYS: one failures set per key (its :lvl, :block, :by beside it)

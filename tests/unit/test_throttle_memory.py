@@ -34,3 +34,21 @@ def test_a_full_store_keeps_the_back_off_of_the_account_under_attack():
         throttle.attempt(f"decoy{n}@x", f"10.1.{n // 250}.{n % 250}", now=NOW + 11)
     assert len(store._states) <= 200
     assert throttle.attempt("victim@x", None, now=NOW + 12).wait > 0  # still blocked, level kept
+
+
+def test_leveled_decoys_queued_behind_the_account_under_attack_do_not_push_it_out():
+    """The eviction looked at the oldest 65 keys for one without a level and, finding none, dropped the
+    oldest: five guesses on the victim, then 70 decoy accounts given a level, then a flood of new names,
+    and the victim had its free guesses back (found by review)."""
+    store = MemoryThrottleStore(max_keys=200)
+    throttle = LoginThrottle(store, account=Limit(free=5), address=Limit(free=1000))
+    for n in range(5):
+        throttle.attempt("victim@x", None, now=NOW + n)
+    for d in range(70):
+        for n in range(5):
+            throttle.attempt(f"decoy{d}@x", None, now=NOW + 5)
+    assert throttle.attempt("victim@x", None, now=NOW + 10).wait > 0  # blocked: level 1
+    for n in range(2000):
+        throttle.attempt(f"new{n}@x", None, now=NOW + 11)
+    assert len(store._states) <= 200
+    assert throttle.attempt("victim@x", None, now=NOW + 12).wait > 0  # still blocked, level kept
