@@ -303,8 +303,8 @@ class MemoryThrottleStore:
         the oldest few (bounded work); failing that, the least recently seen. Evicting a level gives its
         account the free guesses back, so an attacker who floods the store with new keys must not be
         able to push out the one under attack: the keys with a level looked at on the way go to the back
-        (a second chance), or a few dozen leveled decoys ahead of it would leave it the oldest of the
-        next scan. To push it out, every key in the store must carry a level (100,000: 500,000 guesses)."""
+        (a second chance); without that, 65 decoys given a level behind it kept it the oldest of every
+        scan. Pushing it out now takes 65 keys with a level lined up just ahead of it in the order."""
         spared: list[str] = []
         free = None
         for key, state in self._states.items():
