@@ -25,13 +25,15 @@ a client that asks for a large file (or many, pipelined) and never reads
 held its request slot for good once the kernel's send buffer was full (a
 closed receive window is kept open by the kernel as long as the client
 acknowledges its probes), and ``WS_WORKER_CONNECTIONS`` such clients kept
-everyone else out. Here every request's socket gets ``HTTP_SEND_TIMEOUT_MS``:
-one write of the answer (gunicorn's ``sendall`` of a page, or each 8 KiB of
-a file it sends) that the client has not taken by then raises in gunicorn's
-writer, which closes the connection (as nginx's ``send_timeout``).
-It is set when the answer starts, so it bounds no read of the request; an
-answered upgrade starts none (its socket is detached for the event loop,
-``blueprints/socket.py``, whose writer never waits).
+everyone else out. Here every request's socket gets ``HTTP_SEND_TIMEOUT_MS``
+when its answer starts: one write of the answer (gunicorn's ``sendall`` of
+a page, whole, or of each 8 KiB of a file it sends) that the client has not
+taken by then raises in gunicorn's writer, which closes the connection.
+It stays on the socket for the keep-alive wait and the next request's body,
+which gunicorn's ``keepalive`` and ``HTTP_REQUEST_TIMEOUT_MS`` bound sooner
+(the settings refuse a send timeout shorter than the request timeout). An
+answered upgrade starts no answer (its socket is detached for the event
+loop, ``blueprints/socket.py``, whose writer never waits).
 """
 
 from __future__ import annotations
@@ -105,9 +107,9 @@ class RequestLimits:
 
     def _answer_within(self, environ: dict, start_response: StartResponse) -> StartResponse:
         """``start_response`` that first gives the socket its send timeout: set once the body has been
-        read (a slow body is the 408's business, not a write's), and never on an answered upgrade,
-        which starts no response (its socket leaves for the event loop). The refusals here do without:
-        a few hundred bytes, which the kernel's send buffer always takes."""
+        read, and never on an answered upgrade, which starts no response (its socket leaves for the
+        event loop). The refusals here do without: a few hundred bytes, which the kernel's send buffer
+        always takes."""
         sock = environ.get("gunicorn.socket")
         if sock is None:
             return start_response

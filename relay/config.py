@@ -178,6 +178,16 @@ class Settings:
             warnings.append("WS_TEST_USER_ID is ignored because APP_ENV=production")
             test_user_id = None
 
+        request_timeout_ms = reader.integer("HTTP_REQUEST_TIMEOUT_MS", 10_000, low=100)
+        send_timeout_ms = reader.integer("HTTP_SEND_TIMEOUT_MS", 30_000, low=100)
+        if send_timeout_ms < request_timeout_ms:
+            # The send timeout stays on the socket for the keep-alive wait and the next request's body,
+            # which HTTP_REQUEST_TIMEOUT_MS bounds: shorter, it would cut those instead (with no 408).
+            raise ConfigError(
+                f"HTTP_SEND_TIMEOUT_MS ({send_timeout_ms}) must be at least HTTP_REQUEST_TIMEOUT_MS "
+                f"({request_timeout_ms}): raise it, or lower HTTP_REQUEST_TIMEOUT_MS."
+            )
+
         return cls(
             app_env=app_env,
             host=reader.text("WS_HOST", "127.0.0.1"),
@@ -207,8 +217,8 @@ class Settings:
             log_level=_log_level(reader.text("LOG_LEVEL", "INFO"), warnings),
             web_concurrency=reader.integer("WEB_CONCURRENCY", 1, low=1, high=256),
             worker_connections=reader.integer("WS_WORKER_CONNECTIONS", 12_000, low=10),
-            http_request_timeout_ms=reader.integer("HTTP_REQUEST_TIMEOUT_MS", 10_000, low=100),
-            http_send_timeout_ms=reader.integer("HTTP_SEND_TIMEOUT_MS", 30_000, low=100),
+            http_request_timeout_ms=request_timeout_ms,
+            http_send_timeout_ms=send_timeout_ms,
             identity_recheck_ms=reader.integer("WS_IDENTITY_RECHECK_MS", 30_000, low=100),
             max_connections_per_user=reader.integer("WS_MAX_CONNECTIONS_PER_USER", 20, low=1),
             trusted_proxies=reader.integer("TRUSTED_PROXIES", 0, low=0, high=5),

@@ -84,6 +84,9 @@ def test_production_never_writes_an_instance_folder(tmp_path):
         ({"WS_PUBLIC_URL": "http://example.com"}, "WS_PUBLIC_URL must be a ws:// or wss:// URL"),
         ({"WS_ALLOWED_ORIGINS": "example.com"}, "WS_ALLOWED_ORIGINS"),
         ({"REDIS_URL": "http://redis:6379"}, "REDIS_URL must start with"),
+        # Shorter, the send timeout left on a keep-alive socket would cut its next request's body, no 408.
+        ({"HTTP_SEND_TIMEOUT_MS": "5000"}, "HTTP_SEND_TIMEOUT_MS (5000) must be at least HTTP_REQUEST_TIMEOUT_MS"),
+        ({"HTTP_SEND_TIMEOUT_MS": "1000", "HTTP_REQUEST_TIMEOUT_MS": "2000"}, "must be at least"),
     ],
 )
 def test_bad_values_stop_start_up_with_a_message_naming_the_variable(tmp_path, env, fragment):

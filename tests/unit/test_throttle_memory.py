@@ -45,7 +45,7 @@ def test_leveled_decoys_queued_behind_the_account_under_attack_do_not_push_it_ou
     for n in range(5):
         throttle.attempt("victim@x", None, now=NOW + n)
     for d in range(70):
-        for n in range(5):
+        for _ in range(5):
             throttle.attempt(f"decoy{d}@x", None, now=NOW + 5)
     assert throttle.attempt("victim@x", None, now=NOW + 10).wait > 0  # blocked: level 1
     for n in range(2000):
