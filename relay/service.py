@@ -174,6 +174,7 @@ class Realtime:
         self._signed_out: dict[str, int] = {}
         # user id -> the newest disconnect (epoch ms) whose close this worker heard and applied: its record
         # is not applied again (a clock behind the recorder's would close sockets opened just after it).
+        # Oldest first, kept DISCONNECT_KEPT_S (see _heard_disconnect).
         self._heard_disconnects: dict[str, int] = {}
         self._page_prime_at = float("-inf")  # when a page last tried to read the stream (see stream_position)
 
@@ -277,18 +278,31 @@ class Realtime:
         if not disconnected:
             return 0
         wall, monotonic = now_ms(), time.monotonic()
-        heard = self._heard_disconnects
-        for user_id in [user_id for user_id, before in heard.items() if wall - before > DISCONNECT_KEPT_S * 1000]:
-            del heard[user_id]
         closed = 0
         for user_id, before in disconnected.items():
-            if heard.get(user_id, 0) >= before:
+            if self._heard_disconnects.get(user_id, 0) >= before:
                 continue  # closed here when it was sent
             for conn in self.hub.connections_of(user_id):
                 if conn.state is OPEN and wall - (monotonic - conn.opened_at) * 1000 < before:
                     _disconnect(conn)
                     closed += 1
         return closed
+
+    def _heard_disconnect(self, user_id: str, before: int) -> None:
+        """Remember that this worker heard (and applied) a disconnect of ``user_id`` at ``before`` (epoch ms),
+        as long as its record lives. Oldest first, and pruned here: a sign-out everywhere sends one too,
+        and a worker that never re-checks a disconnect record would otherwise keep one per such user."""
+        heard = self._heard_disconnects
+        if before <= heard.get(user_id, 0):
+            return
+        heard.pop(user_id, None)  # to the end: newest last
+        heard[user_id] = before
+        oldest_kept = now_ms() - DISCONNECT_KEPT_S * 1000
+        while heard:
+            first, at = next(iter(heard.items()))
+            if at >= oldest_kept:
+                break
+            del heard[first]
 
     def spelled_by_source(self, user_id: str) -> tuple[str, bool | None]:
         """The id as the identity source spells it (a Supabase id typed in capitals is the same user,
@@ -367,8 +381,8 @@ class Realtime:
             return 0
         if kind == "disconnect":
             before = message.get("before")
-            if isinstance(before, int) and before > self._heard_disconnects.get(user_id, 0):
-                self._heard_disconnects[user_id] = before  # its record, read at the re-check, is done here
+            if isinstance(before, int):
+                self._heard_disconnect(user_id, before)  # its record, read at the re-check, is done here
             for arriving in self._on_the_way.get(user_id, ()):
                 arriving.disconnected = True
             conns = self.hub.connections_of(user_id)

@@ -79,7 +79,8 @@ class SessionKeeper:
         self._ended_at: dict[str, float] = {}
         self._saving: list[dict[str, Session]] = []  # ended sessions a flush is writing (pending() sees them)
         self._forget: list[str] = []
-        self._resumed: set[str] = set()  # restored here, gone for good once their deletion is written
+        # Restored here (when, time.monotonic(), oldest first), gone for good once their deletion is written.
+        self._resumed: dict[str, float] = {}
         self._greenlet: gevent.Greenlet | None = None
         self.errors = 0
 
@@ -117,7 +118,8 @@ class SessionKeeper:
         self._ended.pop(client_id, None)
         self._ended_at.pop(client_id, None)
         self._forget.append(client_id)
-        self._resumed.add(client_id)
+        self._resumed.pop(client_id, None)  # to the end: the order is the order of the times
+        self._resumed[client_id] = time.monotonic()
 
     def resumed_elsewhere(self, client_id: str, user_id: str) -> None:
         """Another worker restored this session. If this one holds it (its socket still open, or ended and
@@ -154,7 +156,8 @@ class SessionKeeper:
             for rows in _batches(list(ended.values())):
                 self.store.save_sessions(rows, now + self.window_ms)
             self.store.delete_sessions(forget)
-            self._resumed.difference_update(forget)
+            for client_id in forget:
+                self._resumed.pop(client_id, None)
             for client_id in ended:
                 self._ended_at.pop(client_id, None)
         except Exception:
@@ -180,14 +183,27 @@ class SessionKeeper:
             raise
 
     def _drop_expired(self) -> None:
-        """Forget ended sessions older than the window (the store has been down that long)."""
-        cutoff = time.monotonic() - self.window_ms / 1000
+        """Forget what the store has been down too long to need: ended sessions older than the window,
+        and the deletions of sessions restored longer ago than the store keeps a session (a live one's
+        expiry is pushed ahead by up to twice the refresh; past that, the store offers it no more)."""
+        now = time.monotonic()
+        cutoff = now - self.window_ms / 1000
         while self._ended_at:
             client_id, ended_at = next(iter(self._ended_at.items()))
             if ended_at >= cutoff:
                 break
             del self._ended_at[client_id]
             self._ended.pop(client_id, None)
+        kept_until = now - (self.window_ms + 2 * self.refresh_ms) / 1000
+        dropped = set()
+        while self._resumed:
+            client_id, resumed_at = next(iter(self._resumed.items()))
+            if resumed_at >= kept_until:
+                break
+            del self._resumed[client_id]
+            dropped.add(client_id)
+        if dropped:
+            self._forget = [client_id for client_id in self._forget if client_id not in dropped]
 
     @staticmethod
     def _session_of(conn: Connection, *, open: bool) -> Session:

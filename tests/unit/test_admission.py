@@ -641,3 +641,16 @@ def test_a_worker_that_heard_a_disconnect_does_not_apply_its_record_again_to_lat
     assert rt.apply_disconnects({"u-1": later}) == 0  # the re-check reads the record: done here already
     assert rt.apply_disconnects({"u-1": later + 1}) == 1  # a newer disconnect, not heard here: applied
     assert again.close_code() == (Close.FORBIDDEN, "disconnected by an administrator")
+
+
+def test_the_disconnects_a_worker_heard_are_forgotten_with_their_records(service):
+    """Every sign-out everywhere sends one, and they were pruned only when a connected user had a record
+    to apply: one entry per user for the worker's whole life (found by review)."""
+    from relay.service import DISCONNECT_KEPT_S
+
+    rt = service()
+    long_ago = now_ms() - DISCONNECT_KEPT_S * 1000 - 1
+    for n in range(3):
+        rt._on_control({"kind": "disconnect", "userId": f"old-{n}", "before": long_ago - n})
+    rt._on_control({"kind": "disconnect", "userId": "u-1", "before": now_ms()})
+    assert list(rt._heard_disconnects) == ["u-1"]

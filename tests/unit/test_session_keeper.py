@@ -122,6 +122,9 @@ class DownStore(Store):
     def save_sessions(self, sessions: list[Session], expires_at_ms: int) -> None:
         raise ConnectionError("the store is down")
 
+    def delete_sessions(self, client_ids: list[str]) -> None:
+        raise ConnectionError("the store is down")
+
 
 def test_while_the_store_is_down_ended_sessions_are_kept_for_the_window_not_forever():
     """Past the window there is nothing to resume: a long outage must not pile them up (nor, once the
@@ -142,6 +145,23 @@ def test_while_the_store_is_down_ended_sessions_are_kept_for_the_window_not_fore
         keeper.flush()
     assert keeper.pending("c-0") is None and keeper.pending("c-9") is not None
     assert keeper.status()["pending"] == 1
+
+
+def test_while_the_store_is_down_resumed_sessions_are_remembered_as_long_as_the_store_would_offer_them():
+    """A resume to the same worker needs no store: through an outage each added a deletion to write and a
+    session to refuse, never dropped (found by review). Past the window and its refresh margin the store
+    offers that session no more, so both can go."""
+    keeper = SessionKeeper(DownStore(), window_ms=100, refresh_ms=10)  # type: ignore[arg-type]
+    keeper.resumed("c-0")
+    with pytest.raises(ConnectionError):
+        keeper.flush()
+    assert keeper.taken("c-0")  # within the window: still refused, its deletion still to be written
+    time.sleep(0.15)
+    keeper.resumed("c-9")
+    with pytest.raises(ConnectionError):
+        keeper.flush()
+    assert not keeper.taken("c-0") and keeper.taken("c-9")
+    assert keeper._forget == ["c-9"]
 
 
 def test_a_live_session_is_written_as_open_and_one_that_ended_as_not():
