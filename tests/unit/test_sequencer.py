@@ -406,3 +406,19 @@ def test_resumes_that_wait_for_a_catch_up_that_failed_are_told_it_failed(world):
     jobs = [gevent.spawn(world.sequencer.catch_up_once) for _ in range(3)]
     gevent.joinall(jobs, timeout=5)
     assert [type(job.exception).__name__ for job in jobs] == ["RuntimeError"] * 3
+
+
+def test_the_recent_window_counts_an_audiences_list_as_well_as_the_frame():
+    """A broadcast to 1,000 user ids has a frame of a few hundred bytes and holds ~120 KB: counted by its
+    frame alone, 4,096 of them kept ~490 MB in the window (found by review)."""
+    from relay.sequencer import RecentWindow
+
+    window = RecentWindow(4096, 1 << 20)  # 1 MiB
+    many = frozenset(f"user-{n:04d}" for n in range(1000))
+    for offset in range(1, 101):
+        window.add(Envelope("NOTIFICATION", {"n": offset}, Filter(user_ids=many)).placed(EPOCH, offset))
+    assert window.last == 100 and 100 - window.first + 1 <= 9  # ~120 KB each: eight fit in 1 MiB
+    small = RecentWindow(4096, 1 << 20)
+    for offset in range(1, 101):
+        small.add(env(offset))
+    assert small.first == 1  # frames of ~80 bytes and one channel: all kept
