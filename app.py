@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import click
 from flask import Flask, Request
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from itsdangerous import URLSafeTimedSerializer
@@ -29,7 +30,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from relay import eventlog
 from relay.broadcast_log import iso
 from relay.channels import channels
-from relay.config import Settings
+from relay.config import ConfigError, Settings
 from relay.service import Realtime
 
 log = logging.getLogger("relay.app")
@@ -39,7 +40,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app. ``config`` overrides environment variables by name (tests use it)."""
     overrides = dict(config or {})
     env = {**os.environ, **{key: str(value) for key, value in overrides.items()}}
-    settings = Settings.from_env(env)
+    try:
+        settings = Settings.from_env(env)
+    except ConfigError as problem:
+        if click.get_current_context(silent=True) is not None:
+            # A `flask` command (make run's first step, an operator's `flask users ...`): one line, as the
+            # server says it (wsgi.py), not the traceback of Flask loading the app.
+            raise click.ClickException(f"cannot start: {problem}") from None
+        raise
     app = RelayFlask(__name__, instance_path=settings.instance_path)
 
     eventlog.configure(settings.log_level)

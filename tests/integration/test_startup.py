@@ -59,6 +59,25 @@ def test_gunicorn_takes_bind_and_workers_from_the_settings(start_server, redis_s
     assert f"Listening at: http://127.0.0.1:{srv.port}" in log and log.count("Booting worker") == 2
 
 
+@pytest.mark.parametrize(
+    "changes,line",
+    [
+        ({"WS_PORT": "eighty"}, "cannot start: WS_PORT must be a whole number, got 'eighty'."),
+        ({"HTTP_SEND_TIMEOUT_MS": "5000"}, "cannot start: HTTP_SEND_TIMEOUT_MS (5000) must be at least"),
+    ],
+)
+def test_a_flask_command_in_a_bad_environment_says_why_in_one_line(tmp_path, changes, line):
+    """make run's first step, and an operator's `flask users ...`, printed Flask's traceback of loading the app."""
+    import os
+
+    from support import run_flask
+
+    env = {**os.environ, "REALTIME_INSTANCE_PATH": str(tmp_path), **changes}
+    done = run_flask(env, "users", "list")
+    assert done.returncode == 1 and line in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_web_concurrency_without_redis_is_refused(start_server):
     srv = start_server(wait=False, WEB_CONCURRENCY=2)
     assert srv.proc.wait(timeout=30) != 0
