@@ -55,14 +55,18 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 @bp.app_errorhandler(HTTPException)
 def http_error(error: HTTPException) -> ResponseReturnValue:
     status = error.code or 500
+    # A 405's Allow (RFC 9110 requires it): the methods the URL takes, which the message names too.
+    headers = {name: value for name, value in error.get_headers() if name == "Allow"}
     if wants_json():
         message = error.description or error.name
+        if "Allow" in headers:
+            message = f"{message} It takes {headers['Allow']}."
         fallback = HttpError.INVALID_BODY if status < 500 else HttpError.INTERNAL  # the client's, or ours
-        return error_response(status, _CODES.get(status, fallback), message)
+        return error_response(status, _CODES.get(status, fallback), message, headers)
     html = render_template(
         "error.html", status=status, title=error.name, message=_MESSAGES.get(status, error.description)
     )
-    return html, status
+    return html, status, headers
 
 
 @bp.app_errorhandler(DirectoryUnavailable)

@@ -19,10 +19,14 @@ bp = Blueprint("request_ids", __name__)
 SANE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
+def request_id(given: str) -> str:
+    """The id of a request that sent ``given`` as its X-Request-Id: that, if sane, else a new one."""
+    return given if SANE.fullmatch(given) else secrets.token_hex(8)
+
+
 @bp.before_app_request
 def bind_request_id() -> None:
-    given = request.headers.get("X-Request-Id", "")
-    g.request_id = given if SANE.fullmatch(given) else secrets.token_hex(8)
+    g.request_id = request_id(request.headers.get("X-Request-Id", ""))
     g.request_log_token = eventlog.bind(requestId=g.request_id)
 
 

@@ -48,6 +48,7 @@ import gevent
 
 from relay.codes import HttpError
 
+from .request_ids import request_id
 from .security_headers import EVERY_ANSWER
 
 RENDER_LIMIT = 3 * 64 * 1024 + 8 * 1024  # a message of up to 64 KiB, percent-encoded, and htmx's own fields
@@ -84,22 +85,22 @@ class RequestLimits:
         try:
             announced = int(length_text) if length_text else None
         except ValueError:
-            return _refuse(start_response, path, 400, HttpError.INVALID_BODY, "Content-Length is not a number")
+            return _refuse(start_response, environ, 400, HttpError.INVALID_BODY, "Content-Length is not a number")
         if announced is not None and announced > limit:
-            return _too_large(start_response, path, limit)
+            return _too_large(start_response, environ, limit)
         try:
             with gevent.Timeout(self.timeout):
                 body = _read(environ["wsgi.input"], limit + 1 if announced is None else announced)
         except gevent.Timeout:
             return _refuse(
                 start_response,
-                path,
+                environ,
                 408,
                 HttpError.REQUEST_TIMEOUT,
                 f"the request body did not arrive within {self.timeout:g} s",
             )
         if len(body) > limit:
-            return _too_large(start_response, path, limit)
+            return _too_large(start_response, environ, limit)
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
@@ -137,14 +138,15 @@ def _read(stream: IO[bytes], size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _too_large(start_response: StartResponse, path: str, limit: int) -> list[bytes]:
-    status = 400 if path in CONTRACT_400 else 413
+def _too_large(start_response: StartResponse, environ: dict, limit: int) -> list[bytes]:
+    status = 400 if environ.get("PATH_INFO") in CONTRACT_400 else 413
     return _refuse(
-        start_response, path, status, HttpError.BODY_TOO_LARGE, f"the body is over this route's {limit}-byte limit"
+        start_response, environ, status, HttpError.BODY_TOO_LARGE, f"the body is over this route's {limit}-byte limit"
     )
 
 
-def _refuse(start_response: StartResponse, path: str, status: int, code: str, message: str) -> list[bytes]:
+def _refuse(start_response: StartResponse, environ: dict, status: int, code: str, message: str) -> list[bytes]:
+    path = environ.get("PATH_INFO") or "/"
     reasons = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large"}
     if path.startswith(JSON_PATHS):
         body = json.dumps({"ok": False, "error": {"code": code, "message": message}}).encode()
@@ -165,6 +167,7 @@ def _refuse(start_response: StartResponse, path: str, status: int, code: str, me
             ("Content-Type", kind),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
+            ("X-Request-Id", request_id(environ.get("HTTP_X_REQUEST_ID", ""))),  # as request_ids answers
             *EVERY_ANSWER,  # answered outside Flask: security_headers never sees these
         ],
     )

@@ -14,7 +14,7 @@ from relay.signouts import SignoutsUnavailable
 from relay.sqlite_directory import DEMO_USERS, SqliteDirectory, UserError
 
 from .auth import realtime
-from .ws_commands import ops_client, url_option
+from .ws_commands import TEXT, ops_client, url_option
 
 bp = Blueprint("users", __name__, cli_group="users")
 
@@ -37,11 +37,11 @@ def _apply(action: Callable[..., object], *args: object) -> None:
 
 @bp.cli.command("add")
 @click.argument("user_id")
-@click.option("--email", help="Sign-in email (unique).")
-@click.option("--password", help="Sign-in password; prompted for when omitted.")
+@click.option("--email", type=TEXT, help="Sign-in email (unique).")
+@click.option("--password", type=TEXT, help="Sign-in password; prompted for when omitted.")
 @click.option("--role", required=True, help="One word: admin, sales_staff, nurse, ... (admin may open admin pages).")
 @click.option("--clinic", "clinic_id", help="Clinic id, for clinic staff.")
-@click.option("--name", "display_name", help="Display name.")
+@click.option("--name", "display_name", type=TEXT, help="Display name.")
 @click.option("--no-password", is_flag=True, help="Create a user that cannot sign in (socket-only, e.g. a screen).")
 def add(user_id, email, password, role, clinic_id, display_name, no_password):
     """Add a user."""
@@ -102,7 +102,7 @@ def set_clinic(user_id, clinic_id):
 
 @bp.cli.command("set-password")
 @click.argument("user_id")
-@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+@click.option("--password", type=TEXT, prompt=True, hide_input=True, confirmation_prompt=True)
 @url_option
 def set_password(user_id, password, url):
     """Set a user's sign-in password, and sign them out everywhere (whoever knew the old one is out)."""

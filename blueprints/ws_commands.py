@@ -8,6 +8,7 @@ development secrets file) as the server, so on a development machine
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import click
@@ -38,8 +39,43 @@ def _split(values: tuple[str, ...]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
+class _Text(click.ParamType):
+    """A string that is text. A byte the terminal's encoding cannot decode ("José" typed in Latin-1 into a
+    UTF-8 locale) reaches Python as a lone surrogate, which SQLite, the password hash and HTTP refused
+    with a traceback."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                self.fail("is not valid UTF-8 text: check the terminal's encoding (LANG, LC_ALL)", param, ctx)
+        return value
+
+
+TEXT = _Text()
+
 url_option = click.option("--url", help="Server base URL [default: http://127.0.0.1:$WS_PORT]")
-timeout_option = click.option("--timeout", default=5.0, show_default=True, help="Seconds per step.")
+
+
+def _a_number(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if math.isnan(value):  # passes FloatRange: nan compares false with both bounds
+        raise click.BadParameter("is not a number of seconds", ctx, param)
+    return value
+
+
+# Bounded: nan, a negative or an endless timeout raised from the socket (a traceback), and 0 failed every
+# step with "Operation now in progress".
+timeout_option = click.option(
+    "--timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 600),
+    callback=_a_number,
+    help="Seconds per step (0.1-600).",
+)
 
 
 @bp.cli.command("health")
@@ -111,7 +147,8 @@ def log_command(since, until, message_type, channel, sender, limit, as_csv):
             type=message_type,
             channel=channel,
             sender=sender,
-            since=parse_when(since, now) if since else (end or now) - 3_600_000,  # the hour before
+            # The hour before (an --until of 1970-01-01T00:00Z is 0: a moment, not "not given").
+            since=parse_when(since, now) if since else (now if end is None else end) - 3_600_000,
             until=end,
             limit=limit,
         )
@@ -154,7 +191,7 @@ def identity():
 
 
 @identity.command("check")
-@click.argument("user_id")
+@click.argument("user_id", type=TEXT)
 def identity_check(user_id):
     """Look USER_ID up in the configured identity source, bypassing any cache.
 

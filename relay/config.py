@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("WS_TOKEN_SECRET", "WS_ADMIN_SECRET", "SECRET_KEY")
@@ -363,8 +363,8 @@ def _public_url(reader: _Reader) -> str | None:
     raw = reader.text(name, "")
     if not raw:
         return None
-    parts = urlsplit(raw)
-    if parts.scheme not in ("ws", "wss") or not parts.netloc:
+    parts = _split(raw)
+    if parts is None or parts.scheme not in ("ws", "wss") or not parts.netloc:
         raise ConfigError(f"{name} must be a ws:// or wss:// URL, got {raw!r}.")
     path = parts.path.rstrip("/")
     if not path.endswith(SOCKET_PATH):
@@ -380,7 +380,8 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
     if not url or not key:
         missing = "SUPABASE_URL" if not url else "SUPABASE_SERVICE_ROLE_KEY"
         raise ConfigError(f"{missing} is not set; Supabase needs both SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY.")
-    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+    parts = _split(url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"SUPABASE_URL must look like https://<project>.supabase.co, got {url!r}.")
     table = reader.text("SUPABASE_PROFILES_TABLE", "profiles")
     log_table = reader.text("SUPABASE_BROADCAST_LOG_TABLE", "broadcast_log")
@@ -419,13 +420,23 @@ def _log_level(raw: str, warnings: list[str]) -> str:
     return "INFO"
 
 
-REDIS_URL_HINT = "percent-encode a '/', '#', '?' or '@' in the password (a '/' as %2F)"
+REDIS_URL_HINT = "percent-encode a '/', '#', '?', '@', '[' or ']' in the password (a '/' as %2F)"
+
+
+def _split(url: str) -> SplitResult | None:
+    """``urlsplit(url)``, or None where it raises (an unmatched "[" or "]": "Invalid IPv6 URL")."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
 
 
 def _redis_url(raw: str) -> str | None:
     if not raw:
         return None
-    parts = urlsplit(raw)
+    parts = _split(raw)
+    if parts is None:  # a "[" or "]" of the password, taken for an IPv6 address's
+        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {REDIS_URL_HINT}.")
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {redacted(raw)!r}.")
     try:
@@ -495,8 +506,8 @@ def _origins(raw: str, production: bool, warnings: list[str]) -> tuple[str, ...]
             warnings.append("WS_ALLOWED_ORIGINS=* lets pages of any origin open sockets (development only)")
             origins.append("*")
             continue
-        parts = urlsplit(item)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+        parts = _split(item)
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
             raise ConfigError(f"WS_ALLOWED_ORIGINS entries must look like https://app.example.com, got {item!r}.")
         origins.append(f"{parts.scheme}://{parts.netloc}".lower())
     return tuple(origins)

@@ -312,9 +312,12 @@ def test_headers_and_upgrades_trickling_in_are_cut_off_at_the_request_timeout(st
 
 def test_a_body_announced_larger_than_its_route_needs_is_refused_unread(server: Server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000000\r\n\r\n")
+        sock.sendall(
+            b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000000\r\nX-Request-Id: req-413\r\n\r\n"
+        )
         head = sock.recv(4096)  # answered at once, though not a byte of the body was sent
     assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head
+    assert b"X-Request-Id: req-413" in head  # answered outside Flask, with the id all answers carry
     big = server.broadcast(b'{"message":{"type":"A","data":"' + b"x" * 70_000 + b'"}}')
     assert big.status_code == 400 and big.json()["error"]["code"] == "body_too_large"  # the original contract
 

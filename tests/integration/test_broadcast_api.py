@@ -169,6 +169,10 @@ def test_unknown_api_path_is_a_json_404(server: Server):
     assert response.json()["error"]["code"] == "not_found"
     response = requests.get(server.url + "/broadcast", timeout=5)
     assert response.status_code == 405 and response.json()["ok"] is False
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in response.headers["Allow"] and "It takes " in response.json()["error"]["message"]
+    html = requests.delete(server.url + "/", timeout=5, headers={"Accept": "text/html"})
+    assert html.status_code == 405 and "GET" in html.headers["Allow"]  # the HTML error page carries it too
 
 
 def test_broadcast_is_logged_with_filter_delivered_and_duration(server: Server):

@@ -208,6 +208,12 @@ def test_users_add_list_set_role_disable(cli):
         (["users", "add", "u-2", "--role", "x", "--clinic", "a:b", "--no-password"], "clinic id"),
         (["users", "set-role", "ghost", "admin"], "no user with id 'ghost'"),
         (["users", "disable", "ghost"], "no user with id 'ghost'"),
+        # "José" typed in Latin-1 into a UTF-8 locale arrives as a lone surrogate: these were tracebacks.
+        (["users", "add", "u-3", "--role", "x", "--name", "Jos\udce9", "--no-password"], "not valid UTF-8"),
+        (["users", "add", "u-3", "--role", "x", "--email", "jos\udce9@x.test", "--password", "pw-123456"], "UTF-8"),
+        (["users", "add", "u-3", "--role", "x", "--password", "s\udce9same-123"], "not valid UTF-8"),
+        (["users", "set-password", "u-3", "--password", "s\udce9same-123"], "not valid UTF-8"),
+        (["ws", "identity", "check", "jos\udce9"], "not valid UTF-8"),
     ],
 )
 def test_users_commands_explain_what_is_wrong(cli, args, message):

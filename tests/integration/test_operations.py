@@ -468,6 +468,12 @@ def test_the_log_command_prints_the_last_hour(start_server):
     earlier = flask_cli(srv, "ws", "log", "--until", "2h")  # the hour before it (was refused: since 1h)
     assert earlier.returncode == 0 and "no broadcasts in that window" in earlier.stderr
     assert flask_cli(srv, "ws", "log", "--until", "0m").stdout.count("visible in the log") == 1
+    epoch = flask_cli(srv, "ws", "log", "--until", "1970-01-01T00:00:00Z")  # 0: was "since is after until"
+    assert epoch.returncode == 0 and "no broadcasts in that window" in epoch.stderr, epoch.stderr
+    for timeout in ("nan", "-1", "inf", "0"):  # were tracebacks from the socket, or "Operation now in progress"
+        refused = flask_cli(srv, "ws", "health", "--timeout", timeout)
+        assert refused.returncode == 2 and "Invalid value for '--timeout'" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
 
 
 @pytest.fixture

@@ -84,6 +84,11 @@ def test_production_never_writes_an_instance_folder(tmp_path):
         ({"WS_PUBLIC_URL": "http://example.com"}, "WS_PUBLIC_URL must be a ws:// or wss:// URL"),
         ({"WS_ALLOWED_ORIGINS": "example.com"}, "WS_ALLOWED_ORIGINS"),
         ({"REDIS_URL": "http://redis:6379"}, "REDIS_URL must start with"),
+        # An unmatched bracket (a password's, or a typo) was a traceback: "Invalid IPv6 URL".
+        ({"REDIS_URL": "redis://:p]ss@host:6379/0"}, "has no host and port redis-py can read"),
+        ({"WS_PUBLIC_URL": "wss://[::1"}, "WS_PUBLIC_URL must be a ws:// or wss:// URL"),
+        ({"WS_ALLOWED_ORIGINS": "https://[::1"}, "WS_ALLOWED_ORIGINS entries must look like"),
+        ({"SUPABASE_URL": "https://[x", "SUPABASE_SERVICE_ROLE_KEY": "k"}, "SUPABASE_URL must look like"),
         # Shorter, the send timeout left on a keep-alive socket would cut its next request's body, no 408.
         ({"HTTP_SEND_TIMEOUT_MS": "5000"}, "HTTP_SEND_TIMEOUT_MS (5000) must be at least HTTP_REQUEST_TIMEOUT_MS"),
         ({"HTTP_SEND_TIMEOUT_MS": "1000", "HTTP_REQUEST_TIMEOUT_MS": "2000"}, "must be at least"),
