@@ -42,6 +42,11 @@ class Filter:
     def everyone(self) -> bool:
         return not (self.user_ids or self.clinic_ids or self.roles or self.channels)
 
+    @property
+    def size(self) -> int:
+        """How many values it lists, all fields together (what it holds in memory grows with it)."""
+        return len(self.user_ids) + len(self.clinic_ids) + len(self.roles) + len(self.channels)
+
     def admits(self, user_id: str | None, role: str | None, clinic_id: str | None, channels: Collection[str]) -> bool:
         """Whether a connection of this identity, subscribed to ``channels``, is a recipient."""
         if self.user_ids and user_id not in self.user_ids:
@@ -90,7 +95,7 @@ def interned(flt: Filter) -> Filter:
     to 10,000 clients were 3 M filter checks in a reload). Correctness never
     depends on it: an equal filter that is not shared is only checked again.
     """
-    if len(flt.user_ids) + len(flt.clinic_ids) + len(flt.roles) + len(flt.channels) > INTERNED_MAX_VALUES:
+    if flt.size > INTERNED_MAX_VALUES:
         return flt
     shared = _INTERNED.get(flt)
     if shared is None:

@@ -331,9 +331,7 @@ FILTER_VALUE_BYTES = 120
 
 def _weight(envelope: Envelope) -> int:
     """What the recent window counts an envelope as: its frame, and its filter's values."""
-    flt = envelope.filter
-    values = len(flt.user_ids) + len(flt.clinic_ids) + len(flt.roles) + len(flt.channels)
-    return len(envelope.frame()) + FILTER_VALUE_BYTES * values
+    return len(envelope.frame()) + FILTER_VALUE_BYTES * envelope.filter.size
 
 
 class RecentWindow:

@@ -33,7 +33,7 @@ from . import channels as channel_rules
 from .broadcast import Broadcaster, BroadcastRequest, Receipt
 from .broadcast_log import BroadcastLog, LogWriter
 from .broker import Broker, BrokerUnavailable, Delivery, MemoryBroker, Pending
-from .clock import now_ms
+from .clock import drop_older, now_ms
 from .codes import Close, Error
 from .config import MAX_SESSION_HOURS, Settings
 from .connection import OPEN, Connection
@@ -297,12 +297,7 @@ class Realtime:
             return
         heard.pop(user_id, None)  # to the end: newest last
         heard[user_id] = before
-        oldest_kept = now_ms() - DISCONNECT_KEPT_S * 1000
-        while heard:
-            first, at = next(iter(heard.items()))
-            if at >= oldest_kept:
-                break
-            del heard[first]
+        drop_older(heard, now_ms() - DISCONNECT_KEPT_S * 1000)
 
     def spelled_by_source(self, user_id: str) -> tuple[str, bool | None]:
         """The id as the identity source spells it (a Supabase id typed in capitals is the same user,

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import gevent
 
+from .clock import drop_older
 from .history import History, Session
 from .timeslice import pause
 
@@ -187,21 +188,9 @@ class SessionKeeper:
         and the deletions of sessions restored longer ago than the store keeps a session (a live one's
         expiry is pushed ahead by up to twice the refresh; past that, the store offers it no more)."""
         now = time.monotonic()
-        cutoff = now - self.window_ms / 1000
-        while self._ended_at:
-            client_id, ended_at = next(iter(self._ended_at.items()))
-            if ended_at >= cutoff:
-                break
-            del self._ended_at[client_id]
+        for client_id in drop_older(self._ended_at, now - self.window_ms / 1000):
             self._ended.pop(client_id, None)
-        kept_until = now - (self.window_ms + 2 * self.refresh_ms) / 1000
-        dropped = set()
-        while self._resumed:
-            client_id, resumed_at = next(iter(self._resumed.items()))
-            if resumed_at >= kept_until:
-                break
-            del self._resumed[client_id]
-            dropped.add(client_id)
+        dropped = set(drop_older(self._resumed, now - (self.window_ms + 2 * self.refresh_ms) / 1000))
         if dropped:
             self._forget = [client_id for client_id in self._forget if client_id not in dropped]
 
