@@ -38,6 +38,11 @@ GRACEFUL_MARGIN_S = 5
 # SESSION_LIFETIME_HOURS's ceiling. A sign-out is remembered this long after its sign-in, so that
 # raising the lifetime later cannot bring a signed-out session back (blueprints/auth.py: logout).
 MAX_SESSION_HOURS = 720
+# Every duration's ceiling: far past any sensible value, and well inside what the stores and timers
+# take (a last value's age past 2**63 ms was an OverflowError from SQLite on every trim, and an
+# error from Redis's PEXPIRE on every broadcast, at run time rather than at start-up).
+DAY_MS = 86_400_000
+MAX_LAST_VALUE_TTL_MS = 365 * DAY_MS
 
 
 class ConfigError(Exception):
@@ -178,8 +183,8 @@ class Settings:
             warnings.append("WS_TEST_USER_ID is ignored because APP_ENV=production")
             test_user_id = None
 
-        request_timeout_ms = reader.integer("HTTP_REQUEST_TIMEOUT_MS", 10_000, low=100)
-        send_timeout_ms = reader.integer("HTTP_SEND_TIMEOUT_MS", 30_000, low=100)
+        request_timeout_ms = reader.integer("HTTP_REQUEST_TIMEOUT_MS", 10_000, low=100, high=DAY_MS)
+        send_timeout_ms = reader.integer("HTTP_SEND_TIMEOUT_MS", 30_000, low=100, high=DAY_MS)
         if send_timeout_ms < request_timeout_ms:
             # The send timeout stays on the socket for the keep-alive wait and the next request's body,
             # which HTTP_REQUEST_TIMEOUT_MS bounds: shorter, it would cut those instead (with no 408).
@@ -196,36 +201,36 @@ class Settings:
             token_secret_previous=previous,
             admin_secret=found["WS_ADMIN_SECRET"],
             secret_key=found["SECRET_KEY"],
-            token_ttl_ms=reader.integer("WS_TOKEN_TTL_MS", 600_000, low=1000),
+            token_ttl_ms=reader.integer("WS_TOKEN_TTL_MS", 600_000, low=1000, high=DAY_MS),
             public_url=_public_url(reader),
             test_user_id=test_user_id,
-            ping_interval_ms=reader.integer("WS_PING_INTERVAL_MS", 30_000, low=50),
-            client_idle_ms=reader.integer("WS_CLIENT_IDLE_MS", 25_000, low=100),
-            client_pong_timeout_ms=reader.integer("WS_CLIENT_PONG_TIMEOUT_MS", 10_000, low=100),
+            ping_interval_ms=reader.integer("WS_PING_INTERVAL_MS", 30_000, low=50, high=DAY_MS),
+            client_idle_ms=reader.integer("WS_CLIENT_IDLE_MS", 25_000, low=100, high=DAY_MS),
+            client_pong_timeout_ms=reader.integer("WS_CLIENT_PONG_TIMEOUT_MS", 10_000, low=100, high=DAY_MS),
             db_path=reader.text("REALTIME_DB", "") or os.path.join(instance_path, "realtime.db"),
             redis_url=_redis_url(reader.text("REDIS_URL", "")),
             redis_prefix=reader.text("REDIS_PREFIX", "relay") or "relay",
-            redis_heartbeat_ms=reader.integer("REDIS_HEARTBEAT_MS", 1000, low=100),
-            redis_reply_timeout_ms=reader.integer("REDIS_REPLY_TIMEOUT_MS", 1000, low=10),
+            redis_heartbeat_ms=reader.integer("REDIS_HEARTBEAT_MS", 1000, low=100, high=DAY_MS),
+            redis_reply_timeout_ms=reader.integer("REDIS_REPLY_TIMEOUT_MS", 1000, low=10, high=DAY_MS),
             supabase=_supabase(reader),
             allowed_origins=_origins(reader.text("WS_ALLOWED_ORIGINS", ""), production, warnings),
             max_clients=reader.integer("WS_MAX_CLIENTS", 11_000, low=1),
             max_queue_bytes=reader.integer("WS_MAX_QUEUE_BYTES", 1 << 20, low=64 * 1024),
-            close_timeout_ms=reader.integer("WS_CLOSE_TIMEOUT_MS", 2000, low=10),
-            drain_timeout_ms=reader.integer("WS_DRAIN_TIMEOUT_MS", 5000, low=100),
+            close_timeout_ms=reader.integer("WS_CLOSE_TIMEOUT_MS", 2000, low=10, high=DAY_MS),
+            drain_timeout_ms=reader.integer("WS_DRAIN_TIMEOUT_MS", 5000, low=100, high=DAY_MS),
             instance_path=instance_path,
             log_level=_log_level(reader.text("LOG_LEVEL", "INFO"), warnings),
             web_concurrency=reader.integer("WEB_CONCURRENCY", 1, low=1, high=256),
             worker_connections=reader.integer("WS_WORKER_CONNECTIONS", 12_000, low=10),
             http_request_timeout_ms=request_timeout_ms,
             http_send_timeout_ms=send_timeout_ms,
-            identity_recheck_ms=reader.integer("WS_IDENTITY_RECHECK_MS", 30_000, low=100),
+            identity_recheck_ms=reader.integer("WS_IDENTITY_RECHECK_MS", 30_000, low=100, high=DAY_MS),
             max_connections_per_user=reader.integer("WS_MAX_CONNECTIONS_PER_USER", 20, low=1),
             trusted_proxies=reader.integer("TRUSTED_PROXIES", 0, low=0, high=5),
             history_db_path=reader.text("REALTIME_HISTORY_DB", "") or os.path.join(instance_path, "history.db"),
-            recovery_window_ms=reader.integer("WS_RECOVERY_WINDOW_MS", 120_000, low=0, high=86_400_000),
+            recovery_window_ms=reader.integer("WS_RECOVERY_WINDOW_MS", 120_000, low=0, high=DAY_MS),
             recovery_max_messages=reader.integer("WS_RECOVERY_MAX_MESSAGES", 1000, low=1, high=100_000),
-            last_value_ttl_ms=reader.integer("WS_LAST_VALUE_TTL_MS", 86_400_000, low=1000),
+            last_value_ttl_ms=reader.integer("WS_LAST_VALUE_TTL_MS", 86_400_000, low=1000, high=MAX_LAST_VALUE_TTL_MS),
             metrics_token=metrics_token,
             metrics_public=metrics_public,
             health_public=health_public,
@@ -290,6 +295,8 @@ class _Reader:
         if raw == "":
             return default
         try:
+            if not raw.isascii():  # int() also reads other scripts' digits ("١٢"): a typo more likely than meant
+                raise ValueError(raw)
             value = int(raw)
         except ValueError:
             raise ConfigError(f"{name} must be a whole number, got {raw!r}.") from None
@@ -401,8 +408,8 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
         jwt_audience=reader.text("SUPABASE_JWT_AUDIENCE", "authenticated"),
         profiles_table=table,
         columns=columns,
-        timeout_ms=reader.integer("SUPABASE_TIMEOUT_MS", 3000, low=10),
-        cache_ttl_ms=reader.integer("SUPABASE_CACHE_TTL_MS", 60_000, low=0),
+        timeout_ms=reader.integer("SUPABASE_TIMEOUT_MS", 3000, low=10, high=DAY_MS),
+        cache_ttl_ms=reader.integer("SUPABASE_CACHE_TTL_MS", 60_000, low=0, high=DAY_MS),
         cache_size=reader.integer("SUPABASE_CACHE_SIZE", 10_000, low=1),
         broadcast_log_table=log_table,
     )

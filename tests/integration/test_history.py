@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from relay.config import MAX_LAST_VALUE_TTL_MS
 from relay.envelope import Envelope, Filter
 from relay.history import Appended, Idempotency, IdempotencyConflict, Previous, Session
 from relay.redis_history import RedisHistory
@@ -90,6 +91,15 @@ def test_last_values_keep_the_newest_per_channel_and_respect_their_age(make):
     assert last["clinic:c-1:queue"][0].offset == 2
     store.append(envelope(4, channels=["clinic:c-3:queue"], at=int(time.time() * 1000) - 120_000))
     assert store.last_values(["clinic:c-3:queue"], 60_000) == {}  # older than asked for
+
+
+def test_the_longest_last_value_age_the_settings_allow_is_kept_read_and_trimmed(make):
+    """WS_LAST_VALUE_TTL_MS's ceiling: both stores take it (an age past 2**63 ms overflowed SQLite's
+    integers on every trim and read, and Redis's PEXPIRE on every append)."""
+    store = make(last_value_ttl_ms=MAX_LAST_VALUE_TTL_MS)
+    store.append(envelope(1, channels=["clinic:c-1:queue"]))
+    store.trim(int(time.time() * 1000))
+    assert numbers(store.last_values(["clinic:c-1:queue"], MAX_LAST_VALUE_TTL_MS)) == {"clinic:c-1:queue": [1]}
 
 
 def numbers(last: dict[str, list[Envelope]]) -> dict[str, list[int]]:

@@ -2,12 +2,22 @@
 
 import json
 import os
+import re
 import stat
 from urllib.parse import quote
 
 import pytest
 
-from relay.config import DEV_SECRETS_FILE, SECRET_NAMES, ConfigError, Settings, prepare_instance, redacted
+from relay.config import (
+    DAY_MS,
+    DEV_SECRETS_FILE,
+    MAX_LAST_VALUE_TTL_MS,
+    SECRET_NAMES,
+    ConfigError,
+    Settings,
+    prepare_instance,
+    redacted,
+)
 
 STRONG = "x" * 32
 
@@ -92,6 +102,10 @@ def test_production_never_writes_an_instance_folder(tmp_path):
         # Shorter, the send timeout left on a keep-alive socket would cut its next request's body, no 408.
         ({"HTTP_SEND_TIMEOUT_MS": "5000"}, "HTTP_SEND_TIMEOUT_MS (5000) must be at least HTTP_REQUEST_TIMEOUT_MS"),
         ({"HTTP_SEND_TIMEOUT_MS": "1000", "HTTP_REQUEST_TIMEOUT_MS": "2000"}, "must be at least"),
+        # int() reads any script's digits: fullwidth 80, Arabic-Indic 12.
+        ({"WS_PORT": "\uff18\uff10"}, "WS_PORT must be a whole number"),
+        ({"WS_MAX_CLIENTS": "\u0661\u0662"}, "WS_MAX_CLIENTS must be a whole number"),
+        ({"WS_TOKEN_TTL_MS": "86400001"}, "WS_TOKEN_TTL_MS must be between 1000 and 86400000"),
     ],
 )
 def test_bad_values_stop_start_up_with_a_message_naming_the_variable(tmp_path, env, fragment):
@@ -196,3 +210,33 @@ def test_health_public_is_off_unless_said_and_a_closed_report_is_noted(tmp_path,
     settings = Settings.from_env({**prod_env(**changes), "REALTIME_INSTANCE_PATH": str(tmp_path)})
     assert settings.health_public is public
     assert any("/health answers its summary only" in notice for notice in settings.notices) is told
+
+
+SUPABASE = {"SUPABASE_URL": "https://project.supabase.co", "SUPABASE_SERVICE_ROLE_KEY": "service-key"}
+
+
+def documented_durations() -> list[str]:
+    """Every ``..._MS`` variable in the README's configuration table."""
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    with open(readme, encoding="utf-8") as f:
+        names = re.findall(r"^\| `([A-Z_]+_MS)` \|", f.read(), flags=re.MULTILINE)
+    assert len(names) >= 15, names  # the table's format changed: this test would check nothing
+    return names
+
+
+@pytest.mark.parametrize("name", documented_durations())
+def test_every_duration_has_a_ceiling_and_takes_it(tmp_path, name):
+    """A duration past its ceiling stops start-up; the ceiling itself starts. Without one, a last value's
+    age of 10**20 ms was an OverflowError from SQLite on every trim, at run time."""
+    ceiling = MAX_LAST_VALUE_TTL_MS if name == "WS_LAST_VALUE_TTL_MS" else DAY_MS
+    base = {**SUPABASE, "REALTIME_INSTANCE_PATH": str(tmp_path)}
+    with pytest.raises(ConfigError, match=f"{name} must be between .* and {ceiling}, got {ceiling + 1}"):
+        Settings.from_env({**base, name: str(ceiling + 1)})
+    if name == "HTTP_REQUEST_TIMEOUT_MS":  # the send timeout must be at least as long
+        base["HTTP_SEND_TIMEOUT_MS"] = str(ceiling)
+    settings = Settings.from_env({**base, name: str(ceiling)})
+    attribute = name.lower().removeprefix("ws_")
+    if attribute.startswith("supabase_"):
+        assert getattr(settings.supabase, attribute.removeprefix("supabase_")) == ceiling
+    else:
+        assert getattr(settings, attribute) == ceiling
