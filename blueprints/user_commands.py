@@ -45,6 +45,8 @@ def _apply(action: Callable[..., object], *args: object) -> None:
 @click.option("--no-password", is_flag=True, help="Create a user that cannot sign in (socket-only, e.g. a screen).")
 def add(user_id, email, password, role, clinic_id, display_name, no_password):
     """Add a user."""
+    if password is not None and no_password:
+        raise click.UsageError("give --password or --no-password, not both")
     if password is None and not no_password:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     try:

@@ -269,7 +269,9 @@ def _identity(row: tuple) -> Identity:
 
 
 _ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # one word: "admin " would not be admin
-_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}")  # the rest is the mail server's to judge
+# No spaces or control characters (an escape sequence would reach every log line that names the
+# user); the rest is the mail server's to judge.
+_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,189}")
 
 
 def _check_user_fields(user_id: str, role: str, clinic_id: str | None) -> None:

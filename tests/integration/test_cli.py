@@ -214,6 +214,11 @@ def test_users_add_list_set_role_disable(cli):
         (["users", "add", "u-3", "--role", "x", "--password", "s\udce9same-123"], "not valid UTF-8"),
         (["users", "set-password", "u-3", "--password", "s\udce9same-123"], "not valid UTF-8"),
         (["ws", "identity", "check", "jos\udce9"], "not valid UTF-8"),
+        # Both was a user who could sign in, made by an operator who asked for one who could not.
+        (["users", "add", "u-4", "--role", "x", "--password", "pw-123456", "--no-password"], "not both"),
+        # A control character in an email is a typo (or a terminal's escape), and ends up in every log line.
+        (["users", "add", "u-5", "--role", "x", "--email", "a\x1b[2Jb@x.test", "--no-password"], "not an email"),
+        (["users", "add", "u-5", "--role", "x", "--email", "ab@x.test\x00", "--no-password"], "not an email"),
     ],
 )
 def test_users_commands_explain_what_is_wrong(cli, args, message):
