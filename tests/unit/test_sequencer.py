@@ -422,3 +422,26 @@ def test_the_recent_window_counts_an_audiences_list_as_well_as_the_frame():
     for offset in range(1, 101):
         small.add(env(offset))
     assert small.first == 1  # frames of ~80 bytes and one channel: all kept
+
+
+def test_the_recent_window_counts_a_broadcasts_parsed_data_as_well_as_its_frame():
+    """A 60 KB body of empty lists parses into ~1.3 MB of Python objects: counted by its frame alone,
+    the window's 16 MiB held ~270 such broadcasts, ~360 MB. Text of the same size is ~2x its frame."""
+    import json
+    import tracemalloc
+
+    from relay.sequencer import RecentWindow
+
+    text = json.dumps([[] for _ in range(20_000)])
+    tracemalloc.start()
+    data = json.loads(text)
+    parsed, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    lists = Envelope("QUEUE_UPDATE", data, Filter(channels=frozenset({"clinic:c-1:queue"}))).placed(EPOCH, 1)
+    window = RecentWindow(4096, 1 << 30)
+    window.add(lists)
+    counted = window.counted_bytes
+    assert parsed + len(lists.frame()) <= counted <= 3 * (parsed + len(lists.frame()))
+    prose = Envelope("ANNOUNCEMENT", {"message": "x" * 60_000}, Filter(channels=frozenset({"system:announcements"})))
+    window.add(prose.placed(EPOCH, 2))
+    assert 120_000 <= window.counted_bytes - counted <= 125_000  # the frame and the text once parsed
