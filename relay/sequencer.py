@@ -252,7 +252,7 @@ class Sequencer:
                 except Exception:
                     log.exception("delivering offset %s failed", envelope.offset)
                     count = 0
-                kept[1] = count
+                kept.count = count
                 result.set(count)
         finally:
             self._draining = False
@@ -344,26 +344,35 @@ def _weight(envelope: Envelope) -> int:
     return 2 * len(frame) + DATA_VALUE_BYTES * values + FILTER_VALUE_BYTES * envelope.filter.size
 
 
+class Kept:
+    """One envelope of the recent window: how many connections took it, and what it is counted as."""
+
+    __slots__ = ("envelope", "count", "weight")
+
+    def __init__(self, envelope: Envelope):
+        self.envelope, self.count, self.weight = envelope, 0, _weight(envelope)
+
+
 class RecentWindow:
     """The last envelopes delivered here, in offset order, with how many connections took each.
 
     Bounded by count and by bytes (their frames, their parsed data and their audiences' lists: a
     broadcast to 1,000 user ids holds ~120 KB for a frame of a few hundred bytes, measured; counted
     by frames alone, 4,096 of them held 490 MB); searched by offset in O(log n), because a reconnect
-    storm asks once per resuming client. Each entry is ``[envelope, connections that took it, weight]``.
+    storm asks once per resuming client.
     """
 
     def __init__(self, count: int, nbytes: int):
         self.max_count, self.max_bytes = count, nbytes
         self._offsets: list[int] = []
-        self._kept: list[list] = []  # [envelope, count], parallel to _offsets
+        self._kept: list[Kept] = []  # parallel to _offsets
         self._bytes = 0
 
-    def add(self, envelope: Envelope) -> list:
-        kept = [envelope, 0, _weight(envelope)]
+    def add(self, envelope: Envelope) -> Kept:
+        kept = Kept(envelope)
         self._offsets.append(_offset(envelope))
         self._kept.append(kept)
-        self._bytes += kept[2]
+        self._bytes += kept.weight
         if len(self._kept) > self.max_count + 256 or self._bytes > self.max_bytes:
             self._trim()
         return kept
@@ -383,10 +392,10 @@ class RecentWindow:
 
     def prepend(self, envelopes: list[Envelope]) -> None:
         """Put older envelopes (read back from the history) in front."""
-        kept = [[e, 0, _weight(e)] for e in envelopes]
+        kept = [Kept(e) for e in envelopes]
         self._offsets[:0] = [_offset(e) for e in envelopes]
         self._kept[:0] = kept
-        self._bytes += sum(entry[2] for entry in kept)
+        self._bytes += sum(entry.weight for entry in kept)
 
     def after(self, offset: int) -> list[Envelope] | None:
         """Envelopes with offsets above ``offset``, or None if the window no longer reaches back that far
@@ -398,16 +407,16 @@ class RecentWindow:
         # Offsets only increase: the run from start to end is whole when it spans exactly its length.
         if start <= end and (offsets[start] != offset + 1 or offsets[end] - offsets[start] != end - start):
             return None
-        return [kept[0] for kept in self._kept[start:]]
+        return [kept.envelope for kept in self._kept[start:]]
 
     def count_of(self, offset: int, envelope_id: str) -> int:
         """How many connections took the envelope delivered at ``offset``, if it is this one (else 0)."""
         index = self._index_of(offset)
-        return self._kept[index][1] if index is not None and self._kept[index][0].id == envelope_id else 0
+        return self._kept[index].count if index is not None and self._kept[index].envelope.id == envelope_id else 0
 
     def id_at(self, offset: int) -> str | None:
         index = self._index_of(offset)
-        return self._kept[index][0].id if index is not None else None
+        return self._kept[index].envelope.id if index is not None else None
 
     def _index_of(self, offset: int) -> int | None:
         index = bisect_left(self._offsets, offset)
@@ -421,9 +430,9 @@ class RecentWindow:
     def _trim(self) -> None:
         # One slice delete for many entries: the lists move once per trim, not once per broadcast.
         drop = max(0, len(self._kept) - self.max_count)
-        freed = sum(kept[2] for kept in self._kept[:drop])
+        freed = sum(kept.weight for kept in self._kept[:drop])
         while self._bytes - freed > self.max_bytes and drop < len(self._kept) - 1:
-            freed += self._kept[drop][2]
+            freed += self._kept[drop].weight
             drop += 1
         self._bytes -= freed
         del self._offsets[:drop], self._kept[:drop]
