@@ -7,17 +7,34 @@ from pathlib import Path
 
 import pytest
 from crowd import Crowd
-from support import PASSWORD, RedisServer, Server, make_users
+from support import PASSWORD, RUNNING, RedisServer, Server, make_users
+
+
+@pytest.fixture(autouse=True)
+def stop_leftovers():
+    """After each test, stop (by PID) every server it started and left running. Broader fixtures
+    (the session's ``server``, a module's) start theirs before this one looks, and are left alone."""
+    before = set(RUNNING)
+    yield
+    for leftover in RUNNING - before:
+        leftover.stop()
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """A gunicorn gevent server shared by tests that do not change its state."""
+def shared_server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("server")
     make_users(workdir / "realtime.db")
     srv = Server(workdir, {"WS_PING_INTERVAL_MS": 30000}).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def server(shared_server):
+    """A gunicorn gevent server shared by tests that do not change its state; its ``log_events``
+    (and ``wait_for_event``) see only what was logged since this test began."""
+    shared_server.log_from = shared_server.log_size()
+    return shared_server
 
 
 @pytest.fixture

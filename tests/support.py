@@ -36,6 +36,12 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: in the forke
 _TEST_PROCESS = os.getpid()
 
 
+# Every gunicorn and redis-server a test started and has not stopped: conftest's ``stop_leftovers``
+# stops what a test left running (one started outside a fixture, whose test failed before its own
+# ``finally``), so that a failure costs that test only, not two busy cores for the rest of the run.
+RUNNING: set[Server | RedisServer] = set()
+
+
 def _end_with_the_tests() -> None:
     """Run in each server's child process before it starts: SIGTERM it when the test process ends.
 
@@ -96,7 +102,7 @@ def make_users(db_path: Path, users=USERS, password: str = PASSWORD) -> None:
     directory.close()
 
 
-@dataclass
+@dataclass(eq=False)  # one per process: kept in RUNNING by identity
 class Server:
     """One gunicorn process (master + workers) on 127.0.0.1."""
 
@@ -109,6 +115,9 @@ class Server:
     def __post_init__(self) -> None:
         self.port = self.port or free_port()
         self.log_path = self.workdir / f"gunicorn-{self.port}.log"
+        # Where log_events starts reading: the shared server's fixture moves it to the end of the log
+        # at each test, so that a line an earlier test wrote cannot pass for this test's.
+        self.log_from = 0
         self.env = {
             **os.environ,
             "APP_ENV": "development",
@@ -142,8 +151,13 @@ class Server:
             stderr=subprocess.STDOUT,
             preexec_fn=_end_with_the_tests,
         )
+        RUNNING.add(self)
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
@@ -163,6 +177,7 @@ class Server:
         """SIGTERM by PID, then SIGKILL if it will not go; the exit code (None if never started)."""
         if self.proc is None:
             return None
+        RUNNING.discard(self)
         try:
             if self.proc.poll() is not None:
                 return self.proc.returncode
@@ -178,10 +193,16 @@ class Server:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
     def log_events(self, name: str | None = None) -> list[dict]:
-        """Structured log lines (JSON), optionally only those with ``event == name``."""
+        """Structured log lines (JSON) from ``log_from`` on, optionally only those with ``event == name``."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self.log_from)
+            text = log.read().decode(errors="replace")
         events = []
-        for line in self.log_text().splitlines():
+        for line in text.splitlines():
             if line.startswith("{"):
                 try:
                     record = json.loads(line)
@@ -345,6 +366,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             preexec_fn=_end_with_the_tests,
         )
+        RUNNING.add(self)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -354,6 +376,7 @@ class RedisServer:
                         return self
             except OSError:
                 time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def kill(self) -> None:
@@ -362,6 +385,7 @@ class RedisServer:
         self.proc.wait(10)
 
     def stop(self) -> None:
+        RUNNING.discard(self)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
