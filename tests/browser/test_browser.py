@@ -535,9 +535,19 @@ def test_the_dashboards_figures_that_cannot_be_polled_say_so_in_place_not_in_toa
     """Every failed poll (each 2 s) would have stacked a toast (review of the toasts for failed forms)."""
     admin = web(site, "alice", "/admin")
     wait_live(admin)
-    admin.route("**/admin/stats*", lambda route: route.fulfill(status=503, body="restarting"))
+    polls = []
+
+    def refuse(route):
+        polls.append(route.request.url)
+        route.fulfill(status=503, body="restarting")
+
+    admin.route("**/admin/stats*", refuse)
     expect(admin.locator("#stats [data-fragment-state=stale]")).to_contain_text("the server answered 503")
-    admin.wait_for_timeout(2500)  # another poll or two
+    failed = len(polls)
+    deadline = time.monotonic() + 15
+    while len(polls) < failed + 2 and time.monotonic() < deadline:  # two more failed polls
+        admin.wait_for_timeout(200)
+    assert len(polls) >= failed + 2, polls
     expect(admin.locator("#toasts .toast")).to_have_count(0)
     expect(admin.locator("#stats [data-fragment-state]")).to_have_count(1)
     admin.unroute("**/admin/stats*")

@@ -473,7 +473,8 @@ def first_subscribes_held_then_an_older_and_a_newer_broadcast(site, web, *, send
         "() => { window.__shown = []; window.realtime.onMessage((m) => m.id && window.__shown.push(m.offset));"
         " window.__resyncs = 0; document.body.addEventListener('realtime:resync', () => window.__resyncs++); }"
     )
-    page.wait_for_timeout(300)  # the live one reaches the page
+    # The live one has reached the page, and waits there for the held replay.
+    page.wait_for_function("() => (window.realtime.holding?.frames || []).some((m) => m.type === 'ANNOUNCEMENT')")
     return page, sockets, older, newer
 
 

@@ -200,7 +200,7 @@ def test_a_resumed_session_cannot_be_resumed_twice(site):
     twin = bob.at_its_place()
     bob.drop()
     assert bob.connect()["recovered"] is True
-    time.sleep(0.5)  # the keeper forgets the resumed session
+    assert wait_for(lambda: saved(site))  # the keeper has forgotten the resumed session
     assert twin.connect()["reason"] == Reason.NO_SESSION
     twin.close()
     bob.close()
@@ -369,7 +369,7 @@ def test_resume_on_another_instance_after_the_first_was_killed(pair):
     host_a, host_b = pair
     bob = Resumer(host_a, "bob", [ANN])
     bob.connect()
-    time.sleep(0.6)  # the session keeper has written the session (it writes every 0.25 s)
+    assert wait_for(lambda: saved(host_a))  # the session keeper has written the session
     first = sent(host_b, "before the kill", channels=[ANN])
     assert bob.read()[-1]["id"] == first["id"]
     os.kill(host_a.health()["pid"], signal.SIGKILL)
@@ -498,7 +498,7 @@ def test_a_broadcast_answered_200_survives_the_worker_being_killed_at_once(site)
     bob.connect()
     bob.drop()
     site.wait_clients(0)
-    time.sleep(0.6)  # the session keeper writes the session (every 0.25 s)
+    assert wait_for(lambda: saved(site))  # the session keeper has written the session
     old = site.health()["pid"]
     answer = sent(site, "written before the answer", channels=[ANN])
     os.kill(old, signal.SIGKILL)  # the instant after the 200

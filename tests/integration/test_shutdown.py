@@ -14,7 +14,7 @@ from relay.codes import Close
 
 
 def test_sigterm_closes_every_socket_with_1012_and_refuses_arrivals(start_server):
-    srv = start_server(WS_CLOSE_TIMEOUT_MS=3000)
+    srv = start_server(WS_CLOSE_TIMEOUT_MS=8000, WS_DRAIN_TIMEOUT_MS=8000)
     clients = [srv.connect(user, ["system:announcements"]) for user in ("alice", "bob", "carol", "erin") * 5]
     # This one never answers the close frame, which keeps the worker draining for WS_CLOSE_TIMEOUT_MS.
     stubborn = RawClient(srv.port, srv.token("bob"))
@@ -24,7 +24,7 @@ def test_sigterm_closes_every_socket_with_1012_and_refuses_arrivals(start_server
     srv.proc.send_signal(signal.SIGTERM)
     codes = [client.closed_with(timeout=5) for client in clients]
     assert codes == [(Close.SERVICE_RESTART, "service restart")] * len(clients)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 6  # not one after another, nor behind the stubborn one's 8 s
 
     # Still draining (the stubborn socket): a newcomer is told 1012 at once, never CONNECTED.
     late = srv.open(srv.token("bob"))
@@ -35,7 +35,7 @@ def test_sigterm_closes_every_socket_with_1012_and_refuses_arrivals(start_server
     else:
         raise AssertionError(f"a socket arriving during the drain was admitted: {first}")
 
-    assert srv.proc.wait(timeout=15) == 0
+    assert srv.proc.wait(timeout=30) == 0
     stubborn.close()
     log = srv.log_text()
     assert '"event": "drain.done"' in log

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import requests
 from fake_supabase import ANON_KEY, JWT_SECRET, SERVICE_KEY, FakeSupabase
-from support import ROOT, sign_in
+from support import ROOT, sign_in, wait_for
 
 from relay.codes import Close
 
@@ -129,22 +129,21 @@ def test_supabase_errors_give_1013_open_sockets_keep_working_and_it_recovers(sit
 
 
 def test_a_hanging_supabase_times_out_with_1013_without_freezing_anyone(site, supabase, people):
-    srv = site(SUPABASE_TIMEOUT_MS=800, SUPABASE_CACHE_TTL_MS=0)
+    srv = site(SUPABASE_TIMEOUT_MS=3000, SUPABASE_CACHE_TTL_MS=0)
     with srv.connect(people["admin"].id, ["system:announcements"]) as already_open:
-        supabase.mode, supabase.hang_seconds = "hang", 5
+        supabase.mode, supabase.hang_seconds = "hang", 20
         started = time.monotonic()
         waiting = srv.open(srv.token(people["staff"].id))
-        # While that handshake waits on Supabase, the worker serves everyone else at once.
-        time.sleep(0.2)
-        quick = time.monotonic()
+        assert wait_for(lambda: sum(supabase.at_once.values()) >= 1, timeout=10)  # its lookup hangs now
+        # While that handshake waits on Supabase, the worker serves everyone else: before its 1013.
         already_open.send({"type": "PING"})
-        already_open.expect("PONG", timeout=1)
+        already_open.expect("PONG", timeout=10)
         assert srv.announce("meanwhile", channels=["system:announcements"])["delivered"] == 1
-        already_open.expect("ANNOUNCEMENT", timeout=1)
-        assert time.monotonic() - quick < 0.5
-        code, _ = waiting.closed_with(timeout=5)
+        already_open.expect("ANNOUNCEMENT", timeout=10)
+        assert waiting.nothing_within(0.01)  # still waiting: a frozen worker would have answered both after it
+        code, _ = waiting.closed_with(timeout=15)
         assert code == Close.TRY_AGAIN_LATER
-        assert time.monotonic() - started < 3  # the 800 ms timeout, not Supabase's 5 s
+        assert time.monotonic() - started < 15  # the 3 s timeout, not Supabase's 20 s
         waiting.close()
         supabase.mode = "ok"
 
@@ -454,11 +453,11 @@ def test_a_token_asked_for_before_a_sign_out_everywhere_and_answered_after_it_op
 
     from support import csrf_of, wait_for
 
-    srv = site(SUPABASE_CACHE_TTL_MS="0")
+    srv = site(SUPABASE_CACHE_TTL_MS="0", SUPABASE_TIMEOUT_MS="10000")
     laptop = sign_in(srv, "nurse@clinic.test", "pw-correct-horse")
     phone = sign_in(srv, "nurse@clinic.test", "pw-correct-horse")
     home = phone.get(srv.url + "/", timeout=10)
-    supabase.delay = 0.8  # the laptop's token request waits on its identity lookup...
+    supabase.delay = 3  # (under SUPABASE_TIMEOUT_MS) the laptop's token request waits on its identity lookup...
     looked_up = len(supabase.calls("/auth/v1/admin/users/"))
     answers: list = []
     asking = threading.Thread(target=lambda: answers.append(laptop.get(srv.url + "/api/ws/auth", timeout=20)))
@@ -467,6 +466,7 @@ def test_a_token_asked_for_before_a_sign_out_everywhere_and_answered_after_it_op
     assert wait_for(lambda: len(supabase.calls("/auth/v1/admin/users/")) > looked_up, timeout=10, interval=0.01)
     done = phone.post(srv.url + "/logout", data={"csrf_token": csrf_of(home.text), "everywhere": "1"}, timeout=20)
     assert done.status_code == 200 and done.url.endswith("/login")
+    assert asking.is_alive()  # the sign-out landed while the token request still waited
     asking.join(30)
     supabase.delay = 0
     assert answers and answers[0].status_code == 200, answers[0].text  # it passed the check before the sign-out

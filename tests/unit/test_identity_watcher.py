@@ -42,6 +42,7 @@ def test_a_change_whose_user_could_not_be_read_is_read_again_at_the_next_poll():
         if applied:
             break
         gevent.sleep(0.01)
+    gevent.killall(watcher._greenlets)
     assert applied and applied[0] == "bob" and watcher.errors == 1  # was never applied: the cursor had moved on
 
 
@@ -54,16 +55,19 @@ def test_the_recheck_runs_every_interval_from_the_start_of_the_last_round():
 
         def get_many(self, user_ids):
             rounds.append(gevent.get_hub().loop.now())
-            gevent.sleep(0.05)  # a round that takes half the interval
-            return {}
+            return {}  # the round then takes half the interval: the watcher's pause after its one batch
 
-    watcher = IdentityWatcher(Slow(fails=0), lambda: ["bob"], lambda *a: None, recheck_interval=0.1, poll_interval=60)
+    watcher = IdentityWatcher(Slow(fails=0), lambda: ["bob"], lambda *a: None, recheck_interval=1, poll_interval=60)
     watcher.start()
-    gevent.sleep(0.55)
+    for _ in range(200):  # four rounds: ~3 s, up to 20 s on a loaded machine (a hang guard)
+        if len(rounds) >= 4:
+            break
+        gevent.sleep(0.1)
+    gevent.killall(watcher._greenlets)
     gaps = [b - a for a, b in zip(rounds, rounds[1:], strict=False)]
-    # Every 0.1 s; the old loop waited the interval after the round as well (0.2 s). A loaded machine
+    # Every 1 s; the old loop waited the interval after the round as well (1.5 s). A loaded machine
     # only stretches gaps, so the shortest one says what the loop asks for.
-    assert gaps and min(gaps) < 0.15, gaps
+    assert len(gaps) >= 3 and min(gaps) < 1.25, gaps
 
 
 def test_the_recheck_reads_each_batch_from_the_sign_out_store_too_and_either_may_fail_alone():
