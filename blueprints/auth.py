@@ -55,7 +55,7 @@ def current_user() -> Identity | None:
     The session is kept: an outage must never sign anyone out. The app answers
     503 (``errors.identity_unavailable``) and the user is still signed in once
     the source is back. Only a user the source says is gone or disabled loses
-    the session.
+    the session (and ``g.user_refused`` says so, for an answer of 403 rather than 401).
     """
     if "user" not in g:
         user = None
@@ -70,6 +70,7 @@ def current_user() -> Identity | None:
                 raise
             if user is None or not user.active:
                 session.clear()
+                g.user_refused = True
                 user = None
         g.user = user
     return g.user
@@ -382,6 +383,8 @@ def ws_auth():
             return error_response(401, HttpError.UNAUTHORIZED, message)
     else:
         user = current_user()
+        if g.get("user_refused"):  # signed in, then disabled (or removed): said once, the session has ended
+            return error_response(403, HttpError.FORBIDDEN, "this user may not connect")
         user_id = user.user_id if user else (rt.settings.test_user_id or "")
     if not user_id:
         return error_response(401, HttpError.UNAUTHORIZED, "sign in first; connection tokens are per user")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import requests
-from support import PASSWORD, PRODUCTION, Server, csrf_of, set_cookie, sign_in
+from support import PASSWORD, PRODUCTION, Server, csrf_of, flask_cli, set_cookie, sign_in
 
 from relay.codes import Close
 
@@ -57,6 +57,20 @@ def test_sign_out_ends_the_session(server: Server):
     home = session.get(server.url + "/", timeout=5)
     session.post(server.url + "/logout", data={"csrf_token": csrf_of(home.text)}, timeout=5)
     assert session.get(server.url + "/api/ws/auth", timeout=5).status_code == 401
+
+
+def test_ws_auth_for_a_user_disabled_since_signing_in_is_403_then_401_as_the_session_has_ended(start_server):
+    """As the README says and a bearer token gets: 403 (was 401, and in development with WS_TEST_USER_ID
+    set, a token for the test user instead, found by review)."""
+    srv = start_server(WS_TEST_USER_ID="erin")
+    session = sign_in(srv, "bob")
+    assert session.get(srv.url + "/api/ws/auth", timeout=5).json()["userId"] == "bob"
+    assert flask_cli(srv, "users", "disable", "bob").returncode == 0
+    refused = session.get(srv.url + "/api/ws/auth", timeout=5)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+    assert flask_cli(srv, "users", "enable", "bob").returncode == 0
+    ended = session.get(srv.url + "/api/ws/auth", timeout=5)  # the session ended with the refusal
+    assert ended.status_code == 200 and ended.json()["userId"] == "erin"  # no session: the test user's
 
 
 def test_pages_redirect_to_sign_in(server: Server):
