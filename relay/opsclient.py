@@ -145,6 +145,9 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
     elif tokens is not None and user_id:
         token = tokens.mint(user_id)
         step("token", True, f"minted locally with WS_TOKEN_SECRET for {user_id} (/api/ws/auth said {status})")
+    elif user_id:  # --user given, but no secret to mint with here
+        step("token", False, f"/api/ws/auth answered {status}, and --user needs WS_TOKEN_SECRET in this environment")
+        return steps
     else:
         step("token", False, f"/api/ws/auth answered {status}; set WS_TEST_USER_ID or pass --user")
         return steps

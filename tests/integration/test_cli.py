@@ -28,6 +28,16 @@ def test_smoke_can_mint_its_own_token_for_a_named_user(server: Server):
     assert "minted locally" in done.stdout
 
 
+def test_smoke_with_a_user_but_no_token_secret_names_the_secret(server: Server, tmp_path):
+    """It advised passing --user, which had been passed (found by review)."""
+    done = flask_cli(
+        server, "ws", "smoke", "--url", server.url, "--user", "carol",
+        WS_TOKEN_SECRET="", REALTIME_INSTANCE_PATH=str(tmp_path),  # before any server wrote dev secrets here
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "FAIL token" in done.stdout and "--user needs WS_TOKEN_SECRET" in done.stdout
+
+
 def test_smoke_fails_loudly_with_the_step_that_broke(server: Server):
     done = flask_cli(server, "ws", "smoke", "--url", server.url, "--user", "carol", WS_ADMIN_SECRET="wrong-" * 6)
     assert done.returncode == 1
