@@ -8,9 +8,9 @@ implement :class:`BroadcastLog` (``relay.sqlite_broadcast_log``,
 
 Writing never holds up a broadcast: :class:`LogWriter` queues the record and
 writes batches from its own greenlet every fraction of a second, retries a
-store that is down (the queue is bounded: past 10,000 waiting records the
-oldest are dropped and counted, loudly), and flushes what is left when the
-worker stops.
+store that is down (the queue is bounded: past 10,000 waiting records, or
+64 MiB of them, the oldest are dropped and counted, loudly), and flushes what
+is left when the worker stops.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ from .eventlog import event
 log = logging.getLogger("relay.broadcast_log")
 PREVIEW_CHARS = 200
 PAGE_MAX = 500
+QUEUE_BYTES = 64 << 20
+# What one queued record holds besides its filter (the dataclass, its strings, the preview), and
+# what each value of its filter adds (a str in a list of a dict): a broadcast to 1,000 user ids
+# holds ~100 KB here, so a queue bounded by count alone held up to ~1 GB while its store was down.
+RECORD_BYTES = 1200
+FILTER_VALUE_BYTES = 100
 
 
 class LogUnavailable(Exception):
@@ -59,6 +65,12 @@ class LoggedBroadcast:
     @property
     def channels(self) -> list[str]:
         return list(self.filter.get("channels") or [])
+
+    @property
+    def weight(self) -> int:
+        """Roughly what this record holds in memory (the writer's queue is bounded by it)."""
+        values = sum(len(v) for v in self.filter.values() if isinstance(v, list))
+        return RECORD_BYTES + FILTER_VALUE_BYTES * values
 
     @property
     def whole(self) -> bool:
@@ -252,6 +264,7 @@ class LogWriter:
         interval: float = 0.2,
         batch: int = 200,
         limit: int = 10_000,
+        limit_bytes: int = QUEUE_BYTES,
     ):
         self.store = store
         self.retention_ms = retention_days * 86_400_000
@@ -259,7 +272,8 @@ class LogWriter:
         self.batch = batch
         self._queue: deque[LoggedBroadcast] = deque()
         self._in_flight = 0  # rows taken out of the queue whose write has not answered yet
-        self._limit = limit
+        self._limit, self._limit_bytes = limit, limit_bytes
+        self._queued_bytes = 0  # the weight of what is in _queue
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
         self._trimmer: gevent.Greenlet | None = None
@@ -274,9 +288,9 @@ class LogWriter:
 
     def record(self, row: LoggedBroadcast) -> None:
         """Queue ``row`` (never waits)."""
-        if len(self._queue) >= self._limit:
-            self._drop_oldest()
         self._queue.append(row)
+        self._queued_bytes += row.weight
+        self._keep_within_bounds()
         if self._greenlet is None:
             self._write_some()  # not started (a command, a test of the core): write now
         elif len(self._queue) >= self.batch:
@@ -321,6 +335,7 @@ class LogWriter:
         # Taken out before the write waits: a flush (an admin page, the drain) may write meanwhile,
         # and each writer must write, and remove, rows of its own.
         rows = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
+        self._queued_bytes -= sum(r.weight for r in rows)
         self._in_flight += len(rows)
         try:
             return self._write_batch(rows)
@@ -360,14 +375,19 @@ class LogWriter:
 
     def _put_back(self, rows: list[LoggedBroadcast], down: LogUnavailable) -> None:
         self._queue.extendleft(reversed(rows))  # first again, in their order
-        while len(self._queue) > self._limit:
-            self._drop_oldest()
+        self._queued_bytes += sum(r.weight for r in rows)
+        self._keep_within_bounds()
         if self.last_error is None:
             event("broadcast_log.unavailable", level="error", store=self.store.name, error=str(down))
         self.last_error = str(down)
 
+    def _keep_within_bounds(self) -> None:
+        """Drop the oldest until the queue is within its count and its bytes (the newest always stays)."""
+        while len(self._queue) > 1 and (len(self._queue) > self._limit or self._queued_bytes > self._limit_bytes):
+            self._drop_oldest()
+
     def _drop_oldest(self) -> None:
-        self._queue.popleft()
+        self._queued_bytes -= self._queue.popleft().weight
         self.dropped += 1
         if self.dropped == 1 or self.dropped % 1000 == 0:
             event("broadcast_log.dropped", level="error", dropped=self.dropped, store=self.store.name)

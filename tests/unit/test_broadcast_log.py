@@ -149,6 +149,27 @@ def test_the_writer_queue_is_bounded_and_drops_the_oldest():
     assert [r.id for r in store.rows] == ["b3", "b4", "b5", "b6", "b7"]
 
 
+def test_the_writer_queue_is_bounded_by_bytes_too_counting_each_audience_list():
+    """10,000 waiting records to 1,000 user ids each held ~1 GB under the count bound alone (found by review)."""
+    store = ListStore()
+    store.down = True
+    writer = LogWriter(store, retention_days=1, limit_bytes=1 << 20)  # 1 MiB
+    many = {"userIds": [f"user-{n:04d}" for n in range(1000)]}
+    for n in range(30):
+        writer.record(LoggedBroadcast(f"b{n}", NOW + n, "api", "service", "T", many, 1, 2, "{}", n))
+    queued = writer.status()["queued"]
+    assert 5 <= queued <= 10 and writer.dropped == 30 - queued  # ~100 KB each: nine or ten fit in 1 MiB
+    writer.record(row(99))  # a small one still joins
+    store.down = False
+    writer.flush(deadline=1.0)
+    assert [r.id for r in store.rows][-2:] == ["b29", "b99"]  # the newest kept, in order
+    small = LogWriter(ListStore(), retention_days=1, limit_bytes=1 << 20)
+    small.store.down = True
+    for n in range(500):
+        small.record(row(n))
+    assert small.status()["queued"] == 500 and small.dropped == 0  # ~1.2 KB each: all kept
+
+
 class SlowStore(ListStore):
     """Each write waits (an HTTP call to Supabase), the first one longest."""
 
