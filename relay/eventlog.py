@@ -23,6 +23,8 @@ import time
 from collections.abc import MutableMapping
 from contextvars import ContextVar, Token
 
+import gevent
+
 logger = logging.getLogger("relay.events")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _SECRET_WORDS = ("token", "secret", "password", "authorization", "cookie")
@@ -143,8 +145,44 @@ class JsonHandler(logging.StreamHandler):
         self.setFormatter(JsonFormatter())
 
 
+class OffTheLoop(logging.Handler):
+    """Someone else's handler on a ``relay`` logger (an operator's log config: syslog, a socket, HTTP),
+    called from a greenlet when the record comes from an event-loop callback.
+
+    Lines are logged from those callbacks (a SUBSCRIBE, a close), where nothing may wait: a handler
+    that waits on a gevent socket, or on its own lock held by a greenlet that does, raised
+    BlockingSwitchOutError there, which lost the line and left the frame's handling half done. Our
+    own JSON handler writes to stderr without switching, and is not wrapped.
+    """
+
+    def __init__(self, inner: logging.Handler):
+        super().__init__(inner.level)
+        self.inner = inner
+
+    def handle(self, record: logging.LogRecord) -> bool:  # no lock of our own: nothing here waits
+        if gevent.getcurrent() is gevent.get_hub():
+            gevent.spawn(self.inner.handle, record)
+        else:
+            self.inner.handle(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+
+def _move_others_off_the_loop() -> None:
+    """Wrap every handler but ours on the ``relay`` loggers in :class:`OffTheLoop` (once each)."""
+    names = ["relay", *(name for name in logging.Logger.manager.loggerDict if name.startswith("relay."))]
+    for name in names:
+        each = logging.getLogger(name)
+        for index, handler in enumerate(each.handlers):
+            if not isinstance(handler, (JsonHandler, OffTheLoop)):
+                each.handlers[index] = OffTheLoop(handler)
+
+
 def configure(level: str = "INFO") -> None:
-    """Send every ``relay.*`` logger to stderr as JSON lines (idempotent)."""
+    """Send every ``relay.*`` logger to stderr as JSON lines (idempotent); anyone else's handlers on
+    them are called off the event loop (:class:`OffTheLoop`)."""
     # No record shows a thread name; asking for one costs a gevent _DummyThread per
     # greenlet that logs (measured: ~3% of a connect). (gunicorn's format needs the pid.)
     logging.logThreads = False
@@ -157,3 +195,4 @@ def configure(level: str = "INFO") -> None:
     ours = [h for h in root.handlers if isinstance(h, JsonHandler)]
     only_ours = len(root.handlers) == 1 and ours and not logger.handlers and logger.propagate
     _direct = ours[0].stream if only_ours else None
+    _move_others_off_the_loop()

@@ -72,3 +72,45 @@ def test_redacting_a_long_hostile_line_takes_linear_time():
     started = time.perf_counter()
     assert eventlog.redact_url(hostile).endswith("&= HTTP/1.1")
     assert time.perf_counter() - started < 5
+
+
+def test_an_operators_handler_that_waits_is_called_off_the_loop_when_a_line_comes_from_a_callback():
+    """A handler that waits (a socket to syslog, an HTTP shipper) raised BlockingSwitchOutError when the
+    line was logged from an event-loop callback (a SUBSCRIBE, a close), and the line was lost (found by
+    review). Now the handler is called from a greenlet there, and as before everywhere else."""
+    import gevent
+
+    got: list[str] = []
+
+    class Shipper(logging.Handler):
+        def emit(self, record):
+            gevent.sleep(0.01)  # a network write
+            got.append(record.getMessage())
+
+    shipper = Shipper()
+    relay_log = logging.getLogger("relay.test_shipper")
+    relay_log.addHandler(shipper)
+    events = logging.getLogger("relay.events")
+    events.addHandler(shipper)
+    try:
+        eventlog.configure("INFO")
+        failures: list[BaseException] = []
+
+        def callback():  # what a watcher's callback runs
+            try:
+                relay_log.error("from a callback")
+                eventlog.event("ws.subscribe", channel="system:announcements")
+            except BaseException as error:  # noqa: BLE001 - the test reports it
+                failures.append(error)
+
+        gevent.get_hub().loop.run_callback(callback)
+        relay_log.warning("from a greenlet")  # not on the loop: called as before
+        for _ in range(200):  # hang guard: 2 s
+            if len(got) == 3:
+                break
+            gevent.sleep(0.01)
+        assert failures == [] and sorted(got) == ["from a callback", "from a greenlet", "ws.subscribe"]
+    finally:
+        relay_log.handlers.clear()
+        events.handlers.clear()
+        eventlog.configure("INFO")
