@@ -79,6 +79,8 @@ const CLOSE_ACTIONS = Object.freeze({
   4429: "crowded", // this user has too many sockets open (other tabs): back off, from a longer first wait
 });
 const MESSAGE_TOO_BIG = 1009;
+// Back online or to the tab: a socket this quiet is asked at once whether it still works (a PING).
+const WAKE_QUIET_MS = 1000;
 /** What the server answers each message with (or an ERROR naming no channel), in the order they were sent. */
 const ANSWER_TO = Object.freeze({ PING: "PONG", SUBSCRIBE: "SUBSCRIBED", UNSUBSCRIBE: "UNSUBSCRIBED" });
 /** The largest message a client may send, in UTF-8 bytes: the server closes with 1009 beyond it. */
@@ -928,9 +930,12 @@ export class RealtimeClient {
   }
 
   _wake() {
-    // Back online, or the tab became visible: do not wait for the backoff timer.
-    if (this.stopped || this.ws || this.status === "unauthorized") return;
-    this._connect();
+    // Back online, or the tab became visible: do not wait for the backoff timer. An open socket that has
+    // been quiet may have died meanwhile (the laptop slept, the network changed, and a hidden tab's
+    // timers ran once a minute at most): ask it now, not at the next idle check, up to idleMs away.
+    if (this.stopped || this.status === "unauthorized") return;
+    if (!this.ws) return void this._connect();
+    if (this.status === "open" && !this.pingSentAt && Date.now() - this.lastHeard > WAKE_QUIET_MS) this._ping(this.ws);
   }
 
   _goOffline() {
@@ -959,12 +964,19 @@ export class RealtimeClient {
     const ws = this.ws;
     if (!ws || this.status !== "open") return;
     const now = Date.now();
+    // Below 0: the clock was stepped back (after a sleep): ask now, or count the wait for a PONG afresh.
+    const quiet = now - this.lastHeard;
+    if (this.pingSentAt > now) this.pingSentAt = now;
     if (this.pingSentAt && now - this.pingSentAt > this.options.pongTimeoutMs) {
       this._abandon(ws, "no answer to ping");
-    } else if (!this.pingSentAt && now - this.lastHeard > this.options.idleMs) {
-      this.pingSentAt = now;
-      ws.send(JSON.stringify({ type: "PING" }));
+    } else if (!this.pingSentAt && (quiet > this.options.idleMs || quiet < 0)) {
+      this._ping(ws);
     }
+  }
+
+  _ping(ws) {
+    this.pingSentAt = Date.now();
+    ws.send(JSON.stringify({ type: "PING" }));
   }
 
   /** Nothing came back on this socket: the network dropped it without telling us. Retry on a new one. */

@@ -268,6 +268,38 @@ function passMessagesToHtmx() {
 const RELOAD_KEY = "realtime-reloaded-at";
 const RELOAD_EVERY_MS = 60000;
 
+// True if it reloaded the page: not when it did within the last minute (a reload that does not help
+// cannot loop faster than that).
+function reloadAtMostOnceAMinute() {
+  const last = Number(sessionStorage.getItem(RELOAD_KEY) || 0);
+  if (Date.now() - last <= RELOAD_EVERY_MS) return false;
+  sessionStorage.setItem(RELOAD_KEY, String(Date.now()));
+  location.reload();
+  return true;
+}
+
+// A connection that gave up ("unauthorized": signed out, disabled, tokens refused; "error": a protocol
+// error) tries again only when its tab is shown or its window focused: a wall screen nobody touches
+// would show its last state for good, under a status label alone (its session ends 12 h after sign-in,
+// and the next reconnect, a deploy's, finds it). After a minute in that state the page reloads itself,
+// once a minute at most: a session that ended lands on the sign-in page, one that did not starts a new
+// connection. Not while someone types into the page (what was typed would go): a minute later again.
+const GAVE_UP = new Set(["unauthorized", "error"]);
+const GAVE_UP_RELOAD_MS = 60000;
+let gaveUpTimer = null;
+
+function reloadWhenGivenUp(status) {
+  if (!GAVE_UP.has(status)) {
+    clearTimeout(gaveUpTimer);
+    gaveUpTimer = null;
+  } else if (!gaveUpTimer) {
+    gaveUpTimer = setTimeout(function tryReload() {
+      const typing = document.activeElement && document.activeElement.matches("input, textarea, select");
+      if (typing || !reloadAtMostOnceAMinute()) gaveUpTimer = setTimeout(tryReload, GAVE_UP_RELOAD_MS);
+    }, GAVE_UP_RELOAD_MS);
+  }
+}
+
 // In a fragment that adds each message (a list), the note goes where the message would have: it marks
 // the place of the one not shown, and stays, as the others do.
 function fragmentNote(element, target, state, text) {
@@ -297,12 +329,7 @@ function showFailures() {
     }
     const target = event.detail.target || element;
     if (status === 401 || status === 403) {
-      const last = Number(sessionStorage.getItem(RELOAD_KEY) || 0);
-      if (Date.now() - last > RELOAD_EVERY_MS) {
-        sessionStorage.setItem(RELOAD_KEY, String(Date.now()));
-        location.reload();
-        return;
-      }
+      if (reloadAtMostOnceAMinute()) return;
       fragmentNote(element, target, "signed-out", "This page can no longer be updated: reload it (you may need to sign in again).");
       return;
     }
@@ -318,6 +345,7 @@ function showFailures() {
 const rt = getClient(clientOptions(document.body));
 window.realtime = rt; // handy in the console
 rt.onStatus(showStatus);
+rt.onStatus(reloadWhenGivenUp);
 rt.subscribe([channels.system.announcements]);
 // Announcements come one at a time, or many at once when missed ones are replayed after a
 // reconnect: more than a few within a moment collapse into one summary toast.

@@ -356,6 +356,40 @@ def test_4403_stops_as_unauthorized(live):
     assert page.evaluate("window.realtime.status") == "unauthorized"
 
 
+def test_back_to_the_tab_a_quiet_socket_is_asked_at_once_and_a_dead_one_replaced(live):
+    """After a laptop's sleep the socket looked live until the next idle check (up to 25 s, or a minute in a
+    hidden tab) and its PONG timeout: the tab shown again (or the network back) asks it at once (found by review)."""
+    page, sockets, _ = live
+    sockets.drop = lambda message: '"PING"' in message  # the network died unnoticed: nothing answers
+    page.wait_for_function("() => Date.now() - window.realtime.lastHeard > 1100")  # a quiet socket
+    before = len(sockets.sent)
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # the tab is shown again
+    assert proxied(page, lambda: any('"PING"' in m for m in sockets.sent[before:]), timeout=5)  # not in 25 s
+    assert proxied(page, lambda: len(sockets.routes) == 2, timeout=30)  # no PONG within 10 s: a new socket
+    sockets.drop = lambda message: False
+    wait_live(page)
+
+
+@pytest.mark.parametrize("code", [Close.FORBIDDEN, Close.PROTOCOL_ERROR], ids=["4403", "1002"])
+def test_a_page_whose_connection_gave_up_reloads_itself_a_minute_later(site, web, code):
+    """A wall screen nobody touches showed its last state for good once its connection gave up (a session
+    ended at a deploy's reconnect, a broken proxy), with only the status label changed (found by review)."""
+    page = web(site, "bob", "about:blank")
+    sockets = Sockets(page)
+    page.clock.install()  # time flows as usual; fast_forward jumps it, running the timers on the way
+    page.goto(site.url + "/")
+    wait_live(page)
+    page.evaluate("window.__same_page = true")
+    sockets.close(code, "gave up")
+    gave_up = "unauthorized" if code == Close.FORBIDDEN else "error"
+    expect(page.locator("#rt-status")).to_have_attribute("data-status", gave_up)
+    page.clock.fast_forward(50_000)
+    assert page.evaluate("window.__same_page") is True  # not before the minute
+    page.clock.fast_forward(15_000)
+    page.wait_for_function("() => window.__same_page === undefined", timeout=15_000)  # a new page
+    wait_live(page)  # bob's session still works: a new connection
+
+
 def test_the_server_closing_1009_is_reported_and_the_client_reconnects(site, web):
     """A real 1009, straight from the server (no proxy): a frame over 64 KiB, written past the client's own guard."""
     page = web(site, "bob")
