@@ -68,9 +68,19 @@
     }
   }
 
+  // One request at a time, each given up after a poll's worth of waiting, and none while the tab is
+  // hidden: on a slow link, a poll every 3 s whatever the last one did piled requests up (taking the
+  // browser's six connections to this site, which the socket's token request also needs) and drew
+  // their answers out of order.
   async function refresh() {
+    const giveUp = new AbortController();
+    const timer = setTimeout(() => giveUp.abort(), POLL_MS * 3);
     try {
-      const response = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+      const response = await fetch(url, {
+        headers: { Accept: "application/json" },
+        cache: "no-store",
+        signal: giveUp.signal,
+      });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       const report = await response.json();
       state.data = report.history;
@@ -80,7 +90,14 @@
     } catch (problem) {
       state.errors += 1;
       console.warn("dashboard: could not load the last hour:", problem);
+    } finally {
+      clearTimeout(timer);
     }
+  }
+
+  async function poll() {
+    if (document.visibilityState === "visible") await refresh();
+    setTimeout(poll, POLL_MS);
   }
 
   window.addEventListener("resize", () => {
@@ -88,6 +105,5 @@
       chart.setSize(size(document.getElementById(`chart-${name}`)));
     }
   });
-  refresh();
-  setInterval(refresh, POLL_MS);
+  poll();
 })();

@@ -402,6 +402,23 @@ def test_the_dashboard_charts_the_last_hour_and_they_move_when_broadcasts_are_se
     assert page.evaluate("() => window.dashboard.errors") == 0
 
 
+def test_the_dashboards_chart_poll_waits_for_its_last_request_and_gives_up_on_one_that_hangs(site, web):
+    """A poll every 3 s whatever the last one did piled requests up on a slow link, taking the browser's six
+    connections to the site (which the socket's token request needs too) (found by review)."""
+    page = web(site, "alice@example.test", "about:blank")
+    asked: list[str] = []
+    page.route("**/admin/last-hour*", lambda route: asked.append(route.request.url))  # never answered
+    page.clock.install()  # time flows as usual; fast_forward jumps it, running the timers on the way
+    page.goto(site.url + "/admin")
+    wait_for(lambda: page.wait_for_timeout(20) or asked, timeout=10)
+    page.clock.fast_forward(8_000)  # two more polls' worth: the first still waits
+    page.wait_for_timeout(200)
+    assert len(asked) == 1
+    page.clock.fast_forward(5_000)  # given up at 9 s, and the next poll 3 s later
+    assert wait_for(lambda: page.wait_for_timeout(20) or len(asked) == 2, timeout=10)
+    assert page.evaluate("() => window.dashboard.errors") == 1
+
+
 def test_the_dashboard_shows_its_figures_without_javascript(site, web):
     site.announce("counted")
     page = web(site, "alice@example.test", "/admin", javascript=False)
