@@ -294,6 +294,7 @@ export class RealtimeClient {
         this.wantsLast.delete(name);
         this.refused.delete(name);
         this.revoked.delete(name);
+        this.sinceOf.delete(name); // not asked yet: a later plain subscribe must not replay from it
       } else {
         this.refs.set(name, count - 1);
         if (last) countDown(this.wantsLast, name);

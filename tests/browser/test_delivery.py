@@ -783,6 +783,31 @@ def test_overlapping_subscribes_from_fragments_refetch_the_one_whose_replay_was_
     assert page.evaluate("window.__alerts") == [] and page.evaluate("window.realtime.holding") is None
 
 
+def test_a_channel_subscribed_since_and_dropped_in_one_go_is_later_subscribed_from_then_not_from_that_since(site, web):
+    """subscribe(since) and unsubscribe in the same task left the since behind: a later plain subscribe of
+    the channel replayed old broadcasts, shown as new (found by review; realtime.js's own API only)."""
+    page, _ = watched_page(site, web, "/")
+    before = page.evaluate("({...window.realtime.position})")
+    clinic_alert(site, "old news")
+    assert page.evaluate("() => window.realtime.send({type: 'PING'})")  # its PONG moves the position past it
+    page.wait_for_function(f"() => window.realtime.position.offset > {before['offset']}", timeout=10_000)
+    page.evaluate(
+        "([alerts, at]) => { window.realtime.subscribe([alerts], {since: at});"
+        " window.realtime.unsubscribe([alerts]); }",
+        [ALERTS, before],
+    )
+    page.evaluate(
+        "(alerts) => { window.__taken = false; window.realtime.onMessage((m) => { if (m.type === 'SUBSCRIBED'"
+        " && (m.data.channels || []).includes(alerts)) window.__taken = true; });"
+        " window.realtime.subscribe([alerts]); }",
+        ALERTS,
+    )
+    page.wait_for_function("() => window.__taken", timeout=10_000)  # (and any replay came before it)
+    clinic_alert(site, "news")
+    page.wait_for_function("() => window.__alerts.includes('news')", timeout=10_000)
+    assert page.evaluate("window.__alerts") == ["news"]
+
+
 def test_a_fragment_from_before_a_socket_whose_first_replay_failed_is_refetched_not_replayed(start_server, web):
     """The page's first replay could not be made (too many missed): the server's socket starts at
     CONNECTED, not at the render. A fragment rendered between the two asked since its render, and the server
