@@ -20,6 +20,7 @@ import logging
 import re
 import sys
 import time
+from collections import deque
 from collections.abc import MutableMapping
 from contextvars import ContextVar, Token
 
@@ -147,27 +148,49 @@ class JsonHandler(logging.StreamHandler):
 
 class OffTheLoop(logging.Handler):
     """Someone else's handler on a ``relay`` logger (an operator's log config: syslog, a socket, HTTP),
-    called from a greenlet when the record comes from an event-loop callback.
+    called by one greenlet of its own, in order, through a bounded queue.
 
-    Lines are logged from those callbacks (a SUBSCRIBE, a close), where nothing may wait: a handler
-    that waits on a gevent socket, or on its own lock held by a greenlet that does, raised
-    BlockingSwitchOutError there, which lost the line and left the frame's handling half done. Our
-    own JSON handler writes to stderr without switching, and is not wrapped.
+    Lines are logged from event-loop callbacks (a SUBSCRIBE, a close), where nothing may wait: a
+    handler that waited on a gevent socket, or on its own lock held by a greenlet that did, raised
+    BlockingSwitchOutError there, which lost the line and left the frame's handling half done; and
+    from greenlets that deliver to every socket (the stream's fan-out), which such a handler held up.
+    Past ``MAX_WAITING`` lines waiting for a handler that does not keep up, the oldest are dropped,
+    and said so on stderr every thousandth. Our own JSON handler writes to stderr without switching,
+    and is not wrapped.
     """
 
+    MAX_WAITING = 10_000
+
     def __init__(self, inner: logging.Handler):
-        super().__init__(inner.level)
+        super().__init__()
         self.inner = inner
+        self._waiting: deque[logging.LogRecord] = deque()
+        self._writer: gevent.Greenlet | None = None
+        self.dropped = 0
 
     def handle(self, record: logging.LogRecord) -> bool:  # no lock of our own: nothing here waits
-        if gevent.getcurrent() is gevent.get_hub():
-            gevent.spawn(self.inner.handle, record)
-        else:
-            self.inner.handle(record)
+        if record.levelno < self.inner.level:
+            return False
+        if len(self._waiting) >= self.MAX_WAITING:
+            self._waiting.popleft()
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                message = f"{self.dropped} log lines dropped: {self.inner!r} does not keep up"
+                sys.stderr.write(_line(time.time(), "error", {}, "log.dropped", message=message) + "\n")
+        self._waiting.append(record)
+        if self._writer is None:
+            self._writer = gevent.spawn(self._write_waiting)
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
         self.handle(record)
+
+    def _write_waiting(self) -> None:
+        try:
+            while self._waiting:
+                self.inner.handle(self._waiting.popleft())
+        finally:
+            self._writer = None  # nothing switches between the last check and here: no line is left behind
 
 
 def _move_others_off_the_loop() -> None:

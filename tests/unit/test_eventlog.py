@@ -114,3 +114,39 @@ def test_an_operators_handler_that_waits_is_called_off_the_loop_when_a_line_come
         relay_log.handlers.clear()
         events.handlers.clear()
         eventlog.configure("INFO")
+
+
+def test_an_operators_handler_that_stalls_holds_one_greenlet_and_a_bounded_queue_of_lines(capsys):
+    """One greenlet per line waited on a stalled handler's lock: memory without bound (found by review)."""
+    import gevent
+    from gevent.event import Event
+
+    through = Event()
+    got: list[str] = []
+
+    class Stalled(logging.Handler):
+        def emit(self, record):
+            through.wait()  # a log server that stopped reading
+            got.append(record.getMessage())
+
+    relay_log = logging.getLogger("relay.test_stalled")
+    relay_log.addHandler(Stalled())
+    try:
+        eventlog.configure("INFO")
+        [wrapper] = relay_log.handlers
+        assert isinstance(wrapper, eventlog.OffTheLoop)
+        relay_log.warning("first")
+        gevent.sleep(0)  # the writer takes it, and waits
+        for n in range(10_050):
+            relay_log.warning("line %d", n)  # nothing here waits
+        assert len(wrapper._waiting) == wrapper.MAX_WAITING and wrapper.dropped == 50
+        assert "log lines dropped" in capsys.readouterr().err
+        through.set()
+        for _ in range(500):  # hang guard: 5 s
+            if len(got) == 10_001:
+                break
+            gevent.sleep(0.01)
+        assert got[:2] == ["first", "line 50"] and got[-1] == "line 10049"  # in order, the oldest dropped
+    finally:
+        relay_log.handlers.clear()
+        eventlog.configure("INFO")
