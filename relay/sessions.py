@@ -80,6 +80,7 @@ class SessionKeeper:
         self._ended_at: dict[str, float] = {}
         self._saving: list[dict[str, Session]] = []  # ended sessions a flush is writing (pending() sees them)
         self._forget: list[str] = []
+        self._writing = 0  # changes a flush has taken and not yet written (status()'s pending counts them)
         # Restored here (when, time.monotonic(), oldest first), gone for good once their deletion is written.
         self._resumed: dict[str, float] = {}
         self._greenlet: gevent.Greenlet | None = None
@@ -153,6 +154,7 @@ class SessionKeeper:
         ended, self._ended = self._ended, {}
         forget, self._forget = self._forget, []
         self._saving.append(ended)  # until written, a client resuming here still finds them (pending())
+        self._writing = len(ended) + len(forget)
         try:
             for rows in _batches(list(ended.values())):
                 self.store.save_sessions(rows, now + self.window_ms)
@@ -169,8 +171,10 @@ class SessionKeeper:
             raise
         finally:
             self._saving = [held for held in self._saving if held is not ended]
+            self._writing = 0
         # Live sessions' changes are taken only now: if the writes above failed, they were never taken.
         changed, self._changed = self._changed, set()
+        self._writing = len(changed)
         try:
             for ids in _batches(list(changed), self.busy, patient_until):
                 # Read each batch's connections only when it is written: at the end of a connect
@@ -182,6 +186,8 @@ class SessionKeeper:
         except Exception:
             self._changed |= {c for c in changed if c in self._live}
             raise
+        finally:
+            self._writing = 0
 
     def _drop_expired(self) -> None:
         """Forget what the store has been down too long to need: ended sessions older than the window,
@@ -218,7 +224,9 @@ class SessionKeeper:
                 log.warning("sessions not saved yet: %s", problem)
 
     def status(self) -> dict:
-        return {"live": len(self._live), "pending": len(self._changed) + len(self._ended), "errors": self.errors}
+        """``pending``: the changes not written yet, those a flush is writing included."""
+        waiting = len(self._changed) + len(self._ended) + len(self._forget) + self._writing
+        return {"live": len(self._live), "pending": waiting, "errors": self.errors}
 
 
 def _batches(items: list[T], busy: Callable[[], bool] = _never_busy, patient_until: float = 0.0) -> Iterator[list[T]]:

@@ -147,7 +147,7 @@ class SqliteDirectory(SqliteStore):
         display_name: str | None = None,
     ) -> Identity:
         _check_user_fields(user_id, role, clinic_id)
-        if email is not None and not _EMAIL.fullmatch(email):
+        if email is not None and not (_EMAIL.fullmatch(email) and email.isprintable()):
             raise UserError(f"email {email!r} is not an email address")
         if password is not None:
             _check_password(password)
@@ -269,9 +269,10 @@ def _identity(row: tuple) -> Identity:
 
 
 _ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # one word: "admin " would not be admin
-# No spaces or control characters (an escape sequence would reach every log line that names the
-# user); the rest is the mail server's to judge.
-_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,189}")
+# No spaces, and (with str.isprintable) no control or format characters: an escape sequence, a
+# right-to-left override would reach every log line and page that names the user. The rest is the
+# mail server's to judge.
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}")
 
 
 def _check_user_fields(user_id: str, role: str, clinic_id: str | None) -> None:

@@ -143,6 +143,7 @@ class Server:
 
     def start(self, wait: bool = True) -> Server:
         self._log = open(self.log_path, "ab")
+        self.log_from = self.log_size()  # a server started again on a port shares its log file
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-k", "gevent", *self.args, "wsgi:app"],
             cwd=ROOT,

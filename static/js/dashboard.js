@@ -95,10 +95,23 @@
     }
   }
 
+  let asking = false;
+  async function refreshOnce() {
+    if (asking) return;
+    asking = true;
+    try {
+      await refresh();
+    } finally {
+      asking = false;
+    }
+  }
+
   async function poll() {
-    if (document.visibilityState === "visible") await refresh();
+    if (document.visibilityState === "visible") await refreshOnce();
     setTimeout(poll, POLL_MS);
   }
+  // Shown again: at once (a tab hidden for minutes has its timers run once a minute at most).
+  document.addEventListener("visibilitychange", () => document.visibilityState === "visible" && refreshOnce());
 
   window.addEventListener("resize", () => {
     for (const [name, chart] of Object.entries(state.charts)) {

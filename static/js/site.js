@@ -271,8 +271,8 @@ const RELOAD_EVERY_MS = 60000;
 // True if it reloaded the page: not when it did within the last minute (a reload that does not help
 // cannot loop faster than that).
 function reloadAtMostOnceAMinute() {
-  const last = Number(sessionStorage.getItem(RELOAD_KEY) || 0);
-  if (Date.now() - last <= RELOAD_EVERY_MS) return false;
+  const since = Date.now() - Number(sessionStorage.getItem(RELOAD_KEY) || 0);
+  if (since >= 0 && since <= RELOAD_EVERY_MS) return false; // below 0: the clock was stepped back
   sessionStorage.setItem(RELOAD_KEY, String(Date.now()));
   location.reload();
   return true;

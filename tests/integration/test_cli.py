@@ -229,6 +229,8 @@ def test_users_add_list_set_role_disable(cli):
         # A control character in an email is a typo (or a terminal's escape), and ends up in every log line.
         (["users", "add", "u-5", "--role", "x", "--email", "a\x1b[2Jb@x.test", "--no-password"], "not an email"),
         (["users", "add", "u-5", "--role", "x", "--email", "ab@x.test\x00", "--no-password"], "not an email"),
+        (["users", "add", "u-5", "--role", "x", "--email", "a\x9b2Jb@x.test", "--no-password"], "not an email"),
+        (["users", "add", "u-5", "--role", "x", "--email", "ab\u202e@x.test", "--no-password"], "not an email"),
     ],
 )
 def test_users_commands_explain_what_is_wrong(cli, args, message):

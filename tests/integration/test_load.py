@@ -3,6 +3,7 @@
 Timing thresholds live in the benchmark suite; the timeouts here only stop a hang.
 """
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from rawws import RawClient
@@ -32,11 +33,14 @@ def test_a_client_that_never_reads_does_not_delay_the_others(start_server):
     stalled.read_json()  # SUBSCRIBED; from here on it reads nothing
     readers = [srv.connect(user, ["system:announcements"]) for user in ("alice", "bob", "erin") * 3]
     payload = "x" * 50_000
+    started = time.monotonic()
     for n in range(150):  # ~7.5 MB: more than the stalled socket's kernel buffers and queue can hold
         srv.announce(f"{n}:{payload}", channels=["system:announcements"])
         for reader in readers:  # every one, in order, while the stalled socket holds its unread part
             message = reader.expect("ANNOUNCEMENT", timeout=10)
             assert message["data"]["message"].startswith(f"{n}:")
+    # A few seconds here; a fan-out that waited on the stalled socket, even a second a round, takes minutes.
+    assert time.monotonic() - started < 120
     assert srv.wait_clients(len(readers), timeout=10)["clients"] == len(readers)
     record = srv.wait_for_event("ws.disconnect", lambda e: e["userId"] == "carol")
     assert record["code"] == Close.TRY_AGAIN_LATER

@@ -190,3 +190,21 @@ def test_a_session_resumed_while_its_socket_is_still_open_here_leaves_nothing_wh
     keeper.refresh()
     assert keeper.store.saved == ["c-1"] and keeper.store.deleted == ["c-1"] and keeper.store.touched == []
     assert keeper.pending("c-1") is None and keeper.taken("c-1") is False
+
+
+def test_status_counts_as_pending_what_a_flush_is_still_writing():
+    """A test (and an operator) waiting for ``pending == 0`` took a flush that had taken its changes but
+    not yet written them for done (found by review)."""
+    keeper = SessionKeeper(Store(write_s=0.2), window_ms=60_000)  # type: ignore[arg-type]
+    live, gone = Conn(1), Conn(2)
+    keeper.opened(live)  # type: ignore[arg-type]
+    keeper.opened(gone)  # type: ignore[arg-type]
+    keeper.closed(gone)  # type: ignore[arg-type]
+    assert keeper.status()["pending"] == 2
+    writer = gevent.spawn(keeper.flush)
+    gevent.sleep(0.05)  # the ended session's write has begun, and waits on the store
+    assert keeper.status()["pending"] == 2 and keeper.store.saved == []
+    gevent.sleep(0.25)  # the live session's write now
+    assert keeper.status()["pending"] == 1 and keeper.store.saved == ["c-2"]
+    writer.join(5)
+    assert keeper.status()["pending"] == 0 and sorted(keeper.store.saved) == ["c-1", "c-2"]
