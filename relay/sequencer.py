@@ -431,10 +431,12 @@ class RecentWindow:
         self._bytes = 0
 
     def _trim(self) -> None:
-        # One slice delete for many entries: the lists move once per trim, not once per broadcast.
+        # One slice delete for many entries: the lists move once per trim, not once per broadcast
+        # (down to 15/16 of the bytes when they are what is over, as the count has its 256 to spare).
         drop = max(0, len(self._kept) - self.max_count)
         freed = sum(kept.weight for kept in self._kept[:drop])
-        while self._bytes - freed > self.max_bytes and drop < len(self._kept) - 1:
+        keep_bytes = self.max_bytes - self.max_bytes // 16 if self._bytes > self.max_bytes else self.max_bytes
+        while self._bytes - freed > keep_bytes and drop < len(self._kept) - 1:
             freed += self._kept[drop].weight
             drop += 1
         self._bytes -= freed
