@@ -42,7 +42,7 @@ QUEUE_BYTES = 64 << 20
 # what each value of its filter adds (a str in a list of a dict): a broadcast to 1,000 user ids
 # holds ~100 KB here, so a queue bounded by count alone held up to ~1 GB while its store was down.
 RECORD_BYTES = 1200
-FILTER_VALUE_BYTES = 100
+LOGGED_VALUE_BYTES = 100
 
 
 class LogUnavailable(Exception):
@@ -70,7 +70,7 @@ class LoggedBroadcast:
     def weight(self) -> int:
         """Roughly what this record holds in memory (the writer's queue is bounded by it)."""
         values = sum(len(v) for v in self.filter.values() if isinstance(v, list))
-        return RECORD_BYTES + FILTER_VALUE_BYTES * values
+        return RECORD_BYTES + LOGGED_VALUE_BYTES * values
 
     @property
     def whole(self) -> bool:
