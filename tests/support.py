@@ -273,6 +273,12 @@ class Server:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         return requests.get(self.url + "/health", headers=headers, timeout=5).json()
 
+    def wait_rechecks(self, rounds: int, timeout: float = 15) -> bool:
+        """Whether ``rounds`` more identity re-checks finished within ``timeout`` (one under way counts:
+        ask for two to be sure one began after now)."""
+        done = self.health()["identityWatch"]["rechecks"]
+        return bool(wait_for(lambda: self.health()["identityWatch"]["rechecks"] >= done + rounds, timeout=timeout))
+
     def wait_clients(self, count: int, timeout: float = 10) -> dict:
         deadline = time.monotonic() + timeout
         while True:

@@ -149,8 +149,7 @@ def test_a_disconnect_a_host_did_not_hear_closes_its_sockets_at_its_recheck_and_
         assert on_b.closed_with(timeout=10) == (Close.FORBIDDEN, "disconnected by an administrator")
         host_b.wait_for_event("ws.revoked", lambda e: e.get("reason") == "disconnected" and e.get("userId") == "bob")
         again = host_b.connect("bob")  # the person came back: a socket opened since the disconnect
-        checked = host_b.health()["identityWatch"]["rechecks"]
-        assert wait_for(lambda: host_b.health()["identityWatch"]["rechecks"] >= checked + 2, timeout=15)
+        assert host_b.wait_rechecks(2)
         assert again.nothing_within(0.1)  # two re-checks later, still open
         other.send({"type": "PING"})
         assert other.expect("PONG")  # nobody else's
@@ -194,11 +193,9 @@ def test_a_supabase_recheck_reads_the_user_list_once_not_once_per_batch(start_se
         people = [fake.add_user(f"p{n}@clinic.test", profile=dict(nurse)) for n in range(3000)]
         srv = start_server(users=False, **fake.site_env(), WS_IDENTITY_RECHECK_MS=1500)
         crowd.connect(srv, [p.id for p in people[::-1][:450]], concurrency=10)  # the last listed: all pages read
-        before = srv.health()["identityWatch"]["rechecks"]
-        assert wait_for(lambda: srv.health()["identityWatch"]["rechecks"] >= before + 1, timeout=15)
+        assert srv.wait_rechecks(1)
         fake.reset_calls()
-        done = srv.health()["identityWatch"]["rechecks"]
-        assert wait_for(lambda: srv.health()["identityWatch"]["rechecks"] >= done + 1, timeout=15)
+        assert srv.wait_rechecks(1)
         lists = [c for c in fake.calls("/auth/v1/admin/users") if c.path == "/auth/v1/admin/users"]
         assert 3 <= len(lists) <= 6, len(lists)  # one re-check's pages (a second may have begun meanwhile)
         assert srv.health()["clients"] == 450

@@ -3,7 +3,7 @@
 
 import pytest
 import requests
-from support import ADMIN_SECRET, Server, csrf_of, flask_cli, make_users, sign_in, wait_for
+from support import ADMIN_SECRET, Server, csrf_of, flask_cli, make_users, sign_in
 
 NEW_PASSWORD = "a new password, long enough"
 
@@ -247,8 +247,7 @@ def test_the_cli_disconnects_a_user_and_a_server_it_cannot_reach_closes_their_so
     assert again.closed_with(timeout=10) == (4403, "disconnected by an administrator")
     after = srv.open(minted)  # a socket opened since stays, even with a token minted before (not a sign-out)
     assert after.expect("CONNECTED")["data"]["userId"] == "bob"
-    checked = srv.health()["identityWatch"]["rechecks"]
-    assert wait_for(lambda: srv.health()["identityWatch"]["rechecks"] >= checked + 2, timeout=15)
+    assert srv.wait_rechecks(2)
     assert after.nothing_within(0.1) and carol.nothing_within(0.1)  # two re-checks later, both still open
     bad = flask_cli(srv, "users", "disconnect", "a b", "--url", srv.url)
     assert bad.returncode == 1 and "not a user id" in bad.stderr
