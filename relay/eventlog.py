@@ -162,8 +162,8 @@ class OffTheLoop(logging.Handler):
     MAX_WAITING = 10_000
 
     def __init__(self, inner: logging.Handler):
+        self.inner = inner  # first: Handler.__init__ hashes the new handler (see __hash__)
         super().__init__()
-        self.inner = inner
         self._waiting: deque[logging.LogRecord] = deque()
         self._writer: gevent.Greenlet | None = None
         self.dropped = 0
@@ -184,6 +184,14 @@ class OffTheLoop(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.handle(record)
+
+    # It stands for the handler it wraps: code that added that handler removes it by reference
+    # (Logger.removeHandler compares with ==), and would otherwise leave this wrapper behind.
+    def __eq__(self, other: object) -> bool:
+        return other is self or other is self.inner
+
+    def __hash__(self) -> int:
+        return hash(self.inner)
 
     def _write_waiting(self) -> None:
         try:

@@ -110,6 +110,8 @@ def test_an_operators_handler_that_waits_is_called_off_the_loop_when_a_line_come
                 break
             gevent.sleep(0.01)
         assert failures == [] and sorted(got) == ["from a callback", "from a greenlet", "ws.subscribe"]
+        relay_log.removeHandler(shipper)  # who added it removes it by reference: the wrapper goes with it
+        assert relay_log.handlers == []
     finally:
         relay_log.handlers.clear()
         events.handlers.clear()
