@@ -180,6 +180,17 @@ function watchSubscribers(rt) {
 // move again, so it says so instead of showing what it showed under "Live".
 const REVOKED_TEXT = "This is no longer available to you (your role or clinic changed): reload the page.";
 
+// A polled fragment (htmx's `every`: the dashboard's figures, every 2 s) asks nothing while its tab is
+// hidden: nobody sees the answers, and an admin's tab left open all day asked ~20,000 times. The next
+// tick after the tab is shown asks again.
+function pauseHiddenPolls() {
+  document.body.addEventListener("htmx:beforeRequest", (event) => {
+    const element = event.detail.elt;
+    const polled = element && (element.getAttribute("hx-trigger") || "").trim().startsWith("every ");
+    if (polled && document.visibilityState === "hidden") event.preventDefault();
+  });
+}
+
 // A fragment that adds each message (a list of alerts, swap= afterbegin or beforeend) keeps what it
 // showed, which is still true: the note goes where the next message will, marking the gap in place.
 function clearStaleFragments() {
@@ -380,6 +391,7 @@ rt.onResync((detail) => {
   if (item) item.classList.add("toast-resync");
 });
 passMessagesToHtmx();
+pauseHiddenPolls();
 showFailures();
 clearStaleFragments();
 boundAddedLists();
