@@ -177,8 +177,9 @@ export class RealtimeClient {
     this.socketFrom = 0; // where this socket's replays may start: CONNECTED's offset, or the render's once replayed from
     this.revoked = new Set(); // channels the server ended on a socket (the user's access changed), until taken again
     this.sinceOf = new Map(); // channel -> {epoch, offset}: subscribe's `since` for a channel new to the page, until asked
-    // {waiting, frames, missed, from, ahead, resumed, below, channels}: broadcasts held until the SUBSCRIBEs
-    // `since` are answered (below, channels: a hold that began on an open socket, see _subscribeLive)
+    // {waiting, frames, missed, from, ahead, resumed, below, channels, began}: broadcasts held until the
+    // SUBSCRIBEs `since` are answered (below, channels: a hold that began on an open socket, see
+    // _subscribeLive; began: Date.now() when it did, see _checkAlive)
     this.holding = null;
     this.sentAhead = []; // the types of the messages sent from listeners of "open", ahead of the first SUBSCRIBEs
     this.countingAhead = false;
@@ -697,7 +698,7 @@ export class RealtimeClient {
    * @param {boolean} [resumed] on a resumed session (see _socketEnded)
    */
   _askSince(from, resumed = false) {
-    this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead, resumed };
+    this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead, resumed, began: Date.now() };
     this._flush(from);
     if (this.holding.waiting > 0) return true;
     this._release(); // nothing held yet: nothing shown
@@ -779,7 +780,8 @@ export class RealtimeClient {
         // Its own hold: `channels` says which a missed replay concerns. One joined (a connection's first
         // SUBSCRIBEs still on their way) resyncs the whole page if its replay is missed, these included.
         const from = { epoch: at.epoch, offset: at.offset };
-        this.holding = { waiting: 0, frames: [], missed: null, from, ahead: [], resumed: true, channels: [] };
+        const began = Date.now();
+        this.holding = { waiting: 0, frames: [], missed: null, from, ahead: [], resumed: true, channels: [], began };
       }
       const hold = this.holding;
       if (oldest < at.offset) hold.below = Math.max(hold.below ?? -1, at.offset);
@@ -970,9 +972,23 @@ export class RealtimeClient {
     if (this.pingSentAt > now) this.pingSentAt = now;
     if (this.pingSentAt && now - this.pingSentAt > this.options.pongTimeoutMs) {
       this._abandon(ws, "no answer to ping");
+    } else if (this._heldTooLong(now)) {
+      // PONGs keep coming, so the socket looks alive, but every broadcast would be held for good. The
+      // server answers each SUBSCRIBE within its store's timeouts: this one was lost on its way (a
+      // proxy). Resume on a new socket: it replays what was held, and the SUBSCRIBE is asked again.
+      console.warn("realtime: a SUBSCRIBE went unanswered; broadcasts were held meanwhile. Resuming on a new socket");
+      this._abandon(ws, "no answer to SUBSCRIBE");
     } else if (!this.pingSentAt && (quiet > this.options.idleMs || quiet < 0)) {
       this._ping(ws);
     }
+  }
+
+  /** Whether broadcasts have been held, for SUBSCRIBEs' answers, for longer than idleMs + pongTimeoutMs. */
+  _heldTooLong(now) {
+    const held = this.holding;
+    if (!held) return false;
+    if (held.began > now) held.began = now; // the clock was stepped back: count afresh
+    return now - held.began > this.options.idleMs + this.options.pongTimeoutMs;
   }
 
   _ping(ws) {

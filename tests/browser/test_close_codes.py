@@ -514,6 +514,32 @@ def test_a_socket_that_never_gets_its_connected_is_given_up_and_replaced(live):
     assert errors == []
 
 
+def test_broadcasts_held_for_a_subscribe_never_answered_are_replayed_on_a_new_socket(live, site):
+    """A SUBSCRIBE `since` holds the page's broadcasts until it is answered. One lost on its way (a proxy)
+    held them for good, on a socket that looked alive (its PONGs kept coming): an announcement never shown.
+    Past idleMs + pongTimeoutMs the page resumes on a new socket, which replays what was held."""
+    page, sockets, errors = live
+    warnings: list[str] = []
+    page.on("console", lambda msg: msg.type == "warning" and warnings.append(msg.text))
+    page.evaluate("window.realtime.options.idleMs = 1000; window.realtime.options.pongTimeoutMs = 1000")
+    sockets.drop = lambda message: QUEUE in message and "since" in message
+    page.evaluate(
+        "() => { const at = window.realtime.position;"
+        f" window.realtime.subscribe(['{QUEUE}'], {{ since: {{ epoch: at.epoch, offset: at.offset }} }}); }}"
+    )
+    assert proxied(page, lambda: any(QUEUE in m and "since" in m for m in sockets.sent))
+    sockets.drop = lambda message: False
+    body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "held meanwhile"}}, "filter": {}}
+    assert site.broadcast(body).json()["delivered"] == 1  # to the page's socket, which holds it
+    shown = page.locator("#toasts .toast-text", has_text="held meanwhile")
+    expect(shown).to_have_count(1, timeout=15_000)  # replayed on the new socket, once
+    assert page.evaluate("window.realtime.stats.sockets") == 2
+    assert [d["code"] for d in retries(page)] == [4000]
+    assert any("SUBSCRIBE went unanswered" in w for w in warnings), warnings
+    wait_live(page)
+    assert errors == []
+
+
 def test_a_subscribe_lost_with_its_socket_is_refetched_after_a_recovered_resume(live, site):
     """The SUBSCRIBE left, but the server never had it (lost with the socket): the resumed session lacks the
     channel and the replay did not cover it, so the page is told to refetch it. A channel the server
