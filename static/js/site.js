@@ -23,6 +23,11 @@ const STATUS_TEXT = {
   error: "Connection error (see the console)",
 };
 const TOAST_MS = 10000;
+// Toasts shown one by one; older ones fold into one "earlier" toast at the top, which lists the latest
+// EARLIER_LISTED of them (a tab in the background through a shift gathers a hundred or more, each kept
+// until seen: a screenful of them to close one by one, and DOM nodes without bound).
+const TOASTS_SHOWN = 6;
+const EARLIER_LISTED = 50;
 
 function clientOptions(body) {
   // Timings can be tuned per deployment (and by tests) with data-realtime-* on <body>.
@@ -65,24 +70,34 @@ function messageText(data) {
   return JSON.stringify(data);
 }
 
+function timeOf(at) {
+  const when = at ? new Date(at) : null;
+  if (!when || Number.isNaN(when.getTime())) return null;
+  const time = document.createElement("time");
+  time.dateTime = when.toISOString();
+  time.textContent = when.toLocaleTimeString();
+  return time;
+}
+
+const shownToasts = new WeakMap(); // toast -> {remove, renew}: its own dismissal, and its wait started over
+
 export function toast(title, text, at) {
+  const body = document.createElement("p");
+  body.className = "toast-text";
+  body.textContent = text; // text, never HTML
+  const item = showToast(title, body, timeOf(at));
+  if (item) foldOlderToasts(item.parentElement);
+  return item;
+}
+
+function showToast(title, ...content) {
   const container = document.getElementById("toasts");
   if (!container) return null;
   const item = document.createElement("div");
   item.className = "toast";
   const heading = document.createElement("strong");
   heading.textContent = title;
-  const body = document.createElement("p");
-  body.className = "toast-text";
-  body.textContent = text; // text, never HTML
-  item.append(heading, body);
-  const when = at ? new Date(at) : null;
-  if (when && !Number.isNaN(when.getTime())) {
-    const time = document.createElement("time");
-    time.dateTime = when.toISOString();
-    time.textContent = when.toLocaleTimeString();
-    item.append(time);
-  }
+  item.append(heading, ...content.filter(Boolean));
   const close = document.createElement("button");
   close.type = "button";
   close.className = "toast-close";
@@ -115,8 +130,52 @@ export function toast(title, text, at) {
   item.addEventListener("focusout", read(false));
   document.addEventListener("visibilitychange", wait);
   container.append(item);
+  shownToasts.set(item, { remove, renew: wait });
   wait();
   return item;
+}
+
+// Past TOASTS_SHOWN, the oldest fold into the "earlier" toast: a line each, in the order they came
+// (the text as it was, the time, its title when not "Announcement"), the latest EARLIER_LISTED of them.
+function foldOlderToasts(container) {
+  const single = container.querySelectorAll(":scope > .toast:not(.toast-earlier)");
+  if (single.length <= TOASTS_SHOWN) return;
+  const earlier = container.querySelector(":scope > .toast-earlier") || earlierToast(container);
+  const list = earlier.querySelector("ul");
+  for (const item of Array.from(single).slice(0, single.length - TOASTS_SHOWN)) {
+    const line = document.createElement("li");
+    const title = item.querySelector("strong").textContent;
+    const text = item.querySelector(".toast-text").textContent;
+    line.textContent = title === "Announcement" ? text : `${title}: ${text}`;
+    const time = item.querySelector("time");
+    if (time) line.append(" ", time);
+    if (item.classList.contains("toast-error")) line.className = "toast-error";
+    list.append(line);
+    shownToasts.get(item).remove();
+    earlier.dataset.folded = String(Number(earlier.dataset.folded) + 1);
+  }
+  while (list.children.length > EARLIER_LISTED) list.firstElementChild.remove();
+  const folded = Number(earlier.dataset.folded);
+  earlier.querySelector("strong").textContent = `${folded} earlier notice${folded === 1 ? "" : "s"}`;
+  const unlisted = folded - list.children.length;
+  const more = earlier.querySelector(".toast-unlisted");
+  more.hidden = unlisted <= 0;
+  more.textContent = `and ${unlisted} older, not listed`;
+  shownToasts.get(earlier).renew(); // news in it: its 10 s start over
+}
+
+function earlierToast(container) {
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  summary.textContent = "Show them";
+  const more = document.createElement("p");
+  more.className = "toast-unlisted";
+  details.append(summary, more, document.createElement("ul"));
+  const earlier = showToast("", details);
+  earlier.classList.add("toast-earlier");
+  earlier.dataset.folded = "0";
+  container.prepend(earlier);
+  return earlier;
 }
 
 // -- channel subscribers -----------------------------------------------------------
