@@ -333,7 +333,8 @@ function passMessagesToHtmx() {
 //   sign-in (401: signed out since it was loaded; 403: signed in again elsewhere, so its CSRF token is
 //   stale): a reload brings a fresh page (or the sign-in page), once a minute at most, so a reload that
 //   does not help cannot loop; after that the fragment says to reload. Any other failure (a server
-//   error, the network) says in the fragment that it may be out of date, until its next update.
+//   error, the network) says in the fragment that it may be out of date, until its next update; a
+//   channel subscriber's update that failed for a reason that passes is asked again (see retryLater).
 // - A form: a toast says it did not go through (what was typed stays).
 const RELOAD_KEY = "realtime-reloaded-at";
 const RELOAD_EVERY_MS = 60000;
@@ -371,15 +372,83 @@ function reloadWhenGivenUp(status) {
 }
 
 // In a fragment that adds each message (a list), the note goes where the message would have: it marks
-// the place of the one not shown, and stays, as the others do.
+// the place of the one not shown, and stays, as the others do. Returns the note.
 function fragmentNote(element, target, state, text) {
   const note = document.createElement("p");
   note.className = "muted fragment-error";
   note.dataset.fragmentState = state;
   note.textContent = text;
-  if (addsAt(element)) return addToList(element, target, note);
-  target.querySelectorAll(":scope > .fragment-error").forEach((old) => old.remove());
-  target.prepend(note);
+  if (addsAt(element)) {
+    addToList(element, target, note);
+  } else {
+    target.querySelectorAll(":scope > .fragment-error").forEach((old) => old.remove());
+    target.prepend(note);
+  }
+  return note;
+}
+
+// A channel subscriber's update that failed for a reason that passes (a deploy's restarting worker, a
+// proxy's 502, the network) is asked again, four times over about a minute (jittered: a deploy's pages
+// do not all ask at once), and swapped in where it would have been: its note marks the place (in a
+// list, newer alerts go above it). Given up once the note is gone: a newer update replaced the fragment
+// (this one's older state must not be shown over it), the list trimmed it, or the fragment went.
+const RETRY_MS = [2000, 5000, 15000, 30000];
+const RETRY_TIMEOUT_MS = 10000;
+const PASSES = (status) => status === 0 || status === 429 || status >= 500;
+
+// The request to ask again: a channel subscriber's update (triggered by a realtime: event), else null.
+function updateRequest(config) {
+  const trigger = config && config.triggeringEvent;
+  if (!trigger || !trigger.type || !trigger.type.startsWith("realtime:")) return null;
+  const post = config.verb === "post";
+  const body = post ? new URLSearchParams({ message: JSON.stringify(trigger.detail) }) : undefined;
+  return { method: config.verb.toUpperCase(), path: config.path, headers: config.headers, body };
+}
+
+function failedUpdate(element, target, status, request, note = null, tried = 0) {
+  const say = (state, text) => {
+    if (!note || !note.isConnected) return (note = fragmentNote(element, target, state, text));
+    note.dataset.fragmentState = state;
+    note.textContent = text;
+  };
+  if (status === 401 || status === 403) {
+    if (reloadAtMostOnceAMinute()) return;
+    say("signed-out", "This page can no longer be updated: reload it (you may need to sign in again).");
+    return;
+  }
+  const why = status ? `the server answered ${status}` : "the server could not be reached";
+  if (request && PASSES(status) && tried < RETRY_MS.length) {
+    say("retrying", `Not up to date yet: the latest update could not be shown (${why}). Trying again…`);
+    retryLater(element, target, request, note, tried);
+  } else {
+    say("stale", `Not up to date: the latest update could not be shown (${why}). Reload the page to be sure.`);
+  }
+}
+
+function retryLater(element, target, request, note, tried) {
+  const delay = RETRY_MS[tried] * (0.5 + Math.random() / 2);
+  setTimeout(async () => {
+    if (!note.isConnected) return;
+    let status = 0;
+    let html = null;
+    try {
+      const { method, path, headers, body } = request;
+      const signal = AbortSignal.timeout(RETRY_TIMEOUT_MS);
+      const answer = await fetch(path, { method, headers, body, credentials: "same-origin", signal });
+      status = answer.status;
+      if (answer.ok) html = await answer.text();
+    } catch (error) {
+      status = 0; // the network, or no answer in time
+    }
+    if (!note.isConnected) return; // a newer update came while this one was asked
+    if (html === null) return failedUpdate(element, target, status, request, note, tried + 1);
+    if (addsAt(element)) {
+      window.htmx.swap(note, html, { swapStyle: "outerHTML" });
+      keepNewest(element, target);
+    } else {
+      window.htmx.swap(target, html, { swapStyle: (element.getAttribute("hx-swap") || "innerHTML").split(/\s+/)[0] });
+    }
+  }, delay);
 }
 
 function showFailures() {
@@ -397,14 +466,7 @@ function showFailures() {
       if (item) item.classList.add("toast-error");
       return;
     }
-    const target = event.detail.target || element;
-    if (status === 401 || status === 403) {
-      if (reloadAtMostOnceAMinute()) return;
-      fragmentNote(element, target, "signed-out", "This page can no longer be updated: reload it (you may need to sign in again).");
-      return;
-    }
-    const why = status ? `the server answered ${status}` : "the server could not be reached";
-    fragmentNote(element, target, "stale", `Not up to date: the latest update could not be shown (${why}). Reload the page to be sure.`);
+    failedUpdate(element, event.detail.target || element, status, updateRequest(event.detail.requestConfig));
   };
   document.body.addEventListener("htmx:responseError", failed);
   document.body.addEventListener("htmx:sendError", failed);

@@ -560,26 +560,90 @@ def test_a_form_that_fails_says_so_and_keeps_what_was_typed(start_server, redis_
     expect(admin.locator("textarea[name=message]")).to_have_value("Lunch at noon")  # kept, to send again
 
 
-def test_a_fragment_update_that_fails_says_the_fragment_may_be_out_of_date_until_the_next(site, web):
-    """A proxy's 502 (or the network) on a fragment's update left the old queue under a "Live" status."""
-    page = web(site, "bob", "/clinics/clinic-1/queue")
+class Refusals:
+    """A route that answers the page's fragment renders with ``status`` while set (None: they pass), counting them."""
+
+    def __init__(self, page, pattern: str):
+        self.page, self.status, self.calls = page, None, 0
+        page.route(pattern, self._answer)
+
+    def _answer(self, route) -> None:
+        self.calls += 1
+        if self.status is None:
+            route.continue_()
+        else:
+            route.fulfill(status=self.status, body="refused by the test")
+
+    def wait_calls(self, count: int) -> None:
+        """Until the page has asked ``count`` times (the route's handler runs only while Playwright is called)."""
+        assert wait_for(lambda: self.page.wait_for_timeout(20) or self.calls >= count, timeout=10), self.calls
+        assert self.calls == count, self.calls
+
+
+RETRIES_MS = [2_000, 5_000, 15_000, 30_000]  # site.js's RETRY_MS: each retry comes within its value
+
+
+def test_a_fragment_update_that_fails_is_asked_again_and_never_shown_over_a_newer_one(site, web):
+    """A proxy's 502 (or the network) on a fragment's update left the old queue under a "Live" status;
+    then it said so, until the next update (a deploy's restarting worker: a queue screen showed "reload"
+    for what one more request would have fixed). It is asked again, four times over a minute; a newer
+    update that lands first wins (the older state is never shown over it); after the fourth, it gives up."""
+    page = web(site, "bob", "about:blank")
+    page.clock.install()  # time flows as usual; fast_forward jumps it, running the timers on the way
+    page.goto(site.url + "/clinics/clinic-1/queue")
     wait_live(page)
+    entries = page.locator("#queue ol.queue li")
+    note = page.locator("#queue [data-fragment-state]")
     assert broadcast_until_delivered(site, queue_body("Somchai"))["delivered"] == 1
-    expect(page.locator("#queue ol.queue li")).to_have_text(["1 Somchai"])
-    page.route("**/queue/render", lambda route: route.fulfill(status=502, body="bad gateway"))
+    expect(entries).to_have_text(["1 Somchai"])
+    renders = Refusals(page, "**/queue/render")
+    renders.status = 502
     site.broadcast(queue_body("Somchai", "Malee"))
-    expect(page.locator("#queue [data-fragment-state=stale]")).to_contain_text("the server answered 502")
-    expect(page.locator("#queue ol.queue li")).to_have_text(["1 Somchai"])  # still shown, marked out of date
-    page.unroute("**/queue/render")
-    site.broadcast(queue_body("Somchai", "Malee", "Niran"))
-    expect(page.locator("#queue ol.queue li")).to_have_count(3)
-    expect(page.locator("#queue [data-fragment-state]")).to_have_count(0)
+    expect(page.locator("#queue [data-fragment-state=retrying]")).to_contain_text("the server answered 502")
+    expect(entries).to_have_text(["1 Somchai"])  # still shown, marked out of date
+    renders.wait_calls(1)
+    page.clock.fast_forward(RETRIES_MS[0])
+    renders.wait_calls(2)  # refused again
+    expect(page.locator("#queue [data-fragment-state=retrying]")).to_contain_text("Trying again")
+    renders.status = None
+    page.clock.fast_forward(RETRIES_MS[1])
+    expect(entries).to_have_text(["1 Somchai", "2 Malee"])
+    expect(note).to_have_count(0)
+    renders.wait_calls(3)
+
+    renders.status = 503
+    site.broadcast(queue_body("A", "B", "C"))
+    expect(note).to_contain_text("the server answered 503")
+    renders.wait_calls(4)
+    renders.status = None
+    site.broadcast(queue_body("A", "B", "C", "D"))  # rendered before the retry comes
+    expect(entries).to_have_count(4)
+    expect(note).to_have_count(0)
+    renders.wait_calls(5)
+    page.clock.fast_forward(sum(RETRIES_MS))
+    page.wait_for_timeout(500)
+    assert renders.calls == 5  # not asked again: its place is gone
+    expect(entries).to_have_count(4)
+
+    renders.status = 503
+    site.broadcast(queue_body("X"))
+    renders.wait_calls(6)
+    for n, wait_ms in enumerate(RETRIES_MS, 7):
+        page.clock.fast_forward(wait_ms)
+        renders.wait_calls(n)
+    expect(page.locator("#queue [data-fragment-state=stale]")).to_contain_text("Reload the page to be sure")
+    page.clock.fast_forward(sum(RETRIES_MS))
+    page.wait_for_timeout(500)
+    assert renders.calls == 10  # given up
+    expect(entries).to_have_count(4)
 
 
-def test_an_alert_that_cannot_be_shown_is_marked_in_its_place_in_the_list(site, web):
-    """In a list, the failure note goes where the alert would have been, and stays there; the alerts
-    before it stay, and those after it go above it."""
-    page = web(site, "bob", "/clinics/clinic-1/queue")
+def test_an_alert_that_cannot_be_shown_yet_is_shown_later_in_its_place_in_the_list(site, web):
+    """In a list, the failure note goes where the alert would have been; the alerts before it stay, and
+    those after it go above it. Asked again, the alert replaces its note there; given up, the note stays."""
+    page = web(site, "bob", "about:blank")
+    page.clock.install()
+    page.goto(site.url + "/clinics/clinic-1/queue")
     answered(page)
 
     def alert(text: str) -> dict:
@@ -588,16 +652,26 @@ def test_an_alert_that_cannot_be_shown_is_marked_in_its_place_in_the_list(site, 
 
     assert alert("first")["delivered"] == 1
     expect(page.locator("#alerts .alert-text")).to_have_text(["first"])
-    page.route("**/alerts/render", lambda route: route.fulfill(status=502, body="bad gateway"))
-    alert("lost on the way")
+    renders = Refusals(page, "**/alerts/render")
+    renders.status = 502
+    alert("late")
     shown = page.locator("#alerts > :not(.rt-empty)")
     expect(shown).to_have_text([re.compile("the server answered 502"), re.compile("first")])
-    page.unroute("**/alerts/render")
+    renders.wait_calls(1)
+    renders.status = None
     alert("third")
     expect(shown).to_have_text([re.compile("third"), re.compile("the server answered 502"), re.compile("first")])
-    page.route("**/alerts/render", lambda route: route.fulfill(status=503, body="unavailable"))
-    alert("lost again")  # marked in its own place: the first mark stays where it was
-    failed = [re.compile("answered 503"), re.compile("third"), re.compile("answered 502"), re.compile("first")]
+    page.clock.fast_forward(RETRIES_MS[0])
+    expect(page.locator("#alerts .alert-text")).to_have_text(["third", "late", "first"])  # in its place
+    expect(page.locator("#alerts [data-fragment-state]")).to_have_count(0)
+
+    renders.status = 503
+    alert("lost")  # marked in its own place
+    renders.wait_calls(4)
+    for n, wait_ms in enumerate(RETRIES_MS, 5):
+        page.clock.fast_forward(wait_ms)
+        renders.wait_calls(n)
+    failed = [re.compile("answered 503.*Reload the page"), re.compile("third"), re.compile("late"), re.compile("first")]
     expect(shown).to_have_text(failed)
 
 
