@@ -536,7 +536,16 @@ export class RealtimeClient {
    */
   _caughtUp(data) {
     const at = this.position;
-    if (at && data && data.epoch === at.epoch && typeof data.offset === "number") this._advance(data.offset);
+    if (!at || !data || typeof data.epoch !== "string" || !data.epoch) return;
+    if (data.epoch !== at.epoch) {
+      // The stream was reset under this socket (its history lost): the server closes such sockets with
+      // 1012 "stream reset" first, so this is defence in depth. Broadcasts carry no epoch, and the new
+      // stream's low offsets would look already seen, dropped in silence: resume on a new socket, which
+      // is told `epoch_changed` and refetches.
+      console.warn(`realtime: the server's stream is no longer the one this page follows; resuming on a new socket`);
+      return this._abandon(this.ws, "stream reset");
+    }
+    if (typeof data.offset === "number") this._advance(data.offset);
   }
 
   _advance(offset) {

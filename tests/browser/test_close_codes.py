@@ -39,6 +39,9 @@ class Sockets:
         self.drop = lambda message: False  # page -> server messages for which this is true are lost
         self.hold = lambda message: False  # ...are held back until release()
         self.rewrite = lambda message: message  # ...and reach the server as this returns them
+        # set: server -> page messages of new sockets reach the page as this returns them (they pass
+        # only while the test calls Playwright, see proxied)
+        self.rewrite_in = None
         self.held: list[tuple] = []
         self.sent: list[str] = []  # every page -> server message
         page.route_web_socket(SOCKET, self._route)
@@ -51,6 +54,9 @@ class Sockets:
         elif not self.silent:
             server = ws.connect_to_server()
             ws.on_message(lambda message: self._pass(server, message))
+            if self.rewrite_in is not None:
+                rewrite = self.rewrite_in
+                server.on_message(lambda message: ws.send(rewrite(message)))
 
     def _pass(self, server, message) -> None:
         self.sent.append(message)
@@ -537,6 +543,37 @@ def test_broadcasts_held_for_a_subscribe_never_answered_are_replayed_on_a_new_so
     assert [d["code"] for d in retries(page)] == [4000]
     assert any("SUBSCRIBE went unanswered" in w for w in warnings), warnings
     wait_live(page)
+    assert errors == []
+
+
+def test_a_pong_from_another_stream_is_not_trusted_the_page_resumes_on_a_new_socket(live):
+    """Broadcasts carry no epoch: were the stream reset under an open socket (the server closes 1012
+    "stream reset" first), the new stream's low offsets would look already seen. A PONG naming another
+    epoch than the page's is not trusted: the page resumes on a new socket (which is told epoch_changed)."""
+    page, sockets, errors = live
+    warnings: list[str] = []
+    page.on("console", lambda msg: msg.type == "warning" and warnings.append(msg.text))
+    rewritten = []
+
+    def other_epoch(message):
+        frame = json.loads(message) if isinstance(message, str) else {}
+        if frame.get("type") != "PONG" or rewritten:
+            return message
+        rewritten.append(frame)
+        return json.dumps({**frame, "data": {**frame["data"], "epoch": "another-stream"}})
+
+    sockets.rewrite_in = other_epoch
+    sockets.close(Close.SERVICE_RESTART)  # the next socket's frames pass through other_epoch
+    assert proxied(page, lambda: page.evaluate("window.realtime.stats.sockets") == 2)
+    wait_live(page)
+    position = page.evaluate("window.realtime.position")
+    page.evaluate("window.realtime._ping(window.realtime.ws)")
+    assert proxied(page, lambda: page.evaluate("window.realtime.stats.sockets") == 3)
+    assert rewritten and rewritten[0]["data"]["epoch"] == position["epoch"]
+    assert any("no longer the one this page follows" in w for w in warnings), warnings
+    wait_live(page)
+    assert page.evaluate("window.realtime.position.epoch") == position["epoch"]  # the real stream, resumed
+    assert [d["code"] for d in retries(page)] == [Close.SERVICE_RESTART, 4000]
     assert errors == []
 
 
