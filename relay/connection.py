@@ -380,7 +380,10 @@ class Connection:
         pending = self._pending
         if not pending:
             return
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        # The unsent tail of an earlier write (a memoryview: maybe most of a large replay) goes alone:
+        # joined with the frames queued behind it, it would be copied again on every partial send.
+        alone = len(pending) == 1 or type(pending[0]) is memoryview
+        data = pending[0] if alone else b"".join(pending)
         try:
             sent = self._sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -388,6 +391,11 @@ class Connection:
         except OSError as exc:
             self.close_code, self.close_reason = ABNORMAL, f"write failed: {exc.strerror or exc}"
             self._finish()
+            return
+        if sent == len(data) and len(pending) > 1 and alone:
+            del pending[0]  # the tail is out: the frames behind it next
+            self._pending_bytes -= sent
+            self._write()
             return
         if sent == len(data):
             self._pending = None
@@ -405,8 +413,8 @@ class Connection:
                     self._finish()
             return
         # Keep the unsent tail; it must go out before anything else or the stream is torn.
-        self._pending = [memoryview(data)[sent:]]
-        self._pending_bytes = len(data) - sent
+        pending[: 1 if alone else len(pending)] = [memoryview(data)[sent:]]
+        self._pending_bytes -= sent
         if not self._blocked:
             if self._write_watch is None:
                 self._write_watch = self._loop.io(self._sock.fileno(), _WRITE)

@@ -130,6 +130,53 @@ def test_partial_writes_keep_the_unsent_tail_and_the_frame_order(pair):
     assert conn.state is OPEN
 
 
+class CountingSocket(socket.socket):
+    """A real socket that notes each large bytes object it is given to send (a copy made for the send)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.large_copies = 0
+
+    def send(self, data, *args):
+        if type(data) is bytes and len(data) > 1 << 20:
+            self.large_copies += 1
+        return super().send(data, *args)
+
+
+def test_the_unsent_tail_of_a_large_replay_is_not_copied_again_with_each_frame_queued_behind_it():
+    """A partial send kept the tail as a view; the next write joined it with the frames queued behind it,
+    copying what was left of a 2 MB replay on every partial send while live broadcasts kept coming."""
+    raw, peer = socket.socketpair()
+    ours = CountingSocket(fileno=raw.detach())
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn = Connection(ours, outbox=Outbox(), handler=Recorder(), max_message=1024, max_queue=1 << 20, close_timeout=1)
+    conn.start()
+    reader = ServerFrames(peer)
+    try:
+        replay = [frames.text(f"{n:04d}".encode() + b"r" * 50_000) for n in range(40)]  # 2 MB
+        conn.push_owed(replay)
+        run_loop(0)
+        assert conn._blocked  # the kernel took only part of it
+        live = [frames.text(f"live {n}".encode()) for n in range(40)]
+        got = []
+        for frame in live:  # a broadcast behind it after each frame the client reads
+            assert conn.push(frame)
+            opcode, payload = reader.next()
+            got.append(frames.encode(opcode, payload))
+            run_loop(0)
+        while len(got) < len(replay) + len(live):
+            opcode, payload = reader.next()
+            got.append(frames.encode(opcode, payload))
+            run_loop(0)
+        assert got == replay + live  # whole, in order
+        assert ours.large_copies == 1, ours.large_copies  # the replay as it was queued, and no copy of it since
+        assert conn.state is OPEN and conn._pending is None and conn._pending_bytes == 0
+    finally:
+        conn.abort("test over")
+        peer.close()
+
+
 def test_a_client_owing_more_than_max_queue_is_closed_1013_without_tearing_a_frame(pair):
     conn, handler, server, peer = pair(max_queue=64 * 1024, sndbuf=4096, rcvbuf=4096)
     frame = frames.text(b"x" * 30_000)
