@@ -177,9 +177,10 @@ export class RealtimeClient {
     this.socketFrom = 0; // where this socket's replays may start: CONNECTED's offset, or the render's once replayed from
     this.revoked = new Set(); // channels the server ended on a socket (the user's access changed), until taken again
     this.sinceOf = new Map(); // channel -> {epoch, offset}: subscribe's `since` for a channel new to the page, until asked
-    // {waiting, frames, missed, from, ahead, resumed, below, channels, began}: broadcasts held until the
-    // SUBSCRIBEs `since` are answered (below, channels: a hold that began on an open socket, see
-    // _subscribeLive; began: Date.now() when it did, see _checkAlive)
+    // {waiting, frames, missed, from, ahead, resumed, below, channels, asked, probe}: broadcasts held until
+    // the SUBSCRIBEs `since` are answered (below, channels: a hold that began on an open socket, see
+    // _subscribeLive; asked, probe: when its last SUBSCRIBE left, and the PING that asks after it, see
+    // _checkHold)
     this.holding = null;
     this.sentAhead = []; // the types of the messages sent from listeners of "open", ahead of the first SUBSCRIBEs
     this.countingAhead = false;
@@ -196,6 +197,8 @@ export class RealtimeClient {
     this.admitTimer = null; // a socket that has not had its CONNECTED yet is given up after idleMs + pongTimeoutMs
     this.lastHeard = 0;
     this.pingSentAt = 0;
+    this.pingsSent = 0;
+    this.pongsSeen = 0;
     this.stats = { authFetches: 0, sockets: 0 }; // for diagnostics and tests
     this._onOnline = () => this._wake();
     this._onOffline = () => this._goOffline();
@@ -321,6 +324,7 @@ export class RealtimeClient {
       return false;
     }
     this.ws.send(text);
+    if (message && message.type === "PING") this.pingsSent += 1; // its PONG is counted (see _ping)
     if (this.countingAhead) this.sentAhead.push(message && message.type);
     return true;
   }
@@ -411,6 +415,8 @@ export class RealtimeClient {
     }
     this.stats.sockets += 1;
     this.ws = ws;
+    this.pingsSent = 0; // PINGs sent on this socket, and PONGs back: see _checkHold
+    this.pongsSeen = 0;
     ws.onmessage = (event) => this._onSocketMessage(ws, event);
     ws.onclose = (event) => this._onSocketClose(ws, event);
     // The watchdog starts with CONNECTED: a socket whose network died before it would otherwise wait
@@ -452,12 +458,14 @@ export class RealtimeClient {
       // (Not rate_limited, which answers nothing: the close that follows ends the socket, and the wait.)
       if (!this._takeAnswerAhead("ERROR")) this._subscribed({ recovered: false, reason: "not_replayed" });
     } else if (message.type === "PONG") {
+      if (this._onPong(ws)) return;
       // Not while broadcasts are held: they are below its position, and would look already seen.
       if (!this._takeAnswerAhead("PONG") && !this.holding) this._caughtUp(message.data);
       return;
     } else if (message.type === "UNSUBSCRIBED") {
       this._takeAnswerAhead("UNSUBSCRIBED"); // or one the server sent unasked (the user's access changed)
     }
+    if (ws !== this.ws) return; // the answer made the socket untrusted (_caughtUp): not shown
     this._show(message);
   }
 
@@ -532,20 +540,23 @@ export class RealtimeClient {
   /**
    * A PONG carries the stream's position, with every broadcast for this client up to it sent before
    * the PONG: a page whose channels are quiet resumes from there, not from an offset the history has
-   * dropped since (it would be told `history_gone` and refetch everything after a deploy).
+   * dropped since (it would be told `history_gone` and refetch everything after a deploy). Returns
+   * false if the answer named another stream: the socket was abandoned.
    */
   _caughtUp(data) {
     const at = this.position;
-    if (!at || !data || typeof data.epoch !== "string" || !data.epoch) return;
+    if (!at || !data || typeof data.epoch !== "string" || !data.epoch) return true;
     if (data.epoch !== at.epoch) {
       // The stream was reset under this socket (its history lost): the server closes such sockets with
       // 1012 "stream reset" first, so this is defence in depth. Broadcasts carry no epoch, and the new
       // stream's low offsets would look already seen, dropped in silence: resume on a new socket, which
       // is told `epoch_changed` and refetches.
       console.warn(`realtime: the server's stream is no longer the one this page follows; resuming on a new socket`);
-      return this._abandon(this.ws, "stream reset");
+      this._abandon(this.ws, "stream reset");
+      return false;
     }
     if (typeof data.offset === "number") this._advance(data.offset);
+    return true;
   }
 
   _advance(offset) {
@@ -597,7 +608,7 @@ export class RealtimeClient {
     // As a PONG's: every broadcast up to it for this client came before, and those of a channel just
     // taken from before it are not coming (a resume would otherwise replay them, older than its last
     // value). Not while broadcasts are held: they are below it, and would look already seen.
-    if (!this.holding) this._caughtUp(data);
+    if (!this.holding && !this._caughtUp(data)) return; // the socket is not trusted: nothing more of it
     const granted = names.filter((name) => {
       this._answered(name);
       this.revoked.delete(name);
@@ -707,7 +718,7 @@ export class RealtimeClient {
    * @param {boolean} [resumed] on a resumed session (see _socketEnded)
    */
   _askSince(from, resumed = false) {
-    this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead, resumed, began: Date.now() };
+    this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead, resumed };
     this._flush(from);
     if (this.holding.waiting > 0) return true;
     this._release(); // nothing held yet: nothing shown
@@ -789,8 +800,7 @@ export class RealtimeClient {
         // Its own hold: `channels` says which a missed replay concerns. One joined (a connection's first
         // SUBSCRIBEs still on their way) resyncs the whole page if its replay is missed, these included.
         const from = { epoch: at.epoch, offset: at.offset };
-        const began = Date.now();
-        this.holding = { waiting: 0, frames: [], missed: null, from, ahead: [], resumed: true, channels: [], began };
+        this.holding = { waiting: 0, frames: [], missed: null, from, ahead: [], resumed: true, channels: [] };
       }
       const hold = this.holding;
       if (oldest < at.offset) hold.below = Math.max(hold.below ?? -1, at.offset);
@@ -819,7 +829,11 @@ export class RealtimeClient {
       for (const some of inChunks(group)) {
         // Not sent (no socket): the next CONNECTED sees it unanswered.
         const sent = this.send({ type: "SUBSCRIBE", data: { channels: some, ...flags, ...from } });
-        if (sent && since) this.holding.waiting += 1;
+        if (sent && since) {
+          this.holding.waiting += 1;
+          this.holding.asked = performance.now(); // the deadline counts from the last one (see _checkHold)
+          this.holding.probe = 0; // a PING sent before it is answered before it
+        }
         for (const name of some) countUp(this.unanswered, name);
       }
     }
@@ -981,33 +995,50 @@ export class RealtimeClient {
     if (this.pingSentAt > now) this.pingSentAt = now;
     if (this.pingSentAt && now - this.pingSentAt > this.options.pongTimeoutMs) {
       this._abandon(ws, "no answer to ping");
-    } else if (this._heldTooLong(now)) {
-      // PONGs keep coming, so the socket looks alive, but every broadcast would be held for good. The
-      // server answers each SUBSCRIBE within its store's timeouts: this one was lost on its way (a
-      // proxy). Resume on a new socket: it replays what was held, and the SUBSCRIBE is asked again.
-      console.warn("realtime: a SUBSCRIBE went unanswered; broadcasts were held meanwhile. Resuming on a new socket");
-      this._abandon(ws, "no answer to SUBSCRIBE");
+    } else if (this._checkHold(ws)) {
+      // (a PING asks whether a SUBSCRIBE's answer was lost)
     } else if (!this.pingSentAt && (quiet > this.options.idleMs || quiet < 0)) {
       this._ping(ws);
     }
   }
 
-  /** Whether broadcasts have been held, for SUBSCRIBEs' answers, for longer than idleMs + pongTimeoutMs. */
-  _heldTooLong(now) {
+  /**
+   * Broadcasts held for SUBSCRIBEs' answers for over idleMs + pongTimeoutMs: send a PING (whether it sent
+   * one). The server answers in order, so its PONG comes after every answer asked before it: one that
+   * comes while broadcasts are still held means a SUBSCRIBE was lost on its way (a proxy), and they
+   * would be held for good on a socket whose PONGs say it is alive (_onPong). A replay still arriving
+   * (megabytes on a slow link) only delays that PONG, and keeps the socket from looking dead.
+   */
+  _checkHold(ws) {
     const held = this.holding;
-    if (!held) return false;
-    if (held.began > now) held.began = now; // the clock was stepped back: count afresh
-    return now - held.began > this.options.idleMs + this.options.pongTimeoutMs;
+    if (!held || held.probe || !held.asked) return false;
+    if (performance.now() - held.asked <= this.options.idleMs + this.options.pongTimeoutMs) return false;
+    held.probe = this._ping(ws);
+    return true;
   }
 
+  /** A PONG: the probe's (see _checkHold) while broadcasts are still held abandons the socket. */
+  _onPong(ws) {
+    this.pongsSeen += 1;
+    const held = this.holding;
+    if (!held || !held.probe || this.pongsSeen < held.probe) return false;
+    // Resume on a new socket: it replays what was held (the position has not moved), and the
+    // SUBSCRIBEs are asked again.
+    console.warn("realtime: a SUBSCRIBE went unanswered; broadcasts were held meanwhile. Resuming on a new socket");
+    this._abandon(ws, "no answer to SUBSCRIBE");
+    return true;
+  }
+
+  /** Send a PING; returns how many this socket has sent (its PONG is the one that makes as many). */
   _ping(ws) {
     this.pingSentAt = Date.now();
     ws.send(JSON.stringify({ type: "PING" }));
+    return (this.pingsSent += 1);
   }
 
   /** Nothing came back on this socket: the network dropped it without telling us. Retry on a new one. */
   _abandon(ws, reason) {
-    if (ws !== this.ws) return;
+    if (!ws || ws !== this.ws) return;
     this._dropSocket(4000, reason);
     this._retry(4000);
   }

@@ -137,12 +137,15 @@ function showToast(title, ...content) {
 
 // Past TOASTS_SHOWN, the oldest fold into the "earlier" toast: a line each, in the order they came
 // (the text as it was, the time, its title when not "Announcement"), the latest EARLIER_LISTED of them.
+// Not one being read (the pointer on it, or the keyboard's focus in it): the next oldest goes instead.
 function foldOlderToasts(container) {
-  const single = container.querySelectorAll(":scope > .toast:not(.toast-earlier)");
+  const single = Array.from(container.querySelectorAll(":scope > .toast:not(.toast-earlier)"));
   if (single.length <= TOASTS_SHOWN) return;
+  const folding = single.filter((item) => !item.matches(":hover, :focus-within")).slice(0, single.length - TOASTS_SHOWN);
+  if (!folding.length) return;
   const earlier = container.querySelector(":scope > .toast-earlier") || earlierToast(container);
   const list = earlier.querySelector("ul");
-  for (const item of Array.from(single).slice(0, single.length - TOASTS_SHOWN)) {
+  for (const item of folding) {
     const line = document.createElement("li");
     const title = item.querySelector("strong").textContent;
     const text = item.querySelector(".toast-text").textContent;
@@ -173,6 +176,7 @@ function earlierToast(container) {
   details.append(summary, more, document.createElement("ul"));
   const earlier = showToast("", details);
   earlier.classList.add("toast-earlier");
+  earlier.setAttribute("aria-live", "off"); // each toast is announced as it comes, not again as it folds
   earlier.dataset.folded = "0";
   container.prepend(earlier);
   return earlier;
@@ -397,12 +401,13 @@ const RETRY_TIMEOUT_MS = 10000;
 const PASSES = (status) => status === 0 || status === 429 || status >= 500;
 
 // The request to ask again: a channel subscriber's update (triggered by a realtime: event), else null.
+// As htmx sent it: the message (see passMessagesToHtmx), its headers but those htmx left out (null).
 function updateRequest(config) {
   const trigger = config && config.triggeringEvent;
   if (!trigger || !trigger.type || !trigger.type.startsWith("realtime:")) return null;
-  const post = config.verb === "post";
-  const body = post ? new URLSearchParams({ message: JSON.stringify(trigger.detail) }) : undefined;
-  return { method: config.verb.toUpperCase(), path: config.path, headers: config.headers, body };
+  const body = config.verb !== "get" ? new URLSearchParams({ message: JSON.stringify(trigger.detail) }) : undefined;
+  const headers = Object.fromEntries(Object.entries(config.headers || {}).filter(([, value]) => value != null));
+  return { method: config.verb.toUpperCase(), path: config.path, headers, body };
 }
 
 function failedUpdate(element, target, status, request, note = null, tried = 0) {
@@ -427,21 +432,26 @@ function failedUpdate(element, target, status, request, note = null, tried = 0) 
 
 function retryLater(element, target, request, note, tried) {
   const delay = RETRY_MS[tried] * (0.5 + Math.random() / 2);
+  const wanted = () => note.isConnected && element.isConnected; // not replaced, and still on the page
   setTimeout(async () => {
-    if (!note.isConnected) return;
+    if (!wanted()) return;
     let status = 0;
     let html = null;
+    const abort = new AbortController(); // not AbortSignal.timeout: Safari before 16 lacks it
+    const giveUp = setTimeout(() => abort.abort(), RETRY_TIMEOUT_MS);
     try {
       const { method, path, headers, body } = request;
-      const signal = AbortSignal.timeout(RETRY_TIMEOUT_MS);
-      const answer = await fetch(path, { method, headers, body, credentials: "same-origin", signal });
+      const answer = await fetch(path, { method, headers, body, credentials: "same-origin", signal: abort.signal });
       status = answer.status;
       if (answer.ok) html = await answer.text();
     } catch (error) {
       status = 0; // the network, or no answer in time
+    } finally {
+      clearTimeout(giveUp);
     }
-    if (!note.isConnected) return; // a newer update came while this one was asked
+    if (!wanted()) return; // a newer update came while this one was asked
     if (html === null) return failedUpdate(element, target, status, request, note, tried + 1);
+    if (status === 204) return void note.remove(); // nothing to show (htmx swaps no 204 either)
     if (addsAt(element)) {
       window.htmx.swap(note, html, { swapStyle: "outerHTML" });
       keepNewest(element, target);

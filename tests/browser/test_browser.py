@@ -131,10 +131,15 @@ def test_many_toasts_fold_into_one_earlier_toast_that_can_be_reached_and_read(si
     earlier.locator("summary").click(timeout=3_000)  # reachable at the top of a stack taller than the window
     expect(earlier.locator("li")).to_have_text([f"number {n}" for n in range(1, 7)])
     expect(earlier.locator(".toast-unlisted")).to_be_hidden()
+    toasts.nth(1).hover()  # "number 7", being read: the next oldest folds in its place
+    page.evaluate("async () => (await import('/static/js/site.js')).toast('Announcement', 'number 13')")
+    expect(toasts.nth(1).locator(".toast-text")).to_have_text("number 7")
+    expect(earlier.locator("li").last).to_have_text("number 8")
+    page.mouse.move(0, 0)
 
     page.evaluate(
         "async () => { const { toast } = await import('/static/js/site.js');"
-        " for (let n = 13; n <= 40; n++) toast('Announcement', `number ${n}`);"
+        " for (let n = 14; n <= 40; n++) toast('Announcement', `number ${n}`);"
         " toast('Not done', 'That did not go through').classList.add('toast-error');"
         " for (let n = 41; n <= 70; n++) toast('Announcement', `number ${n}`); }"
     )

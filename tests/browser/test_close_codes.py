@@ -546,6 +546,40 @@ def test_broadcasts_held_for_a_subscribe_never_answered_are_replayed_on_a_new_so
     assert errors == []
 
 
+def test_a_subscribe_answered_late_behind_a_long_replay_keeps_its_socket(live, site):
+    """The deadline above must not cut a replay that is only slow (megabytes on a slow link): frames keep
+    arriving, and the PING sent at the deadline is answered after the SUBSCRIBE's answer, which releases
+    the hold. A first version abandoned at the deadline itself: the next socket replayed the same
+    megabytes and hit the same deadline, again and again."""
+    page, sockets, errors = live
+    page.evaluate(
+        "() => { window.__ticks = []; window.realtime.onMessage((m) => m.type === 'TICK' && __ticks.push(m.data.n));"
+        " window.realtime.options.idleMs = 1000; window.realtime.options.pongTimeoutMs = 1000; }"
+    )
+    # Everything from the SUBSCRIBE on waits in the proxy, in order: the link is slow.
+    sockets.hold = lambda message: bool(sockets.held) or (QUEUE in message and "since" in message)
+    page.evaluate(
+        "() => { const at = window.realtime.position;"
+        f" window.realtime.subscribe(['{QUEUE}'], {{ since: {{ epoch: at.epoch, offset: at.offset }} }}); }}"
+    )
+    assert proxied(page, lambda: len(sockets.held) == 1)
+    sent = 0
+    deadline = time.monotonic() + 15
+    while not any('"PING"' in message for _, message in sockets.held) and time.monotonic() < deadline:
+        body = {"message": {"type": "TICK", "data": {"n": sent}}, "filter": {}}
+        assert site.broadcast(body).json()["delivered"] == 1  # arrives, held by the page: the socket is alive
+        sent += 1
+        page.wait_for_timeout(300)
+    assert any('"PING"' in message for _, message in sockets.held), sockets.held  # the deadline's PING
+    sockets.hold = lambda message: False
+    sockets.release()
+    assert proxied(page, lambda: len(page.evaluate("window.__ticks")) == sent)
+    assert page.evaluate("window.__ticks") == list(range(sent))  # shown once the answer came, in order
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.realtime.stats.sockets") == 1 and retries(page) == []
+    assert errors == []
+
+
 def test_a_pong_from_another_stream_is_not_trusted_the_page_resumes_on_a_new_socket(live):
     """Broadcasts carry no epoch: were the stream reset under an open socket (the server closes 1012
     "stream reset" first), the new stream's low offsets would look already seen. A PONG naming another
