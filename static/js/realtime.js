@@ -177,10 +177,10 @@ export class RealtimeClient {
     this.socketFrom = 0; // where this socket's replays may start: CONNECTED's offset, or the render's once replayed from
     this.revoked = new Set(); // channels the server ended on a socket (the user's access changed), until taken again
     this.sinceOf = new Map(); // channel -> {epoch, offset}: subscribe's `since` for a channel new to the page, until asked
-    // {waiting, frames, missed, from, ahead, resumed, below, channels, asked, probe}: broadcasts held until
-    // the SUBSCRIBEs `since` are answered (below, channels: a hold that began on an open socket, see
-    // _subscribeLive; asked, probe: when its last SUBSCRIBE left, and the PING that asks after it, see
-    // _checkHold)
+    // {waiting, frames, missed, from, ahead, resumed, below, channels, sent, asked, probes}: broadcasts held
+    // until the SUBSCRIBEs `since` are answered (below, channels: a hold that began on an open socket, see
+    // _subscribeLive; sent, asked, probes: how many SUBSCRIBEs it sent, when the first left or the last
+    // PING asked after them, and those PINGs, see _checkHold)
     this.holding = null;
     this.sentAhead = []; // the types of the messages sent from listeners of "open", ahead of the first SUBSCRIBEs
     this.countingAhead = false;
@@ -458,14 +458,14 @@ export class RealtimeClient {
       // (Not rate_limited, which answers nothing: the close that follows ends the socket, and the wait.)
       if (!this._takeAnswerAhead("ERROR")) this._subscribed({ recovered: false, reason: "not_replayed" });
     } else if (message.type === "PONG") {
-      if (this._onPong(ws)) return;
+      if (this._onPong(ws) || !this._sameStream(message.data)) return;
       // Not while broadcasts are held: they are below its position, and would look already seen.
       if (!this._takeAnswerAhead("PONG") && !this.holding) this._caughtUp(message.data);
       return;
     } else if (message.type === "UNSUBSCRIBED") {
       this._takeAnswerAhead("UNSUBSCRIBED"); // or one the server sent unasked (the user's access changed)
     }
-    if (ws !== this.ws) return; // the answer made the socket untrusted (_caughtUp): not shown
+    if (ws !== this.ws) return; // the answer made the socket untrusted (_sameStream): not shown
     this._show(message);
   }
 
@@ -540,23 +540,26 @@ export class RealtimeClient {
   /**
    * A PONG carries the stream's position, with every broadcast for this client up to it sent before
    * the PONG: a page whose channels are quiet resumes from there, not from an offset the history has
-   * dropped since (it would be told `history_gone` and refetch everything after a deploy). Returns
-   * false if the answer named another stream: the socket was abandoned.
+   * dropped since (it would be told `history_gone` and refetch everything after a deploy).
    */
   _caughtUp(data) {
     const at = this.position;
-    if (!at || !data || typeof data.epoch !== "string" || !data.epoch) return true;
-    if (data.epoch !== at.epoch) {
-      // The stream was reset under this socket (its history lost): the server closes such sockets with
-      // 1012 "stream reset" first, so this is defence in depth. Broadcasts carry no epoch, and the new
-      // stream's low offsets would look already seen, dropped in silence: resume on a new socket, which
-      // is told `epoch_changed` and refetches.
-      console.warn(`realtime: the server's stream is no longer the one this page follows; resuming on a new socket`);
-      this._abandon(this.ws, "stream reset");
-      return false;
-    }
-    if (typeof data.offset === "number") this._advance(data.offset);
-    return true;
+    if (at && data && data.epoch === at.epoch && typeof data.offset === "number") this._advance(data.offset);
+  }
+
+  /**
+   * Whether a PONG's or SUBSCRIBED's stream is the page's. If not, the stream was reset under this
+   * socket (its history lost): the server closes such sockets with 1012 "stream reset" first, so this is
+   * defence in depth. Broadcasts carry no epoch, and the new stream's low offsets would look already
+   * seen, dropped in silence: the socket is abandoned, and the page resumes on a new one, which is told
+   * `epoch_changed` and refetches.
+   */
+  _sameStream(data) {
+    const at = this.position;
+    if (!at || !data || typeof data.epoch !== "string" || !data.epoch || data.epoch === at.epoch) return true;
+    console.warn(`realtime: the server's stream is no longer the one this page follows; resuming on a new socket`);
+    this._abandon(this.ws, "stream reset");
+    return false;
   }
 
   _advance(offset) {
@@ -587,6 +590,7 @@ export class RealtimeClient {
   }
 
   _subscribed(data, answersAhead = false) {
+    if (!this._sameStream(data)) return; // before anything held is shown
     const names = list(data.channels);
     // Only an answer to a SUBSCRIBE `since` says `recovered`: a plain one's, sent after those, is not waited for.
     const held = answersAhead || !("recovered" in data) ? null : this.holding;
@@ -608,7 +612,7 @@ export class RealtimeClient {
     // As a PONG's: every broadcast up to it for this client came before, and those of a channel just
     // taken from before it are not coming (a resume would otherwise replay them, older than its last
     // value). Not while broadcasts are held: they are below it, and would look already seen.
-    if (!this.holding && !this._caughtUp(data)) return; // the socket is not trusted: nothing more of it
+    if (!this.holding) this._caughtUp(data);
     const granted = names.filter((name) => {
       this._answered(name);
       this.revoked.delete(name);
@@ -830,9 +834,10 @@ export class RealtimeClient {
         // Not sent (no socket): the next CONNECTED sees it unanswered.
         const sent = this.send({ type: "SUBSCRIBE", data: { channels: some, ...flags, ...from } });
         if (sent && since) {
-          this.holding.waiting += 1;
-          this.holding.asked = performance.now(); // the deadline counts from the last one (see _checkHold)
-          this.holding.probe = 0; // a PING sent before it is answered before it
+          const hold = this.holding;
+          hold.waiting += 1;
+          hold.sent = (hold.sent || 0) + 1;
+          hold.asked = hold.asked || performance.now(); // see _checkHold
         }
         for (const name of some) countUp(this.unanswered, name);
       }
@@ -996,32 +1001,41 @@ export class RealtimeClient {
     if (this.pingSentAt && now - this.pingSentAt > this.options.pongTimeoutMs) {
       this._abandon(ws, "no answer to ping");
     } else if (this._checkHold(ws)) {
-      // (a PING asks whether a SUBSCRIBE's answer was lost)
+      // (a PING asked whether a SUBSCRIBE's answer was lost)
     } else if (!this.pingSentAt && (quiet > this.options.idleMs || quiet < 0)) {
       this._ping(ws);
     }
   }
 
   /**
-   * Broadcasts held for SUBSCRIBEs' answers for over idleMs + pongTimeoutMs: send a PING (whether it sent
-   * one). The server answers in order, so its PONG comes after every answer asked before it: one that
-   * comes while broadcasts are still held means a SUBSCRIBE was lost on its way (a proxy), and they
-   * would be held for good on a socket whose PONGs say it is alive (_onPong). A replay still arriving
-   * (megabytes on a slow link) only delays that PONG, and keeps the socket from looking dead.
+   * Broadcasts held for SUBSCRIBEs' answers for over idleMs + pongTimeoutMs: send a PING, and another
+   * each idleMs + pongTimeoutMs while they are held (whether it sent one). The server answers in order,
+   * so a PING's PONG comes after the answers to every SUBSCRIBE sent before it: if they are not all
+   * here by then, one was lost on its way (a proxy), and broadcasts would be held for good on a socket
+   * whose PONGs say it is alive (_onPong). A replay still arriving (megabytes on a slow link) only
+   * delays the PONG: never cut. A PING lost too costs one round: the next one's PONG is counted as its.
+   * (Not the keep-alive's: pingSentAt is the idle check's, and a slow replay keeps the socket alive.)
    */
   _checkHold(ws) {
     const held = this.holding;
-    if (!held || held.probe || !held.asked) return false;
+    if (!held || !held.asked) return false;
     if (performance.now() - held.asked <= this.options.idleMs + this.options.pongTimeoutMs) return false;
-    held.probe = this._ping(ws);
+    held.asked = performance.now();
+    if (!held.probes) held.probes = [];
+    held.probes.push({ ping: this._sendPing(ws), answers: held.sent });
     return true;
   }
 
-  /** A PONG: the probe's (see _checkHold) while broadcasts are still held abandons the socket. */
+  /** A PONG: if it answers a PING of _checkHold's, and its SUBSCRIBEs are not all answered, abandon the socket. */
   _onPong(ws) {
     this.pongsSeen += 1;
     const held = this.holding;
-    if (!held || !held.probe || this.pongsSeen < held.probe) return false;
+    const probes = held && held.probes;
+    let lost = false;
+    while (probes && probes.length && probes[0].ping <= this.pongsSeen) {
+      if (held.sent - held.waiting < probes.shift().answers) lost = true;
+    }
+    if (!lost) return false;
     // Resume on a new socket: it replays what was held (the position has not moved), and the
     // SUBSCRIBEs are asked again.
     console.warn("realtime: a SUBSCRIBE went unanswered; broadcasts were held meanwhile. Resuming on a new socket");
@@ -1029,9 +1043,13 @@ export class RealtimeClient {
     return true;
   }
 
-  /** Send a PING; returns how many this socket has sent (its PONG is the one that makes as many). */
   _ping(ws) {
     this.pingSentAt = Date.now();
+    this._sendPing(ws);
+  }
+
+  /** Send a PING; returns how many this socket has sent (its PONG is the one that makes as many). */
+  _sendPing(ws) {
     ws.send(JSON.stringify({ type: "PING" }));
     return (this.pingsSent += 1);
   }

@@ -80,6 +80,7 @@ function timeOf(at) {
 }
 
 const shownToasts = new WeakMap(); // toast -> {remove, renew}: its own dismissal, and its wait started over
+let toastsMade = 0; // each toast's number, kept by its line once folded: the lines stay in the order they came
 
 export function toast(title, text, at) {
   const body = document.createElement("p");
@@ -130,6 +131,7 @@ function showToast(title, ...content) {
   item.addEventListener("focusout", read(false));
   document.addEventListener("visibilitychange", wait);
   container.append(item);
+  item.dataset.toast = String((toastsMade += 1));
   shownToasts.set(item, { remove, renew: wait });
   wait();
   return item;
@@ -153,7 +155,10 @@ function foldOlderToasts(container) {
     const time = item.querySelector("time");
     if (time) line.append(" ", time);
     if (item.classList.contains("toast-error")) line.className = "toast-error";
-    list.append(line);
+    line.dataset.toast = item.dataset.toast;
+    // After the newer lines one spared while it was read (below) had: before them.
+    const newer = Array.from(list.children).find((other) => Number(other.dataset.toast) > Number(line.dataset.toast));
+    list.insertBefore(line, newer || null);
     shownToasts.get(item).remove();
     earlier.dataset.folded = String(Number(earlier.dataset.folded) + 1);
   }
@@ -405,7 +410,9 @@ const PASSES = (status) => status === 0 || status === 429 || status >= 500;
 function updateRequest(config) {
   const trigger = config && config.triggeringEvent;
   if (!trigger || !trigger.type || !trigger.type.startsWith("realtime:")) return null;
-  const body = config.verb !== "get" ? new URLSearchParams({ message: JSON.stringify(trigger.detail) }) : undefined;
+  // In the body as htmx puts it (the macro's subscribers use POST and GET only; a GET carries none)
+  const inBody = ["post", "put", "patch"].includes(config.verb);
+  const body = inBody ? new URLSearchParams({ message: JSON.stringify(trigger.detail) }) : undefined;
   const headers = Object.fromEntries(Object.entries(config.headers || {}).filter(([, value]) => value != null));
   return { method: config.verb.toUpperCase(), path: config.path, headers, body };
 }

@@ -136,10 +136,12 @@ def test_many_toasts_fold_into_one_earlier_toast_that_can_be_reached_and_read(si
     expect(toasts.nth(1).locator(".toast-text")).to_have_text("number 7")
     expect(earlier.locator("li").last).to_have_text("number 8")
     page.mouse.move(0, 0)
+    page.evaluate("async () => (await import('/static/js/site.js')).toast('Announcement', 'number 14')")
+    expect(earlier.locator("li")).to_have_text([f"number {n}" for n in range(1, 9)])  # in the order they came
 
     page.evaluate(
         "async () => { const { toast } = await import('/static/js/site.js');"
-        " for (let n = 14; n <= 40; n++) toast('Announcement', `number ${n}`);"
+        " for (let n = 15; n <= 40; n++) toast('Announcement', `number ${n}`);"
         " toast('Not done', 'That did not go through').classList.add('toast-error');"
         " for (let n = 41; n <= 70; n++) toast('Announcement', `number ${n}`); }"
     )

@@ -546,6 +546,46 @@ def test_broadcasts_held_for_a_subscribe_never_answered_are_replayed_on_a_new_so
     assert errors == []
 
 
+def test_a_subscribe_lost_with_the_ping_that_asked_after_it_is_found_by_the_next_ping(live, site):
+    """Counted PONGs: a PING lost too (the same proxy) made every later PONG one short, and a first version
+    never saw its PING answered: broadcasts held for good again. Each round sends another PING, whose
+    PONG is counted as the lost one's."""
+    page, sockets, errors = live
+    warnings: list[str] = []
+    page.on("console", lambda msg: msg.type == "warning" and warnings.append(msg.text))
+    page.evaluate(
+        "() => { window.__ticks = []; window.realtime.onMessage((m) => m.type === 'TICK' && __ticks.push(m.data.n));"
+        " window.realtime.options.idleMs = 1000; window.realtime.options.pongTimeoutMs = 1000; }"
+    )
+    lost: list[str] = []
+
+    def lose(message: str) -> bool:  # the SUBSCRIBE, then the first PING after it
+        if (QUEUE in message and "since" in message and not lost) or ('"PING"' in message and len(lost) == 1):
+            lost.append(message)
+            return True
+        return False
+
+    sockets.drop = lose
+    page.evaluate(
+        "() => { const at = window.realtime.position;"
+        f" window.realtime.subscribe(['{QUEUE}'], {{ since: {{ epoch: at.epoch, offset: at.offset }} }}); }}"
+    )
+    sent = 0
+    deadline = time.monotonic() + 20
+    while page.evaluate("window.realtime.stats.sockets") == 1 and time.monotonic() < deadline:
+        body = {"message": {"type": "TICK", "data": {"n": sent}}, "filter": {}}
+        site.broadcast(body)  # frames keep coming: no idle PING, and the PINGs sent are the hold's
+        sent += 1
+        page.wait_for_timeout(300)
+    assert len(lost) == 2, lost  # the SUBSCRIBE and a PING
+    assert page.evaluate("window.realtime.stats.sockets") == 2
+    assert any("SUBSCRIBE went unanswered" in w for w in warnings), warnings
+    wait_live(page)
+    assert proxied(page, lambda: page.evaluate("window.__ticks") == list(range(sent)))  # replayed, in order
+    assert [d["code"] for d in retries(page)] == [4000]
+    assert errors == []
+
+
 def test_a_subscribe_answered_late_behind_a_long_replay_keeps_its_socket(live, site):
     """The deadline above must not cut a replay that is only slow (megabytes on a slow link): frames keep
     arriving, and the PING sent at the deadline is answered after the SUBSCRIBE's answer, which releases
@@ -563,19 +603,21 @@ def test_a_subscribe_answered_late_behind_a_long_replay_keeps_its_socket(live, s
         f" window.realtime.subscribe(['{QUEUE}'], {{ since: {{ epoch: at.epoch, offset: at.offset }} }}); }}"
     )
     assert proxied(page, lambda: len(sockets.held) == 1)
+    asked = time.monotonic()
+    probed = "!!(window.realtime.holding && window.realtime.holding.probes && window.realtime.holding.probes.length)"
     sent = 0
-    deadline = time.monotonic() + 15
-    while not any('"PING"' in message for _, message in sockets.held) and time.monotonic() < deadline:
+    while not page.evaluate(probed) and time.monotonic() < asked + 15:
         body = {"message": {"type": "TICK", "data": {"n": sent}}, "filter": {}}
         assert site.broadcast(body).json()["delivered"] == 1  # arrives, held by the page: the socket is alive
         sent += 1
         page.wait_for_timeout(300)
-    assert any('"PING"' in message for _, message in sockets.held), sockets.held  # the deadline's PING
+    assert page.evaluate(probed) and time.monotonic() - asked >= 2  # the deadline (idleMs + pongTimeoutMs) passed
+    assert sent >= 3 and any('"PING"' in message for _, message in sockets.held)  # held behind the SUBSCRIBE
     sockets.hold = lambda message: False
     sockets.release()
     assert proxied(page, lambda: len(page.evaluate("window.__ticks")) == sent)
     assert page.evaluate("window.__ticks") == list(range(sent))  # shown once the answer came, in order
-    page.wait_for_timeout(500)
+    assert proxied(page, lambda: not page.evaluate(probed))  # its PONG came: nothing held, nothing asked
     assert page.evaluate("window.realtime.stats.sockets") == 1 and retries(page) == []
     assert errors == []
 
