@@ -47,6 +47,10 @@ log = logging.getLogger("relay.supabase")
 DEFAULT_ROLE = "user"  # least privilege when neither the profile nor app_metadata names a role
 LIST_PAGE = 1000  # auth users per admin-API page when re-checking many at once
 MAX_LIST_PAGES = 200  # at most 200,000 users listed per re-check
+# Connected users a cut-short list did not reach (a project of more users than that: staff beside a
+# patient app's accounts) are asked by id, at most this many a re-check, the least recently refreshed
+# first: the next re-checks take the others. ~50 ms each, one after another.
+MAX_ASKED_ONE_BY_ONE = 100
 PROFILE_BATCH = 100  # ids per PostgREST "in" query (kept well under URL limits)
 # Supabase's access tokens are 1-2 KB; a longer one is refused here, not sent on to be refused by a gateway.
 MAX_ACCESS_TOKEN_CHARS = 4096
@@ -255,7 +259,10 @@ class SupabaseDirectory:
         are listed a page of ``LIST_PAGE`` at a time (stopping once every id was
         seen), and the profiles read ``PROFILE_BATCH`` ids per request: a few
         calls for thousands of users, not one each. A user is reported gone
-        only when the whole list was read without it.
+        only when the whole list was read without it, or asked by id and not
+        found. Those a list cut short at ``MAX_LIST_PAGES`` did not reach are
+        asked by id (``MAX_ASKED_ONE_BY_ONE`` a call; a user left out of the
+        answer is not reported, and is asked by a later call).
         """
         wanted = {user_id for user_id in user_ids if is_uuid(user_id)}
         found: dict[str, Identity | None] = {user_id: None for user_id in user_ids if user_id not in wanted}
@@ -275,7 +282,9 @@ class SupabaseDirectory:
                     break
                 if len(users) == len(wanted):
                     break
-            ids = list(users)
+            if not complete:
+                users.update(self._ask_one_by_one(wanted - users.keys()))
+            ids = [user_id for user_id, user in users.items() if user is not None]
             profiles: dict[str, dict] = {}
             for start in range(0, len(ids), PROFILE_BATCH):
                 with self._deadline():
@@ -302,6 +311,24 @@ class SupabaseDirectory:
             found[user_id] = self._remember(user_id, found[user_id], began)
         return found
 
+    def _ask_one_by_one(self, missing: set[str]) -> dict[str, User | None]:
+        """Auth users by id (None: not found), the least recently refreshed first, up to MAX_ASKED_ONE_BY_ONE."""
+
+        def refreshed(user_id: str) -> float:
+            cached = self._cache.get(user_id)
+            return cached[0] if cached else 0.0
+
+        asked: dict[str, User | None] = {}
+        for user_id in sorted(missing, key=refreshed)[:MAX_ASKED_ONE_BY_ONE]:
+            with self._deadline():
+                try:
+                    asked[user_id] = self._admin.auth.admin.get_user_by_id(user_id).user
+                except AuthApiError as refused:
+                    if refused.status != 404:
+                        raise
+                    asked[user_id] = None
+        return asked
+
     def changes_since(self, cursor: int | None) -> tuple[int, list[str]]:
         """Changes happen in Supabase, not here: the periodic re-check (get_many) finds them."""
         return 0, []
@@ -317,7 +344,9 @@ class SupabaseDirectory:
             display_name=names.get("full_name") or names.get("name") or user.email,
             role=str(profile.get(self.role_column) or meta.get("role") or DEFAULT_ROLE),
             clinic_id=_text(profile.get(self.clinic_column)) or _text(meta.get("clinic_id")),
-            active=not _banned(user.banned_until),
+            # Anonymous sign-ins (a public front end's visitors, if the project allows them) are nobody's
+            # staff: never a user of this service, whatever their metadata says.
+            active=not _banned(user.banned_until) and not getattr(user, "is_anonymous", False),
         )
 
     def _late(self) -> DirectoryUnavailable:

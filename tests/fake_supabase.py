@@ -58,6 +58,7 @@ class FakeUser:
     app_metadata: dict = field(default_factory=dict)
     user_metadata: dict = field(default_factory=dict)
     banned_until: str | None = None
+    is_anonymous: bool = False  # signed in anonymously (Supabase's anonymous sign-ins)
 
     def to_json(self) -> dict:
         return {
@@ -71,7 +72,7 @@ class FakeUser:
             "updated_at": "2025-01-01T00:00:00Z",
             "banned_until": self.banned_until,
             "identities": [],
-            "is_anonymous": False,
+            "is_anonymous": self.is_anonymous,
         }
 
 
