@@ -16,6 +16,7 @@ needs one says so.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -183,6 +184,15 @@ class Settings:
             warnings.append("WS_TEST_USER_ID is ignored because APP_ENV=production")
             test_user_id = None
 
+        host = reader.text("WS_HOST", "127.0.0.1")
+        if not production and not reader.text("APP_ENV", "") and not _is_loopback(host):
+            # Development's conveniences (generated secrets, WS_TEST_USER_ID's tokens for anyone, an open
+            # /metrics and full /health) must not reach a network by default: saying so is a choice.
+            raise ConfigError(
+                f"WS_HOST={host} serves beyond this machine, and APP_ENV is not set: set APP_ENV=production, "
+                "or APP_ENV=development to serve development mode to the network on purpose."
+            )
+
         request_timeout_ms = reader.integer("HTTP_REQUEST_TIMEOUT_MS", 10_000, low=100, high=DAY_MS)
         send_timeout_ms = reader.integer("HTTP_SEND_TIMEOUT_MS", 30_000, low=100, high=DAY_MS)
         if send_timeout_ms < request_timeout_ms:
@@ -195,7 +205,7 @@ class Settings:
 
         return cls(
             app_env=app_env,
-            host=reader.text("WS_HOST", "127.0.0.1"),
+            host=host,
             port=reader.integer("WS_PORT", 3001, low=1, high=65535),
             token_secret=found["WS_TOKEN_SECRET"],
             token_secret_previous=previous,
@@ -304,6 +314,16 @@ class _Reader:
             bounds = f"at least {low}" if high is None else f"between {low} and {high}"
             raise ConfigError(f"{name} must be {bounds}, got {value}.")
         return value
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether binding ``host`` serves this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name, or 0.0.0.0's kin: reachable from elsewhere, as far as we know
 
 
 def _require_strong(name: str, value: str | None) -> None:

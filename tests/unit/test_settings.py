@@ -240,3 +240,19 @@ def test_every_duration_has_a_ceiling_and_takes_it(tmp_path, name):
         assert getattr(settings.supabase, attribute.removeprefix("supabase_")) == ceiling
     else:
         assert getattr(settings, attribute) == ceiling
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "clinic-relay.internal"])
+def test_development_by_default_is_not_served_to_the_network(tmp_path, host):
+    """APP_ENV unset is development: generated secrets, WS_TEST_USER_ID's tokens for anyone, an open
+    /metrics. A container's WS_HOST=0.0.0.0 without APP_ENV served all that to the network."""
+    env = {"REALTIME_INSTANCE_PATH": str(tmp_path), "WS_HOST": host, "WS_TEST_USER_ID": "bob"}
+    with pytest.raises(ConfigError, match="APP_ENV is not set"):
+        Settings.from_env(env)
+    assert Settings.from_env({**env, "APP_ENV": "development"}).host == host  # on purpose: allowed
+    assert Settings.from_env(prod_env(REALTIME_INSTANCE_PATH=str(tmp_path), WS_HOST=host)).host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
+def test_development_on_this_machine_needs_no_app_env(tmp_path, host):
+    assert Settings.from_env({"REALTIME_INSTANCE_PATH": str(tmp_path), "WS_HOST": host}).host == host
