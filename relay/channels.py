@@ -28,6 +28,7 @@ ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}"
 MAX_CHANNEL_CHARS = 200
 
 _ID = re.compile(ID_PATTERN)
+_ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # one word: "admin " would not be admin
 _SYSTEM = frozenset({"system:announcements", "system:maintenance"})
 _CLINIC = re.compile(rf"clinic:({ID_PATTERN}):(queue|alerts)")
 _USER = re.compile(rf"user:({ID_PATTERN}):notifications")
@@ -56,6 +57,11 @@ channels = SimpleNamespace(
 
 def is_valid_id(value: str) -> bool:
     return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def is_valid_role(value: str) -> bool:
+    """A role as this service's own users are given one: a word of letters, digits, ``_`` or ``-``."""
+    return isinstance(value, str) and _ROLE.fullmatch(value) is not None
 
 
 class Reader(Protocol):

@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
+from .channels import is_valid_role
+
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("WS_TOKEN_SECRET", "WS_ADMIN_SECRET", "SECRET_KEY")
 OPTIONAL_SECRET_NAMES = ("WS_TOKEN_SECRET_PREVIOUS",)  # checked like the others when given
@@ -290,6 +292,7 @@ class SupabaseSettings:
     cache_ttl_ms: int
     cache_size: int
     broadcast_log_table: str = "broadcast_log"
+    allowed_roles: frozenset[str] | None = None  # None: any role (the original's rule)
 
 
 class _Reader:
@@ -420,6 +423,10 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
     for name in (table, log_table, *columns):
         if not name.replace("_", "").isalnum():
             raise ConfigError(f"Supabase table and column names must be letters, digits and _, got {name!r}.")
+    roles = [role.strip() for role in reader.text("SUPABASE_ALLOWED_ROLES", "").split(",") if role.strip()]
+    for role in roles:
+        if not is_valid_role(role):
+            raise ConfigError(f"SUPABASE_ALLOWED_ROLES must be role names separated by commas, got {role!r}.")
     return SupabaseSettings(
         url=url.rstrip("/"),
         service_key=key,
@@ -432,6 +439,7 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
         cache_ttl_ms=reader.integer("SUPABASE_CACHE_TTL_MS", 60_000, low=0, high=DAY_MS),
         cache_size=reader.integer("SUPABASE_CACHE_SIZE", 10_000, low=1),
         broadcast_log_table=log_table,
+        allowed_roles=frozenset(roles) or None,
     )
 
 

@@ -1100,6 +1100,7 @@ def _make_directory(settings: Settings) -> Directory:
         anon_key=supabase.anon_key,
         jwt_secret=supabase.jwt_secret,
         jwt_audience=supabase.jwt_audience,
+        allowed_roles=supabase.allowed_roles,
     )
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id
+from .channels import ADMIN_ROLE, ID_PATTERN, is_valid_id, is_valid_role
 from .directory import AccessTokenOwner, AccessTokensUnsupported, DirectoryUnavailable, Identity
 from .sqlite import SqliteStore, errors_become, transaction
 
@@ -268,7 +268,6 @@ def _identity(row: tuple) -> Identity:
     )
 
 
-_ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # one word: "admin " would not be admin
 # No spaces, and (with str.isprintable) no control or format characters: an escape sequence, a
 # right-to-left override would reach every log line and page that names the user. The rest is the
 # mail server's to judge.
@@ -278,7 +277,7 @@ _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}")
 def _check_user_fields(user_id: str, role: str, clinic_id: str | None) -> None:
     if not is_valid_id(user_id):
         raise UserError(f"user id {user_id!r} must match {ID_PATTERN}")
-    if not _ROLE.fullmatch(role or ""):
+    if not is_valid_role(role or ""):
         raise UserError(f"role {role!r} must be one word of letters, digits, _ or -, e.g. admin or sales_staff")
     if role.lower() == ADMIN_ROLE and role != ADMIN_ROLE:  # would look like one, and be nobody's admin
         raise UserError(

@@ -85,6 +85,7 @@ class SupabaseDirectory:
         anon_key: str | None = None,
         jwt_secret: str | None = None,
         jwt_audience: str = "authenticated",
+        allowed_roles: frozenset[str] | None = None,
     ):
         if not HAVE_SUPABASE:
             raise ConfigError("SUPABASE_URL is set but the supabase package is missing: pip install '.[supabase]'")
@@ -98,6 +99,7 @@ class SupabaseDirectory:
         self._sign_in_key = anon_key or service_key
         self._jwt_secret = jwt_secret
         self._jwt_audience = jwt_audience
+        self.allowed_roles = allowed_roles  # None: any role; else a user of another role is not active
         # One httpx client shared by auth and PostgREST: our timeout, no PostgREST retries
         # (its defaults are 120 s and three retries with sleeps).
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)))
@@ -338,15 +340,19 @@ class SupabaseDirectory:
             return None
         meta = user.app_metadata or {}
         names = user.user_metadata or {}
+        role = str(profile.get(self.role_column) or meta.get("role") or DEFAULT_ROLE)
         return Identity(
             user_id=user.id,
             email=user.email,
             display_name=names.get("full_name") or names.get("name") or user.email,
-            role=str(profile.get(self.role_column) or meta.get("role") or DEFAULT_ROLE),
+            role=role,
             clinic_id=_text(profile.get(self.clinic_column)) or _text(meta.get("clinic_id")),
             # Anonymous sign-ins (a public front end's visitors, if the project allows them) are nobody's
-            # staff: never a user of this service, whatever their metadata says.
-            active=not _banned(user.banned_until) and not getattr(user, "is_anonymous", False),
+            # staff: never a user of this service, whatever their metadata says. Nor, with
+            # SUPABASE_ALLOWED_ROLES, a user of another role (a project that must allow sign-ups).
+            active=not _banned(user.banned_until)
+            and not getattr(user, "is_anonymous", False)
+            and (self.allowed_roles is None or role in self.allowed_roles),
         )
 
     def _late(self) -> DirectoryUnavailable:

@@ -256,3 +256,16 @@ def test_development_by_default_is_not_served_to_the_network(tmp_path, host):
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
 def test_development_on_this_machine_needs_no_app_env(tmp_path, host):
     assert Settings.from_env({"REALTIME_INSTANCE_PATH": str(tmp_path), "WS_HOST": host}).host == host
+
+
+def test_supabase_allowed_roles_are_read_as_a_set_and_a_malformed_one_is_refused(tmp_path):
+    env = {
+        "REALTIME_INSTANCE_PATH": str(tmp_path),
+        "SUPABASE_URL": "https://project.supabase.co",
+        "SUPABASE_SERVICE_ROLE_KEY": "service-key",
+    }
+    assert Settings.from_env(env).supabase.allowed_roles is None  # unset: any role, as the original
+    allowed = Settings.from_env({**env, "SUPABASE_ALLOWED_ROLES": " admin, nurse ,sales_staff,"}).supabase
+    assert allowed.allowed_roles == frozenset({"admin", "nurse", "sales_staff"})
+    with pytest.raises(ConfigError, match="SUPABASE_ALLOWED_ROLES"):
+        Settings.from_env({**env, "SUPABASE_ALLOWED_ROLES": "admin;nurse"})

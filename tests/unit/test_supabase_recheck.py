@@ -62,3 +62,19 @@ def test_an_anonymous_supabase_user_is_never_an_active_user(fake, directory):
     assert directory.get(staff.id).active is True
     fresh = directory.get_many([visitor.id, staff.id])
     assert fresh[visitor.id].active is False and fresh[staff.id].active is True
+
+
+def test_with_allowed_roles_a_user_of_another_role_is_not_active(fake):
+    """SUPABASE_ALLOWED_ROLES, for a project that must allow sign-ups: someone who signed up (no role: the
+    default "user") or holds a role of the other app is refused like a disabled user; staff are not."""
+    signed_up = fake.add_user("someone@example.org")
+    patient = fake.add_user("p@example.org", profile={"role": "patient"})
+    nurse = fake.add_user("n@clinic.test", profile={"role": "nurse", "clinic_id": "c-1"})
+    admin = fake.add_user("a@clinic.test", app_metadata={"role": "admin"})
+    directory = SupabaseDirectory(fake.url, SERVICE_KEY, allowed_roles=frozenset({"admin", "nurse"}))
+    try:
+        assert [directory.get(u.id).active for u in (signed_up, patient, nurse, admin)] == [False, False, True, True]
+        fresh = directory.get_many([u.id for u in (signed_up, patient, nurse, admin)])
+        assert [fresh[u.id].active for u in (signed_up, patient, nurse, admin)] == [False, False, True, True]
+    finally:
+        directory._http.close()
