@@ -1013,7 +1013,8 @@ export class RealtimeClient {
    * so a PING's PONG comes after the answers to every SUBSCRIBE sent before it: if they are not all
    * here by then, one was lost on its way (a proxy), and broadcasts would be held for good on a socket
    * whose PONGs say it is alive (_onPong). A replay still arriving (megabytes on a slow link) only
-   * delays the PONG: never cut. A PING lost too costs one round: the next one's PONG is counted as its.
+   * delays the PONG, and is not cut for it. A PING lost too costs one round: the next one's PONG is
+   * counted as its.
    * (Not the keep-alive's: pingSentAt is the idle check's, and a slow replay keeps the socket alive.)
    */
   _checkHold(ws) {
