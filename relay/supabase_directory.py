@@ -254,6 +254,29 @@ class SupabaseDirectory:
         self._up()
         return self._identity(user, rows[0] if rows and isinstance(rows[0], dict) else {})
 
+    def project_warnings(self) -> list[str]:
+        """What in the project's auth settings lets people connect who should not (``flask ws identity check``).
+
+        Reads ``GET /auth/v1/settings``. Raises DirectoryUnavailable.
+        """
+        try:
+            with self._deadline():
+                reply = self._http.get(f"{self.url}/auth/v1/settings", headers={"apikey": self._sign_in_key})
+            reply.raise_for_status()
+            settings = reply.json()
+        except DirectoryUnavailable:
+            raise
+        except (httpx.HTTPError, OSError, ValueError) as problem:
+            raise DirectoryUnavailable(f"the project's auth settings could not be read: {problem}") from None
+        warnings = []
+        if self.allowed_roles is None and isinstance(settings, dict) and not settings.get("disable_signup"):
+            warnings.append(
+                "sign-ups are open in this project and SUPABASE_ALLOWED_ROLES is not set: anyone who signs up "
+                "can connect (role 'user': the system channels and every unfiltered broadcast). Turn sign-ups "
+                "off, or list the roles that may connect in SUPABASE_ALLOWED_ROLES."
+            )
+        return warnings
+
     def get_many(self, user_ids: list[str]) -> dict[str, Identity | None]:
         """Many users at once, fresh (the cache is refreshed with them): what the periodic re-check asks.
 

@@ -11,6 +11,7 @@ headers and response shapes:
 | ``table(t).select(..).in_("id", ids)`` | ``GET /rest/v1/{t}?select=..&id=in.(a,b,..)``     |
 | ``auth.admin.list_users(page, n)``     | ``GET /auth/v1/admin/users?page=..&per_page=..``  |
 | ``auth.get_user(jwt)``                 | ``GET /auth/v1/user`` (``Authorization: Bearer``) |
+| (the project's auth settings, httpx)   | ``GET /auth/v1/settings`` (``apikey``)            |
 | ``auth.sign_in_with_password(..)``     | ``POST /auth/v1/token?grant_type=password``       |
 | ``table(log).upsert(rows, ..)``        | ``POST /rest/v1/{log}?on_conflict=id&columns=..`` |
 | ``table(log).select("*").eq/contains/gte/lte/order/range`` | ``GET /rest/v1/{log}?type=eq.X&channels=cs.{c}&..`` |
@@ -97,6 +98,7 @@ class FakeSupabase:
         self.gateway_header_limit = 16 * 1024
         self.max_rows = 1000  # PostgREST's max-rows, as Supabase sets it: longer answers are cut, silently
         self.user_status: int | None = None  # set: GET /auth/v1/user answers this status, whatever the token
+        self.disable_signup = False  # the project's auth settings (GET /auth/v1/settings), as a new project's
         self.gateway_status: int | None = None  # set: the gateway answers every request so, with a page of its own
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
@@ -242,6 +244,8 @@ class FakeSupabase:
 
     def _route(self, method: str, path: str, query: dict, authorization: str, body: bytes):
         bearer = authorization[7:] if authorization.lower().startswith("bearer ") else ""
+        if method == "GET" and path == "/auth/v1/settings":  # public: the apikey header only
+            return 200, {"disable_signup": self.disable_signup, "external": {"email": True, "anonymous_users": False}}
         if method == "GET" and path == "/auth/v1/admin/users":
             if bearer != SERVICE_KEY:
                 return 403, {"code": 403, "error_code": "not_admin", "msg": "User not allowed"}

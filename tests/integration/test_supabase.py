@@ -326,6 +326,13 @@ def test_identity_check_command(supabase, people, tmp_path):
     found = check(people["staff"].id)
     assert found.returncode == 0, found.stderr
     assert '"role": "nurse"' in found.stdout and '"clinicId": "c-7"' in found.stdout
+    # A new project's sign-ups are open: anyone who signs up could connect. Said, not fatal.
+    assert "sign-ups are open in this project and SUPABASE_ALLOWED_ROLES is not set" in found.stderr
+    supabase.disable_signup = True
+    assert "sign-ups" not in check(people["staff"].id).stderr
+    supabase.disable_signup = False
+    env["SUPABASE_ALLOWED_ROLES"] = "admin,nurse"
+    assert "sign-ups" not in check(people["staff"].id).stderr
     assert check(str(uuid.uuid4())).returncode == 1
     assert check(people["banned"].id).returncode == 1
     supabase.mode = "error"
