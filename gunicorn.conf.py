@@ -41,7 +41,7 @@ os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 worker_class = "gevent"
 workers = _settings.web_concurrency
-bind = f"{_settings.host}:{_settings.port}"
+bind = _settings.address
 # Sockets leave gunicorn's pool once upgraded (see relay/connection.py), so this
 # bounds concurrent HTTP requests and handshakes, not open WebSockets. Kept high
 # so a connect storm of 10,000 browsers is accepted rather than queued.

@@ -232,7 +232,7 @@ def seed_demo():
     in the instance folder (``demo-users.txt``, mode 0600). Never in production; nothing to do with Supabase.
     """
     settings = realtime().settings
-    login_url = f"http://{settings.host}:{settings.port}/login"
+    login_url = f"http://{settings.address}/login"
     if settings.production:
         click.echo("APP_ENV=production: demo users are never created.")
         return

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
-from .channels import is_valid_role
+from .channels import ADMIN_ROLE, is_valid_role
 
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("WS_TOKEN_SECRET", "WS_ADMIN_SECRET", "SECRET_KEY")
@@ -118,6 +118,12 @@ class Settings:
     def shutdown_budget_s(self) -> float:
         """The longest a stopping worker may need: the drain, then the last closing handshakes."""
         return (self.drain_timeout_ms + self.close_timeout_ms) / 1000
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as gunicorn's bind and a URL write it: an IPv6 address in brackets (``[::1]:3001``)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
 
     @property
     def graceful_timeout_s(self) -> int:
@@ -427,6 +433,10 @@ def _supabase(reader: _Reader) -> SupabaseSettings | None:
     for role in roles:
         if not is_valid_role(role):
             raise ConfigError(f"SUPABASE_ALLOWED_ROLES must be role names separated by commas, got {role!r}.")
+        if role.lower() == ADMIN_ROLE and role != ADMIN_ROLE:  # would admit nobody's admin, and lock admins out
+            raise ConfigError(
+                f"SUPABASE_ALLOWED_ROLES: roles are case-sensitive, and admins are {ADMIN_ROLE!r}, not {role!r}."
+            )
     return SupabaseSettings(
         url=url.rstrip("/"),
         service_key=key,

@@ -269,11 +269,13 @@ class SupabaseDirectory:
         except (httpx.HTTPError, OSError, ValueError) as problem:
             raise DirectoryUnavailable(f"the project's auth settings could not be read: {problem}") from None
         warnings = []
-        if self.allowed_roles is None and isinstance(settings, dict) and not settings.get("disable_signup"):
+        signups = isinstance(settings, dict) and not settings.get("disable_signup")
+        if signups and (self.allowed_roles is None or DEFAULT_ROLE in self.allowed_roles):
+            allowed = "is not set" if self.allowed_roles is None else f"admits {DEFAULT_ROLE!r}"
             warnings.append(
-                "sign-ups are open in this project and SUPABASE_ALLOWED_ROLES is not set: anyone who signs up "
-                "can connect (role 'user': the system channels and every unfiltered broadcast). Turn sign-ups "
-                "off, or list the roles that may connect in SUPABASE_ALLOWED_ROLES."
+                f"sign-ups are open in this project and SUPABASE_ALLOWED_ROLES {allowed}: anyone who signs up "
+                f"can connect (role {DEFAULT_ROLE!r}: the system channels and every unfiltered broadcast). Turn "
+                "sign-ups off, or list only the staff's roles in SUPABASE_ALLOWED_ROLES."
             )
         return warnings
 
@@ -307,8 +309,8 @@ class SupabaseDirectory:
                     break
                 if len(users) == len(wanted):
                     break
-            if not complete:
-                users.update(self._ask_one_by_one(wanted - users.keys()))
+            asked = {} if complete else self._ask_one_by_one(wanted - users.keys())
+            users.update((user_id, user) for user_id, (user, _) in asked.items())
             ids = [user_id for user_id, user in users.items() if user is not None]
             profiles: dict[str, dict] = {}
             for start in range(0, len(ids), PROFILE_BATCH):
@@ -333,25 +335,42 @@ class SupabaseDirectory:
                 found[user_id] = None
             else:
                 continue  # not proven gone: the list was cut short
-            found[user_id] = self._remember(user_id, found[user_id], began)
+            read = asked[user_id][1] if user_id in asked else began  # a user asked by id: that read's number
+            found[user_id] = self._remember(user_id, found[user_id], read)
         return found
 
-    def _ask_one_by_one(self, missing: set[str]) -> dict[str, User | None]:
-        """Auth users by id (None: not found), the least recently refreshed first, up to MAX_ASKED_ONE_BY_ONE."""
+    def _ask_one_by_one(self, missing: set[str]) -> dict[str, tuple[User | None, int]]:
+        """Auth users by id (None: not found), each with its read's number (see _remember), the least
+        recently refreshed first, up to MAX_ASKED_ONE_BY_ONE.
+
+        One that cannot be read (a 5xx for that row, a timeout) is left out, and asked again next time;
+        the round stops at the third such failure (Supabase itself is in trouble). What was read is
+        kept either way: one failure must not throw away a re-check of thousands.
+        """
 
         def refreshed(user_id: str) -> float:
             cached = self._cache.get(user_id)
             return cached[0] if cached else 0.0
 
-        asked: dict[str, User | None] = {}
+        asked: dict[str, tuple[User | None, int]] = {}
+        failures = 0
         for user_id in sorted(missing, key=refreshed)[:MAX_ASKED_ONE_BY_ONE]:
-            with self._deadline():
-                try:
-                    asked[user_id] = self._admin.auth.admin.get_user_by_id(user_id).user
-                except AuthApiError as refused:
-                    if refused.status != 404:
-                        raise
-                    asked[user_id] = None
+            began = self._read_begins()
+            try:
+                with self._deadline():
+                    asked[user_id] = (self._admin.auth.admin.get_user_by_id(user_id).user, began)
+                continue
+            except AuthApiError as refused:
+                if refused.status == 404:
+                    asked[user_id] = (None, began)
+                    continue
+                why = str(refused)
+            except (DirectoryUnavailable, AuthError, httpx.HTTPError, OSError, ValueError) as problem:
+                why = str(problem)
+            failures += 1
+            event("identity.lookup_failed", level="warning", source=self.name, userId=user_id, error=why[:200])
+            if failures >= 3:
+                break
         return asked
 
     def changes_since(self, cursor: int | None) -> tuple[int, list[str]]:

@@ -99,6 +99,8 @@ class FakeSupabase:
         self.max_rows = 1000  # PostgREST's max-rows, as Supabase sets it: longer answers are cut, silently
         self.user_status: int | None = None  # set: GET /auth/v1/user answers this status, whatever the token
         self.disable_signup = False  # the project's auth settings (GET /auth/v1/settings), as a new project's
+        # users whose lookup by id answers 500 (GoTrue does, for a row inserted by SQL with NULL token columns)
+        self.broken_users: set[str] = set()
         self.gateway_status: int | None = None  # set: the gateway answers every request so, with a page of its own
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
@@ -255,6 +257,8 @@ class FakeSupabase:
         if method == "GET" and path.startswith("/auth/v1/admin/users/"):
             if bearer != SERVICE_KEY:
                 return 403, {"code": 403, "error_code": "not_admin", "msg": "User not allowed"}
+            if path.rsplit("/", 1)[1] in self.broken_users:
+                return 500, {"code": 500, "error_code": "unexpected_failure", "msg": "Database error finding user"}
             user = self.users.get(path.rsplit("/", 1)[1])
             if user is None:
                 return 404, {"code": 404, "error_code": "user_not_found", "msg": "User not found"}

@@ -331,6 +331,8 @@ def test_identity_check_command(supabase, people, tmp_path):
     supabase.disable_signup = True
     assert "sign-ups" not in check(people["staff"].id).stderr
     supabase.disable_signup = False
+    env["SUPABASE_ALLOWED_ROLES"] = "admin,nurse,user"  # one who signs up has role "user": still open
+    assert "SUPABASE_ALLOWED_ROLES admits 'user'" in check(people["staff"].id).stderr
     env["SUPABASE_ALLOWED_ROLES"] = "admin,nurse"
     assert "sign-ups" not in check(people["staff"].id).stderr
     assert check(str(uuid.uuid4())).returncode == 1

@@ -253,9 +253,20 @@ def test_development_by_default_is_not_served_to_the_network(tmp_path, host):
     assert Settings.from_env(prod_env(REALTIME_INSTANCE_PATH=str(tmp_path), WS_HOST=host)).host == host
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
-def test_development_on_this_machine_needs_no_app_env(tmp_path, host):
-    assert Settings.from_env({"REALTIME_INSTANCE_PATH": str(tmp_path), "WS_HOST": host}).host == host
+@pytest.mark.parametrize(
+    "host, address",
+    [
+        ("127.0.0.1", "127.0.0.1:3001"),
+        ("127.0.0.2", "127.0.0.2:3001"),
+        ("localhost", "localhost:3001"),
+        ("::1", "[::1]:3001"),
+        ("[::1]", "[::1]:3001"),
+    ],
+)
+def test_development_on_this_machine_needs_no_app_env(tmp_path, host, address):
+    """And the address gunicorn binds (and a URL names) puts an IPv6 host in brackets: "::1:3001" stopped it."""
+    settings = Settings.from_env({"REALTIME_INSTANCE_PATH": str(tmp_path), "WS_HOST": host})
+    assert settings.host == host and settings.address == address
 
 
 def test_supabase_allowed_roles_are_read_as_a_set_and_a_malformed_one_is_refused(tmp_path):
@@ -269,3 +280,5 @@ def test_supabase_allowed_roles_are_read_as_a_set_and_a_malformed_one_is_refused
     assert allowed.allowed_roles == frozenset({"admin", "nurse", "sales_staff"})
     with pytest.raises(ConfigError, match="SUPABASE_ALLOWED_ROLES"):
         Settings.from_env({**env, "SUPABASE_ALLOWED_ROLES": "admin;nurse"})
+    with pytest.raises(ConfigError, match="case-sensitive"):  # would lock the admins out
+        Settings.from_env({**env, "SUPABASE_ALLOWED_ROLES": "Admin,nurse"})

@@ -53,6 +53,25 @@ def test_users_a_cut_short_list_did_not_reach_are_asked_by_id(fake, directory, m
     assert f"/auth/v1/admin/users/{listed.id}" not in by_id  # listed: not asked again
 
 
+def test_a_user_who_cannot_be_asked_by_id_is_left_out_and_the_rest_of_the_recheck_is_kept(fake, directory, monkeypatch):
+    """One lookup failing (GoTrue answers 500 for a row inserted by SQL with NULL token columns) threw away
+    the whole re-check, the users listed included, round after round: no ban reached anyone."""
+    monkeypatch.setattr(supabase_directory, "LIST_PAGE", 10)
+    monkeypatch.setattr(supabase_directory, "MAX_LIST_PAGES", 1)
+    people = [fake.add_user(f"p{n}@clinic.test", profile={"role": "nurse", "clinic_id": "c-1"}) for n in range(20)]
+    listed, broken, banned = people[0], people[-1], people[-2]
+    listed.banned_until = banned.banned_until = "2999-01-01T00:00:00Z"
+    fake.broken_users.add(broken.id)
+    answers = directory.get_many([listed.id, broken.id, banned.id])
+    assert answers[listed.id].active is False and answers[banned.id].active is False
+    assert broken.id not in answers  # not reported: neither gone nor as it was
+    assert directory.status()["state"] == "ok"
+    fake.broken_users.update(p.id for p in people[10:])  # Supabase in trouble: three failures end the round
+    fake.reset_calls()
+    directory.get_many([p.id for p in people])
+    assert len(fake.calls("/auth/v1/admin/users/")) == 3
+
+
 def test_an_anonymous_supabase_user_is_never_an_active_user(fake, directory):
     """A project that allows anonymous sign-ins (a public front end beside the clinic's) made each visitor
     a user of this service (role "user": the system channels); they are refused like a banned user."""
