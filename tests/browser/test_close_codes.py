@@ -653,6 +653,47 @@ def test_a_pong_from_another_stream_is_not_trusted_the_page_resumes_on_a_new_soc
     assert errors == []
 
 
+def test_a_subscribed_from_another_stream_is_not_trusted_before_what_it_held_is_shown(live, site):
+    """The SUBSCRIBED a hold waits for names another epoch: the broadcasts held with it are not shown from
+    that socket (they would have moved the position in a stream that is not the page's), but replayed on
+    the next one, once."""
+    page, sockets, errors = live
+    page.evaluate(
+        "() => { window.__shown = []; window.realtime.onMessage((m) => m.type === 'ANNOUNCEMENT'"
+        " && __shown.push([m.data.message, window.realtime.stats.sockets])); }"
+    )
+    rewritten = []
+
+    def other_epoch(message):
+        frame = json.loads(message) if isinstance(message, str) else {}
+        if frame.get("type") != "SUBSCRIBED" or QUEUE not in frame.get("data", {}).get("channels", []):
+            return message
+        rewritten.append(frame)
+        return json.dumps({**frame, "data": {**frame["data"], "epoch": "another-stream"}})
+
+    sockets.rewrite_in = other_epoch
+    sockets.close(Close.SERVICE_RESTART)  # the next socket's frames pass through other_epoch
+    assert proxied(page, lambda: page.evaluate("window.realtime.stats.sockets") == 2)
+    wait_live(page)
+    sockets.rewrite_in = None  # the socket after it: as the server sent it
+    sockets.hold = lambda message: QUEUE in message and "since" in message
+    page.evaluate(
+        "() => { const at = window.realtime.position;"
+        f" window.realtime.subscribe(['{QUEUE}'], {{ since: {{ epoch: at.epoch, offset: at.offset }} }}); }}"
+    )
+    assert proxied(page, lambda: len(sockets.held) == 1)
+    body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "held"}}, "filter": {}}
+    assert site.broadcast(body).json()["delivered"] == 1  # held by the page, behind the SUBSCRIBE
+    sockets.hold = lambda message: False
+    sockets.release()  # answered, with another epoch
+    assert proxied(page, lambda: page.evaluate("window.realtime.stats.sockets") == 3)
+    assert rewritten
+    assert proxied(page, lambda: page.evaluate("window.__shown") == [["held", 3]])  # replayed, not shown from 2
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.__shown") == [["held", 3]]
+    assert errors == []
+
+
 def test_a_subscribe_lost_with_its_socket_is_refetched_after_a_recovered_resume(live, site):
     """The SUBSCRIBE left, but the server never had it (lost with the socket): the resumed session lacks the
     channel and the replay did not cover it, so the page is told to refetch it. A channel the server
