@@ -84,6 +84,36 @@ def wait_live(page) -> None:
     expect(page.locator("#rt-status")).to_have_attribute("data-status", "open", timeout=15_000)
 
 
+def subscribe_since_position(page, channel: str) -> None:
+    """Subscribe the page to ``channel`` since its position now: a SUBSCRIBE ``since``, which holds its broadcasts."""
+    page.evaluate(
+        "(channel) => { const at = window.realtime.position;"
+        " window.realtime.subscribe([channel], { since: { epoch: at.epoch, offset: at.offset } }); }",
+        channel,
+    )
+
+
+def other_epoch_for(answer: str, rewritten: list, wanted=lambda frame: True):
+    """A ``Sockets.rewrite_in`` giving ``answer`` frames that ``wanted`` picks another epoch (originals noted)."""
+
+    def rewrite(message):
+        frame = json.loads(message) if isinstance(message, str) else {}
+        if frame.get("type") != answer or not wanted(frame):
+            return message
+        rewritten.append(frame)
+        return json.dumps({**frame, "data": {**frame["data"], "epoch": "another-stream"}})
+
+    return rewrite
+
+
+def restart_through(page, sockets, rewrite) -> None:
+    """Close the page's socket 1012; its next one (the second) passes the server's frames through ``rewrite``."""
+    sockets.rewrite_in = rewrite
+    sockets.close(Close.SERVICE_RESTART)
+    assert proxied(page, lambda: page.evaluate("window.realtime.stats.sockets") == 2)
+    wait_live(page)
+
+
 def retries(page) -> list[dict]:
     return page.evaluate("window.realtime.retries")
 
@@ -529,10 +559,7 @@ def test_broadcasts_held_for_a_subscribe_never_answered_are_replayed_on_a_new_so
     page.on("console", lambda msg: msg.type == "warning" and warnings.append(msg.text))
     page.evaluate("window.realtime.options.idleMs = 1000; window.realtime.options.pongTimeoutMs = 1000")
     sockets.drop = lambda message: QUEUE in message and "since" in message
-    page.evaluate(
-        "() => { const at = window.realtime.position;"
-        f" window.realtime.subscribe(['{QUEUE}'], {{ since: {{ epoch: at.epoch, offset: at.offset }} }}); }}"
-    )
+    subscribe_since_position(page, QUEUE)
     assert proxied(page, lambda: any(QUEUE in m and "since" in m for m in sockets.sent))
     sockets.drop = lambda message: False
     body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "held meanwhile"}}, "filter": {}}
@@ -566,10 +593,7 @@ def test_a_subscribe_lost_with_the_ping_that_asked_after_it_is_found_by_the_next
         return False
 
     sockets.drop = lose
-    page.evaluate(
-        "() => { const at = window.realtime.position;"
-        f" window.realtime.subscribe(['{QUEUE}'], {{ since: {{ epoch: at.epoch, offset: at.offset }} }}); }}"
-    )
+    subscribe_since_position(page, QUEUE)
     sent = 0
     deadline = time.monotonic() + 20
     while page.evaluate("window.realtime.stats.sockets") == 1 and time.monotonic() < deadline:
@@ -598,10 +622,7 @@ def test_a_subscribe_answered_late_behind_a_long_replay_keeps_its_socket(live, s
     )
     # Everything from the SUBSCRIBE on waits in the proxy, in order: the link is slow.
     sockets.hold = lambda message: bool(sockets.held) or (QUEUE in message and "since" in message)
-    page.evaluate(
-        "() => { const at = window.realtime.position;"
-        f" window.realtime.subscribe(['{QUEUE}'], {{ since: {{ epoch: at.epoch, offset: at.offset }} }}); }}"
-    )
+    subscribe_since_position(page, QUEUE)
     assert proxied(page, lambda: len(sockets.held) == 1)
     asked = time.monotonic()
     probed = "!!(window.realtime.holding && window.realtime.holding.probes && window.realtime.holding.probes.length)"
@@ -629,19 +650,8 @@ def test_a_pong_from_another_stream_is_not_trusted_the_page_resumes_on_a_new_soc
     page, sockets, errors = live
     warnings: list[str] = []
     page.on("console", lambda msg: msg.type == "warning" and warnings.append(msg.text))
-    rewritten = []
-
-    def other_epoch(message):
-        frame = json.loads(message) if isinstance(message, str) else {}
-        if frame.get("type") != "PONG" or rewritten:
-            return message
-        rewritten.append(frame)
-        return json.dumps({**frame, "data": {**frame["data"], "epoch": "another-stream"}})
-
-    sockets.rewrite_in = other_epoch
-    sockets.close(Close.SERVICE_RESTART)  # the next socket's frames pass through other_epoch
-    assert proxied(page, lambda: page.evaluate("window.realtime.stats.sockets") == 2)
-    wait_live(page)
+    rewritten: list[dict] = []
+    restart_through(page, sockets, other_epoch_for("PONG", rewritten, lambda frame: not rewritten))
     position = page.evaluate("window.realtime.position")
     page.evaluate("window.realtime._ping(window.realtime.ws)")
     assert proxied(page, lambda: page.evaluate("window.realtime.stats.sockets") == 3)
@@ -662,25 +672,13 @@ def test_a_subscribed_from_another_stream_is_not_trusted_before_what_it_held_is_
         "() => { window.__shown = []; window.realtime.onMessage((m) => m.type === 'ANNOUNCEMENT'"
         " && __shown.push([m.data.message, window.realtime.stats.sockets])); }"
     )
-    rewritten = []
-
-    def other_epoch(message):
-        frame = json.loads(message) if isinstance(message, str) else {}
-        if frame.get("type") != "SUBSCRIBED" or QUEUE not in frame.get("data", {}).get("channels", []):
-            return message
-        rewritten.append(frame)
-        return json.dumps({**frame, "data": {**frame["data"], "epoch": "another-stream"}})
-
-    sockets.rewrite_in = other_epoch
-    sockets.close(Close.SERVICE_RESTART)  # the next socket's frames pass through other_epoch
-    assert proxied(page, lambda: page.evaluate("window.realtime.stats.sockets") == 2)
-    wait_live(page)
+    rewritten: list[dict] = []
+    restart_through(
+        page, sockets, other_epoch_for("SUBSCRIBED", rewritten, lambda f: QUEUE in f["data"].get("channels", []))
+    )
     sockets.rewrite_in = None  # the socket after it: as the server sent it
     sockets.hold = lambda message: QUEUE in message and "since" in message
-    page.evaluate(
-        "() => { const at = window.realtime.position;"
-        f" window.realtime.subscribe(['{QUEUE}'], {{ since: {{ epoch: at.epoch, offset: at.offset }} }}); }}"
-    )
+    subscribe_since_position(page, QUEUE)
     assert proxied(page, lambda: len(sockets.held) == 1)
     body = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "held"}}, "filter": {}}
     assert site.broadcast(body).json()["delivered"] == 1  # held by the page, behind the SUBSCRIBE
