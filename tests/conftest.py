@@ -138,3 +138,13 @@ def web(browser, request):
             for number, page in enumerate(context.pages):
                 page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-{index}-{number}.png"), full_page=True)
         context.close()
+
+
+@pytest.fixture
+def supabase():
+    """The local stand-in for a Supabase project's endpoints (tests/fake_supabase.py), started and stopped."""
+    from fake_supabase import FakeSupabase
+
+    fake = FakeSupabase().start()
+    yield fake
+    fake.stop()

@@ -12,17 +12,10 @@ import uuid
 
 import pytest
 import requests
-from fake_supabase import ANON_KEY, JWT_SECRET, SERVICE_KEY, FakeSupabase
+from fake_supabase import ANON_KEY, JWT_SECRET, SERVICE_KEY
 from support import ROOT, sign_in, wait_for
 
 from relay.codes import Close
-
-
-@pytest.fixture
-def supabase():
-    fake = FakeSupabase().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture
