@@ -335,6 +335,22 @@ def test_identity_check_command(supabase, people, tmp_path):
     assert down.returncode == 2 and "UNAVAILABLE" in down.stderr
 
 
+def test_a_worker_says_at_start_when_anyone_who_signs_up_could_connect(site, supabase):
+    # For operators who never run `flask ws identity check`: a new project's sign-ups are open.
+    srv = site()
+    said = srv.wait_for_event("identity.project_warning", timeout=15)
+    assert said["level"] == "warning"
+    assert "sign-ups are open in this project and SUPABASE_ALLOWED_ROLES is not set" in said["message"]
+    assert supabase.calls("/auth/v1/settings")[0].headers["apikey"] == ANON_KEY
+    srv.stop()
+    supabase.reset_calls()
+    # Only the staff's roles admitted: nothing to say (the settings are still read).
+    quiet = site(SUPABASE_ALLOWED_ROLES="admin,nurse")
+    assert wait_for(lambda: supabase.calls("/auth/v1/settings"), timeout=15)
+    time.sleep(1)  # the answer's way back to the worker
+    assert quiet.log_events("identity.project_warning") == []
+
+
 def test_half_configured_supabase_stops_start_up(start_server):
     srv = start_server(wait=False, SUPABASE_URL="https://project.supabase.co")
     assert srv.proc.wait(timeout=30) != 0
