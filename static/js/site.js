@@ -210,21 +210,41 @@ function attach(rt, element, swappedOut = new Set()) {
   if (subscribed.has(element) || !element.isConnected) return;
   const names = channelsOf(element);
   const last = element.dataset.realtimeLast === "true";
-  subscribed.set(element, { names, last });
   // Swapped in for a subscriber like it (an htmx swap of the fragment, or of a parent around it): it
   // was rendered with the state, and asking for the last value again would re-render every fragment of
   // those channels, and one re-rendered on each message of its channel would ask forever. (So a parent's
-  // render must give it its state, as the queue page does, not a placeholder.)
+  // render must give it its state, as the queue page does, not a placeholder.) Taken at once: the
+  // channels stay held while the one it replaces goes.
   const replacing = swappedOut.has(likeness(element));
-  // A fragment swapped in later, for a channel the page did not hold, is given what was broadcast to it
-  // since its render.
-  rt.subscribe(names, { last, ask: !replacing, since: renderedAt(element) });
+  const held = { names, last };
+  subscribed.set(element, held);
+  const subscribe = () => {
+    held.waiting = null;
+    // A fragment swapped in later, for a channel the page did not hold, is given what was broadcast to it
+    // since its render.
+    rt.subscribe(names, { last, ask: !replacing, since: renderedAt(element) });
+  };
+  if (replacing || !waitsForHtmx(element)) return subscribe();
+  // htmx sets up a swapped-in element's triggers only as the swap settles (20 ms later; a second or more
+  // in a background tab): what its SUBSCRIBE brings before then (its replay, its last value) would reach
+  // no listener of it. Asked once htmx has; `since` its render loses nothing meanwhile.
+  held.waiting = subscribe;
+  element.addEventListener("htmx:afterProcessNode", subscribe, { once: true });
+}
+
+// Whether htmx has yet to set up this subscriber's request (hx-post or hx-get, triggered by the messages).
+// htmx keeps what it set up in the element's "htmx-internal-data" (htmx 2); `initHash` is set once it has.
+function waitsForHtmx(element) {
+  if (!element.hasAttribute("hx-post") && !element.hasAttribute("hx-get")) return false;
+  const setUp = element["htmx-internal-data"];
+  return !(setUp && setUp.initHash);
 }
 
 function detach(rt, element) {
   const held = subscribed.get(element);
   if (!held || element.isConnected) return;
   subscribed.delete(element);
+  if (held.waiting) return void element.removeEventListener("htmx:afterProcessNode", held.waiting);
   rt.unsubscribe(held.names, { last: held.last });
 }
 

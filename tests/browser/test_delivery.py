@@ -702,6 +702,59 @@ def test_a_fragment_swapped_in_later_is_given_what_was_broadcast_to_its_channel_
     assert resync["reason"] == "not_replayed" and resync["channels"] == [QUEUE]
 
 
+def test_a_fragment_htmx_swaps_in_later_renders_what_its_replay_brings(site, web):
+    """Found by review: htmx sets up a swapped-in element's triggers only as the swap settles (20 ms on; a
+    second or more in a background tab), and site.js subscribed the moment the element was in the DOM: a
+    replay answered before the settle reached no trigger of it, and the alert it brought was never shown.
+    The subscriber now asks once htmx has set it up. (The settle is stretched here to make the race sure.)"""
+    page = web(site, "bob", "/")
+    wait_live(page)
+    settled(page)
+    # The alerts fragment as the queue page renders it now, with its position, before the alert.
+    fragment = page.evaluate(
+        """async () => {
+             const html = await (await fetch('/clinics/clinic-1/queue')).text();
+             const doc = new DOMParser().parseFromString(html, 'text/html');
+             return doc.querySelector('#alerts').outerHTML;
+           }"""
+    )
+    assert clinic_alert(site, "Room 3 needs a nurse")["delivered"] == 0  # the page does not hold the channel
+    page.evaluate(
+        """(fragment) => {
+             window.__sent = [];  // what the page sends from here: [type, ms after the swap]
+             const send = WebSocket.prototype.send;
+             WebSocket.prototype.send = function (text) {
+               window.__sent.push([JSON.parse(text).type, performance.now() - window.__swapped]);
+               return send.call(this, text);
+             };
+             window.__swapped = performance.now();
+             htmx.swap(document.querySelector('main'), fragment, {swapStyle: 'beforeend', settleDelay: 1000});
+           }""",
+        fragment,
+    )
+    expect(page.locator("main #alerts .banner")).to_have_count(1, timeout=10_000)
+    expect(page.locator("main #alerts .banner .alert-text")).to_have_text("Room 3 needs a nurse")
+    asked = [at for type_, at in page.evaluate("window.__sent") if type_ == "SUBSCRIBE"]
+    assert len(asked) == 1 and asked[0] >= 900  # after the settle, not as the swap put it in the DOM
+    clinic_alert(site, "Room 4 too")  # live from here on
+    expect(page.locator("main #alerts .banner")).to_have_count(2, timeout=10_000)
+    # Removed before htmx set it up: it never subscribes, and unsubscribes nothing.
+    page.evaluate(
+        """(fragment) => {
+             window.__sent = [];
+             window.__swapped = performance.now();
+             const queue = fragment.replaceAll('clinic-1', 'clinic-2').replace('id="alerts"', 'id="other"');
+             htmx.swap(document.querySelector('main'), queue, {swapStyle: 'beforeend', settleDelay: 1000});
+             document.querySelector('#other').remove();
+           }""",
+        fragment,
+    )
+    page.wait_for_timeout(1500)
+    assert [type_ for type_, _ in page.evaluate("window.__sent") if type_ != "PING"] == []
+    clinic_alert(site, "Room 5")  # the first fragment's channel is still held
+    expect(page.locator("main #alerts .banner")).to_have_count(3, timeout=10_000)
+
+
 def test_a_channel_revoked_on_the_open_socket_says_so_in_its_fragment(site, web):
     """The user's clinic changed while the queue was on screen: the server ended the subscription
     (ERROR forbidden_channel, UNSUBSCRIBED), and the queue stayed as it was under "Live", never to move
