@@ -312,7 +312,9 @@ class ClientProtocol:
         # SUBSCRIBE: if this connection is not among them, what it sends that the channels taken now add
         # would never come, and the next PONG, past it, would say it had been (a SUBSCRIBE since replays it).
         missed_fan_out = since is None and self.stream is not None and self.hub.sending_to(conn) is False
-        held = frozenset(conn.channels) if since is not None else frozenset()
+        # What this connection was sent (or, taken earlier in the same pause, replayed) for the channels it
+        # holds already: a second SUBSCRIBE in one pause adds only what its own channels do.
+        held = frozenset(conn.channels)
         taken, over = self.hub.subscribe(conn, allowed, self.max_subscriptions)
         for name in over:
             self.error(

@@ -598,9 +598,13 @@ def test_a_plain_subscribe_made_while_a_fan_out_pauses_is_sent_what_it_adds_to_t
             answers[name] = say(protocol, conns[name], subscribe)
         say(protocol, conns["eve"], {"type": "UNSUBSCRIBE", "data": {"channels": [QUEUE]}})
         answers["eve"] = say(protocol, conns["eve"], subscribe)
+        # Two SUBSCRIBEs in one pause (a page's plain group, then its `last` group): the broadcast comes
+        # with the first only; the second's channel adds nothing the first did not (found by review).
+        answers["fay"] = say(protocol, conns["fay"], subscribe)
+        answers["fay, again"] = say(protocol, conns["fay"], {"type": "SUBSCRIBE", "data": {"channels": [ANN]}})
 
     protocol, stream = paused_fan_out(clock, pausing)
-    for name in ("bob", "carol", "dan", "eve"):
+    for name in ("bob", "carol", "dan", "eve", "fay"):
         conns[name] = FakeConn_subscribed(protocol, name)
     protocol.hub.subscribe(conns["carol"], [ANN], 10)  # a recipient: it reaches her live
     protocol.hub.subscribe(conns["eve"], [QUEUE], 10)  # a recipient, who drops the channel and takes it again
@@ -612,6 +616,8 @@ def test_a_plain_subscribe_made_while_a_fan_out_pauses_is_sent_what_it_adds_to_t
     assert answers["carol"] == [subscribed] and conns["carol"].take() == [frame]  # live, once
     assert answers["dan"] == [subscribed] and conns["dan"].take() == []
     assert answers["eve"] == [subscribed] and conns["eve"].take() == [frame]  # live, once
+    assert answers["fay"] == [frame, subscribed] and conns["fay"].take() == []
+    assert answers["fay, again"] == [{"type": "SUBSCRIBED", "data": {"channels": [ANN], "epoch": "e1", "offset": 0}}]
     # Once the fan-out is done, a SUBSCRIBE is plain again: nothing replayed.
     assert say(protocol, FakeConn_subscribed(protocol, "erin"), subscribe) == [
         {"type": "SUBSCRIBED", "data": {"channels": [QUEUE], "epoch": "e1", "offset": 1}}
