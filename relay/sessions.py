@@ -23,7 +23,8 @@ most ``PATIENCE_S`` per round: such a session is for a reconnect that has
 not happened, a frame is for a client waiting now. Measured in the shared
 harness's 10,000 x 10 fan-out: 3,500 sessions of the clients' SUBSCRIBEs
 were still being written when the broadcasts began, 25 ms of a 190 ms
-fan-out. Sessions that ended, and the deletion of resumed ones, never wait:
+fan-out. Sessions that ended, and the deletion of resumed ones, never wait,
+not even behind such a round (they are written as they come while it waits):
 their client may be resuming on another worker right now (which looks for
 the session only for a moment, ``Recovery.session_wait``), and a drain
 running meanwhile must find nothing held back but live sessions, which its
@@ -147,14 +148,42 @@ class SessionKeeper:
 
         Ended sessions first, then the deletions of resumed ones, neither
         waiting; then the changes to live sessions, each batch of which first
-        waits while ``busy()`` until ``patient_until`` (``time.monotonic()``).
+        waits while ``busy()`` until ``patient_until`` (``time.monotonic()``);
+        sessions that end meanwhile are written as they come, not after it.
         If the store fails, what was pending stays pending for the next try.
         """
+        self._write_ended()
+        # Live sessions' changes are taken only now: if the writes above failed, they were never taken.
+        changed, self._changed = self._changed, set()
+        self._writing += len(changed)
+        now = int(time.time() * 1000)
+        try:
+            for ids in _batches(list(changed), self.busy, patient_until, self._write_ended):
+                # Read each batch's connections only when it is written: at the end of a connect
+                # storm thousands are pending, and making all their sessions at once held the
+                # loop for over 8 ms (gevent's blocking monitor caught it mid-fan-out). One that
+                # closed meanwhile is an ended session now, written as the others that end (_write_ended).
+                batch = [self._session_of(self._live[c], open=True) for c in ids if c in self._live]
+                self.store.save_sessions(batch, now + self.window_ms + 2 * self.refresh_ms)
+        except Exception:
+            self._changed |= {c for c in changed if c in self._live}
+            raise
+        finally:
+            self._writing -= len(changed)
+
+    def _write_ended(self) -> None:
+        """Write the sessions that ended and delete the resumed ones (nothing when there are none). Their
+        clients may be resuming on another worker now, which waits for a session only a moment: while a
+        round of live changes waits for the outbox (up to ``PATIENCE_S``), these are written as they come.
+        A store that fails keeps them pending."""
+        if not self._ended and not self._forget:
+            return
         now = int(time.time() * 1000)
         ended, self._ended = self._ended, {}
         forget, self._forget = self._forget, []
         self._saving.append(ended)  # until written, a client resuming here still finds them (pending())
-        self._writing = len(ended) + len(forget)
+        writing = len(ended) + len(forget)
+        self._writing += writing
         try:
             for rows in _batches(list(ended.values())):
                 self.store.save_sessions(rows, now + self.window_ms)
@@ -171,23 +200,7 @@ class SessionKeeper:
             raise
         finally:
             self._saving = [held for held in self._saving if held is not ended]
-            self._writing = 0
-        # Live sessions' changes are taken only now: if the writes above failed, they were never taken.
-        changed, self._changed = self._changed, set()
-        self._writing = len(changed)
-        try:
-            for ids in _batches(list(changed), self.busy, patient_until):
-                # Read each batch's connections only when it is written: at the end of a connect
-                # storm thousands are pending, and making all their sessions at once held the
-                # loop for over 8 ms (gevent's blocking monitor caught it mid-fan-out). One that
-                # closed meanwhile is an ended session now, written by the next flush.
-                batch = [self._session_of(self._live[c], open=True) for c in ids if c in self._live]
-                self.store.save_sessions(batch, now + self.window_ms + 2 * self.refresh_ms)
-        except Exception:
-            self._changed |= {c for c in changed if c in self._live}
-            raise
-        finally:
-            self._writing = 0
+            self._writing -= writing
 
     def _drop_expired(self) -> None:
         """Forget what the store has been down too long to need: ended sessions older than the window,
@@ -207,7 +220,7 @@ class SessionKeeper:
     def refresh(self, patient_until: float = 0.0) -> None:
         """Push every live session's expiry ahead (their connections are still open); waits as flush does."""
         expires = int(time.time() * 1000) + self.window_ms + 2 * self.refresh_ms
-        for ids in _batches(list(self._live), self.busy, patient_until):
+        for ids in _batches(list(self._live), self.busy, patient_until, self._write_ended):
             self.store.touch_sessions(ids, expires)
 
     def _run(self) -> None:
@@ -229,11 +242,18 @@ class SessionKeeper:
         return {"live": len(self._live), "pending": waiting, "errors": self.errors}
 
 
-def _batches(items: list[T], busy: Callable[[], bool] = _never_busy, patient_until: float = 0.0) -> Iterator[list[T]]:
+def _batches(
+    items: list[T],
+    busy: Callable[[], bool] = _never_busy,
+    patient_until: float = 0.0,
+    meanwhile: Callable[[], None] = lambda: None,
+) -> Iterator[list[T]]:
     """``items`` BATCH at a time (the caller writes one per step), with a pause of the event loop after
-    each; before each, a wait while ``busy()``, until ``patient_until`` at the latest."""
+    each; before each, a wait while ``busy()``, until ``patient_until`` at the latest, calling
+    ``meanwhile()`` at every turn of it (what may not wait)."""
     for start in range(0, len(items), BATCH):
         while busy() and time.monotonic() < patient_until:
+            meanwhile()
             gevent.sleep(BUSY_POLL_S)
         yield items[start : start + BATCH]
         pause()

@@ -90,6 +90,30 @@ def test_ended_sessions_and_deletions_do_not_wait_for_the_outbox(keeper):
     writer.kill()
 
 
+def test_a_session_that_ends_while_a_round_waits_for_the_outbox_is_written_without_waiting_for_it(keeper, busy):
+    """Found by review: it was written by the next round only, after the waiting one's patience (a second),
+    and its client, back on another worker meanwhile, was restored the store's older copy of it (without a
+    channel it had taken since). The same while the expiry refresh waits."""
+    writer = gevent.spawn(keeper.flush, time.monotonic() + 5)
+    gevent.sleep(0.05)
+    leaving = keeper._live["c-1"]
+    leaving.channels = {"system:announcements", "clinic:c-1:queue"}  # taken, not written yet: the round waits
+    keeper.changed(leaving)
+    keeper.closed(leaving)
+    keeper.resumed("c-9")
+    gevent.sleep(0.05)
+    assert keeper.store.saved == ["c-1"] and keeper.store.deleted == ["c-9"]  # the round still waits
+    assert keeper.store.last["c-1"] == Session("c-1", "u-1", ("clinic:c-1:queue", "system:announcements"), False)
+    refresher = gevent.spawn(keeper.refresh, time.monotonic() + 5)
+    gevent.sleep(0.05)
+    keeper.closed(keeper._live["c-2"])
+    gevent.sleep(0.05)
+    assert keeper.store.saved == ["c-1", "c-2"] and keeper.store.touched == []
+    busy[0] = False
+    gevent.joinall([writer, refresher], timeout=2)
+    assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2"]  # the waiting round: only c-0 still open
+
+
 def test_a_session_that_ended_is_found_here_while_it_is_being_written():
     keeper = SessionKeeper(Store(write_s=0.2), window_ms=60_000)  # type: ignore[arg-type]
     leaving = Conn(7)
