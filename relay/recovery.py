@@ -104,6 +104,7 @@ class Prepared:
     # would otherwise hold the whole range). The replay filters again, for the connection as it joins.
     missed: list[Envelope] = field(default_factory=list)
     read_upto: int = 0
+    after: int = 0  # the client's offset: the replay is everything after it (for the connection as it joins)
 
     def replay(self, sequencer: Sequencer, admits: Admits, max_messages: int) -> list[Envelope] | str:
         """Every missed broadcast this connection would have received, through the sequencer's
@@ -201,7 +202,9 @@ class Recovery:
         if not reached:
             return Reason.INVALID  # an offset this stream never had
         channels, refused = split_by_refusal(session.channels, refusal)
-        prepared = Prepared(session, channels, refused, request.epoch, read_upto=self.sequencer.position)
+        prepared = Prepared(
+            session, channels, refused, request.epoch, read_upto=self.sequencer.position, after=request.offset
+        )
         recent = self.sequencer.recent_after(request.offset)
         if recent is None:  # from before this worker began (a restart): read it once for everyone
             try:

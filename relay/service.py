@@ -786,6 +786,10 @@ class Realtime:
             hello.update(epoch=self.sequencer.epoch, offset=conn.sent_after)
         if isinstance(outcome, Prepared):
             hello.update(recovered=True, channels=outcome.channels)
+            # The replay sent everything after the client's position for the restored channels (and the
+            # user, role, clinic): a channel the session lacked (subscribed just before the socket ended,
+            # its change not saved yet), asked ``since`` that position, is replayed only what it adds.
+            conn.sent_after = outcome.after
             if outcome.refused:  # told here too, so a client knows them before it decides what to refetch
                 hello["refused"] = [name for name, _ in outcome.refused]
         elif outcome is not None:
