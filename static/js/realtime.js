@@ -270,6 +270,17 @@ export class RealtimeClient {
     this._flushSoon();
   }
 
+  /**
+   * Ask again for the last value of channels the page holds with `last`: a view of them that may have
+   * fallen behind (a fragment re-rendered from an older state) is brought up to date. Every subscriber
+   * of those channels gets it, marked `last: true`. Channels not held with `last` are left alone.
+   * @param {string[]} names
+   */
+  askLast(names) {
+    for (const name of names) if (this.refs.has(name) && this.wantsLast.has(name)) this.toAsk.add(name);
+    this._flushSoon();
+  }
+
   /** A channel new to the page is to be asked since `from` (the oldest such position asked wins). */
   _askFrom(name, from) {
     if (!this.position) {

@@ -210,42 +210,76 @@ function attach(rt, element, swappedOut = new Set()) {
   if (subscribed.has(element) || !element.isConnected) return;
   const names = channelsOf(element);
   const last = element.dataset.realtimeLast === "true";
+  const held = { names, last, taken: false, waiting: null };
+  subscribed.set(element, held);
+  const take = (options) => {
+    held.taken = true;
+    rt.subscribe(names, { last, ...options });
+  };
   // Swapped in for a subscriber like it (an htmx swap of the fragment, or of a parent around it): it
   // was rendered with the state, and asking for the last value again would re-render every fragment of
   // those channels, and one re-rendered on each message of its channel would ask forever. (So a parent's
   // render must give it its state, as the queue page does, not a placeholder.) Taken at once: the
-  // channels stay held while the one it replaces goes.
-  const replacing = swappedOut.has(likeness(element));
-  const held = { names, last };
-  subscribed.set(element, held);
-  const subscribe = () => {
-    held.waiting = null;
-    // A fragment swapped in later, for a channel the page did not hold, is given what was broadcast to it
-    // since its render.
-    rt.subscribe(names, { last, ask: !replacing, since: renderedAt(element) });
-  };
-  if (replacing || !waitsForHtmx(element)) return subscribe();
-  // htmx sets up a swapped-in element's triggers only as the swap settles (20 ms later; a second or more
-  // in a background tab): what its SUBSCRIBE brings before then (its replay, its last value) would reach
-  // no listener of it. Asked once htmx has; `since` its render loses nothing meanwhile.
-  held.waiting = subscribe;
-  element.addEventListener("htmx:afterProcessNode", subscribe, { once: true });
+  // channels stay held while the one it replaces goes. But a message of its types shown after its
+  // render (one that came while the parent's request was out) went to the one it replaces: a fragment
+  // that shows its channels' last value asks for it again, once htmx has set it up.
+  if (swappedOut.has(likeness(element))) {
+    take({ ask: false });
+    return whenSetUp(element, held, () => {
+      if (last && shownSince(renderedAt(element), typesOf(element))) rt.askLast(names);
+    });
+  }
+  // A fragment swapped in later, for a channel the page did not hold, is given what was broadcast to it
+  // since its render.
+  whenSetUp(element, held, () => take({ since: renderedAt(element) }));
 }
 
-// Whether htmx has yet to set up this subscriber's request (hx-post or hx-get, triggered by the messages).
-// htmx keeps what it set up in the element's "htmx-internal-data" (htmx 2); `initHash` is set once it has.
-function waitsForHtmx(element) {
-  if (!element.hasAttribute("hx-post") && !element.hasAttribute("hx-get")) return false;
-  const setUp = element["htmx-internal-data"];
-  return !(setUp && setUp.initHash);
+// `then()` once htmx has set up the subscriber's triggers: it does that to a swapped-in element only as
+// the swap settles (immediately on these pages, see base.html; 20 ms later by htmx's default, a second
+// or more in a background tab), and what came before (a replay, a last value) would reach no trigger of
+// it. A subscriber with no request of htmx's (hx-post, hx-get) has nothing to wait for.
+function whenSetUp(element, held, then) {
+  if (!element.hasAttribute("hx-post") && !element.hasAttribute("hx-get")) return then();
+  const setUp = element["htmx-internal-data"]; // htmx 2 keeps what it set up there; initHash once it has
+  if (setUp && setUp.initHash) return then();
+  held.waiting = () => {
+    held.waiting = null;
+    then();
+  };
+  element.addEventListener("htmx:afterProcessNode", held.waiting, { once: true });
 }
 
 function detach(rt, element) {
   const held = subscribed.get(element);
   if (!held || element.isConnected) return;
   subscribed.delete(element);
-  if (held.waiting) return void element.removeEventListener("htmx:afterProcessNode", held.waiting);
-  rt.unsubscribe(held.names, { last: held.last });
+  if (held.waiting) element.removeEventListener("htmx:afterProcessNode", held.waiting);
+  if (held.taken) rt.unsubscribe(held.names, { last: held.last });
+}
+
+// The message types a subscriber's triggers react to ("realtime:QUEUE_UPDATE from:body, ...").
+function typesOf(element) {
+  return [...(element.getAttribute("hx-trigger") || "").matchAll(/realtime:(\S+) from:body/g)].map((m) => m[1]);
+}
+
+// The newest offset shown of each message type, in the stream it was shown in (see attach).
+const newestOfType = new Map();
+const NEWEST_TYPES_KEPT = 200;
+
+function noteShown(message, epoch) {
+  if (message.last || typeof message.offset !== "number" || !epoch) return;
+  newestOfType.delete(message.type); // to the end: the oldest type seen goes first
+  newestOfType.set(message.type, { epoch, offset: message.offset });
+  if (newestOfType.size > NEWEST_TYPES_KEPT) newestOfType.delete(newestOfType.keys().next().value);
+}
+
+// Whether a message of one of `types` was shown after `rendered` (a position in the same stream).
+function shownSince(rendered, types) {
+  if (!rendered) return false;
+  return types.some((type) => {
+    const shown = newestOfType.get(type);
+    return shown !== undefined && shown.epoch === rendered.epoch && shown.offset > rendered.offset;
+  });
 }
 
 function watchSubscribers(rt) {
@@ -537,6 +571,7 @@ function announce(message) {
   }, TOAST_GATHER_MS);
 }
 rt.onMessage((message) => {
+  noteShown(message, rt.position && rt.position.epoch);
   // A last value is the state a fragment shows, not news: no toast (another subscriber asked for it).
   if (message.type === "ANNOUNCEMENT" && !message.last) announce(message);
 });

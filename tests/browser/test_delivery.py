@@ -755,6 +755,70 @@ def test_a_fragment_htmx_swaps_in_later_renders_what_its_replay_brings(site, web
     expect(page.locator("main #alerts .banner")).to_have_count(3, timeout=10_000)
 
 
+SPY_ON_SENDS = """() => {
+  window.__sent = [];  // the types of what the page sends from here (PINGs left out)
+  const send = WebSocket.prototype.send;
+  WebSocket.prototype.send = function (text) {
+    const type = JSON.parse(text).type;
+    if (type !== 'PING') window.__sent.push(type);
+    return send.call(this, text);
+  };
+}"""
+QUEUE_NOW = """async () => {
+  const html = await (await fetch('/clinics/clinic-1/queue')).text();
+  return new DOMParser().parseFromString(html, 'text/html').querySelector('#queue').outerHTML;
+}"""
+
+
+def test_a_queue_swapped_for_a_like_one_rendered_before_an_update_asks_for_the_current_queue(site, web):
+    """A fragment htmx swaps for a like one (itself, or inside a re-rendered parent) brings its state as of
+    its render; an update that came while its request was out went to the fragment it replaced, and the
+    queue showed the older state under "Live" until the next update (found by review). A last=True
+    fragment asks for its channel's last value again then, and only then."""
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    settled(page)
+    queue_update(site, "Somchai")
+    expect(page.locator("#queue ol.queue li")).to_have_count(1, timeout=10_000)
+    older = page.evaluate(QUEUE_NOW)  # rendered now: Somchai alone
+    queue_update(site, "Somchai", "Nok")  # while the "parent's request" is out
+    expect(page.locator("#queue ol.queue li")).to_have_count(2, timeout=10_000)
+    page.evaluate(SPY_ON_SENDS)
+    page.evaluate("(html) => htmx.swap(document.querySelector('#queue'), html, {swapStyle: 'outerHTML'})", older)
+    expect(page.locator("#queue ol.queue li")).to_have_count(2, timeout=10_000)  # the current queue again
+    expect(page.locator("#queue ol.queue li").nth(1)).to_contain_text("Nok")
+    assert page.evaluate("window.__sent") == ["SUBSCRIBE"]  # its last value, asked once
+    # Rendered after the latest update: its state is current, nothing is asked.
+    current = page.evaluate(QUEUE_NOW)
+    page.evaluate("(html) => htmx.swap(document.querySelector('#queue'), html, {swapStyle: 'outerHTML'})", current)
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.__sent") == ["SUBSCRIBE"]
+    expect(page.locator("#queue ol.queue li")).to_have_count(2)
+
+
+def test_an_update_that_comes_as_htmx_swaps_a_fragment_for_a_like_one_reaches_the_new_one(site, web):
+    """htmx sets up a swapped-in element's triggers only as its swap settles (20 ms later by default): an
+    update dispatched in between reached neither the new fragment nor the one it replaced (found by
+    review). The pages settle at once."""
+    page = web(site, "bob", "/clinics/clinic-1/queue")
+    wait_live(page)
+    settled(page)
+    update = {"type": "QUEUE_UPDATE", "data": {"queue": [{"number": 1, "name": "Arun"}]}, "id": "x", "offset": 0}
+    page.evaluate(
+        """(update) => {
+             // The queue re-rendered by an htmx request (as a parent's would be), and a frame that arrives
+             // just after its swap: realtime.js shows it on <body>, where every trigger listens.
+             document.body.addEventListener('htmx:afterSwap', () => setTimeout(() => {
+               document.body.dispatchEvent(new CustomEvent('realtime:QUEUE_UPDATE', {detail: update}));
+             }, 0), {once: true});
+             htmx.ajax('GET', '/clinics/clinic-1/queue', {target: '#queue', select: '#queue', swap: 'outerHTML'});
+           }""",
+        update,
+    )
+    expect(page.locator("#queue ol.queue li")).to_have_count(1, timeout=10_000)
+    expect(page.locator("#queue ol.queue li")).to_contain_text("Arun")
+
+
 def test_a_channel_revoked_on_the_open_socket_says_so_in_its_fragment(site, web):
     """The user's clinic changed while the queue was on screen: the server ended the subscription
     (ERROR forbidden_channel, UNSUBSCRIBED), and the queue stayed as it was under "Live", never to move
