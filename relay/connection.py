@@ -131,6 +131,7 @@ class Connection:
         "clinic_id",
         "token_ms",
         "sent_after",
+        "late",
         "channels",
         "opened_at",
         "heard",
@@ -180,10 +181,14 @@ class Connection:
         self.clinic_id: str | None = None
         self.token_ms = 0  # when the token it was admitted with was minted (a sign-out everywhere ends it)
         # The offset after which it was sent every broadcast meant for its user, role, clinic and the channels
-        # it held at the time: the stream's position when it joined, moved back to a SUBSCRIBE since's once
-        # that is replayed. A later SUBSCRIBE since replays only what its own new channels add (a channel
-        # taken in between without since counts as taken then, as it asked).
+        # it held at the time: the stream's position when it joined (a recovered resume's: the offset its
+        # replay began after), moved back to a SUBSCRIBE since's once that is replayed. A later SUBSCRIBE
+        # since replays only what its own new channels add (a channel taken in between without since counts
+        # as taken then, as it asked: see ``late``).
         self.sent_after = 0
+        # Channels taken without since after ``sent_after``, each with the offset it was sent everything
+        # after: a broadcast to it from before that was not sent through it. None when there are none.
+        self.late: dict[str, int] | None = None
         self.channels: set[str] = set()
         self.rate_tokens = 0.0
         self.rate_at = 0.0

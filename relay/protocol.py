@@ -334,6 +334,7 @@ class ClientProtocol:
                 # From here its channels have everything after ``since``: another SUBSCRIBE since (a page's
                 # second, with "last") replays only what its own channels add, not all of this again.
                 conn.sent_after = min(conn.sent_after, since[1])
+                conn.late = None
             else:
                 answer.update(recovered=False, reason=replay)
         elif missed_fan_out and taken and self.stream is not None and self.stream.epoch is not None:
@@ -343,6 +344,13 @@ class ClientProtocol:
             caught = self._replay(conn, held, (self.stream.epoch, start))
             if isinstance(caught, list) and caught:
                 replay, newest_shown = caught, start
+        if answer.get("recovered") is not True and self.stream is not None and self.stream.epoch is not None:
+            # Taken now, without a replay from before: its broadcasts up to here were not sent through it
+            # (the paused fan-out's, above, was). A later SUBSCRIBE since must not count them as sent.
+            taken_from = max(self.stream.delivered, conn.sent_after)
+            new = [name for name in taken if name not in held]
+            if new and taken_from > conn.sent_after:
+                conn.late = {**(conn.late or {}), **dict.fromkeys(new, taken_from)}
         for name in taken:
             envelope = last.get(name)
             if envelope is not None and (newest_shown is None or (envelope.offset or 0) <= newest_shown):
@@ -380,17 +388,23 @@ class ClientProtocol:
         # that sends since again and again is slowed down as one that sends anything too fast.
         conn.rate_tokens -= min(SINCE_MOST_MESSAGES, len(recent) // SINCE_SCANNED_PER_MESSAGE)
         who = (conn.user_id, conn.role, conn.clinic_id)
-        # Per audience (envelopes share interned filters, see Prepared.replay): (meant for it, sent live
-        # once it had joined).
-        verdicts: dict[int, tuple[bool, bool]] = {}
+        late = conn.late or {}
+        # Per audience (envelopes share interned filters, see Prepared.replay) and channels taken late:
+        # (meant for it, sent live once it had joined).
+        verdicts: dict[tuple[int, frozenset[str]], tuple[bool, bool]] = {}
         replay = []
         for envelope in recent:
             flt = envelope.filter
-            verdict = verdicts.get(id(flt))
+            at = envelope.offset or 0
+            # Held, but taken only after this one: it was not sent through them.
+            not_yet = frozenset(name for name, taken_from in late.items() if taken_from >= at) if late else frozenset()
+            verdict = verdicts.get((id(flt), not_yet))
             if verdict is None:
-                verdict = verdicts[id(flt)] = (flt.admits(*who, conn.channels), flt.admits(*who, held))
+                sent_through = held - not_yet if not_yet else held
+                verdict = (flt.admits(*who, conn.channels), flt.admits(*who, sent_through))
+                verdicts[(id(flt), not_yet)] = verdict
             meant, sent = verdict
-            if meant and not (sent and (envelope.offset or 0) > conn.sent_after):
+            if meant and not (sent and at > conn.sent_after):
                 replay.append(envelope)
                 if len(replay) > self.max_replay:
                     return Reason.TOO_MANY
@@ -401,6 +415,9 @@ class ClientProtocol:
         if names is None:
             return
         removed = self.hub.unsubscribe(conn, names)
+        if conn.late:
+            for name in removed:
+                conn.late.pop(name, None)
         if removed and self.sessions is not None:
             self.sessions.changed(conn)
         conn.send_now(encode("UNSUBSCRIBED", {"channels": removed}))

@@ -30,6 +30,7 @@ class FakeConn:
         self.rate_tokens = 0.0
         self.rate_at = 0.0
         self.sent_after = 0
+        self.late = None
         self.backlog = None
         self.state = "open"
         self.sent: list[dict] = []
@@ -399,6 +400,34 @@ def test_a_second_subscribe_since_replays_only_what_its_own_channels_add(clock):
     say(protocol, bob, {"type": "UNSUBSCRIBE", "data": {"channels": [ANN]}})
     again = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": since}})
     assert [frame.get("id") for frame in again] == ["id-2", None]
+
+
+def test_a_channel_taken_without_since_counts_only_from_then_for_a_later_subscribe_since(clock):
+    """A broadcast to two channels, sent before the connection took one of them plainly, was counted as
+    sent through that one by a later SUBSCRIBE since of the other, and left out of its replay: it had
+    reached the connection through neither (found by review). What came after the plain SUBSCRIBE did."""
+    stream = stream_of(
+        Filter(),  # 1: everyone, before it joined
+        Filter(channels=frozenset({QUEUE, ANN})),  # 2: after it joined, to both: it held neither
+        Filter(channels=frozenset({ANN})),  # 3: the other channel
+    )
+    protocol = since_protocol(clock, stream)
+    bob = FakeConn_subscribed(protocol, "bob")
+    bob.sent_after = 1
+    [plain] = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [QUEUE]}})  # from now on: after 3
+    assert plain["type"] == "SUBSCRIBED" and bob.late == {QUEUE: 3}
+    # To both again, after the plain SUBSCRIBE: it came live through the channel it took.
+    stream.offer(Envelope("T", {"n": 4}, Filter(channels=frozenset({QUEUE, ANN})), id="id-4").placed("e1", 4))
+    since = {"epoch": "e1", "offset": 1}
+    replayed = say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": since}})
+    assert [frame.get("id") for frame in replayed] == ["id-2", "id-3", None]
+    assert replayed[-1]["data"]["recovered"] is True and bob.late is None  # every channel has all after 1 now
+    # Dropped, it is not late any more; taken plainly again, it is late from then.
+    say(protocol, bob, {"type": "UNSUBSCRIBE", "data": {"channels": [QUEUE]}})
+    say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [QUEUE]}})
+    assert bob.late == {QUEUE: 4}
+    say(protocol, bob, {"type": "UNSUBSCRIBE", "data": {"channels": [QUEUE]}})
+    assert bob.late == {}
 
 
 def test_subscribe_since_pays_in_the_rate_limit_for_the_broadcasts_it_looks_through(clock):
