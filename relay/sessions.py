@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 import gevent
+from gevent.lock import Semaphore
 
 from .clock import drop_older
 from .history import History, Session
@@ -82,6 +83,7 @@ class SessionKeeper:
         self._saving: list[dict[str, Session]] = []  # ended sessions a flush is writing (pending() sees them)
         self._forget: list[str] = []
         self._writing = 0  # changes a flush has taken and not yet written (status()'s pending counts them)
+        self._writing_ended = Semaphore()
         # Restored here (when, time.monotonic(), oldest first), gone for good once their deletion is written.
         self._resumed: dict[str, float] = {}
         self._greenlet: gevent.Greenlet | None = None
@@ -176,6 +178,15 @@ class SessionKeeper:
         clients may be resuming on another worker now, which waits for a session only a moment: while a
         round of live changes waits for the outbox (up to ``PATIENCE_S``), these are written as they come.
         A store that fails keeps them pending."""
+        if not (self._ended or self._forget or self._saving):
+            return
+        # One writer at a time: the drain's flush, closing every socket, must wait for a write the keeper's
+        # waiting round began (and take back what it could not write), not return while it is under way.
+        with self._writing_ended:
+            self._write_ended_now()
+
+    def _write_ended_now(self) -> None:
+        """:meth:`_write_ended`'s writing, under its lock."""
         if not self._ended and not self._forget:
             return
         now = int(time.time() * 1000)
@@ -221,7 +232,8 @@ class SessionKeeper:
         """Push every live session's expiry ahead (their connections are still open); waits as flush does."""
         expires = int(time.time() * 1000) + self.window_ms + 2 * self.refresh_ms
         for ids in _batches(list(self._live), self.busy, patient_until, self._write_ended):
-            self.store.touch_sessions(ids, expires)
+            # Not one that ended while this waited: written as ended, its expiry is the window's.
+            self.store.touch_sessions([c for c in ids if c in self._live], expires)
 
     def _run(self) -> None:
         next_refresh = time.monotonic() + self.refresh_ms / 1000

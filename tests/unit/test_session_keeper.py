@@ -93,7 +93,7 @@ def test_ended_sessions_and_deletions_do_not_wait_for_the_outbox(keeper):
 def test_a_session_that_ends_while_a_round_waits_for_the_outbox_is_written_without_waiting_for_it(keeper, busy):
     """Found by review: it was written by the next round only, after the waiting one's patience (a second),
     and its client, back on another worker meanwhile, was restored the store's older copy of it (without a
-    channel it had taken since). The same while the expiry refresh waits."""
+    channel it had taken since)."""
     writer = gevent.spawn(keeper.flush, time.monotonic() + 5)
     gevent.sleep(0.05)
     leaving = keeper._live["c-1"]
@@ -104,14 +104,39 @@ def test_a_session_that_ends_while_a_round_waits_for_the_outbox_is_written_witho
     gevent.sleep(0.05)
     assert keeper.store.saved == ["c-1"] and keeper.store.deleted == ["c-9"]  # the round still waits
     assert keeper.store.last["c-1"] == Session("c-1", "u-1", ("clinic:c-1:queue", "system:announcements"), False)
+    busy[0] = False
+    writer.join(timeout=2)
+    assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2"]  # the waiting round: c-1 not again, as open
+
+
+def test_a_session_that_ends_while_the_expiry_refresh_waits_is_written_at_once_and_not_pushed_ahead(keeper, busy):
     refresher = gevent.spawn(keeper.refresh, time.monotonic() + 5)
     gevent.sleep(0.05)
     keeper.closed(keeper._live["c-2"])
     gevent.sleep(0.05)
-    assert keeper.store.saved == ["c-1", "c-2"] and keeper.store.touched == []
+    assert keeper.store.saved == ["c-2"] and keeper.store.touched == []  # the refresh still waits
     busy[0] = False
-    gevent.joinall([writer, refresher], timeout=2)
-    assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2"]  # the waiting round: only c-0 still open
+    refresher.join(timeout=2)
+    assert sorted(keeper.store.touched) == ["c-0", "c-1"]  # its expiry stays the window's
+
+
+def test_a_drain_waits_for_the_ended_sessions_a_waiting_round_is_writing():
+    """Found by review: the keeper's waiting round writes sessions as they end; a drain's flush, closing
+    the sockets meanwhile, returned while that write was still under way, and the worker exited."""
+    busy = [True]
+    keeper = SessionKeeper(Store(write_s=0.2), window_ms=60_000, busy=lambda: busy[0])  # type: ignore[arg-type]
+    for n in range(3):
+        keeper.opened(Conn(n))  # type: ignore[arg-type]
+    waiting = gevent.spawn(keeper.flush, time.monotonic() + 5)
+    gevent.sleep(0.05)
+    keeper.closed(keeper._live["c-0"])
+    gevent.sleep(0.05)  # the waiting round is writing it (0.2 s)
+    keeper.store.write_s = 0  # the drain's own writes are quick
+    for n in (1, 2):  # the drain closes the others, then flushes
+        keeper.closed(keeper._live[f"c-{n}"])
+    keeper.flush()
+    assert sorted(keeper.store.saved) == ["c-0", "c-1", "c-2"] and keeper.pending("c-0") is None
+    waiting.kill()
 
 
 def test_a_session_that_ended_is_found_here_while_it_is_being_written():
