@@ -210,7 +210,7 @@ function attach(rt, element, swappedOut = new Set()) {
   if (subscribed.has(element) || !element.isConnected) return;
   const names = channelsOf(element);
   const last = element.dataset.realtimeLast === "true";
-  const held = { names, last, taken: false, waiting: null };
+  const held = { names, last, taken: false, waiting: null, catchUp: null };
   subscribed.set(element, held);
   const take = (options) => {
     held.taken = true;
@@ -220,14 +220,10 @@ function attach(rt, element, swappedOut = new Set()) {
   // was rendered with the state, and asking for the last value again would re-render every fragment of
   // those channels, and one re-rendered on each message of its channel would ask forever. (So a parent's
   // render must give it its state, as the queue page does, not a placeholder.) Taken at once: the
-  // channels stay held while the one it replaces goes. But a message of its types shown after its
-  // render (one that came while the parent's request was out) went to the one it replaces: a fragment
-  // that shows its channels' last value asks for it again, once htmx has set it up.
+  // channels stay held while the one it replaces goes. But see catchUpLater.
   if (swappedOut.has(likeness(element))) {
     take({ ask: false });
-    return whenSetUp(element, held, () => {
-      if (last && shownSince(renderedAt(element), typesOf(element))) rt.askLast(names);
-    });
+    return whenSetUp(element, held, () => catchUpLater(rt, element, held));
   }
   // A fragment swapped in later, for a channel the page did not hold, is given what was broadcast to it
   // since its render.
@@ -237,16 +233,23 @@ function attach(rt, element, swappedOut = new Set()) {
 // `then()` once htmx has set up the subscriber's triggers: it does that to a swapped-in element only as
 // the swap settles (immediately on these pages, see base.html; 20 ms later by htmx's default, a second
 // or more in a background tab), and what came before (a replay, a last value) would reach no trigger of
-// it. A subscriber with no request of htmx's (hx-post, hx-get) has nothing to wait for.
+// it. A subscriber htmx will not set up (no request of its own, htmx disabled there, or absent) has
+// nothing to wait for.
+const HTMX_REQUESTS = ["get", "post", "put", "patch", "delete"].flatMap((verb) => [`hx-${verb}`, `data-hx-${verb}`]);
+
 function whenSetUp(element, held, then) {
-  if (!element.hasAttribute("hx-post") && !element.hasAttribute("hx-get")) return then();
+  const htmx = window.htmx;
+  if (!htmx || !HTMX_REQUESTS.some((name) => element.hasAttribute(name))) return then();
+  if (element.closest(htmx.config.disableSelector)) return then();
   const setUp = element["htmx-internal-data"]; // htmx 2 keeps what it set up there; initHash once it has
   if (setUp && setUp.initHash) return then();
-  held.waiting = () => {
+  held.waiting = (event) => {
+    if (event.target !== element) return; // one inside it (the event bubbles)
+    element.removeEventListener("htmx:afterProcessNode", held.waiting);
     held.waiting = null;
     then();
   };
-  element.addEventListener("htmx:afterProcessNode", held.waiting, { once: true });
+  element.addEventListener("htmx:afterProcessNode", held.waiting);
 }
 
 function detach(rt, element) {
@@ -254,7 +257,26 @@ function detach(rt, element) {
   if (!held || element.isConnected) return;
   subscribed.delete(element);
   if (held.waiting) element.removeEventListener("htmx:afterProcessNode", held.waiting);
+  clearTimeout(held.catchUp);
   if (held.taken) rt.unsubscribe(held.names, { last: held.last });
+}
+
+// A like-for-like swap brings the state as of its render; a message of the fragment's types shown after
+// that (one that came while the parent's request was out) went to the fragment it replaced, and this one
+// shows the older state under "Live". The next message of those types re-renders it anyway; if none
+// comes within a moment, a fragment of its channels' last value asks for it (at once, under steady
+// traffic, one that re-renders itself would ask on every swap).
+const CATCH_UP_AFTER_MS = 1000;
+
+function catchUpLater(rt, element, held) {
+  if (!held.last) return;
+  const rendered = renderedAt(element);
+  const types = typesOf(element);
+  const newest = newestShown(types, rendered);
+  if (newest === null || newest <= rendered.offset) return;
+  held.catchUp = setTimeout(() => {
+    if (element.isConnected && newestShown(types, rendered) === newest) rt.askLast(held.names);
+  }, CATCH_UP_AFTER_MS);
 }
 
 // The message types a subscriber's triggers react to ("realtime:QUEUE_UPDATE from:body, ...").
@@ -262,24 +284,29 @@ function typesOf(element) {
   return [...(element.getAttribute("hx-trigger") || "").matchAll(/realtime:(\S+) from:body/g)].map((m) => m[1]);
 }
 
-// The newest offset shown of each message type, in the stream it was shown in (see attach).
+// The highest offset shown of each message type, in the stream it was shown in (see catchUpLater).
 const newestOfType = new Map();
 const NEWEST_TYPES_KEPT = 200;
 
 function noteShown(message, epoch) {
   if (message.last || typeof message.offset !== "number" || !epoch) return;
-  newestOfType.delete(message.type); // to the end: the oldest type seen goes first
+  const had = newestOfType.get(message.type);
+  // (A replay can show older frames after newer ones: frames of a channel the page did not hold.)
+  if (had && had.epoch === epoch && had.offset >= message.offset) return;
+  newestOfType.delete(message.type); // to the end: the type seen longest ago goes first
   newestOfType.set(message.type, { epoch, offset: message.offset });
   if (newestOfType.size > NEWEST_TYPES_KEPT) newestOfType.delete(newestOfType.keys().next().value);
 }
 
-// Whether a message of one of `types` was shown after `rendered` (a position in the same stream).
-function shownSince(rendered, types) {
-  if (!rendered) return false;
-  return types.some((type) => {
+// The highest offset shown of `types` in the stream of `rendered` (a position), or null.
+function newestShown(types, rendered) {
+  if (!rendered) return null;
+  let newest = null;
+  for (const type of types) {
     const shown = newestOfType.get(type);
-    return shown !== undefined && shown.epoch === rendered.epoch && shown.offset > rendered.offset;
-  });
+    if (shown && shown.epoch === rendered.epoch && (newest === null || shown.offset > newest)) newest = shown.offset;
+  }
+  return newest;
 }
 
 function watchSubscribers(rt) {
@@ -288,7 +315,8 @@ function watchSubscribers(rt) {
     // Additions first: an htmx swap that replaces a subscriber with an equal one
     // then nets out to no UNSUBSCRIBE/SUBSCRIBE traffic at all.
     const removed = records.flatMap((record) => [...record.removedNodes].flatMap(subscribersIn));
-    const swappedOut = new Set(removed.filter((e) => subscribed.has(e) && !e.isConnected).map(likeness));
+    // (One that never subscribed, still waiting for htmx, held nothing for a like one to keep.)
+    const swappedOut = new Set(removed.filter((e) => !e.isConnected && subscribed.get(e)?.taken).map(likeness));
     for (const record of records) for (const node of record.addedNodes) subscribersIn(node).forEach((e) => attach(rt, e, swappedOut));
     for (const element of removed) detach(rt, element);
   }).observe(document.body, { childList: true, subtree: true });

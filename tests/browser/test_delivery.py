@@ -728,7 +728,11 @@ def test_a_fragment_htmx_swaps_in_later_renders_what_its_replay_brings(site, web
                return send.call(this, text);
              };
              window.__swapped = performance.now();
-             htmx.swap(document.querySelector('main'), fragment, {swapStyle: 'beforeend', settleDelay: 1000});
+             // With an htmx element inside, set up first (by a script, with htmx.process): its
+             // afterProcessNode bubbles through the fragment, which is not set up by it.
+             const inside = fragment.replace('</div>', '<span id="inside" hx-get="/health"></span></div>');
+             htmx.swap(document.querySelector('main'), inside, {swapStyle: 'beforeend', settleDelay: 1000});
+             setTimeout(() => htmx.process(document.querySelector('#inside')), 100);
            }""",
         fragment,
     )
@@ -753,6 +757,17 @@ def test_a_fragment_htmx_swaps_in_later_renders_what_its_replay_brings(site, web
     assert [type_ for type_, _ in page.evaluate("window.__sent") if type_ != "PING"] == []
     clinic_alert(site, "Room 5")  # the first fragment's channel is still held
     expect(page.locator("main #alerts .banner")).to_have_count(3, timeout=10_000)
+    # One htmx will not set up (htmx disabled around it) subscribes at once, as before.
+    page.evaluate(
+        """(fragment) => {
+             window.__sent = [];
+             const queue = fragment.replace('id="alerts"', 'id="disabled"').replaceAll('alerts', 'queue');
+             htmx.swap(document.querySelector('main'), `<div hx-disable>${queue}</div>`,
+                       {swapStyle: 'beforeend', settleDelay: 1000});
+           }""",
+        fragment,
+    )
+    assert wait_for(lambda: [t for t, _ in page.evaluate("window.__sent") if t != "PING"] == ["SUBSCRIBE"], timeout=10)
 
 
 SPY_ON_SENDS = """() => {
@@ -774,7 +789,7 @@ def test_a_queue_swapped_for_a_like_one_rendered_before_an_update_asks_for_the_c
     """A fragment htmx swaps for a like one (itself, or inside a re-rendered parent) brings its state as of
     its render; an update that came while its request was out went to the fragment it replaced, and the
     queue showed the older state under "Live" until the next update (found by review). A last=True
-    fragment asks for its channel's last value again then, and only then."""
+    fragment asks for its channel's last value a moment later, unless a newer update came meanwhile."""
     page = web(site, "bob", "/clinics/clinic-1/queue")
     wait_live(page)
     settled(page)
@@ -784,16 +799,23 @@ def test_a_queue_swapped_for_a_like_one_rendered_before_an_update_asks_for_the_c
     queue_update(site, "Somchai", "Nok")  # while the "parent's request" is out
     expect(page.locator("#queue ol.queue li")).to_have_count(2, timeout=10_000)
     page.evaluate(SPY_ON_SENDS)
-    page.evaluate("(html) => htmx.swap(document.querySelector('#queue'), html, {swapStyle: 'outerHTML'})", older)
+    swap = "(html) => htmx.swap(document.querySelector('#queue'), html, {swapStyle: 'outerHTML'})"
+    page.evaluate(swap, older)
+    expect(page.locator("#queue ol.queue li")).to_have_count(1)  # the older state, for now
     expect(page.locator("#queue ol.queue li")).to_have_count(2, timeout=10_000)  # the current queue again
     expect(page.locator("#queue ol.queue li").nth(1)).to_contain_text("Nok")
     assert page.evaluate("window.__sent") == ["SUBSCRIBE"]  # its last value, asked once
-    # Rendered after the latest update: its state is current, nothing is asked.
-    current = page.evaluate(QUEUE_NOW)
-    page.evaluate("(html) => htmx.swap(document.querySelector('#queue'), html, {swapStyle: 'outerHTML'})", current)
-    page.wait_for_timeout(500)
+    # A newer update within the moment renders it: nothing is asked.
+    page.evaluate(swap, older)
+    queue_update(site, "Somchai", "Nok", "Arun")
+    expect(page.locator("#queue ol.queue li")).to_have_count(3, timeout=10_000)
+    page.wait_for_timeout(1500)
     assert page.evaluate("window.__sent") == ["SUBSCRIBE"]
-    expect(page.locator("#queue ol.queue li")).to_have_count(2)
+    # Rendered after the latest update: its state is current, nothing is asked.
+    page.evaluate(swap, page.evaluate(QUEUE_NOW))
+    page.wait_for_timeout(1500)
+    assert page.evaluate("window.__sent") == ["SUBSCRIBE"]
+    expect(page.locator("#queue ol.queue li")).to_have_count(3)
 
 
 def test_an_update_that_comes_as_htmx_swaps_a_fragment_for_a_like_one_reaches_the_new_one(site, web):
