@@ -200,13 +200,11 @@ def identity_check(user_id):
     """
     directory = realtime().directory
     click.echo(f"identity source: {json.dumps(directory.status())}")
-    project_warnings = getattr(directory, "project_warnings", None)  # Supabase's: who may sign up
-    if project_warnings is not None:
-        try:
-            for warning in project_warnings():
-                click.echo(f"WARNING: {warning}", err=True)
-        except DirectoryUnavailable as down:
-            click.echo(f"WARNING: {down}", err=True)
+    try:
+        for warning in directory.project_warnings():  # Supabase's: who may sign up
+            click.echo(f"WARNING: {warning}", err=True)
+    except DirectoryUnavailable as down:
+        click.echo(f"WARNING: {down}", err=True)
     lookup = getattr(directory, "fetch", directory.get)
     started = time.perf_counter()
     try:

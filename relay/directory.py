@@ -104,5 +104,10 @@ class Directory(Protocol):
         none; the periodic re-check finds those changes.
         """
 
+    def project_warnings(self) -> list[str]:
+        """What in the source's own settings lets people connect who should not (a Supabase project open
+        to sign-ups), in sentences for an operator; empty when nothing is to be said. Said by ``flask ws
+        identity check`` and once as each worker starts. Raises DirectoryUnavailable."""
+
     def status(self) -> dict:
         """A small JSON-able description for ``/health`` (kind, state, last error)."""

@@ -23,7 +23,6 @@ import resource
 import secrets
 import socket
 import time
-from collections.abc import Callable
 from typing import Any, cast
 
 import gevent
@@ -196,17 +195,15 @@ class Realtime:
             self.sessions.start()
             self._greenlets.append(gevent.spawn(self._trim_forever))
             self._greenlets.append(gevent.spawn(self._follow_forever))
-        project_warnings = getattr(self.directory, "project_warnings", None)  # Supabase's: who may sign up
-        if project_warnings is not None:
-            self._greenlets.append(gevent.spawn(self._warn_about_the_project, project_warnings))
+        self._greenlets.append(gevent.spawn(self._warn_about_the_project))
 
-    def _warn_about_the_project(self, project_warnings: Callable[[], list[str]]) -> None:
+    def _warn_about_the_project(self) -> None:
         """Once a worker starts: what in the identity source's settings lets people connect who should not
         (a Supabase project open to sign-ups), for operators who never run ``flask ws identity check``. A
         greenlet of its own: it asks over HTTP. Unreadable settings are not reported here (the check command
         says why; the identity source's health is ``identity.unavailable``'s)."""
         try:
-            warnings = project_warnings()
+            warnings = self.directory.project_warnings()
         except DirectoryUnavailable:
             return
         for warning in warnings:

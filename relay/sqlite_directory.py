@@ -127,6 +127,10 @@ class SqliteDirectory(SqliteStore):
             "bearer access tokens are issued by Supabase; configure SUPABASE_URL to accept them"
         )
 
+    def project_warnings(self) -> list[str]:
+        """Nothing to say: its users are those an operator added (``flask users add``); nobody signs up."""
+        return []
+
     def status(self) -> dict:
         try:
             self._query_one("SELECT 1", ())

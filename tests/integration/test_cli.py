@@ -286,6 +286,15 @@ def test_user_added_while_running_can_connect_at_once(server: Server):
         assert client.closed_with()[0] == Close.FORBIDDEN
 
 
+def test_identity_check_finds_a_user_in_the_sqlite_store_and_has_nothing_to_warn_about(server: Server):
+    found = flask_cli(server, "ws", "identity", "check", "bob")
+    assert found.returncode == 0, found.stderr
+    assert '"sqlite"' in found.stdout and '"userId": "bob"' in found.stdout
+    assert "WARNING" not in found.stderr  # its users are those an operator added: nobody signs up
+    assert flask_cli(server, "ws", "identity", "check", "nobody-here").returncode == 1
+    assert server.log_events("identity.project_warning") == []
+
+
 # -- a fresh checkout: every command works whatever the environment gives -------------------
 
 SECRETS = {"WS_TOKEN_SECRET": "t" * 40, "WS_ADMIN_SECRET": "a" * 40, "SECRET_KEY": "s" * 40}
