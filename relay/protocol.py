@@ -391,18 +391,20 @@ class ClientProtocol:
         late = conn.late or {}
         # Per audience (envelopes share interned filters, see Prepared.replay) and channels taken late:
         # (meant for it, sent live once it had joined).
-        verdicts: dict[tuple[int, frozenset[str]], tuple[bool, bool]] = {}
+        verdicts: dict[object, tuple[bool, bool]] = {}
         replay = []
         for envelope in recent:
             flt = envelope.filter
             at = envelope.offset or 0
+            key: object = id(flt)
             # Held, but taken only after this one: it was not sent through them.
-            not_yet = frozenset(name for name, taken_from in late.items() if taken_from >= at) if late else frozenset()
-            verdict = verdicts.get((id(flt), not_yet))
+            not_yet = frozenset(name for name, taken_from in late.items() if taken_from >= at) if late else None
+            if not_yet:
+                key = (key, not_yet)
+            verdict = verdicts.get(key)
             if verdict is None:
                 sent_through = held - not_yet if not_yet else held
-                verdict = (flt.admits(*who, conn.channels), flt.admits(*who, sent_through))
-                verdicts[(id(flt), not_yet)] = verdict
+                verdict = verdicts[key] = (flt.admits(*who, conn.channels), flt.admits(*who, sent_through))
             meant, sent = verdict
             if meant and not (sent and at > conn.sent_after):
                 replay.append(envelope)
