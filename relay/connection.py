@@ -186,8 +186,9 @@ class Connection:
         # since replays only what its own new channels add (a channel taken in between without since counts
         # as taken then, as it asked: see ``late``).
         self.sent_after = 0
-        # Channels taken without since after ``sent_after``, each with the offset it was sent everything
-        # after: a broadcast to it from before that was not sent through it. None when there are none.
+        # Channels held that were sent everything only after a later offset than ``sent_after`` (taken
+        # without since, or with a since not replayed, or replayed since a later position), each with that
+        # offset: a broadcast to one from before it was not sent through it. None when there are none.
         self.late: dict[str, int] | None = None
         self.channels: set[str] = set()
         self.rate_tokens = 0.0

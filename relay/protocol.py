@@ -82,6 +82,20 @@ def error_frame(code: str, message: str, **extra: object) -> bytes:
     return encode("ERROR", {"code": code, "message": message, **extra})
 
 
+def _sent_everything_after(conn: Connection, new: list[str], offset: int, *, held_too: bool) -> None:
+    """Record that the channels just taken (``new``) were sent every broadcast after ``offset`` (with
+    ``held_too``, a replay since ``offset``: those held already too), for a later SUBSCRIBE since to tell
+    what it must replay (see ``Connection.sent_after`` and ``Connection.late``)."""
+    if held_too and offset <= conn.sent_after:
+        conn.sent_after, conn.late = offset, None
+        return
+    late = conn.late or {}
+    if held_too:
+        late = {name: min(after, offset) for name, after in late.items()}
+    late = {**late, **dict.fromkeys(new, offset)}
+    conn.late = {name: after for name, after in late.items() if after > conn.sent_after} or None
+
+
 class ClientProtocol:
     """The connection handler for admitted sockets (see ``relay.connection.Handler``).
 
@@ -311,7 +325,8 @@ class ClientProtocol:
         # A fan-out pausing (its offset is the position, not yet delivered) took its recipients before this
         # SUBSCRIBE: if this connection is not among them, what it sends that the channels taken now add
         # would never come, and the next PONG, past it, would say it had been (a SUBSCRIBE since replays it).
-        missed_fan_out = since is None and self.stream is not None and self.hub.sending_to(conn) is False
+        not_a_recipient = self.stream is not None and self.hub.sending_to(conn) is False
+        missed_fan_out = since is None and not_a_recipient
         # What this connection was sent (or, taken earlier in the same pause, replayed) for the channels it
         # holds already: a second SUBSCRIBE in one pause adds only what its own channels do.
         held = frozenset(conn.channels)
@@ -327,14 +342,15 @@ class ClientProtocol:
         answer: dict = {"channels": taken}
         replay: list[Envelope] | str | None = None
         newest_shown = None  # with a replay, a last value newer than ``since`` comes with it, in order
+        caught_up = False
+        new = [name for name in taken if name not in held]
         if since is not None:
             replay = self._replay(conn, held, since)
             if isinstance(replay, list):
                 answer["recovered"], newest_shown = True, since[1]
                 # From here its channels have everything after ``since``: another SUBSCRIBE since (a page's
                 # second, with "last") replays only what its own channels add, not all of this again.
-                conn.sent_after = min(conn.sent_after, since[1])
-                conn.late = None
+                _sent_everything_after(conn, new, since[1], held_too=True)
             else:
                 answer.update(recovered=False, reason=replay)
         elif missed_fan_out and taken and self.stream is not None and self.stream.epoch is not None:
@@ -342,15 +358,16 @@ class ClientProtocol:
             # order, not before it); nothing from before the connection joined (one admitted meanwhile).
             start = max(self.stream.delivered, conn.sent_after)
             caught = self._replay(conn, held, (self.stream.epoch, start))
-            if isinstance(caught, list) and caught:
-                replay, newest_shown = caught, start
-        if answer.get("recovered") is not True and self.stream is not None and self.stream.epoch is not None:
-            # Taken now, without a replay from before: its broadcasts up to here were not sent through it
-            # (the paused fan-out's, above, was). A later SUBSCRIBE since must not count them as sent.
-            taken_from = max(self.stream.delivered, conn.sent_after)
-            new = [name for name in taken if name not in held]
-            if new and taken_from > conn.sent_after:
-                conn.late = {**(conn.late or {}), **dict.fromkeys(new, taken_from)}
+            if isinstance(caught, list):
+                caught_up = True
+                if caught:
+                    replay, newest_shown = caught, start
+        if new and answer.get("recovered") is not True and self.stream is not None and self.stream.epoch is not None:
+            # Taken without a replay from before: a later SUBSCRIBE since must not count what came before as
+            # sent through them. A paused fan-out's broadcast (at the position) came with it if this
+            # connection was among its recipients or it was caught up above; if neither, it never will.
+            through = self.stream.position if not_a_recipient and not caught_up else self.stream.delivered
+            _sent_everything_after(conn, new, through, held_too=False)
         for name in taken:
             envelope = last.get(name)
             if envelope is not None and (newest_shown is None or (envelope.offset or 0) <= newest_shown):
@@ -388,19 +405,24 @@ class ClientProtocol:
         # that sends since again and again is slowed down as one that sends anything too fast.
         conn.rate_tokens -= min(SINCE_MOST_MESSAGES, len(recent) // SINCE_SCANNED_PER_MESSAGE)
         who = (conn.user_id, conn.role, conn.clinic_id)
-        late = conn.late or {}
-        # Per audience (envelopes share interned filters, see Prepared.replay) and channels taken late:
-        # (meant for it, sent live once it had joined).
+        # Held channels taken late (see Connection.late), by the offset each was sent everything after: an
+        # envelope at or below it was not sent through it. The window is in offset order, so the set of
+        # those not sent through only shrinks as it goes.
+        late = sorted((after, name) for name, after in (conn.late or {}).items() if name in held)
+        passed = 0
+        not_yet = frozenset(name for _, name in late)
+        # Per audience (envelopes share interned filters, see Prepared.replay) and channels not yet sent
+        # through: (meant for it, sent live once it had joined).
         verdicts: dict[object, tuple[bool, bool]] = {}
         replay = []
         for envelope in recent:
             flt = envelope.filter
             at = envelope.offset or 0
-            key: object = id(flt)
-            # Held, but taken only after this one: it was not sent through them.
-            not_yet = frozenset(name for name, taken_from in late.items() if taken_from >= at) if late else None
-            if not_yet:
-                key = (key, not_yet)
+            if passed < len(late) and late[passed][0] < at:
+                while passed < len(late) and late[passed][0] < at:
+                    passed += 1
+                not_yet = frozenset(name for _, name in late[passed:])
+            key: object = (id(flt), not_yet) if not_yet else id(flt)
             verdict = verdicts.get(key)
             if verdict is None:
                 sent_through = held - not_yet if not_yet else held

@@ -23,9 +23,10 @@ most ``PATIENCE_S`` per round: such a session is for a reconnect that has
 not happened, a frame is for a client waiting now. Measured in the shared
 harness's 10,000 x 10 fan-out: 3,500 sessions of the clients' SUBSCRIBEs
 were still being written when the broadcasts began, 25 ms of a 190 ms
-fan-out. Sessions that ended, and the deletion of resumed ones, never wait,
-not even behind such a round (they are written as they come while it waits):
-their client may be resuming on another worker right now (which looks for
+fan-out. Sessions that ended, and the deletion of resumed ones, never wait
+for the outbox, nor behind such a round (they are written as they come while
+it waits; one such write at a time, so that the drain's waits for one under
+way): their client may be resuming on another worker right now (which looks for
 the session only for a moment, ``Recovery.session_wait``), and a drain
 running meanwhile must find nothing held back but live sessions, which its
 own closing turns into ended ones.

@@ -430,6 +430,32 @@ def test_a_channel_taken_without_since_counts_only_from_then_for_a_later_subscri
     assert bob.late == {}
 
 
+def test_a_subscribe_since_from_after_the_connection_joined_leaves_what_came_before_it_untold(clock):
+    """A SUBSCRIBE since a position after the connection's start replays only from there: the channels it
+    held are complete from there (and before it only as they were), not from its start (found by review:
+    a fragment rendered later, then one rendered earlier, lost a broadcast to both of theirs)."""
+    zone = "clinic:clinic-1:alerts"
+    stream = stream_of(
+        Filter(),  # 1: everyone, before it joined
+        Filter(channels=frozenset({QUEUE, ANN})),  # 2: to two channels it did not hold
+        Filter(channels=frozenset({zone})),  # 3: to a third
+    )
+    protocol = since_protocol(clock, stream)
+    bob = FakeConn_subscribed(protocol, "bob")
+    bob.sent_after = 1
+    say(protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [QUEUE]}})  # plainly, after 3
+    later = say(
+        protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [zone], "since": {"epoch": "e1", "offset": 2}}}
+    )
+    assert [frame.get("id") for frame in later] == ["id-3", None]
+    assert bob.sent_after == 1 and bob.late == {QUEUE: 2, zone: 2}  # complete from 2 on, not from 1
+    earlier = say(
+        protocol, bob, {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": {"epoch": "e1", "offset": 1}}}
+    )
+    assert [frame.get("id") for frame in earlier] == ["id-2", None]  # it reached neither of the others
+    assert bob.sent_after == 1 and bob.late is None
+
+
 def test_subscribe_since_pays_in_the_rate_limit_for_the_broadcasts_it_looks_through(clock):
     """Looking through the recent window costs ~40-60 plain SUBSCRIBEs per 4,096: a client that sends since
     again and again is slowed down (and closed 1008) as one that sends anything too fast."""
@@ -631,9 +657,15 @@ def test_a_plain_subscribe_made_while_a_fan_out_pauses_is_sent_what_it_adds_to_t
         # with the first only; the second's channel adds nothing the first did not (found by review).
         answers["fay"] = say(protocol, conns["fay"], subscribe)
         answers["fay, again"] = say(protocol, conns["fay"], {"type": "SUBSCRIBE", "data": {"channels": [ANN]}})
+        # A SUBSCRIBE since that cannot be replayed: nothing catches the broadcast up, and a later SUBSCRIBE
+        # since must not count it as sent through the channel taken (found by review).
+        gone = {"epoch": "gone", "offset": 0}
+        answers["gus"] = say(
+            protocol, conns["gus"], {"type": "SUBSCRIBE", "data": {"channels": [QUEUE], "since": gone}}
+        )
 
     protocol, stream = paused_fan_out(clock, pausing)
-    for name in ("bob", "carol", "dan", "eve", "fay"):
+    for name in ("bob", "carol", "dan", "eve", "fay", "gus"):
         conns[name] = FakeConn_subscribed(protocol, name)
     protocol.hub.subscribe(conns["carol"], [ANN], 10)  # a recipient: it reaches her live
     protocol.hub.subscribe(conns["eve"], [QUEUE], 10)  # a recipient, who drops the channel and takes it again
@@ -647,6 +679,13 @@ def test_a_plain_subscribe_made_while_a_fan_out_pauses_is_sent_what_it_adds_to_t
     assert answers["eve"] == [subscribed] and conns["eve"].take() == [frame]  # live, once
     assert answers["fay"] == [frame, subscribed] and conns["fay"].take() == []
     assert answers["fay, again"] == [{"type": "SUBSCRIBED", "data": {"channels": [ANN], "epoch": "e1", "offset": 0}}]
+    assert answers["gus"][-1]["data"]["recovered"] is False and conns["gus"].take() == []
+    caught = say(
+        protocol,
+        conns["gus"],
+        {"type": "SUBSCRIBE", "data": {"channels": [ANN], "since": {"epoch": "e1", "offset": 0}}},
+    )
+    assert [frame.get("id") for frame in caught] == ["id-1", None]
     # Once the fan-out is done, a SUBSCRIBE is plain again: nothing replayed.
     assert say(protocol, FakeConn_subscribed(protocol, "erin"), subscribe) == [
         {"type": "SUBSCRIBED", "data": {"channels": [QUEUE], "epoch": "e1", "offset": 1}}
