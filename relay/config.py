@@ -144,8 +144,7 @@ class Settings:
 
         found: dict[str, str | None] = {name: reader.text(name, "") or None for name in SECRET_NAMES}
         if production:
-            for name, value in found.items():
-                _require_strong(name, value)
+            _require_strong(*found.items())  # every one at once: not one restart per missing secret
         else:
             missing = [name for name, value in found.items() if not value]
             if missing:
@@ -170,14 +169,14 @@ class Settings:
         previous = reader.text("WS_TOKEN_SECRET_PREVIOUS", "") or None
         if previous is not None:
             if production:
-                _require_strong("WS_TOKEN_SECRET_PREVIOUS", previous)
+                _require_strong(("WS_TOKEN_SECRET_PREVIOUS", previous))
             if previous == found["WS_TOKEN_SECRET"]:
                 raise ConfigError("WS_TOKEN_SECRET_PREVIOUS is the same as WS_TOKEN_SECRET: set a new WS_TOKEN_SECRET.")
 
         metrics_token = reader.text("METRICS_TOKEN", "") or None
         metrics_public = reader.text("METRICS_PUBLIC", "0").lower() in ("1", "true", "yes")
         if metrics_token is not None and production:
-            _require_strong("METRICS_TOKEN", metrics_token)
+            _require_strong(("METRICS_TOKEN", metrics_token))
         if production and metrics_token is None and not metrics_public:
             notices.append("/metrics is closed: set METRICS_TOKEN (or METRICS_PUBLIC=1 behind a private network)")
         health_public = reader.text("HEALTH_PUBLIC", "0").lower() in ("1", "true", "yes")
@@ -335,18 +334,28 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name, or 0.0.0.0's kin: reachable from elsewhere, as far as we know
 
 
-def _require_strong(name: str, value: str | None) -> None:
-    if not value:
-        raise ConfigError(
-            f"{name} is not set; production needs a secret of at least {MIN_SECRET_BYTES} bytes "
+def _require_strong(*named: tuple[str, str | None]) -> None:
+    """Refuse, naming every one of ``(name, value)`` that is not set or too short, in one message."""
+    missing = [name for name, value in named if not value]
+    short = [f"{name} is {len(value.encode())} bytes" for name, value in named if value and _too_short(value)]
+    problems = []
+    if missing:
+        names = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
+        problems.append(
+            f"{names} {'are' if len(missing) > 1 else 'is'} not set; production needs "
+            f"{'secrets' if len(missing) > 1 else 'a secret'} of at least {MIN_SECRET_BYTES} bytes "
             f"(for example: python -c 'import secrets; print(secrets.token_urlsafe(48))')."
         )
-    size = len(value.encode())
-    if size < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"{name} is {size} bytes; production needs at least {MIN_SECRET_BYTES} — "
-            f"set a longer value in the environment."
+    if short:
+        problems.append(
+            f"{'; '.join(short)}; production needs at least {MIN_SECRET_BYTES} — set a longer value in the environment."
         )
+    if problems:
+        raise ConfigError(" ".join(problems))
+
+
+def _too_short(value: str) -> bool:
+    return len(value.encode()) < MIN_SECRET_BYTES
 
 
 def _create_dev_secrets(path: str, names: list[str]) -> list[str]:
@@ -519,6 +528,8 @@ def redacted(url: str) -> str:
     anything else there that names one.
     """
     scheme, sep, rest = url.partition("://")
+    if not sep:  # not a URL (a scheme mistyped: "redis//:pw@host"): what comes before an "@" may be a password
+        return "***@" + url.rpartition("@")[2] if "@" in url else url
     shown = scheme + sep
     if sep and "@" in rest:
         authority = _before_query(rest)

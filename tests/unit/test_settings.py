@@ -44,6 +44,16 @@ def test_production_refuses_missing_or_weak_secrets_naming_the_variable(tmp_path
         assert value not in str(refused.value)  # the rejected secret itself is never echoed
 
 
+def test_production_names_every_missing_or_weak_secret_at_once(tmp_path):
+    """Found by an operator's run: one per start, three restarts to learn of three problems."""
+    env = prod_env(WS_TOKEN_SECRET=None, SECRET_KEY=None, WS_ADMIN_SECRET="short", REALTIME_INSTANCE_PATH=str(tmp_path))
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    said = str(refused.value)
+    assert said.startswith("WS_TOKEN_SECRET and SECRET_KEY are not set; production needs secrets of at least 32 bytes")
+    assert "WS_ADMIN_SECRET is 5 bytes; production needs at least 32" in said and "short" not in said
+
+
 def test_reading_settings_writes_nothing_and_a_missing_dev_secret_is_none(tmp_path):
     instance = tmp_path / "not-yet"
     settings = Settings.from_env({"REALTIME_INSTANCE_PATH": str(instance)})
@@ -152,10 +162,20 @@ def test_a_password_a_url_parser_cannot_find_is_never_shown_nor_let_through(tmp_
         # An "@" only after "?" or "#": the end of a password holding one, or in the query: nothing shown
         ("redis://:pa?ss@h/0", "redis://***"),
         ("redis://h:6379/0?password=abc@defghijk", "redis://***"),
+        # Not a URL (a mistyped scheme, found by an operator's run): what comes before an "@" is hidden
+        ("redis//:secretpw@127.0.0.1:6399", "***@127.0.0.1:6399"),
+        (":secretpw@127.0.0.1:6399", "***@127.0.0.1:6399"),
+        ("redis//127.0.0.1:6399", "redis//127.0.0.1:6399"),
     ],
 )
 def test_redacted_urls(url, shown):
     assert redacted(url) == shown
+
+
+def test_a_mistyped_scheme_is_refused_without_its_password(tmp_path):
+    with pytest.raises(ConfigError) as problem:
+        Settings.from_env({"REDIS_URL": "redis//:secretpw@127.0.0.1:6399", "REALTIME_INSTANCE_PATH": str(tmp_path)})
+    assert "must start with redis://" in str(problem.value) and "secretpw" not in str(problem.value)
 
 
 def test_settings_repr_never_shows_secrets(tmp_path):
