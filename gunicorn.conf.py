@@ -82,6 +82,16 @@ def on_starting(server):
             from relay.redis_broker import check_reachable
 
             check_reachable(_settings.redis_url)
+    except ConfigError as problem:
+        print(f"cannot start: {problem}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def when_ready(server):
+    """Bound, no worker yet: the metrics start at zero now. Not in on_starting: a second start in the same
+    instance folder, whose port the running server holds, stops at the bind, and had emptied the running
+    server's counters first (its /metrics went blank until it restarted)."""
+    try:
         _fresh_metrics_folder(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     except ConfigError as problem:
         print(f"cannot start: {problem}", file=sys.stderr, flush=True)

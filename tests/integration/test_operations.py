@@ -63,6 +63,19 @@ def moved(before: dict, after: dict) -> dict:
     }
 
 
+def test_a_second_start_on_the_port_the_server_holds_leaves_its_metrics_alone(start_server):
+    """Found by an operator's run: `make run` twice emptied the running server's metrics folder before the
+    second one stopped at the bind, and its /metrics went blank until it restarted."""
+    srv = start_server()
+    srv.announce("counted")
+    assert value(scrape(srv), "realtime_broadcasts_total", source="api") == 1
+    second = Server(srv.workdir, srv.env_overrides, port=srv.port).start(wait=False)
+    assert second.proc.wait(timeout=60) != 0  # the port is taken
+    assert value(scrape(srv), "realtime_broadcasts_total", source="api") == 1
+    srv.announce("and counted on")
+    assert value(scrape(srv), "realtime_broadcasts_total", source="api") == 2
+
+
 def bad_json(srv: Server, user: str) -> None:
     with srv.connect(user) as client:
         client.send("{not json")
