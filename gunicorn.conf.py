@@ -78,6 +78,13 @@ def on_starting(server):
                 f"{_settings.shutdown_budget_s:g} s a stopping worker may need (WS_DRAIN_TIMEOUT_MS + "
                 "WS_CLOSE_TIMEOUT_MS): gunicorn would kill workers mid-drain. Raise it or leave the default."
             )
+        if _settings.production and _settings.supabase is None and not os.path.exists(_settings.db_path):
+            # A mistyped path would start on a new, empty store: every sign-in and socket refused, /health "ok".
+            raise ConfigError(
+                f"the user store {_settings.db_path} does not exist: production does not start on an empty one. "
+                "Fix REALTIME_DB (or REALTIME_INSTANCE_PATH), or add the first user with `flask users add`, "
+                "which creates it."
+            )
         if _settings.redis_url:
             from relay.redis_broker import check_reachable
 

@@ -40,6 +40,15 @@ def test_production_starts_with_strong_secrets_and_ignores_the_test_user(start_s
     assert srv.health()["env"] == "production"  # the full report, for the metrics token
 
 
+def test_production_refuses_a_user_store_that_does_not_exist(start_server, tmp_path):
+    """Found by an operator's run: a mistyped REALTIME_DB started on a new, empty store, which refused every
+    sign-in and socket while /health said "ok"."""
+    srv = start_server(wait=False, **prod_env(REALTIME_DB=str(tmp_path / "typo" / "realtime.db")))
+    assert srv.proc.wait(timeout=30) != 0
+    assert f"cannot start: the user store {tmp_path / 'typo' / 'realtime.db'} does not exist" in srv.log_text()
+    assert not (tmp_path / "typo").exists()
+
+
 def test_preload_is_refused_because_greenlets_belong_to_workers(start_server):
     srv = start_server("--preload", wait=False)
     assert srv.proc.wait(timeout=30) != 0
