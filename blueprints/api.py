@@ -56,12 +56,17 @@ def admin_secret_required(view):
 
     @functools.wraps(view)
     def wrapped(*args, **kwargs):
-        if not _admin_secret_ok():
+        given = _admin_secret_given()
+        if not _admin_secret_ok(given):
+            if given:
+                # Who is trying secrets (never the secret): an operator sees the attempts, and a caller
+                # whose secret went stale (a rotation, a regenerated development one) is told so.
+                event("api.admin_secret_refused", level="warning", path=request.path, remote=request.remote_addr)
+                message = "this is not the server's admin secret (WS_ADMIN_SECRET): send the one it runs with"
+            else:
+                message = "send the admin secret as 'Authorization: Bearer <WS_ADMIN_SECRET>'"
             return error_response(
-                401,
-                HttpError.UNAUTHORIZED,
-                "send the admin secret as 'Authorization: Bearer <WS_ADMIN_SECRET>'",
-                headers={"WWW-Authenticate": 'Bearer realm="broadcast"'},
+                401, HttpError.UNAUTHORIZED, message, headers={"WWW-Authenticate": 'Bearer realm="broadcast"'}
             )
         return view(*args, **kwargs)
 
@@ -150,12 +155,15 @@ def send_broadcast(*, source: str, scope: str) -> ResponseReturnValue:
     return response
 
 
-def _admin_secret_ok() -> bool:
+def _admin_secret_given() -> str:
+    """The secret the request sends (``Authorization: Bearer``, or the original ``X-Admin-Secret``), or ""."""
+    given = bearer_token()
+    return request.headers.get("X-Admin-Secret", "").strip() if given is None else given
+
+
+def _admin_secret_ok(given: str) -> bool:
     """Constant-time check; an empty secret never authorizes, whatever is configured."""
     configured = realtime().settings.admin_secret
-    given = bearer_token()
-    if given is None:
-        given = request.headers.get("X-Admin-Secret", "").strip()
     if not given or not configured:
         return False
     return hmac.compare_digest(given.encode(), configured.encode())

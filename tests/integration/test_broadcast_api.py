@@ -32,6 +32,20 @@ def test_wrong_missing_or_empty_admin_secret_is_401(server: Server, headers):
     }
 
 
+def test_a_wrong_secret_is_told_apart_from_a_missing_one_and_logged_without_it(server: Server):
+    """An operator's run: a shell whose WS_ADMIN_SECRET went stale was told how to send a secret, and the
+    server said nothing of the attempts."""
+    missing = server.broadcast(GOOD, secret=None)
+    assert "'Authorization: Bearer <WS_ADMIN_SECRET>'" in missing.json()["error"]["message"]
+    assert server.log_events("api.admin_secret_refused") == []
+    wrong = server.broadcast(GOOD, secret="stale-" * 8)
+    assert wrong.status_code == 401
+    assert "not the server's admin secret (WS_ADMIN_SECRET)" in wrong.json()["error"]["message"]
+    logged = server.wait_for_event("api.admin_secret_refused")
+    assert logged["level"] == "warning" and logged["path"] == "/broadcast" and logged["remote"] == "127.0.0.1"
+    assert "stale-" not in server.log_text()
+
+
 def test_secret_is_accepted_as_bearer_or_legacy_header(server: Server):
     assert server.broadcast(GOOD).status_code == 200
     assert server.broadcast(GOOD, secret=None, headers={"X-Admin-Secret": ADMIN_SECRET}).status_code == 200
