@@ -16,13 +16,14 @@ from the environment once, here, the same way the app reads it:
 import logging
 import os
 import signal
+import subprocess
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from relay.config import ConfigError, Settings, prepare_instance  # noqa: E402
+from relay.config import ConfigError, Settings, prepare_instance, redacted  # noqa: E402
 
 try:
     _settings = Settings.from_env(os.environ)
@@ -86,12 +87,37 @@ def on_starting(server):
                 "which creates it."
             )
         if _settings.redis_url:
-            from relay.redis_broker import check_reachable
-
-            check_reachable(_settings.redis_url)
+            _check_redis_apart(_settings.redis_url)
     except ConfigError as problem:
         print(f"cannot start: {problem}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+# Redis is asked from a process of its own: redis-py imports ssl, and every worker forked from a master that
+# had imported it warned as gevent patched ssl after the fact (MonkeyPatchWarning, an operator's run).
+_CHECK_REDIS = """
+import os, sys
+from relay.config import ConfigError
+from relay.redis_broker import check_reachable
+try:
+    check_reachable(os.environ["REALTIME_CHECK_REDIS_URL"])
+except ConfigError as problem:
+    sys.exit(str(problem))
+"""
+
+
+def _check_redis_apart(url):
+    """Redis answers a PING at ``url``, or ConfigError with the reason (the password never shown)."""
+    env = {**os.environ, "REALTIME_CHECK_REDIS_URL": url}  # not on the command line, which anyone may read
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHECK_REDIS], cwd=_HERE, env=env, capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"Redis at REDIS_URL={redacted(url)} did not answer within 30 s") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise ConfigError(lines[-1] if lines else f"checking Redis at REDIS_URL={redacted(url)} failed")
 
 
 def when_ready(server):
