@@ -165,14 +165,21 @@ def disconnect(user_id, url):
     if not is_valid_id(user_id):
         raise click.ClickException(f"{user_id[:80]!r} is not a user id; nobody was disconnected")
     server = _admin_client(url)
-    user_id, _ = realtime().spelled_by_source(user_id)  # as their sockets are keyed; unknown: as typed
+    user_id, known = realtime().spelled_by_source(user_id)  # as their sockets are keyed; unknown: as typed
+    if known is False:
+        # Still done: a user removed from the source may have sockets open. But a typo would look like success.
+        source = realtime().directory.name
+        click.echo(f"WARNING: no user {user_id!r} in {source}: check the id (disconnecting it anyway)", err=True)
     try:
         realtime().record_disconnect(user_id)
     except SignoutsUnavailable as down:
         click.echo(f"not recorded ({down}): only the server can close their sockets now", err=True)
     else:
         every = realtime().settings.identity_recheck_ms
-        click.echo(f"recorded: a worker that does not hear the server closes them at its re-check (every {every} ms)")
+        click.echo(
+            f"recorded in the sign-out store: a worker the server cannot reach now closes them at its next "
+            f"identity re-check (within {every} ms)"
+        )
     _close_sockets(server, user_id, again=f"flask users disconnect {user_id} --url {server.base_url}")
 
 

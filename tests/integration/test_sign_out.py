@@ -251,3 +251,8 @@ def test_the_cli_disconnects_a_user_and_a_server_it_cannot_reach_closes_their_so
     assert after.nothing_within(0.1) and carol.nothing_within(0.1)  # two re-checks later, both still open
     bad = flask_cli(srv, "users", "disconnect", "a b", "--url", srv.url)
     assert bad.returncode == 1 and "not a user id" in bad.stderr
+    assert "WARNING" not in done.stderr
+    # An id the identity source does not know: done all the same (a user removed from it may still have
+    # sockets open), but said, as a typo would otherwise look like success (an operator's run).
+    typo = flask_cli(srv, "users", "disconnect", "bobb", "--url", srv.url)
+    assert typo.returncode == 0 and "WARNING: no user 'bobb' in sqlite: check the id" in typo.stderr
