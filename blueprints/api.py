@@ -32,7 +32,7 @@ def health():
     sends a stale token must keep seeing 200 and the draining 503, or it would pull working workers."""
     wanted = request.args.get("history", "0").strip().lower()
     if wanted not in ("0", "1", "true", "false", ""):
-        return error_response(400, HttpError.INVALID_QUERY, "history must be 1 or 0")
+        return error_response(400, HttpError.INVALID_QUERY, "history must be 1 or 0 (or true or false)")
     history = wanted in ("1", "true")
     settings = realtime().settings
     full = not settings.production or settings.health_public

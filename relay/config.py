@@ -501,7 +501,9 @@ def _redis_url(raw: str) -> str | None:
     except ValueError:
         readable = False
     if not readable:
-        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {REDIS_URL_HINT}.")
+        # The hint only when there is a password to encode: otherwise the port itself is what is wrong.
+        hint = REDIS_URL_HINT if "@" in raw else "the port must be a number from 1 to 65535"
+        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {hint}.")
     return raw
 
 

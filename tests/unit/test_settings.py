@@ -172,6 +172,14 @@ def test_redacted_urls(url, shown):
     assert redacted(url) == shown
 
 
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:99999/0", "redis://127.0.0.1:abc/0"])
+def test_a_bad_port_without_a_password_is_called_a_bad_port(tmp_path, url):
+    with pytest.raises(ConfigError) as problem:
+        Settings.from_env({"REDIS_URL": url, "REALTIME_INSTANCE_PATH": str(tmp_path)})
+    assert "the port must be a number from 1 to 65535" in str(problem.value)
+    assert "percent-encode" not in str(problem.value)  # there is no password (an operator's run)
+
+
 def test_a_mistyped_scheme_is_refused_without_its_password(tmp_path):
     with pytest.raises(ConfigError) as problem:
         Settings.from_env({"REDIS_URL": "redis//:secretpw@127.0.0.1:6399", "REALTIME_INSTANCE_PATH": str(tmp_path)})
