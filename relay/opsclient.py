@@ -191,13 +191,19 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
     except TimeoutError:
         step("receive" if len(steps) >= 4 else "connect", False, f"nothing arrived within {client.timeout} s")
     except Exception as err:  # websockets raises several families; report, don't trace
-        code = getattr(getattr(err, "rcvd", None), "code", None)
-        step(
-            "connect" if len(steps) < 3 else "receive",
-            False,
-            f"{type(err).__name__}: {err}" + (f" (close code {code})" if code else ""),
-        )
+        received = getattr(err, "rcvd", None)
+        code = getattr(received, "code", None)
+        said = f"closed {code} {getattr(received, 'reason', '')}".rstrip() if code else f"{type(err).__name__}: {err}"
+        step("connect" if len(steps) < 3 else "receive", False, said + _CLOSE_HINTS.get(code, ""))
     return steps
+
+
+# What a close the smoke test meets most often means for whoever runs it.
+_CLOSE_HINTS = {
+    4401: " (the token was refused: is this environment's WS_TOKEN_SECRET the server's?)",
+    4403: " (the user is unknown or disabled: `flask users list` shows who can connect)",
+    1013: " (the server is full or its stores are down: see /health)",
+}
 
 
 def _next_of(

@@ -53,6 +53,14 @@ def test_smoke_says_why_a_channel_was_refused(server: Server):
     assert done.returncode == 1 and "FAIL subscribe" in done.stdout and "forbidden_channel" in done.stdout
 
 
+def test_smoke_says_what_a_refused_socket_means(server: Server):
+    """An operator's run: ``ConnectionClosedError: received 4403 (private use) unknown user; then sent 4403``."""
+    done = flask_cli(server, "ws", "smoke", "--url", server.url, "--user", "nobody-here")
+    assert done.returncode == 1
+    assert "closed 4403 unknown user (the user is unknown or disabled: `flask users list`" in done.stdout
+    assert "FAIL connect" in done.stdout
+
+
 def test_smoke_against_nothing_fails_at_health(server: Server):
     done = flask_cli(server, "ws", "smoke", "--url", "http://127.0.0.1:9", "--user", "carol")
     assert done.returncode == 1 and "FAIL health" in done.stdout
