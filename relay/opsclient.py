@@ -194,7 +194,8 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
         received = getattr(err, "rcvd", None)
         code = getattr(received, "code", None)
         said = f"closed {code} {getattr(received, 'reason', '')}".rstrip() if code else f"{type(err).__name__}: {err}"
-        step("connect" if len(steps) < 3 else "receive", False, said + _CLOSE_HINTS.get(code, ""))
+        hint = _CLOSE_HINTS.get(code, "") if isinstance(code, int) else ""
+        step("connect" if len(steps) < 3 else "receive", False, said + hint)
     return steps
 
 
