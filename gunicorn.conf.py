@@ -6,8 +6,9 @@ from the environment once, here, the same way the app reads it:
 - binds ``WS_HOST:WS_PORT`` (127.0.0.1:3001), ``WEB_CONCURRENCY`` gevent workers;
 - checks the environment in the master first (settings, several workers
   without REDIS_URL, an unreachable Redis, a graceful timeout too short for
-  the drain), so a bad environment stops with one clear line instead of a
-  worker boot loop; in development it creates the instance folder and secrets;
+  the drain, in production a SQLite user store that does not exist), so a
+  bad environment stops with one clear line instead of a worker boot loop; in
+  development it creates the instance folder and secrets;
 - on SIGTERM/SIGHUP each worker closes its sockets with 1012 (and refuses new
   ones with 1012 while it does) before it stops accepting, instead of letting
   the master kill them with 1006 after the graceful timeout.
@@ -102,28 +103,33 @@ from relay.redis_broker import check_reachable
 try:
     check_reachable(os.environ["REALTIME_CHECK_REDIS_URL"])
 except ConfigError as problem:
-    sys.exit(str(problem))
+    print(problem)
+    sys.exit(1)
 """
 
 
 def _check_redis_apart(url):
     """Redis answers a PING at ``url``, or ConfigError with the reason (the password never shown)."""
     env = {**os.environ, "REALTIME_CHECK_REDIS_URL": url}  # not on the command line, which anyone may read
+    checking = f"checking Redis at REDIS_URL={redacted(url)}"
     try:
         done = subprocess.run(
             [sys.executable, "-c", _CHECK_REDIS], cwd=_HERE, env=env, capture_output=True, text=True, timeout=30
         )
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"Redis at REDIS_URL={redacted(url)} did not answer within 30 s") from None
+        raise ConfigError(f"{checking}: no answer within 30 s") from None
+    except OSError as problem:
+        raise ConfigError(f"{checking}: {sys.executable} could not be run ({problem})") from None
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        raise ConfigError(lines[-1] if lines else f"checking Redis at REDIS_URL={redacted(url)} failed")
+        # The check's own message (ConfigError's) is its stdout; anything else, the last line of its stderr.
+        said = done.stdout.strip() or (done.stderr.strip().splitlines() or ["no reason given"])[-1]
+        raise ConfigError(said if done.stdout.strip() else f"{checking} failed: {said}")
 
 
 def when_ready(server):
     """Bound, no worker yet: the metrics start at zero now. Not in on_starting: a second start in the same
     instance folder, whose port the running server holds, stops at the bind, and had emptied the running
-    server's counters first (its /metrics went blank until it restarted)."""
+    server's counters first (its /metrics went blank until it restarted). Files of live processes stay."""
     try:
         _fresh_metrics_folder(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     except ConfigError as problem:
@@ -132,14 +138,29 @@ def when_ready(server):
 
 
 def _fresh_metrics_folder(folder):
-    """Counters start at zero with the master: last run's files would be summed in otherwise."""
+    """Counters start at zero with the master: last run's files would be summed in otherwise. Only the files
+    of processes that are gone: a master sharing the folder (one re-executed by USR2 beside the old one, or a
+    second instance with --reuse-port) must not empty the counters of workers that are serving."""
     try:
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(folder):
-            if name.endswith(".db"):
+            if name.endswith(".db") and not _alive(name[: -len(".db")].rpartition("_")[2]):
                 os.remove(os.path.join(folder, name))
     except OSError as problem:
         raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR {folder} cannot be prepared: {problem}") from None
+
+
+def _alive(pid):
+    """Whether ``pid`` (a metrics file's, as text) is a running process."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's: running
+    return True
 
 
 def child_exit(server, worker):

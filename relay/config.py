@@ -143,8 +143,15 @@ class Settings:
         warnings: list[str] = []
 
         found: dict[str, str | None] = {name: reader.text(name, "") or None for name in SECRET_NAMES}
-        if production:
-            _require_strong(*found.items())  # every one at once: not one restart per missing secret
+        previous = reader.text("WS_TOKEN_SECRET_PREVIOUS", "") or None
+        metrics_token = reader.text("METRICS_TOKEN", "") or None
+        if production:  # every one at once, the optional ones given too: not one restart per problem
+            given = [
+                (name, value)
+                for name, value in (("WS_TOKEN_SECRET_PREVIOUS", previous), ("METRICS_TOKEN", metrics_token))
+                if value
+            ]
+            _require_strong(*found.items(), *given)
         else:
             missing = [name for name, value in found.items() if not value]
             if missing:
@@ -166,17 +173,11 @@ class Settings:
                         f"anything under {MIN_SECRET_BYTES}"
                     )
 
-        previous = reader.text("WS_TOKEN_SECRET_PREVIOUS", "") or None
         if previous is not None:
-            if production:
-                _require_strong(("WS_TOKEN_SECRET_PREVIOUS", previous))
             if previous == found["WS_TOKEN_SECRET"]:
                 raise ConfigError("WS_TOKEN_SECRET_PREVIOUS is the same as WS_TOKEN_SECRET: set a new WS_TOKEN_SECRET.")
 
-        metrics_token = reader.text("METRICS_TOKEN", "") or None
         metrics_public = reader.text("METRICS_PUBLIC", "0").lower() in ("1", "true", "yes")
-        if metrics_token is not None and production:
-            _require_strong(("METRICS_TOKEN", metrics_token))
         if production and metrics_token is None and not metrics_public:
             notices.append("/metrics is closed: set METRICS_TOKEN (or METRICS_PUBLIC=1 behind a private network)")
         health_public = reader.text("HEALTH_PUBLIC", "0").lower() in ("1", "true", "yes")
@@ -348,7 +349,8 @@ def _require_strong(*named: tuple[str, str | None]) -> None:
         )
     if short:
         problems.append(
-            f"{'; '.join(short)}; production needs at least {MIN_SECRET_BYTES} — set a longer value in the environment."
+            f"{'; '.join(short)}; production needs at least {MIN_SECRET_BYTES} — set "
+            f"{'longer values' if len(short) > 1 else 'a longer value'} in the environment."
         )
     if problems:
         raise ConfigError(" ".join(problems))
@@ -490,7 +492,7 @@ def _redis_url(raw: str) -> str | None:
         return None
     parts = _split(raw)
     if parts is None:  # a "[" or "]" of the password, taken for an IPv6 address's
-        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {REDIS_URL_HINT}.")
+        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {_url_hint(raw)}.")
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {redacted(raw)!r}.")
     try:
@@ -501,10 +503,18 @@ def _redis_url(raw: str) -> str | None:
     except ValueError:
         readable = False
     if not readable:
-        # The hint only when there is a password to encode: otherwise the port itself is what is wrong.
-        hint = REDIS_URL_HINT if "@" in raw else "the port must be a number from 1 to 65535"
-        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {hint}.")
+        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {_url_hint(raw)}.")
     return raw
+
+
+def _url_hint(raw: str) -> str:
+    """What to do about a REDIS_URL whose host and port cannot be read: percent-encode the password's
+    delimiters when there is a password; otherwise the host or port itself is what is wrong."""
+    return (
+        REDIS_URL_HINT
+        if "@" in raw
+        else "write the host as a name or address (an IPv6 one in [ ]) and the port as a number from 1 to 65535"
+    )
 
 
 def _written_host(url: str) -> str:
@@ -530,8 +540,8 @@ def redacted(url: str) -> str:
     anything else there that names one.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep:  # not a URL (a scheme mistyped: "redis//:pw@host"): what comes before an "@" may be a password
-        return "***@" + url.rpartition("@")[2] if "@" in url else url
+    if not sep:  # not a URL (a scheme mistyped, "redis//:pw@host", or a password pasted alone): none of it
+        return "***"
     shown = scheme + sep
     if sep and "@" in rest:
         authority = _before_query(rest)

@@ -32,9 +32,10 @@ def test_wrong_missing_or_empty_admin_secret_is_401(server: Server, headers):
     }
 
 
-def test_a_wrong_secret_is_told_apart_from_a_missing_one_and_logged_without_it(server: Server):
+def test_a_wrong_secret_is_told_apart_from_a_missing_one_and_logged_without_it(start_server):
     """An operator's run: a shell whose WS_ADMIN_SECRET went stale was told how to send a secret, and the
-    server said nothing of the attempts."""
+    server said nothing of the attempts. (A server of its own: the log's limit per address is per worker.)"""
+    server = start_server()
     missing = server.broadcast(GOOD, secret=None)
     assert "'Authorization: Bearer <WS_ADMIN_SECRET>'" in missing.json()["error"]["message"]
     assert server.log_events("api.admin_secret_refused") == []
@@ -44,6 +45,11 @@ def test_a_wrong_secret_is_told_apart_from_a_missing_one_and_logged_without_it(s
     logged = server.wait_for_event("api.admin_secret_refused")
     assert logged["level"] == "warning" and logged["path"] == "/broadcast" and logged["remote"] == "127.0.0.1"
     assert "stale-" not in server.log_text()
+    # One line a minute per address at most (anyone who reaches the port could write one per request).
+    for _ in range(3):
+        assert server.broadcast(GOOD, secret="stale-" * 8).status_code == 401
+    assert server.broadcast(GOOD).status_code == 200  # a request after those: their lines would be before it
+    assert len(server.log_events("api.admin_secret_refused")) == 1
 
 
 def test_secret_is_accepted_as_bearer_or_legacy_header(server: Server):

@@ -76,6 +76,22 @@ def test_a_second_start_on_the_port_the_server_holds_leaves_its_metrics_alone(st
     assert value(scrape(srv), "realtime_broadcasts_total", source="api") == 2
 
 
+def test_a_start_empties_the_metrics_of_processes_that_are_gone_and_only_those(start_server, tmp_path):
+    """A master sharing the folder (USR2's new master beside the old, --reuse-port) emptied the counters of
+    workers that were serving (review)."""
+    import os
+
+    from prometheus_client.mmap_dict import MmapedDict
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    for pid in (os.getpid(), 999_999_999):  # this test's process is alive; no process has the other
+        MmapedDict(str(folder / f"counter_{pid}.db")).close()
+    srv = start_server(PROMETHEUS_MULTIPROC_DIR=str(folder))
+    assert (folder / f"counter_{os.getpid()}.db").exists() and not (folder / "counter_999999999.db").exists()
+    assert scrape(srv)  # and the collector reads what stayed
+
+
 def bad_json(srv: Server, user: str) -> None:
     with srv.connect(user) as client:
         client.send("{not json")

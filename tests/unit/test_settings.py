@@ -52,6 +52,16 @@ def test_production_names_every_missing_or_weak_secret_at_once(tmp_path):
     said = str(refused.value)
     assert said.startswith("WS_TOKEN_SECRET and SECRET_KEY are not set; production needs secrets of at least 32 bytes")
     assert "WS_ADMIN_SECRET is 5 bytes; production needs at least 32" in said and "short" not in said
+    # The optional ones, when given, in the same message.
+    env = prod_env(
+        SECRET_KEY=None, METRICS_TOKEN="m" * 8, WS_TOKEN_SECRET_PREVIOUS="p" * 9, REALTIME_INSTANCE_PATH=str(tmp_path)
+    )
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(env)
+    said = str(refused.value)
+    assert said.startswith("SECRET_KEY is not set; production needs a secret of at least 32 bytes")
+    assert "WS_TOKEN_SECRET_PREVIOUS is 9 bytes; METRICS_TOKEN is 8 bytes; production needs at least 32" in said
+    assert "set longer values" in said
 
 
 def test_reading_settings_writes_nothing_and_a_missing_dev_secret_is_none(tmp_path):
@@ -162,21 +172,22 @@ def test_a_password_a_url_parser_cannot_find_is_never_shown_nor_let_through(tmp_
         # An "@" only after "?" or "#": the end of a password holding one, or in the query: nothing shown
         ("redis://:pa?ss@h/0", "redis://***"),
         ("redis://h:6379/0?password=abc@defghijk", "redis://***"),
-        # Not a URL (a mistyped scheme, found by an operator's run): what comes before an "@" is hidden
-        ("redis//:secretpw@127.0.0.1:6399", "***@127.0.0.1:6399"),
-        (":secretpw@127.0.0.1:6399", "***@127.0.0.1:6399"),
-        ("redis//127.0.0.1:6399", "redis//127.0.0.1:6399"),
+        # Not a URL (a mistyped scheme, found by an operator's run; a password pasted alone): none of it
+        ("redis//:secretpw@127.0.0.1:6399", "***"),
+        (":secretpw@127.0.0.1:6399", "***"),
+        ("redis//:pw@h/0?password=xyz", "***"),
+        ("s3cret", "***"),
     ],
 )
 def test_redacted_urls(url, shown):
     assert redacted(url) == shown
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:99999/0", "redis://127.0.0.1:abc/0"])
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:99999/0", "redis://127.0.0.1:abc/0", "redis://[::1:6379/0"])
 def test_a_bad_port_without_a_password_is_called_a_bad_port(tmp_path, url):
     with pytest.raises(ConfigError) as problem:
         Settings.from_env({"REDIS_URL": url, "REALTIME_INSTANCE_PATH": str(tmp_path)})
-    assert "the port must be a number from 1 to 65535" in str(problem.value)
+    assert "the port as a number from 1 to 65535" in str(problem.value)
     assert "percent-encode" not in str(problem.value)  # there is no password (an operator's run)
 
 
