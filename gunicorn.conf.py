@@ -6,7 +6,7 @@ from the environment once, here, the same way the app reads it:
 - binds ``WS_HOST:WS_PORT`` (127.0.0.1:3001), ``WEB_CONCURRENCY`` gevent workers;
 - checks the environment in the master first (settings, several workers
   without REDIS_URL, an unreachable Redis, a graceful timeout too short for
-  the drain, in production a SQLite user store that does not exist), so a
+  the drain, in production a SQLite user store with no users), so a
   bad environment stops with one clear line instead of a worker boot loop; in
   development it creates the instance folder and secrets;
 - on SIGTERM/SIGHUP each worker closes its sockets with 1012 (and refuses new
@@ -80,13 +80,17 @@ def on_starting(server):
                 f"{_settings.shutdown_budget_s:g} s a stopping worker may need (WS_DRAIN_TIMEOUT_MS + "
                 "WS_CLOSE_TIMEOUT_MS): gunicorn would kill workers mid-drain. Raise it or leave the default."
             )
-        if _settings.production and _settings.supabase is None and not os.path.exists(_settings.db_path):
-            # A mistyped path would start on a new, empty store: every sign-in and socket refused, /health "ok".
-            raise ConfigError(
-                f"the user store {_settings.db_path} does not exist: production does not start on an empty one. "
-                "Fix REALTIME_DB (or REALTIME_INSTANCE_PATH), or add the first user with `flask users add`, "
-                "which creates it."
-            )
+        if _settings.production and _settings.supabase is None:
+            from relay.sqlite_directory import users_in
+
+            # A mistyped path would start on a new, empty store (created then, or by a `flask` command run
+            # with the same typo): every sign-in and socket refused, /health "ok".
+            if users_in(_settings.db_path) == 0:
+                raise ConfigError(
+                    f"the user store {_settings.db_path} does not exist or has no users: production does not "
+                    "start on an empty one. Fix REALTIME_DB (or REALTIME_INSTANCE_PATH), or add the first user "
+                    "with `flask users add`."
+                )
         if _settings.redis_url:
             _check_redis_apart(_settings.redis_url)
     except ConfigError as problem:
@@ -141,30 +145,21 @@ def _fresh_metrics_folder(folder):
     """Counters start at zero with the master: last run's files would be summed in otherwise. Only the files
     of processes that are gone: a master sharing the folder (one re-executed by USR2 beside the old one, or a
     second instance with --reuse-port) must not empty the counters of workers that are serving."""
+    from relay.metrics import pid_of, running
+
     try:
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(folder):
-            if name.endswith(".db") and not _alive(name[: -len(".db")].rpartition("_")[2]):
+            pid = pid_of(name)
+            if name.endswith(".db") and (pid is None or not running(pid)):
                 os.remove(os.path.join(folder, name))
     except OSError as problem:
         raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR {folder} cannot be prepared: {problem}") from None
 
 
-def _alive(pid):
-    """Whether ``pid`` (a metrics file's, as text) is a running process."""
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's: running
-    return True
-
-
 def child_exit(server, worker):
-    """A worker is gone: drop its live gauges (open connections), keep its counters (totals never fall)."""
+    """A worker is gone: drop its live gauges (open connections), keep its counters (totals do not fall while
+    the master runs; a new master, USR2's beside this one included, removes those of workers gone by then)."""
     from relay.metrics import mark_process_dead
 
     mark_process_dead(worker.pid)

@@ -88,6 +88,21 @@ _SIGNS_IN = "email = ? OR id = ?"
 _store_errors = errors_become(DirectoryUnavailable, "the embedded identity store cannot be used")
 
 
+def users_in(path: str) -> int:
+    """How many users the store at ``path`` holds, read without creating or changing anything: 0 when it
+    does not exist or holds no users table (the production start-up check, in the master)."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return 0  # no such file (read-only mode does not create it)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM users").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+    finally:
+        db.close()
+
+
 class SqliteDirectory(SqliteStore):
     """Users in SQLite. Safe to share between greenlets (one connection, one lock)."""
 

@@ -2,7 +2,7 @@
 
 import pytest
 import requests
-from support import wait_for
+from support import run_flask, wait_for
 
 from relay.config import SECRET_NAMES
 
@@ -38,15 +38,23 @@ def test_production_starts_with_strong_secrets_and_ignores_the_test_user(start_s
     assert requests.get(srv.url + "/api/ws/auth", timeout=5).status_code == 401
     assert "WS_TEST_USER_ID is ignored because APP_ENV=production" in srv.log_text()
     assert srv.health()["env"] == "production"  # the full report, for the metrics token
+    assert "MonkeyPatchWarning" not in srv.log_text()  # the master's checks import nothing that patching warns of
 
 
-def test_production_refuses_a_user_store_that_does_not_exist(start_server, tmp_path):
+def test_production_refuses_a_user_store_that_does_not_exist_or_has_no_users(start_server, tmp_path):
     """Found by an operator's run: a mistyped REALTIME_DB started on a new, empty store, which refused every
-    sign-in and socket while /health said "ok"."""
-    srv = start_server(wait=False, **prod_env(REALTIME_DB=str(tmp_path / "typo" / "realtime.db")))
+    sign-in and socket while /health said "ok". A `flask` command run with the same typo creates the file
+    (the review): an empty one is refused too."""
+    typo = tmp_path / "typo" / "realtime.db"
+    srv = start_server(wait=False, **prod_env(REALTIME_DB=str(typo)))
     assert srv.proc.wait(timeout=30) != 0
-    assert f"cannot start: the user store {tmp_path / 'typo' / 'realtime.db'} does not exist" in srv.log_text()
-    assert not (tmp_path / "typo").exists()
+    assert f"cannot start: the user store {typo} does not exist or has no users" in srv.log_text()
+    assert not typo.parent.exists()
+    listed = run_flask({**srv.env}, "users", "list")
+    assert listed.returncode == 0 and typo.exists()  # created by the command, empty
+    again = start_server(wait=False, **prod_env(REALTIME_DB=str(typo)))
+    assert again.proc.wait(timeout=30) != 0
+    assert "has no users" in again.log_text()
 
 
 def test_preload_is_refused_because_greenlets_belong_to_workers(start_server):
