@@ -167,7 +167,7 @@ class Settings:
                         "first start (make run); commands that need them will say so"
                     )
             for name, secret in found.items():
-                if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+                if secret and _too_short(secret):
                     warnings.append(
                         f"{name} is {len(secret.encode())} bytes; production will refuse "
                         f"anything under {MIN_SECRET_BYTES}"
@@ -492,7 +492,7 @@ def _redis_url(raw: str) -> str | None:
         return None
     parts = _split(raw)
     if parts is None:  # a "[" or "]" of the password, taken for an IPv6 address's
-        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {_url_hint(raw)}.")
+        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {url_hint(raw)}.")
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {redacted(raw)!r}.")
     try:
@@ -503,11 +503,11 @@ def _redis_url(raw: str) -> str | None:
     except ValueError:
         readable = False
     if not readable:
-        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {_url_hint(raw)}.")
+        raise ConfigError(f"REDIS_URL={redacted(raw)} has no host and port redis-py can read: {url_hint(raw)}.")
     return raw
 
 
-def _url_hint(raw: str) -> str:
+def url_hint(raw: str) -> str:
     """What to do about a REDIS_URL whose host and port cannot be read: percent-encode the password's
     delimiters when there is a password; otherwise the host or port itself is what is wrong."""
     return (

@@ -154,9 +154,9 @@ class GroupProcessCollector:
         registry.register(self)
 
     def pids(self) -> list[int]:
-        found = {int(m.group(1)) for f in glob.glob(os.path.join(self.folder, "*.db")) if (m := _PID.search(f))}
+        found = {pid for f in glob.glob(os.path.join(self.folder, "*.db")) if (pid := pid_of(f)) is not None}
         found.add(os.getppid())  # the master writes no metrics
-        return sorted(pid for pid in found if os.path.exists(f"/proc/{pid}/stat"))
+        return sorted(pid for pid in found if running(pid))
 
     def collect(self):
         cpu = rss = vms = fds = 0.0
@@ -183,6 +183,17 @@ class GroupProcessCollector:
 
 
 _PID = re.compile(r"_(\d+)\.db$")
+
+
+def pid_of(filename: str) -> int | None:
+    """The process a metrics file (``counter_123.db``) belongs to, or None."""
+    found = _PID.search(filename)
+    return int(found.group(1)) if found else None
+
+
+def running(pid: int) -> bool:
+    """Whether a process of that id runs on this machine now."""
+    return os.path.exists(f"/proc/{pid}/stat")
 
 
 def _boot_time() -> float:

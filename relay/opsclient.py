@@ -20,6 +20,7 @@ from websockets.sync.client import connect
 from websockets.sync.connection import Connection as WebSocket
 
 from .clock import now_iso
+from .codes import Close
 from .tokens import TokenService
 
 
@@ -194,16 +195,15 @@ def smoke(client: OpsClient, tokens: TokenService | None, user_id: str | None, c
         received = getattr(err, "rcvd", None)
         code = getattr(received, "code", None)
         said = f"closed {code} {getattr(received, 'reason', '')}".rstrip() if code else f"{type(err).__name__}: {err}"
-        hint = _CLOSE_HINTS.get(code, "") if isinstance(code, int) else ""
-        step("connect" if len(steps) < 3 else "receive", False, said + hint)
+        step("connect" if len(steps) < 3 else "receive", False, said + _CLOSE_HINTS.get(code, ""))
     return steps
 
 
 # What a close the smoke test meets most often means for whoever runs it.
-_CLOSE_HINTS = {
-    4401: " (the token was refused: is this environment's WS_TOKEN_SECRET the server's?)",
-    4403: " (the user is unknown or disabled: `flask users list` shows who can connect)",
-    1013: " (the server is full or its stores are down: see /health)",
+_CLOSE_HINTS: dict[int | None, str] = {
+    Close.UNAUTHORIZED: " (the token was refused: is this environment's WS_TOKEN_SECRET the server's?)",
+    Close.FORBIDDEN: " (the user is unknown or disabled: `flask users list` shows who can connect)",
+    Close.TRY_AGAIN_LATER: " (the server is full or its stores are down: see /health)",
 }
 
 

@@ -383,9 +383,10 @@ class ClientProtocol:
 
     def _replay(self, conn: Connection, held: frozenset[str], since: tuple[str, int]) -> list[Envelope] | str:
         """The broadcasts after ``since`` meant for this connection that it was not sent: from before
-        ``sent_after`` (it joined, or an earlier replay's ``since``), and those the channels just taken
-        add (the channels it ``held`` and its user, role and clinic brought it the others); from the
-        recent window, or why not (a :class:`relay.recovery.Reason`).
+        ``sent_after`` (it joined, a recovered resume's offset, or an earlier replay's ``since``), and those
+        the channels just taken add (the channels it ``held`` and its user, role and clinic brought it the
+        others, each channel taken late only after its offset in ``Connection.late``); from the recent
+        window, or why not (a :class:`relay.recovery.Reason`).
 
         For a page rendered at ``since``: what was broadcast between the render and its subscription,
         which it would otherwise never see. Live frames may have reached the client before these

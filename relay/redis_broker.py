@@ -43,7 +43,7 @@ import gevent
 from gevent.event import Event
 
 from .broker import BrokerUnavailable, Control, Deliver, Delivery, Pending, Resync, Stats
-from .config import REDIS_URL_HINT, ConfigError, redacted
+from .config import ConfigError, redacted, url_hint
 from .envelope import Envelope
 from .eventlog import event
 
@@ -76,7 +76,7 @@ def check_reachable(url: str, timeout: float = 3.0) -> None:
         client.close()
     except ValueError:
         # Not its message: redis-py quotes the part it could not read, which may be the password's start.
-        raise ConfigError(f"REDIS_URL={redacted(url)} is not a URL redis-py can read: {REDIS_URL_HINT}") from None
+        raise ConfigError(f"REDIS_URL={redacted(url)} is not a URL redis-py can read: {url_hint(url)}") from None
     except (redis.RedisError, OSError) as problem:
         raise ConfigError(f"Redis at REDIS_URL={redacted(url)} is unreachable: {problem}") from None
 

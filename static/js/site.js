@@ -189,7 +189,9 @@ function earlierToast(container) {
 
 // -- channel subscribers -----------------------------------------------------------
 
-const subscribed = new Map(); // element -> {names, last}: what it subscribed, and whether to last values
+// element -> {names, last, taken, waiting, catchUp}: its channels and whether to last values; whether it has
+// subscribed yet (taken), the listener that waits for htmx to set it up (waiting), its catch-up timer.
+const subscribed = new Map();
 
 function channelsOf(element) {
   return (element.dataset.realtimeChannels || "").split(/\s+/).filter(Boolean);

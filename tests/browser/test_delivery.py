@@ -702,6 +702,26 @@ def test_a_fragment_swapped_in_later_is_given_what_was_broadcast_to_its_channel_
     assert resync["reason"] == "not_replayed" and resync["channels"] == [QUEUE]
 
 
+SPY_ON_SENDS = """() => {
+  window.__sent = [];  // the types of what the page sends from here (PINGs left out), and when (__sentAt)
+  window.__sentAt = [];
+  const send = WebSocket.prototype.send;
+  WebSocket.prototype.send = function (text) {
+    const type = JSON.parse(text).type;
+    if (type !== 'PING') {
+      window.__sent.push(type);
+      window.__sentAt.push(performance.now());
+    }
+    return send.call(this, text);
+  };
+}"""
+# A fragment of bob's queue page (by selector) as a request would render it now, with its position.
+FRAGMENT_NOW = """async (selector) => {
+  const html = await (await fetch('/clinics/clinic-1/queue')).text();
+  return new DOMParser().parseFromString(html, 'text/html').querySelector(selector).outerHTML;
+}"""
+
+
 def test_a_fragment_htmx_swaps_in_later_renders_what_its_replay_brings(site, web):
     """Found by review: htmx sets up a swapped-in element's triggers only as the swap settles (20 ms on; a
     second or more in a background tab), and site.js subscribed the moment the element was in the DOM: a
@@ -710,23 +730,11 @@ def test_a_fragment_htmx_swaps_in_later_renders_what_its_replay_brings(site, web
     page = web(site, "bob", "/")
     wait_live(page)
     settled(page)
-    # The alerts fragment as the queue page renders it now, with its position, before the alert.
-    fragment = page.evaluate(
-        """async () => {
-             const html = await (await fetch('/clinics/clinic-1/queue')).text();
-             const doc = new DOMParser().parseFromString(html, 'text/html');
-             return doc.querySelector('#alerts').outerHTML;
-           }"""
-    )
+    fragment = page.evaluate(FRAGMENT_NOW, "#alerts")  # rendered now, before the alert
     assert clinic_alert(site, "Room 3 needs a nurse")["delivered"] == 0  # the page does not hold the channel
+    page.evaluate(SPY_ON_SENDS)
     page.evaluate(
         """(fragment) => {
-             window.__sent = [];  // what the page sends from here: [type, ms after the swap]
-             const send = WebSocket.prototype.send;
-             WebSocket.prototype.send = function (text) {
-               window.__sent.push([JSON.parse(text).type, performance.now() - window.__swapped]);
-               return send.call(this, text);
-             };
              window.__swapped = performance.now();
              // With an htmx element inside, set up first (by a script, with htmx.process): its
              // afterProcessNode bubbles through the fragment, which is not set up by it.
@@ -738,7 +746,9 @@ def test_a_fragment_htmx_swaps_in_later_renders_what_its_replay_brings(site, web
     )
     expect(page.locator("main #alerts .banner")).to_have_count(1, timeout=10_000)
     expect(page.locator("main #alerts .banner .alert-text")).to_have_text("Room 3 needs a nurse")
-    asked = [at for type_, at in page.evaluate("window.__sent") if type_ == "SUBSCRIBE"]
+    asked = page.evaluate(
+        "window.__sent.flatMap((type, i) => type === 'SUBSCRIBE' ? [window.__sentAt[i] - window.__swapped] : [])"
+    )
     assert len(asked) == 1 and asked[0] >= 900  # after the settle, not as the swap put it in the DOM
     clinic_alert(site, "Room 4 too")  # live from here on
     expect(page.locator("main #alerts .banner")).to_have_count(2, timeout=10_000)
@@ -746,7 +756,6 @@ def test_a_fragment_htmx_swaps_in_later_renders_what_its_replay_brings(site, web
     page.evaluate(
         """(fragment) => {
              window.__sent = [];
-             window.__swapped = performance.now();
              const queue = fragment.replaceAll('clinic-1', 'clinic-2').replace('id="alerts"', 'id="other"');
              htmx.swap(document.querySelector('main'), queue, {swapStyle: 'beforeend', settleDelay: 1000});
              document.querySelector('#other').remove();
@@ -754,7 +763,7 @@ def test_a_fragment_htmx_swaps_in_later_renders_what_its_replay_brings(site, web
         fragment,
     )
     page.wait_for_timeout(1500)
-    assert [type_ for type_, _ in page.evaluate("window.__sent") if type_ != "PING"] == []
+    assert page.evaluate("window.__sent") == []
     clinic_alert(site, "Room 5")  # the first fragment's channel is still held
     expect(page.locator("main #alerts .banner")).to_have_count(3, timeout=10_000)
     # One htmx will not set up (htmx disabled around it) subscribes at once, as before.
@@ -767,22 +776,7 @@ def test_a_fragment_htmx_swaps_in_later_renders_what_its_replay_brings(site, web
            }""",
         fragment,
     )
-    assert wait_for(lambda: [t for t, _ in page.evaluate("window.__sent") if t != "PING"] == ["SUBSCRIBE"], timeout=10)
-
-
-SPY_ON_SENDS = """() => {
-  window.__sent = [];  // the types of what the page sends from here (PINGs left out)
-  const send = WebSocket.prototype.send;
-  WebSocket.prototype.send = function (text) {
-    const type = JSON.parse(text).type;
-    if (type !== 'PING') window.__sent.push(type);
-    return send.call(this, text);
-  };
-}"""
-QUEUE_NOW = """async () => {
-  const html = await (await fetch('/clinics/clinic-1/queue')).text();
-  return new DOMParser().parseFromString(html, 'text/html').querySelector('#queue').outerHTML;
-}"""
+    assert wait_for(lambda: page.evaluate("window.__sent") == ["SUBSCRIBE"], timeout=10)
 
 
 def test_a_queue_swapped_for_a_like_one_rendered_before_an_update_asks_for_the_current_queue(site, web):
@@ -795,7 +789,7 @@ def test_a_queue_swapped_for_a_like_one_rendered_before_an_update_asks_for_the_c
     settled(page)
     queue_update(site, "Somchai")
     expect(page.locator("#queue ol.queue li")).to_have_count(1, timeout=10_000)
-    older = page.evaluate(QUEUE_NOW)  # rendered now: Somchai alone
+    older = page.evaluate(FRAGMENT_NOW, "#queue")  # rendered now: Somchai alone
     queue_update(site, "Somchai", "Nok")  # while the "parent's request" is out
     expect(page.locator("#queue ol.queue li")).to_have_count(2, timeout=10_000)
     page.evaluate(SPY_ON_SENDS)
@@ -812,7 +806,7 @@ def test_a_queue_swapped_for_a_like_one_rendered_before_an_update_asks_for_the_c
     page.wait_for_timeout(1500)
     assert page.evaluate("window.__sent") == ["SUBSCRIBE"]
     # Rendered after the latest update: its state is current, nothing is asked.
-    page.evaluate(swap, page.evaluate(QUEUE_NOW))
+    page.evaluate(swap, page.evaluate(FRAGMENT_NOW, "#queue"))
     page.wait_for_timeout(1500)
     assert page.evaluate("window.__sent") == ["SUBSCRIBE"]
     expect(page.locator("#queue ol.queue li")).to_have_count(3)
