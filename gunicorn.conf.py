@@ -223,10 +223,14 @@ def post_worker_init(worker):
     StreamServer.max_accept = 1
 
     from relay.eventlog import RedactUrls
+    from relay.logwriter import stream_for
 
     logging.getLogger("gunicorn.error").addFilter(_AnswerNotTaken())
-    for name in ("gunicorn.error", "gunicorn.access"):  # a socket's URL carries its token
-        logging.getLogger(name).addFilter(RedactUrls())
+    for name in ("gunicorn.error", "gunicorn.access"):
+        logging.getLogger(name).addFilter(RedactUrls())  # a socket's URL carries its token
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:  # "-": stderr, or stdout for the access log
+                handler.setStream(stream_for(handler.stream))  # never waits for the log's reader
     realtime = worker.wsgi.extensions["realtime"]
     realtime.start()
     _warm_up(realtime)
@@ -257,3 +261,10 @@ def post_worker_init(worker):
             gevent.spawn(drain_then_stop)
 
     signal.signal(signal.SIGTERM, on_term)
+
+
+def worker_exit(server, worker):
+    """Write the log lines this worker still holds (relay/logwriter.py), waiting at most 3 s for the reader."""
+    from relay.logwriter import flush_all
+
+    flush_all()

@@ -26,6 +26,8 @@ from contextvars import ContextVar, Token
 
 import gevent
 
+from .logwriter import stream_for
+
 logger = logging.getLogger("relay.events")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _SECRET_WORDS = ("token", "secret", "password", "authorization", "cookie")
@@ -77,6 +79,11 @@ def _timestamp(created: float) -> str:
     """``2026-12-03T13:30:00.123+00:00``: the formatted second is reused by every line written within it."""
     whole = int(created)
     return f"{_second(whole)}.{int((created - whole) * 1000):03d}+00:00"
+
+
+def line(name: str, level: str, **fields: object) -> str:
+    """One log line (without its newline), as :func:`event` writes it, stamped now."""
+    return _line(time.time(), level, fields, name)
 
 
 def _line(created: float, level: str, fields: dict, name: str | None = None, **extra: object) -> str:
@@ -139,10 +146,11 @@ class RedactUrls(logging.Filter):
 
 
 class JsonHandler(logging.StreamHandler):
-    """Our stderr handler (a class of its own, so ``configure`` can tell it from anyone else's)."""
+    """Our stderr handler (a class of its own, so ``configure`` can tell it from anyone else's); in a
+    gevent worker it writes through a :class:`relay.logwriter.LineWriter`, which never waits."""
 
     def __init__(self) -> None:
-        super().__init__(sys.stderr)
+        super().__init__(stream_for(sys.stderr))
         self.setFormatter(JsonFormatter())
 
 
@@ -176,7 +184,7 @@ class OffTheLoop(logging.Handler):
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 message = f"{self.dropped} log lines dropped: {self.inner!r} does not keep up"
-                sys.stderr.write(_line(time.time(), "error", {}, "log.dropped", message=message) + "\n")
+                stream_for(sys.stderr).write(line("log.dropped", "error", message=message) + "\n")
         self._waiting.append(record)
         if self._writer is None:
             self._writer = gevent.spawn(self._write_waiting)

@@ -111,6 +111,8 @@ class Server:
     args: tuple = ()
     port: int = 0
     proc: subprocess.Popen | None = None
+    # Its output to a pipe the test reads (proc.stdout) instead of the log file: the log helpers see nothing.
+    log_pipe: bool = False
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port()
@@ -148,7 +150,7 @@ class Server:
             [sys.executable, "-m", "gunicorn", "-k", "gevent", *self.args, "wsgi:app"],
             cwd=ROOT,
             env=self.env,
-            stdout=self._log,
+            stdout=subprocess.PIPE if self.log_pipe else self._log,
             stderr=subprocess.STDOUT,
             preexec_fn=_end_with_the_tests,
         )

@@ -414,8 +414,8 @@ def test_a_browsers_full_upgrade_is_answered_without_compression_or_subprotocol(
         while len(rest) < 2:
             rest += sock.recv(4096)
     assert rest[0] == 0x81, rest[:2]  # a final text frame, RSV1 clear: not compressed
-    log = server.log_text().replace(" ", "")
-    assert '"requestId":"browser-upgrade-1"' in log  # the request id was bound before the headers were dropped
+    # The request id was bound before the headers were dropped.
+    assert wait_for(lambda: '"requestId":"browser-upgrade-1"' in server.log_text().replace(" ", ""))
 
 
 # -- headers --------------------------------------------------------------------------------------

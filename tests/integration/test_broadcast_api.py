@@ -49,6 +49,7 @@ def test_a_wrong_secret_is_told_apart_from_a_missing_one_and_logged_without_it(s
     for _ in range(3):
         assert server.broadcast(GOOD, secret="stale-" * 8).status_code == 401
     assert server.broadcast(GOOD).status_code == 200  # a request after those: their lines would be before it
+    server.wait_for_event("broadcast")
     assert len(server.log_events("api.admin_secret_refused")) == 1
 
 

@@ -71,3 +71,70 @@ def test_a_sockets_token_is_redacted_from_gunicorns_own_logs(start_server):
     assert refused.status_code == 400  # answered over HTTP: an access log line, with its URL
     assert wait_for(lambda: "GET /ws?resume=1&token=[redacted] HTTP/1.1" in srv.log_text()), srv.log_text()[-2000:]
     assert token not in srv.log_text()
+
+
+def test_a_log_reader_that_stops_reading_does_not_stop_the_worker(tmp_path):
+    """Every connect, subscribe and close is logged; once a pipe's 64 KB are full, a write to it waits
+    for the reader (journald under load, a container's log driver, ``| less``). That wait was the whole
+    worker's: sockets, /health and broadcasts stopped with it. Lines now wait in the worker instead, and
+    reach the reader in order, whole, once it reads again."""
+    import select
+    import threading
+
+    import requests
+    from support import make_users
+
+    make_users(tmp_path / "realtime.db")
+    # With gunicorn's access log on stdout (the same pipe): /health's line must not wait either.
+    srv = Server(tmp_path, {}, ("--access-logfile", "-"), log_pipe=True).start()
+    try:
+        assert srv.proc is not None and srv.proc.stdout is not None
+        pipe = srv.proc.stdout.fileno()
+        with srv.connect("alice", ["system:announcements"]) as watcher:
+            made = []
+            for _ in range(300):  # ~750 bytes of log lines each: 220 KB, more than three pipes' worth
+                with srv.connect("bob", ["system:announcements"]) as bob:
+                    made.append(bob.client_id)
+            # The reader has not read a byte: the pipe is full, and the worker still answers.
+            assert requests.get(f"{srv.url}/health", timeout=10).status_code == 200
+            assert srv.announce("still here", channels=["system:announcements"])["delivered"] >= 1
+            assert watcher.expect("ANNOUNCEMENT")["data"]["message"] == "still here"
+            assert select.select([pipe], [], [], 0)[0]  # (something to read: the writes did start)
+
+            read: list[bytes] = []
+            reader = threading.Thread(target=lambda: read.append(_read_until_quiet(pipe)), daemon=True)
+            reader.start()
+            reader.join(30)
+        lines = b"".join(read).decode().splitlines()
+        ours = [json.loads(line) for line in lines if line.startswith("{")]  # whole lines: each one parses
+        connects = [e for e in ours if e.get("event") == "ws.connect" and e["userId"] == "bob"]
+        assert [e["clientId"] for e in connects] == made  # every one, in order
+        closes = {e["clientId"] for e in ours if e.get("event") == "ws.disconnect" and e["userId"] == "bob"}
+        assert closes == set(made) and not [e for e in ours if e.get("event") == "log.dropped"]
+        assert [line for line in lines if '"GET /health HTTP/1.1" 200' in line]  # gunicorn's access log's line
+    finally:
+        # The stop's own lines (the master's too) must not wait for a reader: read until the end.
+        rest: list[bytes] = []
+        pipe = srv.proc.stdout.fileno()
+        reader = threading.Thread(target=lambda: rest.append(_read_until_quiet(pipe, 30.0)), daemon=True)
+        reader.start()
+        assert srv.stop() == 0
+        reader.join(35)
+        srv.proc.stdout.close()
+    assert b"Worker exiting" in b"".join(rest)  # the worker's last lines are written before it exits
+
+
+def _read_until_quiet(fd: int, quiet: float = 1.0, limit: float = 30.0) -> bytes:
+    """Everything written to ``fd`` until nothing more comes for ``quiet`` seconds (``limit`` at most)."""
+    import os
+    import select
+    import time
+
+    chunks = []
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and select.select([fd], [], [], quiet)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -275,7 +275,7 @@ def test_in_production_health_tells_anyone_its_summary_and_the_metrics_token_its
     assert set(requests.get(closed.url + "/health", timeout=5).json()) == SUMMARY
     refused = requests.get(closed.url + "/health?history=1", headers={"Authorization": f"Bearer {token}"}, timeout=5)
     assert refused.status_code == 403 and "METRICS_TOKEN" in refused.json()["error"]["message"]
-    assert "/health answers its summary only" in closed.log_text()
+    assert wait_for(lambda: "/health answers its summary only" in closed.log_text())
     done = flask_cli(closed, "ws", "health", "--url", closed.url)
     assert done.returncode == 0 and '"report": "summary"' in done.stdout, done.stdout + done.stderr
     public = start_server(**PRODUCTION, HEALTH_PUBLIC="1")

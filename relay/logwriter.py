@@ -1,0 +1,168 @@
+"""Log lines to stderr (or stdout) that never make the event loop wait for the reader.
+
+A write to a pipe waits while the pipe is full, and it is full whenever the
+process reading the logs does not keep up: journald under load, a container
+runtime's log driver, a terminal scrolled back, ``gunicorn ... | less``. In
+a gevent worker that wait is the whole worker's: every socket, ``/health``
+and the broadcast endpoint stopped with it, and the master killed the worker
+when its heartbeat stopped too. Lines are logged from event-loop callbacks
+(a SUBSCRIBE, a close), where nothing may wait at all.
+
+:class:`LineWriter` is the stream our JSON handler (and gunicorn's, in a
+worker) writes to. ``write`` only queues the text; one greenlet writes what
+is queued, in order, through a thread of gevent's pool, which is the only one
+that waits on a stalled reader. What a burst queues goes out a pipe's atomic
+size (``PIPE_BUF``, 4,096 bytes) at a time, cut at line ends, so that no
+line is split by another worker's writing to the same pipe. Past
+``MAX_WAITING_BYTES`` waiting, the oldest lines are dropped, and the first
+line written once the reader is back says how many (``log.dropped``). Lines
+still queued when a worker exits are written by :func:`flush_all`
+(``worker_exit``), which waits at most a few seconds for a stalled reader.
+
+Outside a gevent-patched process (the ``flask`` commands, unit tests) there
+is no loop to protect: :func:`stream_for` hands back the stream itself.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections import deque
+from typing import TextIO
+
+import gevent
+from gevent import get_hub, monkey
+
+PIPE_BUF = select.PIPE_BUF  # what one write to a pipe keeps whole (Linux: 4,096 bytes)
+MAX_WAITING_BYTES = 4 << 20  # ~15,000 lines of ~280 bytes: a connect storm's worth
+_thread_ident = monkey.get_original("_thread", "get_ident")  # the OS thread's, not the greenlet's
+
+_writers: dict[int, LineWriter] = {}
+
+
+def stream_for(stream: TextIO) -> TextIO:
+    """``stream`` itself outside a gevent-patched process, else this process's :class:`LineWriter` for its
+    file descriptor (one per descriptor, so that two handlers on stderr keep one order)."""
+    if not monkey.is_module_patched("socket"):
+        return stream
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO): nothing to wait on
+        return stream
+    writer = _writers.get(fd)
+    if writer is None or writer.pid != os.getpid():
+        writer = _writers[fd] = LineWriter(stream)
+    return writer  # type: ignore[return-value]  # file-like: write, flush, fileno
+
+
+def flush_all(timeout: float = 3.0) -> bool:
+    """Write what every writer of this process still holds (a worker's last lines); True if all went out.
+
+    Waits at most ``timeout`` in all: a reader that stays away must not keep a
+    stopping worker from exiting."""
+    deadline = time.monotonic() + timeout
+    return all([writer.flush_waiting(max(0.0, deadline - time.monotonic())) for writer in _writers.values()])
+
+
+class LineWriter:
+    """A text stream whose ``write`` queues and returns at once; written in order by one greenlet.
+
+    Called from any greenlet or event-loop callback of the worker's loop. A
+    thread that is not the loop's (one of gevent's pool) writes directly: it
+    may wait, and it has no greenlet to hand the text to.
+    """
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.pid = os.getpid()
+        self._fd = stream.fileno()
+        self._loop_thread = _thread_ident()
+        self._waiting: deque[str] = deque()
+        self._waiting_bytes = 0
+        self._writer: gevent.Greenlet | None = None
+        self.dropped = 0  # lines dropped since the last log.dropped line
+        self.dropped_total = 0
+
+    # -- the stream's interface -----------------------------------------------------------------
+
+    def write(self, text: str) -> int:
+        if _thread_ident() != self._loop_thread:
+            self.stream.write(text)
+            self.stream.flush()
+            return len(text)
+        self._waiting.append(text)
+        self._waiting_bytes += len(text)
+        while self._waiting_bytes > MAX_WAITING_BYTES and len(self._waiting) > 1:
+            self._waiting_bytes -= len(self._waiting.popleft())
+            self.dropped += 1
+            self.dropped_total += 1
+        if self._writer is None:
+            self._writer = gevent.spawn(self._write_waiting)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing: logging's handlers call this after every line, and the line is on its way."""
+
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def waiting(self) -> int:
+        """Lines queued and not handed to the pool's thread yet."""
+        return len(self._waiting)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def flush_waiting(self, timeout: float) -> bool:
+        """Wait, at most ``timeout``, until everything queued so far is written (True) or not (False)."""
+        deadline = time.monotonic() + timeout
+        while (self._waiting or self._writer is not None) and time.monotonic() < deadline:
+            if self._writer is None:
+                self._writer = gevent.spawn(self._write_waiting)
+            self._writer.join(max(0.0, deadline - time.monotonic()))
+        return not self._waiting and self._writer is None
+
+    def _write_waiting(self) -> None:
+        """The writer greenlet: hand what is queued to a pool thread, a batch at a time, until none is left.
+
+        The batch is cut into writes in the thread too: after a stall it can be megabytes, and
+        the loop gets the interpreter back from a thread every few milliseconds."""
+        try:
+            while self._waiting:
+                get_hub().threadpool.apply(_write_text, (self._fd, self._take()))
+        finally:
+            self._writer = None  # nothing switches between the last check and here: no line is left behind
+
+    def _take(self) -> str:
+        """Everything queued, after a ``log.dropped`` line if lines were dropped before it."""
+        text = "".join(self._waiting)
+        self._waiting.clear()
+        self._waiting_bytes = 0
+        if self.dropped:
+            from .eventlog import line  # (eventlog writes through this module)
+
+            message = f"{self.dropped} log lines dropped: the process reading this log did not keep up"
+            text = line("log.dropped", "error", count=self.dropped, message=message) + "\n" + text
+            self.dropped = 0
+        return text
+
+
+def _write_text(fd: int, text: str) -> None:
+    """In a pool thread: ``text`` in writes of at most PIPE_BUF bytes that end at a line's end (a
+    longer line alone), each whole and in order. A reader that is gone (EPIPE) or a descriptor
+    closed under us drops the lines: there is nowhere left to write them."""
+    data = text.encode("utf-8", "backslashreplace")
+    start, size = 0, len(data)
+    try:
+        while start < size:
+            end = size
+            if size - start > PIPE_BUF:
+                cut = data.rfind(b"\n", start, start + PIPE_BUF)
+                end = cut + 1 if cut >= 0 else (data.find(b"\n", start) + 1 or size)
+            part = memoryview(data)[start:end]
+            while part:  # a write may take only some of it (a signal): the rest follows
+                part = part[os.write(fd, part) :]
+            start = end
+    except OSError:
+        pass
