@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import time
 
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
@@ -14,7 +13,7 @@ from relay.broadcast import MAX_BODY_BYTES, BroadcastError, idempotency_key, par
 from relay.broker import BrokerUnavailable
 from relay.channels import is_valid_id
 from relay.codes import HttpError
-from relay.eventlog import event
+from relay.eventlog import Sparse, event
 from relay.history import IdempotencyConflict
 from relay.signouts import SignoutsUnavailable
 
@@ -62,7 +61,8 @@ def admin_secret_required(view):
             if given:
                 # Who is trying secrets (never the secret): an operator sees the attempts, and a caller
                 # whose secret went stale (a rotation, a regenerated development one) is told so.
-                _log_refused_secret(request.remote_addr or "?", request.path)
+                remote = request.remote_addr or "?"
+                _log_refused_secret(remote, path=request.path[:200], remote=remote)
                 message = "this is not the server's admin secret (WS_ADMIN_SECRET): send the one it runs with"
             else:
                 message = "send the admin secret as 'Authorization: Bearer <WS_ADMIN_SECRET>'"
@@ -156,26 +156,9 @@ def send_broadcast(*, source: str, scope: str) -> ResponseReturnValue:
     return response
 
 
-# Refused admin secrets, per address: when one was last logged and how many were not since. One line a
-# minute per address at most, with the count: anyone who reaches the port could otherwise write a line per
+# One line a minute per address at most: anyone who reaches the port could otherwise write a line per
 # request (and the id in /api/users/<id>/... is theirs to make long).
-_REFUSED_SECRETS: dict[str, list[float]] = {}
-REFUSED_SECRET_LOG_EVERY_S = 60.0
-_REFUSED_SECRETS_KEPT = 1000
-
-
-def _log_refused_secret(remote: str, path: str) -> None:
-    now = time.monotonic()
-    seen = _REFUSED_SECRETS.get(remote)
-    if seen is not None and now - seen[0] < REFUSED_SECRET_LOG_EVERY_S:
-        seen[1] += 1
-        return
-    unlogged = int(seen[1]) if seen is not None else 0
-    _REFUSED_SECRETS.pop(remote, None)
-    _REFUSED_SECRETS[remote] = [now, 0]  # to the end: the address logged longest ago goes first
-    if len(_REFUSED_SECRETS) > _REFUSED_SECRETS_KEPT:
-        del _REFUSED_SECRETS[next(iter(_REFUSED_SECRETS))]
-    event("api.admin_secret_refused", level="warning", path=path[:200], remote=remote, notLoggedBefore=unlogged)
+_log_refused_secret = Sparse("api.admin_secret_refused")
 
 
 def _admin_secret_given() -> str:

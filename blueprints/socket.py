@@ -27,7 +27,7 @@ from simple_websocket import Server
 from werkzeug.routing.exceptions import WebsocketMismatch
 
 from relay.codes import HttpError
-from relay.eventlog import event
+from relay.eventlog import Sparse
 from relay.recovery import resume_request
 
 from .errors import error_response
@@ -35,6 +35,10 @@ from .errors import error_response
 bp = Blueprint("socket", __name__)
 sock = Sock()
 _UPGRADED = "relay.upgraded"  # set in the environ once the 101 is on the wire
+
+
+# One line a minute per address at most: a refusal costs the sender one request, no handshake.
+_log_refused_origin = Sparse("ws.origin_refused")
 
 
 def upgraded() -> bool:
@@ -79,7 +83,8 @@ def guard_upgrade():
     origin = request.headers.get("Origin")
     allowed = current_app.extensions["realtime"].settings.allowed_origins
     if origin and not origin_allowed(origin, request.host, allowed):
-        event("ws.origin_refused", level="warning", origin=origin[:200], remote=request.remote_addr)
+        remote = request.remote_addr or "?"
+        _log_refused_origin(remote, origin=origin[:200], remote=remote)
         message = (
             f"origin {origin[:200]!r} may not open sockets here (the server's WS_ALLOWED_ORIGINS lists those that may)"
         )

@@ -61,6 +61,29 @@ def event(name: str, *, level: str = "info", **fields: object) -> None:
         logger.log(numeric, name, extra={"fields": fields})
 
 
+class Sparse:
+    """An event anyone who reaches the port can cause, once a request: at most one line per ``every_s``
+    per key (the client's address), each with ``notLoggedBefore``, how many of that key went unlogged
+    since the last. Remembers the ``kept`` keys logged most recently; a key forgotten is logged again
+    at once (sooner, never later). Called from request greenlets; nothing here waits."""
+
+    def __init__(self, name: str, *, level: str = "warning", every_s: float = 60.0, kept: int = 1000):
+        self.name, self.level, self.every_s, self.kept = name, level, every_s, kept
+        self._seen: dict[str, list[float]] = {}  # key -> [when last logged, how many since]; oldest first
+
+    def __call__(self, key: str, **fields: object) -> None:
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.every_s:
+            seen[1] += 1
+            return
+        self._seen.pop(key, None)
+        self._seen[key] = [now, 0]  # to the end: the key logged longest ago goes first
+        if len(self._seen) > self.kept:
+            del self._seen[next(iter(self._seen))]
+        event(self.name, level=self.level, **fields, notLoggedBefore=int(seen[1]) if seen is not None else 0)
+
+
 @functools.lru_cache(maxsize=256)
 def _secret_name(key: str) -> bool:
     return any(word in key.lower() for word in _SECRET_WORDS)

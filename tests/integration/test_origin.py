@@ -17,10 +17,19 @@ def refused_with(srv: Server, origin: str) -> int:
     return response.status_code
 
 
-def test_foreign_origin_is_refused_with_403(server: Server):
+def test_foreign_origin_is_refused_with_403_and_logged_once_a_minute_per_address(start_server):
+    """(A server of its own: the log's limit per address is per worker.)"""
+    server = start_server()
     assert refused_with(server, "http://evil.example") == 403
-    server.wait_for_event("ws.origin_refused", lambda e: e["origin"] == "http://evil.example")
+    logged = server.wait_for_event("ws.origin_refused", lambda e: e["origin"] == "http://evil.example")
+    assert logged["remote"] == "127.0.0.1" and logged["notLoggedBefore"] == 0 and logged["level"] == "warning"
     assert refused_with(server, "http://[::1") == 403  # no URL at all (was a 500)
+    for n in range(3):  # a refusal costs its sender one request: not a line each
+        assert refused_with(server, f"http://evil-{n}.example") == 403
+    with server.connect("bob"):  # a line after those: theirs would be before it
+        pass
+    server.wait_for_event("ws.connect", lambda e: e["userId"] == "bob")
+    assert len(server.log_events("ws.origin_refused")) == 1
     assert "unhandled error" not in server.log_text()
 
 

@@ -152,3 +152,30 @@ def test_an_operators_handler_that_stalls_holds_one_greenlet_and_a_bounded_queue
     finally:
         relay_log.handlers.clear()
         eventlog.configure("INFO")
+
+
+def test_a_sparse_event_is_logged_once_per_interval_per_key_with_the_count_it_left_out(monkeypatch):
+    out = io.StringIO()
+    eventlog.configure("INFO")
+    monkeypatch.setattr(eventlog, "_direct", out)
+    now = [1000.0]
+    monkeypatch.setattr(eventlog.time, "monotonic", lambda: now[0])
+    refused = eventlog.Sparse("ws.origin_refused", every_s=60.0, kept=2)
+
+    def lines() -> list[tuple[str, str, int]]:
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        return [(r["event"], r["remote"], r["notLoggedBefore"]) for r in records]
+
+    for _ in range(3):
+        refused("10.0.0.1", remote="10.0.0.1")
+    refused("10.0.0.2", remote="10.0.0.2")  # another address: its own line
+    assert lines() == [("ws.origin_refused", "10.0.0.1", 0), ("ws.origin_refused", "10.0.0.2", 0)]
+    now[0] += 59.9
+    refused("10.0.0.1", remote="10.0.0.1")
+    assert len(lines()) == 2
+    now[0] += 0.1  # a minute after its last line: logged, with the three left out since
+    refused("10.0.0.1", remote="10.0.0.1")
+    assert lines()[-1] == ("ws.origin_refused", "10.0.0.1", 3)
+    refused("10.0.0.3", remote="10.0.0.3")  # a third address: the one logged longest ago is forgotten...
+    refused("10.0.0.2", remote="10.0.0.2")  # ...and logged again at once, not never
+    assert lines()[-2:] == [("ws.origin_refused", "10.0.0.3", 0), ("ws.origin_refused", "10.0.0.2", 0)]
