@@ -678,9 +678,16 @@ export class RealtimeClient {
       for (const name of list(data.refused)) if (this.refs.has(name)) this.refused.add(name);
       const lacking = [...this.refs.keys()].filter((name) => !restored.has(name));
       // The replay covered the channels the session held. One it lacks that the server did not refuse
-      // (its SUBSCRIBE never left, or went down with the socket, or the worker died before it saved
-      // the change) may have missed broadcasts: the page refetches it. A refused one has nothing to miss.
+      // may have missed broadcasts (a refused one has nothing to miss). If the socket we come back from
+      // had it (its SUBSCRIBE answered: the worker we left had not saved the change yet, or died first),
+      // every broadcast of it up to our position reached us: it is asked since that position, and what it
+      // missed is replayed with the rest. Else (its SUBSCRIBE never left, went down with the socket
+      // unanswered, or is only now on its way: a listener of "open" asked for it) there is no position it
+      // is whole from: it is asked since CONNECTED and the page refetches it.
       const away = lacking.filter((name) => !this.refused.has(name));
+      const isHeld = (name) => !this.unanswered.has(name) && !this.toAsk.has(name);
+      const held = away.filter(isHeld);
+      const unheld = away.filter((name) => !isHeld(name));
       // Held all along, but a subscriber asked for its last value and no answer came back.
       const again = [...restored].filter((name) => this.unanswered.has(name) && this.wantsLast.has(name));
       this.unanswered.clear(); // those SUBSCRIBEs went with the socket; the ones asked again count from here
@@ -690,13 +697,14 @@ export class RealtimeClient {
       // ...and its subscribers that show the channel's state from its last value are told to refetch
       // (below), and wait for that value: ask for it.
       const stateless = regained.filter((name) => this.wantsLast.has(name) && !again.includes(name));
-      for (const name of [...lacking, ...again, ...stateless]) this.toAsk.add(name);
+      for (const name of [...lacking, ...again, ...stateless]) if (!held.includes(name)) this.toAsk.add(name);
       for (const name of restored) if (!this.refs.has(name)) this.toDrop.add(name); // dropped while we were away
       // Those asked again ask since CONNECTED, as on any other connection (below); the resume's replay,
       // which follows CONNECTED, is held with what they bring, and put in order with it.
       this.socketFrom = data.offset;
-      this._askSince({ epoch: data.epoch, offset: data.offset }, true);
-      if (away.length) this._resync({ ...data, reason: "not_restored", channels: away });
+      const resumedFrom = { epoch: data.epoch, offset: this.position.offset };
+      this._askSince({ epoch: data.epoch, offset: data.offset }, true, held.length ? { held, resumedFrom } : null);
+      if (unheld.length) this._resync({ ...data, reason: "not_restored", channels: unheld });
       if (regained.length) this._resync({ ...data, reason: "granted", channels: regained });
       return;
     } else {
@@ -731,9 +739,12 @@ export class RealtimeClient {
    * answered (_subscribed). Whether any was sent: if not, nothing is held.
    * @param {{epoch: string, offset: number}} from
    * @param {boolean} [resumed] on a resumed session (see _socketEnded)
+   * @param {?{held: string[], resumedFrom: {epoch: string, offset: number}}} [earlier] channels the
+   *   restored session lacks though the socket before had them: asked since the position it resumed from
    */
-  _askSince(from, resumed = false) {
+  _askSince(from, resumed = false, earlier = null) {
     this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead, resumed };
+    if (earlier) this._sendSubscribe(earlier.held, earlier.resumedFrom);
     this._flush(from);
     if (this.holding.waiting > 0) return true;
     this._release(); // nothing held yet: nothing shown

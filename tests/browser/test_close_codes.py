@@ -716,6 +716,49 @@ def test_a_subscribe_lost_with_its_socket_is_refetched_after_a_recovered_resume(
     assert page.evaluate("window.__resyncs") == [["not_restored", [QUEUE]]]
 
 
+def test_a_channel_the_last_socket_held_but_the_restored_session_lacks_is_replayed_not_refetched(live, site):
+    """The worker left had not saved a SUBSCRIBE it answered (it was killed, or the page came back on another
+    worker first): the resumed session lacks the channel, though every broadcast of it up to the page's
+    position reached the page. It is asked since the position the page resumed from: what it missed is
+    replayed with the rest, once and in order, and the page is not told to refetch it. (The proxy takes the
+    channel out of the resume's CONNECTED: a worker killed within its quarter-second save is not a test.)"""
+    page, sockets, errors = live
+    page.evaluate(
+        "() => { window.__resyncs = []; window.__shown = [];"
+        " window.realtime.onResync((d) => window.__resyncs.push([d.reason, d.channels || []]));"
+        " window.realtime.onMessage((m) => m.type === 'ANNOUNCEMENT' && __shown.push(m.data.message)); }"
+    )
+    page.evaluate(f"window.realtime.subscribe(['{QUEUE}'])")
+    assert proxied(page, lambda: page.evaluate("window.realtime.unanswered.size") == 0)
+    queue_only = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "before"}}, "filter": {"channels": [QUEUE]}}
+    assert site.broadcast(queue_only).json()["delivered"] == 1
+    assert proxied(page, lambda: page.evaluate("window.__shown") == ["before"])
+    resumed_from = page.evaluate("window.realtime.position.offset")
+
+    def without_the_queue(message):
+        frame = json.loads(message) if isinstance(message, str) else {}
+        if frame.get("type") != "CONNECTED" or frame["data"].get("recovered") is not True:
+            return message
+        channels = [name for name in frame["data"]["channels"] if name != QUEUE]
+        return json.dumps({**frame, "data": {**frame["data"], "channels": channels}})
+
+    sockets.refuse_with = Close.TRY_AGAIN_LATER  # away for a moment, while the queue moves on
+    sockets.close(Close.SERVICE_RESTART)
+    wait_retry(page, 1)
+    missed = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "missed"}}, "filter": {"channels": [QUEUE]}}
+    assert site.broadcast(missed).status_code == 200
+    sockets.rewrite_in = without_the_queue
+    sockets.refuse_with = None
+    wait_live(page)
+    asked = [json.loads(m) for m in sockets.sent if QUEUE in m and '"SUBSCRIBE"' in m]
+    assert asked[-1]["data"]["since"]["offset"] == resumed_from  # not CONNECTED's offset
+    assert proxied(page, lambda: page.evaluate("window.__shown") == ["before", "missed"])
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.__shown") == ["before", "missed"]  # once
+    assert page.evaluate("window.__resyncs") == []  # nothing to refetch
+    assert errors == []
+
+
 def test_a_subscriber_swapped_for_an_equal_one_does_not_ask_for_the_last_value_again(site, web):
     """An htmx swap of a fragment that asks for its channel's last value: the new copy shows the same
     state; asking again would re-render every fragment of the channel (and a fragment that swaps itself
