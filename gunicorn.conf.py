@@ -231,6 +231,7 @@ def post_worker_init(worker):
         for handler in logging.getLogger(name).handlers:
             if type(handler) is logging.StreamHandler:  # "-": stderr, or stdout for the access log
                 handler.setStream(stream_for(handler.stream))  # never waits for the log's reader
+    gevent.get_hub().exception_stream = stream_for(sys.stderr)  # a greenlet's uncaught exception
     realtime = worker.wsgi.extensions["realtime"]
     realtime.start()
     _warm_up(realtime)

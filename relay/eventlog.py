@@ -207,7 +207,8 @@ class OffTheLoop(logging.Handler):
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 message = f"{self.dropped} log lines dropped: {self.inner!r} does not keep up"
-                stream_for(sys.stderr).write(line("log.dropped", "error", message=message) + "\n")
+                notice = line("log.dropped", "error", count=self.dropped, message=message)
+                stream_for(sys.stderr).write(notice + "\n")
         self._waiting.append(record)
         if self._writer is None:
             self._writer = gevent.spawn(self._write_waiting)

@@ -8,16 +8,20 @@ and the broadcast endpoint stopped with it, and the master killed the worker
 when its heartbeat stopped too. Lines are logged from event-loop callbacks
 (a SUBSCRIBE, a close), where nothing may wait at all.
 
-:class:`LineWriter` is the stream our JSON handler (and gunicorn's, in a
-worker) writes to. ``write`` only queues the text; one greenlet writes what
-is queued, in order, through a thread of gevent's pool, which is the only one
-that waits on a stalled reader. What a burst queues goes out a pipe's atomic
-size (``PIPE_BUF``, 4,096 bytes) at a time, cut at line ends, so that no
-line is split by another worker's writing to the same pipe. Past
-``MAX_WAITING_BYTES`` waiting, the oldest lines are dropped, and the first
-line written once the reader is back says how many (``log.dropped``). Lines
-still queued when a worker exits are written by :func:`flush_all`
-(``worker_exit``), which waits at most a few seconds for a stalled reader.
+:class:`LineWriter` is the stream our JSON handler (and, in a worker,
+gunicorn's handlers and gevent's report of a greenlet's uncaught exception)
+writes to. ``write`` only queues the text; one greenlet writes what is
+queued, in order, through a thread of gevent's pool, which is the only one
+that waits on a stalled reader. What a burst queues goes out whole records
+at a time, up to a pipe's atomic size (``PIPE_BUF``, 4,096 bytes) a write,
+so that no record shorter than that is split by another worker's writing to
+the same pipe. Past ``MAX_WAITING_BYTES`` characters waiting, the oldest
+lines are dropped, and the next batch written starts with a ``log.dropped``
+line that says how many. Lines still queued when a worker exits are written
+by :func:`flush_all` (``worker_exit``), which waits at most a few seconds
+for a stalled reader. Anything else that writes to ``sys.stderr`` itself
+(Python's warnings, a library's logger with no handler) still writes
+directly: rare lines, not one per connect.
 
 Outside a gevent-patched process (the ``flask`` commands, unit tests) there
 is no loop to protect: :func:`stream_for` hands back the stream itself.
@@ -29,6 +33,7 @@ import os
 import select
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TextIO
 
 import gevent
@@ -38,21 +43,24 @@ PIPE_BUF = select.PIPE_BUF  # what one write to a pipe keeps whole (Linux: 4,096
 MAX_WAITING_BYTES = 4 << 20  # ~15,000 lines of ~280 bytes: a connect storm's worth
 _thread_ident = monkey.get_original("_thread", "get_ident")  # the OS thread's, not the greenlet's
 
-_writers: dict[int, LineWriter] = {}
+_writers: dict[tuple[int, int], LineWriter] = {}  # by (device, inode) of the file
 
 
 def stream_for(stream: TextIO) -> TextIO:
-    """``stream`` itself outside a gevent-patched process, else this process's :class:`LineWriter` for its
-    file descriptor (one per descriptor, so that two handlers on stderr keep one order)."""
+    """``stream`` itself outside a gevent-patched process, else this process's :class:`LineWriter` for the
+    file it writes to: one per file, so that stderr and stdout sent to one pipe (``2>&1``, journald) keep
+    one order."""
     if not monkey.is_module_patched("socket"):
         return stream
     try:
         fd = stream.fileno()
+        status = os.fstat(fd)
     except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO): nothing to wait on
         return stream
-    writer = _writers.get(fd)
+    file = (status.st_dev, status.st_ino)
+    writer = _writers.get(file)
     if writer is None or writer.pid != os.getpid():
-        writer = _writers[fd] = LineWriter(stream)
+        writer = _writers[file] = LineWriter(stream)
     return writer  # type: ignore[return-value]  # file-like: write, flush, fileno
 
 
@@ -62,7 +70,7 @@ def flush_all(timeout: float = 3.0) -> bool:
     Waits at most ``timeout`` in all: a reader that stays away must not keep a
     stopping worker from exiting."""
     deadline = time.monotonic() + timeout
-    return all([writer.flush_waiting(max(0.0, deadline - time.monotonic())) for writer in _writers.values()])
+    return all([writer.flush_waiting(max(0.0, deadline - time.monotonic())) for writer in list(_writers.values())])
 
 
 class LineWriter:
@@ -126,43 +134,65 @@ class LineWriter:
     def _write_waiting(self) -> None:
         """The writer greenlet: hand what is queued to a pool thread, a batch at a time, until none is left.
 
-        The batch is cut into writes in the thread too: after a stall it can be megabytes, and
-        the loop gets the interpreter back from a thread every few milliseconds."""
+        The batch is packed into writes in the thread: after a stall it can be megabytes, and the
+        loop gets the interpreter back from a thread every few milliseconds. Nothing escapes from
+        here (gevent would print it to stderr, through this writer): a batch that could not be
+        written is counted as dropped."""
         try:
             while self._waiting:
-                get_hub().threadpool.apply(_write_text, (self._fd, self._take()))
+                records = self._take()
+                try:
+                    lost = get_hub().threadpool.apply(write_records, (self._fd, records))
+                except Exception:  # the pool is gone (the process is ending): nowhere to write from
+                    lost = len(records)
+                self.dropped += lost
+                self.dropped_total += lost
         finally:
             self._writer = None  # nothing switches between the last check and here: no line is left behind
 
-    def _take(self) -> str:
+    def _take(self) -> list[str]:
         """Everything queued, after a ``log.dropped`` line if lines were dropped before it."""
-        text = "".join(self._waiting)
+        records = list(self._waiting)
         self._waiting.clear()
         self._waiting_bytes = 0
         if self.dropped:
             from .eventlog import line  # (eventlog writes through this module)
 
             message = f"{self.dropped} log lines dropped: the process reading this log did not keep up"
-            text = line("log.dropped", "error", count=self.dropped, message=message) + "\n" + text
+            records.insert(0, line("log.dropped", "error", count=self.dropped, message=message) + "\n")
             self.dropped = 0
-        return text
+        return records
 
 
-def _write_text(fd: int, text: str) -> None:
-    """In a pool thread: ``text`` in writes of at most PIPE_BUF bytes that end at a line's end (a
-    longer line alone), each whole and in order. A reader that is gone (EPIPE) or a descriptor
-    closed under us drops the lines: there is nowhere left to write them."""
-    data = text.encode("utf-8", "backslashreplace")
-    start, size = 0, len(data)
+def write_records(fd: int, records: list[str], write: Callable[[int, memoryview], int] = os.write) -> int:
+    """In a pool thread: ``records`` (each what one ``write`` call queued: a line, or a traceback's lines)
+    in order, packed whole into writes of at most PIPE_BUF bytes, which a pipe never interleaves with
+    another process's; a record longer than that goes alone. A descriptor someone made non-blocking is
+    waited on here. Returns how many records were lost: all that were not written once the reader is
+    gone (EPIPE) or the descriptor closed."""
+    pending: list[bytes] = []
+    size = 0
+    sent = 0  # records written whole so far
     try:
-        while start < size:
-            end = size
-            if size - start > PIPE_BUF:
-                cut = data.rfind(b"\n", start, start + PIPE_BUF)
-                end = cut + 1 if cut >= 0 else (data.find(b"\n", start) + 1 or size)
-            part = memoryview(data)[start:end]
-            while part:  # a write may take only some of it (a signal): the rest follows
-                part = part[os.write(fd, part) :]
-            start = end
+        for index, record in enumerate(records):
+            data = record.encode("utf-8", "backslashreplace")
+            if pending and size + len(data) > PIPE_BUF:
+                _write_all(fd, b"".join(pending), write)
+                sent = index
+                pending, size = [], 0
+            pending.append(data)
+            size += len(data)
+        if pending:
+            _write_all(fd, b"".join(pending), write)
+        return 0
     except OSError:
-        pass
+        return len(records) - sent
+
+
+def _write_all(fd: int, data: bytes, write: Callable[[int, memoryview], int]) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[write(fd, view) :]  # a write may take only some of it (a signal): the rest follows
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)

@@ -106,18 +106,25 @@ def _drain(fd: int) -> None:
         [4095, 1, 4096, 300],  # exactly at the bound
     ],
 )
-def test_each_write_holds_whole_lines_and_at_most_pipe_buf_bytes_unless_one_line_is_longer(monkeypatch, sizes):
+def test_each_write_holds_whole_records_and_at_most_pipe_buf_bytes_unless_one_record_is_longer(sizes):
     writes: list[bytes] = []
-    monkeypatch.setattr(logwriter.os, "write", lambda fd, data: writes.append(bytes(data)) or len(data))
-    text = "".join("y" * (size - 1) + "\n" for size in sizes)
-    logwriter._write_text(99, text)
-    assert b"".join(writes) == text.encode()
+    records = ["y" * (size - 1) + "\n" for size in sizes]
+    assert logwriter.write_records(99, records, lambda fd, data: writes.append(bytes(data)) or len(data)) == 0
+    assert b"".join(writes) == "".join(records).encode()
     for chunk in writes:
-        assert chunk.endswith(b"\n")
-        assert len(chunk) <= PIPE_BUF or chunk.count(b"\n") == 1
+        assert len(chunk) <= PIPE_BUF or chunk in [r.encode() for r in records]
 
 
-def test_a_partial_write_is_finished(monkeypatch):
+def test_a_record_of_several_lines_is_never_cut_between_two_writes():
+    """A traceback is one record of many lines: cut at a line's end, another worker's write could land inside it."""
+    writes: list[bytes] = []
+    traceback = "Traceback (most recent call last):\n" + "  File ...\n" * 200  # 2.4 KB
+    records = ["x" * 2000 + "\n", traceback, "after\n"]
+    logwriter.write_records(99, records, lambda fd, data: writes.append(bytes(data)) or len(data))
+    assert [chunk.decode() for chunk in writes] == [records[0], traceback + "after\n"]
+
+
+def test_a_partial_write_is_finished():
     writes: list[bytes] = []
 
     def take_half(fd, data):
@@ -125,9 +132,47 @@ def test_a_partial_write_is_finished(monkeypatch):
         writes.append(part)
         return len(part)
 
-    monkeypatch.setattr(logwriter.os, "write", take_half)
-    logwriter._write_text(99, "abcdefgh\n")
+    logwriter.write_records(99, ["abcdefgh\n"], take_half)
     assert b"".join(writes) == b"abcdefgh\n" and len(writes) > 1
+
+
+def test_a_descriptor_made_non_blocking_is_waited_on_not_given_up(pipe):
+    """A parent process may share a non-blocking pipe: EAGAIN means wait, not lose the rest."""
+    stream, read_end = pipe
+    os.set_blocking(stream.fileno(), False)
+    records = _lines(1000)  # 230 KB: the pipe fills several times
+    done: list[int] = []
+    writer = threading.Thread(target=lambda: done.append(logwriter.write_records(stream.fileno(), records)))
+    writer.start()
+    received = b""
+    for _ in range(500):  # bounded: until the writer is done and everything read
+        received += _read_all(read_end)
+        if done and received.count(b"\n") == len(records):
+            break
+        threading.Event().wait(0.01)
+    writer.join(5)
+    assert done == [0] and received.decode().splitlines(keepends=True) == records
+
+
+def test_a_reader_that_is_gone_counts_what_was_not_written():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read: EPIPE
+    try:
+        assert logwriter.write_records(write_end, _lines(50)) == 50
+    finally:
+        os.close(write_end)
+
+
+def test_stderr_and_stdout_on_one_pipe_share_one_writer_and_one_order(pipe, monkeypatch):
+    stream, read_end = pipe
+    monkeypatch.setattr(logwriter.monkey, "is_module_patched", lambda name: True)
+    monkeypatch.setattr(logwriter, "_writers", {})
+    other = os.fdopen(os.dup(stream.fileno()), "w")  # as 2>&1 makes fd 2 a copy of fd 1
+    try:
+        assert logwriter.stream_for(stream) is logwriter.stream_for(other)
+        assert isinstance(logwriter.stream_for(stream), LineWriter)
+    finally:
+        other.close()
 
 
 def test_a_thread_that_is_not_the_loops_writes_directly(pipe):
