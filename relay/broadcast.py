@@ -57,8 +57,12 @@ def parse_body(body: bytes) -> BroadcastRequest:
         raise BroadcastError(HttpError.BODY_TOO_LARGE, f"the body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
         doc = json.loads(body, parse_constant=_no_constants)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BroadcastError(HttpError.INVALID_JSON, "the body is not valid JSON") from None
+    except _NotJsonConstant as constant:
+        _not_json(f"{constant} is not JSON (send null, or the value as a string)")
+    except json.JSONDecodeError as bad:  # where, so that a caller can find it in what they sent
+        _not_json(f"{bad.msg} at line {bad.lineno}, column {bad.colno}" if body.strip() else "the body is empty")
+    except UnicodeDecodeError as bad:
+        _not_json(f"it is not UTF-8 (byte {bad.start})")
     except ValueError:  # the one other: an integer past Python's 4,300 digits (valid JSON; no double holds it)
         _invalid(f"the body cannot be broadcast: {jsonsafe.TOO_LARGE}")
     except RecursionError:  # nested deeper than the parser goes
@@ -66,9 +70,17 @@ def parse_body(body: bytes) -> BroadcastRequest:
     return parse_request(doc)
 
 
+class _NotJsonConstant(ValueError):
+    pass
+
+
 def _no_constants(name: str) -> object:
     # Python reads NaN and Infinity; JSON (and every browser) does not: a frame carrying one would not parse.
-    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+    raise _NotJsonConstant(name)
+
+
+def _not_json(why: str) -> NoReturn:
+    raise BroadcastError(HttpError.INVALID_JSON, f"the body is not valid JSON: {why}") from None
 
 
 def parse_request(doc: object) -> BroadcastRequest:

@@ -116,7 +116,9 @@ class IdentityWatcher:
                 self._recheck(batch)
                 gevent.sleep(min(pause, 1.0))
             self.rechecks += 1
-            event("identity.rechecked", users=len(users), seconds=round(time.monotonic() - started, 3))
+            # A line every round for each worker that has someone to re-check; an idle one stays quiet.
+            level = "info" if users else "debug"
+            event("identity.rechecked", level=level, users=len(users), seconds=round(time.monotonic() - started, 3))
 
     def _recheck(self, batch: list[str]) -> None:
         """One batch of the re-check: the directory, then the sign-outs (either may be down alone)."""

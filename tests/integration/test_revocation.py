@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 import requests
@@ -81,12 +82,14 @@ def test_an_admin_demoted_to_staff_loses_the_channels_only_admins_may_read(site)
 
 def test_a_change_written_by_another_program_is_found_by_the_recheck(start_server):
     srv = start_server(WS_IDENTITY_RECHECK_MS=800)
+    time.sleep(2)  # two rounds with nobody to re-check: no line (at INFO) for them
     with srv.connect("carol") as carol:
         with sqlite3.connect(srv.env["REALTIME_DB"]) as db:  # behind the service's back: no change log
             db.execute("UPDATE users SET active = 0 WHERE id = 'carol'")
         # at the next re-check (every 0.8 s); the timeout only stops a hang
         assert carol.closed_with(timeout=15)[0] == Close.FORBIDDEN
     srv.wait_for_event("identity.rechecked")
+    assert [e["users"] for e in srv.log_events("identity.rechecked")][:1] == [1]  # the first: carol's round
 
 
 def test_an_admin_can_disconnect_a_user_everywhere(tmp_path, redis_server):

@@ -71,6 +71,24 @@ def test_each_refusal_has_a_code_and_a_readable_message(name, doc, code):
     assert refused.value.code == code and len(refused.value.message) > 10
 
 
+NOT_JSON = [
+    (b"{nope", "Expecting property name enclosed in double quotes at line 1, column 2"),
+    (b'{"message": {"type": "A",\n  "data": [1, 2,]}}', "Expecting value at line 2, column 17"),
+    (b'{"message": {"type": "A", "data": NaN}}', "NaN is not JSON (send null, or the value as a string)"),
+    (b'{"message": {"type": "A", "data": "\xff"}}', "it is not UTF-8 (byte 35)"),
+    (b"  \n", "the body is empty"),
+]
+
+
+@pytest.mark.parametrize("sent,why", NOT_JSON)
+def test_a_body_that_is_not_json_is_told_where(sent, why):
+    """A caller looking at a 64 KB body they built is told the line and column (or what else is wrong)."""
+    with pytest.raises(BroadcastError) as refused:
+        parse_body(sent)
+    assert refused.value.code == HttpError.INVALID_JSON
+    assert refused.value.message == f"the body is not valid JSON: {why}"
+
+
 def test_a_body_of_exactly_64_kib_is_accepted():
     assert len(sized(MAX_BODY_BYTES)) == MAX_BODY_BYTES
     assert parse_body(sized(MAX_BODY_BYTES)).type == "A"
