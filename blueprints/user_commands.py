@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import click
@@ -28,6 +29,17 @@ def _store() -> SqliteDirectory:
     return directory
 
 
+def _ask_password() -> str:
+    """At a terminal, asked twice without echo; else (a script's pipe) the first line of stdin, as it is:
+    there is no terminal to hide it on, and getpass warned so on every run."""
+    if sys.stdin.isatty():
+        return click.prompt("Password", hide_input=True, confirmation_prompt=True, type=TEXT)
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise click.UsageError("no password: give --password, type one at a terminal, or pipe it as the first line")
+    return TEXT.convert(password, None, None)
+
+
 def _apply(action: Callable[..., object], *args: object) -> None:
     try:
         action(*args)
@@ -48,7 +60,7 @@ def add(user_id, email, password, role, clinic_id, display_name, no_password):
     if password is not None and no_password:
         raise click.UsageError("give --password or --no-password, not both")
     if password is None and not no_password:
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+        password = _ask_password()
     try:
         user = _store().add_user(
             user_id, email=email, password=password, role=role, clinic_id=clinic_id, display_name=display_name
@@ -104,11 +116,13 @@ def set_clinic(user_id, clinic_id):
 
 @bp.cli.command("set-password")
 @click.argument("user_id")
-@click.option("--password", type=TEXT, prompt=True, hide_input=True, confirmation_prompt=True)
+@click.option("--password", type=TEXT, help="The new password; prompted for when omitted.")
 @url_option
 def set_password(user_id, password, url):
     """Set a user's sign-in password, and sign them out everywhere (whoever knew the old one is out)."""
     server = _admin_client(url)
+    if password is None:
+        password = _ask_password()
     _apply(_store().set_password, user_id, password)
     try:
         realtime().end_sign_ins(user_id, by="cli")

@@ -28,6 +28,9 @@ class ServiceError(Exception):
     """The server could not be reached or answered with an error."""
 
 
+_ENDPOINTS = frozenset(("health", "broadcast", "ws", "metrics", "api"))  # what the commands add to --url
+
+
 def _url_problem(url: str) -> str | None:
     """What is wrong with ``url`` as the server's base address (checked before a command changes anything)."""
     if not url.isascii() or not url.isprintable() or " " in url:
@@ -39,6 +42,9 @@ def _url_problem(url: str) -> str | None:
         return "names no host"
     if parts.query or parts.fragment:
         return "takes no query or fragment"
+    endpoint = parts.path.rstrip("/").rsplit("/", 1)[-1]
+    if endpoint in _ENDPOINTS:  # a path prefix is fine (a proxy may serve the server under one); an endpoint is not
+        return f"is the server's address, not one of its endpoints: leave /{endpoint} out"
     try:
         parts.port  # noqa: B018 (raises for a port that is not a number from 0 to 65535)
     except ValueError:

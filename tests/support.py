@@ -290,8 +290,9 @@ class Server:
             time.sleep(0.05)
 
 
-def run_flask(env: dict, *args: str) -> subprocess.CompletedProcess:
-    """``flask --app app ...`` from the project root in ``env``, as an operator on that box would run it."""
+def run_flask(env: dict, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """``flask --app app ...`` from the project root in ``env``, as an operator on that box would run it
+    (``stdin`` piped to it: not a terminal)."""
     return subprocess.run(
         [sys.executable, "-m", "flask", "--app", "app", *args],
         cwd=ROOT,
@@ -299,12 +300,13 @@ def run_flask(env: dict, *args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=60,
+        input=stdin,
     )
 
 
-def flask_cli(srv: Server, *args: str, **env: str) -> subprocess.CompletedProcess:
+def flask_cli(srv: Server, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
     """``flask --app app ...`` in a running server's environment (plus ``env``)."""
-    return run_flask({**srv.env, **env}, *args)
+    return run_flask({**srv.env, **env}, *args, stdin=stdin)
 
 
 def csrf_of(html: str) -> str:

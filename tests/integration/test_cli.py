@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from support import ROOT, Server, flask_cli, run_flask
+from support import ROOT, Server, flask_cli, run_flask, sign_in
 
 from app import create_app
 from relay.codes import Close
@@ -73,6 +73,8 @@ def test_smoke_against_nothing_fails_at_health(server: Server):
         ("http://127.0.0.1:abc", "--url has a port that is not a number"),
         ("http://127.0.0.1:3001/é", "--url must be plain ASCII"),
         ("http://:3001", "--url names no host"),
+        ("http://127.0.0.1:3001/health", "--url is the server's address, not one of its endpoints: leave /health out"),
+        ("http://127.0.0.1:3001/ws/", "leave /ws out"),
     ],
 )
 def test_a_url_that_is_not_one_is_a_usage_error_not_a_traceback(server: Server, url, says):
@@ -435,3 +437,19 @@ def test_a_role_no_other_user_has_is_set_with_a_note_that_may_catch_a_typo(cli):
     assert usual.exit_code == 0 and "note:" not in usual.output
     added = cli.invoke(args=["users", "add", "cy", "--role", "nurse_", "--no-password"])
     assert added.exit_code == 0 and "no other user has role 'nurse_'" in added.output
+
+
+def test_a_password_piped_to_users_add_and_set_password_is_read_without_a_warning(start_server):
+    """A script pipes the password (no terminal): getpass warned that it could not hide it, on every run."""
+    server = start_server()
+    add = ("users", "add", "piped-1", "--role", "nurse", "--email", "piped@x.test")
+    done = flask_cli(server, *add, stdin="first-pw-1\n")
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr and "first-pw-1" not in done.stdout + done.stderr
+    assert sign_in(server, "piped@x.test", "first-pw-1").last.status_code == 302
+    done = flask_cli(server, "users", "set-password", "piped-1", "--url", server.url, stdin="second-pw-2\n")
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr
+    assert sign_in(server, "piped@x.test", "second-pw-2").last.status_code == 302
+    nothing = flask_cli(server, "users", "add", "piped-2", "--role", "nurse", stdin="")
+    assert nothing.returncode == 2 and "no password: give --password" in nothing.stderr
