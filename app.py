@@ -51,8 +51,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = RelayFlask(__name__, instance_path=settings.instance_path)
 
     eventlog.configure(settings.log_level)
+    # The server says each once, as it starts; a `flask` command would repeat them on every run.
+    in_a_command = click.get_current_context(silent=True) is not None
     for notice in settings.notices:
-        log.info(notice)
+        log.log(logging.DEBUG if in_a_command else logging.INFO, notice)
     for warning in settings.warnings:
         log.warning(warning)
 

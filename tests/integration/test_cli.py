@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from support import ROOT, Server, flask_cli, run_flask, sign_in
+from support import ROOT, Server, flask_cli, run_flask, sign_in, wait_for
 
 from app import create_app
 from relay.codes import Close
@@ -410,6 +410,8 @@ def test_a_fresh_start_with_no_secrets_and_no_database_given(start_server, tmp_p
     secrets = json.loads(secrets_file.read_text())
     added = run_flask(srv.env, "users", "add", "newbie", "--role", "nurse", "--clinic", "c1", "--no-password")
     assert added.returncode == 0, added.stderr
+    assert "development secrets" not in added.stderr  # the server said so as it started; a command does not
+    assert wait_for(lambda: "development secrets for" in srv.log_text())
     assert (instance / "realtime.db").exists()
     from relay.tokens import TokenService
 
