@@ -177,11 +177,14 @@ export class RealtimeClient {
     this.socketFrom = 0; // where this socket's replays may start: CONNECTED's offset, or the render's once replayed from
     this.revoked = new Set(); // channels the server ended on a socket (the user's access changed), until taken again
     this.sinceOf = new Map(); // channel -> {epoch, offset}: subscribe's `since` for a channel new to the page, until asked
-    // {waiting, frames, missed, from, ahead, resumed, below, channels, sent, asked, probes}: broadcasts held
-    // until the SUBSCRIBEs `since` are answered (below, channels: a hold that began on an open socket, see
-    // _subscribeLive; sent, asked, probes: how many SUBSCRIBEs it sent, when the first left or the last
-    // PING asked after them, and those PINGs, see _checkHold)
+    // {waiting, frames, missed, from, ahead, resumed, below, channels, earlier, missedEarlier, reason, sent,
+    // asked, probes}: broadcasts held until the SUBSCRIBEs `since` are answered (below, channels: a hold
+    // that began on an open socket, see _subscribeLive; earlier, missedEarlier: a resume's channels asked
+    // since the position it resumed from, and those of them not replayed, see _connected; sent, asked,
+    // probes: how many SUBSCRIBEs it sent, when the first left or the last PING asked after them, and
+    // those PINGs, see _checkHold)
     this.holding = null;
+    this.endedInHold = false; // the last socket ended while broadcasts were held (see _connected)
     this.sentAhead = []; // the types of the messages sent from listeners of "open", ahead of the first SUBSCRIBEs
     this.countingAhead = false;
     this.connectedAt = 0; // when the open socket got CONNECTED (0: none)
@@ -606,7 +609,14 @@ export class RealtimeClient {
     // Only an answer to a SUBSCRIBE `since` says `recovered`: a plain one's, sent after those, is not waited for.
     const held = answersAhead || !("recovered" in data) ? null : this.holding;
     if (held) {
-      if (data.recovered !== true) held.missed = data.reason || "not_replayed";
+      if (data.recovered !== true) {
+        // The SUBSCRIBE since the resumed-from position of channels the restored session lacked (see
+        // _connected) concerns them alone: only they are refetched, not the whole page.
+        const theirs = held.earlier && names.length > 0 && names.every((name) => held.earlier.includes(name));
+        if (theirs) held.missedEarlier = [...(held.missedEarlier || []), ...names];
+        else held.missed = data.reason || "not_replayed";
+        held.reason = data.reason || "not_replayed";
+      }
       // As the server does: a replay from the render's position makes the socket's start that position.
       else if (!held.channels) this.socketFrom = Math.min(this.socketFrom, held.from.offset);
       if ((held.waiting -= 1) <= 0) {
@@ -617,6 +627,9 @@ export class RealtimeClient {
           // A hold that began on an open socket (see _subscribeLive) missed only what its channels did.
           const scope = held.channels ? { channels: held.channels } : {};
           this._resync({ clientId: this.position.clientId, epoch: data.epoch, reason: held.missed, ...scope });
+        } else if (held.missedEarlier) {
+          const channels = held.missedEarlier;
+          this._resync({ clientId: this.position.clientId, epoch: data.epoch, reason: held.reason, channels });
         }
       }
     }
@@ -659,6 +672,8 @@ export class RealtimeClient {
   }
 
   _connected(data, reconnect) {
+    const endedInHold = this.endedInHold; // the socket before ended with broadcasts held (_socketEnded)
+    this.endedInHold = false;
     let since = null; // the render's position, when this first connection's SUBSCRIBEs ask from it
     let from = null; // where its SUBSCRIBEs ask from: the render's position, or CONNECTED's
     const rendered = this.since;
@@ -684,8 +699,11 @@ export class RealtimeClient {
       // missed is replayed with the rest. Else (its SUBSCRIBE never left, went down with the socket
       // unanswered, or is only now on its way: a listener of "open" asked for it) there is no position it
       // is whole from: it is asked since CONNECTED and the page refetches it.
+      // Not if that socket ended while broadcasts were held: the position stayed behind where its
+      // channels were taken (it moves to a SUBSCRIBED's only once nothing is held), so asking from it
+      // would replay what they never had to (their pages refetched them, or read them since).
       const away = lacking.filter((name) => !this.refused.has(name));
-      const isHeld = (name) => !this.unanswered.has(name) && !this.toAsk.has(name);
+      const isHeld = (name) => !endedInHold && !this.unanswered.has(name) && !this.toAsk.has(name);
       const held = away.filter(isHeld);
       const unheld = away.filter((name) => !isHeld(name));
       // Held all along, but a subscriber asked for its last value and no answer came back.
@@ -744,8 +762,8 @@ export class RealtimeClient {
    */
   _askSince(from, resumed = false, earlier = null) {
     this.holding = { waiting: 0, frames: [], missed: null, from, ahead: this.sentAhead, resumed };
-    if (earlier) this._sendSubscribe(earlier.held, earlier.resumedFrom);
-    this._flush(from);
+    if (earlier) this.holding.earlier = earlier.held; // a replay it misses concerns only them (_subscribed)
+    this._flush(from, earlier);
     if (this.holding.waiting > 0) return true;
     this._release(); // nothing held yet: nothing shown
     return false;
@@ -771,10 +789,13 @@ export class RealtimeClient {
    * Send what this task's subscribe and unsubscribe calls left for the end of it.
    * @param {?{epoch: string, offset: number}} [since] the SUBSCRIBEs ask for what came after it (and
    *   broadcasts are held until they are answered: see _connected)
+   * @param {?{held: string[], resumedFrom: {epoch: string, offset: number}}} [earlier] asked since
+   *   their own position, ahead of the others (see _askSince). Sent from here, after what is to be
+   *   asked is taken: a `send` flushes first, and would send the others without `since`.
    */
-  _flush(since = null) {
+  _flush(since = null, earlier = null) {
     this.flushQueued = false;
-    if (!this.toAsk.size && !this.toDrop.size) return;
+    if (!this.toAsk.size && !this.toDrop.size && !earlier) return;
     // Each side only what is still true at the end of the task, so the two never name one channel
     // and their order does not matter: dropped then taken again is still held (the SUBSCRIBE answers
     // it, its last value too), taken then dropped is not (the UNSUBSCRIBE removes nothing).
@@ -788,6 +809,7 @@ export class RealtimeClient {
     this.toDrop.clear();
     this.toAsk.clear();
     for (const some of inChunks(drop)) this.send({ type: "UNSUBSCRIBE", data: { channels: some } });
+    if (earlier) this._sendSubscribe(earlier.held, earlier.resumedFrom);
     const open = this.position && this.ws && this.ws.readyState === WebSocket.OPEN && this.status === "open";
     if (!since && open && ask.some((name) => this.sinceOf.has(name))) return this._subscribeLive(ask);
     for (const name of ask) this.sinceOf.delete(name);
@@ -907,6 +929,7 @@ export class RealtimeClient {
     // the CONNECTED's its page refetched after: its session may hold none of the channels).
     if (this.holding) {
       const held = this.holding;
+      this.endedInHold = true;
       if (!held.resumed) {
         this.since = held.from;
         this.position = null;

@@ -535,6 +535,8 @@ def test_a_connection_that_lasted_starts_the_backoff_over(live):
 # -- what realtime.js does when the network loses something without closing ----------------------
 
 QUEUE = "clinic:clinic-1:queue"
+MAINTENANCE = "system:maintenance"
+ALERTS = "clinic:clinic-1:alerts"
 
 
 def test_a_socket_that_never_gets_its_connected_is_given_up_and_replaced(live):
@@ -716,12 +718,15 @@ def test_a_subscribe_lost_with_its_socket_is_refetched_after_a_recovered_resume(
     assert page.evaluate("window.__resyncs") == [["not_restored", [QUEUE]]]
 
 
-def test_a_channel_the_last_socket_held_but_the_restored_session_lacks_is_replayed_not_refetched(live, site):
+@pytest.mark.parametrize("case", ["replayed", "not replayed", "ended in a hold"])
+def test_a_channel_the_last_socket_held_but_the_restored_session_lacks_is_replayed_not_refetched(live, site, case):
     """The worker left had not saved a SUBSCRIBE it answered (it was killed, or the page came back on another
     worker first): the resumed session lacks the channel, though every broadcast of it up to the page's
     position reached the page. It is asked since the position the page resumed from: what it missed is
-    replayed with the rest, once and in order, and the page is not told to refetch it. (The proxy takes the
-    channel out of the resume's CONNECTED: a worker killed within its quarter-second save is not a test.)"""
+    replayed with the rest, once and in order, and the page is not told to refetch it; if that cannot be
+    replayed, only it is refetched. Not when that socket ended while broadcasts were held: the position
+    stayed behind where the channel was taken. (The proxy takes the channel out of the resume's
+    CONNECTED: a worker killed within its quarter-second save is not a test.)"""
     page, sockets, errors = live
     page.evaluate(
         "() => { window.__resyncs = []; window.__shown = [];"
@@ -734,28 +739,51 @@ def test_a_channel_the_last_socket_held_but_the_restored_session_lacks_is_replay
     assert site.broadcast(queue_only).json()["delivered"] == 1
     assert proxied(page, lambda: page.evaluate("window.__shown") == ["before"])
     resumed_from = page.evaluate("window.realtime.position.offset")
+    if case == "ended in a hold":
+        sockets.hold = lambda message: ALERTS in message and "since" in message
+        subscribe_since_position(page, ALERTS)
+        assert proxied(page, lambda: len(sockets.held) == 1)
+
+    connected: list[dict] = []
 
     def without_the_queue(message):
         frame = json.loads(message) if isinstance(message, str) else {}
-        if frame.get("type") != "CONNECTED" or frame["data"].get("recovered") is not True:
-            return message
-        channels = [name for name in frame["data"]["channels"] if name != QUEUE]
-        return json.dumps({**frame, "data": {**frame["data"], "channels": channels}})
+        kind, data = frame.get("type"), frame.get("data") or {}
+        if kind == "CONNECTED" and data.get("recovered") is True:
+            connected.append(data)
+            channels = [name for name in data["channels"] if name != QUEUE]
+            return json.dumps({**frame, "data": {**data, "channels": channels}})
+        if case == "not replayed" and kind == "SUBSCRIBED" and data.get("channels") == [QUEUE] and "recovered" in data:
+            return json.dumps({**frame, "data": {**data, "recovered": False, "reason": "history_gone"}})
+        return message
 
     sockets.refuse_with = Close.TRY_AGAIN_LATER  # away for a moment, while the queue moves on
     sockets.close(Close.SERVICE_RESTART)
+    sockets.hold = lambda message: False
     wait_retry(page, 1)
     missed = {"message": {"type": "ANNOUNCEMENT", "data": {"message": "missed"}}, "filter": {"channels": [QUEUE]}}
     assert site.broadcast(missed).status_code == 200
+    before = len(sockets.sent)
+    page.evaluate(f"window.realtime.subscribe(['{MAINTENANCE}'])")  # while away: never sent, nothing to resume
     sockets.rewrite_in = without_the_queue
     sockets.refuse_with = None
     wait_live(page)
-    asked = [json.loads(m) for m in sockets.sent if QUEUE in m and '"SUBSCRIBE"' in m]
-    assert asked[-1]["data"]["since"]["offset"] == resumed_from  # not CONNECTED's offset
+    subscribes = lambda: [json.loads(m)["data"] for m in sockets.sent[before:] if '"SUBSCRIBE"' in m]  # noqa: E731
     assert proxied(page, lambda: page.evaluate("window.__shown") == ["before", "missed"])
     page.wait_for_timeout(300)
     assert page.evaluate("window.__shown") == ["before", "missed"]  # once
-    assert page.evaluate("window.__resyncs") == []  # nothing to refetch
+    resyncs = page.evaluate("window.__resyncs")
+    if case == "ended in a hold":
+        [asked] = subscribes()  # all of them since CONNECTED, and refetched
+        assert set(asked["channels"]) == {QUEUE, ALERTS, MAINTENANCE}
+        assert asked["since"]["offset"] == connected[0]["offset"] != resumed_from
+        assert ["not_restored", [QUEUE, ALERTS, MAINTENANCE]] in resyncs
+    else:
+        held, unheld = subscribes()  # in this order, each with its own since
+        assert held["channels"] == [QUEUE] and held["since"]["offset"] == resumed_from  # not CONNECTED's offset
+        assert unheld["channels"] == [MAINTENANCE] and unheld["since"]["offset"] == connected[0]["offset"]
+        refetched = [["not_restored", [MAINTENANCE]]] + ([["history_gone", [QUEUE]]] if case == "not replayed" else [])
+        assert resyncs == refetched  # only what was not replayed, never the whole page
     assert errors == []
 
 
