@@ -362,8 +362,8 @@ def test_seed_demo_never_creates_users_in_production(tmp_path):
 
 def test_commands_that_need_a_secret_say_so_before_the_first_start(tmp_path):
     env = fresh_env(tmp_path, secrets=False, db_outside=False)
-    done = run_flask(env, "ws", "broadcast", "--url", "http://127.0.0.1:9", "--message", "x")
-    assert done.returncode != 0 and "WS_ADMIN_SECRET" in done.stderr
+    done = run_flask(env, "ws", "broadcast", "--url", "http://127.0.0.1:9", "--message", "x", "--everyone")
+    assert done.returncode == 1 and "no admin secret: set WS_ADMIN_SECRET (in development the server" in done.stderr
 
 
 def checkout_copy(tmp_path) -> str:
