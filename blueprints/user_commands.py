@@ -32,12 +32,17 @@ def _store() -> SqliteDirectory:
 def _ask_password() -> str:
     """At a terminal, asked twice without echo; else (a script's pipe) the first line of stdin, as it is:
     there is no terminal to hide it on, and getpass warned so on every run."""
-    if sys.stdin.isatty():
+    if sys.stdin is not None and sys.stdin.isatty():
         return click.prompt("Password", hide_input=True, confirmation_prompt=True, type=TEXT)
-    password = sys.stdin.readline().rstrip("\r\n")
+    # Bytes, decoded here: the locale's decoder would raise on a byte that is not UTF-8 (a traceback).
+    line = sys.stdin.buffer.readline(4096) if sys.stdin is not None else b""  # None: no stdin at all
+    try:
+        password = line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise click.UsageError("the password piped in is not UTF-8 text") from None
     if not password:
         raise click.UsageError("no password: give --password, type one at a terminal, or pipe it as the first line")
-    return TEXT.convert(password, None, None)
+    return password
 
 
 def _apply(action: Callable[..., object], *args: object) -> None:
@@ -203,7 +208,8 @@ def _admin_client(url: str | None) -> OpsClient:
     server = ops_client(url, 5.0)
     if not server.admin_secret:
         raise click.ClickException(
-            "no admin secret to ask the server to close the sockets with: set WS_ADMIN_SECRET; nothing was changed"
+            "no admin secret to ask the server to close the sockets with: set WS_ADMIN_SECRET (in development "
+            "the server writes it to the instance folder's dev-secrets.json on its first start); nothing was changed"
         )
     return server
 

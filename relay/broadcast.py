@@ -14,6 +14,7 @@ Validation is strict on purpose: an unknown filter key (``"channel"`` for
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import time
@@ -60,9 +61,13 @@ def parse_body(body: bytes) -> BroadcastRequest:
     except _NotJsonConstant as constant:
         _not_json(f"{constant} is not JSON (send null, or the value as a string)")
     except json.JSONDecodeError as bad:  # where, so that a caller can find it in what they sent
-        _not_json(f"{bad.msg} at line {bad.lineno}, column {bad.colno}" if body.strip() else "the body is empty")
-    except UnicodeDecodeError as bad:
-        _not_json(f"it is not UTF-8 (byte {bad.start})")
+        complaint = bad.msg.removesuffix(" at")  # "Unterminated string starting at": the position follows
+        _not_json(f"{complaint} at line {bad.lineno}, column {bad.colno}" if body.strip() else "the body is empty")
+    except UnicodeDecodeError as bad:  # json reads UTF-16 and UTF-32 too, told by the first bytes
+        if not bad.encoding.lower().startswith("utf-8"):
+            _not_json(f"it could not be read as {bad.encoding}")
+        offset = bad.start + (3 if body.startswith(codecs.BOM_UTF8) else 0)
+        _not_json(f"it is not UTF-8 (the byte at offset {offset}, counting from 0)")
     except ValueError:  # the one other: an integer past Python's 4,300 digits (valid JSON; no double holds it)
         _invalid(f"the body cannot be broadcast: {jsonsafe.TOO_LARGE}")
     except RecursionError:  # nested deeper than the parser goes

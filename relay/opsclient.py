@@ -42,8 +42,8 @@ def _url_problem(url: str) -> str | None:
         return "names no host"
     if parts.query or parts.fragment:
         return "takes no query or fragment"
-    endpoint = parts.path.rstrip("/").rsplit("/", 1)[-1]
-    if endpoint in _ENDPOINTS:  # a path prefix is fine (a proxy may serve the server under one); an endpoint is not
+    endpoint = parts.path.strip("/")
+    if endpoint in _ENDPOINTS:  # a proxy's prefix is fine (even /realtime/ws); the bare endpoint is a mistake
         return f"is the server's address, not one of its endpoints: leave /{endpoint} out"
     try:
         parts.port  # noqa: B018 (raises for a port that is not a number from 0 to 65535)

@@ -75,7 +75,10 @@ NOT_JSON = [
     (b"{nope", "Expecting property name enclosed in double quotes at line 1, column 2"),
     (b'{"message": {"type": "A",\n  "data": [1, 2,]}}', "Expecting value at line 2, column 17"),
     (b'{"message": {"type": "A", "data": NaN}}', "NaN is not JSON (send null, or the value as a string)"),
-    (b'{"message": {"type": "A", "data": "\xff"}}', "it is not UTF-8 (byte 35)"),
+    (b'{"message": {"type": "A", "data": "\xff"}}', "it is not UTF-8 (the byte at offset 35, counting from 0)"),
+    (b'\xef\xbb\xbf{"message": "\xff"}', "it is not UTF-8 (the byte at offset 16, counting from 0)"),  # after a BOM
+    (b'{"a": "abc', "Unterminated string starting at line 1, column 7"),  # the parser's own "at" not doubled
+    (b'{"a": "x\x01"}', "Invalid control character at line 1, column 9"),
     (b"  \n", "the body is empty"),
 ]
 
